@@ -316,8 +316,8 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
                 "maintenance_db": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
     "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
-    "backups": {"dir": _STR, "keep": _INT},
-    "deploy": {"verify": _STR, "drift_check": _BOOL},
+    "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
+    "deploy": {"verify": _STR, "drift_check": _BOOL, "table": _STR},
     "env.*": {"url": _STR, "seeds": _LIST, "exclude": _LIST, "protected": _BOOL,
               "backups": _STR, "maintenance_db": _STR},
     "sync": {"from": _STR, "to": _STR, "key": _STR, "strict": _BOOL, "tables": _LIST,
@@ -1299,6 +1299,16 @@ class Client:
         except OSError as exc:
             raise PgError(f"cannot start {argv[0]}: {exc.strerror}") from exc
 
+    def spawn(self, argv: list[str], dbname: str | None, stdin: Any = subprocess.DEVNULL,
+              stdout: Any = subprocess.DEVNULL, stderr: Any = None) -> subprocess.Popen[bytes]:
+        """Start a long-running client program (dump, restore) in the background, with the
+        connection in its environment; the caller waits, polls for progress, or stops it."""
+        try:
+            return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                                    env=self.child_env(dbname))
+        except OSError as exc:
+            raise PgError(f"cannot start {argv[0]}: {exc.strerror}") from exc
+
     def _connection_failed(self, stderr: str, dbname: str) -> NoReturn:
         text = stderr.strip()
         if self.password:
@@ -1719,8 +1729,1177 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §9 Backups, restore, deploy
-# (issue 4)
+# backup: pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then
+# published dump first and JSON sidecar last: only a dump with a complete sidecar is a backup.
+# restore: verify first, restore into a scratch database, swap names (the replaced one is kept).
+# deploy: confirm → lock → backup → migrate or first deploy → verify → record, or roll back.
 # ════════════════════════════════════════════════════════════════════════════════════════════
+
+BACKUP_SUFFIX = ".dump"
+SIDECAR_SUFFIX = ".json"
+DB_MARK = "confiture-restore"  # JSON comment of scratch and replaced databases
+_STAMP = "%Y%m%dT%H%M%SZ"
+_OBJECT_IN_USE = "55006"
+
+
+class BackupError(PgError):
+    """A backup could not be written, read back or verified (exit 1)."""
+
+
+class DeployFailed(ConfitureError):
+    """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A complete backup: the dump file and what its sidecar records."""
+
+    path: Path
+    sha256: str
+    size: int
+    created_at: str
+    server_version: str
+    migration_version: str | None
+    tool_version: str
+    env: str
+    database: str
+    compression: int
+    seconds: float
+
+    def sidecar(self) -> dict[str, Any]:
+        return {"file": self.path.name, "sha256": self.sha256, "size": self.size,
+                "created_at": self.created_at, "server_version": self.server_version,
+                "migration_version": self.migration_version, "tool_version": self.tool_version,
+                "env": self.env, "database": self.database, "format": "custom",
+                "compression": self.compression, "seconds": round(self.seconds, 3),
+                "complete": True}
+
+
+def sidecar_path(dump: Path) -> Path:
+    return dump.with_name(dump.name + SIDECAR_SUFFIX)
+
+
+def backup_folder(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Path:
+    """The env's `backups` folder, else <[backups] dir>/<env>, relative to the project root."""
+    spec = config.envs[env_name]
+    if spec.backups:
+        return config.root / expand_vars(spec.backups, f"env.{env_name}.backups", environ)
+    return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
+
+
+def backup_compression(config: Config) -> int:
+    level = config.raw.get("backups", {}).get("compression", 1)
+    if not 0 <= level <= 9:
+        raise ConfigError(f"backups.compression must be 0–9, not {level}")
+    return int(level)
+
+
+def _read_sidecar(dump: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_backup(dump: Path) -> Backup | None:
+    """The backup `dump` is, or None unless its sidecar is complete and the size matches."""
+    data = _read_sidecar(dump)
+    try:
+        size = dump.stat().st_size
+    except OSError:
+        return None
+    if (data is None or data.get("complete") is not True or data.get("size") != size
+            or not isinstance(data.get("sha256"), str)):
+        return None
+    version = data.get("migration_version")
+    return Backup(path=dump, sha256=data["sha256"], size=size,
+                  created_at=str(data.get("created_at", "")),
+                  server_version=str(data.get("server_version", "")),
+                  migration_version=None if version is None else str(version),
+                  tool_version=str(data.get("tool_version", "")), env=str(data.get("env", "")),
+                  database=str(data.get("database", "")),
+                  compression=int(data.get("compression", -1)),
+                  seconds=float(data.get("seconds", 0.0)))
+
+
+def list_backups(folder: Path) -> list[Backup]:
+    """The complete backups in `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [b for p in folder.glob("*" + BACKUP_SUFFIX) if (b := read_backup(p))]
+    found.sort(key=lambda b: (b.created_at, natural_key(b.path.name)), reverse=True)
+    return found
+
+
+def latest_backup(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Backup | None:
+    """The env's newest complete backup (what `restore latest` and `status` use)."""
+    backups = list_backups(backup_folder(config, env_name, environ))
+    return backups[0] if backups else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
+    return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
+
+
+def _stamp(when: float | None = None) -> str:
+    return time.strftime(_STAMP, time.gmtime(when))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create the backup folder, or say clearly why it cannot hold a backup."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackupError(f"backup folder {folder} is not writable",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder")
+
+
+def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
+    text = stderr.strip()
+    if password:
+        text = text.replace(password, "***")
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
+        return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
+    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", l) for l in text.splitlines()]
+    return f"{what} failed: " + ("; ".join(l for l in lines[:3] if l) or f"exit {returncode}")
+
+
+def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
+               progress: Path | None = None) -> None:
+    """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
+    show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if show and progress is not None and progress.exists():
+                    ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
+                    ws.console.err.flush()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if show:
+            ws.console.err.write("\r\033[K")
+    if proc.returncode != 0:
+        errfile.seek(0)
+        stderr = errfile.read().decode("utf-8", "replace")
+        raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
+
+
+def _dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
+    """A conninfo string naming only the database (plus non-secret argv-only parameters):
+    pg_restore needs -d to connect at all; everything else stays in the environment."""
+    escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    extra = [f"{name}={value}" for name, value in conn.params if name in _ARGV_PARAMS]
+    return " ".join([f"dbname='{escaped}'", *extra])
+
+
+def dump_database(ws: Workspace, dbname: str, path: Path, compression: int,
+                  what: str = "pg_dump") -> None:
+    """pg_dump -Fc one database of the env's server into `path` (pg_dump fsyncs it)."""
+    import tempfile
+
+    argv = [ws.client.tools.pg_dump, "-Fc", f"-Z{compression}", "-w", "-f", str(path),
+            "-d", _dbname_conninfo(ws.env.conn, dbname)]
+    with tempfile.TemporaryFile() as errfile:
+        proc = ws.client.spawn(argv, dbname, stderr=errfile)
+        _wait_tool(ws, proc, errfile, what, progress=path)
+
+
+def _check_listing(ws: Workspace, path: Path) -> None:
+    """pg_restore must read the archive's table of contents."""
+    proc = ws.client.run([ws.client.tools.pg_restore, "--list", str(path)], None,
+                         stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise BackupError(f"{path} is not a readable pg_dump archive: "
+                          + _tool_failure("pg_restore --list", proc.returncode,
+                                          proc.stderr.decode("utf-8", "replace"), None))
+
+
+def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
+    """Rename tmp to final; with `exclusive`, fail with FileExistsError instead of replacing."""
+    if not exclusive:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)  # atomic create-if-absent: two backups in one second never clash
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(str(final))
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
+def create_backup(ws: Workspace, output: Path | None = None,
+                  session: Session | None = None) -> Backup:
+    """Back up the env's database into its backup folder (or `output`). The dump is written
+    under a temporary name, read back and hashed, then published with its sidecar; on any
+    failure nothing is left behind and BackupError says why."""
+    if session is None:
+        with ws.client.session(ws.env.database) as own:
+            return create_backup(ws, output, own)
+    started = time.monotonic()
+    facts = session.query("SELECT current_setting('server_version') AS server_version")[0]
+    migration_version = applied_migration_version(ws, session)
+    compression = backup_compression(ws.config)
+    folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
+    if output is not None and (output.exists() or sidecar_path(output).exists()):
+        raise Refused(f"{output} already exists; a backup never overwrites a file",
+                      hint="choose another -o FILE, or leave -o out to use the backup folder")
+    _prepare_folder(folder)
+    stamp = _stamp()
+    tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
+    side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
+    published: Path | None = None
+    try:
+        dump_database(ws, ws.env.database, tmp, compression,
+                      f"pg_dump of {ws.env.database}")
+        _check_listing(ws, tmp)
+        digest, size = sha256_file(tmp), tmp.stat().st_size
+        for seq in range(1000):
+            final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
+            backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
+                            server_version=str(facts["server_version"]),
+                            migration_version=migration_version, tool_version=__version__,
+                            env=ws.env.name, database=ws.env.database, compression=compression,
+                            seconds=time.monotonic() - started)
+            side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
+            try:
+                _publish(tmp, final, exclusive=True)
+            except FileExistsError:
+                if output is not None:
+                    raise Refused(f"{output} already exists; a backup never overwrites a file")
+                continue
+            published = final
+            os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
+            published = None
+            _fsync_dir(folder)
+            return backup
+        raise BackupError(f"cannot find a free backup name in {folder}")
+    except OSError as exc:
+        raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
+                          hint="check the free space and permissions of the backup folder")
+    finally:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        if published is not None:
+            published.unlink(missing_ok=True)
+
+
+def prune_backups(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` backups (sidecar first, so a crash leaves at most an
+    unlisted dump), and leftovers: temporary files of dead runs, dumps without a sidecar."""
+    removed: list[Path] = []
+    for backup in list_backups(folder)[keep:]:
+        sidecar_path(backup.path).unlink(missing_ok=True)
+        backup.path.unlink(missing_ok=True)
+        removed.append(backup.path)
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        stale = now - path.stat().st_mtime > 3600 if path.exists() else False
+        leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
+                    and not _pid_alive(path.name.split(".")[2] if path.name.count(".") >= 3 else ""))
+        orphan = (path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale)
+        if leftover or orphan:
+            path.unlink(missing_ok=True)
+            sidecar_path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(text: str) -> bool:
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
+
+def _database_exists(session: Session, name: str) -> bool:
+    return bool(session.value(
+        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
+
+
+def _side_name(database: str, kind: str, stamp: str) -> str:
+    """<db>_<kind>_<stamp>, the database part shortened to fit 63 bytes (the comment names it)."""
+    suffix = f"_{kind}_{stamp.lower()}"
+    head = database.encode()[:MAX_IDENT_BYTES - len(suffix)].decode("utf-8", "ignore")
+    return head + suffix
+
+
+def _marks(session: Session) -> list[dict[str, Any]]:
+    """Scratch and replaced databases on this server (identified by their JSON comment)."""
+    rows = session.query(
+        "SELECT datname, shobj_description(oid, 'pg_database') AS comment, "
+        "pg_database_size(oid) AS size FROM pg_database "
+        "WHERE shobj_description(oid, 'pg_database') LIKE '%" + DB_MARK + "%'")
+    found = []
+    for row in rows:
+        try:
+            meta = json.loads(row["comment"] or "")
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and meta.get("mark") == DB_MARK:
+            found.append({**meta, "datname": row["datname"], "size": row["size"]})
+    return found
+
+
+def replaced_databases(session: Session, database: str) -> list[dict[str, Any]]:
+    """Databases a restore replaced (kept until dropped), newest first."""
+    found = [m for m in _marks(session) if m.get("kind") == "replaced"
+             and m.get("database") == database and m["datname"] == m.get("name")]
+    return sorted(found, key=lambda m: str(m.get("at", "")), reverse=True)
+
+
+def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
+    """Drop half-restored scratch databases of `database` left by killed runs. Call with the
+    database lock held, so no live restore of it can own one."""
+    dropped = []
+    for meta in _marks(session):
+        if (meta.get("kind") == "scratch" and meta.get("database") == database
+                and meta["datname"] == meta.get("name")):
+            _drop_database(session, meta["datname"], force=True)
+            dropped.append(meta["datname"])
+    if dropped:
+        ws.console.info("dropped leftover scratch database(s) " + ", ".join(dropped))
+    return dropped
+
+
+def _database_properties(session: Session, name: str) -> dict[str, Any] | None:
+    """What CREATE DATABASE and ALTER DATABASE carry (pg_dump leaves them out without
+    --create): owner, encoding, locale, limits, ACL, per-database settings, comment."""
+    rows = session.query(
+        "SELECT to_jsonb(d) AS d, pg_encoding_to_char(d.encoding) AS encoding, "
+        "r.rolname AS owner, pg_has_role(d.datdba, 'MEMBER') AS can_own, "
+        "t.spcname AS tablespace, shobj_description(d.oid, 'pg_database') AS comment, "
+        "(SELECT coalesce(json_agg(json_build_object('role', sr.rolname, 'config', s.setconfig)), "
+        " '[]') FROM pg_db_role_setting s LEFT JOIN pg_roles sr ON sr.oid = s.setrole "
+        " WHERE s.setdatabase = d.oid) AS settings, "
+        "(SELECT coalesce(json_agg(json_build_object('grantee', "
+        "   CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
+        "   'privilege', a.privilege_type, 'grantable', a.is_grantable)), '[]') "
+        " FROM aclexplode(d.datacl) a) AS acl "
+        f"FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+        f"JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = {quote_literal(name)}")
+    return rows[0] if rows else None
+
+
+def _create_options(props: Mapping[str, Any] | None) -> str:
+    if props is None:
+        return " TEMPLATE template0"
+    d = props["d"]
+    parts = [" TEMPLATE template0", f"ENCODING {quote_literal(props['encoding'])}",
+             f"LC_COLLATE {quote_literal(d['datcollate'])}", f"LC_CTYPE {quote_literal(d['datctype'])}"]
+    icu = d.get("daticulocale") or d.get("datlocale")
+    if d.get("datlocprovider") == "i" and icu:
+        parts += ["LOCALE_PROVIDER icu", f"ICU_LOCALE {quote_literal(icu)}"]
+    if props["can_own"]:
+        parts.append(f"OWNER {quote_ident(props['owner'])}")
+    if props["tablespace"] != "pg_default":
+        parts.append(f"TABLESPACE {quote_ident(props['tablespace'])}")
+    if int(d.get("datconnlimit", -1)) != -1:
+        parts.append(f"CONNECTION LIMIT {int(d['datconnlimit'])}")
+    return " ".join(parts)
+
+
+def _copy_settings(session: Session, name: str, props: Mapping[str, Any] | None) -> None:
+    """Give the scratch database the target's per-database settings and privileges. A
+    setting is copied through set_config + SET … FROM CURRENT, so its stored text (lists,
+    quoting) survives exactly."""
+    if props is None:
+        return
+    db = quote_ident(name)
+    for entry in props["settings"] or []:
+        role = f" IN ROLE {quote_ident(entry['role'])}" if entry.get("role") else ""
+        for item in entry.get("config") or []:
+            key, _, value = item.partition("=")
+            if key.lower() in ("role", "session_authorization"):
+                session.execute(f"ALTER DATABASE {db}{role} SET {quote_ident(key)} = "
+                                f"{quote_literal(value)}")
+                continue
+            session.execute(
+                f"BEGIN; SELECT set_config({quote_literal(key)}, {quote_literal(value)}, true);"
+                f" ALTER DATABASE {db}{role} SET {quote_ident(key)} FROM CURRENT; COMMIT")
+    if props["d"].get("datacl") is not None:
+        session.execute(f"REVOKE ALL ON DATABASE {db} FROM PUBLIC")
+        for grant in props["acl"] or []:
+            grantee = quote_ident(grant["grantee"]) if grant["grantee"] else "PUBLIC"
+            session.execute(f"GRANT {grant['privilege']} ON DATABASE {db} TO {grantee}"
+                            + (" WITH GRANT OPTION" if grant["grantable"] else ""))
+
+
+def can_create_databases(session: Session) -> bool:
+    return bool(session.value(
+        "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"))
+
+
+def other_sessions(session: Session, database: str, exclude: Sequence[int] = ()) -> list[int]:
+    """Backends connected to `database`, except ours and `exclude`."""
+    skip = ", ".join(str(int(p)) for p in exclude) or "0"
+    rows = session.query(
+        f"SELECT pid FROM pg_stat_activity WHERE datname = {quote_literal(database)} "
+        f"AND pid <> pg_backend_pid() AND pid NOT IN ({skip})")
+    return [int(r["pid"]) for r in rows]
+
+
+def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
+    """True when the connected database holds no user objects (schemas besides public,
+    relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
+    that do not count."""
+    ignore = ", ".join(quote_literal(n) for n in keep) or "''"
+    user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
+    count = session.value(
+        "SELECT (SELECT count(*) FROM pg_namespace n WHERE " + user_ns + " AND n.nspname <> 'public')"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        f"   AND c.relname NOT IN ({ignore}))"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
+        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')))"
+        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        f"   WHERE {user_ns})"
+        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+        f"   WHERE {user_ns} AND t.typrelid = 0 AND t.typelem = 0)"
+        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
+    return int(count) == 0
+
+
+# ── restore ─────────────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup: Path
+    database: str
+    mode: str               # "swap" (scratch database, then rename) or "in-place"
+    replaced: str | None    # the previous database, kept under this name
+    verified: bool          # sha256 checked against the sidecar
+    seconds: float
+
+
+def resolve_backup(config: Config, env_name: str, spec: str,
+                   environ: Mapping[str, str] = os.environ) -> Path:
+    """'latest' → the env's newest complete backup; otherwise an existing file."""
+    if spec == "latest":
+        latest = latest_backup(config, env_name, environ)
+        if latest is None:
+            raise BackupError(f"no backups of env {env_name!r} in "
+                              f"{backup_folder(config, env_name, environ)}",
+                              hint="take one with 'confiture.py backup'")
+        return latest.path
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"backup file {path} not found")
+    return path
+
+
+def check_backup(ws: Workspace, path: Path, digest: bool = True) -> dict[str, Any] | None:
+    """Refuse a backup that is not intact, before any database is touched: its sidecar must
+    be complete and match size and (with `digest`) sha256, and pg_restore must read it.
+    Returns the sidecar (None for a bare pg_dump file, which is accepted with a warning)."""
+    meta = _read_sidecar(path)
+    if sidecar_path(path).exists():
+        if meta is None or meta.get("complete") is not True:
+            raise BackupError(f"{path}: its sidecar {sidecar_path(path).name} is unreadable "
+                              "or incomplete; refusing to restore it")
+        size = path.stat().st_size
+        if meta.get("size") != size:
+            raise BackupError(f"{path} is corrupted: {size} bytes, its sidecar recorded "
+                              f"{meta.get('size')}; refusing to restore it")
+        if digest:
+            _check_digest(path, str(meta.get("sha256")))
+    else:
+        ws.console.warn(f"{path} has no sidecar: its integrity cannot be verified")
+    _check_listing(ws, path)
+    if meta and meta.get("env") not in (None, ws.env.name):
+        ws.console.warn(f"{path.name} is a backup of env {meta.get('env')!r}, restoring into "
+                        f"env {ws.env.name!r}")
+    return meta
+
+
+def _check_digest(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise BackupError(f"{path} is corrupted: sha256 {actual[:16]}… does not match "
+                          f"{expected[:16]}… recorded in its sidecar; refusing to restore it")
+
+
+def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
+                          props: Mapping[str, Any] | None, stamp: str) -> str:
+    """Create a scratch database like the target and pg_restore the backup into it; the
+    sha256 is checked meanwhile (the target is untouched until the swap). Returns its name."""
+    import tempfile
+
+    target = ws.env.database
+    scratch = _side_name(target, "restore", stamp)
+    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": target,
+            "env": ws.env.name, "backup": str(path), "at": utc_now()}
+    admin.execute(f"CREATE DATABASE {quote_ident(scratch)}{_create_options(props)}")
+    try:
+        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
+                      f"{quote_literal(json.dumps(mark))}")
+        argv = [ws.client.tools.pg_restore, "--exit-on-error", "-w",
+                "-d", _dbname_conninfo(ws.env.conn, scratch), str(path)]
+        with tempfile.TemporaryFile() as errfile:
+            proc = ws.client.spawn(argv, scratch, stderr=errfile)
+            try:
+                if expected is not None:
+                    _check_digest(path, expected)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
+        _copy_settings(admin, scratch, props)
+    except BaseException:
+        _drop_database(admin, scratch, force=True)
+        raise
+    return scratch
+
+
+def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, Any] | None,
+             force: bool, backup: Path, stamp: str) -> str | None:
+    """Rename target → <db>_replaced_<stamp> and scratch → target in one statement (names
+    and comments change together or not at all). Other sessions on the target are refused,
+    or terminated with `force`. Returns the replaced database's name (None if none)."""
+    target = ws.env.database
+    replaced = _side_name(target, "replaced", stamp) if props is not None else None
+    comment = props["comment"] if props is not None else None
+    statements = []
+    if replaced is not None:
+        mark = {"mark": DB_MARK, "kind": "replaced", "name": replaced, "database": target,
+                "env": ws.env.name, "backup": str(backup), "at": utc_now(), "comment": comment}
+        statements += [f"ALTER DATABASE {quote_ident(target)} RENAME TO {quote_ident(replaced)}",
+                       f"COMMENT ON DATABASE {quote_ident(replaced)} IS "
+                       f"{quote_literal(json.dumps(mark))}"]
+    statements += [f"ALTER DATABASE {quote_ident(scratch)} RENAME TO {quote_ident(target)}",
+                   f"COMMENT ON DATABASE {quote_ident(target)} IS "
+                   + (quote_literal(comment) if comment else "NULL")]
+    body = "BEGIN " + " ".join(f"EXECUTE {quote_literal(s)};" for s in statements) + " END"
+    deadline = time.monotonic() + 15
+    while True:
+        others = other_sessions(admin, target)
+        if others and not force:
+            raise Refused(f"database {target!r} has {len(others)} other session(s); it was "
+                          "left untouched", hint="close them, or pass --force to terminate them")
+        if others:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                          f"datname = {quote_literal(target)} AND pid <> pg_backend_pid()")
+        try:
+            admin.execute(f"DO {quote_literal(body)}")
+            return replaced
+        except SqlError as exc:
+            if exc.sqlstate != _OBJECT_IN_USE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _restore_in_place(ws: Workspace, path: Path) -> None:
+    """Without CREATEDB: one transaction that drops and recreates the archive's objects
+    (objects the backup does not know are left alone)."""
+    import tempfile
+
+    argv = [ws.client.tools.pg_restore, "--single-transaction", "--exit-on-error", "--clean",
+            "--if-exists", "-w", "-d", _dbname_conninfo(ws.env.conn, ws.env.database), str(path)]
+    with tempfile.TemporaryFile() as errfile:
+        proc = ws.client.spawn(argv, ws.env.database, stderr=errfile)
+        _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
+
+
+class DatabaseLocks:
+    """The locks a restore or deploy holds: `database:<db>` in the maintenance database (the
+    same lock clone/reset take; held across the swap) and MIGRATE_LOCK inside the target, the
+    lock `migrate` runs take. The second needs a session on the target, so it is released for
+    the instant of a swap, while the first keeps other deploys and restores out."""
+
+    def __init__(self, ws: Workspace, admin: Session) -> None:
+        self.ws, self.admin = ws, admin
+        self.target: Session | None = None
+        self.target_pid = 0
+
+    def lock_database(self) -> None:
+        acquire_lock(self.admin, f"database:{self.ws.env.database}",
+                     self.ws.config.migrations_lock_timeout,
+                     f"the deploy/restore lock of {self.ws.env.database}", self.ws.console.info)
+
+    def lock_target(self) -> Session:
+        session = self.ws.client.session(self.ws.env.database)
+        try:
+            acquire_lock(session, MIGRATE_LOCK, self.ws.config.migrations_lock_timeout,
+                         f"the migration lock of {self.ws.env.database}", self.ws.console.info)
+        except BaseException:
+            session.close()
+            raise
+        self.target = session
+        self.target_pid = int(session.value("SELECT pg_backend_pid()"))
+        return session
+
+    def unlock_target(self) -> None:
+        if self.target is not None:
+            self.target.close()  # ending the session releases its advisory locks
+            self.target = None
+
+    def close(self) -> None:
+        self.unlock_target()
+        try:
+            release_lock(self.admin, f"database:{self.ws.env.database}")
+        except PgError:
+            pass
+
+
+def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreResult:
+    """Restore a backup into the env's database so that a failed or interrupted restore
+    leaves it exactly as it was: into a scratch database, then an atomic swap of names (the
+    previous database is kept). Without CREATEDB: one transaction, in place."""
+    started = time.monotonic()
+    meta = check_backup(ws, path, digest=False)
+    with admin_session(ws) as admin:
+        locks = DatabaseLocks(ws, admin)
+        locks.lock_database()
+        try:
+            _drop_scratch_leftovers(ws, admin, ws.env.database)
+            exists = _database_exists(admin, ws.env.database)
+            if exists:
+                locks.lock_target()
+                others = other_sessions(admin, ws.env.database, [locks.target_pid])
+                if others and not force:
+                    raise Refused(f"database {ws.env.database!r} has {len(others)} other "
+                                  "session(s); nothing was restored",
+                                  hint="close them, or pass --force to terminate them")
+            if not can_create_databases(admin):
+                if not exists:
+                    raise PgError(f"database {ws.env.database!r} does not exist and this role "
+                                  "cannot create databases (no CREATEDB)")
+                ws.console.warn("this role has no CREATEDB privilege: restoring in place in "
+                                "one transaction instead of into a new database")
+                if meta is not None:
+                    _check_digest(path, str(meta.get("sha256")))
+                _restore_in_place(ws, path)
+                return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
+                                     time.monotonic() - started)
+            stamp = _stamp()
+            props = _database_properties(admin, ws.env.database)
+            ws.console.info(f"restoring {path.name} into a new database …")
+            scratch = _restore_into_scratch(
+                ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
+            try:
+                locks.unlock_target()
+                replaced = _swap_in(ws, admin, scratch, props, force, path, stamp)
+            except BaseException:
+                _drop_database(admin, scratch, force=True)
+                raise
+        finally:
+            locks.close()
+    return RestoreResult(path, ws.env.database, "swap", replaced, meta is not None,
+                         time.monotonic() - started)
+
+
+def drop_replaced(ws: Workspace, keep: int = 0) -> list[str]:
+    """Drop all but the newest `keep` databases a restore replaced, and scratch leftovers."""
+    dropped = []
+    with admin_session(ws) as admin:
+        locks = DatabaseLocks(ws, admin)
+        locks.lock_database()
+        try:
+            dropped += _drop_scratch_leftovers(ws, admin, ws.env.database)
+            for meta in replaced_databases(admin, ws.env.database)[keep:]:
+                _drop_database(admin, meta["datname"], force=False)
+                dropped.append(meta["datname"])
+        finally:
+            locks.close()
+    return dropped
+
+
+# ── what deploy needs from §8 migrations (thin adapters: one place to follow §8's API) ─────
+
+MIGRATE_LOCK = "migrate"  # the advisory lock `migrate` runs take inside the target database
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    applied: tuple[int, ...]                       # versions recorded, ascending
+    pending: tuple[tuple[int, str, bool], ...]     # (version, name, transactional)
+    problems: tuple[str, ...]                      # changed / missing applied migrations
+
+    @property
+    def version(self) -> str | None:
+        return str(self.applied[-1]) if self.applied else None
+
+
+class MigrationRunFailed(ConfitureError):
+    """A migration failed during a deploy: which one, whether it ran in a transaction, and
+    what had been applied before it."""
+
+    def __init__(self, name: str, transactional: bool, applied: Sequence[str],
+                 cause: ConfitureError) -> None:
+        super().__init__(cause.message, cause.hint)
+        self.name, self.transactional, self.applied = name, transactional, tuple(applied)
+
+
+def _needs_migrations() -> NoReturn:
+    raise ConfitureError("deploy needs §8 migrations, which this build does not have yet")
+
+
+def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
+    _needs_migrations()
+
+
+def migration_state(ws: Workspace, session: Session) -> MigrationState:
+    _needs_migrations()
+
+
+def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
+    _needs_migrations()
+
+
+def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
+    _needs_migrations()
+
+
+def applied_migration_version(ws: Workspace, session: Session) -> str | None:
+    """The newest applied migration version, None when the tracking table is absent."""
+    table = ws.config.migrations_table
+    exists = session.value(f"SELECT to_regclass({quote_literal(qualified_name(table))}) IS NOT NULL")
+    if not exists:
+        return None
+    value = session.value(f"SELECT max(version)::text FROM {qualified_name(table)}")
+    return None if value is None else str(value)
+
+
+# ── deploy ─────────────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class DeployPlan:
+    """What a deploy will do, decided before anything changes (printed by --dry-run)."""
+
+    env: str
+    database: str
+    server: str
+    protected: bool
+    exists: bool
+    first_deploy: bool
+    backup: bool
+    backup_folder: str
+    from_version: str | None
+    to_version: str | None
+    pending: tuple[str, ...]
+    verify: tuple[str, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.exists and not self.first_deploy and not self.pending
+
+
+@dataclass
+class DeployResult:
+    plan: DeployPlan
+    outcome: str                     # "ok", "dry-run"
+    applied: list[str]
+    backup: Backup | None
+    seconds: float
+
+
+def deploys_table(config: Config) -> str:
+    return str(config.raw.get("deploy", {}).get("table", "confiture_deploys"))
+
+
+def qualified_name(name: str) -> str:
+    """'schema.table' or 'table' → quoted identifiers."""
+    return ".".join(quote_ident(part) for part in name.split("."))
+
+
+def verify_files(config: Config) -> list[Path]:
+    folder = config.deploy_verify
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
+
+
+def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty: bool,
+                no_backup: bool) -> DeployPlan:
+    """Pure: the deploy's steps from the target's state (None when it does not exist yet)."""
+    first = not exists or empty
+    migrations = discover_deploy_migrations(ws)
+    to_version = str(migrations[-1][0]) if migrations else None
+    if first:
+        pending: tuple[str, ...] = tuple(name for _, name, _ in migrations)
+        from_version, problems = None, ()
+    else:
+        assert state is not None
+        pending = tuple(name for _, name, _ in state.pending)
+        from_version = str(state.applied[-1]) if state.applied else None
+        problems = state.problems
+    try:
+        rel = ws.config.deploy_verify.relative_to(ws.config.root).as_posix()
+    except ValueError:
+        rel = str(ws.config.deploy_verify)
+    return DeployPlan(
+        env=ws.env.name, database=ws.env.database, server=ws.env.conn.display(ws.client.environ),
+        protected=ws.env.protected, exists=exists, first_deploy=first,
+        backup=exists and not no_backup,
+        backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
+        from_version=from_version, to_version=to_version, pending=pending,
+        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems)
+
+
+def describe_plan(plan: DeployPlan) -> list[str]:
+    lines = [f"deploy env {plan.env} → {plan.database} on {plan.server}"
+             + (" [protected]" if plan.protected else "")]
+    if not plan.exists:
+        lines.append("  create the database (it does not exist)")
+    lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
+                 "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
+    if plan.first_deploy:
+        lines.append(f"  first deploy: build the env's template without seeds, dump it, restore it, "
+                     f"baseline {len(plan.pending)} migration(s) up to {plan.to_version or '-'}")
+    elif plan.pending:
+        lines.append(f"  apply {len(plan.pending)} migration(s), "
+                     f"{plan.from_version or 'none'} → {plan.to_version}:")
+        lines.extend(f"    {name}" for name in plan.pending)
+    else:
+        lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
+    for problem in plan.problems:
+        lines.append(f"  blocked: {problem}")
+    lines.append("  verify: migrations clean" + (", " + ", ".join(plan.verify) if plan.verify else ""))
+    lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
+    return lines
+
+
+def run_verify_checks(ws: Workspace, dbname: str) -> None:
+    """Run each verify file read-only: every statement must return no rows or `true`."""
+    for path in verify_files(ws.config):
+        try:
+            rel = path.relative_to(ws.config.root).as_posix()
+        except ValueError:
+            rel = str(path)
+        script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
+        argv = [ws.client.tools.psql, "-X", "-q", "-A", "-t", "--single-transaction",
+                "-v", "ON_ERROR_STOP=1", "-P", "pager=off", *ws.env.conn.argv_conninfo(), "-f", "-"]
+        proc = ws.client.run(argv, dbname, input=script.encode())
+        if proc.returncode != 0:
+            raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
+                                    LineMap(((2, rel, 1),)), ws.client.password)
+        rows = [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
+        if any(line != "t" for line in rows):
+            shown = "; ".join(rows[:3]) + (" …" if len(rows) > 3 else "")
+            raise CheckFailed(f"verify check {rel} failed: it returned {shown}",
+                              hint="a check passes when it returns no rows or a single true")
+
+
+def record_deploy(ws: Workspace, session: Session, started_at: str, seconds: float,
+                  outcome: str, plan: DeployPlan, to_version: str | None,
+                  backup: Backup | None, applied: Sequence[str],
+                  failed: str | None = None, message: str | None = None) -> None:
+    """Append a row to the deploys table (created on first use)."""
+    import getpass
+    import socket
+
+    try:
+        who = f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):
+        who = f"uid {os.getuid()}@{socket.gethostname()}"
+    table = qualified_name(deploys_table(ws.config))
+
+    def lit(value: str | None) -> str:
+        return "NULL" if value is None else quote_literal(value)
+
+    session.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (\n"
+        "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  started_at timestamptz NOT NULL,\n"
+        "  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+        "  duration_ms bigint NOT NULL,\n"
+        "  env text NOT NULL,\n"
+        "  deployed_by text NOT NULL,\n"
+        "  db_user text NOT NULL DEFAULT current_user,\n"
+        "  from_version text,\n"
+        "  to_version text,\n"
+        "  applied text[] NOT NULL DEFAULT '{}',\n"
+        "  backup_file text,\n"
+        "  backup_sha256 text,\n"
+        "  outcome text NOT NULL CHECK (outcome IN ('ok', 'rolled_back', 'failed')),\n"
+        "  failed_migration text,\n"
+        "  message text,\n"
+        "  tool_version text NOT NULL)")
+    array = "ARRAY[" + ", ".join(quote_literal(a) for a in applied) + "]::text[]"
+    session.execute(
+        f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
+        "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
+        f"tool_version) VALUES ({quote_literal(started_at)}, {int(seconds * 1000)}, "
+        f"{quote_literal(ws.env.name)}, {quote_literal(who)}, {lit(plan.from_version)}, "
+        f"{lit(to_version)}, {array}, {lit(str(backup.path) if backup else None)}, "
+        f"{lit(backup.sha256 if backup else None)}, {quote_literal(outcome)}, {lit(failed)}, "
+        f"{lit(mask_password_in(message) if message else None)}, {quote_literal(__version__)})")
+
+
+def _first_deploy(ws: Workspace, admin: Session) -> None:
+    """Empty target: build the env's template without seeds, clone it to a scratch database
+    (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
+    the target, so it either gets the whole schema or stays empty."""
+    import tempfile
+
+    result, probe = ensure_template(ws, seeds=False, session=admin)
+    scratch = _side_name(ws.env.database, "build", _stamp())
+    strategy = clone_strategy(ws.config, probe)
+    admin.execute(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE {quote_ident(result.name)}"
+                  + (f" STRATEGY {strategy}" if strategy else ""))
+    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": ws.env.database,
+            "env": ws.env.name, "at": utc_now()}
+    try:
+        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
+                      f"{quote_literal(json.dumps(mark))}")
+        with tempfile.TemporaryFile() as dump_err, tempfile.TemporaryFile() as restore_err:
+            dump = ws.client.spawn(
+                [ws.client.tools.pg_dump, "-Fc", "-Z0", "-w",
+                 "-d", _dbname_conninfo(ws.env.conn, scratch)],
+                scratch, stdout=subprocess.PIPE, stderr=dump_err)
+            try:
+                restore = ws.client.spawn(
+                    [ws.client.tools.pg_restore, "--single-transaction", "--exit-on-error", "-w",
+                     "-d", _dbname_conninfo(ws.env.conn, ws.env.database)],
+                    ws.env.database, stdin=dump.stdout, stderr=restore_err)
+            finally:
+                assert dump.stdout is not None
+                dump.stdout.close()
+            try:
+                _wait_tool(ws, restore, restore_err, f"pg_restore into {ws.env.database}")
+            finally:
+                if restore.returncode != 0:
+                    dump.kill()
+                _wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
+    finally:
+        _drop_database(admin, scratch, force=True)
+
+
+def inspect_deploy(ws: Workspace, no_backup: bool = False,
+                   session: Session | None = None) -> DeployPlan:
+    """The plan for the env as it is now, read-only (what --dry-run prints)."""
+    if session is None:
+        with admin_session(ws) as admin:
+            if not _database_exists(admin, ws.env.database):
+                return plan_deploy(ws, None, False, True, no_backup)
+        with ws.client.session(ws.env.database) as own:
+            return inspect_deploy(ws, no_backup, own)
+    empty = database_is_empty(session, [deploys_table(ws.config).split(".")[-1]])
+    state = None if empty else migration_state(ws, session)
+    return plan_deploy(ws, state, True, empty, no_backup)
+
+
+def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> DeployResult:
+    """Bring the env's database to the current version, safely: lock → backup → first deploy
+    or pending migrations → verify → record. Any failure after the backup is rolled back
+    (a transactional migration by itself, anything else by restoring the backup) and raised
+    as DeployFailed naming the failing step and the backup. The caller confirms first."""
+    if no_backup and ws.env.protected:
+        raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
+                      hint="a backup is always taken before anything writes to it")
+    started, started_at = time.monotonic(), utc_now()
+    if dry_run:
+        return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
+                            time.monotonic() - started)
+    with admin_session(ws) as admin:
+        locks = DatabaseLocks(ws, admin)
+        locks.lock_database()
+        try:
+            _drop_scratch_leftovers(ws, admin, ws.env.database)
+            created = not _database_exists(admin, ws.env.database)
+            if created:
+                ws.console.info(f"creating database {ws.env.database}")
+                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
+            try:
+                session = locks.lock_target()
+                plan = inspect_deploy(ws, no_backup, session)
+                if created:
+                    plan = dataclasses.replace(plan, exists=False, backup=False)
+                if plan.problems:
+                    raise CheckFailed("deploy refused before changing anything: "
+                                      + "; ".join(plan.problems),
+                                      hint="restore the files, or run 'confiture.py migrate repair'")
+                backup = None
+                if plan.backup and not plan.nothing_to_do:
+                    ws.console.info(f"backing up {ws.env.database} …")
+                    try:
+                        backup = create_backup(ws, session=session)
+                    except BackupError as exc:
+                        raise BackupError("deploy stopped before changing anything: the backup "
+                                          f"failed: {exc.message}", exc.hint) from exc
+                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
+            except BaseException:
+                if created:
+                    locks.unlock_target()
+                    _drop_database(admin, ws.env.database, force=True)
+                raise
+            applied = _execute_deploy(ws, admin, locks, plan, backup, created, started,
+                                      started_at)
+        finally:
+            locks.close()
+    return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
+
+
+def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: DeployPlan,
+                    backup: Backup | None, created: bool, started: float,
+                    started_at: str) -> list[str]:
+    assert locks.target is not None
+    session = locks.target
+    before = () if plan.first_deploy else migration_state(ws, session).applied
+    applied: list[str] = []
+    changed = False
+    failed: MigrationRunFailed | None = None
+    try:
+        if plan.first_deploy:
+            ws.console.info("first deploy: restoring the env's schema into the empty database …")
+            _first_deploy(ws, admin)
+            changed = True
+            applied = baseline_all_migrations(ws, session)
+        elif plan.pending:
+            applied = apply_pending_migrations(ws, session)
+        state = migration_state(ws, session)
+        if state.pending or state.problems:
+            raise CheckFailed("migrations are not clean after the deploy: "
+                              + "; ".join([*state.problems, *(f"{n} pending" for _, n, _ in
+                                                               state.pending)]))
+        run_verify_checks(ws, ws.env.database)
+    except BaseException as exc:
+        if isinstance(exc, MigrationRunFailed):
+            failed = exc
+            applied = list(exc.applied)
+        _roll_back(ws, admin, locks, plan, backup, created, before, changed, failed, exc,
+                   started, started_at)
+    to_version = migration_state(ws, session).version
+    record_deploy(ws, session, started_at, time.monotonic() - started, "ok", plan, to_version,
+                  backup, applied)
+    return applied
+
+
+def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: DeployPlan,
+               backup: Backup | None, created: bool, before: tuple[int, ...], changed: bool,
+               failed: MigrationRunFailed | None, exc: BaseException, started: float,
+               started_at: str) -> NoReturn:
+    """Put the database back as it was before the deploy, check it, record it, and raise."""
+    cause = exc.message if isinstance(exc, ConfitureError) else (
+        "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+    step = f"migration {failed.name}" if failed else (
+        "the first deploy" if plan.first_deploy else "verification")
+    what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
+    error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
+    try:
+        now = migration_state(ws, locks.target).applied if locks.target else None
+    except ConfitureError:
+        now = None
+    partial = failed is not None and not failed.transactional
+    if not (created or changed or partial or now != before):
+        how = ("the failing migration rolled back by itself" if failed else
+               "nothing had changed") + "; the database is as it was"
+        _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
+                        started, started_at)
+        raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
+    try:
+        if created:
+            locks.unlock_target()
+            _drop_database(admin, ws.env.database, force=True)
+            raise error_type(f"{what}; the database it had created was dropped again")
+        if backup is None:
+            _record_quietly(ws, locks, "failed", plan, None, [], failed,
+                            f"{what}; no backup (--no-backup)", started, started_at)
+            raise error_type(f"{what}; there is no backup to restore (--no-backup): the database "
+                             f"is left at version {_version_text(now)}")
+        ws.console.warn(f"{what}")
+        ws.console.warn(f"rolling back: restoring {backup.path} …")
+        stamp = _stamp()
+        props = _database_properties(admin, ws.env.database)
+        scratch = _restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
+        try:
+            locks.unlock_target()
+            replaced = _swap_in(ws, admin, scratch, props, True, backup.path, stamp)
+        except BaseException:
+            _drop_database(admin, scratch, force=True)
+            raise
+        session = locks.lock_target()
+        after = migration_state(ws, session).applied
+        if after != before:
+            raise DeployFailed(f"{what}; the restored database is at version "
+                               f"{_version_text(after)}, expected {_version_text(before)}")
+    except ConfitureError as rollback_error:
+        if rollback_error.message.startswith(what):
+            raise
+        raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
+                           hint=(f"restore the backup by hand: confiture.py restore {backup.path} "
+                                 f"--env {ws.env.name}" if backup else None)) from exc
+    how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
+           f"{replaced}")
+    _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
+                    started, started_at)
+    raise error_type(f"{what}; {how}")
+
+
+def _version_text(applied: Sequence[int] | None) -> str:
+    return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
+
+
+def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: DeployPlan,
+                    backup: Backup | None, applied: Sequence[str],
+                    failed: MigrationRunFailed | None, message: str, started: float,
+                    started_at: str) -> None:
+    """Record a failed deploy; a failure to record must not hide the deploy's own error."""
+    try:
+        session = locks.target or locks.lock_target()
+        record_deploy(ws, session, started_at, time.monotonic() - started, outcome, plan,
+                      plan.from_version, backup, applied, failed.name if failed else None,
+                      message)
+    except ConfitureError as exc:
+        ws.console.warn(f"could not record the deploy in {deploys_table(ws.config)}: "
+                        f"{exc.message}")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -2011,8 +3190,126 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # ── backup, restore and deploy commands (§9) ──────────────────────────────────────────────
 
 
+def _backup_document(backup: Backup) -> dict[str, Any]:
+    return {"path": str(backup.path), **backup.sidecar()}
+
+
+def cmd_backup(app: App) -> int:
+    ws = app.workspace()
+    output = Path(app.args.output).resolve() if app.args.output else None
+    backup = create_backup(ws, output)
+    app.console.result(str(backup.path))
+    app.console.info(f"backed up {ws.env.database} in {format_seconds(backup.seconds)} "
+                     f"({format_bytes(backup.size)}, sha256 {backup.sha256[:12]}…)")
+    app.console.emit(_backup_document(backup))
+    return EXIT_OK
+
+
+def cmd_backups(app: App) -> int:
+    env = app.env()
+    folder = backup_folder(app.config, env.name, app.environ)
+    if app.args.action == "prune":
+        keep = app.args.keep if app.args.keep is not None else app.config.backups_keep
+        if keep < 0:
+            raise ConfigError("--keep must be 0 or more")
+        removed = prune_backups(folder, keep)
+        dropped: list[str] = []
+        if app.args.replaced is not None:
+            ws = open_workspace(env, app.console, app.environ)
+            confirm_protected(env, "dropping replaced databases of", app.args.yes, app.console)
+            dropped = drop_replaced(ws, app.args.replaced)
+        for path in removed:
+            app.console.result(f"removed {path}")
+        for name in dropped:
+            app.console.result(f"dropped database {name}")
+        app.console.emit({"removed": [str(p) for p in removed], "dropped": dropped})
+        return EXIT_OK
+    backups = list_backups(folder)
+    replaced: list[dict[str, Any]] = []
+    try:
+        ws = open_workspace(env, app.console, app.environ)
+        with admin_session(ws) as admin:
+            replaced = replaced_databases(admin, env.database)
+    except PgError as exc:
+        app.console.debug(f"replaced databases not listed: {exc.message}")
+    if app.console.json_mode:
+        app.console.emit({"folder": str(folder), "backups": [_backup_document(b) for b in backups],
+                          "replaced_databases": [{k: m.get(k) for k in
+                                                  ("datname", "at", "backup", "size")}
+                                                 for m in replaced]})
+        return EXIT_OK
+    if not backups:
+        app.console.info(f"no backups of env {env.name} in {folder}")
+    for b in backups:
+        app.console.result(f"{b.path.name:<48} {format_bytes(b.size):>9}  {b.created_at}  "
+                           f"migration {b.migration_version or '-'}")
+    for meta in replaced:
+        app.console.result(f"database {meta['datname']:<39} {format_bytes(int(meta['size'])):>9}  "
+                           f"{meta.get('at')}  replaced by a restore")
+    return EXIT_OK
+
+
+def cmd_restore(app: App) -> int:
+    ws = app.workspace()
+    path = resolve_backup(ws.config, ws.env.name, app.args.file, app.environ)
+    confirm_protected(ws.env, f"restore of {path.name} into {ws.env.database}", app.args.yes,
+                      app.console)
+    result = restore_backup(ws, path, force=app.args.force)
+    app.console.result(ws.env.database)
+    app.console.info(f"restored {path.name} into {ws.env.database} in "
+                     f"{format_seconds(result.seconds)} ({result.mode})"
+                     + (f"; the previous database is kept as {result.replaced}"
+                        if result.replaced else ""))
+    app.console.emit({**dataclasses.asdict(result), "backup": str(result.backup)})
+    return EXIT_OK
+
+
+def cmd_deploy(app: App) -> int:
+    ws = app.workspace()
+    if not app.args.dry_run:
+        confirm_protected(ws.env, "deploy", app.args.yes, app.console)
+    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run)
+    document = {"outcome": result.outcome, "plan": dataclasses.asdict(result.plan),
+                "applied": result.applied,
+                "backup": str(result.backup.path) if result.backup else None,
+                "seconds": round(result.seconds, 3)}
+    if result.outcome == "dry-run":
+        for line in describe_plan(result.plan):
+            app.console.result(line)
+    else:
+        app.console.result(f"deployed env {ws.env.name}: {len(result.applied)} migration(s)"
+                           + (" (first deploy)" if result.plan.first_deploy else "")
+                           + f" in {format_seconds(result.seconds)}")
+        if result.backup:
+            app.console.info(f"backup: {result.backup.path}")
+    app.console.emit(document)
+    return EXIT_OK
+
+
 def add_backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Registered by §9 (issue 4)."""
+    p = sub.add_parser("backup", parents=[common], help="pg_dump the env's database, verified")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of the backup folder")
+    p.set_defaults(handler=cmd_backup)
+
+    p = sub.add_parser("backups", parents=[common], help="list or prune the env's backups")
+    p.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    p.add_argument("--keep", type=int, help="backups to keep (prune; default [backups] keep)")
+    p.add_argument("--replaced", type=int, metavar="N", nargs="?", const=0,
+                   help="prune: also drop databases replaced by restores, keeping the newest N "
+                        "(default 0)")
+    p.set_defaults(handler=cmd_backups)
+
+    p = sub.add_parser("restore", parents=[common], help="restore a backup into the env's database")
+    p.add_argument("file", metavar="FILE|latest", help="a backup file, or 'latest'")
+    p.add_argument("--force", action="store_true", help="terminate other sessions on the database")
+    p.set_defaults(handler=cmd_restore)
+
+    p = sub.add_parser("deploy", parents=[common],
+                       help="back up, migrate, verify, record; roll back on failure")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--no-backup", action="store_true",
+                   help="skip the backup (refused on protected envs)")
+    p.set_defaults(handler=cmd_deploy)
 
 
 # ── sync commands (§10) ───────────────────────────────────────────────────────────────────
