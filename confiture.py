@@ -256,8 +256,16 @@ class Console:
     verbose: bool = False
     json_mode: bool = False
     color: bool = False
-    out: Any = field(default=sys.stdout, repr=False)
-    err: Any = field(default=sys.stderr, repr=False)
+    stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
+    stderr: Any = field(default=None, repr=False)
+
+    @property
+    def out(self) -> Any:
+        return self.stdout or sys.stdout
+
+    @property
+    def err(self) -> Any:
+        return self.stderr or sys.stderr
 
     def _paint(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
