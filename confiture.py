@@ -256,8 +256,16 @@ class Console:
     verbose: bool = False
     json_mode: bool = False
     color: bool = False
-    out: Any = field(default=sys.stdout, repr=False)
-    err: Any = field(default=sys.stderr, repr=False)
+    stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
+    stderr: Any = field(default=None, repr=False)
+
+    @property
+    def out(self) -> Any:
+        return self.stdout or sys.stdout
+
+    @property
+    def err(self) -> Any:
+        return self.stderr or sys.stderr
 
     def _paint(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -1656,8 +1664,9 @@ def _other_sessions(session: Session, name: str) -> int:
         "AND pid <> pg_backend_pid()"))
 
 
-def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """database name → env name, for protected envs whose URL resolves here."""
+def _protected_databases(config: Config, environ: Mapping[str, str]
+                         ) -> dict[tuple[str, str, str], str]:
+    """(host, port, database) → env name, for protected envs whose URL resolves here."""
     found = {}
     for spec in config.envs.values():
         if spec.protected:
@@ -1667,7 +1676,7 @@ def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str
                 continue
             db = conn.dbname(environ)
             if db:
-                found[db] = spec.name
+                found[(*conn.server_identity(environ), db)] = spec.name
     return found
 
 
@@ -1679,9 +1688,10 @@ def check_clone_target(ws: Workspace, target: str) -> None:
     if target.startswith(template_prefix(ws.config.project)):
         raise Refused(f"{target!r} is a template name; choose another database name")
     protected = _protected_databases(ws.config, ws.client.environ)
-    if target in protected:
+    key = (*ws.env.conn.server_identity(ws.client.environ), target)
+    if key in protected:
         raise Refused(f"{target!r} is the database of protected environment "
-                      f"{protected[target]!r}")
+                      f"{protected[key]!r}")
 
 
 def clone_database(ws: Workspace, target: str, replace: bool = False, force: bool = False,
