@@ -1908,7 +1908,7 @@ def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what:
     """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
     show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
     try:
-        while True:
+        while show:
             try:
                 proc.wait(timeout=0.25)
                 break
@@ -1916,6 +1916,7 @@ def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what:
                 if show and progress is not None and progress.exists():
                     ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
                     ws.console.err.flush()
+        proc.wait()  # blocking: no polling latency when there is no progress to show
     except BaseException:
         proc.terminate()
         try:
@@ -1941,16 +1942,22 @@ def _dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
     return " ".join([f"dbname='{escaped}'", *extra])
 
 
-def dump_database(ws: Workspace, dbname: str, path: Path, compression: int,
-                  what: str = "pg_dump") -> None:
-    """pg_dump -Fc one database of the env's server into `path` (pg_dump fsyncs it)."""
-    import tempfile
-
+def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
+               errfile: Any) -> subprocess.Popen[bytes]:
+    """Start pg_dump -Fc of one database of the env's server into `path` (pg_dump fsyncs
+    the file before it exits); wait for it with _wait_tool."""
     argv = [ws.client.tools.pg_dump, "-Fc", f"-Z{compression}", "-w", "-f", str(path),
             "-d", _dbname_conninfo(ws.env.conn, dbname)]
-    with tempfile.TemporaryFile() as errfile:
-        proc = ws.client.spawn(argv, dbname, stderr=errfile)
-        _wait_tool(ws, proc, errfile, what, progress=path)
+    return ws.client.spawn(argv, dbname, stderr=errfile)
+
+
+def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
+    """(server version, applied migration version) for the sidecar."""
+    if session is None:
+        with ws.client.session(ws.env.database) as own:
+            return _backup_facts(ws, own)
+    version = str(session.value("SELECT current_setting('server_version')"))
+    return version, applied_migration_version(ws, session)
 
 
 def _check_listing(ws: Workspace, path: Path) -> None:
@@ -1985,12 +1992,9 @@ def create_backup(ws: Workspace, output: Path | None = None,
     """Back up the env's database into its backup folder (or `output`). The dump is written
     under a temporary name, read back and hashed, then published with its sidecar; on any
     failure nothing is left behind and BackupError says why."""
-    if session is None:
-        with ws.client.session(ws.env.database) as own:
-            return create_backup(ws, output, own)
+    import tempfile
+
     started = time.monotonic()
-    facts = session.query("SELECT current_setting('server_version') AS server_version")[0]
-    migration_version = applied_migration_version(ws, session)
     compression = backup_compression(ws.config)
     folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
     if output is not None and (output.exists() or sidecar_path(output).exists()):
@@ -2002,17 +2006,23 @@ def create_backup(ws: Workspace, output: Path | None = None,
     side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
     published: Path | None = None
     try:
-        dump_database(ws, ws.env.database, tmp, compression,
-                      f"pg_dump of {ws.env.database}")
+        with tempfile.TemporaryFile() as errfile:
+            proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
+            try:
+                server_version, migration_version = _backup_facts(ws, session)  # meanwhile
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            _wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
         _check_listing(ws, tmp)
         digest, size = sha256_file(tmp), tmp.stat().st_size
         for seq in range(1000):
             final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
             backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
-                            server_version=str(facts["server_version"]),
-                            migration_version=migration_version, tool_version=__version__,
-                            env=ws.env.name, database=ws.env.database, compression=compression,
-                            seconds=time.monotonic() - started)
+                            server_version=server_version, migration_version=migration_version,
+                            tool_version=__version__, env=ws.env.name, database=ws.env.database,
+                            compression=compression, seconds=time.monotonic() - started)
             side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
             try:
                 _publish(tmp, final, exclusive=True)
@@ -2251,7 +2261,8 @@ def resolve_backup(config: Config, env_name: str, spec: str,
     return path
 
 
-def check_backup(ws: Workspace, path: Path, digest: bool = True) -> dict[str, Any] | None:
+def check_backup(ws: Workspace, path: Path, digest: bool = True,
+                 listing: bool = True) -> dict[str, Any] | None:
     """Refuse a backup that is not intact, before any database is touched: its sidecar must
     be complete and match size and (with `digest`) sha256, and pg_restore must read it.
     Returns the sidecar (None for a bare pg_dump file, which is accepted with a warning)."""
@@ -2268,7 +2279,8 @@ def check_backup(ws: Workspace, path: Path, digest: bool = True) -> dict[str, An
             _check_digest(path, str(meta.get("sha256")))
     else:
         ws.console.warn(f"{path} has no sidecar: its integrity cannot be verified")
-    _check_listing(ws, path)
+    if listing:
+        _check_listing(ws, path)
     if meta and meta.get("env") not in (None, ws.env.name):
         ws.console.warn(f"{path.name} is a backup of env {meta.get('env')!r}, restoring into "
                         f"env {ws.env.name!r}")
@@ -2285,7 +2297,8 @@ def _check_digest(path: Path, expected: str) -> None:
 def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
                           props: Mapping[str, Any] | None, stamp: str) -> str:
     """Create a scratch database like the target and pg_restore the backup into it; the
-    sha256 is checked meanwhile (the target is untouched until the swap). Returns its name."""
+    sha256 and the archive's table of contents are checked meanwhile (the target is not
+    touched before the swap). Returns the scratch database's name."""
     import tempfile
 
     target = ws.env.database
@@ -2303,6 +2316,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
             try:
                 if expected is not None:
                     _check_digest(path, expected)
+                _check_listing(ws, path)
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -2410,7 +2424,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
     leaves it exactly as it was: into a scratch database, then an atomic swap of names (the
     previous database is kept). Without CREATEDB: one transaction, in place."""
     started = time.monotonic()
-    meta = check_backup(ws, path, digest=False)
+    meta = check_backup(ws, path, digest=False, listing=False)  # the rest runs meanwhile
     with admin_session(ws) as admin:
         locks = DatabaseLocks(ws, admin)
         locks.lock_database()
@@ -2432,6 +2446,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                                 "one transaction instead of into a new database")
                 if meta is not None:
                     _check_digest(path, str(meta.get("sha256")))
+                _check_listing(ws, path)
                 _restore_in_place(ws, path)
                 return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
                                      time.monotonic() - started)
