@@ -2367,15 +2367,33 @@ def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, An
 
 
 def _restore_in_place(ws: Workspace, path: Path) -> None:
-    """Without CREATEDB: one transaction that drops and recreates the archive's objects
-    (objects the backup does not know are left alone)."""
+    """Without CREATEDB: one psql transaction drops what this role owns in the database, then
+    runs the archive as SQL. Anything failing rolls it all back: the target stays as it was.
+    (pg_restore --clean cannot do this: it trips over partitions and keeps unknown objects.)"""
+    import shutil
     import tempfile
 
-    argv = [ws.client.tools.pg_restore, "--single-transaction", "--exit-on-error", "--clean",
-            "--if-exists", "-w", "-d", _dbname_conninfo(ws.env.conn, ws.env.database), str(path)]
-    with tempfile.TemporaryFile() as errfile:
-        proc = ws.client.spawn(argv, ws.env.database, stderr=errfile)
-        _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
+    psql_argv = [ws.client.tools.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+                 "-P", "pager=off", *ws.env.conn.argv_conninfo(), "-f", "-"]
+    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as restore_err:
+        psql = ws.client.spawn(psql_argv, ws.env.database, stdin=subprocess.PIPE,
+                               stderr=psql_err)
+        source = ws.client.spawn([ws.client.tools.pg_restore, "-f", "-", str(path)], None,
+                                 stdout=subprocess.PIPE, stderr=restore_err)
+        assert psql.stdin is not None and source.stdout is not None
+        try:
+            psql.stdin.write(b"SET client_min_messages = warning;\nDROP OWNED BY CURRENT_USER;\n")
+            shutil.copyfileobj(source.stdout, psql.stdin, 1 << 20)
+        except BrokenPipeError:
+            source.kill()  # psql stopped at an error: its message says which
+        finally:
+            source.stdout.close()
+            try:
+                psql.stdin.close()
+            except BrokenPipeError:
+                pass
+        _wait_tool(ws, psql, psql_err, f"in-place restore of {path.name}")
+        _wait_tool(ws, source, restore_err, f"pg_restore of {path.name}")
 
 
 class DatabaseLocks:
