@@ -1785,6 +1785,11 @@ class Backup:
                 "complete": True}
 
 
+def qualified_name(name: str) -> str:
+    """'schema.table' or 'table' → quoted identifiers."""
+    return ".".join(quote_ident(part) for part in name.split("."))
+
+
 def sidecar_path(dump: Path) -> Path:
     return dump.with_name(dump.name + SIDECAR_SUFFIX)
 
@@ -2501,16 +2506,17 @@ def drop_replaced(ws: Workspace, keep: int = 0) -> list[str]:
     return dropped
 
 
-# ── what deploy needs from §8 migrations (thin adapters: one place to follow §8's API) ─────
+# ── what deploy needs from §8 migrations (thin adapters: the one place that follows §8's API) ──
 
-MIGRATE_LOCK = "migrate"  # the advisory lock `migrate` runs take inside the target database
+MIGRATE_LOCK = "migrate"  # = §8's MIGRATION_LOCK: deploy and restore hold the lock migrate takes
 
 
 @dataclass(frozen=True)
 class MigrationState:
     applied: tuple[int, ...]                       # versions recorded, ascending
-    pending: tuple[tuple[int, str, bool], ...]     # (version, name, transactional)
+    pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
     problems: tuple[str, ...]                      # changed / missing applied migrations
+    partial: tuple[str, ...]                       # interrupted no-transaction migrations
 
     @property
     def version(self) -> str | None:
@@ -2519,7 +2525,7 @@ class MigrationState:
 
 class MigrationRunFailed(ConfitureError):
     """A migration failed during a deploy: which one, whether it ran in a transaction, and
-    what had been applied before it."""
+    what this run had applied before it."""
 
     def __init__(self, name: str, transactional: bool, applied: Sequence[str],
                  cause: ConfitureError) -> None:
@@ -2527,34 +2533,50 @@ class MigrationRunFailed(ConfitureError):
         self.name, self.transactional, self.applied = name, transactional, tuple(applied)
 
 
-def _needs_migrations() -> NoReturn:
-    raise ConfitureError("deploy needs §8 migrations, which this build does not have yet")
-
-
 def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
-    _needs_migrations()
+    return [(m.version, m.label, m.transactional) for m in discover_migrations(ws.config)]
 
 
 def migration_state(ws: Workspace, session: Session) -> MigrationState:
-    _needs_migrations()
+    status = migration_status(ws, session)
+    problems = [f"{migration_rel(ws.config, m.up)} changed since it was applied"
+                for m, _ in status.changed]
+    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
+    return MigrationState(
+        applied=tuple(r.version for r in status.applied),
+        pending=tuple((m.version, m.label, m.transactional) for m in status.pending),
+        problems=tuple(problems), partial=tuple(f"{p.version}_{p.name}" for p in status.partial))
 
 
 def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
-    _needs_migrations()
+    """migrate up on a session of its own, without taking the lock: the caller holds it on
+    `session`, which must survive a failure (§8 ends the session a migration failed on)."""
+    pending = migration_state(ws, session).pending
+    try:
+        run = migrate_up(ws, lock=False)
+    except MigrationError as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        failing = next(((label, tx) for version, label, tx in pending if version not in done),
+                       ("unknown", False))
+        raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
+    return [m.label for m, _ in run.done]
 
 
 def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
-    _needs_migrations()
+    migrations = discover_migrations(ws.config)
+    if not migrations:
+        return []
+    return [m.label for m in baseline_migrations(ws, migrations[-1].version, lock=False)]
 
 
 def applied_migration_version(ws: Workspace, session: Session) -> str | None:
-    """The newest applied migration version, None when the tracking table is absent."""
-    table = ws.config.migrations_table
-    exists = session.value(f"SELECT to_regclass({quote_literal(qualified_name(table))}) IS NOT NULL")
+    """The newest applied migration version (None without a tracking table)."""
+    tracking, exists = resolve_tracking(session, ws.config)
     if not exists:
         return None
-    value = session.value(f"SELECT max(version)::text FROM {qualified_name(table)}")
-    return None if value is None else str(value)
+    applied = read_tracking(session, tracking)[0]
+    return str(max(r.version for r in applied)) if applied else None
 
 
 # ── deploy ─────────────────────────────────────────────────────────────────────────────────
@@ -2593,11 +2615,6 @@ class DeployResult:
 
 def deploys_table(config: Config) -> str:
     return str(config.raw.get("deploy", {}).get("table", "confiture_deploys"))
-
-
-def qualified_name(name: str) -> str:
-    """'schema.table' or 'table' → quoted identifiers."""
-    return ".".join(quote_ident(part) for part in name.split("."))
 
 
 def verify_files(config: Config) -> list[Path]:
@@ -2847,10 +2864,10 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
         elif plan.pending:
             applied = apply_pending_migrations(ws, session)
         state = migration_state(ws, session)
-        if state.pending or state.problems:
-            raise CheckFailed("migrations are not clean after the deploy: "
-                              + "; ".join([*state.problems, *(f"{n} pending" for _, n, _ in
-                                                               state.pending)]))
+        if state.pending or state.problems or state.partial:
+            raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
+                [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
+                 *(f"{n} partly applied" for n in state.partial)]))
         run_verify_checks(ws, ws.env.database)
     except BaseException as exc:
         if isinstance(exc, MigrationRunFailed):
