@@ -1890,7 +1890,8 @@ def _prepare_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
-                          hint="set env.<name>.backups or [backups] dir to a writable folder")
+                          hint="set env.<name>.backups or [backups] dir to a writable folder"
+                          ) from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BackupError(f"backup folder {folder} is not writable",
                           hint="set env.<name>.backups or [backups] dir to a writable folder")
@@ -1904,8 +1905,8 @@ def _tool_failure(what: str, returncode: int, stderr: str, password: str | None)
         name = signal.Signals(-returncode).name
         why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
         return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
-    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", l) for l in text.splitlines()]
-    return f"{what} failed: " + ("; ".join(l for l in lines[:3] if l) or f"exit {returncode}")
+    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", line) for line in text.splitlines()]
+    return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
 
 
 def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
@@ -1986,7 +1987,7 @@ def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
         raise
     except OSError:
         if final.exists():
-            raise FileExistsError(str(final))
+            raise FileExistsError(str(final)) from None
         os.replace(tmp, final)
         return
     tmp.unlink()
@@ -2033,7 +2034,8 @@ def create_backup(ws: Workspace, output: Path | None = None,
                 _publish(tmp, final, exclusive=True)
             except FileExistsError:
                 if output is not None:
-                    raise Refused(f"{output} already exists; a backup never overwrites a file")
+                    raise Refused(f"{output} already exists; a backup never overwrites a "
+                                  "file") from None
                 continue
             published = final
             os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
@@ -2043,7 +2045,8 @@ def create_backup(ws: Workspace, output: Path | None = None,
         raise BackupError(f"cannot find a free backup name in {folder}")
     except OSError as exc:
         raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
-                          hint="check the free space and permissions of the backup folder")
+                          hint="check the free space and permissions of the backup folder"
+                          ) from exc
     finally:
         tmp.unlink(missing_ok=True)
         side_tmp.unlink(missing_ok=True)
@@ -2064,9 +2067,10 @@ def prune_backups(folder: Path, keep: int) -> list[Path]:
     now = time.time()
     for path in folder.iterdir():
         stale = now - path.stat().st_mtime > 3600 if path.exists() else False
+        parts = path.name.split(".")  # .<stamp>.<pid>.dump.tmp
         leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
-                    and not _pid_alive(path.name.split(".")[2] if path.name.count(".") >= 3 else ""))
-        orphan = (path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale)
+                    and not _pid_alive(parts[2] if len(parts) >= 4 else ""))
+        orphan = path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale
         if leftover or orphan:
             path.unlink(missing_ok=True)
             sidecar_path(path).unlink(missing_ok=True)
@@ -2162,7 +2166,8 @@ def _create_options(props: Mapping[str, Any] | None) -> str:
         return " TEMPLATE template0"
     d = props["d"]
     parts = [" TEMPLATE template0", f"ENCODING {quote_literal(props['encoding'])}",
-             f"LC_COLLATE {quote_literal(d['datcollate'])}", f"LC_CTYPE {quote_literal(d['datctype'])}"]
+             f"LC_COLLATE {quote_literal(d['datcollate'])}",
+             f"LC_CTYPE {quote_literal(d['datctype'])}"]
     icu = d.get("daticulocale") or d.get("datlocale")
     if d.get("datlocprovider") == "i" and icu:
         parts += ["LOCALE_PROVIDER icu", f"ICU_LOCALE {quote_literal(icu)}"]
@@ -2221,15 +2226,18 @@ def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
     that do not count."""
     ignore = ", ".join(quote_literal(n) for n in keep) or "''"
     user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
-               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
+               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+               "AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
     count = session.value(
-        "SELECT (SELECT count(*) FROM pg_namespace n WHERE " + user_ns + " AND n.nspname <> 'public')"
+        f"SELECT (SELECT count(*) FROM pg_namespace n WHERE {user_ns} "
+        "AND n.nspname <> 'public')"
         " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
         f"   AND c.relname NOT IN ({ignore}))"
         " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
-        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i')))"
+        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
+        "    AND d.deptype IN ('a', 'i')))"
         " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         f"   WHERE {user_ns})"
         " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
@@ -2631,9 +2639,10 @@ def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty
     first = not exists or empty
     migrations = discover_deploy_migrations(ws)
     to_version = str(migrations[-1][0]) if migrations else None
+    problems: tuple[str, ...] = ()
     if first:
         pending: tuple[str, ...] = tuple(name for _, name, _ in migrations)
-        from_version, problems = None, ()
+        from_version = None
     else:
         assert state is not None
         pending = tuple(name for _, name, _ in state.pending)
@@ -2660,8 +2669,9 @@ def describe_plan(plan: DeployPlan) -> list[str]:
     lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
                  "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
     if plan.first_deploy:
-        lines.append(f"  first deploy: build the env's template without seeds, dump it, restore it, "
-                     f"baseline {len(plan.pending)} migration(s) up to {plan.to_version or '-'}")
+        lines.append("  first deploy: build the env's template without seeds, dump it, restore "
+                     f"it, baseline {len(plan.pending)} migration(s) up to "
+                     f"{plan.to_version or '-'}")
     elif plan.pending:
         lines.append(f"  apply {len(plan.pending)} migration(s), "
                      f"{plan.from_version or 'none'} → {plan.to_version}:")
@@ -2670,7 +2680,7 @@ def describe_plan(plan: DeployPlan) -> list[str]:
         lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
     for problem in plan.problems:
         lines.append(f"  blocked: {problem}")
-    lines.append("  verify: migrations clean" + (", " + ", ".join(plan.verify) if plan.verify else ""))
+    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify))
     lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
     return lines
 
@@ -2823,8 +2833,8 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
                     plan = dataclasses.replace(plan, exists=False, backup=False)
                 if plan.problems:
                     raise CheckFailed("deploy refused before changing anything: "
-                                      + "; ".join(plan.problems),
-                                      hint="restore the files, or run 'confiture.py migrate repair'")
+                                  + "; ".join(plan.problems),
+                                  hint="restore the files, or run 'confiture.py migrate repair'")
                 backup = None
                 if plan.backup and not plan.nothing_to_do:
                     ws.console.info(f"backing up {ws.env.database} …")

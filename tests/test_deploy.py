@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from psycopg import sql
 
-from helpers import CONFITURE, Cluster, Project, clean_environ
+from helpers import Cluster, Project
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
 LOCK_CLASS = 1668247142  # confiture's advisory lock class ('conf')
@@ -128,7 +127,9 @@ def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, pro
     after = checksums(pg, db)
     assert {k: v for k, v in after.items() if "confiture_deploys" not in k} == \
         {k: v for k, v in before_rows.items() if "confiture_deploys" not in k}
-    strip = lambda text: "\n".join(l for l in text.splitlines() if "deploys" not in l)  # noqa: E731
+    def strip(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if "deploys" not in line)
+
     assert strip(schema_dump(pg, db)) == strip(before_schema)
     assert applied(pg, db) == [(1, "baseline")]
     record = deploys(pg, db)[-1]
