@@ -2425,6 +2425,11 @@ class DatabaseLocks:
                      self.ws.config.migrations_lock_timeout,
                      f"the deploy/restore lock of {self.ws.env.database}", self.ws.console.info)
 
+    def try_lock_database(self) -> bool:
+        """Take the database lock only if it is free right now."""
+        key = lock_key_sql(f"database:{self.ws.env.database}")
+        return bool(self.admin.value(f"SELECT pg_try_advisory_lock({key})"))
+
     def lock_target(self) -> Session:
         session = self.ws.client.session(self.ws.env.database)
         try:
@@ -2498,15 +2503,20 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                          time.monotonic() - started)
 
 
-def drop_replaced(ws: Workspace, keep: int = 0) -> list[str]:
-    """Drop all but the newest `keep` databases a restore replaced, and scratch leftovers."""
-    dropped = []
+def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
+    """Drop scratch leftovers of killed restores and deploys and, unless `keep` is None, all
+    but the newest `keep` databases a restore replaced."""
+    dropped: list[str] = []
     with admin_session(ws) as admin:
         locks = DatabaseLocks(ws, admin)
-        locks.lock_database()
+        if keep is not None:
+            locks.lock_database()
+        elif not locks.try_lock_database():
+            return dropped  # a restore or deploy is running: its scratch database is no leftover
         try:
             dropped += _drop_scratch_leftovers(ws, admin, ws.env.database)
-            for meta in replaced_databases(admin, ws.env.database)[keep:]:
+            doomed = replaced_databases(admin, ws.env.database)[keep:] if keep is not None else []
+            for meta in doomed:
                 _drop_database(admin, meta["datname"], force=False)
                 dropped.append(meta["datname"])
         finally:
@@ -3284,10 +3294,15 @@ def cmd_backups(app: App) -> int:
             raise ConfigError("--keep must be 0 or more")
         removed = prune_backups(folder, keep)
         dropped: list[str] = []
+        ws = open_workspace(env, app.console, app.environ)
         if app.args.replaced is not None:
-            ws = open_workspace(env, app.console, app.environ)
             confirm_protected(env, "dropping replaced databases of", app.args.yes, app.console)
             dropped = drop_replaced(ws, app.args.replaced)
+        else:
+            try:
+                dropped = drop_replaced(ws, None)
+            except ConnectionFailed as exc:
+                app.console.debug(f"scratch databases not checked: {exc.message}")
         for path in removed:
             app.console.result(f"removed {path}")
         for name in dropped:

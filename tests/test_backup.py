@@ -181,6 +181,7 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
     proc.wait()
     assert db_oid(pg, db) == oid and checksums(pg, db) == before
     assert side_databases(pg, project, "replaced") == []
+    assert len(side_databases(pg, project, "restore")) == 1
     # the next run removes the half-restored scratch database and restores properly
     again = cli("restore", "latest", cwd=project.root)
     assert again.returncode == 0, again.stderr
