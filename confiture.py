@@ -1541,7 +1541,7 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
         if probe["is_template"] and not rebuild:  # another run built it while we waited
             return (TemplateResult(name, False, time.monotonic() - started,
                                    len(fileset.files)), probe)
-        _build_template(ws, session, name, fileset)
+        _build_template(ws, session, name, fileset, clone_strategy(ws.config, probe))
         probe = _template_probe(session, name)
     finally:
         release_lock(session, f"template:{name}")
@@ -1549,13 +1549,15 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
     return TemplateResult(name, True, time.monotonic() - started, len(fileset.files)), probe
 
 
-def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet) -> None:
+def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet,
+                    strategy: str | None) -> None:
     tmp = f"{name}_tmp"
     started = time.monotonic()
     ws.console.info(f"building template {name} from {len(fileset.files)} files …")
     build = render_build(fileset)
     _drop_database(session, tmp, force=True)
-    session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0")
+    session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0"
+                    + (f" STRATEGY {strategy}" if strategy else ""))
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
     except BaseException:
@@ -2076,18 +2078,59 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}", hint=f"see '{self.prog} --help'")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Inert:
+    """Stands in for the parsers of commands not being run: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Callable[..., "_Inert"]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlySubparsers:
+    """Builds only the parser of the command being run: argparse construction of ~40
+    subcommands costs tens of milliseconds on every call otherwise."""
+
+    def __init__(self, real: Any, only: str | None) -> None:
+        self.real, self.only, self.matched = real, only, False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.only is None or name == self.only:
+            self.matched = True
+            return self.real.add_parser(name, **kwargs)
+        return _Inert()
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command in argv (first word that is not a global option or its value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--config", "--env"):
+            skip = True
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with argv, only the named command's sub-parser is built."""
+    only = _command_word(argv) if argv is not None else None
     parser = _Parser(prog="confiture.py", parents=[_global_options(False)],
                      description="The whole PostgreSQL database workflow in one file.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"confiture.py {__version__}")
     common = _global_options(True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = _OnlySubparsers(parser.add_subparsers(dest="command", metavar="COMMAND",
+                                                parser_class=_Parser), only)
     add_foundation_commands(sub, common)
     add_migration_commands(sub, common)
     add_backup_commands(sub, common)
     add_sync_commands(sub, common)
     add_drift_commands(sub, common)
+    if only is not None and not sub.matched:
+        return build_parser()  # unknown command: the full parser names the valid ones
     return parser
 
 
@@ -2100,7 +2143,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = dict(os.environ if environ is None else environ)
     console = Console()
     try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        words = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(words).parse_args(words)
         console = Console(quiet=args.quiet, verbose=args.verbose, json_mode=args.json,
                           color=sys.stderr.isatty() and "NO_COLOR" not in environ)
         if not getattr(args, "handler", None):
