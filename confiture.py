@@ -39,9 +39,10 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 __version__ = "0.1.0"
 BUILD_FORMAT = 1  # bump when the build output changes meaning: it invalidates every template
@@ -184,7 +185,7 @@ def check_db_name(name: str, what: str = "database name") -> str:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
 
 
-def parse_duration(text: str | int | float, key: str) -> float:
+def parse_duration(text: str | float, key: str) -> float:
     """'60s', '500ms', '2m', '1h' or a number of seconds → seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
@@ -447,7 +448,7 @@ class ConnInfo:
     params: tuple[tuple[str, str], ...]
 
     @staticmethod
-    def parse(text: str, key: str = "url") -> "ConnInfo":
+    def parse(text: str, key: str = "url") -> ConnInfo:
         text = text.strip()
         if text.startswith(("postgresql://", "postgres://")):
             params = _parse_url(text)
@@ -465,7 +466,7 @@ class ConnInfo:
     def get(self, name: str) -> str | None:
         return dict(self.params).get(name)
 
-    def with_params(self, **changes: str) -> "ConnInfo":
+    def with_params(self, **changes: str) -> ConnInfo:
         merged = dict(self.params)
         merged.update(changes)
         return ConnInfo(tuple(sorted(merged.items())))
@@ -658,7 +659,7 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
             unknown = set(item) - {"path", "name"}
             if unknown:
                 raise ConfigError(f"{where}: project.schema[{index}]: unknown key "
-                                  f"{sorted(unknown)[0]!r}", hint="entries take 'path' and 'name'")
+                                  f"{min(unknown)!r}", hint="entries take 'path' and 'name'")
             path, name = item["path"], item.get("name")
         else:
             raise ConfigError(f"{where}: project.schema[{index}] must be a folder path or "
@@ -808,7 +809,7 @@ def confirm_protected(env: Env, action: str, yes: bool, console: Console,
                       hint=f"re-run with --yes{' and type the name' if interactive else ''}")
     if interactive:
         console.info(f"{action} on protected environment {env.name!r} ({env.conn.display()}).")
-        console.err.write(f"Type the environment name to continue: ")
+        console.err.write("Type the environment name to continue: ")
         console.err.flush()
         answer = stdin.readline().strip()
         if answer != env.name:
@@ -1020,7 +1021,8 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
     if not pg_config:
         return None
     try:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10,
+                             check=False)
     except OSError:
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -1081,10 +1083,8 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
     if not context or line_map is None or not line_map.lines:
         return end_line
     snippet = context.group(2).strip()
-    if snippet.startswith("..."):
-        snippet = snippet[3:]
-    if snippet.endswith("..."):
-        snippet = snippet[:-3]
+    snippet = snippet.removeprefix("...")
+    snippet = snippet.removesuffix("...")
     snippet = snippet.strip()
     offset = int(context.group(1)) - 1
     guess = end_line - offset  # the statement may span more lines before the reported one
@@ -1215,7 +1215,7 @@ class Session:
 
     def _sql_error(self, stderr: str, sqlstate: str) -> SqlError:
         text = stderr if not self._password else stderr.replace(self._password, "***")
-        text = re.sub(r"^psql:<stdin>:\d+: ", "", text.strip(), flags=re.M)
+        text = re.sub(r"^psql:<stdin>:\d+: ", "", text.strip(), flags=re.MULTILINE)
         first, *rest = text.splitlines() or ["statement failed"]
         message = re.sub(r"^(ERROR|FATAL):\s+", "", first)
         details = [r.strip() for r in rest if r.startswith(("DETAIL:", "HINT:"))]
@@ -1257,7 +1257,7 @@ class Session:
             if stream:
                 stream.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1303,7 +1303,7 @@ class Client:
         """Run one client program with the connection in its environment."""
         try:
             return subprocess.run(argv, input=input, stdout=stdout, stderr=subprocess.PIPE,
-                                  env=self.child_env(dbname))
+                                  env=self.child_env(dbname), check=False)
         except OSError as exc:
             raise PgError(f"cannot start {argv[0]}: {exc.strerror}") from exc
 
@@ -1403,8 +1403,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     chunks: list[tuple[int, str, int]] = []
     for item in fileset.files:
         text = read(item.path).decode("utf-8")
-        if text.startswith("\ufeff"):
-            text = text[1:]
+        text = text.removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
         lines.append(f"-- ==== {item.rel}")
         lines.extend(_FILE_PRELUDE.rstrip("\n").split("\n"))
@@ -2081,7 +2080,7 @@ class _Parser(argparse.ArgumentParser):
 class _Inert:
     """Stands in for the parsers of commands not being run: every call is a no-op."""
 
-    def __getattr__(self, name: str) -> Callable[..., "_Inert"]:
+    def __getattr__(self, name: str) -> Callable[..., _Inert]:
         return lambda *args, **kwargs: self
 
 
