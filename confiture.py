@@ -2609,12 +2609,14 @@ def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
 
 
 def applied_migration_version(ws: Workspace, session: Session) -> str | None:
-    """The newest applied migration version (None without a tracking table)."""
-    tracking, exists = resolve_tracking(session, ws.config)
-    if not exists:
+    """The newest applied migration version (None without a tracking table). A backup must
+    not fail over the migration files, so their problems only cost the version."""
+    try:
+        current = migration_status(ws, session).current
+    except (InputError, ConfigError) as exc:
+        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
         return None
-    applied = read_tracking(session, tracking)[0]
-    return str(max(r.version for r in applied)) if applied else None
+    return None if current is None else str(current)
 
 
 # ── deploy ─────────────────────────────────────────────────────────────────────────────────
