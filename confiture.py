@@ -2240,6 +2240,18 @@ def other_sessions(session: Session, database: str, exclude: Sequence[int] = ())
     return [int(r["pid"]) for r in rows]
 
 
+def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (),
+                     grace: float = 2.0) -> list[int]:
+    """Other sessions that are still there after `grace` seconds: a backend whose client just
+    closed (ours included) lingers in pg_stat_activity for a moment and must not count."""
+    deadline = time.monotonic() + grace
+    while True:
+        others = other_sessions(session, database, exclude)
+        if not others or time.monotonic() >= deadline:
+            return others
+        time.sleep(0.05)
+
+
 def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
     """True when the connected database holds no user objects (schemas besides public,
     relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
@@ -2383,7 +2395,7 @@ def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, An
     body = "BEGIN " + " ".join(f"EXECUTE {quote_literal(s)};" for s in statements) + " END"
     deadline = time.monotonic() + 15
     while True:
-        others = other_sessions(admin, target)
+        others = other_sessions(admin, target) if force else lasting_sessions(admin, target)
         if others and not force:
             raise Refused(f"database {target!r} has {len(others)} other session(s); it was "
                           "left untouched", hint="close them, or pass --force to terminate them")
@@ -2489,7 +2501,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
             exists = _database_exists(admin, ws.env.database)
             if exists:
                 locks.lock_target()
-                others = other_sessions(admin, ws.env.database, [locks.target_pid])
+                others = lasting_sessions(admin, ws.env.database, [locks.target_pid])
                 if others and not force:
                     raise Refused(f"database {ws.env.database!r} has {len(others)} other "
                                   "session(s); nothing was restored",
@@ -2917,9 +2929,13 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
             applied = list(exc.applied)
         _roll_back(ws, admin, locks, plan, backup, created, before, changed, failed, exc,
                    started, started_at)
-    to_version = migration_state(ws, session).version
-    record_deploy(ws, session, started_at, time.monotonic() - started, "ok", plan, to_version,
-                  backup, applied)
+    try:
+        to_version = migration_state(ws, session).version
+        record_deploy(ws, session, started_at, time.monotonic() - started, "ok", plan,
+                      to_version, backup, applied)
+    except ConfitureError as exc:  # the deploy itself succeeded and stays
+        ws.console.warn(f"deployed, but could not record it in {deploys_table(ws.config)}: "
+                        f"{exc.message}")
     return applied
 
 
