@@ -2770,13 +2770,17 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
                 raise MigrationError(
                     f"reverting {migration.label} failed: {exc.message}",
                     [m.version for m, _ in run.done],
-                    hint=(f"reverted {len(done)} migration(s) before it: {', '.join(done)}; "
+                    hint=(f"reverted {len(done)} migration(s) before it ({_span(done)}); "
                           if done else "nothing was reverted; ")
                     + f"{migration.label} and everything older remain applied") from None
             seconds = time.monotonic() - started
             run.done.append((migration, seconds))
             ws.console.info(f"reverted {migration.label} ({format_seconds(seconds)})")
     return run
+
+
+def _span(labels: Sequence[str]) -> str:
+    return labels[0] if len(labels) == 1 else f"{labels[0]} … {labels[-1]}"
 
 
 def _revert_statements(session: Session, migration: Migration, rel: str, config: Config,
