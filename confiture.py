@@ -2539,14 +2539,16 @@ class _Locked:
         return plan_status(files, applied, partial, self.tracking.display, True)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.lock and not self.session.closed:
+        if exc and exc[0] is not None and issubclass(exc[0], (KeyboardInterrupt, Interrupted)):
+            # cancel the running statement: psql stops (ON_ERROR_STOP), the server rolls the
+            # migration back, and the lock goes with the connection
+            self.session.cancel()
+        elif self.lock and not self.session.closed:
             try:
                 release_lock(self.session, MIGRATION_LOCK)
             except PgError:
                 pass  # the lock goes with the session anyway
         if self.own:
-            if exc and exc[0] is not None and issubclass(exc[0], (KeyboardInterrupt, Interrupted)):
-                self.session.cancel()
             self.session.close()
 
 
