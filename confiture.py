@@ -1782,11 +1782,19 @@ class Migration:
     version: int
     name: str
     label: str            # as written on disk: "2017-08-31-230457_create_user"
-    up: Path
-    down: Path | None
+    up_file: str
+    down_file: str | None
     checksum: str         # sha256 of up with CRLF → LF and without a UTF-8 BOM
     transactional: bool   # False: '-- confiture:no-transaction' or Diesel run_in_transaction
     layout: str           # "flat" or "folder"
+
+    @property
+    def up(self) -> Path:
+        return Path(self.up_file)
+
+    @property
+    def down(self) -> Path | None:
+        return Path(self.down_file) if self.down_file else None
 
 
 @dataclass(frozen=True)
@@ -1825,18 +1833,26 @@ def _diesel_transactional(folder: Path, rel: str) -> bool:
     return value
 
 
+_NO_TRANSACTION_START = re.compile(rb"\s*--[ \t]*confiture:no-transaction\b", re.I)
+
+
 def _file_transactional(text: bytes) -> bool:
-    first = next((line for line in text.split(b"\n") if line.strip()), b"")
-    return not NO_TRANSACTION_RE.match(first.decode("utf-8", "replace"))
+    """False when the first non-blank line is '-- confiture:no-transaction'."""
+    return not _NO_TRANSACTION_START.match(text)
 
 
-def _make_migration(label: str, up: Path, down: Path | None, rel: str, layout: str,
+def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str,
                     folder_transactional: bool = True) -> Migration:
     match = _VERSION_RE.match(label)
     assert match is not None
-    data = normalise_sql(_read_sql(up, rel))
-    return Migration(version=parse_version(match.group(1)), name=match.group(2) or "",
-                     label=label, up=up, down=down, checksum=sha256_bytes(data),
+    try:
+        with open(up, "rb") as handle:
+            data = normalise_sql(handle.read())
+        data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+    return Migration(version=int(match.group(1).replace("-", "")), name=match.group(2) or "",
+                     label=label, up_file=up, down_file=down, checksum=sha256_bytes(data),
                      transactional=folder_transactional and _file_transactional(data),
                      layout=layout)
 
@@ -1846,37 +1862,36 @@ def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
     Folders named like a version hold up.sql/down.sql; other folders are searched for flat
     files. Duplicate versions are an error naming both."""
     root = root or folder
+    base = str(root).rstrip(os.sep) + os.sep
+    # plain strings while walking: `migrate status` reads a thousand files per run
 
-    def show(path: Path) -> str:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            return str(path)
+    def show(path: str | Path) -> str:
+        text = str(path)
+        return text[len(base):].replace(os.sep, "/") if text.startswith(base) else text
 
     found: list[Migration] = []
     strays: list[str] = []
 
-    def visit(current: Path) -> None:
+    def visit(current: str) -> None:
         try:
-            entries = sorted(os.scandir(current), key=lambda e: natural_key(e.name))
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
         except OSError as exc:
             raise InputError(f"cannot read folder {current}: {exc.strerror}") from exc
-        flat: dict[str, dict[str, Path]] = {}
+        flat: dict[str, dict[str, str]] = {}
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = Path(entry.path)
             if entry.is_dir():
                 if _VERSION_RE.match(entry.name):
-                    visit_folder(path, entry.name)
+                    visit_folder(entry.path, entry.name)
                 else:
-                    visit(path)
+                    visit(entry.path)
                 continue
             match = _FLAT_RE.match(entry.name)
             if match:
-                flat.setdefault(match.group(1), {})[match.group(2)] = path
+                flat.setdefault(match.group(1), {})[match.group(2)] = entry.path
             else:
-                strays.append(show(path))
+                strays.append(show(entry.path))
         for label, pair in flat.items():
             if "up" not in pair:
                 strays.append(show(pair["down"]) + " (down without up)")
@@ -1884,19 +1899,21 @@ def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
             found.append(_make_migration(label, pair["up"], pair.get("down"),
                                          show(pair["up"]), "flat"))
 
-    def visit_folder(path: Path, label: str) -> None:
+    def visit_folder(path: str, label: str) -> None:
         names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
-        strays.extend(show(path / n) for n in sorted(names - _MIGRATION_FOLDER_FILES))
+        folder_path = Path(path)
+        strays.extend(show(folder_path / n) for n in sorted(names - _MIGRATION_FOLDER_FILES))
         if "up.sql" not in names:
             strays.append(show(path) + "/ (no up.sql)")
             return
-        transactional = _diesel_transactional(path, show(path))
-        found.append(_make_migration(label, path / "up.sql",
-                                     path / "down.sql" if "down.sql" in names else None,
-                                     show(path / "up.sql"), "folder", transactional))
+        transactional = _diesel_transactional(folder_path, show(path))
+        up = os.path.join(path, "up.sql")
+        found.append(_make_migration(label, up,
+                                     os.path.join(path, "down.sql") if "down.sql" in names else None,
+                                     show(up), "folder", transactional))
 
     if folder.is_dir():
-        visit(folder)
+        visit(str(folder))
     found.sort(key=lambda m: (m.version, m.label))
     for before, after in zip(found, found[1:]):
         if before.version == after.version:
@@ -2206,14 +2223,19 @@ class MigrationStatus:
             return {"version": m.version, "name": m.name, "label": m.label,
                     "file": str(m.up), "transactional": m.transactional}
 
+        def row(r: AppliedRow) -> dict[str, Any]:
+            return {"version": r.version, "name": r.name, "checksum": r.checksum,
+                    "applied_at": r.applied_at, "applied_by": r.applied_by,
+                    "duration_ms": r.duration_ms, "how": r.how}
+
         return {"table": self.table, "current": self.current, "clean": self.clean,
-                "applied": [dataclasses.asdict(r) for r in self.applied],
+                "applied": [row(r) for r in self.applied],
                 "pending": [mig(m) for m in self.pending],
                 "out_of_order": [m.version for m in self.out_of_order],
                 "changed": [{"version": m.version, "name": m.name, "file": str(m.up),
                              "recorded": r.checksum, "current": m.checksum}
                             for m, r in self.changed],
-                "missing": [dataclasses.asdict(r) for r in self.missing],
+                "missing": [row(r) for r in self.missing],
                 "partial": [dataclasses.asdict(p) for p in self.partial],
                 "strays": list(self.files.strays)}
 
@@ -2324,31 +2346,35 @@ _TRACKING_COLUMNS = {"version", "name", "checksum", "applied_at", "applied_by", 
                      "how"}
 
 
-def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool]:
+def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool, bool]:
     """Qualify the configured table (unqualified: where search_path finds it, else the
-    current schema) and say whether it exists with our columns."""
+    current schema); say whether it exists with our columns, and whether its log exists.
+    One round trip."""
     schema, table = parse_table_name(config.migrations_table)
-    if schema is None:
-        row = session.query(
-            "SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass("
-            f"{quote_literal(quote_ident(table))})), current_schema()) AS schema")[0]
-        if not row["schema"]:
-            raise ConfigError("search_path names no existing schema for the tracking table",
-                              hint="qualify [migrations] table, e.g. \"public.confiture_migrations\"")
-        schema = str(row["schema"])
-    tracking = Tracking(schema, table)
-    columns = session.value(
-        "SELECT coalesce(array_to_json(array_agg(attname::text)), '[]') FROM pg_attribute "
-        f"WHERE attrelid = to_regclass({quote_literal(tracking.qualified)}) "
-        "AND attnum > 0 AND NOT attisdropped")
-    found = set(columns or [])
+    where = quote_literal(schema) if schema is not None else (
+        "coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.oid = to_regclass("
+        f"{quote_literal(quote_ident(table))})), current_schema())")
+    relation = ("FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = s.schema AND c.relname = ")
+    row = session.query(
+        f"SELECT s.schema, (SELECT coalesce(json_agg(a.attname::text), '[]') "
+        f"FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n "
+        f"ON n.oid = c.relnamespace WHERE n.nspname = s.schema AND c.relname = "
+        f"{quote_literal(table)} AND a.attnum > 0 AND NOT a.attisdropped) AS columns, "
+        f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log "
+        f"FROM (SELECT {where} AS schema) s")[0]
+    if not row["schema"]:
+        raise ConfigError("search_path names no existing schema for the tracking table",
+                          hint="qualify [migrations] table, e.g. \"public.confiture_migrations\"")
+    tracking = Tracking(str(row["schema"]), table)
+    found = set(row["columns"] or [])
     if found and not _TRACKING_COLUMNS <= found:
         raise ConfigError(f"table {tracking.display} exists but is not a confiture tracking table "
                           f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
                           hint="set [migrations] table to another name; to adopt a database "
                                "migrated by another tool, use 'migrate baseline --to VERSION'")
-    return tracking, bool(found)
+    return tracking, bool(found), bool(row["log"])
 
 
 def ensure_tracking(session: Session, tracking: Tracking) -> None:
@@ -2386,10 +2412,9 @@ def ensure_tracking(session: Session, tracking: Tracking) -> None:
 _PARTIAL_EVENTS = ("started", "progress", "failed")
 
 
-def read_tracking(session: Session, tracking: Tracking) -> tuple[list[AppliedRow],
-                                                                 list[PartialRun]]:
+def read_tracking(session: Session, tracking: Tracking, has_log: bool = True
+                  ) -> tuple[list[AppliedRow], list[PartialRun]]:
     """Applied rows and interrupted no-transaction runs, in one round trip."""
-    has_log = session.value(f"SELECT to_regclass({quote_literal(tracking.log)}) IS NOT NULL")
     partial_sql = "'[]'::json"
     if has_log:
         partial_sql = (
@@ -2426,8 +2451,8 @@ def open_migration_session(ws: Workspace) -> Session:
 def _status_with(session: Session, ws: Workspace, files: MigrationFiles | None = None
                  ) -> tuple[MigrationStatus, Tracking]:
     files = files or scan_migrations(ws.config.migrations_dir, ws.config.root)
-    tracking, exists = resolve_tracking(session, ws.config)
-    applied, partial = read_tracking(session, tracking) if exists else ([], [])
+    tracking, exists, has_log = resolve_tracking(session, ws.config)
+    applied, partial = read_tracking(session, tracking, has_log) if exists else ([], [])
     return plan_status(files, applied, partial, tracking.display, exists), tracking
 
 
@@ -3211,8 +3236,9 @@ def cmd_migrate_new(app: App) -> int:
 def cmd_migrate_status(app: App) -> int:
     ws = app.workspace()
     status = migration_status(ws)
-    app.console.emit({"env": ws.env.name, "database": ws.env.database, **status.as_json()})
-    if not app.console.json_mode:
+    if app.console.json_mode:
+        app.console.emit({"env": ws.env.name, "database": ws.env.database, **status.as_json()})
+    else:
         _print_status(app, status)
     for stray in status.files.strays:
         app.console.warn(f"not a migration (ignored): {stray}")
