@@ -3728,7 +3728,7 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
 
 # ── what deploy needs from §8 migrations (thin adapters: the one place that follows §8's API) ──
 
-MIGRATE_LOCK = "migrate"  # = §8's MIGRATION_LOCK: deploy and restore hold the lock migrate takes
+MIGRATE_LOCK = MIGRATION_LOCK  # deploy and restore hold the lock `migrate` runs take
 
 
 @dataclass(frozen=True)
