@@ -51,7 +51,7 @@ def _drop_replaced(ctx: Bench) -> None:
 
 
 def run(ctx: Bench) -> list[Row]:
-    rows = 60_000 if ctx.quick else 600_000
+    rows = 40_000 if ctx.quick else 400_000
     root = _project(ctx.work / "backup")
     size = _fill(ctx, rows)
     folder = root / "backups"
