@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from psycopg import sql
 
-from helpers import Cluster, Project
+from helpers import CONFITURE, Cluster, Project, clean_environ
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
 LOCK_CLASS = 1668247142  # confiture's advisory lock class ('conf')
@@ -263,6 +264,42 @@ def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Pro
         assert pg_remote.scalar("SELECT count(*) FROM confiture_migrations", db=db) == 1
         assert password not in json.dumps(pg_remote.query(
             "SELECT message FROM confiture_deploys", db=db))
+        # the same server through ~/.pgpass-style PGPASSFILE, no password in the URL
+        passfile = project.write("pgpass", f"127.0.0.1:{pg_remote.tcp_port}:*:{role}:{password}\n")
+        passfile.chmod(0o600)
+        project.config_path.write_text(project.config_path.read_text().replace(
+            f"{role}:{password}@", f"{role}@"))
+        migration(project, "003_bad", "SELECT 1;\n", no_transaction=True)
+        third = cli("deploy", "--env", "remote", cwd=project.root,
+                    env={"PGHOST": None, "PGPORT": None, "PGUSER": None,
+                         "PGPASSFILE": str(passfile)})
+        assert third.returncode == 0, third.stderr
+        assert pg_remote.scalar("SELECT count(*) FROM confiture_migrations", db=db) == 3
     finally:
         pg_remote.drop_dbs_with_prefix(project.name)
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: Any) -> None:
+    db = deployed(pg, project, cli)
+    before = checksums(pg, db)
+    migration(project, "002_fine", "UPDATE widgets SET color = 'green';\n")
+    migration(project, "003_slow", "SELECT pg_sleep(60);\n")
+    env = clean_environ()
+    env.update(pg.env, NO_COLOR="1")
+    proc = subprocess.Popen([sys.executable, str(CONFITURE), "deploy"], cwd=project.root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "
+                    "AND pid <> pg_backend_pid()") == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "restoring" in err and "Traceback" not in err
+    after = checksums(pg, db)
+    assert {k: v for k, v in after.items() if "deploys" not in k} == \
+        {k: v for k, v in before.items() if "deploys" not in k}
+    assert applied(pg, db) == [(1, "baseline")]
+    assert deploys(pg, db)[-1][0] == "rolled_back"
