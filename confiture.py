@@ -1655,8 +1655,9 @@ def _other_sessions(session: Session, name: str) -> int:
         "AND pid <> pg_backend_pid()"))
 
 
-def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """database name → env name, for protected envs whose URL resolves here."""
+def _protected_databases(config: Config, environ: Mapping[str, str]
+                         ) -> dict[tuple[str, str, str], str]:
+    """(host, port, database) → env name, for protected envs whose URL resolves here."""
     found = {}
     for spec in config.envs.values():
         if spec.protected:
@@ -1666,7 +1667,7 @@ def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str
                 continue
             db = conn.dbname(environ)
             if db:
-                found[db] = spec.name
+                found[(*conn.server_identity(environ), db)] = spec.name
     return found
 
 
@@ -1678,9 +1679,10 @@ def check_clone_target(ws: Workspace, target: str) -> None:
     if target.startswith(template_prefix(ws.config.project)):
         raise Refused(f"{target!r} is a template name; choose another database name")
     protected = _protected_databases(ws.config, ws.client.environ)
-    if target in protected:
+    key = (*ws.env.conn.server_identity(ws.client.environ), target)
+    if key in protected:
         raise Refused(f"{target!r} is the database of protected environment "
-                      f"{protected[target]!r}")
+                      f"{protected[key]!r}")
 
 
 def clone_database(ws: Workspace, target: str, replace: bool = False, force: bool = False,
