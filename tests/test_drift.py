@@ -1,0 +1,409 @@
+"""Schema drift (diff): the dump parser and comparison in-process, then `diff` against a real
+server with every object kind, privileges, tracking tables, another env, failures, and pagila.
+psycopg makes the changes and checks the outcomes; confiture only reports."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import confiture
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
+                            ROOT.parent.parent / "shared" / "corpora") if p.is_dir()),
+               ROOT.parent / "shared" / "corpora")
+
+DUMP = """\
+--
+-- PostgreSQL database dump
+--
+
+\\restrict AbCdEf123
+
+-- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)
+-- Dumped by pg_dump version 15.18 (Debian 15.18-0+deb12u1)
+
+SET statement_timeout = 0;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+--
+-- Name: f(integer); Type: FUNCTION; Schema: public; Owner: alice
+--
+
+CREATE FUNCTION public.f(a integer) RETURNS integer
+    LANGUAGE sql
+    AS $$ select a + 1 $$;
+
+
+SET default_tablespace = fast;
+
+SET default_table_access_method = heap;
+
+--
+-- Name: users; Type: TABLE; Schema: public; Owner: alice
+--
+
+CREATE TABLE public.users (
+    id integer NOT NULL,
+    email text DEFAULT 'x'::text NOT NULL
+);
+
+
+--
+-- Name: confiture_migrations; Type: TABLE; Schema: public; Owner: alice
+--
+
+CREATE TABLE public.confiture_migrations (
+    id integer NOT NULL,
+    version bigint
+);
+
+
+--
+-- Name: confiture_migrations_id_seq; Type: SEQUENCE; Schema: public; Owner: alice
+--
+
+CREATE SEQUENCE public.confiture_migrations_id_seq
+    AS integer
+    START WITH 1;
+
+
+--
+-- Name: confiture_migrations_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: alice
+--
+
+ALTER SEQUENCE public.confiture_migrations_id_seq OWNED BY public.confiture_migrations.id;
+
+
+--
+-- Name: confiture_migrations id; Type: DEFAULT; Schema: public; Owner: alice
+--
+
+ALTER TABLE ONLY public.confiture_migrations ALTER COLUMN id SET DEFAULT nextval('public.confiture_migrations_id_seq'::regclass);
+
+
+--
+-- Name: cm_version; Type: INDEX; Schema: public; Owner: alice
+--
+
+CREATE INDEX cm_version ON public.confiture_migrations USING btree (version);
+
+
+--
+-- Name: users users_m_fkey; Type: FK CONSTRAINT; Schema: public; Owner: alice
+--
+
+ALTER TABLE ONLY public.users
+    ADD CONSTRAINT users_m_fkey FOREIGN KEY (id) REFERENCES public.confiture_migrations(id);
+
+
+--
+-- PostgreSQL database dump complete
+--
+
+\\unrestrict AbCdEf123
+
+"""
+
+
+# ── pure: parsing, filtering, comparing ─────────────────────────────────────────────────────
+
+
+def test_parse_strips_noise_and_splits_by_header() -> None:
+    objects = confiture.parse_schema_dump(DUMP)
+    assert ("public", "f(integer)", "FUNCTION") in objects
+    assert objects["public", "f(integer)", "FUNCTION"].body == (
+        "CREATE FUNCTION public.f(a integer) RETURNS integer\n    LANGUAGE sql\n"
+        "    AS $$ select a + 1 $$;")
+    text = "\n".join(o.body for o in objects.values())
+    for noise in ("restrict", "Dumped", "statement_timeout", "set_config", "dump complete"):
+        assert noise not in text
+    # a non-default tablespace stays with the table it applies to, not with the function
+    assert objects["public", "users", "TABLE"].body.startswith("SET default_tablespace = fast;")
+    assert "alice" not in text  # owners only through OWNER TO statements (--privileges)
+
+
+def test_restrict_keys_and_versions_do_not_make_a_difference() -> None:
+    other = DUMP.replace("AbCdEf123", "ZZZ999").replace("15.18", "15.14")
+    other = other.replace("\n\n\n", "\n\n\n\n")
+    a, b = confiture.parse_schema_dump(DUMP), confiture.parse_schema_dump(other)
+    assert confiture.compare_schemas(a, b) == []
+
+
+def test_tracking_tables_and_everything_hanging_off_them_are_ignored() -> None:
+    objects = confiture.parse_schema_dump(DUMP)
+    kept = confiture.drop_tracking_objects(objects, frozenset({("public", "confiture_migrations")}))
+    assert sorted(k[1] for k in kept) == ["f(integer)", "users", "users users_m_fkey"]
+
+
+def test_tracking_schema_is_ignored_when_nothing_else_lives_there() -> None:
+    dump = ("--\n-- Name: ops; Type: SCHEMA; Schema: -; Owner: -\n--\n\nCREATE SCHEMA ops;\n\n"
+            "--\n-- Name: log; Type: TABLE; Schema: ops; Owner: -\n--\n\n"
+            "CREATE TABLE ops.log (\n    id integer\n);\n")
+    objects = confiture.parse_schema_dump(dump)
+    assert confiture.drop_tracking_objects(objects, frozenset({("ops", "log")})) == {}
+    kept = confiture.drop_tracking_objects(objects, frozenset({("ops", "other")}))
+    assert len(kept) == 2
+
+
+def test_split_qualified_table_names() -> None:
+    assert confiture.split_qualified("confiture_migrations") == ("public", "confiture_migrations")
+    assert confiture.split_qualified("ops.Migrations") == ("ops", "migrations")
+    assert confiture.split_qualified('"My.Schema"."T"') == ("My.Schema", "T")
+
+
+def test_table_summary_names_the_column_and_attribute() -> None:
+    old = ("CREATE TABLE public.t (\n    id integer NOT NULL,\n    a text DEFAULT 'x'::text,\n"
+           "    b integer,\n    CONSTRAINT c CHECK ((b > 0))\n);")
+    new = ("CREATE TABLE public.t (\n    id bigint NOT NULL,\n    a text DEFAULT 'y'::text,\n"
+           "    c text NOT NULL\n)\nPARTITION BY RANGE (id);")
+    assert confiture.summarize_table(old, new) == [
+        "column c added (text NOT NULL)",
+        "column id: type integer → bigint",
+        "column a: default 'x'::text → 'y'::text",
+        "column b missing (integer)",
+        "constraint c missing",
+        "table options differ (partitioning, inheritance or storage)",
+    ]
+
+
+def test_object_labels() -> None:
+    assert confiture.describe_object("DEFAULT", "public", "users id") == \
+        "default of column public.users.id"
+    assert confiture.describe_object("TRIGGER", "s", "t trg") == "trigger trg on s.t"
+    assert confiture.describe_object("COMMENT", "", "EXTENSION x") == "comment on extension x"
+    assert confiture.describe_object("INDEX", "public", "i") == "index public.i"
+
+
+# ── against a server ────────────────────────────────────────────────────────────────────────
+
+SCHEMA = {
+    "db/schema/00_ext/10_ext.sql": "CREATE EXTENSION IF NOT EXISTS pgcrypto;\n",
+    "db/schema/10_types/10_mood.sql": "CREATE TYPE mood AS ENUM ('happy', 'sad');\n",
+    "db/schema/10_types/20_seq.sql": "CREATE SEQUENCE ticket_seq;\n",
+    "db/schema/10_tables/20_people.sql": """\
+CREATE TABLE people (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    widget_id bigint REFERENCES widgets (id),
+    name text NOT NULL DEFAULT 'anon',
+    mood mood,
+    updated_at timestamptz
+);
+CREATE INDEX people_name_idx ON people (name);
+ALTER TABLE people ENABLE ROW LEVEL SECURITY;
+CREATE POLICY people_all ON people USING (true);
+""",
+    "db/schema/20_functions/10_touch.sql": """\
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();  -- keep the row's time current
+    RETURN NEW;
+END $$;
+CREATE TRIGGER people_touch BEFORE UPDATE ON people FOR EACH ROW EXECUTE FUNCTION touch();
+""",
+    "db/schema/30_views/10_names.sql": "CREATE VIEW people_names AS SELECT id, name FROM people;\n",
+}
+
+# (SQL run on the live database, expected change, expected object label, expected summary)
+DRIFTS = {
+    "added column": ("ALTER TABLE people ADD COLUMN email text",
+                     "changed", "table public.people", "column email added (text)"),
+    "changed default": ("ALTER TABLE people ALTER COLUMN name SET DEFAULT 'nobody'",
+                        "changed", "table public.people",
+                        "column name: default 'anon'::text → 'nobody'::text"),
+    "dropped index": ("DROP INDEX people_name_idx", "missing", "index public.people_name_idx", None),
+    "changed function body": (
+        "CREATE OR REPLACE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$",
+        "changed", "function public.touch()", None),
+    "new policy": ("CREATE POLICY people_none ON people USING (false)",
+                   "added", "policy people_none on public.people", None),
+    "dropped trigger": ("DROP TRIGGER people_touch ON people",
+                        "missing", "trigger people_touch on public.people", None),
+    "changed view": ("CREATE OR REPLACE VIEW people_names AS SELECT id, name, upper(name) AS up "
+                     "FROM people", "changed", "view public.people_names", None),
+    "changed type": ("ALTER TYPE mood ADD VALUE 'meh'", "changed", "type public.mood", None),
+    "changed sequence": ("ALTER SEQUENCE ticket_seq INCREMENT BY 5",
+                         "changed", "sequence public.ticket_seq", None),
+    "new extension": ("CREATE EXTENSION IF NOT EXISTS pg_trgm", "added", "extension pg_trgm", None),
+    "new constraint": ("ALTER TABLE widgets ADD CONSTRAINT widgets_label_key UNIQUE (label)",
+                       "added", "constraint widgets_label_key on public.widgets", None),
+    "dropped foreign key": ("ALTER TABLE people DROP CONSTRAINT people_widget_id_fkey",
+                            "missing", "fk constraint people_widget_id_fkey on public.people", None),
+    "new check constraint": ("ALTER TABLE widgets ADD CONSTRAINT label_set CHECK (label <> '')",
+                             "changed", "table public.widgets", "constraint label_set added"),
+}
+
+
+def write_schema(project: Any) -> None:
+    for rel, text in SCHEMA.items():
+        project.write(rel, text)
+
+
+def diff_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("diff", "--json", *args, cwd=project.root)
+    assert "Traceback" not in result.stderr
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("kind", list(DRIFTS))
+def test_drift_of_each_object_kind_is_reported(pg: Any, project: Any, cli: Any, kind: str) -> None:
+    write_schema(project)
+    assert cli("reset", cwd=project.root).returncode == 0
+    sql, change, label, summary = DRIFTS[kind]
+    pg.query(sql, db=project.db("local"))
+    code, report = diff_json(cli, project)
+    assert code == 3
+    found = [(d["change"], d["object"]) for d in report["differences"]]
+    assert found == [(change, label)], found
+    if summary:
+        assert summary in report["differences"][0]["summary"]
+    if change == "changed":
+        assert report["differences"][0]["diff"].startswith("--- ddl")
+
+
+def test_identical_database_has_no_drift_and_output_is_stable(pg: Any, project: Any, cli: Any) -> None:
+    write_schema(project)
+    assert cli("reset", cwd=project.root).returncode == 0
+    first = cli("diff", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    assert "no differences" in first.stdout
+    pg.query("ALTER TABLE people ADD COLUMN a int; DROP INDEX people_name_idx; "
+             "CREATE TABLE extra (id int)", db=project.db("local"))
+    runs = [cli("diff", cwd=project.root) for _ in range(2)]
+    assert [r.returncode for r in runs] == [3, 3]
+    assert runs[0].stdout == runs[1].stdout
+    assert "+ table public.extra  (not in the DDL)" in runs[0].stdout
+    assert "- index public.people_name_idx  (only in the DDL)" in runs[0].stdout
+    assert "3 difference(s): 1 added, 1 missing, 1 changed" in runs[0].stdout
+
+
+def test_privileges_and_owners_only_with_the_flag(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    role = project.name + "_reader"
+    pg.query(f"CREATE ROLE {role}")
+    try:
+        pg.query(f"GRANT SELECT ON widgets TO {role}; ALTER TABLE widgets OWNER TO {role}",
+                 db=project.db("local"))
+        assert cli("diff", cwd=project.root).returncode == 0
+        code, report = diff_json(cli, project, "--privileges")
+        assert code == 3
+        objects = {d["object"] for d in report["differences"]}
+        assert objects == {"table public.widgets", "acl on table public.widgets"}
+        assert any(f"OWNER TO {role}" in d["diff"] for d in report["differences"])
+    finally:
+        pg.drop_db(project.db("local"))
+        pg.query(f"DROP ROLE {role}")
+
+
+def test_confiture_tracking_tables_are_not_drift(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    pg.query("CREATE TABLE confiture_migrations (id serial PRIMARY KEY, version bigint UNIQUE, "
+             "checksum text); CREATE INDEX ON confiture_migrations (checksum); "
+             "CREATE TABLE confiture_deploys (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz)",
+             db=project.db("local"))
+    result = cli("diff", cwd=project.root)
+    assert result.returncode == 0, result.stdout
+
+
+def test_schema_qualified_tracking_table_and_its_schema_are_ignored(pg: Any, project: Any, cli: Any) -> None:
+    text = project.config_path.read_text()
+    project.config_path.write_text(text + '\n[migrations]\ntable = "ops.schema_log"\n')
+    assert cli("reset", cwd=project.root).returncode == 0
+    pg.query("CREATE SCHEMA ops; CREATE TABLE ops.schema_log (id serial PRIMARY KEY)",
+             db=project.db("local"))
+    assert cli("diff", cwd=project.root).returncode == 0
+
+
+def test_against_another_env(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    template = pg.scalar("SELECT datname FROM pg_database WHERE datistemplate AND "
+                         "starts_with(datname, %s)", params=(project.name + "_tpl_local_",))
+    pg.create_db(project.db("prod"), template=template)
+    assert cli("diff", "--against", "prod", cwd=project.root).returncode == 0
+    pg.query("CREATE INDEX widgets_label ON widgets (label)", db=project.db("prod"))
+    code, report = diff_json(cli, project, "--against", "prod")
+    assert code == 3
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("missing", "index public.widgets_label")]
+    assert "env prod" in report["expected"]
+    # and the other way round: prod's database compared with local's
+    code, report = diff_json(cli, project, "--env", "prod", "--against", "local")
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("added", "index public.widgets_label")]
+    assert cli("diff", "--against", "local", cwd=project.root).returncode == 2
+    assert cli("diff", "--against", "nowhere", cwd=project.root).returncode == 2
+
+
+def test_protected_env_is_compared_with_its_schema_only_template(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/seeds/dev/10_rows.sql", "INSERT INTO widgets VALUES (1, 'seeded');\n")
+    pg.create_db(project.db("prod"))
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)",
+             db=project.db("prod"))
+    result = cli("--env", "prod", "diff", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [r[0] for r in pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                    params=(project.name + "_tpl_prod_",))]
+    assert len(names) == 1
+
+
+def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    stale = project.name + "_scratch_deadbeef"  # left by a killed run
+    pg.create_db(stale)
+    code, first = diff_json(cli, project)
+    assert code == 0 and first["cached"] is False
+    code, second = diff_json(cli, project)
+    assert code == 0 and second["cached"] is True
+    assert not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+    assert cli("template", "--rebuild", cwd=project.root).returncode == 0
+    code, third = diff_json(cli, project)
+    assert code == 0 and third["cached"] is False
+    assert len(list((project.root / ".confiture" / "drift").glob("*.sql"))) == 1
+
+
+def test_missing_database_and_dead_server_are_clear_errors(project: Any, cli: Any, tmp_path: Path) -> None:
+    missing = cli("diff", cwd=project.root)
+    assert missing.returncode == 1
+    assert project.db("local") in missing.stderr and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    text = re.sub(r'(\[env\.local\]\nurl = )"[^"]*"',
+                  r'\1"postgresql:///nowhere?host=%s&port=1"' % tmp_path,
+                  project.config_path.read_text())
+    project.config_path.write_text(text)
+    dead = cli("diff", cwd=project.root)
+    assert dead.returncode == 1 and "cannot connect" in dead.stderr
+    assert "Traceback" not in dead.stderr
+
+
+@pytest.mark.skipif(not (CORPORA / "pagila").is_dir(),
+                    reason=f"corpus not found at {CORPORA} (../shared/corpora from the repo)")
+def test_pagila_shows_no_drift_then_exactly_one_change(pg: Any, project: Any, cli: Any) -> None:
+    schema_file = CORPORA / "pagila" / "pagila-schema.sql"
+    for path in (project.root / "db" / "schema").rglob("*.sql"):
+        path.unlink()
+    project.write("db/schema/10_pagila/10_schema.sql", schema_file.read_bytes())
+    database = project.db("local")
+    pg.create_db(database)
+    psql = shutil.which("psql", path=str(confiture.find_pg_tools().bindir))
+    loaded = subprocess.run([psql or "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                             "-d", pg.url(database), "-f", str(schema_file)],
+                            capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    result = cli("diff", cwd=project.root, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    pg.query("ALTER TABLE public.film ALTER COLUMN rental_rate SET DEFAULT 5.99", db=database)
+    code, report = diff_json(cli, project)
+    assert code == 3
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("changed", "table public.film")]
+    assert report["differences"][0]["summary"] == ["column rental_rate: default 4.99 → 5.99"]
