@@ -1906,11 +1906,13 @@ class SchemaObject:
         return self.schema, self.name, self.type
 
 
-def parse_schema_dump(text: str, owners: bool = False) -> dict[tuple[str, str, str], SchemaObject]:
+def parse_schema_dump(text: str) -> dict[tuple[str, str, str], SchemaObject]:
     """Split `pg_dump --schema-only` output into objects by its '-- Name: …; Type: …' headers,
     dropping what varies between runs and versions: the SET preamble, \\restrict lines, the
     version comments, blank runs. Non-default tablespace/access method settings are kept with
-    the objects they apply to; owners (from headers) only when `owners`."""
+    the objects they apply to. Owners count only through the dump's own OWNER TO statements
+    (present when pg_dump runs without --no-owner), not the headers' 'Owner:' of every
+    dependent object."""
     lines = text.replace("\r\n", "\n").split("\n")
     found: dict[tuple[str, str, str], SchemaObject] = {}
     placement = dict(_PLACEMENT_DEFAULTS)
@@ -1937,8 +1939,6 @@ def parse_schema_dump(text: str, owners: bool = False) -> dict[tuple[str, str, s
                 if match["type"] in _PLACED_TYPES:
                     body += [f"SET {k} = {v};" for k, v in placement.items()
                              if v != _PLACEMENT_DEFAULTS[k]]
-                if owners and match["owner"] not in ("", "-"):
-                    body.append(f"-- owner: {match['owner']}")
                 index += 3
                 continue
             if lines[index + 1] == "-- PostgreSQL database dump complete":
@@ -2052,25 +2052,48 @@ def compare_schemas(expected: Mapping[tuple[str, str, str], SchemaObject],
                     actual: Mapping[tuple[str, str, str], SchemaObject],
                     expected_label: str = "ddl", actual_label: str = "database"
                     ) -> list[Difference]:
-    """Object-by-object comparison, sorted by schema, name and type (stable across runs)."""
-    found = []
+    """Object-by-object comparison, sorted by schema, name and type (stable across runs).
+    The comment or grants of an object that is added or missing as a whole are folded into
+    it rather than reported on their own."""
+    import difflib
+
+    found: list[Difference] = []
     for key in sorted(set(expected) | set(actual)):
         old, new = expected.get(key), actual.get(key)
         if old is not None and new is not None and old.body == new.body:
             continue
         change = "added" if old is None else "missing" if new is None else "changed"
-        old_lines = old.body.split("\n") if old else []
-        new_lines = new.body.split("\n") if new else []
-        import difflib
-
-        diff = "\n".join(difflib.unified_diff(old_lines, new_lines, expected_label,
-                                              actual_label, lineterm="", n=3))
-        obj = (old or new)
+        obj = old or new
         assert obj is not None
-        summary = summarize_change(obj.type, old.body if old else None,
-                                   new.body if new else None)
+        diff = "\n".join(difflib.unified_diff(old.body.split("\n") if old else [],
+                                              new.body.split("\n") if new else [],
+                                              expected_label, actual_label, lineterm="", n=3))
+        summary = summarize_change(obj.type, old.body if old else None, new.body if new else None)
         found.append(Difference(change, obj.type, obj.schema, obj.name, tuple(summary), diff))
-    return found
+    return _fold_attachments(found)
+
+
+_ATTACHMENTS = {"COMMENT": "comment", "ACL": "grants", "SECURITY LABEL": "security label"}
+
+
+def _fold_attachments(found: list[Difference]) -> list[Difference]:
+    wholes = {(d.change, d.schema, d.type, d.name): i for i, d in enumerate(found)
+              if d.change != "changed" and d.type not in _ATTACHMENTS}
+    types = sorted({d.type for d in found}, key=len, reverse=True)
+    extra: dict[int, list[str]] = {}
+    kept = []
+    for diff in found:
+        target = None
+        if diff.type in _ATTACHMENTS and diff.change != "changed":
+            kind = next((t for t in types if diff.name.startswith(t + " ")), None)
+            if kind:
+                target = wholes.get((diff.change, diff.schema, kind, diff.name[len(kind) + 1:]))
+        if target is None:
+            kept.append(diff)
+        else:
+            extra.setdefault(target, []).append(f"with its {_ATTACHMENTS[diff.type]}")
+    return [dataclasses.replace(d, summary=d.summary + tuple(extra[found.index(d)]))
+            if found.index(d) in extra else d for d in kept]
 
 
 def summarize_change(type_: str, old: str | None, new: str | None) -> list[str]:
@@ -2100,7 +2123,7 @@ class TableShape:
 def parse_table(body: str) -> TableShape:
     """Columns, inline constraints and options of a CREATE TABLE as pg_dump writes it: one
     column per line indented by four spaces, the closing ')' at the start of a line."""
-    lines = [l for l in body.split("\n") if not l.startswith(("SET ", "-- owner:"))]
+    lines = [l for l in body.split("\n") if not l.startswith("SET ")]
     start = next((i for i, l in enumerate(lines) if l.startswith("CREATE") and l.endswith("(")),
                  None)
     if start is None:
@@ -2208,11 +2231,11 @@ class DriftReport:
 
 
 def compare_dumps(expected_text: str, actual_text: str, tables: frozenset[tuple[str, str]],
-                  privileges: bool, expected_label: str, actual_label: str,
+                  expected_label: str, actual_label: str,
                   reference: str = "the DDL") -> DriftReport:
     """Parse, filter and compare two schema dumps."""
-    expected = drop_tracking_objects(parse_schema_dump(expected_text, privileges), tables)
-    actual = drop_tracking_objects(parse_schema_dump(actual_text, privileges), tables)
+    expected = drop_tracking_objects(parse_schema_dump(expected_text), tables)
+    actual = drop_tracking_objects(parse_schema_dump(actual_text), tables)
     diffs = compare_schemas(expected, actual, expected_label, actual_label)
     return DriftReport(actual_label, expected_label, reference, tuple(diffs))
 
@@ -2414,7 +2437,7 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
         result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
         expected_text, cached = template_schema_dump(ws, session, result, probe, privileges)
     actual_text = live.result()
-    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config), privileges,
+    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
     return dataclasses.replace(report, seconds=time.monotonic() - started, cached=cached)
 
@@ -2425,7 +2448,7 @@ def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) 
     actual_text, expected_text = run_concurrently([
         lambda: dump_schema(ws.client, ws.env.database, privileges),
         lambda: dump_schema(other.client, other.env.database, privileges)])
-    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config), privileges,
+    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
                            f"{other.env.database} (env {other.env.name})",
                            f"{ws.env.database} (env {ws.env.name})", f"env {other.env.name}")
     return dataclasses.replace(report, seconds=time.monotonic() - started)
@@ -2444,7 +2467,7 @@ def diff_migrations(ws: Workspace, privileges: bool = False) -> DriftReport:
             expected_text, actual_text = run_concurrently([
                 lambda: dump_schema(ws.client, ddl_db, privileges),
                 lambda: dump_schema(ws.client, migrated_db, privileges)])
-    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config), privileges,
+    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
                            _template_label(result), f"migrations ({applied} applied)")
     return dataclasses.replace(report, seconds=time.monotonic() - started)
 
@@ -3188,8 +3211,9 @@ def cmd_status(app: App) -> int:
     app.console.emit({**dataclasses.asdict(status), "ok": not status.attention})
     for line in format_status(status):
         app.console.result(line)
-    if not status.reachable:
-        raise ConnectionFailed(f"env {ws.env.name}: {status.server.get('error')}")
+    if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
+        app.console.error(f"env {ws.env.name}: {status.server.get('error')}")
+        return EXIT_FAILED
     return EXIT_CHECK if app.args.check and status.attention else EXIT_OK
 
 

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -186,8 +186,8 @@ def test_object_labels() -> None:
 
 SCHEMA = {
     "db/schema/00_ext/10_ext.sql": "CREATE EXTENSION IF NOT EXISTS pgcrypto;\n",
-    "db/schema/10_types/10_mood.sql": "CREATE TYPE mood AS ENUM ('happy', 'sad');\n",
-    "db/schema/10_types/20_seq.sql": "CREATE SEQUENCE ticket_seq;\n",
+    "db/schema/05_types/10_mood.sql": "CREATE TYPE mood AS ENUM ('happy', 'sad');\n",
+    "db/schema/05_types/20_seq.sql": "CREATE SEQUENCE ticket_seq;\n",
     "db/schema/10_tables/20_people.sql": """\
 CREATE TABLE people (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -232,7 +232,8 @@ DRIFTS = {
     "changed type": ("ALTER TYPE mood ADD VALUE 'meh'", "changed", "type public.mood", None),
     "changed sequence": ("ALTER SEQUENCE ticket_seq INCREMENT BY 5",
                          "changed", "sequence public.ticket_seq", None),
-    "new extension": ("CREATE EXTENSION IF NOT EXISTS pg_trgm", "added", "extension pg_trgm", None),
+    "new extension": ("CREATE EXTENSION IF NOT EXISTS pg_trgm", "added", "extension pg_trgm",
+                      "with its comment"),
     "new constraint": ("ALTER TABLE widgets ADD CONSTRAINT widgets_label_key UNIQUE (label)",
                        "added", "constraint widgets_label_key on public.widgets", None),
     "dropped foreign key": ("ALTER TABLE people DROP CONSTRAINT people_widget_id_fkey",
@@ -254,10 +255,23 @@ def diff_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
     return result.returncode, json.loads(result.stdout)
 
 
+@pytest.fixture(scope="module")
+def rich_project(pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One project with every object kind for all the drift cases: its template (and the
+    cached dump of it) is built once; each case resets the database from it."""
+    from helpers import make_project
+
+    proj = make_project(tmp_path_factory.mktemp("rich") / "proj", pg)
+    write_schema(proj)
+    yield proj
+    pg.drop_dbs_with_prefix(proj.name)
+
+
 @pytest.mark.parametrize("kind", list(DRIFTS))
-def test_drift_of_each_object_kind_is_reported(pg: Any, project: Any, cli: Any, kind: str) -> None:
-    write_schema(project)
-    assert cli("reset", cwd=project.root).returncode == 0
+def test_drift_of_each_object_kind_is_reported(pg: Any, rich_project: Any, cli: Any,
+                                               kind: str) -> None:
+    project = rich_project
+    assert cli("reset", "--force", cwd=project.root).returncode == 0
     sql, change, label, summary = DRIFTS[kind]
     pg.query(sql, db=project.db("local"))
     code, report = diff_json(cli, project)
@@ -291,7 +305,7 @@ def test_privileges_and_owners_only_with_the_flag(pg: Any, project: Any, cli: An
     role = project.name + "_reader"
     pg.query(f"CREATE ROLE {role}")
     try:
-        pg.query(f"GRANT SELECT ON widgets TO {role}; ALTER TABLE widgets OWNER TO {role}",
+        pg.query(f"ALTER TABLE widgets OWNER TO {role}; GRANT SELECT ON widgets TO PUBLIC",
                  db=project.db("local"))
         assert cli("diff", cwd=project.root).returncode == 0
         code, report = diff_json(cli, project, "--privileges")
