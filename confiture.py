@@ -2110,7 +2110,7 @@ def summarize_change(type_: str, old: str | None, new: str | None) -> list[str]:
 
 
 def _default_expr(body: str) -> str:
-    match = re.search(r" SET DEFAULT (.*);\s*$", body, re.S)
+    match = re.search(r" SET DEFAULT (.*);\s*$", body, re.DOTALL)
     return match.group(1) if match else "?"
 
 
@@ -2152,7 +2152,7 @@ def parse_table(body: str) -> TableShape:
 
 def _split_ident(text: str) -> tuple[str, str]:
     """('name', rest) of 'name rest' where name may be double-quoted."""
-    match = re.match(r'("(?:[^"]|"")*"|\S+)\s*(.*)', text, re.S)
+    match = re.match(r'("(?:[^"]|"")*"|\S+)\s*(.*)', text, re.DOTALL)
     assert match is not None
     return match.group(1), match.group(2)
 
@@ -2288,7 +2288,7 @@ class Background:
     def _run(self, call: Callable[[], Any]) -> None:
         try:
             self._value = call()
-        except BaseException as exc:  # handed to the waiting thread by result()
+        except BaseException as exc:  # noqa: BLE001 — handed to the waiting thread by result()
             self._error = exc
 
     def result(self) -> Any:
@@ -2536,15 +2536,13 @@ def latest_sync(config: Config, env_name: str) -> dict[str, Any] | None:
 
 def parse_utc(text: str) -> float | None:
     """Seconds since the epoch of an ISO UTC timestamp ('2024-05-01T12:00:00Z', '+00:00')."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text)
     except (TypeError, ValueError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def format_age(seconds: float) -> str:
@@ -2600,7 +2598,7 @@ def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict
         return ({"reachable": False, "error": exc.message}, {"exists": None},
                 {"name": name, "state": "unknown"})
     state = "current" if row["current"] else "stale" if built else "missing"
-    template = {"name": name, "state": state}
+    template: dict[str, Any] = {"name": name, "state": state}
     if built and not row["current"]:
         template["newest"] = {"name": built[0].name, "built_at": built[0].built_at}
     return ({"reachable": True, "version": row["version"]},
@@ -2833,7 +2831,7 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
             report(WatchEvent("unchanged", "the env's file set is unchanged "
                               f"(hash {fileset.hash[:12]})", changed))
             return last_hash
-        result, clone_seconds = reset_env_database(ws, force=force)
+        result, _ = reset_env_database(ws, force=force)
     except ConfitureError as exc:
         report(WatchEvent("error", exc.message, changed, time.monotonic() - started, exc.hint))
         return None
