@@ -1878,19 +1878,23 @@ def split_qualified(name: str, default_schema: str = "public") -> tuple[str, str
 
 
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
-    """(schema, table) of every table confiture keeps in a project database."""
+    """(schema, table) of every table confiture keeps in a project database: §8's tracking
+    table and its log, §9's deploy record."""
     schema, table = split_qualified(config.migrations_table)
-    found = {(schema, table)}
+    found = {(schema, table), (schema, table + "_log")}
     for extra in TRACKING_TABLES:
         found |= {(schema, extra), ("public", extra)}
     return frozenset(found)
 
 
-_DUMP_HEADER = re.compile(r"^-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
-                          r"Schema: (?P<schema>.*); Owner: (?P<owner>.*)$")
+_DUMP_HEADER = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
+                          r"Schema: (?P<schema>.*); Owner: (?P<owner>.*)\n--\n", re.MULTILINE)
+_DUMP_END = "\n--\n-- PostgreSQL database dump complete\n--\n"
 _DUMP_PLACEMENT = re.compile(r"^SET (default_tablespace|default_table_access_method) = (.*);$")
 _PLACEMENT_DEFAULTS = {"default_tablespace": "''", "default_table_access_method": "heap"}
 _PLACED_TYPES = {"TABLE", "INDEX", "MATERIALIZED VIEW", "CONSTRAINT"}
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUN = re.compile(r"\n{3,}")
 
 
 @dataclass(frozen=True)
@@ -1910,60 +1914,41 @@ class SchemaObject:
 def parse_schema_dump(text: str) -> dict[tuple[str, str, str], SchemaObject]:
     """Split `pg_dump --schema-only` output into objects by its '-- Name: …; Type: …' headers,
     dropping what varies between runs and versions: the SET preamble, \\restrict lines, the
-    version comments, blank runs. Non-default tablespace/access method settings are kept with
-    the objects they apply to. Owners count only through the dump's own OWNER TO statements
-    (present when pg_dump runs without --no-owner), not the headers' 'Owner:' of every
-    dependent object."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    found: dict[tuple[str, str, str], SchemaObject] = {}
+    version comments, trailing spaces and blank runs. Non-default tablespace/access method
+    settings (written before an object's header) are kept with the objects they apply to.
+    Owners count only through the dump's own OWNER TO statements (present when pg_dump runs
+    without --no-owner), not the headers' 'Owner:' of every dependent object."""
+    text = text.replace("\r\n", "\n")
+    end = text.find(_DUMP_END)
+    if end >= 0:
+        text = text[:end + 1]
+    text = _BLANK_RUN.sub("\n\n", _TRAILING_SPACE.sub("", text))
+    headers = list(_DUMP_HEADER.finditer(text))
     placement = dict(_PLACEMENT_DEFAULTS)
-    header: re.Match[str] | None = None
-    body: list[str] = []
-
-    def flush() -> None:
-        if header is None:
-            return
+    found: dict[tuple[str, str, str], SchemaObject] = {}
+    for index, header in enumerate(headers):
+        stop = headers[index + 1].start() if index + 1 < len(headers) else len(text)
+        chunk = text[header.end():stop]
+        prefix = ""
+        if header["type"] in _PLACED_TYPES:
+            prefix = "".join(f"SET {k} = {v};\n" for k, v in placement.items()
+                             if v != _PLACEMENT_DEFAULTS[k])
+        if "SET default_" in chunk or "restrict " in chunk:  # rare: line by line
+            kept = []
+            for line in chunk.split("\n"):
+                setting = _DUMP_PLACEMENT.match(line)
+                if setting:  # applies to the objects that follow
+                    placement[setting.group(1)] = setting.group(2)
+                elif not line.startswith(("\\restrict ", "\\unrestrict ")):
+                    kept.append(line)
+            chunk = _BLANK_RUN.sub("\n\n", "\n".join(kept))
+        body = (prefix + chunk).strip("\n")
         schema = "" if header["schema"] == "-" else header["schema"]
-        obj = SchemaObject(header["type"], schema, header["name"], _tidy_body(body))
+        obj = SchemaObject(header["type"], schema, header["name"], body)
         if obj.key in found:  # pg_dump does not repeat names, but never lose a body
             obj = dataclasses.replace(obj, body=found[obj.key].body + "\n\n" + obj.body)
         found[obj.key] = obj
-
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        if line == "--" and index + 2 < len(lines) and lines[index + 2] == "--":
-            match = _DUMP_HEADER.match(lines[index + 1])
-            if match:
-                flush()
-                header, body = match, []
-                if match["type"] in _PLACED_TYPES:
-                    body += [f"SET {k} = {v};" for k, v in placement.items()
-                             if v != _PLACEMENT_DEFAULTS[k]]
-                index += 3
-                continue
-            if lines[index + 1] == "-- PostgreSQL database dump complete":
-                break
-        setting = _DUMP_PLACEMENT.match(line)
-        if setting:
-            placement[setting.group(1)] = setting.group(2)
-        elif header is not None and not line.startswith(("\\restrict ", "\\unrestrict ")):
-            body.append(line)
-        index += 1
-    flush()
     return found
-
-
-def _tidy_body(lines: list[str]) -> str:
-    """Trailing spaces off, blank runs collapsed, blank lines at both ends dropped."""
-    out: list[str] = []
-    for line in lines:
-        line = line.rstrip()
-        if line or (out and out[-1]):
-            out.append(line)
-    while out and not out[-1]:
-        out.pop()
-    return "\n".join(out)
 
 
 def _dump_ident(name: str) -> list[str]:
@@ -1973,6 +1958,8 @@ def _dump_ident(name: str) -> list[str]:
 
 
 def _first_statement(body: str) -> str:
+    if not body.startswith(("SET ", "-- ")):
+        return body.split("\n", 1)[0]
     for line in body.split("\n"):
         if line and not line.startswith(("SET ", "-- ")):
             return line
@@ -1986,21 +1973,26 @@ def drop_tracking_objects(objects: Mapping[tuple[str, str, str], SchemaObject],
     constraints, indexes, triggers, owned sequences, comments, grants), and their schema when
     nothing else lives in it. An object belongs to a table when its first statement names it:
     pg_dump always writes the owning table there (CREATE/ALTER TABLE, ON …, OWNED BY …)."""
-    patterns = [re.compile(r"(?<![\w\"$.])" + re.escape(f"{s}.{t}") + r"(?![\w\"$])")
-                for schema, table in tables
-                for s in _dump_ident(schema) for t in _dump_ident(table)]
+    if not tables:
+        return dict(objects)
+    names = {table for _, table in tables}
+    pattern = re.compile("|".join(
+        r"(?<![\w\"$.])" + re.escape(f"{s}.{t}") + r"(?![\w\"$])"
+        for schema, table in sorted(tables)
+        for s in _dump_ident(schema) for t in _dump_ident(table)))
     kept: dict[tuple[str, str, str], SchemaObject] = {}
     owned: set[tuple[str, str]] = set()
     for key, obj in objects.items():
+        if obj.type == "TABLE" and (obj.schema, obj.name) in tables:
+            continue
         head = _first_statement(obj.body)
-        if (obj.type == "TABLE" and (obj.schema, obj.name) in tables) or \
-                any(p.search(head) for p in patterns):
+        if any(name in head for name in names) and pattern.search(head):
             if obj.type == "SEQUENCE OWNED BY":
                 owned.add((obj.schema, obj.name))
             continue
         kept[key] = obj
-    kept = {k: o for k, o in kept.items() if not (o.type == "SEQUENCE" and (o.schema, o.name)
-                                                   in owned)}
+    kept = {k: o for k, o in kept.items()
+            if not (o.type == "SEQUENCE" and (o.schema, o.name) in owned)}
     used = {o.schema for o in kept.values()}
     lonely = {schema for schema, _ in tables if schema != "public" and schema not in used}
     return {k: o for k, o in kept.items()
@@ -2231,13 +2223,21 @@ class DriftReport:
                 "seconds": round(self.seconds, 3), "cached": self.cached}
 
 
-def compare_dumps(expected_text: str, actual_text: str, tables: frozenset[tuple[str, str]],
-                  expected_label: str, actual_label: str,
+SchemaObjects = dict[tuple[str, str, str], SchemaObject]
+
+
+def prepare_dump(text: str, tables: frozenset[tuple[str, str]]) -> SchemaObjects:
+    """A schema dump as comparable objects, confiture's own tables left out."""
+    return drop_tracking_objects(parse_schema_dump(text), tables)
+
+
+def compare_dumps(expected: str | SchemaObjects, actual: str | SchemaObjects,
+                  tables: frozenset[tuple[str, str]], expected_label: str, actual_label: str,
                   reference: str = "the DDL") -> DriftReport:
-    """Parse, filter and compare two schema dumps."""
-    expected = drop_tracking_objects(parse_schema_dump(expected_text), tables)
-    actual = drop_tracking_objects(parse_schema_dump(actual_text), tables)
-    diffs = compare_schemas(expected, actual, expected_label, actual_label)
+    """Parse (unless already prepared), filter and compare two schema dumps."""
+    before = prepare_dump(expected, tables) if isinstance(expected, str) else expected
+    after = prepare_dump(actual, tables) if isinstance(actual, str) else actual
+    diffs = compare_schemas(before, after, expected_label, actual_label)
     return DriftReport(actual_label, expected_label, reference, tuple(diffs))
 
 
@@ -2437,8 +2437,9 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     with admin_session(ws) as session:
         result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
         expected_text, cached = template_schema_dump(ws, session, result, probe, privileges)
-    actual_text = live.result()
-    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
+    tables = tracking_tables(ws.config)
+    expected = prepare_dump(expected_text, tables)  # while the live dump runs
+    report = compare_dumps(expected, live.result(), tables,
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
     return dataclasses.replace(report, seconds=time.monotonic() - started, cached=cached)
 
@@ -2455,31 +2456,46 @@ def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) 
     return dataclasses.replace(report, seconds=time.monotonic() - started)
 
 
-def diff_migrations(ws: Workspace, privileges: bool = False) -> DriftReport:
-    """Prove that migrations and DDL agree: every migration applied to an empty scratch
-    database, compared with a scratch clone of the env's schema-only template."""
+def diff_migrations(ws: Workspace, privileges: bool = False,
+                    base: Workspace | None = None) -> DriftReport:
+    """Prove that migrations and DDL agree: apply every pending migration to a scratch
+    database and compare it with the env's schema-only DDL build. The scratch database starts
+    empty (histories that build everything from nothing) or, with `base`, as a schema copy of
+    that env's database with its applied migrations recorded (a preview of deploying there)."""
     started = time.monotonic()
+    base_dump = base_version = None
+    if base is not None:
+        base_dump = Background(lambda: dump_schema(base.client, base.env.database, False))
+        base_version = applied_migration_version(base)
     with admin_session(ws) as session:
         result, probe = ensure_template(ws, seeds=False, session=session)
-        strategy = clone_strategy(ws.config, probe)
-        with ScratchDatabase(ws, session, result.name, strategy) as ddl_db, \
-                ScratchDatabase(ws, session, "template0", strategy) as migrated_db:
-            applied = apply_all_migrations(ws, migrated_db)
-            expected_text, actual_text = run_concurrently([
-                lambda: dump_schema(ws.client, ddl_db, privileges),
-                lambda: dump_schema(ws.client, migrated_db, privileges)])
+        expected_text, _ = template_schema_dump(ws, session, result, probe, privileges)
+        with ScratchDatabase(ws, session, "template0", clone_strategy(ws.config, probe)) \
+                as migrated_db:
+            if base_dump is not None:
+                ws.client.run_script(base_dump.result(), migrated_db)
+            applied = apply_all_migrations(ws, migrated_db, base_version)
+            actual_text = dump_schema(ws.client, migrated_db, privileges)
+    start = f"env {base.env.name} at {base_version or 'no migration'}" if base else "empty"
     report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
-                           _template_label(result), f"migrations ({applied} applied)")
+                           _template_label(result),
+                           f"migrations ({applied} applied to {start})")
     return dataclasses.replace(report, seconds=time.monotonic() - started)
 
 
 # ── integration with §8 migrations ────────────────────────────────────────────────────────
 
 
-def apply_all_migrations(ws: Workspace, dbname: str) -> int:
-    """Apply every migration to `dbname` (a scratch database); return how many ran."""
+def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
+    """Apply every pending migration to `dbname` (a scratch database), after recording those
+    up to `base_version` as applied; return how many ran."""
     raise ConfitureError("diff --migrations needs the migrations section (§8), which this "
                          "copy of confiture.py does not have yet")
+
+
+def applied_migration_version(ws: Workspace) -> int | None:
+    """The newest migration applied to the env's database (None: none, or no tracking)."""
+    raise ConfitureError("diff --migrations --base needs the migrations section (§8)")
 
 
 def migrations_summary(ws: Workspace) -> dict[str, Any]:
@@ -3161,11 +3177,14 @@ def format_drift(report: DriftReport, console: Console) -> list[str]:
 def cmd_diff(app: App) -> int:
     ws = app.workspace()
     against = app.args.against or "ddl"
+    if app.args.base and not app.args.migrations:
+        raise ConfigError("diff: --base goes with --migrations")
     if app.args.migrations:
         if app.args.against:
             raise ConfigError("diff: --migrations compares migrations with the DDL; "
                               "leave out --against")
-        report = diff_migrations(ws, app.args.privileges)
+        base = app.workspace(app.args.base) if app.args.base else None
+        report = diff_migrations(ws, app.args.privileges, base)
     elif against == "ddl":
         report = diff_against_ddl(ws, app.args.privileges)
     else:
@@ -3223,6 +3242,9 @@ def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="compare with the DDL build (default) or another env's database")
     p.add_argument("--migrations", action="store_true",
                    help="apply all migrations to a scratch database and compare it with the DDL")
+    p.add_argument("--base", metavar="ENV",
+                   help="with --migrations: start from ENV's schema and applied migrations "
+                        "instead of an empty database")
     p.add_argument("--privileges", action="store_true",
                    help="also compare owners, grants and tablespaces")
     p.set_defaults(handler=cmd_diff)
