@@ -1488,6 +1488,21 @@ def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.e
                      console=console)
 
 
+def workspace_for(config: str | Path | None = None, env: str | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  console: Console | None = None) -> Workspace:
+    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
+
+        ws = confiture.workspace_for("confiture.toml", env="test")
+        with confiture.admin_session(ws) as session:        # one psql for many clones
+            confiture.clone_database(ws, "test_42", replace=True, session=session)
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
+    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
+    return open_workspace(env_spec, console or Console(quiet=True), environ)
+
+
 def admin_session(ws: Workspace) -> Session:
     """A session on the maintenance database: creating and dropping databases happens here."""
     return ws.client.session(ws.env.maintenance_db)
@@ -1687,33 +1702,37 @@ def check_clone_target(ws: Workspace, target: str) -> None:
 
 
 def clone_database(ws: Workspace, target: str, replace: bool = False, force: bool = False,
-                   what: str = "clone") -> tuple[TemplateResult, float]:
-    """CREATE DATABASE target from the env's current template; (template result, clone s)."""
+                   what: str = "clone", session: Session | None = None
+                   ) -> tuple[TemplateResult, float]:
+    """CREATE DATABASE target from the env's current template; (template result, clone s).
+    A test suite that clones often passes one admin `session` for all its clones."""
+    if session is None:
+        with admin_session(ws) as own:
+            return clone_database(ws, target, replace, force, what, own)
     check_clone_target(ws, target)
-    with admin_session(ws) as session:
-        result, probe = ensure_template(ws, session=session)
-        strategy = clone_strategy(ws.config, probe)
-        started = time.monotonic()
-        lock = f"database:{target}"
-        acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
-                     ws.console.info)
-        try:
-            exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
-                                   f"{quote_literal(target)}")
-            if exists:
-                if not replace:
-                    raise Refused(f"database {target!r} already exists",
-                                  hint="pass --replace to drop and recreate it")
-                others = _other_sessions(session, target)
-                if others and not force:
-                    raise Refused(f"database {target!r} has {others} other session(s)",
-                                  hint="close them, or pass --force to terminate them")
-                _drop_database(session, target, force=force)
-            session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
-                            f"{quote_ident(result.name)}"
-                            + (f" STRATEGY {strategy}" if strategy else ""))
-        finally:
-            release_lock(session, lock)
+    result, probe = ensure_template(ws, session=session)
+    strategy = clone_strategy(ws.config, probe)
+    started = time.monotonic()
+    lock = f"database:{target}"
+    acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
+                 ws.console.info)
+    try:
+        exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
+                               f"{quote_literal(target)}")
+        if exists:
+            if not replace:
+                raise Refused(f"database {target!r} already exists",
+                              hint="pass --replace to drop and recreate it")
+            others = _other_sessions(session, target)
+            if others and not force:
+                raise Refused(f"database {target!r} has {others} other session(s)",
+                              hint="close them, or pass --force to terminate them")
+            _drop_database(session, target, force=force)
+        session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
+                        f"{quote_ident(result.name)}"
+                        + (f" STRATEGY {strategy}" if strategy else ""))
+    finally:
+        release_lock(session, lock)
     return result, time.monotonic() - started
 
 

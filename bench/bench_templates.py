@@ -55,10 +55,25 @@ def bench_clone(ctx: Bench) -> list[Row]:
                          lambda: ctx.sh(f"{PSQL} -c 'CREATE DATABASE bclone_x TEMPLATE {tpl} "
                                         f"STRATEGY {strategy}'"),
                          setup=lambda: _drop(ctx, "bclone_x"))
+    lib = _library_clones(ctx, root, tpl)
     _drop(ctx, "bclone_x")
     note = f"template {size / 2**20:.1f} MB; we chose {strategy}"
     return [Row(f"clone of a {size / 2**20:.0f} MB template", ours, floor, "≤ 1.3×", note),
-            Row(f"clone, floor with the same strategy ({strategy})", ours, same, "≤ 1.3×", note)]
+            Row(f"clone, floor with the same strategy ({strategy})", ours, same, "≤ 1.3×", note),
+            Row("clone from a test suite (library, one session)", lib[0], lib[1], "≤ 1.3×",
+                "confiture.clone_database(…, session=…) vs a psql process per clone")]
+
+
+def _library_clones(ctx: Bench, root: Path, tpl: str) -> tuple[float, float]:
+    """Many clones from one process, as a test suite does (pgtestdb-style)."""
+    import confiture
+
+    ws = confiture.workspace_for(root / "confiture.toml", env="local", environ=ctx.main.env)
+    with confiture.admin_session(ws) as session:
+        return ctx.paired(
+            lambda: confiture.clone_database(ws, "bclone_x", session=session),
+            lambda: ctx.sh(f"{PSQL} -c 'CREATE DATABASE bclone_x TEMPLATE {tpl}'"),
+            setup=lambda: _drop(ctx, "bclone_x"))
 
 
 def bench_noop_reset(ctx: Bench) -> list[Row]:

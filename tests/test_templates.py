@@ -232,3 +232,19 @@ def test_pagila_builds_into_a_template_and_clones(pg: Any, project: Any, cli: An
     assert pg.scalar("SELECT count(*) FROM public.payment", db=target) > 10000
     assert pg.scalar("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent "
                      "WHERE c.relname = 'payment'", db=target) == 7
+
+
+def test_library_use_many_clones_over_one_session(pg: Any, project: Any) -> None:
+    """The pgtestdb-style path: a test suite imports confiture and clones per test."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
+    environ.update(pg.env)
+    ws = confiture.workspace_for(project.config_path, env="local", environ=environ)
+    names = [f"{project_name(project)}_t{i}" for i in range(3)]
+    with confiture.admin_session(ws) as session:
+        results = [confiture.clone_database(ws, name, session=session)[0] for name in names]
+        again = confiture.clone_database(ws, names[0], replace=True, session=session)[0]
+    assert [r.built for r in results] == [True, False, False] and not again.built
+    assert all(pg.db_exists(name) for name in names)
+    assert pg.scalar("SELECT count(*) FROM widgets", db=names[2]) is not None
+    with pytest.raises(confiture.Refused):
+        confiture.clone_database(ws, names[1])
