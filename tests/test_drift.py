@@ -421,3 +421,90 @@ def test_pagila_shows_no_drift_then_exactly_one_change(pg: Any, project: Any, cl
     assert [(d["change"], d["object"]) for d in report["differences"]] == \
         [("changed", "table public.film")]
     assert report["differences"][0]["summary"] == ["column rental_rate: default 4.99 → 5.99"]
+
+
+# ── diff --migrations: migrations and DDL agree ─────────────────────────────────────────────
+
+needs_migrations = pytest.mark.skipif(not hasattr(confiture, "migrate_up"),
+                                      reason="§8 migrations are not in this confiture.py yet")
+
+
+def no_scratch_left(pg: Any, project: Any) -> bool:
+    return not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+
+
+@needs_migrations
+def test_diff_migrations_from_an_empty_database(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/migrations/20240101000000_widgets.up.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    project.write("db/migrations/20240201000000_index.up.sql",
+                  "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY widgets_label ON widgets (label);\n")
+    project.write("db/schema/10_tables/20_index.sql", "CREATE INDEX widgets_label ON widgets (label);\n")
+    result = cli("diff", "--migrations", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 applied to empty" in result.stdout
+    # the DDL gains a column that no migration adds
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    color text\n);\n")
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 3
+    assert [(d["change"], d["object"], d["summary"]) for d in report["differences"]] == \
+        [("changed", "table public.widgets", ["column color missing (text)"])]
+    assert no_scratch_left(pg, project)
+
+
+@needs_migrations
+def test_diff_migrations_failure_names_the_migration(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/migrations/20240101000000_bad.up.sql", "ALTER TABLE nowhere ADD COLUMN x int;\n")
+    result = cli("diff", "--migrations", cwd=project.root)
+    assert result.returncode == 1
+    assert "20240101000000_bad.up.sql" in result.stderr and "Traceback" not in result.stderr
+    assert no_scratch_left(pg, project)
+
+
+def example_project(pg: Any, project: Any) -> None:
+    shutil.copytree(ROOT / "sql", project.root / "sql")
+    text = project.config_path.read_text()
+    text = text.replace('schema = ["db/schema"]', 'schema = ["sql/schema"]')
+    text = text.replace('seeds = "db/seeds"', 'seeds = "sql/seeds"')
+    text = text.replace('migrations = "db/migrations"', 'migrations = "sql/migrations"')
+    text += f'\n[env.base]\nurl = "{pg.url(project.db("base"))}"\n'
+    project.config_path.write_text(text)
+
+
+@needs_migrations
+@pytest.mark.skipif(not (ROOT / "sql" / "migrations").is_dir(), reason="no example in sql/")
+def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None:
+    example_project(pg, project)
+    # the example's migrations sit on top of a deployed schema: from nothing they cannot run
+    empty = cli("diff", "--migrations", cwd=project.root)
+    assert empty.returncode == 1 and "20260101000000_add_customer_phone" in empty.stderr
+    # the release before them: today's DDL with every down migration applied, newest first
+    assert cli("--env", "base", "reset", cwd=project.root).returncode == 0
+    downs = sorted((ROOT / "sql" / "migrations").glob("*.down.sql"), reverse=True)
+    for down in downs:
+        pg.query(down.read_text(), db=project.db("base"))
+    assert "sku" not in {r[0] for r in pg.query(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'products'::regclass",
+        db=project.db("base"))}
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 0, report
+    assert "3 applied to env base" in report["actual"]
+    # the base has the first migration recorded: only the other two are applied
+    pg.query("ALTER TABLE customers ADD COLUMN phone text", db=project.db("base"))
+    assert cli("--env", "base", "migrate", "baseline", "--to", "20260101000000",
+               cwd=project.root).returncode == 0
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 0 and "2 applied to env base at 20260101000000" in report["actual"]
+    # a migration goes missing: the DDL has products.sku, the migrated database does not
+    for path in (project.root / "sql" / "migrations").glob("20260201000000_*"):
+        path.unlink()
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 3
+    found = {d["object"]: d for d in report["differences"]}
+    assert set(found) == {"table public.products", "constraint products_sku_key on public.products"}
+    assert found["table public.products"]["summary"] == ["column sku missing (text NOT NULL)"]
+    assert found["constraint products_sku_key on public.products"]["change"] == "missing"
+    assert no_scratch_left(pg, project)

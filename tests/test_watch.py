@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psycopg
+
 import confiture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +55,12 @@ class Watcher:
 
 
 def tables(pg: Any, db: str) -> set[str]:
-    if not pg.db_exists(db):
+    """Tables of `db`, or none while watch is between dropping and recreating it."""
+    try:
+        return {r[0] for r in pg.query("SELECT tablename FROM pg_tables "
+                                       "WHERE schemaname = 'public'", db=db)}
+    except psycopg.OperationalError:
         return set()
-    return {r[0] for r in pg.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
-                                   db=db)}
 
 
 def test_watch_rebuilds_on_change_and_survives_a_broken_file(pg: Any, project: Any) -> None:
