@@ -3055,21 +3055,11 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 TRACKING_TABLES = ("confiture_deploys",)
 
 
-def split_qualified(name: str, default_schema: str = "public") -> tuple[str, str]:
-    """'ops.migrations' → ('ops', 'migrations'); double-quoted parts keep dots and case."""
-    parts = [m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).lower()
-             for m in re.finditer(r'"((?:[^"]|"")*)"|([^."]+)', name)]
-    if len(parts) == 1:
-        return default_schema, parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise ConfigError(f"[migrations] table: cannot read {name!r} as [schema.]table")
-
-
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
     table and its log, §9's deploy record."""
-    schema, table = split_qualified(config.migrations_table)
+    qualifier, table = parse_table_name(config.migrations_table)
+    schema = qualifier or "public"
     found = {(schema, table), (schema, table + "_log")}
     for extra in TRACKING_TABLES:
         found |= {(schema, extra), ("public", extra)}
@@ -3676,20 +3666,34 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
 
 
 def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
-    """Apply every pending migration to `dbname` (a scratch database), after recording those
-    up to `base_version` as applied; return how many ran."""
-    raise ConfitureError("diff --migrations needs the migrations section (§8), which this "
-                         "copy of confiture.py does not have yet")
+    """Apply every pending migration (§8) to `dbname`, a scratch database, after recording
+    those up to `base_version` as applied; return how many ran."""
+    scratch = dataclasses.replace(ws, env=dataclasses.replace(ws.env, database=dbname))
+    with open_migration_session(scratch) as session:
+        if base_version is not None:
+            baseline_migrations(scratch, base_version, session=session)
+        return len(migrate_up(scratch, session=session).done)
 
 
 def applied_migration_version(ws: Workspace) -> int | None:
-    """The newest migration applied to the env's database (None: none, or no tracking)."""
-    raise ConfitureError("diff --migrations --base needs the migrations section (§8)")
+    """The newest migration applied to the env's database (None: none, or no tracking table)."""
+    return migration_status(ws).current
 
 
 def migrations_summary(ws: Workspace) -> dict[str, Any]:
-    """Applied / pending / changed / missing migrations of the env's database, for status."""
-    return {"state": "unknown", "note": "migrations not available in this version"}
+    """Applied / pending / changed / missing / interrupted migrations of the env's database
+    (§8), for status. A database without the tracking table is 'untracked'."""
+    try:
+        status = migration_status(ws)
+    except ConfitureError as exc:
+        return {"state": "unknown", "error": exc.message}
+    if not status.tracking:
+        return {"state": "untracked", "table": status.table,
+                "pending": 0, "files": len(status.files.migrations)}
+    return {"state": "clean" if status.clean else "unclean", "table": status.table,
+            "current": status.current, "applied": len(status.applied),
+            "pending": len(status.pending), "changed": len(status.changed),
+            "missing": len(status.missing), "interrupted": len(status.partial)}
 
 
 # ── status ────────────────────────────────────────────────────────────────────────────────
@@ -3860,9 +3864,14 @@ def needs_attention(status: EnvStatus, backup_max_age: float | None) -> list[str
         found.append("template is stale: the env's files changed since the last build "
                      "(run reset)")
     mig = status.migrations
-    for what in ("pending", "changed", "missing"):
+    for what in ("pending", "changed", "missing", "interrupted"):
         if mig.get(what):
             found.append(f"{mig[what]} {what} migration(s)")
+    if mig.get("error"):
+        found.append(f"migrations: {mig['error']}")
+    if status.protected and mig.get("state") == "untracked":
+        found.append(f"no migration tracking table {mig.get('table')} "
+                     "(adopt the database with migrate baseline)")
     if status.drift.get("differences"):
         found.append(f"schema drift: {status.drift['differences']} difference(s) from the DDL")
     if status.sync is not None and status.sync.get("ok") is False:
@@ -3905,10 +3914,15 @@ def format_status(status: EnvStatus) -> list[str]:
     row("template", text)
     mig = status.migrations
     if mig.get("state") == "unknown":
-        row("migrations", f"unknown ({mig.get('note')})")
+        row("migrations", f"unknown ({mig.get('note') or mig.get('error')})")
+    elif mig.get("state") == "untracked":
+        row("migrations", f"untracked (no {mig.get('table')} table: built from DDL; "
+                          f"{mig.get('files')} migration files)")
     else:
-        row("migrations", ", ".join(f"{mig.get(k, 0)} {k}" for k in
-                                    ("applied", "pending", "changed", "missing")))
+        row("migrations", f"at {mig.get('current') or 'none'}: " + ", ".join(
+            f"{mig.get(k, 0)} {k}" for k in ("applied", "pending", "changed", "missing")
+            if k in ("applied", "pending") or mig.get(k))
+            + (f", {mig['interrupted']} interrupted" if mig.get("interrupted") else ""))
     drift = status.drift
     row("drift", f"{drift['differences']} difference(s)" if drift.get("checked") and
         drift.get("differences") else "none" if drift.get("checked") else

@@ -153,10 +153,12 @@ def test_tracking_schema_is_ignored_when_nothing_else_lives_there() -> None:
     assert len(kept) == 2
 
 
-def test_split_qualified_table_names() -> None:
-    assert confiture.split_qualified("confiture_migrations") == ("public", "confiture_migrations")
-    assert confiture.split_qualified("ops.Migrations") == ("ops", "migrations")
-    assert confiture.split_qualified('"My.Schema"."T"') == ("My.Schema", "T")
+def test_tracking_tables_follow_the_configured_table(tmp_path: Path) -> None:
+    (tmp_path / "confiture.toml").write_text('[project]\nname = "t"\n[migrations]\ntable = \'"Ops".Log\'\n')
+    config = confiture.load_config(tmp_path / "confiture.toml")
+    assert confiture.tracking_tables(config) == {
+        ("Ops", "log"), ("Ops", "log_log"), ("Ops", "confiture_deploys"),
+        ("public", "confiture_deploys")}
 
 
 def test_table_summary_names_the_column_and_attribute() -> None:
