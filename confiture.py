@@ -3537,9 +3537,15 @@ class ScratchDatabase:
         return self.name
 
     def __exit__(self, *exc: object) -> None:
+        interrupted = isinstance(exc[1], (KeyboardInterrupt, Interrupted))
         try:
-            _drop_database(self.session, self.name, force=True)
-            release_lock(self.session, f"scratch:{self.name}")
+            if interrupted:  # the session may be mid-statement: cancel it, drop from a new one
+                self.session.cancel()
+                with admin_session(self.ws) as fresh:
+                    _drop_database(fresh, self.name, force=True)
+            else:
+                _drop_database(self.session, self.name, force=True)
+                release_lock(self.session, f"scratch:{self.name}")
         except ConfitureError as error:
             if exc[0] is None:
                 raise

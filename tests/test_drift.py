@@ -510,3 +510,28 @@ def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None
     assert found["table public.products"]["summary"] == ["column sku missing (text NOT NULL)"]
     assert found["constraint products_sku_key on public.products"]["change"] == "missing"
     assert no_scratch_left(pg, project)
+
+
+@needs_migrations
+def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> None:
+    import signal
+    import sys
+    import time
+
+    from helpers import clean_environ
+
+    project.write("db/migrations/20240101000000_slow.up.sql", "SELECT pg_sleep(60);\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "diff", "--migrations"],
+                            cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pg.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+            "AND query LIKE '%%pg_sleep%%'", params=(project.name + "_scratch_",)):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert no_scratch_left(pg, project)
