@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __version__ = "0.1.0"
-BUILD_FORMAT = 1  # bump when the build output changes meaning: it invalidates every template
+BUILD_FORMAT = 2  # bump when the build output changes meaning: it invalidates every template
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -836,7 +836,7 @@ def refuse_protected(env: Env, action: str) -> None:
 class SqlFile:
     path: Path      # absolute, as found (symlinks not resolved, for messages)
     rel: str        # stable display path: "<source name>/<path in source>"
-    kind: str       # "schema" or "seed"
+    kind: str       # "schema", "seed", or "migration" (hashed, recorded as applied, not run)
     sha256: str
     size: int
 
@@ -946,6 +946,14 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
             except ValueError:
                 prefix = f"seeds/{seed_set}"
             add(folder, prefix, "seed")
+    if config.migrations_dir.is_dir():
+        # A database built from the DDL is where every migration leads: the build records
+        # them as applied, so they are inputs of the template (not part of its SQL).
+        try:
+            prefix = config.migrations_dir.relative_to(config.root).as_posix()
+        except ValueError:
+            prefix = "migrations"
+        add(config.migrations_dir, prefix, "migration")
     return FileSet(env=env_name, files=tuple(files), hash=combined_hash(files, seeds),
                    seeds=seeds)
 
@@ -1424,18 +1432,22 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     """The env's files concatenated under a header, with a map from script lines to files.
     Each file is followed by a lone ';' so a missing final semicolon cannot glue two files."""
     read = read or (lambda p: p.read_bytes())
+    built = [f for f in fileset.files if f.kind != "migration"]
+    migrations = len(fileset.files) - len(built)
     header = [
         f"-- confiture build (format {BUILD_FORMAT})",
         f"-- env: {fileset.env}",
         f"-- hash: {fileset.hash}",
         f"-- seeds: {'yes' if fileset.seeds else 'no'}",
-        f"-- files: {len(fileset.files)}",
-        *(f"--   {f.rel}  {f.sha256[:12]}" for f in fileset.files),
+        f"-- files: {len(built)}",
+        *(f"--   {f.rel}  {f.sha256[:12]}" for f in built),
+        *([f"-- migration files: {migrations} (recorded as applied after the build)"]
+          if migrations else []),
         "",
     ]
     lines: list[str] = list(header)
     chunks: list[tuple[int, str, int]] = []
-    for item in fileset.files:
+    for item in built:
         text = read(item.path).decode("utf-8")
         text = text.removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
@@ -1450,7 +1462,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
         lines.append("")
     script = "\n".join(lines) + "\n"
     return Build(env=fileset.env, hash=fileset.hash, script=script,
-                 line_map=LineMap(tuple(chunks), tuple(lines)), files=fileset.files)
+                 line_map=LineMap(tuple(chunks), tuple(lines)), files=tuple(built))
 
 
 def build_path(config: Config, env: str, seeds: bool = True) -> Path:
@@ -1504,11 +1516,14 @@ class TemplateResult:
 
 @dataclass
 class Workspace:
-    """What an operation on one env needs: the env, its client and a reporter."""
+    """What an operation on one env needs: the env, its client and a reporter.
+    `after_build(ws, database)` runs on a freshly built template before it is published
+    (§12 wires it to §8, which records the migrations as applied)."""
 
     env: Env
     client: Client
     console: Console
+    after_build: Callable[[Workspace, str], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -1519,21 +1534,6 @@ def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.e
                    ) -> Workspace:
     return Workspace(env=env, client=Client(find_pg_tools(environ), env.conn, dict(environ)),
                      console=console)
-
-
-def workspace_for(config: str | Path | None = None, env: str | None = None,
-                  environ: Mapping[str, str] | None = None,
-                  console: Console | None = None) -> Workspace:
-    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
-
-        ws = confiture.workspace_for("confiture.toml", env="test")
-        with confiture.admin_session(ws) as session:        # one psql for many clones
-            confiture.clone_database(ws, "test_42", replace=True, session=session)
-    """
-    environ = dict(os.environ if environ is None else environ)
-    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
-    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
-    return open_workspace(env_spec, console or Console(quiet=True), environ)
 
 
 def admin_session(ws: Workspace) -> Session:
@@ -1608,6 +1608,8 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
                     + (f" STRATEGY {strategy}" if strategy else ""))
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
+        if ws.after_build is not None:
+            ws.after_build(ws, tmp)
     except BaseException:
         _drop_database(session, tmp, force=True)
         raise
@@ -2202,7 +2204,7 @@ class AppliedRow:
     applied_at: str
     applied_by: str
     duration_ms: int
-    how: str    # "applied" or "baseline"
+    how: str    # "applied", "baseline" (recorded by hand) or "build" (built from the DDL)
 
 
 @dataclass(frozen=True)
@@ -2878,6 +2880,20 @@ def baseline_migrations(ws: Workspace, to: int, session: Session | None = None,
                 _record_sql(locked.tracking, m, how="baseline", duration="0") for m in chosen)
                 + "\nCOMMIT")
     return chosen
+
+
+def record_build_migrations(ws: Workspace, database: str) -> None:
+    """A database built from the DDL is at the state every migration leads to: record them
+    all as applied (how = 'build'), so `migrate up` later applies only newer ones."""
+    files = scan_migrations(ws.config.migrations_dir, ws.config.root)
+    if not files.migrations:
+        return
+    with ws.client.session(database) as session:
+        tracking, _, _ = resolve_tracking(session, ws.config)
+        ensure_tracking(session, tracking)
+        session.execute("BEGIN;\n" + "".join(
+            _record_sql(tracking, m, how="build", duration="0") for m in files.migrations)
+            + "COMMIT")
 
 
 @dataclass(frozen=True)
@@ -4097,7 +4113,24 @@ class App:
         return resolve_env(self.config, name or self.env_name(), self.environ)
 
     def workspace(self, name: str | None = None) -> Workspace:
-        return open_workspace(self.env(name), self.console, self.environ)
+        ws = open_workspace(self.env(name), self.console, self.environ)
+        return dataclasses.replace(ws, after_build=record_build_migrations)
+
+
+def workspace_for(config: str | Path | None = None, env: str | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  console: Console | None = None) -> Workspace:
+    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
+
+        ws = confiture.workspace_for("confiture.toml", env="test")
+        with confiture.admin_session(ws) as session:        # one psql for many clones
+            confiture.clone_database(ws, "test_42", replace=True, session=session)
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
+    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
+    ws = open_workspace(env_spec, console or Console(quiet=True), environ)
+    return dataclasses.replace(ws, after_build=record_build_migrations)
 
 
 # ── foundation commands ───────────────────────────────────────────────────────────────────
@@ -4414,7 +4447,7 @@ def _print_status(app: App, status: MigrationStatus) -> None:
     if app.console.verbose:
         for row in status.applied:
             out(f"  applied   {row.version:<16} {row.name:<36} {row.applied_at}  "
-                f"{row.duration_ms} ms{'  (baseline)' if row.how == 'baseline' else ''}")
+                f"{row.duration_ms} ms{f'  ({row.how})' if row.how != 'applied' else ''}")
     older = {m.version for m in status.out_of_order}
     for m in status.pending:
         out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<16} {m.name}"

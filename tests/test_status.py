@@ -205,19 +205,20 @@ def test_status_check_counts_pending_and_changed_migrations(pg: Any, project: An
     project.write("db/migrations/20240101000000_gizmos.up.sql", "CREATE TABLE gizmos (id int);\n")
     assert cli("reset", cwd=project.root).returncode == 0
     code, status = status_json(cli, project, "--check")
-    assert code == 0 and status["migrations"]["state"] == "untracked"  # built from DDL
-    assert cli("migrate", "up", cwd=project.root).returncode == 0
-    code, status = status_json(cli, project, "--check")
+    # built from the DDL: the build recorded every migration as applied
     assert code == 0 and status["migrations"]["applied"] == 1
     project.write("db/migrations/20240201000000_more.up.sql", "CREATE TABLE more (id int);\n")
     code, status = status_json(cli, project, "--check")
     assert code == 3 and status["migrations"]["pending"] == 1
     assert "1 pending migration(s)" in status["attention"]
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    code, status = status_json(cli, project, "--check")
+    assert code == 3 and status["migrations"]["applied"] == 2  # the template is stale now
     project.write("db/migrations/20240101000000_gizmos.up.sql", "CREATE TABLE gizmos (id bigint);\n")
     code, status = status_json(cli, project, "--check")
     assert code == 3 and status["migrations"]["changed"] == 1
     text = cli("status", cwd=project.root).stdout
-    assert "migrations at 20240101000000: 1 applied, 1 pending, 1 changed" in text
+    assert "migrations at 20240201000000: 2 applied, 1 changed" in text
     # a protected env whose database has no tracking table needs adopting
     pg.create_db(project.db("prod"))
     code, status = status_json(cli, project, "--env", "prod", "--check")
