@@ -218,7 +218,7 @@ def test_status_check_counts_pending_and_changed_migrations(pg: Any, project: An
     code, status = status_json(cli, project, "--check")
     assert code == 3 and status["migrations"]["changed"] == 1
     text = cli("status", cwd=project.root).stdout
-    assert "migrations at 20240201000000: 2 applied, 1 changed" in text
+    assert "migrations at 20240201000000: 2 applied, 0 pending, 1 changed" in text
     # a protected env whose database has no tracking table needs adopting
     pg.create_db(project.db("prod"))
     code, status = status_json(cli, project, "--env", "prod", "--check")
