@@ -17,6 +17,7 @@ from helpers import CONFITURE, Cluster, Project, clean_environ
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
 LOCK_CLASS = 1668247142  # confiture's advisory lock class ('conf')
+FIRST = (1, "build")  # the first deploy restores a template that recorded its migrations
 
 
 def applied(pg: Cluster, db: str) -> list[tuple[int, str]]:
@@ -62,13 +63,14 @@ def test_first_deploy_builds_without_seeds_and_baselines(pg: Cluster, project: P
                                      db=db)}
     assert {"widgets", "a", "b"} <= tables
     assert pg.scalar("SELECT count(*) FROM widgets", db=db) == 0  # seeds never deployed
-    assert applied(pg, db) == [(1, "baseline"), (2, "baseline")]
+    assert [v for v, _ in applied(pg, db)] == [1, 2]  # recorded by the build or the baseline
+    assert {how for _, how in applied(pg, db)} <= {"build", "baseline"}
     [(outcome, from_v, to_v, backup, failed, _)] = deploys(pg, db)
     assert (outcome, from_v, to_v, failed) == ("ok", None, "2", None)
     assert backup and Path(backup).is_file()  # the empty database was backed up first
     assert side_databases(pg, project, "build") == side_databases(pg, project, "restore") == []
     again = cli("deploy", cwd=project.root)
-    assert again.returncode == 0 and "0 migration(s)" in again.stdout
+    assert again.returncode == 0 and "0 migration(s)" in again.stdout, again.stdout
 
 
 def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, cli: Any) -> None:
@@ -87,7 +89,7 @@ def test_deploy_applies_pending_migrations_and_records(pg: Cluster, project: Pro
     doc = json.loads(result.stdout)
     assert doc["applied"] == ["002_sizes"] and doc["outcome"] == "ok"
     assert pg.scalar("SELECT sum(size) FROM widgets", db=db) == 500
-    assert applied(pg, db) == [(1, "baseline"), (2, "applied")]
+    assert applied(pg, db) == [FIRST, (2, "applied")]
     rows = deploys(pg, db)
     assert [r[:3] for r in rows] == [("ok", None, "1"), ("ok", "1", "2")]
     assert rows[1][3] == doc["backup"] and Path(doc["backup"]).is_file()
@@ -106,7 +108,7 @@ def test_failing_transactional_migration_rolls_back_by_itself(pg: Cluster, proje
     assert db_oid(pg, db) == oid  # no restore was needed
     assert checksums(pg, db) == {**before, **{k: v for k, v in checksums(pg, db).items()
                                               if k.endswith("confiture_deploys")}}
-    assert applied(pg, db) == [(1, "baseline")]
+    assert applied(pg, db) == [FIRST]
     assert deploys(pg, db)[-1][0] == "rolled_back" and deploys(pg, db)[-1][4] == "002_broken"
 
 
@@ -132,7 +134,7 @@ def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, pro
         return "\n".join(line for line in text.splitlines() if "deploys" not in line)
 
     assert strip(schema_dump(pg, db)) == strip(before_schema)
-    assert applied(pg, db) == [(1, "baseline")]
+    assert applied(pg, db) == [FIRST]
     record = deploys(pg, db)[-1]
     assert record[0] == "rolled_back" and record[4] == "003_index" and "restoring" in record[5]
     # the failed state is kept, not lost: writes made during the deploy window survive there
@@ -154,7 +156,7 @@ def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: Any
     after = checksums(pg, db)
     assert {k: v for k, v in after.items() if "deploys" not in k} == \
         {k: v for k, v in before.items() if "deploys" not in k}
-    assert applied(pg, db) == [(1, "baseline")]
+    assert applied(pg, db) == [FIRST]
 
 
 def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, project: Project,
@@ -168,7 +170,7 @@ def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, pro
     result = cli("deploy", cwd=project.root)
     assert result.returncode == 1
     assert "before changing anything" in result.stderr and "blocked" in result.stderr
-    assert applied(pg, db) == [(1, "baseline")]
+    assert applied(pg, db) == [FIRST]
     assert checksums(pg, db) == before
     assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE "
                      "table_name = 'widgets' AND column_name = 'size'", db=db) == 0
@@ -182,14 +184,14 @@ def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, 
     assert refused.returncode == 4 and "--yes" in refused.stderr
     no_backup = cli("deploy", "--env", "prod", "--yes", "--no-backup", cwd=project.root)
     assert no_backup.returncode == 4 and "--no-backup" in no_backup.stderr
-    assert checksums(pg, db) == before and applied(pg, db) == [(1, "baseline")]
+    assert checksums(pg, db) == before and applied(pg, db) == [FIRST]
     assert sorted((project.root / ".confiture/backups/prod").glob("*")) == backups
     dry = cli("deploy", "--env", "prod", "--dry-run", cwd=project.root)
     assert dry.returncode == 0 and "002_sizes" in dry.stdout and "backup into" in dry.stdout
-    assert checksums(pg, db) == before and applied(pg, db) == [(1, "baseline")]
+    assert checksums(pg, db) == before and applied(pg, db) == [FIRST]
     ok = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert ok.returncode == 0, ok.stderr
-    assert applied(pg, db) == [(1, "baseline"), (2, "applied")]
+    assert applied(pg, db) == [FIRST, (2, "applied")]
 
 
 def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: Any) -> None:
@@ -209,14 +211,14 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
     assert codes == [0, 5], [r.stderr for r in results]
     loser = next(r for r in results if r.returncode == 5)
     assert "held by pid" in loser.stderr
-    assert applied(pg, db) == [(1, "baseline"), (2, "applied")]
+    assert applied(pg, db) == [FIRST, (2, "applied")]
     # a `migrate` run holding the migration lock inside the database also keeps deploy out
     migration(project, "003_more", "CREATE TABLE more (id int);\n")
     with pg.connect(db) as holder:
         holder.execute("SELECT pg_advisory_lock(%s, hashtext('migrate'))", (LOCK_CLASS,))
         blocked = cli("deploy", cwd=project.root)
     assert blocked.returncode == 5 and "migration lock" in blocked.stderr
-    assert applied(pg, db) == [(1, "baseline"), (2, "applied")]
+    assert applied(pg, db) == [FIRST, (2, "applied")]
 
 
 def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Project,
@@ -301,5 +303,5 @@ def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: An
     after = checksums(pg, db)
     assert {k: v for k, v in after.items() if "deploys" not in k} == \
         {k: v for k, v in before.items() if "deploys" not in k}
-    assert applied(pg, db) == [(1, "baseline")]
+    assert applied(pg, db) == [FIRST]
     assert deploys(pg, db)[-1][0] == "rolled_back"
