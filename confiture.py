@@ -3839,6 +3839,7 @@ class DeployPlan:
     pending: tuple[str, ...]
     verify: tuple[str, ...]
     problems: tuple[str, ...]
+    drift_check: bool = False
 
     @property
     def nothing_to_do(self) -> bool:
@@ -3891,7 +3892,8 @@ def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty
         backup=exists and not no_backup,
         backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
         from_version=from_version, to_version=to_version, pending=pending,
-        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems)
+        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems,
+        drift_check=ws.config.deploy_drift_check)
 
 
 def describe_plan(plan: DeployPlan) -> list[str]:
@@ -3913,7 +3915,8 @@ def describe_plan(plan: DeployPlan) -> list[str]:
         lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
     for problem in plan.problems:
         lines.append(f"  blocked: {problem}")
-    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify))
+    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify)
+                 + (", no drift from the DDL" if plan.drift_check else ""))
     lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
     return lines
 
@@ -4038,11 +4041,16 @@ def inspect_deploy(ws: Workspace, no_backup: bool = False,
     return plan_deploy(ws, state, True, empty, no_backup)
 
 
-def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> DeployResult:
+DriftCheck = Callable[[Workspace], "str | None"]  # differences from the DDL, None when none
+
+
+def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
+           drift: DriftCheck | None = None) -> DeployResult:
     """Bring the env's database to the current version, safely: lock → backup → first deploy
     or pending migrations → verify → record. Any failure after the backup is rolled back
     (a transactional migration by itself, anything else by restoring the backup) and raised
-    as DeployFailed naming the failing step and the backup. The caller confirms first."""
+    as DeployFailed naming the failing step and the backup. The caller confirms first, and
+    passes `drift` (§11, wired by §12) when [deploy] drift_check asks for it."""
     if no_backup and ws.env.protected:
         raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
                       hint="a backup is always taken before anything writes to it")
@@ -4083,7 +4091,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
                     _drop_database(admin, ws.env.database, force=True)
                 raise
             applied = _execute_deploy(ws, admin, locks, plan, backup, created, started,
-                                      started_at)
+                                      started_at, drift)
         finally:
             locks.close()
     return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
@@ -4091,7 +4099,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
 
 def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: DeployPlan,
                     backup: Backup | None, created: bool, started: float,
-                    started_at: str) -> list[str]:
+                    started_at: str, drift: DriftCheck | None) -> list[str]:
     assert locks.target is not None
     session = locks.target
     before = () if plan.first_deploy else migration_state(ws, session).applied
@@ -4112,6 +4120,9 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
                 [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
                  *(f"{n} partly applied" for n in state.partial)]))
         run_verify_checks(ws, ws.env.database)
+        problem = drift(ws) if drift is not None else None
+        if problem:
+            raise CheckFailed(f"drift check: {problem}")
     except BaseException as exc:
         if isinstance(exc, MigrationRunFailed):
             failed = exc
@@ -5919,11 +5930,23 @@ def cmd_restore(app: App) -> int:
     return EXIT_OK
 
 
+def _ddl_drift(ws: Workspace) -> str | None:
+    """§11's comparison with the DDL, as deploy's optional verify step."""
+    report = diff_against_ddl(ws)
+    if not report.differences:
+        return None
+    shown = [d.label for d in report.differences[:5]]
+    more = len(report.differences) - len(shown)
+    return (f"{len(report.differences)} difference(s) from the DDL: " + ", ".join(shown)
+            + (f" and {more} more" if more > 0 else ""))
+
+
 def cmd_deploy(app: App) -> int:
     ws = app.workspace()
     if not app.args.dry_run:
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
-    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run)
+    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
+                    drift=_ddl_drift if ws.config.deploy_drift_check else None)
     document = {"outcome": result.outcome, "plan": dataclasses.asdict(result.plan),
                 "applied": result.applied,
                 "backup": str(result.backup.path) if result.backup else None,

@@ -305,3 +305,19 @@ def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: An
         {k: v for k, v in before.items() if "deploys" not in k}
     assert applied(pg, db) == [FIRST]
     assert deploys(pg, db)[-1][0] == "rolled_back"
+
+
+def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: Any) -> None:
+    db = deployed(pg, project, cli)
+    project.config_path.write_text(project.config_path.read_text()
+                                   + "\n[deploy]\ndrift_check = true\n")
+    migration(project, "002_size", "ALTER TABLE widgets ADD COLUMN size int;\n")
+    drifted = cli("deploy", cwd=project.root)  # the DDL does not have the column: drift
+    assert drifted.returncode == 1 and "drift check" in drifted.stderr, drifted.stderr
+    assert applied(pg, db) == [FIRST]
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL, color text, "
+                  "size int);\n")
+    ok = cli("deploy", cwd=project.root)
+    assert ok.returncode == 0, ok.stderr
+    assert applied(pg, db) == [FIRST, (2, "applied")]
