@@ -3475,6 +3475,7 @@ class RestoreResult:
     replaced: str | None    # the previous database, kept under this name
     verified: bool          # sha256 checked against the sidecar
     seconds: float
+    safety_backup: Path | None = None  # in-place mode: the state it overwrote
 
 
 def resolve_backup(config: Config, env_name: str, spec: str,
@@ -3702,9 +3703,12 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                 if meta is not None:
                     _check_digest(path, str(meta.get("sha256")))
                 _check_listing(ws, path)
+                # nothing keeps the overwritten state in this mode: back it up first
+                safety = create_backup(ws, session=locks.target)
+                ws.console.info(f"backed up the current state first: {safety.path}")
                 _restore_in_place(ws, path)
                 return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
-                                     time.monotonic() - started)
+                                     time.monotonic() - started, safety.path)
             stamp = _stamp()
             props = _database_properties(admin, ws.env.database)
             ws.console.info(f"restoring {path.name} into a new database …")
@@ -5925,8 +5929,12 @@ def cmd_restore(app: App) -> int:
     app.console.info(f"restored {path.name} into {ws.env.database} in "
                      f"{format_seconds(result.seconds)} ({result.mode})"
                      + (f"; the previous database is kept as {result.replaced}"
-                        if result.replaced else ""))
-    app.console.emit({**dataclasses.asdict(result), "backup": str(result.backup)})
+                        if result.replaced else "")
+                     + (f"; its previous state is in {result.safety_backup}"
+                        if result.safety_backup else ""))
+    app.console.emit({**dataclasses.asdict(result), "backup": str(result.backup),
+                      "safety_backup": str(result.safety_backup) if result.safety_backup
+                      else None})
     return EXIT_OK
 
 

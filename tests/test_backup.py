@@ -314,6 +314,7 @@ def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, pro
         assert result.returncode == 0, result.stderr
         assert "CREATEDB" in result.stderr
         assert db_oid(pg, db) == oid and checksums(pg, db) == before
+        assert len(backups_in(project)) == 2  # the overwritten state was backed up first
     finally:
         pg.drop_db(db)
         pg.query(f'DROP ROLE IF EXISTS "{role}"')
