@@ -2606,10 +2606,12 @@ def stream_table(source: Session, target: Session, plan: TablePlan, fifo: Path) 
     fmt = "binary" if plan.binary else "text"
     freeze = ", FREEZE" if plan.target.kind == "r" else ""  # the table was truncated in this transaction
     columns = ", ".join(quote_ident(c) for c in plan.columns)
+    # psql sets neither ERROR after a failed COPY TO STDOUT nor after a failed \copy, so each
+    # side ends with a statement that fails when the COPY aborted its transaction; \copy
+    # also leaves ROW_COUNT at -1 when it could not even start.
     source.submit(f"\\o {quote_literal(str(fifo))}\n"
-                  f"COPY ({plan.select}) TO STDOUT WITH (FORMAT {fmt});\n\\o")
-    # \copy leaves ERROR unset when it fails, so detect failure by ROW_COUNT staying -1 and by
-    # a statement that fails if the COPY aborted the transaction.
+                  f"COPY ({plan.select}) TO STDOUT WITH (FORMAT {fmt});\n\\o\n"
+                  "SELECT NULL WHERE false;")
     target.submit(f"\\set ROW_COUNT -1\n"
                   f"\\copy {plan.target.sql} ({columns}) FROM {quote_literal(str(fifo))} "
                   f"WITH (FORMAT {fmt}{freeze})\n"
