@@ -39,9 +39,10 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 __version__ = "0.1.0"
 BUILD_FORMAT = 1  # bump when the build output changes meaning: it invalidates every template
@@ -184,7 +185,7 @@ def check_db_name(name: str, what: str = "database name") -> str:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
 
 
-def parse_duration(text: str | int | float, key: str) -> float:
+def parse_duration(text: str | float, key: str) -> float:
     """'60s', '500ms', '2m', '1h' or a number of seconds → seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
@@ -256,8 +257,16 @@ class Console:
     verbose: bool = False
     json_mode: bool = False
     color: bool = False
-    out: Any = field(default=sys.stdout, repr=False)
-    err: Any = field(default=sys.stderr, repr=False)
+    stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
+    stderr: Any = field(default=None, repr=False)
+
+    @property
+    def out(self) -> Any:
+        return self.stdout or sys.stdout
+
+    @property
+    def err(self) -> Any:
+        return self.stderr or sys.stderr
 
     def _paint(self, code: str, text: str) -> str:
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -440,7 +449,7 @@ class ConnInfo:
     params: tuple[tuple[str, str], ...]
 
     @staticmethod
-    def parse(text: str, key: str = "url") -> "ConnInfo":
+    def parse(text: str, key: str = "url") -> ConnInfo:
         text = text.strip()
         if text.startswith(("postgresql://", "postgres://")):
             params = _parse_url(text)
@@ -458,7 +467,7 @@ class ConnInfo:
     def get(self, name: str) -> str | None:
         return dict(self.params).get(name)
 
-    def with_params(self, **changes: str) -> "ConnInfo":
+    def with_params(self, **changes: str) -> ConnInfo:
         merged = dict(self.params)
         merged.update(changes)
         return ConnInfo(tuple(sorted(merged.items())))
@@ -651,7 +660,7 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
             unknown = set(item) - {"path", "name"}
             if unknown:
                 raise ConfigError(f"{where}: project.schema[{index}]: unknown key "
-                                  f"{sorted(unknown)[0]!r}", hint="entries take 'path' and 'name'")
+                                  f"{min(unknown)!r}", hint="entries take 'path' and 'name'")
             path, name = item["path"], item.get("name")
         else:
             raise ConfigError(f"{where}: project.schema[{index}] must be a folder path or "
@@ -801,7 +810,7 @@ def confirm_protected(env: Env, action: str, yes: bool, console: Console,
                       hint=f"re-run with --yes{' and type the name' if interactive else ''}")
     if interactive:
         console.info(f"{action} on protected environment {env.name!r} ({env.conn.display()}).")
-        console.err.write(f"Type the environment name to continue: ")
+        console.err.write("Type the environment name to continue: ")
         console.err.flush()
         answer = stdin.readline().strip()
         if answer != env.name:
@@ -1013,7 +1022,8 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
     if not pg_config:
         return None
     try:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10,
+                             check=False)
     except OSError:
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -1074,10 +1084,8 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
     if not context or line_map is None or not line_map.lines:
         return end_line
     snippet = context.group(2).strip()
-    if snippet.startswith("..."):
-        snippet = snippet[3:]
-    if snippet.endswith("..."):
-        snippet = snippet[:-3]
+    snippet = snippet.removeprefix("...")
+    snippet = snippet.removesuffix("...")
     snippet = snippet.strip()
     offset = int(context.group(1)) - 1
     guess = end_line - offset  # the statement may span more lines before the reported one
@@ -1224,7 +1232,7 @@ class Session:
 
     def _sql_error(self, stderr: str, sqlstate: str) -> SqlError:
         text = stderr if not self._password else stderr.replace(self._password, "***")
-        text = re.sub(r"^psql:<stdin>:\d+: ", "", text.strip(), flags=re.M)
+        text = re.sub(r"^psql:<stdin>:\d+: ", "", text.strip(), flags=re.MULTILINE)
         first, *rest = text.splitlines() or ["statement failed"]
         message = re.sub(r"^(ERROR|FATAL):\s+", "", first)
         details = [r.strip() for r in rest if r.startswith(("DETAIL:", "HINT:"))]
@@ -1266,7 +1274,7 @@ class Session:
             if stream:
                 stream.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1312,7 +1320,7 @@ class Client:
         """Run one client program with the connection in its environment."""
         try:
             return subprocess.run(argv, input=input, stdout=stdout, stderr=subprocess.PIPE,
-                                  env=self.child_env(dbname))
+                                  env=self.child_env(dbname), check=False)
         except OSError as exc:
             raise PgError(f"cannot start {argv[0]}: {exc.strerror}") from exc
 
@@ -1412,8 +1420,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     chunks: list[tuple[int, str, int]] = []
     for item in fileset.files:
         text = read(item.path).decode("utf-8")
-        if text.startswith("\ufeff"):
-            text = text[1:]
+        text = text.removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
         lines.append(f"-- ==== {item.rel}")
         lines.extend(_FILE_PRELUDE.rstrip("\n").split("\n"))
@@ -1497,6 +1504,21 @@ def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.e
                      console=console)
 
 
+def workspace_for(config: str | Path | None = None, env: str | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  console: Console | None = None) -> Workspace:
+    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
+
+        ws = confiture.workspace_for("confiture.toml", env="test")
+        with confiture.admin_session(ws) as session:        # one psql for many clones
+            confiture.clone_database(ws, "test_42", replace=True, session=session)
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
+    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
+    return open_workspace(env_spec, console or Console(quiet=True), environ)
+
+
 def admin_session(ws: Workspace) -> Session:
     """A session on the maintenance database: creating and dropping databases happens here."""
     return ws.client.session(ws.env.maintenance_db)
@@ -1550,7 +1572,7 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
         if probe["is_template"] and not rebuild:  # another run built it while we waited
             return (TemplateResult(name, False, time.monotonic() - started,
                                    len(fileset.files)), probe)
-        _build_template(ws, session, name, fileset)
+        _build_template(ws, session, name, fileset, clone_strategy(ws.config, probe))
         probe = _template_probe(session, name)
     finally:
         release_lock(session, f"template:{name}")
@@ -1558,13 +1580,15 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
     return TemplateResult(name, True, time.monotonic() - started, len(fileset.files)), probe
 
 
-def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet) -> None:
+def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet,
+                    strategy: str | None) -> None:
     tmp = f"{name}_tmp"
     started = time.monotonic()
     ws.console.info(f"building template {name} from {len(fileset.files)} files …")
     build = render_build(fileset)
     _drop_database(session, tmp, force=True)
-    session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0")
+    session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0"
+                    + (f" STRATEGY {strategy}" if strategy else ""))
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
     except BaseException:
@@ -1663,8 +1687,9 @@ def _other_sessions(session: Session, name: str) -> int:
         "AND pid <> pg_backend_pid()"))
 
 
-def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """database name → env name, for protected envs whose URL resolves here."""
+def _protected_databases(config: Config, environ: Mapping[str, str]
+                         ) -> dict[tuple[str, str, str], str]:
+    """(host, port, database) → env name, for protected envs whose URL resolves here."""
     found = {}
     for spec in config.envs.values():
         if spec.protected:
@@ -1674,7 +1699,7 @@ def _protected_databases(config: Config, environ: Mapping[str, str]) -> dict[str
                 continue
             db = conn.dbname(environ)
             if db:
-                found[db] = spec.name
+                found[(*conn.server_identity(environ), db)] = spec.name
     return found
 
 
@@ -1686,39 +1711,44 @@ def check_clone_target(ws: Workspace, target: str) -> None:
     if target.startswith(template_prefix(ws.config.project)):
         raise Refused(f"{target!r} is a template name; choose another database name")
     protected = _protected_databases(ws.config, ws.client.environ)
-    if target in protected:
+    key = (*ws.env.conn.server_identity(ws.client.environ), target)
+    if key in protected:
         raise Refused(f"{target!r} is the database of protected environment "
-                      f"{protected[target]!r}")
+                      f"{protected[key]!r}")
 
 
 def clone_database(ws: Workspace, target: str, replace: bool = False, force: bool = False,
-                   what: str = "clone") -> tuple[TemplateResult, float]:
-    """CREATE DATABASE target from the env's current template; (template result, clone s)."""
+                   what: str = "clone", session: Session | None = None
+                   ) -> tuple[TemplateResult, float]:
+    """CREATE DATABASE target from the env's current template; (template result, clone s).
+    A test suite that clones often passes one admin `session` for all its clones."""
+    if session is None:
+        with admin_session(ws) as own:
+            return clone_database(ws, target, replace, force, what, own)
     check_clone_target(ws, target)
-    with admin_session(ws) as session:
-        result, probe = ensure_template(ws, session=session)
-        strategy = clone_strategy(ws.config, probe)
-        started = time.monotonic()
-        lock = f"database:{target}"
-        acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
-                     ws.console.info)
-        try:
-            exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
-                                   f"{quote_literal(target)}")
-            if exists:
-                if not replace:
-                    raise Refused(f"database {target!r} already exists",
-                                  hint="pass --replace to drop and recreate it")
-                others = _other_sessions(session, target)
-                if others and not force:
-                    raise Refused(f"database {target!r} has {others} other session(s)",
-                                  hint="close them, or pass --force to terminate them")
-                _drop_database(session, target, force=force)
-            session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
-                            f"{quote_ident(result.name)}"
-                            + (f" STRATEGY {strategy}" if strategy else ""))
-        finally:
-            release_lock(session, lock)
+    result, probe = ensure_template(ws, session=session)
+    strategy = clone_strategy(ws.config, probe)
+    started = time.monotonic()
+    lock = f"database:{target}"
+    acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
+                 ws.console.info)
+    try:
+        exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
+                               f"{quote_literal(target)}")
+        if exists:
+            if not replace:
+                raise Refused(f"database {target!r} already exists",
+                              hint="pass --replace to drop and recreate it")
+            others = _other_sessions(session, target)
+            if others and not force:
+                raise Refused(f"database {target!r} has {others} other session(s)",
+                              hint="close them, or pass --force to terminate them")
+            _drop_database(session, target, force=force)
+        session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
+                        f"{quote_ident(result.name)}"
+                        + (f" STRATEGY {strategy}" if strategy else ""))
+    finally:
+        release_lock(session, lock)
     return result, time.monotonic() - started
 
 
@@ -3707,18 +3737,59 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}", hint=f"see '{self.prog} --help'")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Inert:
+    """Stands in for the parsers of commands not being run: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Inert]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlySubparsers:
+    """Builds only the parser of the command being run: argparse construction of ~40
+    subcommands costs tens of milliseconds on every call otherwise."""
+
+    def __init__(self, real: Any, only: str | None) -> None:
+        self.real, self.only, self.matched = real, only, False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.only is None or name == self.only:
+            self.matched = True
+            return self.real.add_parser(name, **kwargs)
+        return _Inert()
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command in argv (first word that is not a global option or its value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--config", "--env"):
+            skip = True
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with argv, only the named command's sub-parser is built."""
+    only = _command_word(argv) if argv is not None else None
     parser = _Parser(prog="confiture.py", parents=[_global_options(False)],
                      description="The whole PostgreSQL database workflow in one file.",
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"confiture.py {__version__}")
     common = _global_options(True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = _OnlySubparsers(parser.add_subparsers(dest="command", metavar="COMMAND",
+                                                parser_class=_Parser), only)
     add_foundation_commands(sub, common)
     add_migration_commands(sub, common)
     add_backup_commands(sub, common)
     add_sync_commands(sub, common)
     add_drift_commands(sub, common)
+    if only is not None and not sub.matched:
+        return build_parser()  # unknown command: the full parser names the valid ones
     return parser
 
 
@@ -3731,7 +3802,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = dict(os.environ if environ is None else environ)
     console = Console()
     try:
-        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        words = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(words).parse_args(words)
         console = Console(quiet=args.quiet, verbose=args.verbose, json_mode=args.json,
                           color=sys.stderr.isatty() and "NO_COLOR" not in environ)
         if not getattr(args, "handler", None):

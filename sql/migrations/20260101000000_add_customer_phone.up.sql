@@ -1,0 +1,2 @@
+-- Customers may leave a phone number for delivery (optional).
+ALTER TABLE customers ADD COLUMN phone text;

@@ -1,0 +1,4 @@
+-- Extensions the shop needs: none. Everything below is stock PostgreSQL (gen_random_uuid() is
+-- built in since PostgreSQL 13), so the example builds on any server without contrib packages.
+-- A project that needs one would write, for instance:
+--   CREATE EXTENSION IF NOT EXISTS citext;
