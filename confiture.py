@@ -2527,30 +2527,28 @@ def plan_sync(settings: SyncSettings, source_tables: Sequence[TableInfo],
         warnings=tuple(warnings))
 
 
-def load_order(plans: Sequence[TablePlan], foreign_keys: Sequence[ForeignKey]
-               ) -> list[TablePlan]:
+def load_order(tables: Sequence[tuple[str, str]], foreign_keys: Sequence[ForeignKey]
+               ) -> list[tuple[str, str]]:
     """Parents before children for non-deferrable foreign keys (self-references are checked
     at the end of their COPY statement); a cycle cannot be loaded in order."""
-    by_key = {p.key: p for p in plans}
-    needs: dict[tuple[str, str], set[tuple[str, str]]] = {k: set() for k in by_key}
+    needs: dict[tuple[str, str], set[tuple[str, str]]] = {k: set() for k in tables}
     for fk in foreign_keys:
-        if fk.child in by_key and fk.parent in by_key and fk.child != fk.parent \
+        if fk.child in needs and fk.parent in needs and fk.child != fk.parent \
                 and not fk.deferrable:
             needs[fk.child].add(fk.parent)
-    order: list[TablePlan] = []
+    order: list[tuple[str, str]] = []
     done: set[tuple[str, str]] = set()
-    while len(order) < len(by_key):
-        ready = [k for k in by_key if k not in done and needs[k] <= done]
+    while len(order) < len(needs):
+        ready = [k for k in needs if k not in done and needs[k] <= done]
         if not ready:
-            cycle = sorted(".".join(k) for k in by_key if k not in done)
+            cycle = sorted(".".join(k) for k in needs if k not in done)
             raise SyncError(
                 "foreign keys form a cycle that cannot be loaded in order: " + ", ".join(cycle),
-                hint="run the sync as a role allowed to SET session_replication_role (a "
-                     "superuser, or GRANT SET ON PARAMETER session_replication_role on "
-                     "PostgreSQL 15+), or make one constraint of the cycle DEFERRABLE")
-        for k in ready:
-            order.append(by_key[k])
-            done.add(k)
+                hint="run as a role allowed to SET session_replication_role (a superuser, or "
+                     "GRANT SET ON PARAMETER session_replication_role on PostgreSQL 15+), or "
+                     "make one constraint of the cycle DEFERRABLE")
+        order.extend(ready)
+        done.update(ready)
     return order
 
 
@@ -2651,7 +2649,7 @@ def stream_table(source: Session, target: Session, plan: TablePlan, fifo: Path) 
     def read_source() -> None:
         try:
             source.collect()
-        except BaseException as exc:  # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 — reported by the main thread
             outcome["source"] = exc
             _release_fifo(fifo)
 
@@ -2697,9 +2695,10 @@ def _try_replica_mode(target: Session) -> bool:
     return True
 
 
-def validate_foreign_keys(target: Session, plan: SyncPlan) -> None:
+def validate_foreign_keys(target: Session, foreign_keys: Sequence[ForeignKey]) -> None:
+    """Count child rows that reference no parent row, per constraint; any → SyncError."""
     broken = []
-    for fk in plan.foreign_keys:
+    for fk in foreign_keys:
         count = int(target.value(fk_violations_sql(fk)))
         if count:
             broken.append(f"{'.'.join(fk.child)} → {'.'.join(fk.parent)} ({fk.name}): "
@@ -2710,15 +2709,18 @@ def validate_foreign_keys(target: Session, plan: SyncPlan) -> None:
                         hint="a [sync.where] filter or --tables left out referenced rows")
 
 
-def raise_sequences(target: Session, plan: SyncPlan) -> int:
-    scans = {p.key: p.target for p in plan.tables}
-    numeric = {(p.key, c.name) for p in plan.tables for c in p.target.columns
-               if c.category == "N" and c.name in p.columns}
+def raise_sequences(target: Session, tables: Sequence[tuple[TableInfo, Sequence[str]]],
+                    sequences: Sequence[SequenceUse]) -> int:
+    """Move the sequences behind the copied numeric columns past the copied values.
+    `tables`: (target table, copied columns)."""
+    scans = {table.key: table.scan for table, _ in tables}
+    numeric = {(table.key, c.name) for table, copied in tables for c in table.columns
+               if c.category == "N" and c.name in copied}
     grouped: dict[tuple[str, int], list[tuple[str, str]]] = {}
-    for use in plan.sequences:
+    for use in sequences:
         if (use.table, use.column) in numeric:
             grouped.setdefault((use.sequence, use.increment), []).append(
-                (scans[use.table].scan, use.column))
+                (scans[use.table], use.column))
     for (sequence, increment), uses in grouped.items():
         target.execute(raise_sequence_sql(sequence, increment, uses))
     return len(grouped)
@@ -2834,7 +2836,10 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
                        "SET LOCAL statement_timeout = 0; "
                        "SET LOCAL idle_in_transaction_session_timeout = '5min'")
         outcome.replica = _try_replica_mode(target)
-        order = list(plan.tables) if outcome.replica else load_order(plan.tables, plan.foreign_keys)
+        order = list(plan.tables)
+        if not outcome.replica:
+            by_key = {p.key: p for p in plan.tables}
+            order = [by_key[k] for k in load_order(list(by_key), plan.foreign_keys)]
         if dry_run:
             target.execute("ROLLBACK")
             outcome.plan = dataclasses.replace(plan, tables=tuple(order))
@@ -2856,10 +2861,10 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
             console.info(_progress_line(table.name, rows, seconds))
         source.execute("COMMIT")  # release the snapshot before the checks on the target
         if outcome.replica:
-            validate_foreign_keys(target, plan)
+            validate_foreign_keys(target, plan.foreign_keys)
         else:
             target.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        raise_sequences(target, plan)
+        raise_sequences(target, [(p.target, p.columns) for p in plan.tables], plan.sequences)
         target.execute("COMMIT")
     except BaseException:
         if fifo_dir:
@@ -2930,7 +2935,7 @@ def rules_block(settings: SyncSettings, tables: Sequence[TableInfo], env: Env) -
     for table in tables:
         out.append("")
         out.append(f"# {table.qualified}" + (" (partitioned)" if table.kind == "p" else "")
-                   + f", ~{table.estimate:,} rows")
+                   + (f", ~{table.estimate:,} rows" if table.estimate > 0 else ""))
         for column in table.columns:
             pattern = ".".join(pattern_segment(p) for p in (table.schema, table.name, column.name))
             if column.generated:
@@ -3165,7 +3170,7 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
         results: list[dict[str, Any]] = []
         for table in order:
             t0 = time.monotonic()
-            rows = _copy_one(new, table, staged[table.old.key])
+            rows = _copy_one(new, table, staged.tables[table.old.key])
             seconds = time.monotonic() - t0
             results.append({"table": table.new.qualified, "from": table.old.qualified,
                             "rows": rows, "seconds": round(seconds, 3),
@@ -3173,12 +3178,11 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
             console.info(_progress_line(table.new.qualified, rows, seconds))
         copied = {t.new.key for t in order}
         if replica:
-            validate_foreign_keys(new, SyncPlan(
-                tables=(), foreign_keys=tuple(fk for fk in foreign_keys if fk.child in copied),
-                sequences=(), keyed=False, warnings=()))
+            validate_foreign_keys(new, [fk for fk in foreign_keys if fk.child in copied])
         else:
             new.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        _raise_copied_sequences(new, order)
+        raise_sequences(new, [(t.new, t.columns) for t in order],
+                        [s for s in read_sequences(new) if s.table in copied])
         _drop_staging(new, staged)
         new.execute("COMMIT")  # a failure anywhere above rolls back server, schemas and data
     return SchemaCopyResult(results, sum(r["rows"] for r in results),
@@ -3192,11 +3196,8 @@ def _copy_order(plan: SchemaCopyPlan, foreign_keys: Sequence[ForeignKey], replic
                 ) -> list[CopyPlan]:
     if replica:
         return list(plan.tables)
-    stand_ins = [TablePlan(source=t.new, target=t.new, columns=t.columns, rules=(), kept=(),
-                           defaulted=(), select="", binary=False, where=None)
-                 for t in plan.tables]
     by_key = {t.new.key: t for t in plan.tables}
-    return [by_key[p.key] for p in load_order(stand_ins, foreign_keys)]
+    return [by_key[k] for k in load_order(list(by_key), foreign_keys)]
 
 
 def _refuse_filled(session: Session, order: Sequence[CopyPlan]) -> None:
@@ -3213,10 +3214,19 @@ def _refuse_filled(session: Session, order: Sequence[CopyPlan]) -> None:
                            "in the mapping file")
 
 
+@dataclass
+class Staging:
+    """What _stage_old_tables created in the new database, for _drop_staging."""
+
+    tables: dict[tuple[str, str], str] = field(default_factory=dict)  # OLD table → foreign table
+    schemas: list[str] = field(default_factory=list)
+    extension_created: bool = False
+
+
 def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
-                      environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
+                      environ: Mapping[str, str]) -> Staging:
     """postgres_fdw server + user mapping to OLD, one staging schema per OLD schema with the
-    needed tables imported. Returns OLD table → staged foreign table (SQL name)."""
+    needed tables imported as foreign tables."""
     created = not session.value("SELECT count(*) FROM pg_extension WHERE extname = 'postgres_fdw'")
     try:
         session.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
@@ -3232,13 +3242,14 @@ def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
         "convert_from(decode(current_setting('confiture.fdw_user'), 'hex'), 'UTF8'), "
         "convert_from(decode(current_setting('confiture.fdw_password'), 'hex'), 'UTF8')); "
         "END $confiture$")
-    staged: dict[tuple[str, str], str] = {}
+    staged = Staging(extension_created=created)
     by_schema: dict[str, list[str]] = {}
     for table in order:
         by_schema.setdefault(table.old.schema, []).append(table.old.name)
     for index, (schema, names) in enumerate(sorted(by_schema.items())):
         staging = f"{_FDW_SERVER}_{index}"
         session.execute(f"CREATE SCHEMA {staging}")
+        staged.schemas.append(staging)
         limit = ", ".join(quote_ident(n) for n in sorted(set(names)))
         try:
             session.execute(f"IMPORT FOREIGN SCHEMA {quote_ident(schema)} LIMIT TO ({limit}) "
@@ -3248,9 +3259,7 @@ def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
                             hint="the new database's server connects to the old one itself: "
                                  "it needs a network path and, for non-superusers, a password")
         for name in names:
-            staged[(schema, name)] = f"{staging}.{quote_ident(name)}"
-    if created:
-        staged[("", "")] = "postgres_fdw"  # marks the extension as ours to drop afterwards
+            staged.tables[(schema, name)] = f"{staging}.{quote_ident(name)}"
     return staged
 
 
@@ -3271,23 +3280,13 @@ def _copy_one(session: Session, table: CopyPlan, staged: str) -> int:
     return int(counts["new"])
 
 
-def _raise_copied_sequences(session: Session, order: Sequence[CopyPlan]) -> None:
-    copied = {t.new.key: t for t in order}
-    plans = tuple(TablePlan(source=t.new, target=t.new, columns=t.columns, rules=(), kept=(),
-                            defaulted=(), select="", binary=False, where=None) for t in order)
-    uses = tuple(s for s in read_sequences(session) if s.table in copied)
-    raise_sequences(session, SyncPlan(tables=plans, foreign_keys=(), sequences=uses,
-                                      keyed=False, warnings=()))
-
-
-def _drop_staging(session: Session, staged: Mapping[tuple[str, str], str]) -> None:
+def _drop_staging(session: Session, staged: Staging) -> None:
     """Drop what _stage_old_tables created (the extension only if it was not there before)."""
-    schemas = sorted({name.split(".")[0] for key, name in staged.items() if key != ("", "")})
-    if schemas:
-        session.execute(f"DROP SCHEMA {', '.join(schemas)} CASCADE")
+    if staged.schemas:
+        session.execute(f"DROP SCHEMA {', '.join(staged.schemas)} CASCADE")
     session.execute(f"DROP USER MAPPING IF EXISTS FOR CURRENT_USER SERVER {_FDW_SERVER}")
     session.execute(f"DROP SERVER IF EXISTS {_FDW_SERVER} CASCADE")
-    if ("", "") in staged:
+    if staged.extension_created:
         session.execute("DROP EXTENSION IF EXISTS postgres_fdw")
 
 
@@ -3613,7 +3612,7 @@ def _print_sync_plan(app: App, outcome: SyncOutcome) -> None:
     for table in plan.tables:
         masked = ", ".join(f"{c}={r}" for c, r in table.rules) or "-"
         app.console.result(f"  {table.name:<36} {'binary' if table.binary else 'text':<6} "
-                           f"~{table.source.estimate:,} rows  masked: {masked}  "
+                           f"~{max(table.source.estimate, 0):,} rows  masked: {masked}  "
                            f"kept: {len(table.kept)}"
                            + (f"  where: {table.where}" if table.where else "")
                            + (f"  defaults: {', '.join(table.defaulted)}" if table.defaulted else ""))
