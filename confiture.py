@@ -2655,30 +2655,42 @@ def stream_table(source: Session, target: Session, plan: TablePlan, fifo: Path) 
 
     reader = threading.Thread(target=read_source, name="sync-source", daemon=True)
     reader.start()
-    rows = -1
     try:
         lines = target.collect()
         rows = int(next((l.split()[1] for l in lines if l.startswith("confiture_rows ")), "-1"))
+        target_error = None if rows >= 0 else \
+            (target.last_stderr or "psql could not read the stream").strip()
     except SqlError as exc:
-        outcome["target"] = exc
-    finally:
-        if rows < 0:
-            _release_fifo(fifo)
-        reader.join()
-        fifo.unlink(missing_ok=True)
+        target_error = exc.message
+    except BaseException:  # interrupted: stop both sides now rather than after the table
+        _abandon_stream(source, target, fifo, reader)
+        raise
+    if target_error is not None:
+        reader.join(timeout=0.5)  # a source that failed first is the cause: report it
+        if "source" not in outcome:
+            _abandon_stream(source, None, fifo, reader)
+            raise SyncError(f"{plan.name}: loading the target failed: {target_error}")
+    reader.join()
+    fifo.unlink(missing_ok=True)
     if "source" in outcome:
         failure = outcome["source"]
         if isinstance(failure, (KeyboardInterrupt, Interrupted)):
             raise failure
         message = failure.message if isinstance(failure, ConfitureError) else str(failure)
         raise SyncError(f"{plan.name}: reading the source failed: {message}")
-    if "target" in outcome:
-        raise SyncError(f"{plan.name}: loading the target failed: "
-                        f"{outcome['target'].message}")  # type: ignore[attr-defined]
-    if rows < 0:
-        detail = (target.last_stderr or "psql could not read the stream").strip()
-        raise SyncError(f"{plan.name}: loading the target failed: {detail}")
     return rows
+
+
+def _abandon_stream(source: Session, target: Session | None, fifo: Path,
+                    reader: Any) -> None:
+    """Cancel a table's COPY on both sides (the source would otherwise read the whole table
+    into a pipe nobody reads) and wait briefly for the source thread."""
+    for session in (target, source):
+        if session is not None:
+            session.cancel()
+    _release_fifo(fifo)
+    reader.join(timeout=10)
+    fifo.unlink(missing_ok=True)
 
 
 def _try_replica_mode(target: Session) -> bool:

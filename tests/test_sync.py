@@ -365,7 +365,7 @@ def test_unclassified_column_stops_the_sync_with_nothing_written(sp: SyncProject
     assert result.returncode == 2, result.stderr
     assert "public.users.passport_no (text)" in result.stderr and "nothing was written" in result.stderr
     assert sp.dst("SELECT id, email, age FROM users ORDER BY id") == before
-    reports = sorted((sp.root / ".confiture" / "sync").glob("*.json"))
+    reports = sorted((sp.root / ".confiture" / "sync").glob("*.json"), key=lambda p: p.stat().st_mtime)
     failed = json.loads(reports[-1].read_text())
     assert failed["ok"] is False and "passport_no" in failed["error"]
     # a rule for it, and the sync goes through
@@ -385,6 +385,18 @@ def test_schema_mismatches_are_named_before_anything_is_written(sp: SyncProject)
         in result.stderr
     assert "public.users.nickname: in the source, not in the target" in result.stderr
     assert sp.dst("SELECT email FROM users") == [("keep-me",)]
+
+
+def test_target_failure_mid_table_rolls_back_and_names_the_constraint(sp: SyncProject) -> None:
+    sp.dst("INSERT INTO users (id, email) VALUES (999, 'keep-me')")
+    sp.dst("ALTER TABLE orders ADD CONSTRAINT small_totals CHECK (total < 2)")
+    result = sp.run("sync")
+    assert result.returncode == 1
+    assert "public.orders: loading the target failed" in result.stderr
+    assert "small_totals" in result.stderr
+    assert sp.dst("SELECT email FROM users") == [("keep-me",)]
+    assert not sp.dst("SELECT 1 FROM pg_stat_activity WHERE application_name = 'confiture' "
+                      "AND state <> 'idle'")
 
 
 def test_filter_that_breaks_foreign_keys_rolls_back(sp: SyncProject) -> None:
@@ -470,7 +482,8 @@ def test_key_never_reaches_query_text_activity_or_log(sp: SyncProject) -> None:
         assert secret not in log  # …but never the key
 
 
-def test_kill_9_mid_sync_leaves_the_target_unchanged(sp: SyncProject) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) -> None:
     sp.dst("INSERT INTO users (id, email) VALUES (999, 'keep-me')")
     sp.dst("INSERT INTO orders (user_id, note) VALUES (999, 'old order')")
     sp.src(SLOW)
@@ -480,8 +493,10 @@ def test_kill_9_mid_sync_leaves_the_target_unchanged(sp: SyncProject) -> None:
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")  # orders is loaded by now
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        os.kill(proc.pid, how)
+        _, err = proc.communicate(timeout=60)
+    if how == signal.SIGTERM:
+        assert proc.returncode == 130 and "interrupted" in err
 
     def quiet() -> bool:
         return not any(c.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
