@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PGDEV := bin/pg-dev
 # Every confiture call runs with the dev cluster's PG* variables (from bin/pg-dev env dev).
 DEV := eval "$$($(PGDEV) env dev)" &&
-CONFITURE := $(PYTHON) confiture.py --config $(CONFIG) --env $(ENV)
+CONFITURE := PYTHON=$(PYTHON) bin/confiture --config $(CONFIG) --env $(ENV)
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test bench db-up db-down db-reset db-migrate db-status db-new db-backup \

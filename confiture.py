@@ -16,7 +16,7 @@ only the sections above it.
   §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
-  §8  Migrations                (issue 3)
+  §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §9  Backups, restore, deploy  (issue 4)
   §10 Anonymized sync           (issue 5)
   §11 Drift, watch, status      (issue 6)
@@ -1095,6 +1095,14 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
     return end_line
 
 
+class ScriptStopped(PgError):
+    """psql stopped a script at its first error (ON_ERROR_STOP) and exited; `stderr` says where."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
 class Session:
     """One long-lived psql process: statements go in on stdin, results come back framed by a
     random marker. ~0.1 ms per round trip instead of ~13 ms per new psql process."""
@@ -1184,6 +1192,7 @@ class Session:
 
     def _raise_dead(self, stderr: str = "") -> NoReturn:
         self._closed = True
+        self.last_stderr = stderr
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -1229,6 +1238,30 @@ class Session:
         if failed:
             raise self._sql_error(stderr, sqlstate)
         return lines
+
+    def run_stop_on_error(self, script: str) -> list[str]:
+        """Run statements and meta-commands (e.g. ``\\i FILE``) with ON_ERROR_STOP on. At the
+        first error psql exits, so the server rolls back any open transaction; that raises
+        ScriptStopped carrying psql's stderr, and the session is closed for good."""
+        if self._closed:
+            raise PgError("session is closed")
+        marker = self._marker.decode()
+        self._send(f"\\set ON_ERROR_STOP on\n{script.rstrip()}\n\\set ON_ERROR_STOP off\n"
+                   f"\\echo {marker} :ERROR :SQLSTATE\n")
+        try:
+            lines, _, _, _ = self._read_frame(None)
+        except ConnectionFailed:
+            raise
+        except PgError as exc:
+            stderr = getattr(self, "last_stderr", "")
+            if self._password:
+                stderr = stderr.replace(self._password, "***")
+            raise ScriptStopped(exc.message, stderr) from None
+        return lines
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _sql_error(self, stderr: str, sqlstate: str) -> SqlError:
         text = stderr if not self._password else stderr.replace(self._password, "***")
@@ -1760,8 +1793,1145 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §8 Migrations
-# (issue 3)
+# Versioned up/down SQL files (flat V_name.up.sql or Diesel folders V_name/up.sql) applied
+# through one psql Session under the per-database "migrate" advisory lock. Each migration and
+# its tracking row commit together; no-transaction migrations run statement by statement with
+# their progress logged, so an interrupted one resumes where it stopped. Planning is pure.
 # ════════════════════════════════════════════════════════════════════════════════════════════
+
+MIGRATION_LOCK = "migrate"
+NO_TRANSACTION_RE = re.compile(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.I)
+_VERSION_RE = re.compile(r"^(\d[\d-]*)(?:_(.*))?$")
+_FLAT_RE = re.compile(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
+_MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
+
+
+class MigrationError(PgError):
+    """A migration failed; `done` lists the versions that were applied or reverted before it."""
+
+    def __init__(self, message: str, done: Sequence[int] = (), hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.done = tuple(done)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    label: str            # as written on disk: "2017-08-31-230457_create_user"
+    up_file: str
+    down_file: str | None
+    checksum: str         # sha256 of up with CRLF → LF and without a UTF-8 BOM
+    transactional: bool   # False: '-- confiture:no-transaction' or Diesel run_in_transaction
+    layout: str           # "flat" or "folder"
+
+    @property
+    def up(self) -> Path:
+        return Path(self.up_file)
+
+    @property
+    def down(self) -> Path | None:
+        return Path(self.down_file) if self.down_file else None
+
+
+@dataclass(frozen=True)
+class MigrationFiles:
+    migrations: tuple[Migration, ...]
+    strays: tuple[str, ...]   # paths under the migrations folder that are not migrations
+
+
+def parse_version(text: str) -> int:
+    """'2017-08-31-230457' or '20170831230457' → 20170831230457 (SPEC §7)."""
+    digits = str(text).strip().replace("-", "")
+    if not digits.isdigit():
+        raise ConfigError(f"{text!r} is not a migration version",
+                          hint="versions are the leading digits of a migration's name")
+    return int(digits)
+
+
+def normalise_sql(data: bytes) -> bytes:
+    """What checksums are taken of: CRLF (and lone CR) as LF, no UTF-8 byte-order mark."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _diesel_transactional(folder: Path, rel: str) -> bool:
+    meta = folder / "metadata.toml"
+    if not meta.is_file():
+        return True
+    try:
+        data = tomllib.loads(meta.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise InputError(f"{rel}/metadata.toml: cannot read: {exc}") from exc
+    value = data.get("run_in_transaction", True)
+    if not isinstance(value, bool):
+        raise InputError(f"{rel}/metadata.toml: run_in_transaction must be true or false")
+    return value
+
+
+_NO_TRANSACTION_START = re.compile(rb"\s*--[ \t]*confiture:no-transaction\b", re.I)
+
+
+def _file_transactional(text: bytes) -> bool:
+    """False when the first non-blank line is '-- confiture:no-transaction'."""
+    return not _NO_TRANSACTION_START.match(text)
+
+
+def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str,
+                    folder_transactional: bool = True) -> Migration:
+    match = _VERSION_RE.match(label)
+    assert match is not None
+    try:
+        with open(up, "rb") as handle:
+            data = normalise_sql(handle.read())
+        data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+    return Migration(version=int(match.group(1).replace("-", "")), name=match.group(2) or "",
+                     label=label, up_file=up, down_file=down, checksum=sha256_bytes(data),
+                     transactional=folder_transactional and _file_transactional(data),
+                     layout=layout)
+
+
+def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
+    """Every migration below `folder` in version order, plus stray files (reported, never run).
+    Folders named like a version hold up.sql/down.sql; other folders are searched for flat
+    files. Duplicate versions are an error naming both."""
+    root = root or folder
+    base = str(root).rstrip(os.sep) + os.sep
+    # plain strings while walking: `migrate status` reads a thousand files per run
+
+    def show(path: str | Path) -> str:
+        text = str(path)
+        return text[len(base):].replace(os.sep, "/") if text.startswith(base) else text
+
+    found: list[Migration] = []
+    strays: list[str] = []
+
+    def visit(current: str) -> None:
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            raise InputError(f"cannot read folder {current}: {exc.strerror}") from exc
+        flat: dict[str, dict[str, str]] = {}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if _VERSION_RE.match(entry.name):
+                    visit_folder(entry.path, entry.name)
+                else:
+                    visit(entry.path)
+                continue
+            match = _FLAT_RE.match(entry.name)
+            if match:
+                flat.setdefault(match.group(1), {})[match.group(2)] = entry.path
+            else:
+                strays.append(show(entry.path))
+        for label, pair in flat.items():
+            if "up" not in pair:
+                strays.append(show(pair["down"]) + " (down without up)")
+                continue
+            found.append(_make_migration(label, pair["up"], pair.get("down"),
+                                         show(pair["up"]), "flat"))
+
+    def visit_folder(path: str, label: str) -> None:
+        names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
+        folder_path = Path(path)
+        strays.extend(show(folder_path / n) for n in sorted(names - _MIGRATION_FOLDER_FILES))
+        if "up.sql" not in names:
+            strays.append(show(path) + "/ (no up.sql)")
+            return
+        transactional = _diesel_transactional(folder_path, show(path))
+        up = os.path.join(path, "up.sql")
+        found.append(_make_migration(label, up,
+                                     os.path.join(path, "down.sql") if "down.sql" in names else None,
+                                     show(up), "folder", transactional))
+
+    if folder.is_dir():
+        visit(str(folder))
+    found.sort(key=lambda m: (m.version, m.label))
+    for before, after in zip(found, found[1:]):
+        if before.version == after.version:
+            raise InputError(f"two migrations have version {before.version}: "
+                             f"{show(before.up)} and {show(after.up)}",
+                             hint="give one of them a new version (rename it)")
+    return MigrationFiles(tuple(found), tuple(strays))
+
+
+def discover_migrations(config: Config) -> list[Migration]:
+    """The project's migrations in version order (strays left out: see scan_migrations)."""
+    return list(scan_migrations(config.migrations_dir, config.root).migrations)
+
+
+def migration_rel(config: Config, path: Path | None) -> str:
+    if path is None:
+        return "(none)"
+    try:
+        return path.relative_to(config.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def new_migration(config: Config, name: str, now: float | None = None) -> list[Path]:
+    """Create <UTC yyyymmddHHMMSS>_<name>.up.sql and .down.sql (or a folder, when the
+    project's newest migration is a folder); never overwrites."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not slug:
+        raise ConfigError(f"migration name {name!r} has no letters or digits")
+    files = scan_migrations(config.migrations_dir, config.root).migrations
+    folder_layout = bool(files) and files[-1].layout == "folder"
+    stamp = int(now if now is not None else time.time())
+    existing = {m.version for m in files}
+    while True:
+        version = time.strftime("%Y%m%d%H%M%S", time.gmtime(stamp))
+        if int(version) not in existing:
+            break
+        stamp += 1
+    base = config.migrations_dir / f"{version}_{slug}"
+    if folder_layout:
+        paths = [base / "up.sql", base / "down.sql"]
+    else:
+        paths = [base.with_name(base.name + ".up.sql"), base.with_name(base.name + ".down.sql")]
+    bodies = [f"-- {version}_{slug}: up\n", f"-- {version}_{slug}: revert what up.sql did\n"]
+    for path, body in zip(paths, bodies):
+        if path.exists():
+            raise Refused(f"{path} already exists")
+        write_atomic(path, body.encode())
+    return paths
+
+
+# ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
+
+@dataclass(frozen=True)
+class Statement:
+    text: str                # as written (leading comments kept, trailing blanks cut)
+    line: int                # line of its first character in the file
+    words: tuple[str, ...]   # first keywords, upper-cased (strings and comments skipped)
+    meta: bool = False       # a psql backslash command
+
+
+_SQL_SPECIAL = re.compile(r"""(?x)
+    (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
+  | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
+  | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
+_STR_BODY = re.compile(r"[^']*(?:''[^']*)*'")
+_ESTR_BODY = re.compile(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.S)
+_IDENT_BODY = re.compile(r'[^"]*(?:""[^"]*)*"')
+_BLOCK_EDGE = re.compile(r"/\*|\*/")
+_WORD = re.compile(r"[^\W\d][\w$]*|[()]")
+_COPY_STDIN = re.compile(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.I | re.S)
+_COPY_END = re.compile(r"^\\\.[ \t\r]*$", re.M)
+
+
+def _skip_block_comment(text: str, pos: int) -> int:
+    depth = 1
+    for match in _BLOCK_EDGE.finditer(text, pos):
+        depth += 1 if match.group() == "/*" else -1
+        if depth == 0:
+            return match.end()
+    return len(text)
+
+
+def _keywords(code: str, limit: int = 6) -> tuple[str, ...]:
+    words: list[str] = []
+    for match in _WORD.finditer(code):
+        if match.group() not in "()":
+            words.append(match.group().upper())
+            if len(words) == limit:
+                break
+    return tuple(words)
+
+
+def _inside_routine_body(code: str) -> bool:
+    """psql's heuristic: in CREATE [OR REPLACE] FUNCTION|PROCEDURE, a ';' between BEGIN (ATOMIC)
+    and its END does not end the statement."""
+    head = _keywords(code, 4)
+    if not head or head[0] != "CREATE" or not (
+            head[1:2] in (("FUNCTION",), ("PROCEDURE",))
+            or (head[1:3] == ("OR", "REPLACE") and head[3:4] in (("FUNCTION",), ("PROCEDURE",)))):
+        return False
+    parens = depth = 0
+    for match in _WORD.finditer(code):
+        word = match.group().upper()
+        if word == "(":
+            parens += 1
+        elif word == ")":
+            parens = max(parens - 1, 0)
+        elif parens == 0:
+            if word == "BEGIN":
+                depth += 1
+            elif word == "CASE" and depth >= 1:
+                depth += 1
+            elif word == "END" and depth > 0:
+                depth -= 1
+    return depth > 0
+
+
+def split_sql(text: str) -> list[Statement]:
+    """Split SQL the way psql does: quotes, E'' strings, dollar quoting with tags, nested
+    block comments, parentheses, BEGIN ATOMIC bodies, COPY … FROM stdin data and backslash
+    commands. Comment-only pieces are not statements."""
+    out: list[Statement] = []
+    size = len(text)
+    pos = start = depth = 0
+    code: list[str] = []
+    line, line_pos = 1, 0
+
+    def line_at(index: int) -> int:
+        nonlocal line, line_pos
+        line += text.count("\n", line_pos, index)
+        line_pos = index
+        return line
+
+    def emit(end: int, meta: bool = False) -> None:
+        nonlocal start, code, depth
+        words = _keywords("".join(code))
+        if words or meta:
+            first = start + len(text[start:end]) - len(text[start:end].lstrip())
+            out.append(Statement(text[first:end].rstrip(), line_at(first), words, meta))
+        start, code, depth = end, [], 0
+
+    while pos < size:
+        match = _SQL_SPECIAL.search(text, pos)
+        if not match:
+            code.append(text[pos:])
+            break
+        code.append(text[pos:match.start()])
+        kind, pos = match.lastgroup, match.end()
+        if kind == "semi":
+            joined = "".join(code)
+            if depth == 0 and not _inside_routine_body(joined):
+                if _COPY_STDIN.match(joined):
+                    end = _COPY_END.search(text, pos)
+                    pos = end.end() if end else size
+                emit(pos)
+                continue
+            code.append(";")
+        elif kind == "open":
+            depth += 1
+            code.append("(")
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+            code.append(")")
+        elif kind == "line":
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code.append(" ")
+        elif kind == "block":
+            pos = _skip_block_comment(text, pos)
+            code.append(" ")
+        elif kind in ("str", "estr", "ident"):
+            body = {"str": _STR_BODY, "estr": _ESTR_BODY, "ident": _IDENT_BODY}[kind]
+            found = body.match(text, pos)
+            pos = found.end() if found else size
+            code.append(' "q" ' if kind == "ident" else " '' ")
+        elif kind == "dollar":
+            close = text.find(match.group(), pos)
+            pos = size if close < 0 else close + len(match.group())
+            code.append(" $$ ")
+        else:  # a backslash command runs to the end of its line
+            if _keywords("".join(code)):
+                emit(match.start())
+            start = match.start()
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code = []
+            emit(pos, meta=True)
+    emit(size)
+    return out
+
+
+_TXN_CONTROL = {"BEGIN", "COMMIT", "END", "ABORT", "ROLLBACK"}
+
+
+def transaction_control(words: Sequence[str]) -> bool:
+    """BEGIN/COMMIT/ROLLBACK/…: these would end the transaction we wrap a migration in."""
+    if not words:
+        return False
+    if words[0] == "ROLLBACK" and words[1:2] == ("TO",):
+        return False  # ROLLBACK TO SAVEPOINT stays inside our transaction
+    return words[0] in _TXN_CONTROL or tuple(words[:2]) == ("START", "TRANSACTION") \
+        or tuple(words[:2]) == ("PREPARE", "TRANSACTION")
+
+
+def needs_no_transaction(words: Sequence[str]) -> bool:
+    """Statements PostgreSQL refuses inside a transaction block."""
+    w = tuple(words)
+    if w[:1] in (("VACUUM",), ("CLUSTER",)) and "CONCURRENTLY" not in w:
+        return w[0] == "VACUUM"
+    return ((w[:1] in (("CREATE",), ("DROP",), ("REINDEX",)) and "CONCURRENTLY" in w[:5]
+             and "MATERIALIZED" not in w)
+            or w[:2] in (("CREATE", "DATABASE"), ("DROP", "DATABASE"), ("ALTER", "SYSTEM"),
+                         ("CREATE", "TABLESPACE"), ("DROP", "TABLESPACE")))
+
+
+def migration_statements(migration: Migration, which: str = "up",
+                         root: Path | None = None) -> tuple[list[Statement], bool]:
+    """The statements of a migration's up or down file and whether it runs in a transaction."""
+    path = migration.up if which == "up" else migration.down
+    assert path is not None
+    rel = path.relative_to(root).as_posix() if root and path.is_relative_to(root) else str(path)
+    data = normalise_sql(_read_sql(path, rel))
+    transactional = migration.transactional and _file_transactional(data)
+    return split_sql(data.decode("utf-8")), transactional
+
+
+def check_migration_sql(migration: Migration, which: str, root: Path) -> bool:
+    """Refuse, before anything runs, SQL that would break the one-transaction guarantee.
+    Returns whether the file runs in a transaction."""
+    statements, transactional = migration_statements(migration, which, root)
+    path = migration.up if which == "up" else migration.down
+    rel = migration_rel_path(root, path)
+    for stmt in statements:
+        if stmt.meta:
+            continue
+        if transaction_control(stmt.words):
+            raise InputError(
+                f"{rel}:{stmt.line}: {stmt.words[0]} controls the transaction; confiture runs "
+                "each migration in its own transaction",
+                hint="remove it, or start the file with '-- confiture:no-transaction'"
+                if transactional else "a no-transaction migration runs in autocommit mode")
+        if transactional and needs_no_transaction(stmt.words):
+            raise InputError(
+                f"{rel}:{stmt.line}: {' '.join(stmt.words[:4])} … cannot run inside a "
+                "transaction",
+                hint="put it in its own migration whose first line is "
+                     "'-- confiture:no-transaction'")
+    return transactional
+
+
+def migration_rel_path(root: Path, path: Path | None) -> str:
+    if path is None:
+        return "(none)"
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+# ── status: files against the tracking table (pure) ───────────────────────────────────────
+
+@dataclass(frozen=True)
+class AppliedRow:
+    version: int
+    name: str
+    checksum: str
+    applied_at: str
+    applied_by: str
+    duration_ms: int
+    how: str    # "applied" or "baseline"
+
+
+@dataclass(frozen=True)
+class PartialRun:
+    """A no-transaction migration that started but neither finished nor was repaired."""
+
+    version: int
+    name: str
+    checksum: str
+    done: int           # statements that completed
+    total: int
+    prefix: str         # sha256 of the completed statements' text
+    at: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    table: str
+    tracking: bool                                  # the tracking table exists
+    files: MigrationFiles
+    applied: tuple[AppliedRow, ...]                 # every row, version order
+    pending: tuple[Migration, ...]                  # not applied, version order
+    out_of_order: tuple[Migration, ...]             # pending, older than the newest applied
+    changed: tuple[tuple[Migration, AppliedRow], ...]
+    missing: tuple[AppliedRow, ...]                 # applied, file gone
+    partial: tuple[PartialRun, ...]
+
+    @property
+    def current(self) -> int | None:
+        return self.applied[-1].version if self.applied else None
+
+    @property
+    def clean(self) -> bool:
+        return not (self.pending or self.changed or self.missing or self.partial)
+
+    def as_json(self) -> dict[str, Any]:
+        def mig(m: Migration) -> dict[str, Any]:
+            return {"version": m.version, "name": m.name, "label": m.label,
+                    "file": str(m.up), "transactional": m.transactional}
+
+        def row(r: AppliedRow) -> dict[str, Any]:
+            return {"version": r.version, "name": r.name, "checksum": r.checksum,
+                    "applied_at": r.applied_at, "applied_by": r.applied_by,
+                    "duration_ms": r.duration_ms, "how": r.how}
+
+        return {"table": self.table, "current": self.current, "clean": self.clean,
+                "applied": [row(r) for r in self.applied],
+                "pending": [mig(m) for m in self.pending],
+                "out_of_order": [m.version for m in self.out_of_order],
+                "changed": [{"version": m.version, "name": m.name, "file": str(m.up),
+                             "recorded": r.checksum, "current": m.checksum}
+                            for m, r in self.changed],
+                "missing": [row(r) for r in self.missing],
+                "partial": [dataclasses.asdict(p) for p in self.partial],
+                "strays": list(self.files.strays)}
+
+
+def plan_status(files: MigrationFiles, applied: Sequence[AppliedRow],
+                partial: Sequence[PartialRun] = (), table: str = "",
+                tracking: bool = True) -> MigrationStatus:
+    by_version = {m.version: m for m in files.migrations}
+    rows = sorted(applied, key=lambda r: r.version)
+    done = {r.version for r in rows}
+    newest = rows[-1].version if rows else None
+    pending = tuple(m for m in files.migrations if m.version not in done)
+    return MigrationStatus(
+        table=table, tracking=tracking, files=files, applied=tuple(rows), pending=pending,
+        out_of_order=tuple(m for m in pending if newest is not None and m.version < newest),
+        changed=tuple((by_version[r.version], r) for r in rows
+                      if r.version in by_version and by_version[r.version].checksum != r.checksum),
+        missing=tuple(r for r in rows if r.version not in by_version),
+        partial=tuple(partial))
+
+
+def refuse_unclean_history(status: MigrationStatus, config: Config) -> None:
+    """`up` refuses while an applied migration's file changed or vanished (exit 3)."""
+    problems = [f"{migration_rel(config, m.up)} changed since it was applied "
+                f"(recorded {r.checksum[:12]}, now {m.checksum[:12]})" for m, r in status.changed]
+    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
+    if problems:
+        raise CheckFailed("; ".join(problems),
+                          hint="restore the file(s), or accept the current files with "
+                               "'confiture.py migrate repair'")
+
+
+def plan_up(status: MigrationStatus, to: int | None = None) -> list[Migration]:
+    """Pending migrations in version order, up to and including `to`."""
+    return [m for m in status.pending if to is None or m.version <= to]
+
+
+def plan_down(status: MigrationStatus, config: Config, steps: int | None = None,
+              to: int | None = None) -> list[tuple[AppliedRow, Migration]]:
+    """Applied migrations to revert, newest first; refused up front (all or nothing) when any
+    of them has no down file."""
+    if (steps is None) == (to is None):
+        raise ConfigError("migrate down needs exactly one of --steps N or --to VERSION")
+    rows = list(reversed(status.applied))
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError("--steps must be at least 1")
+        chosen = rows[:steps]
+    else:
+        chosen = [r for r in rows if r.version > (to or 0)]
+    by_version = {m.version: m for m in status.files.migrations}
+    lacking = [f"{r.version}_{r.name}" + (" (its files are gone)" if r.version not in by_version
+                                          else f" ({migration_rel(config, by_version[r.version].up)}"
+                                               " has no down file)")
+               for r in chosen if r.version not in by_version or by_version[r.version].down is None]
+    if lacking:
+        raise Refused(f"cannot revert {len(chosen)} migration(s): no down file for "
+                      + ", ".join(lacking), hint="nothing was reverted; add the down file(s) or "
+                                                  "revert fewer steps")
+    return [(r, by_version[r.version]) for r in chosen]
+
+
+# ── the tracking table ────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class Tracking:
+    """The tracking table and its log, schema-qualified and quoted."""
+
+    schema: str
+    table: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+
+    @property
+    def log(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table + '_log')}"
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+def parse_table_name(text: str) -> tuple[str | None, str]:
+    """'t', 's.t', '"My Schema"."T"' → (schema or None, table); unquoted parts fold to lower case
+    as PostgreSQL folds them."""
+    parts: list[str] = []
+    pos = 0
+    pattern = re.compile(r'\s*(?:"((?:[^"]|"")+)"|([^".\s]+))\s*(\.|$)')
+    while pos < len(text):
+        match = pattern.match(text, pos)
+        if not match:
+            raise ConfigError(f"migrations.table: cannot read {text!r} as [schema.]table")
+        parts.append(match.group(1).replace('""', '"') if match.group(1) else match.group(2).lower())
+        pos = match.end()
+        if match.group(3) == "" or pos >= len(text):
+            break
+    if not 1 <= len(parts) <= 2:
+        raise ConfigError(f"migrations.table: {text!r} must be table or schema.table")
+    for part in parts:
+        check_db_name(part, "migrations.table name")
+    check_db_name(parts[-1] + "_log", "migrations.table name (+ '_log')")
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+_TRACKING_COLUMNS = {"version", "name", "checksum", "applied_at", "applied_by", "duration_ms",
+                     "how"}
+
+
+def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool, bool]:
+    """Qualify the configured table (unqualified: where search_path finds it, else the
+    current schema); say whether it exists with our columns, and whether its log exists.
+    One round trip."""
+    schema, table = parse_table_name(config.migrations_table)
+    where = quote_literal(schema) if schema is not None else (
+        "coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE c.oid = to_regclass("
+        f"{quote_literal(quote_ident(table))})), current_schema())")
+    relation = ("FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = s.schema AND c.relname = ")
+    row = session.query(
+        f"SELECT s.schema, (SELECT coalesce(json_agg(a.attname::text), '[]') "
+        f"FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n "
+        f"ON n.oid = c.relnamespace WHERE n.nspname = s.schema AND c.relname = "
+        f"{quote_literal(table)} AND a.attnum > 0 AND NOT a.attisdropped) AS columns, "
+        f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log "
+        f"FROM (SELECT {where} AS schema) s")[0]
+    if not row["schema"]:
+        raise ConfigError("search_path names no existing schema for the tracking table",
+                          hint="qualify [migrations] table, e.g. \"public.confiture_migrations\"")
+    tracking = Tracking(str(row["schema"]), table)
+    found = set(row["columns"] or [])
+    if found and not _TRACKING_COLUMNS <= found:
+        raise ConfigError(f"table {tracking.display} exists but is not a confiture tracking table "
+                          f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
+                          hint="set [migrations] table to another name; to adopt a database "
+                               "migrated by another tool, use 'migrate baseline --to VERSION'")
+    return tracking, bool(found), bool(row["log"])
+
+
+def ensure_tracking(session: Session, tracking: Tracking) -> None:
+    """Create what is missing of the schema, the tracking table and its log (under the lock).
+    Existing objects are left alone: CREATE SCHEMA IF NOT EXISTS alone would need the CREATE
+    privilege on the database even when the schema exists."""
+    row = session.query(
+        f"SELECT to_regnamespace({quote_literal(quote_ident(tracking.schema))}) IS NULL AS schema,"
+        f" to_regclass({quote_literal(tracking.qualified)}) IS NULL AS tbl,"
+        f" to_regclass({quote_literal(tracking.log)}) IS NULL AS log")[0]
+    sql = []
+    if row["schema"]:
+        sql.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(tracking.schema)};")
+    if row["tbl"]:
+        sql.append(
+            f"CREATE TABLE IF NOT EXISTS {tracking.qualified} (\n"
+            "  version bigint PRIMARY KEY,\n  name text NOT NULL,\n  checksum text NOT NULL,\n"
+            "  applied_at timestamptz NOT NULL DEFAULT now(),\n"
+            "  applied_by text NOT NULL DEFAULT current_user,\n"
+            "  duration_ms integer NOT NULL DEFAULT 0,\n"
+            "  how text NOT NULL DEFAULT 'applied');")
+    if row["log"]:
+        sql.append(
+            f"CREATE TABLE IF NOT EXISTS {tracking.log} (\n"
+            "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+            "  at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+            "  by text NOT NULL DEFAULT current_user,\n"
+            "  event text NOT NULL,\n  version bigint,\n  name text,\n  checksum text,\n"
+            "  detail jsonb);")
+    if sql:
+        session.execute("\n".join(sql))
+
+
+# Events whose latest occurrence for a version that is not applied means "partly run".
+_PARTIAL_EVENTS = ("started", "progress", "failed")
+
+
+def read_tracking(session: Session, tracking: Tracking, has_log: bool = True
+                  ) -> tuple[list[AppliedRow], list[PartialRun]]:
+    """Applied rows and interrupted no-transaction runs, in one round trip."""
+    partial_sql = "'[]'::json"
+    if has_log:
+        partial_sql = (
+            "(SELECT coalesce(json_agg(p ORDER BY p.version), '[]') FROM ("
+            "SELECT DISTINCT ON (l.version) l.version, l.name, l.checksum, l.event, l.detail, "
+            "to_char(l.at, 'YYYY-MM-DD HH24:MI:SS') AS at "
+            f"FROM {tracking.log} l WHERE l.version IS NOT NULL AND NOT EXISTS "
+            f"(SELECT 1 FROM {tracking.qualified} t WHERE t.version = l.version) "
+            "ORDER BY l.version, l.id DESC) p "
+            f"WHERE p.event IN ({', '.join(quote_literal(e) for e in _PARTIAL_EVENTS)}))")
+    doc = session.value(
+        "SELECT json_build_object('applied', (SELECT coalesce(json_agg(json_build_array("
+        "version, name, checksum, to_char(applied_at, 'YYYY-MM-DD HH24:MI:SS TZ'), applied_by, "
+        f"duration_ms, how) ORDER BY version), '[]') FROM {tracking.qualified}), "
+        f"'partial', {partial_sql})")
+    applied = [AppliedRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), r[6])
+               for r in doc["applied"]]
+    partial = []
+    for p in doc["partial"]:
+        detail = p.get("detail") or {}
+        partial.append(PartialRun(version=int(p["version"]), name=p["name"] or "",
+                                  checksum=p["checksum"] or "", done=int(detail.get("done", 0)),
+                                  total=int(detail.get("total", 0)),
+                                  prefix=str(detail.get("prefix", "")), at=p["at"],
+                                  error=detail.get("error")))
+    return applied, partial
+
+
+def open_migration_session(ws: Workspace) -> Session:
+    """A session on the env's own database."""
+    return ws.client.session(ws.env.database)
+
+
+def _status_with(session: Session, ws: Workspace, files: MigrationFiles | None = None
+                 ) -> tuple[MigrationStatus, Tracking]:
+    files = files or scan_migrations(ws.config.migrations_dir, ws.config.root)
+    tracking, exists, has_log = resolve_tracking(session, ws.config)
+    applied, partial = read_tracking(session, tracking, has_log) if exists else ([], [])
+    return plan_status(files, applied, partial, tracking.display, exists), tracking
+
+
+def migration_status(ws: Workspace, session: Session | None = None) -> MigrationStatus:
+    """Applied / pending / changed / missing / out-of-order / partial, without taking the lock."""
+    if session is None:
+        with open_migration_session(ws) as own:
+            return migration_status(ws, own)
+    return _status_with(session, ws)[0]
+
+
+# ── running: one psql session, the lock, one transaction per migration ────────────────────
+
+_RESET_SESSION = "RESET ALL;\nSET client_min_messages = warning;"
+_DURATION_SQL = "(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer"
+
+
+def psql_quote_path(path: Path) -> str:
+    """A file name as a psql meta-command argument."""
+    text = str(path)
+    if "\n" in text or "\r" in text:
+        raise InputError(f"cannot run a file whose name holds a line break: {text!r}")
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def migration_failure(stderr: str, path: Path, rel: str, what: str,
+                      aliases: Sequence[str] = ()) -> SqlError:
+    """psql's stderr after a stopped script → one error naming the migration file and line.
+    `aliases` are other files psql ran for this migration (statement files padded to the
+    original line numbers)."""
+    match = next((m for m in map(_PSQL_ERROR.match, stderr.splitlines()) if m), None)
+    where = match.group("file") if match else str(path)
+    if where == "<stdin>":
+        return SqlError(f"{what}: {parse_psql_errors(stderr, None).server_message}")
+    if where != str(path) and where not in aliases:  # a file the migration included itself
+        return parse_psql_errors(stderr, LineMap(((1, where, 1),)))
+    try:
+        lines = tuple(normalise_sql(path.read_bytes()).decode("utf-8", "replace").split("\n"))
+    except OSError:
+        lines = ()
+    return parse_psql_errors(stderr, LineMap(((1, rel, 1),), lines))
+
+
+def _json_literal(value: Mapping[str, Any]) -> str:
+    return quote_literal(json.dumps(value, sort_keys=True)) + "::jsonb"
+
+
+def _log_sql(tracking: Tracking, event: str, item: Migration | AppliedRow | PartialRun | None,
+             detail: Mapping[str, Any] | None = None) -> str:
+    version = str(item.version) if item else "NULL"
+    name = quote_literal(item.name) if item else "NULL"
+    checksum = quote_literal(item.checksum) if item else "NULL"
+    return (f"INSERT INTO {tracking.log} (event, version, name, checksum, detail) VALUES "
+            f"({quote_literal(event)}, {version}, {name}, {checksum}, "
+            f"{_json_literal(detail) if detail else 'NULL'});")
+
+
+def _record_sql(tracking: Tracking, migration: Migration, how: str = "applied",
+                duration: str = _DURATION_SQL) -> str:
+    return (f"INSERT INTO {tracking.qualified} (version, name, checksum, duration_ms, how) VALUES "
+            f"({migration.version}, {quote_literal(migration.name)}, "
+            f"{quote_literal(migration.checksum)}, {duration}, {quote_literal(how)});\n"
+            + _log_sql(tracking, how, migration))
+
+
+@dataclass
+class MigrationRun:
+    """What a migrate up/down run did."""
+
+    direction: str
+    planned: list[Migration] = field(default_factory=list)
+    done: list[tuple[Migration, float]] = field(default_factory=list)
+    dry_run: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"direction": self.direction, "dry_run": self.dry_run,
+                "planned": [{"version": m.version, "name": m.name, "label": m.label,
+                             "transactional": m.transactional} for m in self.planned],
+                "done": [{"version": m.version, "name": m.name,
+                          "ms": round(s * 1000, 1)} for m, s in self.done],
+                "notes": self.notes}
+
+
+class _Locked:
+    """Session + migration lock + tracking table, for the writing commands."""
+
+    def __init__(self, ws: Workspace, session: Session | None, lock: bool) -> None:
+        self.ws, self.lock = ws, lock
+        self.own = session is None
+        self.session = session or open_migration_session(ws)
+
+    def __enter__(self) -> "_Locked":
+        try:
+            if self.lock:
+                acquire_lock(self.session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
+                             f"the migration lock on database {self.ws.env.database}",
+                             self.ws.console.info)
+            self.tracking = resolve_tracking(self.session, self.ws.config)[0]
+            ensure_tracking(self.session, self.tracking)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def status(self, files: MigrationFiles | None = None) -> MigrationStatus:
+        files = files or scan_migrations(self.ws.config.migrations_dir, self.ws.config.root)
+        applied, partial = read_tracking(self.session, self.tracking)
+        return plan_status(files, applied, partial, self.tracking.display, True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc and exc[0] is not None and issubclass(exc[0], (KeyboardInterrupt, Interrupted)):
+            # cancel the running statement: psql stops (ON_ERROR_STOP), the server rolls the
+            # migration back, and the lock goes with the connection
+            self.session.cancel()
+        elif self.lock and not self.session.closed:
+            try:
+                release_lock(self.session, MIGRATION_LOCK)
+            except PgError:
+                pass  # the lock goes with the session anyway
+        if self.own:
+            self.session.close()
+
+
+def _prefix_hash(statements: Sequence[Statement]) -> str:
+    return sha256_bytes("\0".join(s.text for s in statements).encode())
+
+
+def _apply_transactional(session: Session, tracking: Tracking, migration: Migration,
+                         rel: str) -> None:
+    script = "\n".join([
+        "BEGIN;", _RESET_SESSION, f"\\i {psql_quote_path(migration.up)}", _RESET_SESSION,
+        _record_sql(tracking, migration), "COMMIT;"])
+    try:
+        session.run_stop_on_error(script)
+    except ScriptStopped as exc:
+        raise migration_failure(exc.stderr, migration.up, rel,
+                                f"recording {migration.label}") from None
+
+
+_CIC_NAME = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+                       r"(?:(?:\"(?:[^\"]|\"\")+\"|[\w$]+)\s*\.\s*)?(\"(?:[^\"]|\"\")+\"|[\w$]+)",
+                       re.I)
+
+
+def drop_invalid_index_of(session: Session, stmt: Statement, console: Console) -> str | None:
+    """A CREATE INDEX CONCURRENTLY that failed or was interrupted leaves an INVALID index
+    behind; drop it (concurrently) so the statement can run again. Returns its name."""
+    match = _CIC_NAME.match(_strip_comments(stmt.text))
+    if not match:
+        return None
+    raw = match.group(1)
+    name = raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
+    rows = session.query(
+        "SELECT i.indexrelid::regclass::text AS index FROM pg_index i JOIN pg_class c "
+        f"ON c.oid = i.indexrelid WHERE NOT i.indisvalid AND c.relname = {quote_literal(name)}")
+    if len(rows) != 1:
+        return None
+    index = str(rows[0]["index"])
+    session.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+    console.info(f"dropped invalid index {index} left by an interrupted CREATE INDEX CONCURRENTLY")
+    return index
+
+
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"--[^\n]*", " ", text)
+
+
+def invalid_indexes(session: Session) -> list[str]:
+    rows = session.query(
+        "SELECT i.indexrelid::regclass::text AS index FROM pg_index i JOIN pg_class c "
+        "ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "ORDER BY 1")
+    return [str(r["index"]) for r in rows]
+
+
+def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migration: Migration,
+                      rel: str, statements: list[Statement], resume: PartialRun | None) -> None:
+    """A no-transaction migration: statements one at a time in autocommit, each followed (in
+    the same psql input, so even a killed client cannot separate them) by a progress row."""
+    import tempfile
+
+    start = 0
+    total = len(statements)
+    if resume is not None and resume.done and resume.prefix == _prefix_hash(statements[:resume.done]):
+        start = resume.done
+        ws.console.info(f"resuming {migration.label} at statement {start + 1} of {total} "
+                        f"(statements 1–{start} ran on {resume.at})")
+    elif resume is not None and resume.done:
+        raise CheckFailed(
+            f"{rel}: the {resume.done} statement(s) that already ran in an interrupted run "
+            "have changed since", hint="make the database match the file, then run "
+                                       "'confiture.py migrate repair' to start it afresh")
+    if start < total:
+        drop_invalid_index_of(session, statements[start], ws.console)
+    session.execute(_RESET_SESSION + "\n" + _log_sql(
+        tracking, "started", migration, {"done": start, "total": total,
+                                         "prefix": _prefix_hash(statements[:start])}))
+    with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
+        for index in range(start, total):
+            progress = _log_sql(tracking, "progress", migration, {
+                "done": index + 1, "total": total,
+                "prefix": _prefix_hash(statements[:index + 1])})
+            try:
+                _run_statement(session, Path(folder), index, statements[index], progress)
+            except ScriptStopped as exc:
+                error = migration_failure(exc.stderr, migration.up, rel, f"recording {rel}",
+                                          [str(Path(folder) / f"{index + 1}.sql")])
+                _record_failure(ws, tracking, migration, index, total, statements, error)
+                raise error from None
+    session.run_stop_on_error("\n".join(["BEGIN;", _RESET_SESSION, _record_sql(
+        tracking, migration, duration="0"), "COMMIT;"]))
+
+
+def _run_statement(session: Session, folder: Path, index: int, stmt: Statement,
+                   after: str = "") -> None:
+    """One statement through its own file: psql's lexer state cannot leak into what follows,
+    and the file is padded so psql reports the original file's line numbers."""
+    path = folder / f"{index + 1}.sql"
+    path.write_text("\n" * (stmt.line - 1) + stmt.text + "\n", encoding="utf-8")
+    session.run_stop_on_error(f"\\i {psql_quote_path(path)}\n{after}")
+
+
+def _record_failure(ws: Workspace, tracking: Tracking, migration: Migration, index: int,
+                    total: int, statements: Sequence[Statement], error: SqlError) -> None:
+    """After a failed no-transaction statement (the session is gone): log it and drop an
+    invalid index it left, on a fresh session. Best effort: the progress rows already say
+    where it stopped."""
+    try:
+        with open_migration_session(ws) as session:
+            drop_invalid_index_of(session, statements[index], ws.console)
+            session.execute(_log_sql(tracking, "failed", migration, {
+                "done": index, "total": total, "prefix": _prefix_hash(statements[:index]),
+                "error": error.message}))
+    except ConfitureError as exc:
+        ws.console.warn(f"could not log the failure of {migration.label}: {exc.message}")
+
+
+def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
+               session: Session | None = None, lock: bool = True) -> MigrationRun:
+    """Apply pending migrations in version order. Under the migration lock unless lock=False
+    (the caller already holds it on another session). Refuses (exit 3) while an applied
+    migration changed or vanished. After a failed migration psql has exited: the session is
+    closed, the failed migration left nothing behind (or, without a transaction, logged how
+    far it got), and MigrationError says which ones were applied before it."""
+    config = ws.config
+    files = scan_migrations(config.migrations_dir, config.root)
+    run = MigrationRun("up", dry_run=dry_run)
+    if dry_run:
+        if session is None:
+            with open_migration_session(ws) as own:
+                status = _status_with(own, ws, files)[0]
+        else:
+            status = _status_with(session, ws, files)[0]
+        refuse_unclean_history(status, config)
+        run.planned = plan_up(status, to)
+        for m in run.planned:
+            check_migration_sql(m, "up", config.root)
+        return run
+    with _Locked(ws, session, lock) as locked:
+        status = locked.status(files)
+        refuse_unclean_history(status, config)
+        run.planned = plan_up(status, to)
+        checked = {m.version: check_migration_sql(m, "up", config.root) for m in run.planned}
+        partial = {p.version: p for p in status.partial}
+        for stale in set(partial) - {m.version for m in run.planned}:
+            ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
+        if status.out_of_order:
+            run.notes.append("out of order: " + ", ".join(m.label for m in status.out_of_order))
+            ws.console.warn(f"applying {len(status.out_of_order)} migration(s) older than the "
+                            f"newest applied one: {', '.join(m.label for m in status.out_of_order)}")
+        for migration in run.planned:
+            rel = migration_rel(config, migration.up)
+            started = time.monotonic()
+            try:
+                if checked[migration.version]:
+                    _apply_transactional(locked.session, locked.tracking, migration, rel)
+                else:
+                    statements = migration_statements(migration, "up", config.root)[0]
+                    _apply_statements(ws, locked.session, locked.tracking, migration, rel,
+                                      statements, partial.get(migration.version))
+            except SqlError as exc:
+                done = [m.version for m, _ in run.done]
+                raise MigrationError(
+                    f"{exc.message}" + (f" (applied before it: {len(done)} migration(s), up to "
+                                        f"{run.done[-1][0].label})" if done else ""),
+                    done, hint=f"{migration.label} was not applied"
+                    + ("; nothing of it remains (one transaction)" if checked[migration.version]
+                       else "; its completed statements are logged and the next run resumes "
+                            "after them")) from None
+            seconds = time.monotonic() - started
+            run.done.append((migration, seconds))
+            ws.console.info(f"applied {migration.label} ({format_seconds(seconds)})")
+    return run
+
+
+def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
+                 dry_run: bool = False, session: Session | None = None,
+                 lock: bool = True) -> MigrationRun:
+    """Revert applied migrations newest first, each with the removal of its tracking row in
+    one transaction. Refused up front when a needed down file is missing; stops at the first
+    failing down (MigrationError lists what was reverted before it)."""
+    config = ws.config
+    files = scan_migrations(config.migrations_dir, config.root)
+    run = MigrationRun("down", dry_run=dry_run)
+    if dry_run:
+        if session is None:
+            with open_migration_session(ws) as own:
+                status = _status_with(own, ws, files)[0]
+        else:
+            status = _status_with(session, ws, files)[0]
+        run.planned = [m for _, m in plan_down(status, config, steps, to)]
+        for m in run.planned:
+            check_migration_sql(m, "down", config.root)
+        return run
+    with _Locked(ws, session, lock) as locked:
+        status = locked.status(files)
+        run.planned = [m for _, m in plan_down(status, config, steps, to)]
+        checked = {m.version: check_migration_sql(m, "down", config.root) for m in run.planned}
+        for migration in run.planned:
+            assert migration.down is not None
+            rel = migration_rel(config, migration.down)
+            started = time.monotonic()
+            forget = (f"DELETE FROM {locked.tracking.qualified} WHERE version = "
+                      f"{migration.version};\n" + _log_sql(locked.tracking, "reverted", migration))
+            try:
+                if checked[migration.version]:
+                    script = "\n".join(["BEGIN;", _RESET_SESSION,
+                                        f"\\i {psql_quote_path(migration.down)}",
+                                        _RESET_SESSION, forget, "COMMIT;"])
+                    try:
+                        locked.session.run_stop_on_error(script)
+                    except ScriptStopped as exc:
+                        raise migration_failure(exc.stderr, migration.down, rel,
+                                                f"forgetting {migration.label}") from None
+                else:
+                    _revert_statements(locked.session, migration, rel, config, forget)
+            except SqlError as exc:
+                done = [m.label for m, _ in run.done]
+                raise MigrationError(
+                    f"reverting {migration.label} failed: {exc.message}",
+                    [m.version for m, _ in run.done],
+                    hint=(f"reverted {len(done)} migration(s) before it ({_span(done)}); "
+                          if done else "nothing was reverted; ")
+                    + f"{migration.label} and everything older remain applied") from None
+            seconds = time.monotonic() - started
+            run.done.append((migration, seconds))
+            ws.console.info(f"reverted {migration.label} ({format_seconds(seconds)})")
+    return run
+
+
+def _span(labels: Sequence[str]) -> str:
+    return labels[0] if len(labels) == 1 else f"{labels[0]} … {labels[-1]}"
+
+
+def _revert_statements(session: Session, migration: Migration, rel: str, config: Config,
+                       forget: str) -> None:
+    """A no-transaction down: statements in autocommit, the row removed after all succeeded."""
+    import tempfile
+
+    assert migration.down is not None
+    statements = migration_statements(migration, "down", config.root)[0]
+    session.execute(_RESET_SESSION)
+    with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
+        for index, stmt in enumerate(statements):
+            try:
+                _run_statement(session, Path(folder), index, stmt)
+            except ScriptStopped as exc:
+                raise migration_failure(exc.stderr, migration.down, rel, rel,
+                                        [str(Path(folder) / f"{index + 1}.sql")]) from None
+    session.run_stop_on_error(f"BEGIN;\n{forget}\nCOMMIT;")
+
+
+def verify_migrations(ws: Workspace, session: Session | None = None) -> MigrationStatus:
+    """Recorded checksums against the files; CheckFailed (exit 3) on any difference."""
+    status = migration_status(ws, session)
+    problems = len(status.changed) + len(status.missing)
+    if problems:
+        names = [m.label for m, _ in status.changed] + [f"{r.version}_{r.name}"
+                                                          for r in status.missing]
+        raise CheckFailed(f"{problems} applied migration(s) differ from their files: "
+                          + ", ".join(names),
+                          hint="restore the files, or accept them with 'migrate repair'")
+    return status
+
+
+def baseline_migrations(ws: Workspace, to: int, session: Session | None = None,
+                        lock: bool = True) -> list[Migration]:
+    """Record every migration up to `to` as applied without running it (adopting a database
+    built by other means). Returns the migrations it recorded."""
+    files = scan_migrations(ws.config.migrations_dir, ws.config.root)
+    if not any(m.version == to for m in files.migrations):
+        raise ConfigError(f"no migration has version {to}",
+                          hint="baseline --to takes the version of an existing migration")
+    with _Locked(ws, session, lock) as locked:
+        status = locked.status(files)
+        chosen = [m for m in status.pending if m.version <= to]
+        if chosen:
+            locked.session.execute("BEGIN;\n" + "\n".join(
+                _record_sql(locked.tracking, m, how="baseline", duration="0") for m in chosen)
+                + "\nCOMMIT")
+    return chosen
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    accepted: tuple[tuple[Migration, AppliedRow], ...]
+    forgotten: tuple[AppliedRow, ...]
+    cleared: tuple[PartialRun, ...]
+
+
+def repair_migrations(ws: Workspace, session: Session | None = None,
+                      lock: bool = True) -> RepairResult:
+    """Accept the files as they are: record current checksums of changed migrations, forget
+    rows whose files are gone, clear interrupted no-transaction runs. Every change is logged
+    with the old values."""
+    with _Locked(ws, session, lock) as locked:
+        status = locked.status()
+        sql = []
+        for m, row in status.changed:
+            sql.append(f"UPDATE {locked.tracking.qualified} SET checksum = "
+                       f"{quote_literal(m.checksum)} WHERE version = {m.version};")
+            sql.append(_log_sql(locked.tracking, "repair", m, {"action": "checksum",
+                                                               "old": row.checksum}))
+        for row in status.missing:
+            sql.append(f"DELETE FROM {locked.tracking.qualified} WHERE version = {row.version};")
+            sql.append(_log_sql(locked.tracking, "repair", row, {
+                "action": "forget", "applied_at": row.applied_at, "how": row.how}))
+        for partial in status.partial:
+            sql.append(_log_sql(locked.tracking, "repair", partial, {
+                "action": "clear-partial", "done": partial.done, "total": partial.total}))
+        if sql:
+            locked.session.execute("BEGIN;\n" + "\n".join(sql) + "\nCOMMIT")
+    return RepairResult(status.changed, status.missing, status.partial)
+
+
+def migration_sql_preview(migration: Migration, which: str = "up") -> str:
+    path = migration.up if which == "up" else migration.down
+    assert path is not None
+    return normalise_sql(path.read_bytes()).decode("utf-8", "replace")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -3577,8 +4747,199 @@ def add_foundation_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # ── migration commands (§8) ───────────────────────────────────────────────────────────────
 
 
+def _version_arg(text: str | None) -> int | None:
+    return None if text is None else parse_version(text)
+
+
+def _print_plan(app: App, run: MigrationRun) -> None:
+    """A dry run: the plan and the SQL that would run, on stdout; nothing was executed."""
+    which = "up" if run.direction == "up" else "down"
+    verb = "apply" if which == "up" else "revert"
+    if app.console.json_mode:
+        doc = run.as_json()
+        for item, m in zip(doc["planned"], run.planned):
+            item["file"] = migration_rel(app.config, m.up if which == "up" else m.down)
+            item["sql"] = migration_sql_preview(m, which)
+        app.console.emit(doc)
+    else:
+        app.console.result(f"-- dry run: would {verb} {len(run.planned)} migration(s)"
+                           + ("" if run.planned else " (nothing to do)"))
+        for m in run.planned:
+            path = m.up if which == "up" else m.down
+            mode = "one transaction" if m.transactional else "no transaction, statement by statement"
+            app.console.result(f"\n-- ==== {m.label} ({which}, {mode}): "
+                               f"{migration_rel(app.config, path)}")
+            app.console.result(migration_sql_preview(m, which).rstrip("\n"))
+    app.console.info("dry run: nothing was executed and the database was not changed")
+
+
+def _report_run(app: App, ws: Workspace, run: MigrationRun) -> int:
+    if run.dry_run:
+        _print_plan(app, run)
+        return EXIT_OK
+    verb = "applied" if run.direction == "up" else "reverted"
+    if run.done:
+        app.console.result(f"{verb} {len(run.done)} migration(s) on {ws.env.database}; "
+                           f"last: {run.done[-1][0].label}")
+    else:
+        app.console.result(f"nothing to {'apply' if run.direction == 'up' else 'revert'} "
+                           f"on {ws.env.database}")
+    app.console.emit({"env": ws.env.name, "database": ws.env.database, **run.as_json()})
+    return EXIT_OK
+
+
+def cmd_migrate_new(app: App) -> int:
+    paths = new_migration(app.config, app.args.name)
+    for path in paths:
+        app.console.result(migration_rel(app.config, path))
+    app.console.emit({"created": [migration_rel(app.config, p) for p in paths]})
+    return EXIT_OK
+
+
+def cmd_migrate_status(app: App) -> int:
+    ws = app.workspace()
+    status = migration_status(ws)
+    if app.console.json_mode:
+        app.console.emit({"env": ws.env.name, "database": ws.env.database, **status.as_json()})
+    else:
+        _print_status(app, status)
+    for stray in status.files.strays:
+        app.console.warn(f"not a migration (ignored): {stray}")
+    if app.args.check and not status.clean:
+        raise CheckFailed(f"migrations are not clean on {ws.env.database}: "
+                          f"{len(status.pending)} pending, {len(status.changed)} changed, "
+                          f"{len(status.missing)} missing, {len(status.partial)} interrupted")
+    return EXIT_OK
+
+
+def _print_status(app: App, status: MigrationStatus) -> None:
+    out = app.console.result
+    latest = status.applied[-1] if status.applied else None
+    out(f"{len(status.applied)} applied, {len(status.pending)} pending"
+        + (f"; at {latest.version} {latest.name}" if latest else "")
+        + ("" if status.tracking else f" (no tracking table {status.table} yet)"))
+    if app.console.verbose:
+        for row in status.applied:
+            out(f"  applied   {row.version:<16} {row.name:<36} {row.applied_at}  "
+                f"{row.duration_ms} ms{'  (baseline)' if row.how == 'baseline' else ''}")
+    older = {m.version for m in status.out_of_order}
+    for m in status.pending:
+        out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<16} {m.name}"
+            + ("  [no transaction]" if not m.transactional else ""))
+    for m, row in status.changed:
+        out(f"  changed      {m.version:<16} {m.name}  (recorded {row.checksum[:12]}, "
+            f"file {m.checksum[:12]})")
+    for row in status.missing:
+        out(f"  missing      {row.version:<16} {row.name}  (applied {row.applied_at}, file gone)")
+    for p in status.partial:
+        out(f"  interrupted  {p.version:<16} {p.name}  ({p.done} of {p.total} statements ran, "
+            f"{p.at}{'; ' + p.error if p.error else ''})")
+
+
+def cmd_migrate_up(app: App) -> int:
+    ws = app.workspace()
+    if not app.args.dry_run:
+        confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+    run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
+    return _report_run(app, ws, run)
+
+
+def cmd_migrate_down(app: App) -> int:
+    ws = app.workspace()
+    if (app.args.steps is None) == (app.args.to is None):
+        raise ConfigError("migrate down needs exactly one of --steps N or --to VERSION",
+                          hint="e.g. 'migrate down --steps 1'")
+    if not app.args.dry_run:
+        confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
+    run = migrate_down(ws, steps=app.args.steps, to=_version_arg(app.args.to),
+                       dry_run=app.args.dry_run)
+    return _report_run(app, ws, run)
+
+
+def cmd_migrate_verify(app: App) -> int:
+    ws = app.workspace()
+    try:
+        status = verify_migrations(ws)
+    except CheckFailed:
+        status = migration_status(ws)
+        app.console.emit({"env": ws.env.name, "ok": False, **status.as_json()})
+        if not app.console.json_mode:
+            _print_status(app, status)
+        raise
+    app.console.result(f"{len(status.applied)} applied migration(s) match their files")
+    app.console.emit({"env": ws.env.name, "ok": True, **status.as_json()})
+    return EXIT_OK
+
+
+def cmd_migrate_baseline(app: App) -> int:
+    ws = app.workspace()
+    confirm_protected(ws.env, "migrate baseline", app.args.yes, app.console)
+    recorded = baseline_migrations(ws, parse_version(app.args.to))
+    app.console.result(f"recorded {len(recorded)} migration(s) as applied without running them"
+                       + (f", up to {recorded[-1].label}" if recorded else ""))
+    app.console.emit({"env": ws.env.name, "baseline": [m.version for m in recorded]})
+    return EXIT_OK
+
+
+def cmd_migrate_repair(app: App) -> int:
+    ws = app.workspace()
+    confirm_protected(ws.env, "migrate repair", app.args.yes, app.console)
+    result = repair_migrations(ws)
+    for m, row in result.accepted:
+        app.console.result(f"accepted {m.label}: checksum {row.checksum[:12]} → {m.checksum[:12]}")
+    for row in result.forgotten:
+        app.console.result(f"forgot {row.version}_{row.name} (its file is gone)")
+    for p in result.cleared:
+        app.console.result(f"cleared interrupted run of {p.version}_{p.name} "
+                           f"({p.done} of {p.total} statements had run)")
+    if not (result.accepted or result.forgotten or result.cleared):
+        app.console.result("nothing to repair")
+    app.console.emit({"env": ws.env.name,
+                      "accepted": [m.version for m, _ in result.accepted],
+                      "forgotten": [r.version for r in result.forgotten],
+                      "cleared": [p.version for p in result.cleared]})
+    return EXIT_OK
+
+
 def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Registered by §8 (issue 3)."""
+    m = sub.add_parser("migrate", parents=[common], help="incremental migrations (up, down, …)",
+                       description="Versioned up/down SQL migrations with checksums, a lock and "
+                                   "one transaction per migration.")
+    m.set_defaults(handler=cmd_migrate_status, check=False)
+    msub = m.add_subparsers(dest="migrate_command", metavar="ACTION", parser_class=_Parser)
+
+    p = msub.add_parser("new", parents=[common], help="create <UTC timestamp>_NAME up/down files")
+    p.add_argument("name", help="what the migration does, e.g. add_user_email")
+    p.set_defaults(handler=cmd_migrate_new)
+
+    p = msub.add_parser("status", parents=[common],
+                        help="applied / pending / changed / missing / out-of-order")
+    p.add_argument("--check", action="store_true", help="exit 3 unless everything is applied")
+    p.set_defaults(handler=cmd_migrate_status)
+
+    p = msub.add_parser("up", parents=[common], help="apply pending migrations in order")
+    p.add_argument("--to", metavar="VERSION", help="stop after this version")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
+    p.set_defaults(handler=cmd_migrate_up)
+
+    p = msub.add_parser("down", parents=[common], help="revert applied migrations, newest first")
+    p.add_argument("--steps", type=int, metavar="N", help="revert the N newest")
+    p.add_argument("--to", metavar="VERSION", help="revert everything newer than VERSION (0: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
+    p.set_defaults(handler=cmd_migrate_down)
+
+    p = msub.add_parser("verify", parents=[common],
+                        help="compare recorded checksums with the files (exit 3 on a difference)")
+    p.set_defaults(handler=cmd_migrate_verify)
+
+    p = msub.add_parser("baseline", parents=[common],
+                        help="record migrations up to VERSION as applied without running them")
+    p.add_argument("--to", metavar="VERSION", required=True, help="last version to record")
+    p.set_defaults(handler=cmd_migrate_baseline)
+
+    p = msub.add_parser("repair", parents=[common],
+                        help="accept the current files' checksums (logged)")
+    p.set_defaults(handler=cmd_migrate_repair)
 
 
 # ── backup, restore and deploy commands (§9) ──────────────────────────────────────────────

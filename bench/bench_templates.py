@@ -100,8 +100,14 @@ def bench_noop_reset(ctx: Bench) -> list[Row]:
         lambda: ctx.cli("reset", cwd=root),
         lambda: ctx.sh(f"{PSQL} -c 'DROP DATABASE IF EXISTS breset_db' && "
                        f"{PSQL} -c 'CREATE DATABASE breset_db TEMPLATE {tpl}'"))
+    script, floor2 = ctx.paired(
+        lambda: ctx.cli_script("reset", cwd=root),
+        lambda: ctx.sh(f"{PSQL} -c 'DROP DATABASE IF EXISTS breset_db' && "
+                       f"{PSQL} -c 'CREATE DATABASE breset_db TEMPLATE {tpl}'"))
     return [Row(f"no-op reset, unchanged {n}-file tree", ours, floor, "≤ 1.5×",
-                "floor: psql drop + psql create (default strategy)")]
+                "floor: psql drop + psql create (default strategy)"),
+            Row("no-op reset as `python confiture.py reset`", script, floor2, "≤ 1.5×",
+                "the file is recompiled on every call (no bytecode cache for scripts)")]
 
 
 def bench_build(ctx: Bench) -> list[Row]:

@@ -70,7 +70,10 @@ def start_cluster(name: str, extra_env: dict[str, str] | None = None) -> Cluster
     subprocess.run([str(ROOT / "bin/pg-dev"), "start", name], check=True, env=env)
     out = subprocess.run([str(ROOT / "bin/pg-dev"), "env", name], check=True, env=env,
                          capture_output=True, text=True).stdout
-    cenv = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE_"))}
+    # Bytecode caching on, as users normally have it (some sandboxes export the opposite).
+    cenv = {k: v for k, v in os.environ.items()
+            if not k.startswith(("PG", "CONFITURE_")) and k != "PYTHONDONTWRITEBYTECODE"}
+    cenv["PYTHON"] = PYTHON
     for line in out.splitlines():
         if line.startswith("export "):
             key, _, value = line[7:].partition("=")
@@ -107,11 +110,18 @@ class Bench:
         return statistics.median(a), statistics.median(b)
 
     def cli(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-        """Run confiture.py as users do: a new interpreter each time."""
-        out = subprocess.run([PYTHON, str(ROOT / "confiture.py"), *args], cwd=cwd,
-                             env=env or self.main.env, capture_output=True, text=True)
+        """Run the tool as the Makefile does (bin/confiture): a new interpreter each time."""
+        self._run([str(ROOT / "bin/confiture"), *args], cwd, env)
+
+    def cli_script(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        """`python confiture.py …`: the file is compiled on every call (no bytecode cache)."""
+        self._run([PYTHON, str(ROOT / "confiture.py"), *args], cwd, env)
+
+    def _run(self, argv: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+        out = subprocess.run(argv, cwd=cwd, env=env or self.main.env, capture_output=True,
+                             text=True)
         if out.returncode:
-            raise RuntimeError(f"confiture.py {' '.join(args)} failed:\n{out.stderr}")
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr}")
 
     def sh(self, cmd: str, env: dict[str, str] | None = None) -> None:
         out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env or self.main.env,
@@ -127,6 +137,9 @@ def main() -> int:
     modules = sorted(p.stem for p in (ROOT / "bench").glob("bench_*.py"))
     if wanted:
         modules = [m for m in modules if m.removeprefix("bench_") in wanted]
+    subprocess.run([PYTHON, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import confiture"],
+                   check=True, env={k: v for k, v in os.environ.items()
+                                    if k != "PYTHONDONTWRITEBYTECODE"})  # warm __pycache__
     main_c = start_cluster("bench")
     second = start_cluster("bench2")
     rows: list[Row] = []

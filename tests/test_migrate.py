@@ -1,0 +1,508 @@
+"""Migrations (§8) against a real server; outcomes checked with psycopg, not the tool's output."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import confiture
+
+ROOT = Path(__file__).resolve().parent.parent
+# ../shared/corpora beside the checkout (CI, /work/main); worktrees sit one level deeper
+LEMMY = next((p / "shared" / "corpora" / "lemmy-0.19.20" / "migrations"
+              for p in (ROOT.parent, ROOT.parent.parent)
+              if (p / "shared" / "corpora" / "lemmy-0.19.20").is_dir()),
+             ROOT.parent / "shared" / "corpora" / "lemmy-0.19.20" / "migrations")
+LOCK_SQL = f"{confiture.LOCK_CLASS}, hashtext('migrate')"
+
+
+# ── pure parts: versions, layouts, splitting, plans ─────────────────────────────────────────
+
+def test_versions_ignore_dashes_and_order_as_integers(tmp_path: Path) -> None:
+    (tmp_path / "2017-08-31-230457_x").mkdir()
+    (tmp_path / "2017-08-31-230457_x" / "up.sql").write_text("select 1;\n")
+    (tmp_path / "20170804200817_y.up.sql").write_text("select 2;\n")
+    (tmp_path / "20170804200817_y.down.sql").write_text("select 3;\n")
+    (tmp_path / "9_small.up.sql").write_text("")
+    (tmp_path / "README.md").write_text("notes\n")
+    (tmp_path / "V1__flyway.sql").write_text("select 4;\n")
+    (tmp_path / "5_orphan.down.sql").write_text("select 5;\n")
+    files = confiture.scan_migrations(tmp_path)
+    assert [(m.version, m.layout) for m in files.migrations] == [
+        (9, "flat"), (20170804200817, "flat"), (20170831230457, "folder")]
+    assert files.migrations[2].down is None and files.migrations[1].down is not None
+    assert set(files.strays) == {"README.md", "V1__flyway.sql", "5_orphan.down.sql (down without up)"}
+    assert confiture.parse_version("2017-08-31-230457") == 20170831230457
+
+
+def test_duplicate_versions_name_both_files(tmp_path: Path) -> None:
+    (tmp_path / "20240101_a.up.sql").write_text("")
+    (tmp_path / "2024-01-01_b").mkdir()
+    (tmp_path / "2024-01-01_b" / "up.sql").write_text("")
+    with pytest.raises(confiture.InputError) as exc:
+        confiture.scan_migrations(tmp_path)
+    assert "20240101_a.up.sql" in exc.value.message and "2024-01-01_b/up.sql" in exc.value.message
+
+
+def test_checksum_ignores_line_endings_and_bom(tmp_path: Path) -> None:
+    (tmp_path / "1_a.up.sql").write_bytes(b"create table a (id int);\nselect 1;\n")
+    (tmp_path / "2_b.up.sql").write_bytes(b"\xef\xbb\xbfcreate table a (id int);\r\nselect 1;\r\n")
+    (tmp_path / "3_c.up.sql").write_bytes(b"create table a (id int);\nselect 2;\n")
+    a, b, c = confiture.scan_migrations(tmp_path).migrations
+    assert a.checksum == b.checksum != c.checksum
+
+
+def test_no_transaction_marker_and_diesel_metadata(tmp_path: Path) -> None:
+    (tmp_path / "1_a.up.sql").write_text("\n-- confiture:no-transaction\ncreate index concurrently i on t (x);\n")
+    (tmp_path / "2_b").mkdir()
+    (tmp_path / "2_b" / "up.sql").write_text("create index concurrently j on t (x);\n")
+    (tmp_path / "2_b" / "metadata.toml").write_text("run_in_transaction = false\n")
+    (tmp_path / "3_c.up.sql").write_text("select 1; -- confiture:no-transaction\n")
+    assert [m.transactional for m in confiture.scan_migrations(tmp_path).migrations] == [
+        False, False, True]
+
+
+@pytest.mark.parametrize("sql, pieces", [
+    ("select 1; select 2", ["select 1;", "select 2"]),
+    ("select 'a;b'; select E'it\\'s;'; select \"x;y\" from t;", 3),
+    ("create function f() returns int as $body$ begin return 1; end $body$ language plpgsql;", 1),
+    ("select $$a;$$ || $_$b;$_$; select 2;", 2),
+    ("/* a /* nested; */ still; */ select 1; -- c; d\n", 1),
+    ("create function g() returns int language sql begin atomic select 1; "
+     "select case when true then 2 end; end; select 3;", 2),
+    ("copy t from stdin;\n1\t;\n\\.\nselect 4;", 2),
+    ("-- only a comment\n\n/* and another */\n", 0),
+    ("select (1;\n", 1),
+    ("select 1 ;\n\\set x 1\nselect :x", 3),
+])
+def test_split_sql_follows_psql(sql: str, pieces: Any) -> None:
+    result = confiture.split_sql(sql)
+    if isinstance(pieces, list):
+        assert [s.text for s in result] == pieces
+    else:
+        assert len(result) == pieces
+
+
+def test_split_sql_reports_lines() -> None:
+    text = "-- header\n\nCREATE TABLE a ();\n\nCREATE INDEX CONCURRENTLY i\n  ON a (x);\r\n"
+    statements = confiture.split_sql(text)
+    assert [(s.line, s.words[:3]) for s in statements] == [
+        (1, ("CREATE", "TABLE", "A")), (5, ("CREATE", "INDEX", "CONCURRENTLY"))]
+    assert confiture.needs_no_transaction(statements[1].words)
+    assert confiture.transaction_control(("COMMIT",))
+    assert not confiture.transaction_control(("ROLLBACK", "TO", "SAVEPOINT"))
+
+
+def test_parse_table_name() -> None:
+    assert confiture.parse_table_name("confiture_migrations") == (None, "confiture_migrations")
+    assert confiture.parse_table_name("Ops.Migs") == ("ops", "migs")
+    assert confiture.parse_table_name('"My Schema"."T.x"') == ("My Schema", "T.x")
+    with pytest.raises(confiture.ConfigError):
+        confiture.parse_table_name("a.b.c")
+
+
+# ── helpers for the server tests ────────────────────────────────────────────────────────────
+
+def mig(project: Any, name: str, up: str, down: str | None = None) -> None:
+    project.write(f"db/migrations/{name}.up.sql", up)
+    if down is not None:
+        project.write(f"db/migrations/{name}.down.sql", down)
+
+
+def tracked(pg: Any, project: Any, table: str = "confiture_migrations") -> list[tuple[int, str]]:
+    if not pg.scalar(f"SELECT to_regclass('{table}') IS NOT NULL", db=project.db()):
+        return []
+    return [(int(v), how) for v, how in pg.query(f"SELECT version, how FROM {table} ORDER BY version",
+                                                 db=project.db())]
+
+
+def exists(pg: Any, project: Any, relation: str) -> bool:
+    return bool(pg.scalar("SELECT to_regclass(%s) IS NOT NULL", db=project.db(), params=(relation,)))
+
+
+@pytest.fixture
+def db(pg: Any, project: Any) -> str:
+    pg.create_db(project.db())
+    return project.db()
+
+
+def add_config(project: Any, text: str) -> None:
+    with open(project.config_path, "a", encoding="utf-8") as handle:
+        handle.write("\n" + text + "\n")
+
+
+def schema_dump(pg: Any, project: Any) -> str:
+    out = subprocess.run(["pg_dump", "-s", "-d", project.db()], env={**os.environ, **pg.env},
+                         capture_output=True, text=True, check=True).stdout
+    return "\n".join(l for l in out.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
+
+
+# ── up: order, layouts, atomicity ───────────────────────────────────────────────────────────
+
+def test_up_applies_both_layouts_in_version_order(pg: Any, project: Any, cli: Any, db: str) -> None:
+    project.write("db/migrations/2017-08-31-230457_second/up.sql",
+                  "INSERT INTO seen VALUES ('second');\n")
+    project.write("db/migrations/2017-08-31-230457_second/down.sql", "DELETE FROM seen WHERE x = 'second';\n")
+    mig(project, "20170804200817_first", "CREATE TABLE seen (x text, at timestamptz DEFAULT clock_timestamp())",
+        "DROP TABLE seen;")
+    mig(project, "20170901000000_empty", "-- nothing to do yet\n", "")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert tracked(pg, project) == [(20170804200817, "applied"), (20170831230457, "applied"),
+                                    (20170901000000, "applied")]
+    assert pg.query("SELECT x FROM seen", db=db) == [("second",)]
+    status = cli("migrate", "status", "--check", "--json", cwd=project.root)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["clean"] and doc["current"] == 20170901000000 and len(doc["applied"]) == 3
+    again = cli("migrate", "up", cwd=project.root)
+    assert again.returncode == 0 and "nothing to apply" in again.stdout
+
+
+def test_failing_statement_leaves_neither_change_nor_row(pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_ok", "CREATE TABLE ok_table (id int);\n")
+    mig(project, "2_bad", "CREATE TABLE half (id int);\nINSERT INTO half VALUES (1);\n\n"
+                          "SELECT 1 / 0;\nCREATE TABLE never (id int);\n")
+    mig(project, "3_later", "CREATE TABLE later (id int);\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 1
+    assert "db/migrations/2_bad.up.sql:4" in result.stderr and "division by zero" in result.stderr
+    assert tracked(pg, project) == [(1, "applied")]
+    assert exists(pg, project, "ok_table")
+    assert not exists(pg, project, "half") and not exists(pg, project, "later")
+    # the lock went with the session
+    assert pg.scalar(f"SELECT pg_try_advisory_lock({LOCK_SQL})", db=db)
+
+
+def test_transaction_control_and_concurrently_are_refused_before_anything_runs(
+        pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_fine", "CREATE TABLE fine (id int);\n")
+    mig(project, "2_commits", "BEGIN;\nCREATE TABLE x (id int);\nCOMMIT;\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 2 and "2_commits.up.sql:1" in result.stderr
+    assert not exists(pg, project, "fine") and tracked(pg, project) == []
+    mig(project, "2_commits", "CREATE TABLE x (id int);\n\nCREATE INDEX CONCURRENTLY xi ON x (id);\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 2 and "2_commits.up.sql:3" in result.stderr
+    assert "confiture:no-transaction" in result.stderr
+
+
+def test_no_transaction_failure_is_logged_and_resumed(pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_table", "CREATE TABLE dup (x int);\nINSERT INTO dup VALUES (1), (1);\n")
+    mig(project, "2_index", "-- confiture:no-transaction\n"
+                            "CREATE TABLE side (id int);\n"
+                            "CREATE UNIQUE INDEX CONCURRENTLY dup_x ON dup (x);\n"
+                            "CREATE TABLE after_index (id int);\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 1, result.stderr
+    assert "2_index.up.sql:3" in result.stderr and "dup_x" in result.stderr
+    assert tracked(pg, project) == [(1, "applied")]
+    assert exists(pg, project, "side") and not exists(pg, project, "after_index")
+    # the INVALID index the failed CREATE INDEX CONCURRENTLY left is gone
+    assert pg.scalar("SELECT count(*) FROM pg_index WHERE NOT indisvalid", db=db) == 0
+    status = json.loads(cli("migrate", "status", "--json", cwd=project.root).stdout)
+    assert status["partial"][0]["version"] == 2 and status["partial"][0]["done"] == 1
+    assert cli("migrate", "status", "--check", cwd=project.root).returncode == 3
+    pg.query("DELETE FROM dup WHERE ctid = (SELECT max(ctid) FROM dup)", db=db)
+    again = cli("migrate", "up", cwd=project.root)
+    assert again.returncode == 0, again.stderr
+    assert "resuming 2_index at statement 2" in again.stderr  # CREATE TABLE side is not re-run
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
+    assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'dup_x'::regclass", db=db)
+    events = [e for (e,) in pg.query("SELECT event FROM confiture_migrations_log WHERE version = 2 "
+                                     "ORDER BY id", db=db)]
+    assert events == ["started", "progress", "failed", "started", "progress", "progress", "applied"]
+
+
+def test_interrupted_no_transaction_run_resumes_after_invalid_index_is_dropped(
+        pg: Any, project: Any, cli: Any, db: str) -> None:
+    """Simulate a crash mid-CREATE INDEX CONCURRENTLY: progress says 1 of 2 done, an INVALID
+    index with the statement's name exists. The next run drops it and resumes."""
+    mig(project, "1_t", "CREATE TABLE t (x int);\nINSERT INTO t VALUES (1), (1);\n")
+    body = "-- confiture:no-transaction\nCREATE TABLE pre (id int);\nCREATE UNIQUE INDEX CONCURRENTLY t_x ON t (x);\n"
+    mig(project, "2_cic", body)
+    assert cli("migrate", "up", cwd=project.root).returncode == 1
+    with pg.connect(db) as conn:  # what a killed run leaves: an invalid index, no 'failed' event
+        conn.execute("DELETE FROM confiture_migrations_log WHERE event = 'failed'")
+        conn.execute("DELETE FROM t WHERE ctid = (SELECT max(ctid) FROM t)")
+        conn.execute("CREATE UNIQUE INDEX t_x ON t (x)")
+        conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 't_x'::regclass")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert "dropped invalid index" in result.stderr and "resuming" in result.stderr
+    assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass", db=db)
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
+
+
+# ── checksums, missing files, verify and repair ────────────────────────────────────────────
+
+def test_changed_file_blocks_up_until_repair_and_crlf_is_not_a_change(
+        pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_a", "CREATE TABLE a (id int);\nCREATE TABLE b (id int);\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    project.write("db/migrations/1_a.up.sql", b"CREATE TABLE a (id int);\r\nCREATE TABLE b (id int);\r\n")
+    assert cli("migrate", "verify", cwd=project.root).returncode == 0
+    mig(project, "2_next", "CREATE TABLE c (id int);\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0 and exists(pg, project, "c")
+    mig(project, "1_a", "CREATE TABLE a (id int, extra text);\nCREATE TABLE b (id int);\n")
+    mig(project, "3_more", "CREATE TABLE d (id int);\n")
+    verify = cli("migrate", "verify", cwd=project.root)
+    assert verify.returncode == 3 and "1_a" in verify.stderr
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 3 and "db/migrations/1_a.up.sql changed" in up.stderr
+    assert not exists(pg, project, "d")
+    repair = cli("migrate", "repair", cwd=project.root)
+    assert repair.returncode == 0 and "accepted 1_a" in repair.stdout
+    assert cli("migrate", "verify", cwd=project.root).returncode == 0
+    assert cli("migrate", "up", cwd=project.root).returncode == 0 and exists(pg, project, "d")
+    log = pg.query("SELECT detail->>'action', detail->>'old' FROM confiture_migrations_log "
+                   "WHERE event = 'repair'", db=db)
+    assert log and log[0][0] == "checksum" and len(log[0][1]) == 64
+
+
+def test_missing_file_blocks_up_and_repair_forgets_it(pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    (project.root / "db/migrations/1_a.up.sql").unlink()
+    mig(project, "2_b", "CREATE TABLE b (id int);\n")
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 3 and "1_a was applied but its file is gone" in up.stderr
+    assert cli("migrate", "status", "--check", cwd=project.root).returncode == 3
+    assert cli("migrate", "repair", cwd=project.root).returncode == 0
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    assert tracked(pg, project) == [(2, "applied")]
+
+
+# ── down ────────────────────────────────────────────────────────────────────────────────────
+
+def test_down_reverts_newest_first_and_refuses_without_down_files(
+        pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    mig(project, "2_b", "CREATE TABLE b (id int);\n")  # no down file
+    mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE c;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    refused = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert refused.returncode == 4 and "2_b" in refused.stderr and "nothing was reverted" in refused.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied"), (3, "applied")] and exists(pg, project, "c")
+    one = cli("migrate", "down", "--steps", "1", cwd=project.root)
+    assert one.returncode == 0, one.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")] and not exists(pg, project, "c")
+    assert cli("migrate", "down", cwd=project.root).returncode == 2  # neither --steps nor --to
+
+
+def test_down_stops_at_first_failing_down(pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    mig(project, "2_b", "CREATE TABLE b (id int);\n", "DROP TABLE b;\nDROP TABLE no_such_table;\n")
+    mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE c;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    result = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert result.returncode == 1
+    assert "2_b.down.sql:2" in result.stderr and "reverted 1 migration(s)" in result.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
+    assert exists(pg, project, "b") and not exists(pg, project, "c")
+
+
+# ── dry runs change nothing ─────────────────────────────────────────────────────────────────
+
+def test_dry_runs_leave_the_schema_byte_identical(pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    before = schema_dump(pg, project)
+    dry = cli("migrate", "up", "--dry-run", cwd=project.root)
+    assert dry.returncode == 0, dry.stderr
+    assert "CREATE TABLE a (id int);" in dry.stdout and "nothing was executed" in dry.stderr
+    assert schema_dump(pg, project) == before  # not even the tracking table
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    before = schema_dump(pg, project)
+    rows = pg.query("SELECT * FROM confiture_migrations", db=db)
+    dry = cli("migrate", "down", "--steps", "1", "--dry-run", "--json", cwd=project.root)
+    assert dry.returncode == 0, dry.stderr
+    doc = json.loads(dry.stdout)
+    assert doc["dry_run"] and doc["planned"][0]["sql"] == "DROP TABLE a;\n"
+    assert schema_dump(pg, project) == before
+    assert pg.query("SELECT * FROM confiture_migrations", db=db) == rows
+
+
+# ── baseline, protected envs, new ───────────────────────────────────────────────────────────
+
+def test_baseline_then_up(pg: Any, project: Any, cli: Any, db: str) -> None:
+    pg.query("CREATE TABLE a (id int); CREATE TABLE b (id int)", db=db)
+    mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    mig(project, "2_b", "CREATE TABLE b (id int);\n")
+    mig(project, "3_c", "CREATE TABLE c (id int);\n")
+    assert cli("migrate", "baseline", "--to", "9", cwd=project.root).returncode == 2
+    result = cli("migrate", "baseline", "--to", "2", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert tracked(pg, project) == [(1, "baseline"), (2, "baseline")]
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    assert tracked(pg, project) == [(1, "baseline"), (2, "baseline"), (3, "applied")]
+
+
+def test_protected_env_needs_yes(pg: Any, project: Any, cli: Any) -> None:
+    pg.create_db(project.db("prod"))
+    mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    refused = cli("migrate", "up", "--env", "prod", cwd=project.root)
+    assert refused.returncode == 4 and "--yes" in refused.stderr
+    assert cli("migrate", "up", "--env", "prod", "--dry-run", cwd=project.root).returncode == 0
+    assert not pg.scalar("SELECT to_regclass('a') IS NOT NULL", db=project.db("prod"))
+    assert cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root).returncode == 0
+    assert pg.scalar("SELECT to_regclass('a') IS NOT NULL", db=project.db("prod"))
+
+
+def test_new_creates_timestamped_pair(project: Any, cli: Any) -> None:
+    result = cli("migrate", "new", "Add user e-mail", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    up, down = result.stdout.split()
+    assert re.fullmatch(r"db/migrations/\d{14}_add_user_e_mail\.up\.sql", up)
+    assert down == up.replace(".up.sql", ".down.sql") and (project.root / down).is_file()
+
+
+def test_schema_qualified_tracking_table(pg: Any, project: Any, cli: Any, db: str) -> None:
+    add_config(project, '[migrations]\ntable = "ops.schema_history"')
+    mig(project, "1_a", "SET search_path = '';\nCREATE TABLE public.a (id int);\n")
+    mig(project, "2_b", "CREATE TABLE b (id int);\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert tracked(pg, project, "ops.schema_history") == [(1, "applied"), (2, "applied")]
+    assert exists(pg, project, "public.b")  # migration 1's SET did not leak into migration 2
+
+
+# ── locking, concurrency, interruption ──────────────────────────────────────────────────────
+
+def test_lock_timeout_names_the_holder(pg: Any, project: Any, cli: Any, db: str) -> None:
+    add_config(project, '[migrations]\nlock_timeout = "1s"')
+    mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    with pg.connect(db) as holder:
+        holder.execute("SET application_name = 'the-holder'")
+        holder.execute(f"SELECT pg_advisory_lock({LOCK_SQL})")
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 5
+    assert f"pid {pid}" in result.stderr and "the-holder" in result.stderr
+    assert not exists(pg, project, "a")
+
+
+@pytest.mark.parametrize("runs", [2, 8])
+def test_concurrent_runs_apply_each_migration_once(pg: Any, project: Any, db: str, runs: int,
+                                                   tmp_path: Path) -> None:
+    mig(project, "1_hits", "CREATE TABLE hits (version int);\nINSERT INTO hits VALUES (1);\n")
+    for v in range(2, 7):
+        mig(project, f"{v}_hit", f"INSERT INTO hits VALUES ({v});\nSELECT pg_sleep(0.05);\n")
+    env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "migrate", "up"],
+                              cwd=project.root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(runs)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    assert all(code == 0 for code, _ in results), results
+    assert pg.query("SELECT version, count(*) FROM hits GROUP BY 1 ORDER BY 1", db=db) == [
+        (v, 1) for v in range(1, 7)]
+    assert len(tracked(pg, project)) == 6
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE_"))}
+
+
+def _start(project: Any, pg: Any, *args: str) -> subprocess.Popen[str]:
+    env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), *args], cwd=project.root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _running(pg: Any, db: str, fragment: str) -> bool:
+    return bool(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                          "AND query LIKE %s AND state = 'active'", params=(db, f"%{fragment}%")))
+
+
+def _sessions(pg: Any, db: str) -> int:
+    return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                         "AND application_name = 'confiture'", params=(db,)))
+
+
+def test_killed_client_leaves_nothing_half_recorded(pg: Any, project: Any, db: str) -> None:
+    mig(project, "1_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(1.5);\n"
+                           "CREATE TABLE slow_two (id int);\n")
+    proc = _start(project, pg, "migrate", "up")
+    _wait_for(lambda: _running(pg, db, "pg_sleep"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait_for(lambda: _sessions(pg, db) == 0)  # psql finishes or dies; either way the lock goes
+    applied = tracked(pg, project) == [(1, "applied")]
+    assert exists(pg, project, "slow_one") == applied == exists(pg, project, "slow_two")
+    assert pg.scalar(f"SELECT pg_try_advisory_lock({LOCK_SQL})", db=db)
+
+
+def test_sigterm_rolls_back_the_running_migration(pg: Any, project: Any, db: str) -> None:
+    mig(project, "1_fast", "CREATE TABLE fast (id int);\n")
+    mig(project, "2_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(30);\n")
+    proc = _start(project, pg, "migrate", "up")
+    _wait_for(lambda: _running(pg, db, "pg_sleep"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130
+    _wait_for(lambda: _sessions(pg, db) == 0)
+    assert tracked(pg, project) == [(1, "applied")]
+    assert exists(pg, project, "fast") and not exists(pg, project, "slow_one")
+
+
+def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str) -> None:
+    add_config(project, '[migrations]\nlock_timeout = "60s"')
+    mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
+    mig(project, "2_cic", "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY big_x ON big (x);\n")
+    with pg.connect(db, autocommit=False) as blocker:
+        # an open snapshot: CREATE INDEX CONCURRENTLY waits for it to end
+        blocker.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        blocker.execute("SELECT 1")
+        holder = _start(project, pg, "migrate", "up")
+        _wait_for(lambda: _running(pg, db, "CREATE INDEX CONCURRENTLY"))
+        waiter = _start(project, pg, "migrate", "up")
+        time.sleep(1.0)  # the waiter polls the lock meanwhile
+        assert waiter.poll() is None and holder.poll() is None
+        blocker.rollback()
+    assert holder.wait(timeout=60) == 0, holder.stderr.read()  # type: ignore[union-attr]
+    waited = waiter.communicate(timeout=60)[1]
+    assert waiter.returncode == 0, waited
+    assert "waiting for the migration lock" in waited and "held by pid" in waited
+    assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_x'::regclass", db=db)
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
+
+
+# ── real world: 233 Diesel migrations from Lemmy ────────────────────────────────────────────
+
+def test_lemmy_migrations_up_and_down_to_the_upstream_bug(pg: Any, project: Any, cli: Any,
+                                                          db: str) -> None:
+    if not LEMMY.is_dir():
+        pytest.skip(f"corpus not found at {LEMMY} (shared/corpora beside the checkout)")
+    text = project.config_path.read_text().replace('migrations = "db/migrations"',
+                                                   f'migrations = "{LEMMY}"')
+    project.config_path.write_text(text)
+    up = cli("migrate", "up", "-q", cwd=project.root, timeout=300)
+    assert up.returncode == 0, up.stderr
+    assert len(tracked(pg, project)) == 233
+    assert pg.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", db=db) >= 70
+    down = cli("migrate", "down", "--to", "0", "-q", cwd=project.root, timeout=300)
+    assert down.returncode == 1
+    assert "2023-07-05-000058_person-admin" in down.stderr
+    assert "down.sql:1" in down.stderr and 'index "idx_person_admin" does not exist' in down.stderr
+    assert "reverted 75 migration(s)" in down.stderr
+    rows = tracked(pg, project)
+    assert len(rows) == 158 and rows[-1][0] == 20230705000058
+    # the schema matches the table: reverted migrations' tables are gone, older ones remain
+    assert not exists(pg, project, "sent_activity") and not exists(pg, project, "local_site_url_blocklist")
+    assert exists(pg, project, "person")
+    status = json.loads(cli("migrate", "status", "--json", cwd=project.root).stdout)
+    assert len(status["pending"]) == 75 and not status["changed"] and not status["missing"]
