@@ -18,7 +18,7 @@ only the sections above it.
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §9  Backups, restore, deploy  (issue 4)
-  §10 Anonymized sync           (issue 5)
+  §10 Anonymized sync           keyed rules as SQL, COPY streamed server to server, schema-to-schema
   §11 Drift, watch, status      (issue 6)
   §12 Command line              argparse → values → core calls → output and exit codes
 
