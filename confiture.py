@@ -18,7 +18,7 @@ only the sections above it.
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §9  Backups, restore, deploy  (issue 4)
-  §10 Anonymized sync           keyed rules as SQL, COPY streamed server to server, schema-to-schema
+  §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Drift, watch, status      (issue 6)
   §12 Command line              argparse → values → core calls → output and exit codes
 
@@ -3747,20 +3747,14 @@ def raise_sequence_sql(sequence: str, increment: int, uses: Sequence[tuple[str, 
 
 # ── running a sync ────────────────────────────────────────────────────────────────────────
 
-# Session settings of the source: text forms of values (hashed, or sent in text COPY) must
-# not depend on the server's or role's defaults, or the same value would hash differently.
-_SOURCE_SETTINGS = ("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; "
-                    "SET TimeZone = 'UTC'; SET bytea_output = 'hex'; SET extra_float_digits = 1; "
-                    "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = '5min'")
-
-
-@dataclass
-class TableResult:
-    table: str
-    rows: int
-    seconds: float
-    masked: list[str]
-    kept: list[str]
+def source_settings(settings: SyncSettings) -> str:
+    """Session settings of the source. Text forms of values (hashed, or sent in text COPY)
+    must not depend on the server's or role's defaults, or one value would hash differently;
+    row_security off turns a policy that would silently hide rows into an error."""
+    idle = int(settings.lock_timeout) + 300  # the source waits while the target takes its locks
+    return ("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; "
+            "SET bytea_output = 'hex'; SET extra_float_digits = 1; SET row_security = off; "
+            f"SET statement_timeout = 0; SET idle_in_transaction_session_timeout = '{idle}s'")
 
 
 def key_conn(conn: ConnInfo, key: bytes | None, environ: Mapping[str, str]) -> ConnInfo:
@@ -3997,7 +3991,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
     source_env, target_env, source, target = open_sync_sessions(settings, config, environ)
     fifo_dir: str | None = None
     try:
-        source.execute(_SOURCE_SETTINGS)
+        source.execute(source_settings(settings))
         source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         plan = plan_sync(settings, read_tables(source), read_tables(target),
                          read_foreign_keys(target), read_sequences(target),
