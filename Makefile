@@ -20,7 +20,7 @@ help: ## list the targets
 
 demo: ## build the example shop database (sql/) on the local dev cluster
 	$(PGDEV) start dev
-	$(DEV) $(CONFITURE) scan && $(CONFITURE) template && $(CONFITURE) reset
+	$(DEV) $(CONFITURE) scan && $(CONFITURE) template && $(CONFITURE) reset && $(CONFITURE) status
 
 test: $(VENV)/.requirements ## run the test suite (PYTEST_ARGS=... to pass options)
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)

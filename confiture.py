@@ -19,7 +19,7 @@ only the sections above it.
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §9  Backups, restore, deploy  (issue 4)
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
-  §11 Drift, watch, status      (issue 6)
+  §11 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §12 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __version__ = "0.1.0"
-BUILD_FORMAT = 1  # bump when the build output changes meaning: it invalidates every template
+BUILD_FORMAT = 2  # bump when the build output changes meaning: it invalidates every template
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -327,6 +327,7 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
     "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
     "backups": {"dir": _STR, "keep": _INT},
     "deploy": {"verify": _STR, "drift_check": _BOOL},
+    "status": {"max_backup_age": (str, int, float)},
     "env.*": {"url": _STR, "seeds": _LIST, "exclude": _LIST, "protected": _BOOL,
               "backups": _STR, "maintenance_db": _STR},
     "sync": {"from": _STR, "to": _STR, "key": _STR, "strict": _BOOL, "tables": _LIST,
@@ -836,7 +837,7 @@ def refuse_protected(env: Env, action: str) -> None:
 class SqlFile:
     path: Path      # absolute, as found (symlinks not resolved, for messages)
     rel: str        # stable display path: "<source name>/<path in source>"
-    kind: str       # "schema" or "seed"
+    kind: str       # "schema", "seed", or "migration" (hashed, recorded as applied, not run)
     sha256: str
     size: int
 
@@ -946,6 +947,14 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
             except ValueError:
                 prefix = f"seeds/{seed_set}"
             add(folder, prefix, "seed")
+    if config.migrations_dir.is_dir():
+        # A database built from the DDL is where every migration leads: the build records
+        # them as applied, so they are inputs of the template (not part of its SQL).
+        try:
+            prefix = config.migrations_dir.relative_to(config.root).as_posix()
+        except ValueError:
+            prefix = "migrations"
+        add(config.migrations_dir, prefix, "migration")
     return FileSet(env=env_name, files=tuple(files), hash=combined_hash(files, seeds),
                    seeds=seeds)
 
@@ -1440,18 +1449,22 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     """The env's files concatenated under a header, with a map from script lines to files.
     Each file is followed by a lone ';' so a missing final semicolon cannot glue two files."""
     read = read or (lambda p: p.read_bytes())
+    built = [f for f in fileset.files if f.kind != "migration"]
+    migrations = len(fileset.files) - len(built)
     header = [
         f"-- confiture build (format {BUILD_FORMAT})",
         f"-- env: {fileset.env}",
         f"-- hash: {fileset.hash}",
         f"-- seeds: {'yes' if fileset.seeds else 'no'}",
-        f"-- files: {len(fileset.files)}",
-        *(f"--   {f.rel}  {f.sha256[:12]}" for f in fileset.files),
+        f"-- files: {len(built)}",
+        *(f"--   {f.rel}  {f.sha256[:12]}" for f in built),
+        *([f"-- migration files: {migrations} (recorded as applied after the build)"]
+          if migrations else []),
         "",
     ]
     lines: list[str] = list(header)
     chunks: list[tuple[int, str, int]] = []
-    for item in fileset.files:
+    for item in built:
         text = read(item.path).decode("utf-8")
         text = text.removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
@@ -1466,7 +1479,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
         lines.append("")
     script = "\n".join(lines) + "\n"
     return Build(env=fileset.env, hash=fileset.hash, script=script,
-                 line_map=LineMap(tuple(chunks), tuple(lines)), files=fileset.files)
+                 line_map=LineMap(tuple(chunks), tuple(lines)), files=tuple(built))
 
 
 def build_path(config: Config, env: str, seeds: bool = True) -> Path:
@@ -1520,11 +1533,14 @@ class TemplateResult:
 
 @dataclass
 class Workspace:
-    """What an operation on one env needs: the env, its client and a reporter."""
+    """What an operation on one env needs: the env, its client and a reporter.
+    `after_build(ws, database)` runs on a freshly built template before it is published
+    (§12 wires it to §8, which records the migrations as applied)."""
 
     env: Env
     client: Client
     console: Console
+    after_build: Callable[[Workspace, str], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -1535,21 +1551,6 @@ def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.e
                    ) -> Workspace:
     return Workspace(env=env, client=Client(find_pg_tools(environ), env.conn, dict(environ)),
                      console=console)
-
-
-def workspace_for(config: str | Path | None = None, env: str | None = None,
-                  environ: Mapping[str, str] | None = None,
-                  console: Console | None = None) -> Workspace:
-    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
-
-        ws = confiture.workspace_for("confiture.toml", env="test")
-        with confiture.admin_session(ws) as session:        # one psql for many clones
-            confiture.clone_database(ws, "test_42", replace=True, session=session)
-    """
-    environ = dict(os.environ if environ is None else environ)
-    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
-    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
-    return open_workspace(env_spec, console or Console(quiet=True), environ)
 
 
 def admin_session(ws: Workspace) -> Session:
@@ -1624,6 +1625,8 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
                     + (f" STRATEGY {strategy}" if strategy else ""))
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
+        if ws.after_build is not None:
+            ws.after_build(ws, tmp)
     except BaseException:
         _drop_database(session, tmp, force=True)
         raise
@@ -2218,7 +2221,7 @@ class AppliedRow:
     applied_at: str
     applied_by: str
     duration_ms: int
-    how: str    # "applied" or "baseline"
+    how: str    # "applied", "baseline" (recorded by hand) or "build" (built from the DDL)
 
 
 @dataclass(frozen=True)
@@ -2894,6 +2897,20 @@ def baseline_migrations(ws: Workspace, to: int, session: Session | None = None,
                 _record_sql(locked.tracking, m, how="baseline", duration="0") for m in chosen)
                 + "\nCOMMIT")
     return chosen
+
+
+def record_build_migrations(ws: Workspace, database: str) -> None:
+    """A database built from the DDL is at the state every migration leads to: record them
+    all as applied (how = 'build'), so `migrate up` later applies only newer ones."""
+    files = scan_migrations(ws.config.migrations_dir, ws.config.root)
+    if not files.migrations:
+        return
+    with ws.client.session(database) as session:
+        tracking, _, _ = resolve_tracking(session, ws.config)
+        ensure_tracking(session, tracking)
+        session.execute("BEGIN;\n" + "".join(
+            _record_sql(tracking, m, how="build", duration="0") for m in files.migrations)
+            + "COMMIT")
 
 
 @dataclass(frozen=True)
@@ -4468,8 +4485,1139 @@ def _drop_staging(session: Session, staged: Staging) -> None:
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §11 Drift, watch, status
-# (issue 6)
+# Drift: two `pg_dump --schema-only` runs at once, split into objects by pg_dump's own headers,
+# noise stripped, compared object by object (confiture's tracking tables ignored, in one list).
+# Watch: stat-polls the env's folders and resets its database on change. Status: a read-only
+# look at one env. Schema sources report their git commits (read from .git, no git needed).
 # ════════════════════════════════════════════════════════════════════════════════════════════
+
+# ── schema sources and their checkouts (multi-repo) ───────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class GitHead:
+    """Where a checkout's HEAD points: commit (None on an unborn branch), branch (None when
+    detached), and the checkout's top folder."""
+
+    commit: str | None
+    branch: str | None
+    root: Path
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    path: Path
+    files: int
+    git: GitHead | None
+
+    def describe(self, root: Path) -> str:
+        try:
+            where = os.path.relpath(self.path, root)
+        except ValueError:
+            where = str(self.path)
+        text = f"{self.name}: {where}, {self.files} files"
+        if self.git:
+            commit = self.git.commit[:12] if self.git.commit else "no commits"
+            text += f", git {commit}" + (f" on {self.git.branch}" if self.git.branch
+                                         else " (detached)")
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        git = None if self.git is None else {"commit": self.git.commit, "branch": self.git.branch,
+                                             "root": str(self.git.root)}
+        return {"name": self.name, "path": str(self.path), "files": self.files, "git": git}
+
+
+def find_git_dir(folder: Path) -> tuple[Path, Path] | None:
+    """(checkout top, git dir) of the checkout holding `folder`. A '.git' file (worktrees,
+    submodules) points at the real git dir."""
+    for top in (folder, *folder.parents):
+        dotgit = top / ".git"
+        try:
+            if dotgit.is_dir():
+                return top, dotgit
+            if dotgit.is_file():
+                text = dotgit.read_text(encoding="utf-8", errors="replace").strip()
+                if not text.startswith("gitdir:"):
+                    return None
+                gitdir = Path(text[len("gitdir:"):].strip())
+                return top, gitdir if gitdir.is_absolute() else (top / gitdir).resolve()
+        except OSError:
+            return None
+    return None
+
+
+def read_git_head(folder: Path) -> GitHead | None:
+    """The commit checked out around `folder`, read from the git files (loose refs, packed
+    refs, worktrees' commondir); None outside a checkout."""
+    found = find_git_dir(folder)
+    if found is None:
+        return None
+    top, gitdir = found
+    try:
+        head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    try:
+        common = (gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()).resolve()
+    except OSError:
+        common = gitdir
+    if not head.startswith("ref:"):
+        return GitHead(head or None, None, top)
+    ref = head[len("ref:"):].strip()
+    return GitHead(_resolve_git_ref(gitdir, common, ref), ref.removeprefix("refs/heads/"), top)
+
+
+def _resolve_git_ref(gitdir: Path, common: Path, ref: str, depth: int = 0) -> str | None:
+    for base in (gitdir, common):
+        try:
+            value = (base / ref).read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if value.startswith("ref:") and depth < 5:
+            return _resolve_git_ref(gitdir, common, value[4:].strip(), depth + 1)
+        return value or None
+    try:
+        packed = (common / "packed-refs").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in packed.splitlines():
+        sha, _, name = line.partition(" ")
+        if name == ref and not line.startswith(("#", "^")):
+            return sha
+    return None
+
+
+def describe_sources(config: Config, fileset: FileSet | None = None) -> list[SourceInfo]:
+    """Each schema source in build order, with its file count and git commit."""
+    infos = []
+    for source in config.schema:
+        files = 0
+        if fileset is not None:
+            files = sum(1 for f in fileset.files
+                        if f.kind == "schema" and f.path.is_relative_to(source.path))
+        infos.append(SourceInfo(source.name, source.path, files, read_git_head(source.path)))
+    return infos
+
+
+# ── schema dumps: parse, filter, compare (pure) ───────────────────────────────────────────
+
+# Tables confiture itself writes into a project's databases. They are never drift. The
+# migrations table comes from [migrations] table; the others live beside it (or in public).
+TRACKING_TABLES = ("confiture_deploys",)
+
+
+def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
+    """(schema, table) of every table confiture keeps in a project database: §8's tracking
+    table and its log, §9's deploy record."""
+    qualifier, table = parse_table_name(config.migrations_table)
+    schema = qualifier or "public"
+    found = {(schema, table), (schema, table + "_log")}
+    for extra in TRACKING_TABLES:
+        found |= {(schema, extra), ("public", extra)}
+    return frozenset(found)
+
+
+_DUMP_HEADER = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
+                          r"Schema: (?P<schema>.*); Owner: (?P<owner>.*)\n--\n", re.MULTILINE)
+_DUMP_END = "\n--\n-- PostgreSQL database dump complete\n--\n"
+_DUMP_PLACEMENT = re.compile(r"^SET (default_tablespace|default_table_access_method) = (.*);$")
+_PLACEMENT_DEFAULTS = {"default_tablespace": "''", "default_table_access_method": "heap"}
+_PLACED_TYPES = {"TABLE", "INDEX", "MATERIALIZED VIEW", "CONSTRAINT"}
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True)
+class SchemaObject:
+    """One object of a schema dump, as pg_dump names it ('users id' is a column default)."""
+
+    type: str
+    schema: str  # "" for objects outside schemas (schemas, extensions, their comments)
+    name: str
+    body: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.schema, self.name, self.type
+
+
+def parse_schema_dump(text: str) -> dict[tuple[str, str, str], SchemaObject]:
+    """Split `pg_dump --schema-only` output into objects by its '-- Name: …; Type: …' headers,
+    dropping what varies between runs and versions: the SET preamble, \\restrict lines, the
+    version comments, trailing spaces and blank runs. Non-default tablespace/access method
+    settings (written before an object's header) are kept with the objects they apply to.
+    Owners count only through the dump's own OWNER TO statements (present when pg_dump runs
+    without --no-owner), not the headers' 'Owner:' of every dependent object."""
+    text = text.replace("\r\n", "\n")
+    end = text.find(_DUMP_END)
+    if end >= 0:
+        text = text[:end + 1]
+    text = _BLANK_RUN.sub("\n\n", _TRAILING_SPACE.sub("", text))
+    headers = list(_DUMP_HEADER.finditer(text))
+    placement = dict(_PLACEMENT_DEFAULTS)
+    found: dict[tuple[str, str, str], SchemaObject] = {}
+    for index, header in enumerate(headers):
+        stop = headers[index + 1].start() if index + 1 < len(headers) else len(text)
+        chunk = text[header.end():stop]
+        prefix = ""
+        if header["type"] in _PLACED_TYPES:
+            prefix = "".join(f"SET {k} = {v};\n" for k, v in placement.items()
+                             if v != _PLACEMENT_DEFAULTS[k])
+        if "SET default_" in chunk or "restrict " in chunk:  # rare: line by line
+            kept = []
+            for line in chunk.split("\n"):
+                setting = _DUMP_PLACEMENT.match(line)
+                if setting:  # applies to the objects that follow
+                    placement[setting.group(1)] = setting.group(2)
+                elif not line.startswith(("\\restrict ", "\\unrestrict ")):
+                    kept.append(line)
+            chunk = _BLANK_RUN.sub("\n\n", "\n".join(kept))
+        body = (prefix + chunk).strip("\n")
+        schema = "" if header["schema"] == "-" else header["schema"]
+        obj = SchemaObject(header["type"], schema, header["name"], body)
+        if obj.key in found:  # pg_dump does not repeat names, but never lose a body
+            obj = dataclasses.replace(obj, body=found[obj.key].body + "\n\n" + obj.body)
+        found[obj.key] = obj
+    return found
+
+
+def _dump_ident(name: str) -> list[str]:
+    """The spellings pg_dump may use for a name (it quotes only when needed)."""
+    quoted = quote_ident(name)
+    return [name, quoted] if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else [quoted]
+
+
+def _first_statement(body: str) -> str:
+    if not body.startswith(("SET ", "-- ")):
+        return body.split("\n", 1)[0]
+    for line in body.split("\n"):
+        if line and not line.startswith(("SET ", "-- ")):
+            return line
+    return ""
+
+
+def drop_tracking_objects(objects: Mapping[tuple[str, str, str], SchemaObject],
+                          tables: frozenset[tuple[str, str]]
+                          ) -> dict[tuple[str, str, str], SchemaObject]:
+    """Leave out confiture's tracking tables and everything that hangs off them (defaults,
+    constraints, indexes, triggers, owned sequences, comments, grants), and their schema when
+    nothing else lives in it. An object belongs to a table when its first statement names it:
+    pg_dump always writes the owning table there (CREATE/ALTER TABLE, ON …, OWNED BY …)."""
+    if not tables:
+        return dict(objects)
+    names = {table for _, table in tables}
+    pattern = re.compile("|".join(
+        r"(?<![\w\"$.])" + re.escape(f"{s}.{t}") + r"(?![\w\"$])"
+        for schema, table in sorted(tables)
+        for s in _dump_ident(schema) for t in _dump_ident(table)))
+    kept: dict[tuple[str, str, str], SchemaObject] = {}
+    owned: set[tuple[str, str]] = set()
+    for key, obj in objects.items():
+        if obj.type == "TABLE" and (obj.schema, obj.name) in tables:
+            continue
+        head = _first_statement(obj.body)
+        if any(name in head for name in names) and pattern.search(head):
+            if obj.type == "SEQUENCE OWNED BY":
+                owned.add((obj.schema, obj.name))
+            continue
+        kept[key] = obj
+    kept = {k: o for k, o in kept.items()
+            if not (o.type == "SEQUENCE" and (o.schema, o.name) in owned)}
+    used = {o.schema for o in kept.values()}
+    lonely = {schema for schema, _ in tables if schema != "public" and schema not in used}
+    return {k: o for k, o in kept.items()
+            if not (o.type == "SCHEMA" and o.name in lonely)
+            and not (o.type in ("COMMENT", "ACL") and o.name.startswith("SCHEMA ")
+                     and o.name[7:] in lonely)}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One object that differs. 'added': only in the database being checked; 'missing': only
+    in the reference (the DDL, or the other env); 'changed': in both, with different text."""
+
+    change: str
+    type: str
+    schema: str
+    name: str
+    summary: tuple[str, ...]
+    diff: str
+
+    @property
+    def label(self) -> str:
+        return describe_object(self.type, self.schema, self.name)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"change": self.change, "object": self.label, "type": self.type,
+                "schema": self.schema, "name": self.name, "summary": list(self.summary),
+                "diff": self.diff}
+
+
+def describe_object(type_: str, schema: str, name: str) -> str:
+    """Human name of a dumped object: 'index public.users_email', 'trigger t on public.users'."""
+    kind = type_.lower()
+    prefix = f"{schema}." if schema else ""
+    if type_ == "DEFAULT":
+        table, _, column = name.partition(" ")
+        return f"default of column {prefix}{table}.{column}"
+    if type_ in ("CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "POLICY", "RULE"):
+        table, _, sub = name.partition(" ")
+        return f"{kind} {sub} on {prefix}{table}"
+    if type_ in ("ROW SECURITY", "TABLE ATTACH", "INDEX ATTACH"):
+        return f"{kind} {prefix}{name}"
+    if type_ in ("COMMENT", "ACL", "SECURITY LABEL"):
+        what, _, rest = name.partition(" ")
+        return f"{kind} on {what.lower()} {prefix if what != 'SCHEMA' else ''}{rest}".rstrip()
+    return f"{kind} {prefix}{name}"
+
+
+def compare_schemas(expected: Mapping[tuple[str, str, str], SchemaObject],
+                    actual: Mapping[tuple[str, str, str], SchemaObject],
+                    expected_label: str = "ddl", actual_label: str = "database"
+                    ) -> list[Difference]:
+    """Object-by-object comparison, sorted by schema, name and type (stable across runs).
+    The comment or grants of an object that is added or missing as a whole are folded into
+    it rather than reported on their own."""
+    import difflib
+
+    found: list[Difference] = []
+    for key in sorted(set(expected) | set(actual)):
+        old, new = expected.get(key), actual.get(key)
+        if old is not None and new is not None and old.body == new.body:
+            continue
+        change = "added" if old is None else "missing" if new is None else "changed"
+        obj = old or new
+        assert obj is not None
+        diff = "\n".join(difflib.unified_diff(old.body.split("\n") if old else [],
+                                              new.body.split("\n") if new else [],
+                                              expected_label, actual_label, lineterm="", n=3))
+        summary = summarize_change(obj.type, old.body if old else None, new.body if new else None)
+        found.append(Difference(change, obj.type, obj.schema, obj.name, tuple(summary), diff))
+    return _fold_attachments(found)
+
+
+_ATTACHMENTS = {"COMMENT": "comment", "ACL": "grants", "SECURITY LABEL": "security label"}
+
+
+def _fold_attachments(found: list[Difference]) -> list[Difference]:
+    wholes = {(d.change, d.schema, d.type, d.name): i for i, d in enumerate(found)
+              if d.change != "changed" and d.type not in _ATTACHMENTS}
+    types = sorted({d.type for d in found}, key=len, reverse=True)
+    extra: dict[int, list[str]] = {}
+    kept = []
+    for diff in found:
+        target = None
+        if diff.type in _ATTACHMENTS and diff.change != "changed":
+            kind = next((t for t in types if diff.name.startswith(t + " ")), None)
+            if kind:
+                target = wholes.get((diff.change, diff.schema, kind, diff.name[len(kind) + 1:]))
+        if target is None:
+            kept.append(diff)
+        else:
+            extra.setdefault(target, []).append(f"with its {_ATTACHMENTS[diff.type]}")
+    return [dataclasses.replace(d, summary=d.summary + tuple(extra[found.index(d)]))
+            if found.index(d) in extra else d for d in kept]
+
+
+def summarize_change(type_: str, old: str | None, new: str | None) -> list[str]:
+    """Column-level detail for tables and column defaults; nothing for other objects (their
+    unified diff says it all)."""
+    if old is None or new is None:
+        return []
+    if type_ == "TABLE":
+        return summarize_table(old, new)
+    if type_ == "DEFAULT":
+        return [f"default {_default_expr(old)} → {_default_expr(new)}"]
+    return []
+
+
+def _default_expr(body: str) -> str:
+    match = re.search(r" SET DEFAULT (.*);\s*$", body, re.DOTALL)
+    return match.group(1) if match else "?"
+
+
+@dataclass(frozen=True)
+class TableShape:
+    columns: tuple[tuple[str, str], ...]      # (name, definition) in order
+    constraints: tuple[tuple[str, str], ...]  # inline CHECK constraints
+    options: str                              # PARTITION BY, INHERITS, WITH (…)
+
+
+def parse_table(body: str) -> TableShape:
+    """Columns, inline constraints and options of a CREATE TABLE as pg_dump writes it: one
+    column per line indented by four spaces, the closing ')' at the start of a line."""
+    lines = [l for l in body.split("\n") if not l.startswith("SET ")]
+    start = next((i for i, l in enumerate(lines) if l.startswith("CREATE") and l.endswith("(")),
+                 None)
+    if start is None:
+        return TableShape((), (), "")
+    entries: list[str] = []
+    index = start + 1
+    while index < len(lines) and not lines[index].startswith(")"):
+        line = lines[index]
+        if line.startswith("    ") and not line.startswith("     ") or not entries:
+            entries.append(line.strip())
+        else:
+            entries[-1] += "\n" + line
+        index += 1
+    columns, constraints = [], []
+    for entry in entries:
+        entry = entry.rstrip(",")
+        if entry.startswith("CONSTRAINT "):
+            name, definition = _split_ident(entry[len("CONSTRAINT "):])
+            constraints.append((name, definition))
+        elif entry:
+            columns.append(_split_ident(entry))
+    options = "\n".join(l for l in lines[index:] if not l.startswith("ALTER "))
+    return TableShape(tuple(columns), tuple(constraints), options.strip())
+
+
+def _split_ident(text: str) -> tuple[str, str]:
+    """('name', rest) of 'name rest' where name may be double-quoted."""
+    match = re.match(r'("(?:[^"]|"")*"|\S+)\s*(.*)', text, re.DOTALL)
+    assert match is not None
+    return match.group(1), match.group(2)
+
+
+def column_attributes(definition: str) -> dict[str, str]:
+    """type, collation, default/generated and not-null of a dumped column definition."""
+    text, attrs = definition, {"not null": "no"}
+    if text.endswith(" NOT NULL"):
+        attrs["not null"], text = "yes", text[:-len(" NOT NULL")]
+    for word, attr in ((" GENERATED ALWAYS AS ", "generated"), (" DEFAULT ", "default")):
+        at = text.find(word)
+        if at >= 0:
+            attrs[attr], text = text[at + len(word):], text[:at]
+            break
+    at = text.find(" COLLATE ")
+    if at >= 0:
+        attrs["collation"], text = text[at + len(" COLLATE "):], text[:at]
+    attrs["type"] = text
+    return attrs
+
+
+def summarize_table(old: str, new: str) -> list[str]:
+    """'column email: default 'a'::text → 'b'::text', 'column x added', … ('added' = only in
+    the database being checked, as for objects)."""
+    before, after = parse_table(old), parse_table(new)
+    lines: list[str] = []
+    old_cols, new_cols = dict(before.columns), dict(after.columns)
+    for name, definition in after.columns:
+        if name not in old_cols:
+            lines.append(f"column {name} added ({definition})")
+    for name, definition in before.columns:
+        if name not in new_cols:
+            lines.append(f"column {name} missing ({definition})")
+        elif new_cols[name] != definition:
+            a, b = column_attributes(definition), column_attributes(new_cols[name])
+            for attr in ("type", "collation", "default", "generated", "not null"):
+                if a.get(attr) != b.get(attr):
+                    lines.append(f"column {name}: {attr} {a.get(attr, 'none')} → "
+                                 f"{b.get(attr, 'none')}")
+    common = [n for n, _ in before.columns if n in new_cols]
+    if common != [n for n, _ in after.columns if n in old_cols]:
+        lines.append("column order differs")
+    old_checks, new_checks = dict(before.constraints), dict(after.constraints)
+    for name in sorted(set(old_checks) | set(new_checks)):
+        if name not in old_checks:
+            lines.append(f"constraint {name} added")
+        elif name not in new_checks:
+            lines.append(f"constraint {name} missing")
+        elif old_checks[name] != new_checks[name]:
+            lines.append(f"constraint {name} changed")
+    if before.options != after.options:
+        lines.append("table options differ (partitioning, inheritance or storage)")
+    return lines
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """A comparison of `actual` (the env's database) with `expected` (its DDL build, or
+    another env's database)."""
+
+    actual: str
+    expected: str
+    reference: str  # short name of `expected` for messages: "the DDL", "env staging"
+    differences: tuple[Difference, ...]
+    seconds: float = 0.0
+    cached: bool = False  # the DDL's dump came from the cache (see drift_cache_path)
+
+    def counts(self) -> dict[str, int]:
+        return {change: sum(1 for d in self.differences if d.change == change)
+                for change in ("added", "missing", "changed")}
+
+    def as_json(self) -> dict[str, Any]:
+        return {"actual": self.actual, "expected": self.expected,
+                "identical": not self.differences, "counts": self.counts(),
+                "differences": [d.as_json() for d in self.differences],
+                "seconds": round(self.seconds, 3), "cached": self.cached}
+
+
+SchemaObjects = dict[tuple[str, str, str], SchemaObject]
+
+
+def prepare_dump(text: str, tables: frozenset[tuple[str, str]]) -> SchemaObjects:
+    """A schema dump as comparable objects, confiture's own tables left out."""
+    return drop_tracking_objects(parse_schema_dump(text), tables)
+
+
+def compare_dumps(expected: str | SchemaObjects, actual: str | SchemaObjects,
+                  tables: frozenset[tuple[str, str]], expected_label: str, actual_label: str,
+                  reference: str = "the DDL") -> DriftReport:
+    """Parse (unless already prepared), filter and compare two schema dumps."""
+    before = prepare_dump(expected, tables) if isinstance(expected, str) else expected
+    after = prepare_dump(actual, tables) if isinstance(actual, str) else actual
+    diffs = compare_schemas(before, after, expected_label, actual_label)
+    return DriftReport(actual_label, expected_label, reference, tuple(diffs))
+
+
+# ── schema dumps: run (thin) ──────────────────────────────────────────────────────────────
+
+
+def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[str]:
+    """pg_dump for comparing schemas. Owners, grants and tablespaces only with `privileges`;
+    subscriptions never (their connection strings may hold passwords)."""
+    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8"]
+    if not privileges:
+        argv += ["--no-owner", "--no-privileges", "--no-tablespaces"]
+    return argv + conn.argv_conninfo()
+
+
+def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
+    """`pg_dump --schema-only` of one database, as text."""
+    proc = client.run(dump_schema_argv(client.tools, client.conn, privileges), dbname)
+    if proc.returncode != 0:
+        text = proc.stderr.decode("utf-8", "replace").strip()
+        if client.password:
+            text = text.replace(client.password, "***")
+        text = re.sub(r"^pg_dump: (error: )?", "", text)
+        where = client.conn.with_params(dbname=dbname).display(client.environ)
+        if f'database "{dbname}" does not exist' in text:
+            raise PgError(f"database {dbname!r} does not exist ({where})",
+                          hint="create it first (reset, clone or deploy)")
+        if "connection to server" in text or "could not connect" in text:
+            raise ConnectionFailed(f"cannot connect to {where}: {text}",
+                                   hint="is the server running? (bin/pg-dev start)")
+        raise PgError(f"pg_dump of {dbname} failed: {text}")
+    return proc.stdout.decode("utf-8", "replace")
+
+
+class Background:
+    """A blocking call (one that waits on a child process) running in a thread; result()
+    waits for it and re-raises its error. (threading, not concurrent.futures: 15 ms less
+    import time on every run.)"""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        import threading
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self._value = call()
+        except BaseException as exc:  # noqa: BLE001 — handed to the waiting thread by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run blocking calls at the same time; results in order, the first failure re-raised."""
+    background = [Background(call) for call in calls[1:]]
+    first = [calls[0]()] if calls else []
+    return first + [job.result() for job in background]
+
+
+SCRATCH_INFIX = "_scratch_"
+
+
+def template_seeds(env: Env) -> bool:
+    """Which template stands for an env's DDL: the one reset/clone use (with its seed sets) for
+    unprotected envs, the schema-only one deploy uses for protected envs."""
+    return not env.protected
+
+
+def drop_stale_scratch(ws: Workspace, session: Session) -> list[str]:
+    """Drop scratch databases left by killed runs (their advisory lock is free)."""
+    prefix = ws.config.project + SCRATCH_INFIX
+    dropped = []
+    for row in session.query("SELECT datname FROM pg_database WHERE "
+                             f"starts_with(datname, {quote_literal(prefix)})"):
+        lock = f"scratch:{row['datname']}"
+        if session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
+            try:
+                _drop_database(session, row["datname"], force=True)
+                dropped.append(row["datname"])
+            finally:
+                release_lock(session, lock)
+    return dropped
+
+
+@dataclass
+class ScratchDatabase:
+    """A throwaway database for one run, locked while in use and dropped afterwards, even on
+    failure or Ctrl-C (a killed run's leftovers are dropped by the next run)."""
+
+    ws: Workspace
+    session: Session
+    template: str
+    strategy: str | None
+    name: str = ""
+
+    def __enter__(self) -> str:
+        import secrets
+
+        drop_stale_scratch(self.ws, self.session)
+        self.name = f"{self.ws.config.project}{SCRATCH_INFIX}{secrets.token_hex(4)}"
+        check_clone_target(self.ws, self.name)
+        acquire_lock(self.session, f"scratch:{self.name}", 5.0, f"scratch database {self.name}")
+        try:
+            self.session.execute(
+                f"CREATE DATABASE {quote_ident(self.name)} TEMPLATE {quote_ident(self.template)}"
+                + (f" STRATEGY {self.strategy}" if self.strategy else ""))
+        except BaseException:
+            release_lock(self.session, f"scratch:{self.name}")
+            raise
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        interrupted = isinstance(exc[1], (KeyboardInterrupt, Interrupted))
+        try:
+            if interrupted:  # the session may be mid-statement: cancel it, drop from a new one
+                self.session.cancel()
+                with admin_session(self.ws) as fresh:
+                    _drop_database(fresh, self.name, force=True)
+            else:
+                _drop_database(self.session, self.name, force=True)
+                release_lock(self.session, f"scratch:{self.name}")
+        except ConfitureError as error:
+            if exc[0] is None:
+                raise
+            self.ws.console.warn(f"could not drop scratch database {self.name}: {error.message}")
+
+
+def _template_label(result: TemplateResult) -> str:
+    return f"ddl ({result.name})"
+
+
+DRIFT_CACHE_FORMAT = 1
+
+
+def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
+                     privileges: bool) -> Path:
+    """Where the schema dump of a template is kept. A published template never changes, so
+    its dump is reusable while the template (name + build time), the server and the pg_dump
+    binary stay the same; all of them are in the file name's key."""
+    try:
+        built_at = json.loads(probe.get("comment") or "{}").get("built_at")
+    except (ValueError, AttributeError):
+        built_at = None
+    try:
+        binary = os.stat(ws.client.tools.pg_dump)
+        tool = (ws.client.tools.pg_dump, binary.st_size, binary.st_mtime_ns)
+    except OSError:
+        tool = (ws.client.tools.pg_dump, 0, 0)
+    key = json.dumps([DRIFT_CACHE_FORMAT, template, built_at, probe.get("version"),
+                      ws.env.conn.server_identity(ws.client.environ), tool, privileges])
+    variant = "privileges" if privileges else "schema"
+    return ws.config.state_dir / "drift" / f"{template}.{variant}.{sha256_bytes(key.encode())[:16]}.sql"
+
+
+def read_drift_cache(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> None:
+    """Keep the dump; drop this env's older dumps of the same variant. Best effort: a cache
+    that cannot be written only costs time."""
+    try:
+        write_atomic(path, text.encode("utf-8"))
+    except InputError:
+        return
+    variant = path.name.split(".")[-3]
+    for old in path.parent.glob(f"{template_prefix(project, env_name)}*.{variant}.*.sql"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def template_schema_dump(ws: Workspace, session: Session, result: TemplateResult,
+                         probe: Mapping[str, Any], privileges: bool) -> tuple[str, bool]:
+    """(schema dump of a template, from cache?): templates accept no connections, so the
+    first time it is dumped through a scratch clone."""
+    cache = drift_cache_path(ws, result.name, probe, privileges)
+    text = read_drift_cache(cache)
+    if text is not None:
+        return text, True
+    with ScratchDatabase(ws, session, result.name, clone_strategy(ws.config, probe)) as scratch:
+        text = dump_schema(ws.client, scratch, privileges)
+    write_drift_cache(cache, text, ws.env.name, ws.config.project)
+    return text, False
+
+
+def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
+    """The env's live database against the schema its files build. The live dump starts at
+    once; meanwhile the env's template is made current and its dump read from the cache or
+    taken through a scratch clone."""
+    started = time.monotonic()
+    live = Background(lambda: dump_schema(ws.client, ws.env.database, privileges))
+    with admin_session(ws) as session:
+        result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
+        expected_text, cached = template_schema_dump(ws, session, result, probe, privileges)
+    tables = tracking_tables(ws.config)
+    expected = prepare_dump(expected_text, tables)  # while the live dump runs
+    report = compare_dumps(expected, live.result(), tables,
+                           _template_label(result), f"{ws.env.database} (env {ws.env.name})")
+    return dataclasses.replace(report, seconds=time.monotonic() - started, cached=cached)
+
+
+def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) -> DriftReport:
+    """The env's live database against another env's live database."""
+    started = time.monotonic()
+    actual_text, expected_text = run_concurrently([
+        lambda: dump_schema(ws.client, ws.env.database, privileges),
+        lambda: dump_schema(other.client, other.env.database, privileges)])
+    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
+                           f"{other.env.database} (env {other.env.name})",
+                           f"{ws.env.database} (env {ws.env.name})", f"env {other.env.name}")
+    return dataclasses.replace(report, seconds=time.monotonic() - started)
+
+
+def diff_migrations(ws: Workspace, privileges: bool = False,
+                    base: Workspace | None = None) -> DriftReport:
+    """Prove that migrations and DDL agree: apply every pending migration to a scratch
+    database and compare it with the env's schema-only DDL build. The scratch database starts
+    empty (histories that build everything from nothing) or, with `base`, as a schema copy of
+    that env's database with its applied migrations recorded (a preview of deploying there)."""
+    started = time.monotonic()
+    base_dump = base_version = None
+    if base is not None:
+        base_dump = Background(lambda: dump_schema(base.client, base.env.database, False))
+        base_version = applied_migration_version(base)
+    with admin_session(ws) as session:
+        result, probe = ensure_template(ws, seeds=False, session=session)
+        expected_text, _ = template_schema_dump(ws, session, result, probe, privileges)
+        with ScratchDatabase(ws, session, "template0", clone_strategy(ws.config, probe)) \
+                as migrated_db:
+            if base_dump is not None:
+                ws.client.run_script(base_dump.result(), migrated_db)
+            applied = apply_all_migrations(ws, migrated_db, base_version)
+            actual_text = dump_schema(ws.client, migrated_db, privileges)
+    start = f"env {base.env.name} at {base_version or 'no migration'}" if base else "empty"
+    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
+                           _template_label(result),
+                           f"migrations ({applied} applied to {start})")
+    return dataclasses.replace(report, seconds=time.monotonic() - started)
+
+
+# ── integration with §8 migrations ────────────────────────────────────────────────────────
+
+
+def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
+    """Apply every pending migration (§8) to `dbname`, a scratch database, after recording
+    those up to `base_version` as applied; return how many ran."""
+    scratch = dataclasses.replace(ws, env=dataclasses.replace(ws.env, database=dbname))
+    with open_migration_session(scratch) as session:
+        if base_version is not None:
+            baseline_migrations(scratch, base_version, session=session)
+        return len(migrate_up(scratch, session=session).done)
+
+
+def applied_migration_version(ws: Workspace) -> int | None:
+    """The newest migration applied to the env's database (None: none, or no tracking table)."""
+    return migration_status(ws).current
+
+
+def migrations_summary(ws: Workspace) -> dict[str, Any]:
+    """Applied / pending / changed / missing / interrupted migrations of the env's database
+    (§8), for status. A database without the tracking table is 'untracked'."""
+    try:
+        status = migration_status(ws)
+    except ConfitureError as exc:
+        return {"state": "unknown", "error": exc.message}
+    if not status.tracking:
+        return {"state": "untracked", "table": status.table,
+                "pending": 0, "files": len(status.files.migrations)}
+    return {"state": "clean" if status.clean else "unclean", "table": status.table,
+            "current": status.current, "applied": len(status.applied),
+            "pending": len(status.pending), "changed": len(status.changed),
+            "missing": len(status.missing), "interrupted": len(status.partial)}
+
+
+# ── status ────────────────────────────────────────────────────────────────────────────────
+
+
+def backups_folder(config: Config, env: Env) -> Path:
+    """<backups dir>/<env>/: the env's `backups` key, else [backups] dir (SPEC §8)."""
+    base = env.spec.backups or config.backups_dir
+    return config.root / base / env.name
+
+
+def latest_backup(config: Config, env: Env) -> dict[str, Any] | None:
+    """The newest complete backup of the env: a dump whose JSON sidecar says complete."""
+    folders = [backups_folder(config, env)]
+    if env.spec.backups:  # also accept the env's folder itself holding the dumps
+        folders.append(config.root / env.spec.backups)
+    best: dict[str, Any] | None = None
+    for folder in folders:
+        for sidecar in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            dump = sidecar.with_suffix("")
+            if not isinstance(meta, dict) or meta.get("complete") is not True or \
+                    not dump.is_file() or meta.get("env", env.name) != env.name:
+                continue
+            if best is None or str(meta.get("created_at", "")) > str(best.get("created_at", "")):
+                best = {**meta, "file": str(dump)}
+    return best
+
+
+def latest_sync(config: Config, env_name: str) -> dict[str, Any] | None:
+    """The newest sync report from or into the env (<state_dir>/sync/*.json)."""
+    folder = config.state_dir / "sync"
+    best: dict[str, Any] | None = None
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or env_name not in (report.get("from"), report.get("to")):
+            continue
+        when = str(report.get("finished_at") or report.get("started_at") or "")
+        if best is None or when >= str(best.get("finished_at") or best.get("started_at") or ""):
+            best = {**report, "report": str(path)}
+    return best
+
+
+def parse_utc(text: str) -> float | None:
+    """Seconds since the epoch of an ISO UTC timestamp ('2024-05-01T12:00:00Z', '+00:00')."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def format_age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+@dataclass
+class EnvStatus:
+    """Everything `status` knows about one env; `attention` lists what needs a human."""
+
+    env: str
+    protected: bool
+    url: str
+    database: str
+    sources: list[dict[str, Any]]
+    server: dict[str, Any]
+    db: dict[str, Any]
+    template: dict[str, Any]
+    migrations: dict[str, Any]
+    drift: dict[str, Any]
+    backup: dict[str, Any] | None
+    sync: dict[str, Any] | None
+    attention: list[str] = field(default_factory=list)
+
+    @property
+    def reachable(self) -> bool:
+        return bool(self.server.get("reachable"))
+
+
+def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict[str, Any],
+                                                            dict[str, Any]]:
+    """(server, database, template) facts from one admin session; unreachable → a message."""
+    name = template_name(ws.config.project, ws.env.name, fileset.hash)
+    try:
+        with admin_session(ws) as session:
+            row = session.query(
+                "SELECT current_setting('server_version') AS version, "
+                f"(SELECT pg_database_size(oid) FROM pg_database WHERE datname = "
+                f"{quote_literal(ws.env.database)}) AS size, "
+                f"(SELECT count(*) FROM pg_database WHERE datname = "
+                f"{quote_literal(ws.env.database)}) AS exists, "
+                f"(SELECT datistemplate FROM pg_database WHERE datname = {quote_literal(name)}) "
+                "AS current")[0]
+            built = [t for t in list_templates(session, ws.config.project, ws.env.name)
+                     if t.seeds == fileset.seeds]
+    except PgError as exc:
+        return ({"reachable": False, "error": exc.message}, {"exists": None},
+                {"name": name, "state": "unknown"})
+    state = "current" if row["current"] else "stale" if built else "missing"
+    template: dict[str, Any] = {"name": name, "state": state}
+    if built and not row["current"]:
+        template["newest"] = {"name": built[0].name, "built_at": built[0].built_at}
+    return ({"reachable": True, "version": row["version"]},
+            {"exists": bool(row["exists"]), "size": row["size"]}, template)
+
+
+def max_backup_age(config: Config) -> float | None:
+    """[status] max_backup_age: older (or no) backups need attention; unset: not checked."""
+    value = config.raw.get("status", {}).get("max_backup_age")
+    return None if value is None else parse_duration(value, "status.max_backup_age")
+
+
+def gather_status(ws: Workspace, drift: bool = False, now: float | None = None) -> EnvStatus:
+    """A read-only look at one env: nothing is built, created or changed (except with
+    `drift`, which makes the env's template current to compare against it)."""
+    now = time.time() if now is None else now
+    fileset = scan_env(ws.config, ws.env.name, seeds=template_seeds(ws.env))
+    server, db, template = _server_facts(ws, fileset)
+    migrations: dict[str, Any] = {"state": "unknown", "note": "server unreachable"}
+    drift_info: dict[str, Any] = {"checked": False}
+    if server["reachable"] and db["exists"]:
+        migrations = migrations_summary(ws)
+        if drift:
+            try:
+                report = diff_against_ddl(ws)
+                drift_info = {"checked": True, "differences": len(report.differences),
+                              "counts": report.counts()}
+            except ConfitureError as exc:
+                drift_info = {"checked": False, "error": exc.message}
+    elif server["reachable"]:
+        migrations = {"state": "unknown", "note": "no database"}
+    backup = latest_backup(ws.config, ws.env)
+    if backup and parse_utc(str(backup.get("created_at"))) is not None:
+        backup["age_seconds"] = round(now - (parse_utc(str(backup["created_at"])) or now))
+    sync = latest_sync(ws.config, ws.env.name)
+    status = EnvStatus(
+        env=ws.env.name, protected=ws.env.protected, url=ws.env.conn.display(ws.client.environ),
+        database=ws.env.database,
+        sources=[s.as_json() for s in describe_sources(ws.config, fileset)],
+        server=server, db=db, template=template, migrations=migrations, drift=drift_info,
+        backup=backup, sync=sync)
+    status.attention = needs_attention(status, max_backup_age(ws.config))
+    return status
+
+
+def needs_attention(status: EnvStatus, backup_max_age: float | None) -> list[str]:
+    """What `status --check` reports (exit 3): pure, so the rules are easy to read and test."""
+    found = []
+    if not status.reachable:
+        return [f"server unreachable: {status.server.get('error')}"]
+    if not status.db["exists"]:
+        found.append(f"database {status.database} does not exist")
+    if not status.protected and status.template["state"] == "stale":
+        found.append("template is stale: the env's files changed since the last build "
+                     "(run reset)")
+    mig = status.migrations
+    for what in ("pending", "changed", "missing", "interrupted"):
+        if mig.get(what):
+            found.append(f"{mig[what]} {what} migration(s)")
+    if mig.get("error"):
+        found.append(f"migrations: {mig['error']}")
+    if status.protected and mig.get("state") == "untracked":
+        found.append(f"no migration tracking table {mig.get('table')} "
+                     "(adopt the database with migrate baseline)")
+    if status.drift.get("differences"):
+        found.append(f"schema drift: {status.drift['differences']} difference(s) from the DDL")
+    if status.sync is not None and status.sync.get("ok") is False:
+        found.append(f"last sync {status.sync.get('from')} → {status.sync.get('to')} failed: "
+                     f"{status.sync.get('error') or 'see ' + str(status.sync.get('report'))}")
+    if backup_max_age is not None:
+        if status.backup is None:
+            found.append("no backup (status.max_backup_age is set)")
+        elif status.backup.get("age_seconds", 0) > backup_max_age:
+            found.append(f"last backup is {format_age(status.backup['age_seconds'])} old "
+                         f"(limit {format_age(backup_max_age)})")
+    return found
+
+
+def format_status(status: EnvStatus) -> list[str]:
+    """The one-screen text of `status`."""
+    flag = " [protected]" if status.protected else ""
+    lines = [f"env {status.env}{flag}  {status.url}"]
+
+    def row(label: str, text: str) -> None:
+        lines.append(f"  {label:<11}{text}")
+
+    for source in status.sources:
+        git = source["git"]
+        text = f"{source['name']}  {source['path']}  ({source['files']} files"
+        if git:
+            text += f", git {(git['commit'] or 'no commits')[:12]}"
+            text += f" on {git['branch']}" if git["branch"] else " detached"
+        row("source", text + ")")
+    server = status.server
+    row("server", f"reachable, PostgreSQL {server['version']}" if server["reachable"]
+        else f"UNREACHABLE: {server.get('error')}")
+    if server["reachable"]:
+        row("database", f"{status.database}, " + (format_bytes(int(status.db["size"] or 0))
+                                                   if status.db["exists"] else "does not exist"))
+    template = status.template
+    text = f"{template['name']}  {template['state']}"
+    if "newest" in template:
+        text += f" (newest built: {template['newest']['name']} at {template['newest']['built_at']})"
+    row("template", text)
+    mig = status.migrations
+    if mig.get("state") == "unknown":
+        row("migrations", f"unknown ({mig.get('note') or mig.get('error')})")
+    elif mig.get("state") == "untracked":
+        row("migrations", f"untracked (no {mig.get('table')} table: built from DDL; "
+                          f"{mig.get('files')} migration files)")
+    else:
+        row("migrations", f"at {mig.get('current') or 'none'}: " + ", ".join(
+            f"{mig.get(k, 0)} {k}" for k in ("applied", "pending", "changed", "missing")
+            if k in ("applied", "pending") or mig.get(k))
+            + (f", {mig['interrupted']} interrupted" if mig.get("interrupted") else ""))
+    drift = status.drift
+    row("drift", f"{drift['differences']} difference(s)" if drift.get("checked") and
+        drift.get("differences") else "none" if drift.get("checked") else
+        f"unknown ({drift['error']})" if drift.get("error") else "unknown (status --drift checks)")
+    backup = status.backup
+    row("backup", "none" if backup is None else
+        f"{Path(backup['file']).name}, {format_age(backup.get('age_seconds', 0))} ago"
+        + (f", {format_bytes(int(backup['size']))}" if backup.get("size") else ""))
+    sync = status.sync
+    row("sync", "none" if sync is None else
+        f"{sync.get('from')} → {sync.get('to')} {'ok' if sync.get('ok') else 'FAILED'}, "
+        f"finished {sync.get('finished_at') or sync.get('started_at')}"
+        + (f", {sync['rows']} rows" if sync.get("rows") is not None else ""))
+    row("attention", "none" if not status.attention else status.attention[0])
+    for item in status.attention[1:]:
+        row("", item)
+    return lines
+
+
+# ── watch ─────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str                     # "reset", "unchanged", "error", "watching", "stopped"
+    message: str
+    changed: tuple[str, ...] = ()
+    seconds: float = 0.0
+    hint: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event": self.kind, "at": utc_now(), "message": self.message,
+                "changed": list(self.changed), "seconds": round(self.seconds, 3),
+                "hint": self.hint}
+
+
+def watched_folders(config: Config, env_name: str) -> list[Path]:
+    """The folders an env's file set comes from: schema sources and its seed sets."""
+    return [s.path for s in config.schema] + \
+        [config.seeds_dir / s for s in config.envs[env_name].seeds]
+
+
+FileState = dict[str, tuple[int, int]]
+
+
+def snapshot_files(folders: Sequence[Path]) -> FileState:
+    """(mtime_ns, size) of every .sql file below the folders; an unreadable folder is a
+    state too, so that fixing it counts as a change."""
+    state: FileState = {}
+    for folder in folders:
+        try:
+            for _, path in walk_sql_files(folder):
+                info = os.stat(path)
+                state[str(path)] = (info.st_mtime_ns, info.st_size)
+        except (InputError, OSError) as exc:
+            state[f"{folder} (unreadable: {exc})"] = (0, 0)
+    return state
+
+
+def changed_files(before: FileState, after: FileState, root: Path) -> tuple[str, ...]:
+    """Paths (relative to the project when possible) added, removed or modified."""
+    paths = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+
+    def show(path: str) -> str:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            return path
+
+    return tuple(sorted(show(p) for p in paths))
+
+
+def watch_env(ws: Workspace, interval: float, report: Callable[[WatchEvent], None],
+              force: bool = False, sleep: Callable[[float], None] = time.sleep,
+              cycles: int | None = None) -> None:
+    """Reset the env's database now and whenever its files change; errors are reported and
+    watching goes on. A change is acted on once two polls `interval` apart agree (editors
+    write files in several steps). Returns when interrupted while waiting (Ctrl-C, SIGTERM);
+    an interrupt during a rebuild propagates after the usual cleanup."""
+    refuse_protected(ws.env, "watch")
+    if interval <= 0:
+        raise ConfigError("--interval must be positive")
+    folders = watched_folders(ws.config, ws.env.name)
+    state = snapshot_files(folders)
+    last_hash = rebuild_once(ws, (), force, report, None)
+    report(WatchEvent("watching", f"watching {len(state)} files in {len(folders)} folders "
+                      f"every {format_seconds(interval)} (Ctrl-C to stop)"))
+    done = 0
+    while cycles is None or done < cycles:
+        try:
+            current = wait_for_change(folders, state, interval, sleep)
+        except KeyboardInterrupt:
+            report(WatchEvent("stopped", "stopped watching"))
+            return
+        changed = changed_files(state, current, ws.config.root)
+        state = current
+        last_hash = rebuild_once(ws, changed, force, report, last_hash)
+        done += 1
+
+
+def wait_for_change(folders: Sequence[Path], state: FileState, interval: float,
+                    sleep: Callable[[float], None]) -> FileState:
+    """Poll until the files differ from `state` and two consecutive polls agree."""
+    while True:
+        sleep(interval)
+        current = snapshot_files(folders)
+        if current == state:
+            continue
+        while True:
+            sleep(interval)
+            again = snapshot_files(folders)
+            if again == current:
+                return current
+            current = again
+
+
+def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
+                 report: Callable[[WatchEvent], None], last_hash: str | None) -> str | None:
+    """One watch cycle: rebuild the template (if the file set changed) and reset the env's
+    database. Returns the hash now in the database (None after a failure: retry next time)."""
+    started = time.monotonic()
+    try:
+        fileset = scan_env(ws.config, ws.env.name)
+        if fileset.hash == last_hash:
+            report(WatchEvent("unchanged", "the env's file set is unchanged "
+                              f"(hash {fileset.hash[:12]})", changed))
+            return last_hash
+        result, _ = reset_env_database(ws, force=force)
+    except ConfitureError as exc:
+        report(WatchEvent("error", exc.message, changed, time.monotonic() - started, exc.hint))
+        return None
+    how = f"built {result.name}" if result.built else f"template {result.name} reused"
+    report(WatchEvent("reset", f"reset {ws.env.database} ({how}) in "
+                      f"{format_seconds(time.monotonic() - started)}", changed,
+                      time.monotonic() - started))
+    return fileset.hash
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -4502,7 +5650,24 @@ class App:
         return resolve_env(self.config, name or self.env_name(), self.environ)
 
     def workspace(self, name: str | None = None) -> Workspace:
-        return open_workspace(self.env(name), self.console, self.environ)
+        ws = open_workspace(self.env(name), self.console, self.environ)
+        return dataclasses.replace(ws, after_build=record_build_migrations)
+
+
+def workspace_for(config: str | Path | None = None, env: str | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  console: Console | None = None) -> Workspace:
+    """Library entry point: the Workspace of an env, resolved as the CLI would resolve it.
+
+        ws = confiture.workspace_for("confiture.toml", env="test")
+        with confiture.admin_session(ws) as session:        # one psql for many clones
+            confiture.clone_database(ws, "test_42", replace=True, session=session)
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
+    env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
+    ws = open_workspace(env_spec, console or Console(quiet=True), environ)
+    return dataclasses.replace(ws, after_build=record_build_migrations)
 
 
 # ── foundation commands ───────────────────────────────────────────────────────────────────
@@ -4606,8 +5771,12 @@ def cmd_config_check(app: App) -> int:
 def cmd_scan(app: App) -> int:
     name = app.env_name()
     fileset = scan_env(app.config, name, seeds=not app.args.schema_only)
+    sources = describe_sources(app.config, fileset)  # §11: each source and its git commit
+    for source in sources:
+        app.console.info(f"source {source.describe(app.config.root)}")
     if app.console.json_mode:
         app.console.emit({"env": name, "hash": fileset.hash,
+                          "sources": [s.as_json() for s in sources],
                           "files": [{"path": f.rel, "kind": f.kind, "sha256": f.sha256,
                                      "size": f.size} for f in fileset.files]})
         return EXIT_OK
@@ -4815,7 +5984,7 @@ def _print_status(app: App, status: MigrationStatus) -> None:
     if app.console.verbose:
         for row in status.applied:
             out(f"  applied   {row.version:<16} {row.name:<36} {row.applied_at}  "
-                f"{row.duration_ms} ms{'  (baseline)' if row.how == 'baseline' else ''}")
+                f"{row.duration_ms} ms{f'  ({row.how})' if row.how != 'applied' else ''}")
     older = {m.version for m in status.out_of_order}
     for m in status.pending:
         out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<16} {m.name}"
@@ -5062,8 +6231,115 @@ def add_sync_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # ── drift, watch and status commands (§11) ────────────────────────────────────────────────
 
 
+def format_drift(report: DriftReport, console: Console) -> list[str]:
+    """Text of a drift report: one line per object (+ added, - missing, ~ changed), column
+    detail, the unified diff of changed objects, and a count."""
+    lines = [f"comparing {report.actual} with {report.expected}"]
+    marks = {"added": "+", "missing": "-", "changed": "~"}
+    where = {"added": f"not in {report.reference}", "missing": f"only in {report.reference}",
+             "changed": ""}
+    for diff in report.differences:
+        note = f"  ({where[diff.change]})" if where[diff.change] else ""
+        lines.append(f"{marks[diff.change]} {diff.label}{note}")
+        lines.extend(f"    {item}" for item in diff.summary)
+        if diff.change == "changed" and not console.quiet:
+            lines.extend(f"    {line}" for line in diff.diff.split("\n"))
+    counts = report.counts()
+    if report.differences:
+        lines.append(f"{len(report.differences)} difference(s): {counts['added']} added, "
+                     f"{counts['missing']} missing, {counts['changed']} changed")
+    else:
+        lines.append("no differences")
+    return lines
+
+
+def cmd_diff(app: App) -> int:
+    ws = app.workspace()
+    against = app.args.against or "ddl"
+    if app.args.base and not app.args.migrations:
+        raise ConfigError("diff: --base goes with --migrations")
+    if app.args.migrations:
+        if app.args.against:
+            raise ConfigError("diff: --migrations compares migrations with the DDL; "
+                              "leave out --against")
+        base = app.workspace(app.args.base) if app.args.base else None
+        report = diff_migrations(ws, app.args.privileges, base)
+    elif against == "ddl":
+        report = diff_against_ddl(ws, app.args.privileges)
+    else:
+        if against == ws.env.name:
+            raise ConfigError(f"diff: --against {against} is the env itself",
+                              hint="name another env, or 'ddl'")
+        report = diff_against_env(ws, app.workspace(against), app.args.privileges)
+    app.console.emit(report.as_json())
+    for line in format_drift(report, app.console):
+        app.console.result(line)
+    return EXIT_CHECK if report.differences else EXIT_OK
+
+
+def cmd_watch(app: App) -> int:
+    ws = app.workspace()
+    console = app.console
+
+    def report(event: WatchEvent) -> None:
+        if console.json_mode:
+            print(json.dumps(event.as_json()), file=console.out, flush=True)
+            return
+        stamp = time.strftime("%H:%M:%S")
+        changed = ""
+        if event.changed:
+            changed = f" [{', '.join(event.changed[:3])}" + \
+                (f" +{len(event.changed) - 3} more]" if len(event.changed) > 3 else "]")
+        if event.kind == "error":
+            console.error(f"{stamp} {event.message}{changed} (still watching)", event.hint)
+        elif event.kind == "reset":
+            console.result(f"{stamp} {event.message}{changed}")
+            console.out.flush()
+        else:
+            console.info(f"{stamp} {event.message}{changed}")
+
+    watch_env(ws, app.args.interval, report, force=app.args.force)
+    return EXIT_OK
+
+
+def cmd_status(app: App) -> int:
+    ws = app.workspace()
+    status = gather_status(ws, drift=app.args.drift)
+    app.console.emit({**dataclasses.asdict(status), "ok": not status.attention})
+    for line in format_status(status):
+        app.console.result(line)
+    if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
+        app.console.error(f"env {ws.env.name}: {status.server.get('error')}")
+        return EXIT_FAILED
+    return EXIT_CHECK if app.args.check and status.attention else EXIT_OK
+
+
 def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Registered by §11 (issue 6)."""
+    p = sub.add_parser("diff", parents=[common],
+                       help="schema drift between the env's database and its DDL (exit 3 if any)")
+    p.add_argument("--against", metavar="ddl|ENV",
+                   help="compare with the DDL build (default) or another env's database")
+    p.add_argument("--migrations", action="store_true",
+                   help="apply all migrations to a scratch database and compare it with the DDL")
+    p.add_argument("--base", metavar="ENV",
+                   help="with --migrations: start from ENV's schema and applied migrations "
+                        "instead of an empty database")
+    p.add_argument("--privileges", action="store_true",
+                   help="also compare owners, grants and tablespaces")
+    p.set_defaults(handler=cmd_diff)
+
+    p = sub.add_parser("watch", parents=[common],
+                       help="rebuild the template and reset the env's database on every change")
+    p.add_argument("--interval", type=float, default=0.5, metavar="S",
+                   help="seconds between polls (default 0.5)")
+    p.add_argument("--force", action="store_true",
+                   help="terminate other sessions on the database when resetting it")
+    p.set_defaults(handler=cmd_watch)
+
+    p = sub.add_parser("status", parents=[common], help="the env at a glance")
+    p.add_argument("--check", action="store_true", help="exit 3 when anything needs attention")
+    p.add_argument("--drift", action="store_true", help="also compare the schema with the DDL")
+    p.set_defaults(handler=cmd_status)
 
 
 # ── parser and main ───────────────────────────────────────────────────────────────────────

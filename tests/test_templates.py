@@ -248,3 +248,24 @@ def test_library_use_many_clones_over_one_session(pg: Any, project: Any) -> None
     assert pg.scalar("SELECT count(*) FROM widgets", db=names[2]) is not None
     with pytest.raises(confiture.Refused):
         confiture.clone_database(ws, names[1])
+
+
+def test_database_built_from_ddl_has_every_migration_recorded(pg: Any, project: Any, cli: Any) -> None:
+    """The DDL is where the migrations lead: reset records them (how='build'), so a new
+    migration can be applied to a dev database without losing its data."""
+    project.write("db/migrations/20240101000000_widgets_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL, note text);\n")
+    assert cli("reset", cwd=project.root).returncode == 0
+    db = project.db("local")
+    assert pg.query("SELECT version, how FROM confiture_migrations", db=db) == [(20240101000000, "build")]
+    status = cli("migrate", "status", "--check", cwd=project.root)
+    assert status.returncode == 0, status.stdout + status.stderr
+    # a teammate's new migration: only it is pending, and up applies just that
+    project.write("db/migrations/20240201000000_gadgets.up.sql", "CREATE TABLE gadgets (id int);\n")
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 0, up.stderr
+    assert pg.scalar("SELECT count(*) FROM confiture_migrations", db=db) == 2
+    # and the template hash follows the migrations folder
+    assert cli("template", "--check", cwd=project.root).returncode == 3

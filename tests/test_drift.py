@@ -1,0 +1,539 @@
+"""Schema drift (diff): the dump parser and comparison in-process, then `diff` against a real
+server with every object kind, privileges, tracking tables, another env, failures, and pagila.
+psycopg makes the changes and checks the outcomes; confiture only reports."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import confiture
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
+                            ROOT.parent.parent / "shared" / "corpora") if p.is_dir()),
+               ROOT.parent / "shared" / "corpora")
+
+DUMP = """\
+--
+-- PostgreSQL database dump
+--
+
+\\restrict AbCdEf123
+
+-- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)
+-- Dumped by pg_dump version 15.18 (Debian 15.18-0+deb12u1)
+
+SET statement_timeout = 0;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+--
+-- Name: f(integer); Type: FUNCTION; Schema: public; Owner: alice
+--
+
+CREATE FUNCTION public.f(a integer) RETURNS integer
+    LANGUAGE sql
+    AS $$ select a + 1 $$;
+
+
+SET default_tablespace = fast;
+
+SET default_table_access_method = heap;
+
+--
+-- Name: users; Type: TABLE; Schema: public; Owner: alice
+--
+
+CREATE TABLE public.users (
+    id integer NOT NULL,
+    email text DEFAULT 'x'::text NOT NULL
+);
+
+
+--
+-- Name: confiture_migrations; Type: TABLE; Schema: public; Owner: alice
+--
+
+CREATE TABLE public.confiture_migrations (
+    id integer NOT NULL,
+    version bigint
+);
+
+
+--
+-- Name: confiture_migrations_id_seq; Type: SEQUENCE; Schema: public; Owner: alice
+--
+
+CREATE SEQUENCE public.confiture_migrations_id_seq
+    AS integer
+    START WITH 1;
+
+
+--
+-- Name: confiture_migrations_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: alice
+--
+
+ALTER SEQUENCE public.confiture_migrations_id_seq OWNED BY public.confiture_migrations.id;
+
+
+--
+-- Name: confiture_migrations id; Type: DEFAULT; Schema: public; Owner: alice
+--
+
+ALTER TABLE ONLY public.confiture_migrations ALTER COLUMN id SET DEFAULT nextval('public.confiture_migrations_id_seq'::regclass);
+
+
+--
+-- Name: cm_version; Type: INDEX; Schema: public; Owner: alice
+--
+
+CREATE INDEX cm_version ON public.confiture_migrations USING btree (version);
+
+
+--
+-- Name: users users_m_fkey; Type: FK CONSTRAINT; Schema: public; Owner: alice
+--
+
+ALTER TABLE ONLY public.users
+    ADD CONSTRAINT users_m_fkey FOREIGN KEY (id) REFERENCES public.confiture_migrations(id);
+
+
+--
+-- PostgreSQL database dump complete
+--
+
+\\unrestrict AbCdEf123
+
+"""
+
+
+# ── pure: parsing, filtering, comparing ─────────────────────────────────────────────────────
+
+
+def test_parse_strips_noise_and_splits_by_header() -> None:
+    objects = confiture.parse_schema_dump(DUMP)
+    assert ("public", "f(integer)", "FUNCTION") in objects
+    assert objects["public", "f(integer)", "FUNCTION"].body == (
+        "CREATE FUNCTION public.f(a integer) RETURNS integer\n    LANGUAGE sql\n"
+        "    AS $$ select a + 1 $$;")
+    text = "\n".join(o.body for o in objects.values())
+    for noise in ("restrict", "Dumped", "statement_timeout", "set_config", "dump complete"):
+        assert noise not in text
+    # a non-default tablespace stays with the table it applies to, not with the function
+    assert objects["public", "users", "TABLE"].body.startswith("SET default_tablespace = fast;")
+    assert "alice" not in text  # owners only through OWNER TO statements (--privileges)
+
+
+def test_restrict_keys_and_versions_do_not_make_a_difference() -> None:
+    other = DUMP.replace("AbCdEf123", "ZZZ999").replace("15.18", "15.14")
+    other = other.replace("\n\n\n", "\n\n\n\n")
+    a, b = confiture.parse_schema_dump(DUMP), confiture.parse_schema_dump(other)
+    assert confiture.compare_schemas(a, b) == []
+
+
+def test_tracking_tables_and_everything_hanging_off_them_are_ignored() -> None:
+    objects = confiture.parse_schema_dump(DUMP)
+    kept = confiture.drop_tracking_objects(objects, frozenset({("public", "confiture_migrations")}))
+    assert sorted(k[1] for k in kept) == ["f(integer)", "users", "users users_m_fkey"]
+
+
+def test_tracking_schema_is_ignored_when_nothing_else_lives_there() -> None:
+    dump = ("--\n-- Name: ops; Type: SCHEMA; Schema: -; Owner: -\n--\n\nCREATE SCHEMA ops;\n\n"
+            "--\n-- Name: log; Type: TABLE; Schema: ops; Owner: -\n--\n\n"
+            "CREATE TABLE ops.log (\n    id integer\n);\n")
+    objects = confiture.parse_schema_dump(dump)
+    assert confiture.drop_tracking_objects(objects, frozenset({("ops", "log")})) == {}
+    kept = confiture.drop_tracking_objects(objects, frozenset({("ops", "other")}))
+    assert len(kept) == 2
+
+
+def test_tracking_tables_follow_the_configured_table(tmp_path: Path) -> None:
+    (tmp_path / "confiture.toml").write_text('[project]\nname = "t"\n[migrations]\ntable = \'"Ops".Log\'\n')
+    config = confiture.load_config(tmp_path / "confiture.toml")
+    assert confiture.tracking_tables(config) == {
+        ("Ops", "log"), ("Ops", "log_log"), ("Ops", "confiture_deploys"),
+        ("public", "confiture_deploys")}
+
+
+def test_table_summary_names_the_column_and_attribute() -> None:
+    old = ("CREATE TABLE public.t (\n    id integer NOT NULL,\n    a text DEFAULT 'x'::text,\n"
+           "    b integer,\n    CONSTRAINT c CHECK ((b > 0))\n);")
+    new = ("CREATE TABLE public.t (\n    id bigint NOT NULL,\n    a text DEFAULT 'y'::text,\n"
+           "    c text NOT NULL\n)\nPARTITION BY RANGE (id);")
+    assert confiture.summarize_table(old, new) == [
+        "column c added (text NOT NULL)",
+        "column id: type integer → bigint",
+        "column a: default 'x'::text → 'y'::text",
+        "column b missing (integer)",
+        "constraint c missing",
+        "table options differ (partitioning, inheritance or storage)",
+    ]
+
+
+def test_object_labels() -> None:
+    assert confiture.describe_object("DEFAULT", "public", "users id") == \
+        "default of column public.users.id"
+    assert confiture.describe_object("TRIGGER", "s", "t trg") == "trigger trg on s.t"
+    assert confiture.describe_object("COMMENT", "", "EXTENSION x") == "comment on extension x"
+    assert confiture.describe_object("INDEX", "public", "i") == "index public.i"
+
+
+# ── against a server ────────────────────────────────────────────────────────────────────────
+
+SCHEMA = {
+    "db/schema/00_ext/10_ext.sql": "CREATE EXTENSION IF NOT EXISTS pgcrypto;\n",
+    "db/schema/05_types/10_mood.sql": "CREATE TYPE mood AS ENUM ('happy', 'sad');\n",
+    "db/schema/05_types/20_seq.sql": "CREATE SEQUENCE ticket_seq;\n",
+    "db/schema/10_tables/20_people.sql": """\
+CREATE TABLE people (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    widget_id bigint REFERENCES widgets (id),
+    name text NOT NULL DEFAULT 'anon',
+    mood mood,
+    updated_at timestamptz
+);
+CREATE INDEX people_name_idx ON people (name);
+ALTER TABLE people ENABLE ROW LEVEL SECURITY;
+CREATE POLICY people_all ON people USING (true);
+""",
+    "db/schema/20_functions/10_touch.sql": """\
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();  -- keep the row's time current
+    RETURN NEW;
+END $$;
+CREATE TRIGGER people_touch BEFORE UPDATE ON people FOR EACH ROW EXECUTE FUNCTION touch();
+""",
+    "db/schema/30_views/10_names.sql": "CREATE VIEW people_names AS SELECT id, name FROM people;\n",
+}
+
+# (SQL run on the live database, expected change, expected object label, expected summary)
+DRIFTS = {
+    "added column": ("ALTER TABLE people ADD COLUMN email text",
+                     "changed", "table public.people", "column email added (text)"),
+    "changed default": ("ALTER TABLE people ALTER COLUMN name SET DEFAULT 'nobody'",
+                        "changed", "table public.people",
+                        "column name: default 'anon'::text → 'nobody'::text"),
+    "dropped index": ("DROP INDEX people_name_idx", "missing", "index public.people_name_idx", None),
+    "changed function body": (
+        "CREATE OR REPLACE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$",
+        "changed", "function public.touch()", None),
+    "new policy": ("CREATE POLICY people_none ON people USING (false)",
+                   "added", "policy people_none on public.people", None),
+    "dropped trigger": ("DROP TRIGGER people_touch ON people",
+                        "missing", "trigger people_touch on public.people", None),
+    "changed view": ("CREATE OR REPLACE VIEW people_names AS SELECT id, name, upper(name) AS up "
+                     "FROM people", "changed", "view public.people_names", None),
+    "changed type": ("ALTER TYPE mood ADD VALUE 'meh'", "changed", "type public.mood", None),
+    "changed sequence": ("ALTER SEQUENCE ticket_seq INCREMENT BY 5",
+                         "changed", "sequence public.ticket_seq", None),
+    "new extension": ("CREATE EXTENSION IF NOT EXISTS pg_trgm", "added", "extension pg_trgm",
+                      "with its comment"),
+    "new constraint": ("ALTER TABLE widgets ADD CONSTRAINT widgets_label_key UNIQUE (label)",
+                       "added", "constraint widgets_label_key on public.widgets", None),
+    "dropped foreign key": ("ALTER TABLE people DROP CONSTRAINT people_widget_id_fkey",
+                            "missing", "fk constraint people_widget_id_fkey on public.people", None),
+    "new check constraint": ("ALTER TABLE widgets ADD CONSTRAINT label_set CHECK (label <> '')",
+                             "changed", "table public.widgets", "constraint label_set added"),
+}
+
+
+def write_schema(project: Any) -> None:
+    for rel, text in SCHEMA.items():
+        project.write(rel, text)
+
+
+def diff_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
+    result = cli("diff", "--json", *args, cwd=project.root)
+    assert "Traceback" not in result.stderr
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def rich_project(pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One project with every object kind for all the drift cases: its template (and the
+    cached dump of it) is built once; each case resets the database from it."""
+    from helpers import make_project
+
+    proj = make_project(tmp_path_factory.mktemp("rich") / "proj", pg)
+    write_schema(proj)
+    yield proj
+    pg.drop_dbs_with_prefix(proj.name)
+
+
+@pytest.mark.parametrize("kind", list(DRIFTS))
+def test_drift_of_each_object_kind_is_reported(pg: Any, rich_project: Any, cli: Any,
+                                               kind: str) -> None:
+    project = rich_project
+    assert cli("reset", "--force", cwd=project.root).returncode == 0
+    sql, change, label, summary = DRIFTS[kind]
+    pg.query(sql, db=project.db("local"))
+    code, report = diff_json(cli, project)
+    assert code == 3
+    found = [(d["change"], d["object"]) for d in report["differences"]]
+    assert found == [(change, label)], found
+    if summary:
+        assert summary in report["differences"][0]["summary"]
+    if change == "changed":
+        assert report["differences"][0]["diff"].startswith("--- ddl")
+
+
+def test_identical_database_has_no_drift_and_output_is_stable(pg: Any, project: Any, cli: Any) -> None:
+    write_schema(project)
+    assert cli("reset", cwd=project.root).returncode == 0
+    first = cli("diff", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    assert "no differences" in first.stdout
+    pg.query("ALTER TABLE people ADD COLUMN a int; DROP INDEX people_name_idx; "
+             "CREATE TABLE extra (id int)", db=project.db("local"))
+    runs = [cli("diff", cwd=project.root) for _ in range(2)]
+    assert [r.returncode for r in runs] == [3, 3]
+    assert runs[0].stdout == runs[1].stdout
+    assert "+ table public.extra  (not in the DDL)" in runs[0].stdout
+    assert "- index public.people_name_idx  (only in the DDL)" in runs[0].stdout
+    assert "3 difference(s): 1 added, 1 missing, 1 changed" in runs[0].stdout
+
+
+def test_privileges_and_owners_only_with_the_flag(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    role = project.name + "_reader"
+    pg.query(f"CREATE ROLE {role}")
+    try:
+        pg.query(f"ALTER TABLE widgets OWNER TO {role}; GRANT SELECT ON widgets TO PUBLIC",
+                 db=project.db("local"))
+        assert cli("diff", cwd=project.root).returncode == 0
+        code, report = diff_json(cli, project, "--privileges")
+        assert code == 3
+        objects = {d["object"] for d in report["differences"]}
+        assert objects == {"table public.widgets", "acl on table public.widgets"}
+        assert any(f"OWNER TO {role}" in d["diff"] for d in report["differences"])
+    finally:
+        pg.drop_db(project.db("local"))
+        pg.query(f"DROP ROLE {role}")
+
+
+def test_confiture_tracking_tables_are_not_drift(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    pg.query("CREATE TABLE confiture_migrations (id serial PRIMARY KEY, version bigint UNIQUE, "
+             "checksum text); CREATE INDEX ON confiture_migrations (checksum); "
+             "CREATE TABLE confiture_deploys (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz)",
+             db=project.db("local"))
+    result = cli("diff", cwd=project.root)
+    assert result.returncode == 0, result.stdout
+
+
+def test_schema_qualified_tracking_table_and_its_schema_are_ignored(pg: Any, project: Any, cli: Any) -> None:
+    text = project.config_path.read_text()
+    project.config_path.write_text(text + '\n[migrations]\ntable = "ops.schema_log"\n')
+    assert cli("reset", cwd=project.root).returncode == 0
+    pg.query("CREATE SCHEMA ops; CREATE TABLE ops.schema_log (id serial PRIMARY KEY)",
+             db=project.db("local"))
+    assert cli("diff", cwd=project.root).returncode == 0
+
+
+def test_against_another_env(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    template = pg.scalar("SELECT datname FROM pg_database WHERE datistemplate AND "
+                         "starts_with(datname, %s)", params=(project.name + "_tpl_local_",))
+    pg.create_db(project.db("prod"), template=template)
+    assert cli("diff", "--against", "prod", cwd=project.root).returncode == 0
+    pg.query("CREATE INDEX widgets_label ON widgets (label)", db=project.db("prod"))
+    code, report = diff_json(cli, project, "--against", "prod")
+    assert code == 3
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("missing", "index public.widgets_label")]
+    assert "env prod" in report["expected"]
+    # and the other way round: prod's database compared with local's
+    code, report = diff_json(cli, project, "--env", "prod", "--against", "local")
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("added", "index public.widgets_label")]
+    assert cli("diff", "--against", "local", cwd=project.root).returncode == 2
+    assert cli("diff", "--against", "nowhere", cwd=project.root).returncode == 2
+
+
+def test_protected_env_is_compared_with_its_schema_only_template(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/seeds/dev/10_rows.sql", "INSERT INTO widgets VALUES (1, 'seeded');\n")
+    pg.create_db(project.db("prod"))
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)",
+             db=project.db("prod"))
+    result = cli("--env", "prod", "diff", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [r[0] for r in pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                    params=(project.name + "_tpl_prod_",))]
+    assert len(names) == 1
+
+
+def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    stale = project.name + "_scratch_deadbeef"  # left by a killed run
+    pg.create_db(stale)
+    code, first = diff_json(cli, project)
+    assert code == 0 and first["cached"] is False
+    code, second = diff_json(cli, project)
+    assert code == 0 and second["cached"] is True
+    assert not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+    assert cli("template", "--rebuild", cwd=project.root).returncode == 0
+    code, third = diff_json(cli, project)
+    assert code == 0 and third["cached"] is False
+    assert len(list((project.root / ".confiture" / "drift").glob("*.sql"))) == 1
+
+
+def test_missing_database_and_dead_server_are_clear_errors(project: Any, cli: Any, tmp_path: Path) -> None:
+    missing = cli("diff", cwd=project.root)
+    assert missing.returncode == 1
+    assert project.db("local") in missing.stderr and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    text = re.sub(r'(\[env\.local\]\nurl = )"[^"]*"',
+                  r'\1"postgresql:///nowhere?host=%s&port=1"' % tmp_path,
+                  project.config_path.read_text())
+    project.config_path.write_text(text)
+    dead = cli("diff", cwd=project.root)
+    assert dead.returncode == 1 and "cannot connect" in dead.stderr
+    assert "Traceback" not in dead.stderr
+
+
+@pytest.mark.skipif(not (CORPORA / "pagila").is_dir(),
+                    reason=f"corpus not found at {CORPORA} (../shared/corpora from the repo)")
+def test_pagila_shows_no_drift_then_exactly_one_change(pg: Any, project: Any, cli: Any) -> None:
+    schema_file = CORPORA / "pagila" / "pagila-schema.sql"
+    for path in (project.root / "db" / "schema").rglob("*.sql"):
+        path.unlink()
+    project.write("db/schema/10_pagila/10_schema.sql", schema_file.read_bytes())
+    database = project.db("local")
+    pg.create_db(database)
+    psql = shutil.which("psql", path=str(confiture.find_pg_tools().bindir))
+    loaded = subprocess.run([psql or "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                             "-d", pg.url(database), "-f", str(schema_file)],
+                            capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    result = cli("diff", cwd=project.root, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    pg.query("ALTER TABLE public.film ALTER COLUMN rental_rate SET DEFAULT 5.99", db=database)
+    code, report = diff_json(cli, project)
+    assert code == 3
+    assert [(d["change"], d["object"]) for d in report["differences"]] == \
+        [("changed", "table public.film")]
+    assert report["differences"][0]["summary"] == ["column rental_rate: default 4.99 → 5.99"]
+
+
+# ── diff --migrations: migrations and DDL agree ─────────────────────────────────────────────
+
+needs_migrations = pytest.mark.skipif(not hasattr(confiture, "migrate_up"),
+                                      reason="§8 migrations are not in this confiture.py yet")
+
+
+def no_scratch_left(pg: Any, project: Any) -> bool:
+    return not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+
+
+@needs_migrations
+def test_diff_migrations_from_an_empty_database(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/migrations/20240101000000_widgets.up.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    project.write("db/migrations/20240201000000_index.up.sql",
+                  "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY widgets_label ON widgets (label);\n")
+    project.write("db/schema/10_tables/20_index.sql", "CREATE INDEX widgets_label ON widgets (label);\n")
+    result = cli("diff", "--migrations", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 applied to empty" in result.stdout
+    # the DDL gains a column that no migration adds
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    color text\n);\n")
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 3
+    assert [(d["change"], d["object"], d["summary"]) for d in report["differences"]] == \
+        [("changed", "table public.widgets", ["column color missing (text)"])]
+    assert no_scratch_left(pg, project)
+
+
+@needs_migrations
+def test_diff_migrations_failure_names_the_migration(pg: Any, project: Any, cli: Any) -> None:
+    project.write("db/migrations/20240101000000_bad.up.sql", "ALTER TABLE nowhere ADD COLUMN x int;\n")
+    result = cli("diff", "--migrations", cwd=project.root)
+    assert result.returncode == 1
+    assert "20240101000000_bad.up.sql" in result.stderr and "Traceback" not in result.stderr
+    assert no_scratch_left(pg, project)
+
+
+def example_project(pg: Any, project: Any) -> None:
+    shutil.copytree(ROOT / "sql", project.root / "sql")
+    text = project.config_path.read_text()
+    text = text.replace('schema = ["db/schema"]', 'schema = ["sql/schema"]')
+    text = text.replace('seeds = "db/seeds"', 'seeds = "sql/seeds"')
+    text = text.replace('migrations = "db/migrations"', 'migrations = "sql/migrations"')
+    text += f'\n[env.base]\nurl = "{pg.url(project.db("base"))}"\n'
+    project.config_path.write_text(text)
+
+
+@needs_migrations
+@pytest.mark.skipif(not (ROOT / "sql" / "migrations").is_dir(), reason="no example in sql/")
+def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None:
+    example_project(pg, project)
+    # the example's migrations sit on top of a deployed schema: from nothing they cannot run
+    empty = cli("diff", "--migrations", cwd=project.root)
+    assert empty.returncode == 1 and "20260101000000_add_customer_phone" in empty.stderr
+    # the release before them: today's DDL with every down migration applied, newest first
+    assert cli("--env", "base", "reset", cwd=project.root).returncode == 0
+    downs = sorted((ROOT / "sql" / "migrations").glob("*.down.sql"), reverse=True)
+    for down in downs:
+        pg.query(down.read_text(), db=project.db("base"))
+    # a database of that release has none of the three recorded (reset recorded them all)
+    pg.query("DELETE FROM confiture_migrations", db=project.db("base"))
+    assert "sku" not in {r[0] for r in pg.query(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'products'::regclass",
+        db=project.db("base"))}
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 0, report
+    assert "3 applied to env base" in report["actual"]
+    # the base has the first migration recorded: only the other two are applied
+    pg.query("ALTER TABLE customers ADD COLUMN phone text", db=project.db("base"))
+    assert cli("--env", "base", "migrate", "baseline", "--to", "20260101000000",
+               cwd=project.root).returncode == 0
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 0 and "2 applied to env base at 20260101000000" in report["actual"]
+    # a migration goes missing: the DDL has products.sku, the migrated database does not
+    for path in (project.root / "sql" / "migrations").glob("20260201000000_*"):
+        path.unlink()
+    code, report = diff_json(cli, project, "--migrations", "--base", "base")
+    assert code == 3
+    found = {d["object"]: d for d in report["differences"]}
+    assert set(found) == {"table public.products", "constraint products_sku_key on public.products"}
+    assert found["table public.products"]["summary"] == ["column sku missing (text NOT NULL)"]
+    assert found["constraint products_sku_key on public.products"]["change"] == "missing"
+    assert no_scratch_left(pg, project)
+
+
+@needs_migrations
+def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> None:
+    import signal
+    import sys
+    import time
+
+    from helpers import clean_environ
+
+    project.write("db/migrations/20240101000000_slow.up.sql", "SELECT pg_sleep(60);\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "diff", "--migrations"],
+                            cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pg.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+            "AND query LIKE '%%pg_sleep%%'", params=(project.name + "_scratch_",)):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert no_scratch_left(pg, project)
