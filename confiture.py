@@ -18,7 +18,7 @@ only the sections above it.
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §9  Backups, restore, deploy  (issue 4)
-  §10 Anonymized sync           (issue 5)
+  §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §12 Command line              argparse → values → core calls → output and exit codes
 
@@ -331,7 +331,8 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
     "env.*": {"url": _STR, "seeds": _LIST, "exclude": _LIST, "protected": _BOOL,
               "backups": _STR, "maintenance_db": _STR},
     "sync": {"from": _STR, "to": _STR, "key": _STR, "strict": _BOOL, "tables": _LIST,
-             "exclude": _LIST, "rules": (dict,), "where": (dict,)},
+             "exclude": _LIST, "rules": (dict,), "where": (dict,),
+             "lock_timeout": (str, int, float)},
     "sync.rules": None,
     "sync.where": None,
 }
@@ -1133,6 +1134,7 @@ class Session:
             raise PgError(f"cannot start {tools.psql}: {exc.strerror}") from exc
         self._closed = False
         self._stdout_buf = b""
+        self.last_stderr = ""
         self.execute("SET client_min_messages = warning")
 
     # -- framing ---------------------------------------------------------------------------
@@ -1227,6 +1229,21 @@ class Session:
         marker = self._marker.decode()
         self._send(f"{sql}\n\\echo {marker} :ERROR :SQLSTATE\n")
         lines, sqlstate, failed, stderr = self._read_frame(timeout)
+        if failed:
+            raise self._sql_error(stderr, sqlstate)
+        return lines
+
+    def submit(self, script: str) -> None:
+        """Send statements or meta-commands without waiting for them; collect() reads the
+        outcome. Lets one thread drive two sessions at once (sync streams between two)."""
+        if self._closed:
+            raise PgError("session is closed")
+        self._send(f"{script.strip()}\n\\echo {self._marker.decode()} :ERROR :SQLSTATE\n")
+
+    def collect(self, timeout: float | None = None) -> list[str]:
+        """Output lines of the last submit(); its stderr is kept in `last_stderr`."""
+        lines, sqlstate, failed, stderr = self._read_frame(timeout)
+        self.last_stderr = stderr
         if failed:
             raise self._sql_error(stderr, sqlstate)
         return lines
@@ -4226,8 +4243,1528 @@ def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: Dep
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §10 Anonymized sync
-# (issue 5)
+# Copies tables from one env to another with personal data rewritten by keyed rules compiled
+# into the source SELECT. Rows stream source psql → named pipe → target psql and never pass
+# through Python; the source is read in one repeatable-read snapshot, the target is loaded in
+# one transaction. schema-to-schema copies an old database into a new one via postgres_fdw.
 # ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class SyncError(PgError):
+    """A sync or schema-to-schema run failed; the target was left as it was (exit 1)."""
+
+
+class UnclassifiedColumns(ConfigError):
+    """strict = true and some copied columns match no rule (exit 2): nothing was written."""
+
+
+SYNC_KEY_MIN_BYTES = 16
+SYNC_REPORT_DIR = "sync"
+_PLAIN_RULES = ("keep", "null", "hash", "email", "name", "phone", "uuid", "redact")
+_TABLE_RULES = ("value", "sql", "int_range", "shift_days", "name")
+_KEYED_RULES = {"hash", "email", "name", "phone", "uuid", "int_range", "shift_days"}
+_HASH_PREFIX = "__confiture_h"
+# Built-in name lists: 64 × 64 = 4,096 full names, chosen by the first two bytes of the HMAC.
+_FIRST_NAMES = (
+    "Ada", "Alan", "Alice", "Amara", "Ana", "Ben", "Bianca", "Carlos", "Chen", "Chloe", "Dan",
+    "Daria", "David", "Elena", "Emil", "Emma", "Farah", "Felix", "Grace", "Hana", "Hugo", "Ines",
+    "Ivan", "Jade", "James", "Jon", "Julia", "Kai", "Karin", "Leo", "Lina", "Louis", "Lucia",
+    "Maya", "Mia", "Milan", "Nadia", "Nils", "Noah", "Nora", "Omar", "Paula", "Pedro", "Quinn",
+    "Rosa", "Ruth", "Sam", "Sara", "Sofia", "Tariq", "Theo", "Tom", "Uma", "Vera", "Victor",
+    "Wen", "Will", "Xena", "Yara", "Yusuf", "Zoe", "Aziz", "Lars", "Ines-Marie")
+_LAST_NAMES = (
+    "Abe", "Adler", "Almeida", "Baker", "Berg", "Brown", "Castro", "Chen", "Costa", "Dahl",
+    "Diaz", "Dubois", "Evans", "Fischer", "Garcia", "Gomez", "Hansen", "Hoffmann", "Ito",
+    "Jensen", "Kato", "Keller", "Khan", "Kim", "Klein", "Kowalski", "Larsen", "Laurent", "Lee",
+    "Lopez", "Martin", "Meyer", "Moreau", "Mueller", "Nakamura", "Novak", "Okafor", "Olsen",
+    "Park", "Patel", "Perez", "Petrov", "Quinn", "Rossi", "Sato", "Schmidt", "Silva", "Singh",
+    "Smith", "Suzuki", "Tanaka", "Taylor", "Torres", "Ueda", "Vogel", "Wagner", "Walker",
+    "Weber", "Wilson", "Wong", "Yilmaz", "Young", "Zhang", "Zimmer")
+_DATE_TYPES = ("date", "timestamp without time zone", "timestamp with time zone")
+_INT_TYPES = {"smallint": (4, 32767), "integer": (8, 2147483647),
+              "bigint": (16, 9223372036854775807), "numeric": (16, 9223372036854775807)}
+
+
+# ── rules and patterns ────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rewriting rule; `arg` holds the parameter of table-form rules."""
+
+    kind: str
+    arg: Any = None
+
+    @property
+    def keyed(self) -> bool:
+        return self.kind in _KEYED_RULES
+
+    @property
+    def masks(self) -> bool:
+        return self.kind != "keep"
+
+    def toml(self) -> str:
+        """The rule as a TOML value (what `sync rules` prints)."""
+        if self.arg is None:
+            return json.dumps(self.kind)
+        if self.kind == "int_range":
+            return f"{{ int_range = [{self.arg[0]}, {self.arg[1]}] }}"
+        if isinstance(self.arg, bool):
+            return f"{{ {self.kind} = {'true' if self.arg else 'false'} }}"
+        return f"{{ {self.kind} = {json.dumps(self.arg, ensure_ascii=False)} }}"
+
+    def label(self) -> str:
+        return self.kind if self.arg is None or self.kind in ("sql", "value") else \
+            f"{self.kind}={self.arg}"
+
+
+def parse_rule(value: Any, where: str) -> Rule:
+    """A rule from TOML: a name ("email") or a one-key table ({ int_range = [18, 90] })."""
+    if isinstance(value, str):
+        if value in _PLAIN_RULES:
+            return Rule(value)
+        raise ConfigError(f"{where}: unknown rule {value!r}",
+                          hint=_suggest(value, [*_PLAIN_RULES, *_TABLE_RULES])
+                          or "rules: " + ", ".join([*_PLAIN_RULES, *_TABLE_RULES]))
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ConfigError(f"{where}: a rule is a name like \"email\" or a one-key table like "
+                          "{ int_range = [18, 90] }")
+    (kind, arg), = value.items()
+    if kind == "value":
+        if not isinstance(arg, (str, int, float, bool)):
+            raise ConfigError(f"{where}: {{ value = … }} takes a string, number or boolean")
+        if isinstance(arg, str) and "\x00" in arg:
+            raise ConfigError(f"{where}: value contains a NUL byte")
+        return Rule("value", arg)
+    if kind == "sql":
+        if not isinstance(arg, str) or not arg.strip() or "\x00" in arg:
+            raise ConfigError(f"{where}: {{ sql = \"…\" }} takes an SQL expression")
+        return Rule("sql", arg.strip())
+    if kind == "int_range":
+        if (not isinstance(arg, list) or len(arg) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in arg)
+                or arg[0] > arg[1] or max(abs(arg[0]), abs(arg[1])) >= 2**62):
+            raise ConfigError(f"{where}: int_range takes [low, high] integers, low ≤ high")
+        return Rule("int_range", (arg[0], arg[1]))
+    if kind == "shift_days":
+        if not isinstance(arg, int) or isinstance(arg, bool) or not 1 <= arg <= 36500:
+            raise ConfigError(f"{where}: shift_days takes a number of days from 1 to 36500")
+        return Rule("shift_days", arg)
+    if kind == "name":
+        if arg not in ("full", "first", "last"):
+            raise ConfigError(f"{where}: {{ name = … }} takes \"full\", \"first\" or \"last\"")
+        return Rule("name") if arg == "full" else Rule("name", arg)
+    raise ConfigError(f"{where}: unknown rule {kind!r}", hint=_suggest(kind, list(_TABLE_RULES)))
+
+
+def split_name(text: str, where: str) -> list[tuple[str, bool]]:
+    """Split a dotted name pattern into (segment, quoted) pairs; "double quotes" keep dots,
+    stars and quotes ("" inside) literal."""
+    parts: list[tuple[str, bool]] = []
+    i, current, quoted = 0, "", False
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            literal = ""
+            while True:
+                end_quote = text.find('"', end)
+                if end_quote < 0:
+                    raise ConfigError(f"{where}: unbalanced quote in {text!r}")
+                literal += text[end:end_quote]
+                if text.startswith('""', end_quote):
+                    literal += '"'
+                    end = end_quote + 2
+                    continue
+                break
+            current += literal
+            quoted = True
+            i = end_quote + 1
+        elif char == ".":
+            parts.append((current, quoted))
+            current, quoted = "", False
+            i += 1
+        else:
+            current += char
+            i += 1
+    parts.append((current, quoted))
+    if any(not seg for seg, _ in parts):
+        raise ConfigError(f"{where}: empty name segment in {text!r}")
+    return parts
+
+
+def _segment_regex(segment: str, quoted: bool) -> re.Pattern[str]:
+    if quoted:
+        return re.compile(re.escape(segment) + r"\Z", re.DOTALL)
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in segment)
+    return re.compile(body + r"\Z", re.DOTALL)
+
+
+def _segment_score(segment: str, quoted: bool) -> int:
+    if quoted or not any(c in segment for c in "*?"):
+        return 2
+    return 0 if segment == "*" else 1
+
+
+@dataclass(frozen=True)
+class NamePattern:
+    """A glob over schema.table[.column]; an omitted schema matches every schema.
+    Specificity (compared in order): column, table, schema — exact 2 > partial glob 1 > '*' 0
+    (an omitted schema counts as '*') — then the number of literal characters."""
+
+    text: str
+    regexes: tuple[re.Pattern[str], ...]
+    specificity: tuple[int, ...]
+
+    def matches(self, *names: str) -> bool:
+        return all(rx.match(name) for rx, name in zip(self.regexes, names))
+
+
+def parse_pattern(text: str, where: str, column: bool) -> NamePattern:
+    """`table.column` or `schema.table.column` (column=True); `table` or `schema.table`."""
+    parts = split_name(text, where)
+    want = 3 if column else 2
+    if len(parts) == want - 1:
+        parts = [("*", False), *parts]
+    if len(parts) != want:
+        shape = "table.column or schema.table.column" if column else "table or schema.table"
+        raise ConfigError(f"{where}: pattern {text!r} must be {shape}")
+    scores = [_segment_score(seg, q) for seg, q in parts]
+    literal = sum(len(seg) if q else len(seg.replace("*", "").replace("?", "")) for seg, q in parts)
+    return NamePattern(text=text, regexes=tuple(_segment_regex(s, q) for s, q in parts),
+                       specificity=(*reversed(scores), literal))
+
+
+def find_rule(rules: Sequence[tuple[NamePattern, Rule]], schema: str, table: str,
+              column: str) -> tuple[NamePattern, Rule] | None:
+    """The most specific rule matching schema.table.column; equally specific rules that
+    disagree are a configuration error."""
+    matching = [(p, r) for p, r in rules if p.matches(schema, table, column)]
+    if not matching:
+        return None
+    top = max(p.specificity for p, _ in matching)
+    best = [(p, r) for p, r in matching if p.specificity == top]
+    if len({r for _, r in best}) > 1:
+        raise ConfigError(f"[sync.rules]: {best[0][0].text!r} and {best[1][0].text!r} are "
+                          f"equally specific for {schema}.{table}.{column} but disagree",
+                          hint="add a more specific pattern for that column")
+    return best[0]
+
+
+def pattern_segment(name: str) -> str:
+    """A name as a literal pattern segment (quoted when it holds glob or special characters)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def hmac_pads(key: bytes) -> tuple[str, str]:
+    """HMAC-SHA256 inner and outer padded keys (hex): HMAC(m) = H(k_o ‖ H(k_i ‖ m))."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return bytes(b ^ 0x36 for b in key).hex(), bytes(b ^ 0x5C for b in key).hex()
+
+
+# ── settings ──────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    source: str
+    target: str
+    key: bytes | None = field(repr=False)
+    strict: bool
+    tables: tuple[NamePattern, ...]
+    exclude: tuple[NamePattern, ...]
+    rules: tuple[tuple[NamePattern, Rule], ...]
+    where: tuple[tuple[NamePattern, str], ...]
+    lock_timeout: float
+    config_hash: str
+
+
+def load_sync_settings(config: Config, environ: Mapping[str, str], source: str | None = None,
+                       target: str | None = None, tables: Sequence[str] = (),
+                       need_key: bool = True) -> SyncSettings:
+    """[sync] of confiture.toml (plus command-line overrides) → SyncSettings."""
+    raw = config.raw.get("sync", {})
+    where = f"{config.path} [sync]"
+    source = source or raw.get("from")
+    target = target or raw.get("to")
+    if not source:
+        raise ConfigError("sync needs a source environment", hint="pass --from ENV or set "
+                          "[sync] from = \"prod\"")
+    if not target:
+        raise ConfigError("sync needs a target environment", hint="pass --to ENV or set "
+                          "[sync] to = \"staging\"")
+    for name in (source, target):
+        if name not in config.envs:
+            raise ConfigError(f"sync: unknown environment {name!r}",
+                              hint=_suggest(name, list(config.envs)))
+    rules = tuple((parse_pattern(text, f"{where}.rules", column=True),
+                   parse_rule(value, f"{where}.rules {text!r}"))
+                  for text, value in raw.get("rules", {}).items())
+    filters = []
+    for text, condition in raw.get("where", {}).items():
+        if not isinstance(condition, str) or not condition.strip():
+            raise ConfigError(f"{where}.where {text!r} must be an SQL condition string")
+        filters.append((parse_pattern(text, f"{where}.where", column=False), condition.strip()))
+    table_patterns = list(tables) or list(_str_list(raw.get("tables", []), "sync.tables"))
+    key: bytes | None = None
+    if raw.get("key") and need_key:
+        key = expand_vars(raw["key"], "sync.key", environ).encode()
+        if len(key) < SYNC_KEY_MIN_BYTES:
+            raise ConfigError(f"sync.key is {len(key)} bytes; at least {SYNC_KEY_MIN_BYTES} "
+                              "are required", hint="generate one: python3 -c \"import secrets;"
+                              " print(secrets.token_urlsafe(32))\"")
+    if need_key and key is None and any(r.keyed for _, r in rules):
+        raise ConfigError("[sync] key is not set, but keyed rules (hash, email, name, phone, "
+                          "uuid, int_range, shift_days) need it",
+                          hint="key = \"${CONFITURE_SYNC_KEY}\" and export the secret")
+    public = {k: v for k, v in raw.items() if k != "key"}
+    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode())
+    return SyncSettings(
+        source=source, target=target, key=key, strict=raw.get("strict", True),
+        tables=tuple(parse_pattern(t, "sync.tables", column=False) for t in table_patterns),
+        exclude=tuple(parse_pattern(t, "sync.exclude", column=False)
+                      for t in _str_list(raw.get("exclude", []), "sync.exclude")),
+        rules=rules, where=tuple(filters),
+        lock_timeout=parse_duration(raw.get("lock_timeout", "60s"), "sync.lock_timeout"),
+        config_hash=digest.hexdigest())
+
+
+# ── catalogs ──────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str          # format_type with modifier, as PostgreSQL writes it
+    base: str          # the type (or a domain's base type) without modifier
+    category: str      # pg_type.typcategory of the base type: S string, N numeric, D date…
+    typmod: int
+    notnull: bool
+    generated: bool
+    has_default: bool
+    portable: bool     # binary COPY format is safe across clusters (built-in type or enum)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    schema: str
+    name: str
+    kind: str          # 'r' table, 'p' partitioned (copied through its root)
+    estimate: int
+    columns: tuple[Column, ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.schema, self.name)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def sql(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    @property
+    def scan(self) -> str:
+        """FROM-clause name: ONLY for plain tables (inheritance children are tables of their
+        own); partitioned tables are read and written through their root."""
+        return ("ONLY " if self.kind == "r" else "") + self.sql
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    child: tuple[str, str]      # (schema, table) of the root table holding the constraint
+    parent: tuple[str, str]
+    child_scan: str             # FROM-clause names of the constrained relations
+    parent_scan: str
+    child_columns: tuple[str, ...]
+    parent_columns: tuple[str, ...]
+    deferrable: bool
+    match_full: bool
+
+
+@dataclass(frozen=True)
+class SequenceUse:
+    sequence: str               # regclass text, valid SQL
+    increment: int
+    table: tuple[str, str]
+    column: str
+
+
+_TABLES_SQL = """
+SELECT n.nspname AS schema, c.relname AS name, c.relkind AS kind,
+       greatest(c.reltuples, 0)::bigint AS estimate,
+       coalesce((SELECT json_agg(json_build_object(
+           'name', a.attname, 'type', format_type(a.atttypid, a.atttypmod),
+           'base', format_type(coalesce(b.oid, t.oid), NULL),
+           'category', coalesce(b.typcategory, t.typcategory),
+           'typmod', CASE WHEN b.oid IS NULL THEN a.atttypmod ELSE t.typtypmod END,
+           'notnull', a.attnotnull OR coalesce(t.typnotnull, false),
+           'generated', a.attgenerated <> '',
+           'has_default', a.atthasdef OR a.attidentity <> '',
+           'portable', coalesce(b.oid, t.oid) < 16384 OR coalesce(b.typtype, t.typtype) = 'e')
+           ORDER BY a.attnum)
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]') AS columns
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+_FOREIGN_KEYS_SQL = """
+SELECT con.conname AS name,
+       rcn.nspname AS child_schema, rc.relname AS child, cc.relkind AS child_kind,
+       cc.oid::regclass::text AS child_rel,
+       rpn.nspname AS parent_schema, rp.relname AS parent, pc.relkind AS parent_kind,
+       pc.oid::regclass::text AS parent_rel,
+       con.condeferrable AS deferrable, con.confmatchtype = 'f' AS match_full,
+       (SELECT json_agg(a.attname ORDER BY k.i) FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n) AS child_columns,
+       (SELECT json_agg(a.attname ORDER BY k.i) FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n) AS parent_columns
+FROM pg_constraint con
+JOIN pg_class cc ON cc.oid = con.conrelid
+JOIN pg_class rc ON rc.oid = coalesce(pg_partition_root(con.conrelid), con.conrelid)
+JOIN pg_namespace rcn ON rcn.oid = rc.relnamespace
+JOIN pg_class pc ON pc.oid = con.confrelid
+JOIN pg_class rp ON rp.oid = coalesce(pg_partition_root(con.confrelid), con.confrelid)
+JOIN pg_namespace rpn ON rpn.oid = rp.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0
+ORDER BY 2, 3, 1
+"""
+
+_SEQUENCES_SQL = """
+SELECT DISTINCT s.oid::regclass::text AS sequence, q.seqincrement AS increment,
+       n.nspname AS schema, r.relname AS table, x.column
+FROM (SELECT d.objid AS seq, d.refobjid AS rel, a.attname AS column
+        FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+       WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+         AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0
+      UNION
+      SELECT d.refobjid, ad.adrelid, a.attname
+        FROM pg_depend d JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+        JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+       WHERE d.refclassid = 'pg_class'::regclass) x
+JOIN pg_class s ON s.oid = x.seq AND s.relkind = 'S'
+JOIN pg_sequence q ON q.seqrelid = s.oid
+JOIN pg_class r ON r.oid = coalesce(pg_partition_root(x.rel), x.rel)
+JOIN pg_namespace n ON n.oid = r.relnamespace
+ORDER BY 1, 3, 4, 5
+"""
+
+
+def read_tables(session: Session) -> list[TableInfo]:
+    """User tables of the database (partitions folded into their root; extension tables and
+    system schemas left out), with their columns."""
+    return [TableInfo(schema=row["schema"], name=row["name"], kind=row["kind"],
+                      estimate=int(row["estimate"]),
+                      columns=tuple(Column(**col) for col in row["columns"]))
+            for row in session.query(_TABLES_SQL)]
+
+
+def read_foreign_keys(session: Session) -> list[ForeignKey]:
+    fks = []
+    for row in session.query(_FOREIGN_KEYS_SQL):
+        fks.append(ForeignKey(
+            name=row["name"], child=(row["child_schema"], row["child"]),
+            parent=(row["parent_schema"], row["parent"]),
+            child_scan=("ONLY " if row["child_kind"] == "r" else "") + row["child_rel"],
+            parent_scan=("ONLY " if row["parent_kind"] == "r" else "") + row["parent_rel"],
+            child_columns=tuple(row["child_columns"]), parent_columns=tuple(row["parent_columns"]),
+            deferrable=row["deferrable"], match_full=row["match_full"]))
+    return fks
+
+
+def read_sequences(session: Session) -> list[SequenceUse]:
+    return [SequenceUse(sequence=row["sequence"], increment=int(row["increment"]),
+                        table=(row["schema"], row["table"]), column=row["column"])
+            for row in session.query(_SEQUENCES_SQL)]
+
+
+def server_identity(session: Session) -> tuple[str, str]:
+    """(system identifier of the cluster, database): equal means the same database."""
+    row = session.query("SELECT system_identifier::text AS system, current_database() AS db "
+                        "FROM pg_control_system()")[0]
+    return row["system"], row["db"]
+
+
+# ── compiling rules to SQL ────────────────────────────────────────────────────────────────
+
+
+def _hex_int(hx: str, digits: int, start: int = 1) -> str:
+    """An integer from `digits` hex digits of the hash (bit string cast: no sign trouble
+    below 64 bits)."""
+    bits = digits * 4
+    target = "int" if bits < 32 else "bigint"
+    return f"('x' || substr({hx}, {start}, {digits}))::bit({bits})::{target}"
+
+
+def _sql_literal(value: str | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return quote_literal(value)
+
+
+def _array_literal(items: Sequence[str]) -> str:
+    return "(ARRAY[" + ", ".join(quote_literal(i) for i in items) + "])"
+
+
+def _names_sql(variant: str | None, hx: str) -> str:
+    first = f"{_array_literal(_FIRST_NAMES)}[1 + {_hex_int(hx, 2, 1)} % 64]"
+    last = f"{_array_literal(_LAST_NAMES)}[1 + {_hex_int(hx, 2, 3)} % 64]"
+    return first if variant == "first" else last if variant == "last" else \
+        f"{first} || ' ' || {last}"
+
+
+EMAIL_LENGTH = len("user.") + 20 + len("@example.com")
+
+
+def rule_applies(rule: Rule, column: Column) -> str | None:
+    """Why `rule` cannot rewrite `column` (None if it can)."""
+    string, base = column.category == "S", column.base
+    if rule.kind in ("email", "name", "phone", "redact") and not string:
+        return f"{rule.kind} writes text, but the column is {column.type}"
+    if rule.kind == "email" and base == "character varying" and 0 < column.typmod - 4 < EMAIL_LENGTH:
+        return f"email writes {EMAIL_LENGTH} characters, the column holds {column.typmod - 4}"
+    if rule.kind == "hash" and not (string or base in _INT_TYPES or
+                                    base in ("uuid", "bytea", "inet", "cidr")):
+        return f"hash applies to text, integer, numeric, uuid, bytea and inet columns, " \
+               f"not {column.type}"
+    if rule.kind == "uuid" and not (string or base == "uuid"):
+        return f"uuid applies to uuid and text columns, not {column.type}"
+    if rule.kind == "int_range" and not (string or column.category == "N"):
+        return f"int_range applies to numeric and text columns, not {column.type}"
+    if rule.kind == "shift_days" and base not in _DATE_TYPES:
+        return f"shift_days applies to date and timestamp columns, not {column.type}"
+    if rule.kind == "null" and column.notnull:
+        return "the column is NOT NULL"
+    return None
+
+
+def rule_sql(rule: Rule, column: Column, ref: str, hx: str) -> str:
+    """The SQL expression that rewrites one column. `ref` is the column, `hx` the hex HMAC of
+    its value (NULL for NULL, so keyed rules keep NULL as NULL)."""
+    kind, typ = rule.kind, column.type
+    if kind == "keep":
+        return ref
+    if kind == "null":
+        return f"NULL::{typ}"
+    if kind == "value":
+        return f"(CASE WHEN {ref} IS NULL THEN NULL ELSE {_sql_literal(rule.arg)} END)::{typ}"
+    if kind == "redact":
+        return f"(CASE WHEN {ref} IS NULL THEN NULL ELSE '[redacted]' END)::{typ}"
+    if kind == "sql":
+        return f"({rule.arg})::{typ}"
+    if kind == "email":
+        return f"('user.' || left({hx}, 20) || '@example.com')::{typ}"
+    if kind == "name":
+        return f"({_names_sql(rule.arg, hx)})::{typ}"
+    if kind == "phone":
+        return f"('+1555' || lpad(({_hex_int(hx, 7)} % 10000000)::text, 7, '0'))::{typ}"
+    if kind == "uuid":
+        return f"(left({hx}, 32)::uuid)::{typ}"
+    if kind == "int_range":
+        low, high = rule.arg
+        return f"({low} + {_hex_int(hx, 15)} % {high - low + 1})::{typ}"
+    if kind == "shift_days":
+        days, value = rule.arg, _hex_int(hx, 8)
+        # a shift in [-N, -1] ∪ [1, N]: never zero, so every value moves
+        shift = f"({value} % {2 * days} - {days} + ({value} % {2 * days} >= {days})::int)"
+        return f"({ref} + make_interval(days => {shift}::int))::{typ}"
+    if kind == "hash":
+        if column.category == "S":
+            return f"({hx})::{typ}"
+        if column.base in _INT_TYPES:
+            digits, mask = _INT_TYPES[column.base]
+            return f"({_hex_int(hx, digits)} & {mask})::{typ}"
+        if column.base == "uuid":
+            return f"left({hx}, 32)::uuid::{typ}"
+        if column.base == "bytea":
+            return f"decode({hx}, 'hex')::{typ}"
+        return (f"('10.' || {_hex_int(hx, 2, 1)} || '.' || {_hex_int(hx, 2, 3)} || '.' || "
+                f"{_hex_int(hx, 2, 5)})::inet::{typ}")
+    raise ConfigError(f"unknown rule {kind!r}")
+
+
+def hmac_sql(value: str) -> str:
+    """Hex HMAC-SHA256 of value::text with the key's pads read from custom settings that were
+    passed at connection start (never in query text). NULL in, NULL out."""
+    return (f"encode(sha256(k.__confiture_ko || sha256(k.__confiture_ki || "
+            f"convert_to(({value})::text, 'UTF8'))), 'hex')")
+
+
+_KEY_CTE = ("WITH k AS MATERIALIZED (SELECT decode(current_setting('confiture.k_i'), 'hex') "
+            "AS __confiture_ki, decode(current_setting('confiture.k_o'), 'hex') "
+            "AS __confiture_ko)")
+
+
+def build_select(table: TableInfo, columns: Sequence[tuple[Column, Rule]],
+                 where: str | None) -> str:
+    """The source query: rule expressions over the table. Keyed columns get their HMAC
+    computed once per row in an inner query (OFFSET 0 stops the planner from inlining it
+    into every use)."""
+    hashed = [col for col, rule in columns if rule.keyed]
+    refs = {col.name: f"{_HASH_PREFIX}{i}" for i, col in enumerate(hashed)}
+    outer = []
+    for col, rule in columns:
+        hx = f"s.{quote_ident(refs[col.name])}" if col.name in refs else "NULL"
+        outer.append(rule_sql(rule, col, f"s.{quote_ident(col.name)}", hx))
+    condition = f" WHERE ({where})" if where else ""
+    if not hashed:
+        return f"SELECT {', '.join(outer)} FROM {table.scan} AS s{condition}"
+    inner = ", ".join(f"{hmac_sql('s.' + quote_ident(col.name))} AS {quote_ident(refs[col.name])}"
+                      for col in hashed)
+    return (f"{_KEY_CTE} SELECT {', '.join(outer)} FROM (SELECT s.*, {inner} "
+            f"FROM {table.scan} AS s CROSS JOIN k{condition} OFFSET 0) AS s")
+
+
+# ── planning (pure) ───────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    source: TableInfo
+    target: TableInfo
+    columns: tuple[str, ...]           # copied, in target order
+    rules: tuple[tuple[str, str], ...]  # (column, rule label) for masked columns
+    kept: tuple[str, ...]
+    defaulted: tuple[str, ...]         # target-only columns left to their defaults
+    select: str
+    binary: bool
+    where: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.source.key
+
+    @property
+    def name(self) -> str:
+        return self.source.qualified
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    tables: tuple[TablePlan, ...]
+    foreign_keys: tuple[ForeignKey, ...]     # constraints whose child table is reloaded
+    sequences: tuple[SequenceUse, ...]
+    keyed: bool
+    warnings: tuple[str, ...]
+
+
+def internal_tables(config: Config) -> set[tuple[str | None, str]]:
+    """confiture's own bookkeeping tables, never synced: (schema or None, name)."""
+    parts = [seg for seg, _ in split_name(config.migrations_table, "migrations.table")]
+    table = (parts[0] if len(parts) == 2 else None, parts[-1])
+    return {table, (None, "confiture_deploys")}
+
+
+def select_tables(tables: Sequence[TableInfo], settings: SyncSettings,
+                  internal: set[tuple[str | None, str]] = frozenset()) -> list[TableInfo]:  # type: ignore[assignment]
+    """The tables to copy: `tables` globs (default all), minus `exclude` and our own tables.
+    A pattern that matches nothing is an error (a typo must not silently copy less)."""
+    for pattern in settings.tables:
+        if not any(pattern.matches(t.schema, t.name) for t in tables):
+            raise ConfigError(f"sync tables: {pattern.text!r} matches no table in the source",
+                              hint="partitions are copied through their partitioned table")
+    chosen = []
+    for table in tables:
+        if settings.tables and not any(p.matches(table.schema, table.name) for p in settings.tables):
+            continue
+        if any(p.matches(table.schema, table.name) for p in settings.exclude):
+            continue
+        if (table.schema, table.name) in internal or (None, table.name) in internal:
+            continue
+        chosen.append(table)
+    return chosen
+
+
+def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
+                problems: list[str], unclassified: list[str], warnings: list[str]
+                ) -> TablePlan | None:
+    src_cols = {c.name: c for c in source.columns}
+    tgt_cols = {c.name: c for c in target.columns}
+    copied: list[tuple[Column, Rule]] = []
+    masked, kept, defaulted = [], [], []
+    for col in source.columns:
+        if col.name not in tgt_cols and not col.generated:
+            problems.append(f"{source.qualified}.{col.name}: in the source, not in the target")
+    for tcol in target.columns:
+        if tcol.generated:
+            continue
+        scol = src_cols.get(tcol.name)
+        if scol is None:
+            if tcol.notnull and not tcol.has_default:
+                problems.append(f"{source.qualified}.{tcol.name}: NOT NULL without default in "
+                                "the target, missing in the source")
+            defaulted.append(tcol.name)
+            continue
+        if scol.type != tcol.type:
+            problems.append(f"{source.qualified}.{tcol.name}: type {scol.type} in the source, "
+                            f"{tcol.type} in the target")
+            continue
+        if "\n" in tcol.name or "\r" in tcol.name:
+            problems.append(f"{source.qualified}: column name {tcol.name!r} holds a line break")
+            continue
+        found = find_rule(settings.rules, source.schema, source.name, scol.name)
+        if found is None:
+            if settings.strict:
+                unclassified.append(f"{source.qualified}.{scol.name} ({scol.type})")
+                continue
+            warnings.append(f"{source.qualified}.{scol.name}: no rule, kept (strict = false)")
+            rule = Rule("keep")
+        else:
+            rule = found[1]
+            why = rule_applies(rule, scol)
+            if why:
+                problems.append(f"{source.qualified}.{scol.name}: rule {rule.label()} (from "
+                                f"{found[0].text!r}) cannot apply: {why}")
+                continue
+        copied.append((scol, rule))
+        if rule.masks:
+            masked.append((scol.name, rule.label()))
+        else:
+            kept.append(scol.name)
+    if "\n" in source.qualified or "\r" in source.qualified:
+        problems.append(f"{source.qualified!r}: table names with line breaks cannot be synced")
+    where = next((cond for p, cond in settings.where if p.matches(source.schema, source.name)), None)
+    if not copied:
+        return None
+    return TablePlan(
+        source=source, target=target, columns=tuple(c.name for c, _ in copied),
+        rules=tuple(masked), kept=tuple(kept), defaulted=tuple(defaulted),
+        select=build_select(source, copied, where),
+        binary=all(c.portable for c, _ in copied) and
+        all(tgt_cols[c.name].portable for c, _ in copied),
+        where=where)
+
+
+def plan_sync(settings: SyncSettings, source_tables: Sequence[TableInfo],
+              target_tables: Sequence[TableInfo], foreign_keys: Sequence[ForeignKey],
+              sequences: Sequence[SequenceUse],
+              internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+              ) -> SyncPlan:
+    """Decide everything before anything is written: tables, columns, rules, SQL, format.
+    Raises UnclassifiedColumns (strict) or SyncError listing every problem at once."""
+    chosen = select_tables(source_tables, settings, internal)
+    targets = {t.key: t for t in target_tables}
+    problems: list[str] = []
+    unclassified: list[str] = []
+    warnings: list[str] = []
+    plans: list[TablePlan] = []
+    for table in chosen:
+        target = targets.get(table.key)
+        if target is None:
+            problems.append(f"{table.qualified}: no such table in the target")
+            continue
+        plan = _plan_table(table, target, settings, problems, unclassified, warnings)
+        if plan is not None:
+            plans.append(plan)
+    for pattern, _ in settings.where:
+        if not any(pattern.matches(*t.key) for t in chosen):
+            problems.append(f"[sync.where] {pattern.text!r} matches no copied table")
+    selected = {p.key for p in plans}
+    for fk in foreign_keys:
+        if fk.parent in selected and fk.child not in selected and fk.child != fk.parent:
+            problems.append(f"{'.'.join(fk.child)} references {'.'.join(fk.parent)} "
+                            f"({fk.name}) but is not copied: emptying "
+                            f"{'.'.join(fk.parent)} would break it")
+    if unclassified:
+        raise UnclassifiedColumns(
+            f"{len(unclassified)} column(s) match no [sync.rules] rule (strict = true); "
+            "nothing was written:\n  " + "\n  ".join(unclassified),
+            hint="add a rule for each (\"keep\" to copy as is); 'confiture.py sync rules' "
+                 "prints a complete rules block for the source")
+    if problems:
+        raise SyncError("the sync cannot start; nothing was written:\n  " + "\n  ".join(problems),
+                        hint="bring the target's schema up to date (migrate) or leave the "
+                             "tables out with [sync] exclude / --tables")
+    return SyncPlan(
+        tables=tuple(plans),
+        foreign_keys=tuple(fk for fk in foreign_keys if fk.child in selected),
+        sequences=tuple(s for s in sequences if s.table in selected),
+        keyed=any(p.select.startswith(_KEY_CTE) for p in plans),
+        warnings=tuple(warnings))
+
+
+def load_order(tables: Sequence[tuple[str, str]], foreign_keys: Sequence[ForeignKey]
+               ) -> list[tuple[str, str]]:
+    """Parents before children for non-deferrable foreign keys (self-references are checked
+    at the end of their COPY statement); a cycle cannot be loaded in order."""
+    needs: dict[tuple[str, str], set[tuple[str, str]]] = {k: set() for k in tables}
+    for fk in foreign_keys:
+        if fk.child in needs and fk.parent in needs and fk.child != fk.parent \
+                and not fk.deferrable:
+            needs[fk.child].add(fk.parent)
+    order: list[tuple[str, str]] = []
+    done: set[tuple[str, str]] = set()
+    while len(order) < len(needs):
+        ready = [k for k in needs if k not in done and needs[k] <= done]
+        if not ready:
+            cycle = sorted(".".join(k) for k in needs if k not in done)
+            raise SyncError(
+                "foreign keys form a cycle that cannot be loaded in order: " + ", ".join(cycle),
+                hint="run as a role allowed to SET session_replication_role (a superuser, or "
+                     "GRANT SET ON PARAMETER session_replication_role on PostgreSQL 15+), or "
+                     "make one constraint of the cycle DEFERRABLE")
+        order.extend(ready)
+        done.update(ready)
+    return order
+
+
+def fk_violations_sql(fk: ForeignKey) -> str:
+    """Rows of the child that reference no parent row (MATCH SIMPLE: any NULL passes)."""
+    present = " AND ".join(f"c.{quote_ident(c)} IS NOT NULL" for c in fk.child_columns)
+    join = " AND ".join(f"p.{quote_ident(p)} = c.{quote_ident(c)}"
+                        for c, p in zip(fk.child_columns, fk.parent_columns))
+    sql = (f"SELECT count(*) FROM {fk.child_scan} c WHERE {present} AND NOT EXISTS "
+           f"(SELECT 1 FROM {fk.parent_scan} p WHERE {join})")
+    if fk.match_full and len(fk.child_columns) > 1:
+        some = " OR ".join(f"c.{quote_ident(c)} IS NULL" for c in fk.child_columns)
+        sql += f" OR (({some}) AND NOT ({' AND '.join(f'c.{quote_ident(c)} IS NULL' for c in fk.child_columns)}))"
+    return sql
+
+
+def raise_sequence_sql(sequence: str, increment: int, uses: Sequence[tuple[str, str]]) -> str:
+    """setval past the copied values, never backwards: setval is not transactional, so a
+    sync that later rolls back leaves a sequence ahead (harmless), never behind."""
+    agg, pick = ("max", "greatest") if increment > 0 else ("min", "least")
+    values = [f"(SELECT {agg}({quote_ident(column)})::bigint FROM {scan})" for scan, column in uses]
+    copied = values[0] if len(values) == 1 else f"{pick}({', '.join(values)})"
+    return (f"SELECT setval({quote_literal(sequence)}::regclass, {pick}(x.m, q.last_value)) "
+            f"FROM (SELECT {copied} AS m) x, {sequence} q WHERE x.m IS NOT NULL")
+
+
+# ── running a sync ────────────────────────────────────────────────────────────────────────
+
+def source_settings(settings: SyncSettings) -> str:
+    """Session settings of the source. Text forms of values (hashed, or sent in text COPY)
+    must not depend on the server's or role's defaults, or one value would hash differently;
+    row_security off turns a policy that would silently hide rows into an error."""
+    idle = int(settings.lock_timeout) + 300  # the source waits while the target takes its locks
+    return ("SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; "
+            "SET bytea_output = 'hex'; SET extra_float_digits = 1; SET row_security = off; "
+            f"SET statement_timeout = 0; SET idle_in_transaction_session_timeout = '{idle}s'")
+
+
+def key_conn(conn: ConnInfo, key: bytes | None, environ: Mapping[str, str]) -> ConnInfo:
+    """The source connection with the key's HMAC pads as custom settings in the startup
+    packet (PGOPTIONS): readable by current_setting() in that session only, absent from
+    query text, pg_stat_activity and the server log."""
+    if key is None:
+        return conn
+    inner, outer = hmac_pads(key)
+    options = conn.get("options") or environ.get("PGOPTIONS", "")
+    return conn.with_params(options=f"{options} -c confiture.k_i={inner} "
+                                    f"-c confiture.k_o={outer}".strip())
+
+
+def refuse_same_database(source: Env, target: Env, environ: Mapping[str, str]) -> None:
+    """By configuration: same server address and database name (all local addresses fold
+    together, so this fails closed)."""
+    mine = (*source.conn.server_identity(environ), source.database)
+    theirs = (*target.conn.server_identity(environ), target.database)
+    if mine == theirs:
+        raise Refused(f"sync from {source.name!r} to {target.name!r}: both reach database "
+                      f"{target.database!r} on {mine[0]}:{mine[1]}",
+                      hint="point the target at another database")
+
+
+def _release_fifo(path: Path) -> None:
+    """Unblock a psql waiting to open the named pipe because its partner failed first."""
+    for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+        try:
+            os.close(os.open(path, flags))
+        except OSError:
+            pass
+
+
+def stream_table(source: Session, target: Session, plan: TablePlan, fifo: Path) -> int:
+    """COPY one table: the source psql writes into a named pipe that the target psql reads
+    (binary when every column type allows). Returns the rows loaded."""
+    import threading
+
+    os.mkfifo(fifo, 0o600)
+    fmt = "binary" if plan.binary else "text"
+    freeze = ", FREEZE" if plan.target.kind == "r" else ""  # the table was truncated in this transaction
+    columns = ", ".join(quote_ident(c) for c in plan.columns)
+    # psql sets neither ERROR after a failed COPY TO STDOUT nor after a failed \copy, so each
+    # side ends with a statement that fails when the COPY aborted its transaction; \copy
+    # also leaves ROW_COUNT at -1 when it could not even start.
+    source.submit(f"\\o {quote_literal(str(fifo))}\n"
+                  f"COPY ({plan.select}) TO STDOUT WITH (FORMAT {fmt});\n\\o\n"
+                  "SELECT NULL WHERE false;")
+    target.submit(f"\\set ROW_COUNT -1\n"
+                  f"\\copy {plan.target.sql} ({columns}) FROM {quote_literal(str(fifo))} "
+                  f"WITH (FORMAT {fmt}{freeze})\n"
+                  f"\\echo confiture_rows :ROW_COUNT\nSELECT NULL WHERE false;")
+    outcome: dict[str, BaseException] = {}
+
+    def read_source() -> None:
+        try:
+            source.collect()
+        except BaseException as exc:  # noqa: BLE001 — reported by the main thread
+            outcome["source"] = exc
+            _release_fifo(fifo)
+
+    reader = threading.Thread(target=read_source, name="sync-source", daemon=True)
+    reader.start()
+    try:
+        lines = target.collect()
+        rows = int(next((l.split()[1] for l in lines if l.startswith("confiture_rows ")), "-1"))
+        target_error = None if rows >= 0 else \
+            (target.last_stderr or "psql could not read the stream").strip()
+    except SqlError as exc:
+        target_error = exc.message
+    except BaseException:  # interrupted: stop both sides now rather than after the table
+        _abandon_stream(source, target, fifo, reader)
+        raise
+    if target_error is not None:
+        reader.join(timeout=0.5)  # a source that failed first is the cause: report it
+        if "source" not in outcome:
+            _abandon_stream(source, None, fifo, reader)
+            raise SyncError(f"{plan.name}: loading the target failed: {target_error}")
+    reader.join()
+    fifo.unlink(missing_ok=True)
+    if "source" in outcome:
+        failure = outcome["source"]
+        if isinstance(failure, (KeyboardInterrupt, Interrupted)):
+            raise failure
+        message = failure.message if isinstance(failure, ConfitureError) else str(failure)
+        raise SyncError(f"{plan.name}: reading the source failed: {message}")
+    return rows
+
+
+def _abandon_stream(source: Session, target: Session | None, fifo: Path,
+                    reader: Any) -> None:
+    """Cancel a table's COPY on both sides (the source would otherwise read the whole table
+    into a pipe nobody reads) and wait briefly for the source thread."""
+    for session in (target, source):
+        if session is not None:
+            session.cancel()
+    _release_fifo(fifo)
+    reader.join(timeout=10)
+    fifo.unlink(missing_ok=True)
+
+
+def _try_replica_mode(target: Session) -> bool:
+    """SET LOCAL session_replication_role = replica if this role may (superuser, or granted
+    on PostgreSQL 15+): no triggers and no per-row foreign-key checks while loading; the keys
+    are validated by query before COMMIT instead."""
+    target.execute("SAVEPOINT confiture_replica")
+    try:
+        target.execute("SET LOCAL session_replication_role = replica")
+    except SqlError:
+        target.execute("ROLLBACK TO SAVEPOINT confiture_replica")
+        return False
+    target.execute("RELEASE SAVEPOINT confiture_replica")
+    return True
+
+
+def validate_foreign_keys(target: Session, foreign_keys: Sequence[ForeignKey]) -> None:
+    """Count child rows that reference no parent row, per constraint; any → SyncError."""
+    broken = []
+    for fk in foreign_keys:
+        count = int(target.value(fk_violations_sql(fk)))
+        if count:
+            broken.append(f"{'.'.join(fk.child)} → {'.'.join(fk.parent)} ({fk.name}): "
+                          f"{count} row(s) reference nothing")
+    if broken:
+        raise SyncError("foreign keys would be broken; nothing was written:\n  "
+                        + "\n  ".join(broken),
+                        hint="a [sync.where] filter or --tables left out referenced rows")
+
+
+def raise_sequences(target: Session, tables: Sequence[tuple[TableInfo, Sequence[str]]],
+                    sequences: Sequence[SequenceUse]) -> int:
+    """Move the sequences behind the copied numeric columns past the copied values.
+    `tables`: (target table, copied columns)."""
+    scans = {table.key: table.scan for table, _ in tables}
+    numeric = {(table.key, c.name) for table, copied in tables for c in table.columns
+               if c.category == "N" and c.name in copied}
+    grouped: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for use in sequences:
+        if (use.table, use.column) in numeric:
+            grouped.setdefault((use.sequence, use.increment), []).append(
+                (scans[use.table], use.column))
+    for (sequence, increment), uses in grouped.items():
+        target.execute(raise_sequence_sql(sequence, increment, uses))
+    return len(grouped)
+
+
+def _progress_line(name: str, rows: int, seconds: float) -> str:
+    rate = f"{rows / seconds:,.0f} rows/s" if seconds > 0 and rows else ""
+    return f"  {name:<40} {rows:>12,} rows  {format_seconds(seconds):>8}  {rate}"
+
+
+@dataclass
+class SyncOutcome:
+    report: dict[str, Any]
+    plan: SyncPlan | None
+    replica: bool | None
+
+
+def _new_report(settings: SyncSettings) -> dict[str, Any]:
+    return {"started_at": utc_now(), "finished_at": None, "from": settings.source,
+            "to": settings.target, "ok": False, "tables": [], "rows": 0, "seconds": 0.0,
+            "config_hash": settings.config_hash, "error": None}
+
+
+def write_sync_report(config: Config, report: Mapping[str, Any]) -> Path:
+    """<state_dir>/sync/<YYYYmmddTHHMMSSZ>_<from>_to_<to>.json (never overwrites one)."""
+    stamp = report["started_at"].replace("-", "").replace(":", "")
+    folder = config.state_dir / SYNC_REPORT_DIR
+    path = folder / f"{stamp}_{report['from']}_to_{report['to']}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stamp}_{report['from']}_to_{report['to']}.{n}.json"
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+    return path
+
+
+def open_sync_sessions(settings: SyncSettings, config: Config, environ: Mapping[str, str]
+                       ) -> tuple[Env, Env, Session, Session]:
+    """Resolve both envs, apply the safety rules, connect (source with the key)."""
+    source_env = resolve_env(config, settings.source, environ)
+    target_env = resolve_env(config, settings.target, environ)
+    refuse_protected(target_env, f"sync into {target_env.name!r}")
+    refuse_same_database(source_env, target_env, environ)
+    tools = find_pg_tools(environ)
+    base = dict(environ, PGCLIENTENCODING="UTF8")
+    source = Session(tools, key_conn(source_env.conn, settings.key, environ),
+                     source_env.database, base)
+    try:
+        target = Session(tools, target_env.conn, target_env.database, base)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        if server_identity(source) == server_identity(target):
+            raise Refused(f"sync from {source_env.name!r} to {target_env.name!r}: both are "
+                          f"database {target_env.database!r} of the same PostgreSQL cluster")
+    except BaseException:
+        source.close()
+        target.close()
+        raise
+    return source_env, target_env, source, target
+
+
+def run_sync(config: Config, settings: SyncSettings, console: Console,
+             environ: Mapping[str, str] = os.environ, dry_run: bool = False) -> SyncOutcome:
+    """Plan, then copy every selected table in one source snapshot into one target
+    transaction. Any failure rolls the target back; the report records what happened."""
+    report = _new_report(settings)
+    started = time.monotonic()
+    outcome = SyncOutcome(report=report, plan=None, replica=None)
+    try:
+        _run_sync(config, settings, console, environ, dry_run, outcome)
+        report["ok"] = True
+    except BaseException as exc:
+        report["error"] = exc.message if isinstance(exc, ConfitureError) else \
+            "interrupted" if isinstance(exc, KeyboardInterrupt) else repr(exc)
+        raise
+    finally:
+        report["finished_at"] = utc_now()
+        report["seconds"] = round(time.monotonic() - started, 3)
+        report["rows"] = sum(t["rows"] for t in report["tables"])
+        if not dry_run:
+            report["report"] = str(write_sync_report(config, report))
+    return outcome
+
+
+def _run_sync(config: Config, settings: SyncSettings, console: Console,
+              environ: Mapping[str, str], dry_run: bool, outcome: SyncOutcome) -> None:
+    import shutil
+    import tempfile
+
+    source_env, target_env, source, target = open_sync_sessions(settings, config, environ)
+    fifo_dir: str | None = None
+    try:
+        source.execute(source_settings(settings))
+        source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        plan = plan_sync(settings, read_tables(source), read_tables(target),
+                         read_foreign_keys(target), read_sequences(target),
+                         internal_tables(config))
+        outcome.plan = plan
+        for warning in plan.warnings:
+            console.warn(warning)
+        for table in plan.tables:  # bad {sql} rules or where filters fail here, not midway
+            try:
+                source.execute(f"EXPLAIN (COSTS OFF) {table.select}")
+            except SqlError as exc:
+                raise SyncError(f"{table.name}: the source query fails: {exc.message}",
+                                hint="check this table's { sql = … } rules and [sync.where]")
+        acquire_lock(target, "sync", settings.lock_timeout,
+                     f"another sync into {target_env.name!r}", console.info)
+        target.execute("BEGIN")
+        target.execute(f"SET LOCAL lock_timeout = {int(settings.lock_timeout * 1000)}; "
+                       "SET LOCAL statement_timeout = 0; "
+                       "SET LOCAL idle_in_transaction_session_timeout = '5min'")
+        outcome.replica = _try_replica_mode(target)
+        order = list(plan.tables)
+        if not outcome.replica:
+            by_key = {p.key: p for p in plan.tables}
+            order = [by_key[k] for k in load_order(list(by_key), plan.foreign_keys)]
+        if dry_run:
+            target.execute("ROLLBACK")
+            outcome.plan = dataclasses.replace(plan, tables=tuple(order))
+            return
+        if not outcome.replica:
+            target.execute("SET CONSTRAINTS ALL DEFERRED")
+        console.info(f"sync {source_env.name} → {target_env.name}: {len(order)} tables"
+                     f"{'' if outcome.replica else ' (in foreign-key order)'}")
+        if order:
+            target.execute("TRUNCATE " + ", ".join(p.target.scan for p in order))
+        fifo_dir = tempfile.mkdtemp(prefix="confiture-sync-")
+        for index, table in enumerate(order):
+            t0 = time.monotonic()
+            rows = stream_table(source, target, table, Path(fifo_dir) / f"{index}.pipe")
+            seconds = time.monotonic() - t0
+            outcome.report["tables"].append({
+                "table": table.name, "rows": rows, "seconds": round(seconds, 3),
+                "masked": [f"{c} ({r})" for c, r in table.rules], "kept": list(table.kept)})
+            console.info(_progress_line(table.name, rows, seconds))
+        source.execute("COMMIT")  # release the snapshot before the checks on the target
+        if outcome.replica:
+            validate_foreign_keys(target, plan.foreign_keys)
+        else:
+            target.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        raise_sequences(target, [(p.target, p.columns) for p in plan.tables], plan.sequences)
+        target.execute("COMMIT")
+    except BaseException:
+        if fifo_dir:
+            for pipe in Path(fifo_dir).glob("*.pipe"):
+                _release_fifo(pipe)
+        target.cancel()
+        source.cancel()
+        raise
+    finally:
+        target.close()  # closing an open transaction rolls it back
+        source.close()
+        if fifo_dir:
+            shutil.rmtree(fifo_dir, ignore_errors=True)
+
+
+# ── sync rules: a complete rules block guessed from names and types ───────────────────────
+
+_PERSON_TABLES = re.compile(r"user|customer|client|person|people|staff|employee|member|contact|"
+                            r"author|patient|account|profile|actor|owner|student|driver|guest",
+                            re.IGNORECASE)
+# (regex on the column name, rule) in priority order; rule_applies() filters by type
+_GUESSES: tuple[tuple[re.Pattern[str], Rule], ...] = tuple(
+    (re.compile(rx, re.IGNORECASE), rule) for rx, rule in (
+        (r"e_?mail", Rule("email")),
+        (r"^(first_?name|given_?name|fname|forename)$", Rule("name", "first")),
+        (r"^(last_?name|surname|family_?name|lname)$", Rule("name", "last")),
+        (r"^(full_?name|display_?name|contact_?name|person_?name|customer_?name)$", Rule("name")),
+        (r"phone|mobile|fax|^tel(ephone)?$|_tel$", Rule("phone")),
+        (r"pass(word|wd)?($|_)|secret|token|api_?key|salt|otp|credential|private_?key",
+         Rule("null")),
+        ((r"ssn|social_?sec|tax_?id|national_?id|passport|iban|account_?n(o|um)|card_?n|"
+          r"credit_?card|cvv|licen[cs]e_?n"), Rule("redact")),
+        (r"^(user_?name|login|nick_?name|handle|screen_?name)$", Rule("hash")),
+        (r"birth|^dob$|_dob$", Rule("shift_days", 30)),
+        (r"address|street|^addr|postal|zip|post_?code", Rule("redact")),
+        (r"(^|_)ip($|_)|ip_?addr|remote_?addr", Rule("hash")),
+        (r"^(lat|lng|lon|latitude|longitude|geo|location|coordinates?)$", Rule("null")),
+        (r"photo|picture|avatar|image|signature|selfie", Rule("null")),
+    ))
+_FREE_TEXT = re.compile(r"note|comment|description|bio|message|body|remark|memo|text", re.IGNORECASE)
+
+
+def guess_rule(table: TableInfo, column: Column) -> tuple[Rule, str]:
+    """A sensible first rule for a column, and the comment printed beside it."""
+    candidates = [rule for rx, rule in _GUESSES if rx.search(column.name)]
+    if column.name.lower() == "name" and _PERSON_TABLES.search(table.name):
+        candidates.insert(0, Rule("name"))
+    if re.search(r"(^|_)id$", column.name, re.IGNORECASE):
+        candidates = []  # keys keep their values, so joins and foreign keys keep working
+    for rule in candidates:
+        for option in (rule, Rule("redact"), Rule("null")):
+            if rule_applies(option, column) is None:
+                return option, "review: guessed from the name"
+    if column.category in ("S", "U", "A") or column.base in ("json", "jsonb", "bytea", "xml") \
+            or _FREE_TEXT.search(column.name):
+        return Rule("keep"), "review: free text or structured data may hold personal data"
+    return Rule("keep"), ""
+
+
+def rules_block(settings: SyncSettings, tables: Sequence[TableInfo], env: Env) -> str:
+    """A complete [sync.rules] block: every copied column with the configured rule when one
+    matches, else a guess; guesses and free-text columns are marked '# review'."""
+    out = [(f"# [sync.rules] for env {env.name!r} (database {env.database}), written by "
+            f"confiture.py {__version__} on {utc_now()}."),
+           "# Every column of every selected table is listed: strict = true needs a rule for each.",
+           "# Check every line marked '# review' before the first sync.",
+           "[sync.rules]"]
+    for table in tables:
+        out.append("")
+        out.append(f"# {table.qualified}" + (" (partitioned)" if table.kind == "p" else "")
+                   + (f", ~{table.estimate:,} rows" if table.estimate > 0 else ""))
+        for column in table.columns:
+            pattern = ".".join(pattern_segment(p) for p in (table.schema, table.name, column.name))
+            if column.generated:
+                out.append(f"# {json.dumps(pattern)}: generated column, computed by the target")
+                continue
+            found = find_rule(settings.rules, table.schema, table.name, column.name)
+            if found:
+                rule, note = found[1], f"from confiture.toml ({found[0].text})"
+            else:
+                rule, note = guess_rule(table, column)
+            line = f"{json.dumps(pattern, ensure_ascii=False)} = {rule.toml()}"
+            out.append(f"{line:<64}  # {note}" if note else line)
+    return "\n".join(out) + "\n"
+
+
+def sync_rules(config: Config, settings: SyncSettings, environ: Mapping[str, str]
+               ) -> tuple[str, list[TableInfo]]:
+    """Connect to the source and print its rules block (nothing is written anywhere)."""
+    env = resolve_env(config, settings.source, environ)
+    with Session(find_pg_tools(environ), env.conn, env.database, environ) as session:
+        tables = select_tables(read_tables(session), settings, internal_tables(config))
+    return rules_block(settings, tables, env), tables
+
+
+# ── schema-to-schema: an old database into a freshly built one, through postgres_fdw ──────
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    """Where each NEW table and column takes its data from in OLD (a TOML file)."""
+
+    tables: Mapping[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    columns: Mapping[tuple[str, str], Mapping[str, Rule]] = field(default_factory=dict)
+    skip: tuple[tuple[str, str], ...] = ()
+
+
+def _qualified(text: str, where: str) -> tuple[str, str]:
+    parts = [seg for seg, _ in split_name(text, where)]
+    if len(parts) == 1:
+        return ("public", parts[0])
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise ConfigError(f"{where}: {text!r} must be table or schema.table")
+
+
+def load_mapping(path: Path | None) -> TableMapping:
+    """[tables] "new" = "old"; [columns."new_table"] new_col = "old_col" | { sql = "…" };
+    skip = ["new_table", …]. Unqualified tables are in schema public."""
+    if path is None:
+        return TableMapping()
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+    for key in data:
+        if key not in ("tables", "columns", "skip"):
+            raise ConfigError(f"{where}: unknown key {key!r}",
+                              hint=_suggest(key, ["tables", "columns", "skip"]))
+    tables = {}
+    for new, old in data.get("tables", {}).items():
+        if not isinstance(old, str):
+            raise ConfigError(f"{where}: [tables] {new!r} must name the old table")
+        tables[_qualified(new, where)] = _qualified(old, where)
+    columns: dict[tuple[str, str], dict[str, Rule]] = {}
+    for table, mapping in data.get("columns", {}).items():
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{where}: [columns.{table!r}] must be a table")
+        entries = columns.setdefault(_qualified(table, where), {})
+        for new_col, source in mapping.items():
+            if isinstance(source, str):
+                entries[new_col] = Rule("keep", source)
+            elif isinstance(source, dict) and set(source) == {"sql"} and isinstance(source["sql"], str):
+                entries[new_col] = Rule("sql", source["sql"])
+            else:
+                raise ConfigError(f"{where}: [columns.{table!r}] {new_col!r} must be the old "
+                                  "column's name or { sql = \"…\" }")
+    skip = data.get("skip", [])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise ConfigError(f"{where}: skip must be a list of table names")
+    return TableMapping(tables=tables, columns=columns,
+                        skip=tuple(_qualified(s, where) for s in skip))
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    new: TableInfo
+    old: TableInfo
+    columns: tuple[str, ...]            # NEW columns filled
+    expressions: tuple[str, ...]        # over the staged OLD table, aliased s
+    defaulted: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SchemaCopyPlan:
+    tables: tuple[CopyPlan, ...]
+    empty: tuple[str, ...]              # NEW tables without an OLD counterpart
+    dropped: tuple[str, ...]            # OLD tables copied nowhere
+    notes: tuple[str, ...]
+
+
+def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[TableInfo],
+                     mapping: TableMapping,
+                     internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+                     ) -> SchemaCopyPlan:
+    """Match NEW tables and columns to OLD ones (same names unless the mapping says otherwise)."""
+    old_by_key = {t.key: t for t in old_tables}
+    new_by_key = {t.key: t for t in new_tables}
+    problems, notes, empty = [], [], []
+    plans: list[CopyPlan] = []
+    for key in [*mapping.tables, *mapping.columns, *mapping.skip]:
+        if key not in new_by_key:
+            problems.append(f"mapping names {'.'.join(key)}, which is not a table of the new "
+                            "database")
+    for key, old_key in mapping.tables.items():
+        if old_key not in old_by_key:
+            problems.append(f"mapping: {'.'.join(old_key)} (for {'.'.join(key)}) is not a table "
+                            "of the old database")
+    used: set[tuple[str, str]] = set()
+    for new in new_tables:
+        if new.key in mapping.skip or new.key in internal or (None, new.name) in internal:
+            continue
+        old = old_by_key.get(mapping.tables.get(new.key, new.key))
+        if old is None:
+            empty.append(new.qualified)
+            continue
+        used.add(old.key)
+        old_cols = {c.name: c for c in old.columns}
+        renames = mapping.columns.get(new.key, {})
+        for name in renames:
+            if not any(c.name == name for c in new.columns):
+                problems.append(f"mapping: {new.qualified}.{name} is not a column of the new "
+                                "table")
+        columns, expressions, defaulted = [], [], []
+        for col in new.columns:
+            if col.generated:
+                continue
+            rule = renames.get(col.name)
+            if rule is not None and rule.kind == "sql":
+                expression = f"({rule.arg})"
+            else:
+                source = rule.arg if rule is not None else col.name
+                if source not in old_cols:
+                    if rule is not None:
+                        problems.append(f"mapping: {old.qualified}.{source} (for "
+                                        f"{new.qualified}.{col.name}) does not exist")
+                    elif col.notnull and not col.has_default:
+                        problems.append(f"{new.qualified}.{col.name}: NOT NULL, no default, and "
+                                        f"{old.qualified} has no column {col.name!r} (map one "
+                                        "in the mapping file)")
+                    defaulted.append(col.name)
+                    continue
+                expression = f"s.{quote_ident(source)}"
+            columns.append(col.name)
+            expressions.append(expression)
+        if columns:
+            plans.append(CopyPlan(new=new, old=old, columns=tuple(columns),
+                                  expressions=tuple(expressions), defaulted=tuple(defaulted)))
+        if defaulted:
+            notes.append(f"{new.qualified}: {', '.join(defaulted)} left to their defaults")
+    dropped = [t.qualified for t in old_tables if t.key not in used
+               and t.key not in internal and (None, t.name) not in internal]
+    if problems:
+        raise ConfigError("schema-to-schema cannot start; nothing was written:\n  "
+                          + "\n  ".join(problems))
+    return SchemaCopyPlan(tables=tuple(plans), empty=tuple(empty), dropped=tuple(dropped),
+                          notes=tuple(notes))
+
+
+def _fdw_server_options(conn: ConnInfo, database: str, environ: Mapping[str, str]) -> str:
+    options = {"dbname": database}
+    for name, variable in (("host", "PGHOST"), ("port", "PGPORT"), ("sslmode", "PGSSLMODE")):
+        value = conn.get(name) or environ.get(variable)
+        if value:
+            options[name] = value
+    return ", ".join(f"{name} {quote_literal(value)}" for name, value in options.items())
+
+
+@dataclass
+class SchemaCopyResult:
+    tables: list[dict[str, Any]]
+    rows: int
+    seconds: float
+    replica: bool
+    plan: SchemaCopyPlan
+
+
+def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: TableMapping,
+                     console: Console, environ: Mapping[str, str] = os.environ,
+                     yes: bool = False, dry_run: bool = False) -> SchemaCopyResult:
+    """Copy OLD's data into NEW in one NEW transaction: a temporary postgres_fdw server and
+    staging schema, INSERT … SELECT in foreign-key order, row counts compared, foreign keys
+    and sequences fixed, then the server and staging schemas dropped — all or nothing."""
+    old_env = resolve_env(config, old_name, environ)
+    new_env = resolve_env(config, new_name, environ)
+    refuse_same_database(old_env, new_env, environ)
+    confirm_protected(new_env, "schema-to-schema", yes, console)
+    tools = find_pg_tools(environ)
+    user = old_env.conn.get("user") or environ.get("PGUSER") or ""
+    password = old_env.conn.get("password") or environ.get("PGPASSWORD") or ""
+    # The user mapping needs OLD's password in SQL: it travels hex-encoded as a custom
+    # setting in the startup packet and is used only inside a DO block, so it is in no query
+    # text, pg_stat_activity row or statement log.
+    secret_options = (f"-c confiture.fdw_user={user.encode().hex() or '00'} "
+                      f"-c confiture.fdw_password={password.encode().hex() or '00'}")
+    options = new_env.conn.get("options") or environ.get("PGOPTIONS", "")
+    new_conn = new_env.conn.with_params(options=f"{options} {secret_options}".strip())
+    started = time.monotonic()
+    with Session(tools, old_env.conn, old_env.database, environ) as old, \
+            Session(tools, new_conn, new_env.database, environ) as new:
+        if server_identity(old) == server_identity(new):
+            raise Refused(f"schema-to-schema: {old_name!r} and {new_name!r} are the same "
+                          "database of the same cluster")
+        plan = plan_schema_copy(read_tables(old), read_tables(new), mapping,
+                                internal_tables(config))
+        old.close()
+        new.execute("BEGIN")
+        new.execute("SET LOCAL statement_timeout = 0")
+        replica = _try_replica_mode(new)
+        foreign_keys = read_foreign_keys(new)
+        order = _copy_order(plan, foreign_keys, replica)
+        _refuse_filled(new, order)
+        if dry_run:
+            new.execute("ROLLBACK")
+            return SchemaCopyResult([], 0, 0.0, replica,
+                                    dataclasses.replace(plan, tables=tuple(order)))
+        if not replica:
+            new.execute("SET CONSTRAINTS ALL DEFERRED")
+        staged = _stage_old_tables(new, order, old_env, environ)
+        results: list[dict[str, Any]] = []
+        for table in order:
+            t0 = time.monotonic()
+            rows = _copy_one(new, table, staged.tables[table.old.key])
+            seconds = time.monotonic() - t0
+            results.append({"table": table.new.qualified, "from": table.old.qualified,
+                            "rows": rows, "seconds": round(seconds, 3),
+                            "defaulted": list(table.defaulted)})
+            console.info(_progress_line(table.new.qualified, rows, seconds))
+        copied = {t.new.key for t in order}
+        if replica:
+            validate_foreign_keys(new, [fk for fk in foreign_keys if fk.child in copied])
+        else:
+            new.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        raise_sequences(new, [(t.new, t.columns) for t in order],
+                        [s for s in read_sequences(new) if s.table in copied])
+        _drop_staging(new, staged)
+        new.execute("COMMIT")  # a failure anywhere above rolls back server, schemas and data
+    return SchemaCopyResult(results, sum(r["rows"] for r in results),
+                            time.monotonic() - started, replica, plan)
+
+
+_FDW_SERVER = "confiture_s2s"
+
+
+def _copy_order(plan: SchemaCopyPlan, foreign_keys: Sequence[ForeignKey], replica: bool
+                ) -> list[CopyPlan]:
+    if replica:
+        return list(plan.tables)
+    by_key = {t.new.key: t for t in plan.tables}
+    return [by_key[k] for k in load_order(list(by_key), foreign_keys)]
+
+
+def _refuse_filled(session: Session, order: Sequence[CopyPlan]) -> None:
+    if not order:
+        return
+    probes = ", ".join(f"EXISTS (SELECT 1 FROM {t.new.scan}) AS {quote_ident(t.new.qualified)}"
+                       for t in order)
+    row = session.query(f"SELECT {probes}")[0]
+    filled = [name for name, has_rows in row.items() if has_rows is True]
+    if filled:
+        raise Refused("schema-to-schema fills a freshly built database, but these tables "
+                      "already hold rows: " + ", ".join(filled),
+                      hint="rebuild the new database without seed data, or skip the tables "
+                           "in the mapping file")
+
+
+@dataclass
+class Staging:
+    """What _stage_old_tables created in the new database, for _drop_staging."""
+
+    tables: dict[tuple[str, str], str] = field(default_factory=dict)  # OLD table → foreign table
+    schemas: list[str] = field(default_factory=list)
+    extension_created: bool = False
+
+
+def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
+                      environ: Mapping[str, str]) -> Staging:
+    """postgres_fdw server + user mapping to OLD, one staging schema per OLD schema with the
+    needed tables imported as foreign tables."""
+    created = not session.value("SELECT count(*) FROM pg_extension WHERE extname = 'postgres_fdw'")
+    try:
+        session.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+    except SqlError as exc:
+        raise SyncError(f"cannot create extension postgres_fdw in {session.dbname}: "
+                        f"{exc.message}", hint="a superuser must run CREATE EXTENSION "
+                        "postgres_fdw in the new database once (package postgresql-contrib)")
+    session.execute(f"CREATE SERVER {_FDW_SERVER} FOREIGN DATA WRAPPER postgres_fdw OPTIONS "
+                    f"({_fdw_server_options(old_env.conn, old_env.database, environ)})")
+    session.execute(
+        "DO $confiture$ BEGIN EXECUTE format('CREATE USER MAPPING FOR CURRENT_USER SERVER "
+        f"{_FDW_SERVER} OPTIONS (user %L, password %L)', "
+        "convert_from(decode(current_setting('confiture.fdw_user'), 'hex'), 'UTF8'), "
+        "convert_from(decode(current_setting('confiture.fdw_password'), 'hex'), 'UTF8')); "
+        "END $confiture$")
+    staged = Staging(extension_created=created)
+    by_schema: dict[str, list[str]] = {}
+    for table in order:
+        by_schema.setdefault(table.old.schema, []).append(table.old.name)
+    for index, (schema, names) in enumerate(sorted(by_schema.items())):
+        staging = f"{_FDW_SERVER}_{index}"
+        session.execute(f"CREATE SCHEMA {staging}")
+        staged.schemas.append(staging)
+        limit = ", ".join(quote_ident(n) for n in sorted(set(names)))
+        try:
+            session.execute(f"IMPORT FOREIGN SCHEMA {quote_ident(schema)} LIMIT TO ({limit}) "
+                            f"FROM SERVER {_FDW_SERVER} INTO {staging}")
+        except SqlError as exc:
+            raise SyncError(f"cannot read the old database through postgres_fdw: {exc.message}",
+                            hint="the new database's server connects to the old one itself: "
+                                 "it needs a network path and, for non-superusers, a password")
+        for name in names:
+            staged.tables[(schema, name)] = f"{staging}.{quote_ident(name)}"
+    return staged
+
+
+def _copy_one(session: Session, table: CopyPlan, staged: str) -> int:
+    """INSERT … SELECT one table, then compare its row count with OLD's (both reads use the
+    one remote snapshot postgres_fdw keeps for the transaction)."""
+    columns = ", ".join(quote_ident(c) for c in table.columns)
+    try:
+        session.execute(f"INSERT INTO {table.new.sql} ({columns}) OVERRIDING SYSTEM VALUE "
+                        f"SELECT {', '.join(table.expressions)} FROM {staged} AS s")
+    except SqlError as exc:
+        raise SyncError(f"{table.new.qualified} (from {table.old.qualified}): {exc.message}")
+    counts = session.query(f"SELECT (SELECT count(*) FROM {table.new.scan}) AS new, "
+                           f"(SELECT count(*) FROM {staged}) AS old")[0]
+    if counts["new"] != counts["old"]:
+        raise SyncError(f"{table.new.qualified}: {counts['new']} rows copied, but "
+                        f"{table.old.qualified} has {counts['old']}; nothing was written")
+    return int(counts["new"])
+
+
+def _drop_staging(session: Session, staged: Staging) -> None:
+    """Drop what _stage_old_tables created (the extension only if it was not there before)."""
+    if staged.schemas:
+        session.execute(f"DROP SCHEMA {', '.join(staged.schemas)} CASCADE")
+    session.execute(f"DROP USER MAPPING IF EXISTS FOR CURRENT_USER SERVER {_FDW_SERVER}")
+    session.execute(f"DROP SERVER IF EXISTS {_FDW_SERVER} CASCADE")
+    if staged.extension_created:
+        session.execute("DROP EXTENSION IF EXISTS postgres_fdw")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -6001,8 +7538,117 @@ def add_backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # ── sync commands (§10) ───────────────────────────────────────────────────────────────────
 
 
+def _sync_settings(app: App, rules: bool = False) -> SyncSettings:
+    """--from/--to, else [sync] from/to; `sync rules` falls back to the current env as source,
+    a sync to an explicit --env as target."""
+    raw = app.config.raw.get("sync", {})
+    tables = [t.strip() for item in (app.args.tables or []) for t in item.split(",") if t.strip()]
+    source = app.args.source or raw.get("from") or (app.env_name() if rules else None)
+    target = app.args.target or raw.get("to") or app.args.env
+    if rules:
+        target = target or source  # not used: `sync rules` reads the source only
+    return load_sync_settings(app.config, app.environ, source=source, target=target,
+                              tables=tables, need_key=not rules)
+
+
+def cmd_sync_rules(app: App) -> int:
+    settings = _sync_settings(app, rules=True)
+    text, tables = sync_rules(app.config, settings, app.environ)
+    if app.console.json_mode:
+        app.console.emit({"from": settings.source, "rules": text,
+                          "tables": [t.qualified for t in tables]})
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _print_sync_plan(app: App, outcome: SyncOutcome) -> None:
+    plan = outcome.plan
+    assert plan is not None
+    mode = ("session_replication_role = replica, foreign keys validated by query"
+            if outcome.replica else "foreign-key order, constraints checked by PostgreSQL")
+    app.console.result(f"dry run: {len(plan.tables)} tables, {mode}; nothing was written")
+    for table in plan.tables:
+        masked = ", ".join(f"{c}={r}" for c, r in table.rules) or "-"
+        app.console.result(f"  {table.name:<36} {'binary' if table.binary else 'text':<6} "
+                           f"~{max(table.source.estimate, 0):,} rows  masked: {masked}  "
+                           f"kept: {len(table.kept)}"
+                           + (f"  where: {table.where}" if table.where else "")
+                           + (f"  defaults: {', '.join(table.defaulted)}" if table.defaulted else ""))
+
+
+def cmd_sync(app: App) -> int:
+    if app.args.action == "rules":
+        return cmd_sync_rules(app)
+    settings = _sync_settings(app)
+    outcome = run_sync(app.config, settings, app.console, app.environ, dry_run=app.args.dry_run)
+    report = outcome.report
+    if app.args.dry_run:
+        if app.console.json_mode:
+            assert outcome.plan is not None
+            app.console.emit({"dry_run": True, "from": settings.source, "to": settings.target,
+                              "replica": outcome.replica,
+                              "tables": [{"table": t.name, "binary": t.binary,
+                                          "masked": [f"{c} ({r})" for c, r in t.rules],
+                                          "kept": list(t.kept), "where": t.where,
+                                          "select": t.select} for t in outcome.plan.tables]})
+        else:
+            _print_sync_plan(app, outcome)
+        return EXIT_OK
+    app.console.result(f"synced {len(report['tables'])} tables, {report['rows']:,} rows from "
+                       f"{settings.source} to {settings.target} in "
+                       f"{format_seconds(report['seconds'])}")
+    app.console.info(f"report: {report['report']}")
+    app.console.emit(report)
+    return EXIT_OK
+
+
+def cmd_schema_to_schema(app: App) -> int:
+    mapping = load_mapping(Path(app.args.mapping) if app.args.mapping else None)
+    result = schema_to_schema(app.config, app.args.source, app.args.target, mapping,
+                              app.console, app.environ, yes=app.args.yes,
+                              dry_run=app.args.dry_run)
+    plan = result.plan
+    for note in (*plan.notes, *(f"{t}: no table in the old database, left empty"
+                                for t in plan.empty),
+                 *(f"{t}: not copied (no table of that name in the new database)"
+                   for t in plan.dropped)):
+        app.console.warn(note)
+    if app.args.dry_run:
+        app.console.result(f"dry run: {len(plan.tables)} tables would be copied; nothing was "
+                           "written")
+        for table in plan.tables:
+            app.console.result(f"  {table.old.qualified} → {table.new.qualified} "
+                               f"({len(table.columns)} columns)")
+    else:
+        app.console.result(f"copied {len(result.tables)} tables, {result.rows:,} rows from "
+                           f"{app.args.source} to {app.args.target} in "
+                           f"{format_seconds(result.seconds)}; row counts verified")
+    app.console.emit({"from": app.args.source, "to": app.args.target, "dry_run": app.args.dry_run,
+                      "tables": result.tables, "rows": result.rows,
+                      "empty": list(plan.empty), "not_copied": list(plan.dropped)})
+    return EXIT_OK
+
+
 def add_sync_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Registered by §10 (issue 5)."""
+    p = sub.add_parser("sync", parents=[common], help="anonymized copy between environments",
+                       description="Copy tables from one environment to another with personal "
+                       "data rewritten by [sync.rules]; 'sync rules' prints a rules block.")
+    p.add_argument("action", nargs="?", choices=["rules"], help="print a complete rules block")
+    p.add_argument("--from", dest="source", metavar="ENV", help="source env ([sync] from)")
+    p.add_argument("--to", dest="target", metavar="ENV", help="target env ([sync] to)")
+    p.add_argument("--tables", nargs="+", metavar="PATTERN",
+                   help="tables to copy (globs, schema.table allowed; overrides [sync] tables)")
+    p.add_argument("--dry-run", action="store_true", help="plan and check; write nothing")
+    p.set_defaults(handler=cmd_sync)
+
+    p = sub.add_parser("schema-to-schema", parents=[common],
+                       help="copy an old database's data into a freshly built one (postgres_fdw)")
+    p.add_argument("--from", dest="source", metavar="ENV", required=True, help="old database")
+    p.add_argument("--to", dest="target", metavar="ENV", required=True, help="new database")
+    p.add_argument("--mapping", metavar="FILE", help="TOML file of table and column renames")
+    p.add_argument("--dry-run", action="store_true", help="plan and check; write nothing")
+    p.set_defaults(handler=cmd_schema_to_schema)
 
 
 # ── drift, watch and status commands (§11) ────────────────────────────────────────────────
