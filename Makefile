@@ -2,6 +2,8 @@
 
 PYTHON ?= python3
 ENV ?= local
+YES ?=
+# YES=1 adds --yes: needed for deploy/restore/migrate on a protected env without a terminal
 CONFIG ?= $(if $(wildcard confiture.toml),confiture.toml,confiture.toml.example)
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -9,7 +11,7 @@ PYTEST_ARGS ?=
 PGDEV := bin/pg-dev
 # Every confiture call runs with the dev cluster's PG* variables (from bin/pg-dev env dev).
 DEV := eval "$$($(PGDEV) env dev)" &&
-CONFITURE := PYTHON=$(PYTHON) bin/confiture --config $(CONFIG) --env $(ENV)
+CONFITURE := PYTHON=$(PYTHON) bin/confiture --config $(CONFIG) --env $(ENV) $(if $(YES),--yes)
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test bench db-up db-down db-reset db-migrate db-status db-new db-backup \
@@ -60,7 +62,7 @@ db-restore: ## restore a backup into the ENV database: make db-restore FILE=path
 db-sync: ## anonymized copy of production data into staging (per [sync])
 	$(DEV) $(CONFITURE) sync
 
-db-deploy: ## back up, migrate and verify the ENV database: make db-deploy ENV=prod
+db-deploy: ## back up, migrate and verify the ENV database: make db-deploy ENV=prod YES=1
 	$(DEV) $(CONFITURE) deploy
 
 db-watch: ## rebuild and reset the ENV database whenever its files change

@@ -5889,17 +5889,15 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 
 # Tables confiture itself writes into a project's databases. They are never drift. The
 # migrations table comes from [migrations] table; the others live beside it (or in public).
-TRACKING_TABLES = ("confiture_deploys",)
-
-
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
-    table and its log, §9's deploy record."""
+    table and its log, §9's deploy record ([deploy] table)."""
     qualifier, table = parse_table_name(config.migrations_table)
     schema = qualifier or "public"
     found = {(schema, table), (schema, table + "_log")}
-    for extra in TRACKING_TABLES:
-        found |= {(schema, extra), ("public", extra)}
+    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
+    for where in {deploy_schema or schema, deploy_schema or "public"}:
+        found.add((where, deploy_table))
     return frozenset(found)
 
 
@@ -6542,31 +6540,12 @@ def migrations_summary(ws: Workspace) -> dict[str, Any]:
 # ── status ────────────────────────────────────────────────────────────────────────────────
 
 
-def backups_folder(config: Config, env: Env) -> Path:
-    """<backups dir>/<env>/: the env's `backups` key, else [backups] dir (SPEC §8)."""
-    base = env.spec.backups or config.backups_dir
-    return config.root / base / env.name
-
-
 def latest_backup(config: Config, env: Env) -> dict[str, Any] | None:
-    """The newest complete backup of the env: a dump whose JSON sidecar says complete."""
-    folders = [backups_folder(config, env)]
-    if env.spec.backups:  # also accept the env's folder itself holding the dumps
-        folders.append(config.root / env.spec.backups)
-    best: dict[str, Any] | None = None
-    for folder in folders:
-        for sidecar in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                meta = json.loads(sidecar.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            dump = sidecar.with_suffix("")
-            if not isinstance(meta, dict) or meta.get("complete") is not True or \
-                    not dump.is_file() or meta.get("env", env.name) != env.name:
-                continue
-            if best is None or str(meta.get("created_at", "")) > str(best.get("created_at", "")):
-                best = {**meta, "file": str(dump)}
-    return best
+    """The env's newest complete backup (§9 decides what counts), as status shows it."""
+    backup = newest_backup(config, env.name)
+    if backup is None:
+        return None
+    return {**dataclasses.asdict(backup), "file": str(backup.path), "path": str(backup.path)}
 
 
 def latest_sync(config: Config, env_name: str) -> dict[str, Any] | None:
@@ -7283,10 +7262,19 @@ def _print_status(app: App, status: MigrationStatus) -> None:
             f"{p.at}{'; ' + p.error if p.error else ''})")
 
 
+def _backup_protected(app: App, ws: Workspace, action: str) -> None:
+    """SPEC §5: a backup is taken before anything writes to a protected environment."""
+    if ws.env.protected:
+        backup = create_backup(ws)
+        app.console.info(f"backed up {ws.env.database} before {action}: {backup.path}")
+
+
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+        if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
+            _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -7298,6 +7286,7 @@ def cmd_migrate_down(app: App) -> int:
                           hint="e.g. 'migrate down --steps 1'")
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
+        _backup_protected(app, ws, "migrate down")
     run = migrate_down(ws, steps=app.args.steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
