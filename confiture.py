@@ -2,8 +2,8 @@
 """confiture.py — the whole PostgreSQL database workflow in one standard-library file.
 
 Build databases from DDL files, cache them as hashed template databases, clone them in
-milliseconds, keep seed data out of production, and (in later sections) migrate, back up,
-deploy, sync and detect drift. Copy this file into a repository and run
+milliseconds, keep seed data out of production, migrate, back up, deploy with automatic
+rollback, sync anonymized production data, and detect schema drift. Copy this file into a repository and run
 ``python confiture.py --help``.
 
 Sections (``grep -n '^# §' confiture.py`` prints this table of contents). Each section uses
@@ -17,7 +17,7 @@ only the sections above it.
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
-  §9  Backups, restore, deploy  (issue 4)
+  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §12 Command line              argparse → values → core calls → output and exit codes
