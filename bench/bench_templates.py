@@ -29,9 +29,13 @@ def _project(root: Path, name: str, files: dict[str, str], seeds: dict[str, str]
     return root
 
 
-def _template_of(ctx: Bench, name: str) -> str:
-    return ctx.main.psql(f"SELECT datname FROM pg_database WHERE datistemplate AND "
-                         f"starts_with(datname, '{name}_tpl_')")
+def _template_of(ctx: Bench, root: Path) -> str:
+    """The name of the project's current template (the one its files hash to)."""
+    import confiture
+
+    ws = confiture.workspace_for(root / "confiture.toml", env="local", environ=ctx.main.env)
+    fileset = confiture.scan_env(ws.config, "local")
+    return confiture.template_name(ws.config.project, "local", fileset.hash)
 
 
 def _drop(ctx: Bench, db: str) -> None:
@@ -45,7 +49,7 @@ def bench_clone(ctx: Bench) -> list[Row]:
                     {"1.sql": f"INSERT INTO t SELECT i, repeat(md5(i::text), 3) FROM "
                               f"generate_series(1, {mb * 7000}) i;\n"})
     ctx.cli("template", cwd=root)
-    tpl = _template_of(ctx, "bclone")
+    tpl = _template_of(ctx, root)
     size = int(ctx.main.psql(f"SELECT pg_database_size('{tpl}')"))
     ours, floor = ctx.paired(lambda: ctx.cli("clone", "bclone_x", cwd=root),
                              lambda: ctx.sh(f"{PSQL} -c 'CREATE DATABASE bclone_x TEMPLATE {tpl}'"),
@@ -95,7 +99,7 @@ def bench_noop_reset(ctx: Bench) -> list[Row]:
                 f"CREATE FUNCTION f{group}(x int) RETURNS int LANGUAGE sql AS $$ SELECT x + {group} $$;\n")
     root = _project(ctx.work / "reset", "breset", files)
     ctx.cli("reset", cwd=root)
-    tpl = _template_of(ctx, "breset")
+    tpl = _template_of(ctx, root)
     ours, floor = ctx.paired(
         lambda: ctx.cli("reset", cwd=root),
         lambda: ctx.sh(f"{PSQL} -c 'DROP DATABASE IF EXISTS breset_db' && "

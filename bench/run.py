@@ -130,6 +130,13 @@ class Bench:
             raise RuntimeError(f"command failed: {cmd}\n{out.stderr}")
 
 
+def _format(r: Row) -> str:
+    fmt = (lambda v: f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s") if r.unit == "s" \
+        else (lambda v: f"{v / 1000:,.0f} k {r.unit}")
+    return (f"| {r.what} | {fmt(r.ours)} | {fmt(r.floor)} | {r.ratio:.2f}× | {r.target} | "
+            f"{'yes' if r.met() else 'no'} |" + (f" {r.note} |" if r.note else ""))
+
+
 def main() -> int:
     import tempfile
 
@@ -143,23 +150,34 @@ def main() -> int:
     main_c = start_cluster("bench")
     second = start_cluster("bench2")
     rows: list[Row] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="confiture-bench-") as work:
-        ctx = Bench(main_c, second, Path(work))
         for name in modules:
             print(f"== {name}", file=sys.stderr, flush=True)
-            mod = importlib.import_module(name)
-            rows.extend(mod.run(ctx))
+            ctx = Bench(main_c, second, Path(work) / name)
+            ctx.work.mkdir()
+            try:
+                mod = importlib.import_module(name)
+                done = mod.run(ctx)
+            except Exception:  # one module's failure must not lose the others' figures
+                import traceback
+
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            for row in done:
+                print("   " + _format(row), file=sys.stderr, flush=True)
+            rows.extend(done)
     print("| what | ours | raw floor | ratio | target | met |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        fmt = (lambda v: f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s") if r.unit == "s" \
-            else (lambda v: f"{v / 1000:,.0f} k {r.unit}")
-        print(f"| {r.what} | {fmt(r.ours)} | {fmt(r.floor)} | {r.ratio:.2f}× | {r.target} | "
-              f"{'yes' if r.met() else 'no'} |" + (f" {r.note}" if r.note else ""))
+        print(_format(r))
+    for name in failed:
+        print(f"| {name} | failed (see stderr) | | | | |")
     if os.environ.get("KEEP_CLUSTERS") != "1":
         for c in ("bench", "bench2"):
             subprocess.run([str(ROOT / "bin/pg-dev"), "stop", c], check=False)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
