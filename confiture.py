@@ -11,7 +11,7 @@ only the sections above it.
 
   §1  Errors and exit codes     one root error type; every expected failure is one of these
   §2  Small utilities           natural order, hashing, quoting, durations, console output
-  §3  Configuration             confiture.toml → frozen dataclasses; environments; safety rules
+  §3  Configuration             confiture.toml → frozen records; environments; safety rules
   §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
   §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
   §6  Build                     concatenated, deterministic SQL for an environment
@@ -29,7 +29,6 @@ them into messages and exit codes. Nothing runs at import time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -40,9 +39,16 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # importing `typing` costs a few ms per run; only the type checker needs it
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, TypeVar, dataclass_transform
+
+    _T = TypeVar("_T")
+else:
+    def dataclass_transform(**_: object) -> Any:
+        return lambda f: f
 
 __version__ = "0.1.0"
 BUILD_FORMAT = 2  # bump when the build output changes meaning: it invalidates every template
@@ -134,6 +140,131 @@ class Interrupted(ConfitureError):
 # Pure helpers with no knowledge of configuration or PostgreSQL processes: natural ordering,
 # hashing, SQL quoting, durations, path globs, and the Console that owns stdout/stderr.
 # ════════════════════════════════════════════════════════════════════════════════════════════
+
+# ── records: small value classes ──────────────────────────────────────────────────────────
+# `dataclasses` costs ~30 ms per process here (it imports `inspect` and compiles five methods
+# per class at import time); a command like `migrate status` must finish in a few tens of ms.
+# `record` gives the same declarations (annotated fields, defaults, `field(...)`, frozen) and
+# compiles a class's __init__ only when the first instance is made. `evolve` and `as_dict`
+# stand in for dataclasses.replace and dataclasses.asdict.
+
+_NO_DEFAULT: Any = object()
+
+
+class _Field:
+    __slots__ = ("default", "factory", "repr", "compare")
+
+    def __init__(self, default: Any, factory: Callable[[], Any] | None, repr: bool,
+                 compare: bool) -> None:
+        self.default, self.factory, self.repr, self.compare = default, factory, repr, compare
+
+
+def field(*, default: Any = _NO_DEFAULT, default_factory: Callable[[], Any] | None = None,
+          repr: bool = True, compare: bool = True) -> Any:
+    return _Field(default, default_factory, repr, compare)
+
+
+class FrozenInstanceError(AttributeError):
+    pass
+
+
+@dataclass_transform(field_specifiers=(field,))
+def record(*, frozen: bool = False) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: fields are the class's annotations, in order (like @dataclass)."""
+    def wrap(cls: type[_T]) -> type[_T]:
+        specs: dict[str, _Field] = {}
+        for name in cls.__dict__.get("__annotations__", {}):
+            value = cls.__dict__.get(name, _NO_DEFAULT)
+            spec = value if isinstance(value, _Field) else _Field(value, None, True, True)
+            if isinstance(value, _Field):
+                if spec.default is _NO_DEFAULT:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, spec.default)
+            specs[name] = spec
+        attrs: dict[str, Any] = {
+            "__record_fields__": tuple(specs), "__record_specs__": specs,
+            "__match_args__": tuple(specs), "__init__": _first_init, "__repr__": _record_repr,
+            "__eq__": _record_eq, "__hash__": _record_hash if frozen else None}
+        if frozen:
+            attrs.update(__setattr__=_frozen_setattr, __delattr__=_frozen_setattr)
+        for name, value in attrs.items():
+            if name not in cls.__dict__:
+                setattr(cls, name, value)
+        return cls
+    return wrap
+
+
+def _first_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Compile the real __init__ for this record class, install it, and run it."""
+    cls = type(self)
+    specs: dict[str, _Field] = cls.__record_specs__
+    setter = "_set(self, {0!r}, {0})" if cls.__setattr__ is _frozen_setattr else "self.{0} = {0}"
+    params, body, env = [], [], {"_set": object.__setattr__, "_NO_DEFAULT": _NO_DEFAULT}
+    for name, spec in specs.items():
+        if spec.factory is not None:
+            params.append(f"{name}=_NO_DEFAULT")
+            env[f"_f_{name}"] = spec.factory
+            body.append(f"if {name} is _NO_DEFAULT: {name} = _f_{name}()")
+        elif spec.default is not _NO_DEFAULT:
+            params.append(f"{name}=_d_{name}")
+            env[f"_d_{name}"] = spec.default
+        else:
+            params.append(name)
+        body.append(setter.format(name))
+    source = f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
+    exec(source, env)
+    init = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
+    init(self, *args, **kwargs)
+
+
+def _record_repr(self: Any) -> str:
+    shown = (f"{name}={getattr(self, name)!r}"
+             for name, spec in self.__record_specs__.items() if spec.repr)
+    return f"{type(self).__qualname__}({', '.join(shown)})"
+
+
+def _compared(self: Any) -> tuple[Any, ...]:
+    return tuple(getattr(self, name) for name, spec in self.__record_specs__.items() if spec.compare)
+
+
+def _record_eq(self: Any, other: object) -> Any:  # bool, or NotImplemented
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _compared(self) == _compared(other)
+
+
+def _record_hash(self: Any) -> int:
+    return hash(_compared(self))
+
+
+def _frozen_setattr(self: Any, name: str, *value: Any) -> None:
+    raise FrozenInstanceError(f"cannot assign to field {name!r} of frozen {type(self).__name__}")
+
+
+def evolve(obj: _T, **changes: Any) -> _T:
+    """A copy of record `obj` with some fields changed (dataclasses.replace)."""
+    values = {name: getattr(obj, name) for name in getattr(obj, "__record_fields__")}
+    values.update(changes)
+    return type(obj)(**values)
+
+
+def as_dict(obj: object) -> dict[str, Any]:
+    """Record → plain dict, recursively through records, lists, tuples and dicts."""
+    return {name: _plain(getattr(obj, name)) for name in getattr(obj, "__record_fields__")}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(type(value), "__record_fields__"):
+        return as_dict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -249,7 +380,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-@dataclass
+@record()
 class Console:
     """Owns the process's output: results on stdout, diagnostics and progress on stderr."""
 
@@ -306,7 +437,7 @@ class Console:
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §3 Configuration
-# confiture.toml → frozen dataclasses, validated once: unknown keys are errors with a
+# confiture.toml → frozen records, validated once: unknown keys are errors with a
 # suggestion, ${VAR} expands from the environment when a value is used. Connection strings
 # are parsed here into ConnInfo; environment safety rules (protected envs) live here too.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -443,7 +574,7 @@ def _parse_keyvalue(text: str, key: str) -> dict[str, str]:
     return params
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConnInfo:
     """A parsed connection: libpq parameters, never printed with the password."""
 
@@ -522,7 +653,7 @@ def mask_password_in(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SchemaSource:
     """One folder of DDL; several sources (even from other checkouts) are built in order."""
 
@@ -530,7 +661,7 @@ class SchemaSource:
     path: Path
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class EnvConfig:
     name: str
     url: str  # unexpanded: ${VAR} is expanded when the env is used
@@ -541,7 +672,7 @@ class EnvConfig:
     maintenance_db: str | None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     path: Path
     root: Path
@@ -566,7 +697,7 @@ class Config:
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Env:
     """A resolved environment: its configuration plus an expanded, parsed connection."""
 
@@ -833,7 +964,7 @@ def refuse_protected(env: Env, action: str) -> None:
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SqlFile:
     path: Path      # absolute, as found (symlinks not resolved, for messages)
     rel: str        # stable display path: "<source name>/<path in source>"
@@ -842,7 +973,7 @@ class SqlFile:
     size: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FileSet:
     env: str
     files: tuple[SqlFile, ...]
@@ -978,7 +1109,7 @@ def combined_hash(files: Sequence[SqlFile], seeds: bool = True) -> str:
 _PG_WRAPPER = "/usr/share/postgresql-common/pg_wrapper"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PgTools:
     bindir: Path
 
@@ -1043,7 +1174,7 @@ _PSQL_ERROR = re.compile(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FA
 _PSQL_CONTEXT_LINE = re.compile(r"^LINE (\d+): (.*)$")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LineMap:
     """Maps lines of a concatenated script back to (file, line) of the project's files."""
 
@@ -1135,7 +1266,10 @@ class Session:
         self._closed = False
         self._stdout_buf = b""
         self.last_stderr = ""
-        self.execute("SET client_min_messages = warning")
+        # Not waited for: psql connects while the caller goes on (e.g. hashing files); the
+        # first statement that reads an answer also reads this one's (and any error).
+        self.submit("SET client_min_messages = warning;")
+        self._unread = 1
 
     # -- framing ---------------------------------------------------------------------------
 
@@ -1148,6 +1282,14 @@ class Session:
             self._raise_dead()
 
     def _read_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
+        while self._unread:
+            self._unread -= 1
+            _, sqlstate, failed, stderr = self._next_frame(timeout)
+            if failed:
+                raise self._sql_error(stderr, sqlstate)
+        return self._next_frame(timeout)
+
+    def _next_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
         import selectors
 
         assert self._proc.stdout is not None and self._proc.stderr is not None
@@ -1325,7 +1467,7 @@ class Session:
         self.close()
 
 
-@dataclass
+@record()
 class Client:
     """Starts client programs for one environment's server."""
 
@@ -1446,7 +1588,7 @@ def release_lock(session: Session, name: str) -> None:
 _FILE_PRELUDE = "RESET ALL;\nSET client_min_messages = warning;\n"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Build:
     env: str
     hash: str
@@ -1521,7 +1663,7 @@ def template_prefix(project: str, env: str | None = None) -> str:
     return f"{project}_tpl_" + (f"{env}_" if env else "")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TemplateInfo:
     name: str
     env: str
@@ -1533,7 +1675,7 @@ class TemplateInfo:
     build_seconds: float
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TemplateResult:
     name: str
     built: bool
@@ -1541,7 +1683,7 @@ class TemplateResult:
     files: int
 
 
-@dataclass
+@record()
 class Workspace:
     """What an operation on one env needs: the env, its client and a reporter.
     `after_build(ws, database)` runs on a freshly built template before it is published
@@ -1827,7 +1969,7 @@ class MigrationError(PgError):
         self.done = tuple(done)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Migration:
     version: int
     name: str
@@ -1847,7 +1989,7 @@ class Migration:
         return Path(self.down_file) if self.down_file else None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MigrationFiles:
     migrations: tuple[Migration, ...]
     strays: tuple[str, ...]   # paths under the migrations folder that are not migrations
@@ -1891,26 +2033,84 @@ def _file_transactional(text: bytes) -> bool:
     return not _NO_TRANSACTION_START.match(text)
 
 
+class ChecksumCache:
+    """Checksums of migration files keyed by what any write changes: size, mtime, ctime and
+    inode. Only read-only reports use it (`migrate status`, `status`); every command that
+    writes reads and hashes each file. An entry is stored only when the file's ctime is more
+    than two seconds old, so a write in the same timestamp tick as our read cannot hide."""
+
+    FORMAT = 1
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.now_ns = time.time_ns()
+        self.entries: dict[str, list[Any]] = {}
+        self.seen: set[str] = set()
+        self.dirty = False
+        try:
+            data = json.loads(path.read_bytes())
+            if isinstance(data, dict) and data.get("format") == self.FORMAT:
+                self.entries = data["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache, or a broken one: start afresh
+
+    def lookup(self, path: str) -> tuple[list[int], tuple[str, bool] | None]:
+        """(stat key, (checksum, transactional) when the cache still holds the file)."""
+        self.seen.add(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [], None
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        hit = self.entries.get(path)
+        if isinstance(hit, list) and len(hit) == 6 and hit[:4] == key:
+            return key, (str(hit[4]), bool(hit[5]))
+        return key, None
+
+    def store(self, path: str, key: list[int], checksum: str, transactional: bool) -> None:
+        if key and key[2] < self.now_ns - 2_000_000_000:
+            self.entries[path] = [*key, checksum, transactional]
+            self.dirty = True
+
+    def save(self) -> None:
+        gone = set(self.entries) - self.seen
+        if not (self.dirty or gone):
+            return
+        files = {p: e for p, e in self.entries.items() if p in self.seen}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps({"format": self.FORMAT, "files": files}).encode())
+        except OSError:
+            pass  # a read-only checkout: stay correct, just slower
+
+
 def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str,
-                    folder_transactional: bool = True) -> Migration:
+                    folder_transactional: bool = True,
+                    cache: ChecksumCache | None = None) -> Migration:
     match = _VERSION_RE.match(label)
     assert match is not None
-    try:
-        with open(up, "rb") as handle:
-            data = normalise_sql(handle.read())
-        data.decode("utf-8")
-    except (OSError, UnicodeDecodeError):
-        data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+    key, hit = cache.lookup(up) if cache is not None else ([], None)
+    if hit is None:
+        try:
+            with open(up, "rb") as handle:
+                data = normalise_sql(handle.read())
+            data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+        hit = sha256_bytes(data), _file_transactional(data)
+        if cache is not None:
+            cache.store(up, key, *hit)
     return Migration(version=int(match.group(1).replace("-", "")), name=match.group(2) or "",
-                     label=label, up_file=up, down_file=down, checksum=sha256_bytes(data),
-                     transactional=folder_transactional and _file_transactional(data),
-                     layout=layout)
+                     label=label, up_file=up, down_file=down, checksum=hit[0],
+                     transactional=folder_transactional and hit[1], layout=layout)
 
 
-def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
+def scan_migrations(folder: Path, root: Path | None = None,
+                    cache: ChecksumCache | None = None) -> MigrationFiles:
     """Every migration below `folder` in version order, plus stray files (reported, never run).
     Folders named like a version hold up.sql/down.sql; other folders are searched for flat
-    files. Duplicate versions are an error naming both."""
+    files. Duplicate versions are an error naming both. With `cache`, unchanged files are not
+    read again (see ChecksumCache)."""
     root = root or folder
     base = str(root).rstrip(os.sep) + os.sep
     # plain strings while walking: `migrate status` reads a thousand files per run
@@ -1947,7 +2147,7 @@ def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
                 strays.append(show(pair["down"]) + " (down without up)")
                 continue
             found.append(_make_migration(label, pair["up"], pair.get("down"),
-                                         show(pair["up"]), "flat"))
+                                         show(pair["up"]), "flat", cache=cache))
 
     def visit_folder(path: str, label: str) -> None:
         names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
@@ -1960,10 +2160,12 @@ def scan_migrations(folder: Path, root: Path | None = None) -> MigrationFiles:
         up = os.path.join(path, "up.sql")
         found.append(_make_migration(label, up,
                                      os.path.join(path, "down.sql") if "down.sql" in names else None,
-                                     show(up), "folder", transactional))
+                                     show(up), "folder", transactional, cache))
 
     if folder.is_dir():
         visit(str(folder))
+    if cache is not None:
+        cache.save()
     found.sort(key=lambda m: (m.version, m.label))
     for before, after in zip(found, found[1:]):
         if before.version == after.version:
@@ -2017,7 +2219,7 @@ def new_migration(config: Config, name: str, now: float | None = None) -> list[P
 
 # ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Statement:
     text: str                # as written (leading comments kept, trailing blanks cut)
     line: int                # line of its first character in the file
@@ -2223,7 +2425,7 @@ def migration_rel_path(root: Path, path: Path | None) -> str:
 
 # ── status: files against the tracking table (pure) ───────────────────────────────────────
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AppliedRow:
     version: int
     name: str
@@ -2234,7 +2436,7 @@ class AppliedRow:
     how: str    # "applied", "baseline" (recorded by hand) or "build" (built from the DDL)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PartialRun:
     """A no-transaction migration that started but neither finished nor was repaired."""
 
@@ -2248,7 +2450,7 @@ class PartialRun:
     error: str | None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MigrationStatus:
     table: str
     tracking: bool                                  # the tracking table exists
@@ -2286,7 +2488,7 @@ class MigrationStatus:
                              "recorded": r.checksum, "current": m.checksum}
                             for m, r in self.changed],
                 "missing": [row(r) for r in self.missing],
-                "partial": [dataclasses.asdict(p) for p in self.partial],
+                "partial": [as_dict(p) for p in self.partial],
                 "strays": list(self.files.strays)}
 
 
@@ -2350,7 +2552,7 @@ def plan_down(status: MigrationStatus, config: Config, steps: int | None = None,
 
 # ── the tracking table ────────────────────────────────────────────────────────────────────
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Tracking:
     """The tracking table and its log, schema-qualified and quoted."""
 
@@ -2498,20 +2700,23 @@ def open_migration_session(ws: Workspace) -> Session:
     return ws.client.session(ws.env.database)
 
 
-def _status_with(session: Session, ws: Workspace, files: MigrationFiles | None = None
-                 ) -> tuple[MigrationStatus, Tracking]:
-    files = files or scan_migrations(ws.config.migrations_dir, ws.config.root)
+def _status_with(session: Session, ws: Workspace, files: MigrationFiles | None = None,
+                 cached: bool = False) -> tuple[MigrationStatus, Tracking]:
+    cache = ChecksumCache(ws.config.state_dir / "cache" / "migrations.json") if cached else None
+    files = files or scan_migrations(ws.config.migrations_dir, ws.config.root, cache)
     tracking, exists, has_log = resolve_tracking(session, ws.config)
     applied, partial = read_tracking(session, tracking, has_log) if exists else ([], [])
     return plan_status(files, applied, partial, tracking.display, exists), tracking
 
 
-def migration_status(ws: Workspace, session: Session | None = None) -> MigrationStatus:
-    """Applied / pending / changed / missing / out-of-order / partial, without taking the lock."""
+def migration_status(ws: Workspace, session: Session | None = None,
+                     cached: bool = False) -> MigrationStatus:
+    """Applied / pending / changed / missing / out-of-order / partial, without taking the lock.
+    `cached`: trust ChecksumCache for unchanged files (read-only reports only)."""
     if session is None:
         with open_migration_session(ws) as own:
-            return migration_status(ws, own)
-    return _status_with(session, ws)[0]
+            return migration_status(ws, own, cached)
+    return _status_with(session, ws, cached=cached)[0]
 
 
 # ── running: one psql session, the lock, one transaction per migration ────────────────────
@@ -2568,7 +2773,7 @@ def _record_sql(tracking: Tracking, migration: Migration, how: str = "applied",
             + _log_sql(tracking, how, migration))
 
 
-@dataclass
+@record()
 class MigrationRun:
     """What a migrate up/down run did."""
 
@@ -2923,7 +3128,7 @@ def record_build_migrations(ws: Workspace, database: str) -> None:
             + "COMMIT")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RepairResult:
     accepted: tuple[tuple[Migration, AppliedRow], ...]
     forgotten: tuple[AppliedRow, ...]
@@ -2984,7 +3189,7 @@ class DeployFailed(ConfitureError):
     """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Backup:
     """A complete backup: the dump file and what its sidecar records."""
 
@@ -3484,7 +3689,7 @@ def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
 
 # ── restore ─────────────────────────────────────────────────────────────────────────────────
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RestoreResult:
     backup: Path
     database: str
@@ -3769,7 +3974,7 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
 MIGRATE_LOCK = MIGRATION_LOCK  # deploy and restore hold the lock `migrate` runs take
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MigrationState:
     applied: tuple[int, ...]                       # versions recorded, ascending
     pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
@@ -3843,7 +4048,7 @@ def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
 
 # ── deploy ─────────────────────────────────────────────────────────────────────────────────
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeployPlan:
     """What a deploy will do, decided before anything changes (printed by --dry-run)."""
 
@@ -3867,7 +4072,7 @@ class DeployPlan:
         return self.exists and not self.first_deploy and not self.pending
 
 
-@dataclass
+@record()
 class DeployResult:
     plan: DeployPlan
     outcome: str                     # "ok", "dry-run"
@@ -4092,7 +4297,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
                 session = locks.lock_target()
                 plan = inspect_deploy(ws, no_backup, session)
                 if created:
-                    plan = dataclasses.replace(plan, exists=False, backup=False)
+                    plan = evolve(plan, exists=False, backup=False)
                 if plan.problems:
                     raise CheckFailed("deploy refused before changing anything: "
                                   + "; ".join(plan.problems),
@@ -4288,7 +4493,7 @@ _INT_TYPES = {"smallint": (4, 32767), "integer": (8, 2147483647),
 # ── rules and patterns ────────────────────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rule:
     """One rewriting rule; `arg` holds the parameter of table-form rules."""
 
@@ -4406,7 +4611,7 @@ def _segment_score(segment: str, quoted: bool) -> int:
     return 0 if segment == "*" else 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NamePattern:
     """A glob over schema.table[.column]; an omitted schema matches every schema.
     Specificity (compared in order): column, table, schema — exact 2 > partial glob 1 > '*' 0
@@ -4469,7 +4674,7 @@ def hmac_pads(key: bytes) -> tuple[str, str]:
 # ── settings ──────────────────────────────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SyncSettings:
     source: str
     target: str
@@ -4536,7 +4741,7 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
 # ── catalogs ──────────────────────────────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Column:
     name: str
     type: str          # format_type with modifier, as PostgreSQL writes it
@@ -4549,7 +4754,7 @@ class Column:
     portable: bool     # binary COPY format is safe across clusters (built-in type or enum)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TableInfo:
     schema: str
     name: str
@@ -4576,7 +4781,7 @@ class TableInfo:
         return ("ONLY " if self.kind == "r" else "") + self.sql
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ForeignKey:
     name: str
     child: tuple[str, str]      # (schema, table) of the root table holding the constraint
@@ -4589,7 +4794,7 @@ class ForeignKey:
     match_full: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SequenceUse:
     sequence: str               # regclass text, valid SQL
     increment: int
@@ -4833,7 +5038,7 @@ def build_select(table: TableInfo, columns: Sequence[tuple[Column, Rule]],
 # ── planning (pure) ───────────────────────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TablePlan:
     source: TableInfo
     target: TableInfo
@@ -4854,7 +5059,7 @@ class TablePlan:
         return self.source.qualified
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SyncPlan:
     tables: tuple[TablePlan, ...]
     foreign_keys: tuple[ForeignKey, ...]     # constraints whose child table is reloaded
@@ -5208,7 +5413,7 @@ def _progress_line(name: str, rows: int, seconds: float) -> str:
     return f"  {name:<40} {rows:>12,} rows  {format_seconds(seconds):>8}  {rate}"
 
 
-@dataclass
+@record()
 class SyncOutcome:
     report: dict[str, Any]
     plan: SyncPlan | None
@@ -5319,7 +5524,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
             order = [by_key[k] for k in load_order(list(by_key), plan.foreign_keys)]
         if dry_run:
             target.execute("ROLLBACK")
-            outcome.plan = dataclasses.replace(plan, tables=tuple(order))
+            outcome.plan = evolve(plan, tables=tuple(order))
             return
         if not outcome.replica:
             target.execute("SET CONSTRAINTS ALL DEFERRED")
@@ -5440,7 +5645,7 @@ def sync_rules(config: Config, settings: SyncSettings, environ: Mapping[str, str
 # ── schema-to-schema: an old database into a freshly built one, through postgres_fdw ──────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TableMapping:
     """Where each NEW table and column takes its data from in OLD (a TOML file)."""
 
@@ -5499,7 +5704,7 @@ def load_mapping(path: Path | None) -> TableMapping:
                         skip=tuple(_qualified(s, where) for s in skip))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CopyPlan:
     new: TableInfo
     old: TableInfo
@@ -5508,7 +5713,7 @@ class CopyPlan:
     defaulted: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SchemaCopyPlan:
     tables: tuple[CopyPlan, ...]
     empty: tuple[str, ...]              # NEW tables without an OLD counterpart
@@ -5593,7 +5798,7 @@ def _fdw_server_options(conn: ConnInfo, database: str, environ: Mapping[str, str
     return ", ".join(f"{name} {quote_literal(value)}" for name, value in options.items())
 
 
-@dataclass
+@record()
 class SchemaCopyResult:
     tables: list[dict[str, Any]]
     rows: int
@@ -5640,7 +5845,7 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
         if dry_run:
             new.execute("ROLLBACK")
             return SchemaCopyResult([], 0, 0.0, replica,
-                                    dataclasses.replace(plan, tables=tuple(order)))
+                                    evolve(plan, tables=tuple(order)))
         if not replica:
             new.execute("SET CONSTRAINTS ALL DEFERRED")
         staged = _stage_old_tables(new, order, old_env, environ)
@@ -5691,7 +5896,7 @@ def _refuse_filled(session: Session, order: Sequence[CopyPlan]) -> None:
                            "in the mapping file")
 
 
-@dataclass
+@record()
 class Staging:
     """What _stage_old_tables created in the new database, for _drop_staging."""
 
@@ -5778,7 +5983,7 @@ def _drop_staging(session: Session, staged: Staging) -> None:
 # ── schema sources and their checkouts (multi-repo) ───────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GitHead:
     """Where a checkout's HEAD points: commit (None on an unborn branch), branch (None when
     detached), and the checkout's top folder."""
@@ -5788,7 +5993,7 @@ class GitHead:
     root: Path
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SourceInfo:
     name: str
     path: Path
@@ -5911,7 +6116,7 @@ _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUN = re.compile(r"\n{3,}")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SchemaObject:
     """One object of a schema dump, as pg_dump names it ('users id' is a column default)."""
 
@@ -5960,7 +6165,7 @@ def parse_schema_dump(text: str) -> dict[tuple[str, str, str], SchemaObject]:
         schema = "" if header["schema"] == "-" else header["schema"]
         obj = SchemaObject(header["type"], schema, header["name"], body)
         if obj.key in found:  # pg_dump does not repeat names, but never lose a body
-            obj = dataclasses.replace(obj, body=found[obj.key].body + "\n\n" + obj.body)
+            obj = evolve(obj, body=found[obj.key].body + "\n\n" + obj.body)
         found[obj.key] = obj
     return found
 
@@ -6015,7 +6220,7 @@ def drop_tracking_objects(objects: Mapping[tuple[str, str, str], SchemaObject],
                      and o.name[7:] in lonely)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Difference:
     """One object that differs. 'added': only in the database being checked; 'missing': only
     in the reference (the DDL, or the other env); 'changed': in both, with different text."""
@@ -6099,7 +6304,7 @@ def _fold_attachments(found: list[Difference]) -> list[Difference]:
             kept.append(diff)
         else:
             extra.setdefault(target, []).append(f"with its {_ATTACHMENTS[diff.type]}")
-    return [dataclasses.replace(d, summary=d.summary + tuple(extra[found.index(d)]))
+    return [evolve(d, summary=d.summary + tuple(extra[found.index(d)]))
             if found.index(d) in extra else d for d in kept]
 
 
@@ -6120,7 +6325,7 @@ def _default_expr(body: str) -> str:
     return match.group(1) if match else "?"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TableShape:
     columns: tuple[tuple[str, str], ...]      # (name, definition) in order
     constraints: tuple[tuple[str, str], ...]  # inline CHECK constraints
@@ -6214,7 +6419,7 @@ def summarize_table(old: str, new: str) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DriftReport:
     """A comparison of `actual` (the env's database) with `expected` (its DDL build, or
     another env's database)."""
@@ -6344,7 +6549,7 @@ def drop_stale_scratch(ws: Workspace, session: Session) -> list[str]:
     return dropped
 
 
-@dataclass
+@record()
 class ScratchDatabase:
     """A throwaway database for one run, locked while in use and dropped afterwards, even on
     failure or Ctrl-C (a killed run's leftovers are dropped by the next run)."""
@@ -6461,7 +6666,7 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     expected = prepare_dump(expected_text, tables)  # while the live dump runs
     report = compare_dumps(expected, live.result(), tables,
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
-    return dataclasses.replace(report, seconds=time.monotonic() - started, cached=cached)
+    return evolve(report, seconds=time.monotonic() - started, cached=cached)
 
 
 def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) -> DriftReport:
@@ -6473,7 +6678,7 @@ def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) 
     report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
                            f"{other.env.database} (env {other.env.name})",
                            f"{ws.env.database} (env {ws.env.name})", f"env {other.env.name}")
-    return dataclasses.replace(report, seconds=time.monotonic() - started)
+    return evolve(report, seconds=time.monotonic() - started)
 
 
 def diff_migrations(ws: Workspace, privileges: bool = False,
@@ -6500,7 +6705,7 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
     report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
                            _template_label(result),
                            f"migrations ({applied} applied to {start})")
-    return dataclasses.replace(report, seconds=time.monotonic() - started)
+    return evolve(report, seconds=time.monotonic() - started)
 
 
 # ── integration with §8 migrations ────────────────────────────────────────────────────────
@@ -6509,7 +6714,7 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
 def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
     """Apply every pending migration (§8) to `dbname`, a scratch database, after recording
     those up to `base_version` as applied; return how many ran."""
-    scratch = dataclasses.replace(ws, env=dataclasses.replace(ws.env, database=dbname))
+    scratch = evolve(ws, env=evolve(ws.env, database=dbname))
     with open_migration_session(scratch) as session:
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)
@@ -6525,7 +6730,7 @@ def migrations_summary(ws: Workspace) -> dict[str, Any]:
     """Applied / pending / changed / missing / interrupted migrations of the env's database
     (§8), for status. A database without the tracking table is 'untracked'."""
     try:
-        status = migration_status(ws)
+        status = migration_status(ws, cached=True)
     except ConfitureError as exc:
         return {"state": "unknown", "error": exc.message}
     if not status.tracking:
@@ -6545,7 +6750,7 @@ def latest_backup(config: Config, env: Env) -> dict[str, Any] | None:
     backup = newest_backup(config, env.name)
     if backup is None:
         return None
-    return {**dataclasses.asdict(backup), "file": str(backup.path), "path": str(backup.path)}
+    return {**as_dict(backup), "file": str(backup.path), "path": str(backup.path)}
 
 
 def latest_sync(config: Config, env_name: str) -> dict[str, Any] | None:
@@ -6586,7 +6791,7 @@ def format_age(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
-@dataclass
+@record()
 class EnvStatus:
     """Everything `status` knows about one env; `attention` lists what needs a human."""
 
@@ -6767,7 +6972,7 @@ def format_status(status: EnvStatus) -> list[str]:
 # ── watch ─────────────────────────────────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WatchEvent:
     kind: str                     # "reset", "unchanged", "error", "watching", "stopped"
     message: str
@@ -6890,7 +7095,7 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-@dataclass
+@record()
 class App:
     """Per-run context for command handlers: parsed options, console, lazily loaded config."""
 
@@ -6914,7 +7119,7 @@ class App:
 
     def workspace(self, name: str | None = None) -> Workspace:
         ws = open_workspace(self.env(name), self.console, self.environ)
-        return dataclasses.replace(ws, after_build=record_build_migrations)
+        return evolve(ws, after_build=record_build_migrations)
 
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
@@ -6930,7 +7135,7 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
     cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
     env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
     ws = open_workspace(env_spec, console or Console(quiet=True), environ)
-    return dataclasses.replace(ws, after_build=record_build_migrations)
+    return evolve(ws, after_build=record_build_migrations)
 
 
 # ── foundation commands ───────────────────────────────────────────────────────────────────
@@ -7082,7 +7287,7 @@ def cmd_template(app: App) -> int:
     app.console.result(result.name)
     if not result.built:
         app.console.info(f"template is current ({format_seconds(result.seconds)})")
-    app.console.emit(dataclasses.asdict(result))
+    app.console.emit(as_dict(result))
     return EXIT_OK
 
 
@@ -7100,7 +7305,7 @@ def cmd_templates(app: App) -> int:
             return EXIT_OK
         infos = list_templates(session, ws.config.project)
     if app.console.json_mode:
-        app.console.emit([dataclasses.asdict(i) for i in infos])
+        app.console.emit([as_dict(i) for i in infos])
         return EXIT_OK
     if not infos:
         app.console.info("no templates on this server")
@@ -7224,7 +7429,7 @@ def cmd_migrate_new(app: App) -> int:
 
 def cmd_migrate_status(app: App) -> int:
     ws = app.workspace()
-    status = migration_status(ws)
+    status = migration_status(ws, cached=True)
     if app.console.json_mode:
         app.console.emit({"env": ws.env.name, "database": ws.env.database, **status.as_json()})
     else:
@@ -7458,7 +7663,7 @@ def cmd_restore(app: App) -> int:
                         if result.replaced else "")
                      + (f"; its previous state is in {result.safety_backup}"
                         if result.safety_backup else ""))
-    app.console.emit({**dataclasses.asdict(result), "backup": str(result.backup),
+    app.console.emit({**as_dict(result), "backup": str(result.backup),
                       "safety_backup": str(result.safety_backup) if result.safety_backup
                       else None})
     return EXIT_OK
@@ -7481,7 +7686,7 @@ def cmd_deploy(app: App) -> int:
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
     result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
                     drift=_ddl_drift if ws.config.deploy_drift_check else None)
-    document = {"outcome": result.outcome, "plan": dataclasses.asdict(result.plan),
+    document = {"outcome": result.outcome, "plan": as_dict(result.plan),
                 "applied": result.applied,
                 "backup": str(result.backup.path) if result.backup else None,
                 "seconds": round(result.seconds, 3)}
@@ -7717,7 +7922,7 @@ def cmd_watch(app: App) -> int:
 def cmd_status(app: App) -> int:
     ws = app.workspace()
     status = gather_status(ws, drift=app.args.drift)
-    app.console.emit({**dataclasses.asdict(status), "ok": not status.attention})
+    app.console.emit({**as_dict(status), "ok": not status.attention})
     for line in format_status(status):
         app.console.result(line)
     if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
