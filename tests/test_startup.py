@@ -1,0 +1,184 @@
+"""What keeps a run's start cheap must not change what a run sees: records (the dataclass
+replacement), the migration checksum cache, the parsed-config cache, the session's COPY rows and
+its handshake that is not waited for. The speed itself is measured by `make bench`, never here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import confiture
+from helpers import CONFITURE, Cluster
+
+
+# ── records ───────────────────────────────────────────────────────────────────────────────
+
+@confiture.record(frozen=True)
+class Point:
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = confiture.field(default_factory=tuple)
+    secret: str = confiture.field(default="s", repr=False, compare=False)
+
+
+@confiture.record()
+class Box:
+    inner: Point
+    items: list[Point] = confiture.field(default_factory=list)
+
+
+def test_records_behave_like_dataclasses() -> None:
+    a, b = Point(1), Point(1, 0, (), "other")
+    assert (a.x, a.y, a.tags, a.secret) == (1, 0, (), "s")
+    assert a == b and hash(Point(1, 2)) == hash(Point(1, 2)) and a != Point(2)
+    assert Box(Point(1)).items is not Box(Point(1)).items  # a fresh list per instance
+    assert repr(Point(3, 4)) == "Point(x=3, y=4, tags=())"  # repr=False field hidden
+    with pytest.raises(AttributeError):
+        a.x = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Point(1, z=3)  # type: ignore[call-arg]
+    moved = confiture.evolve(a, y=7)
+    assert (moved.x, moved.y, a.y) == (1, 7, 0)
+    box = Box(Point(1), [Point(2, tags=("t",))])
+    box.items = []  # not frozen
+    box.items.append(Point(2, tags=("t",)))
+    assert confiture.as_dict(box) == {
+        "inner": {"x": 1, "y": 0, "tags": (), "secret": "s"},
+        "items": [{"x": 2, "y": 0, "tags": ("t",), "secret": "s"}]}
+    assert Point.__match_args__ == ("x", "y", "tags", "secret")
+
+
+# ── migration checksum cache ──────────────────────────────────────────────────────────────
+
+def _scan(root: Path, cache: confiture.ChecksumCache | None) -> dict[str, str]:
+    files = confiture.scan_migrations(root / "db/migrations", root, cache)
+    return {m.label: m.checksum for m in files.migrations}
+
+
+def _cache(root: Path, age_s: float = 10) -> confiture.ChecksumCache:
+    """A cache that treats files as `age_s` seconds older than they are (freshly written
+    files are never cached: see ChecksumCache)."""
+    cache = confiture.ChecksumCache(root / ".confiture/cache/migrations.json")
+    cache.now_ns += int(age_s * 1e9)
+    return cache
+
+
+def test_checksum_cache_is_used_only_while_files_are_unchanged(tmp_path: Path) -> None:
+    folder = tmp_path / "db/migrations"
+    folder.mkdir(parents=True)
+    (folder / "1_a.up.sql").write_text("CREATE TABLE a (id int);\n")
+    (folder / "2_b.up.sql").write_text("-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY x ON a (id);\n")
+    truth = _scan(tmp_path, None)
+    assert _scan(tmp_path, _cache(tmp_path)) == truth
+    stored = json.loads((tmp_path / ".confiture/cache/migrations.json").read_text())["files"]
+    assert len(stored) == 2
+    # the cache is really consulted: a doctored entry with a matching stat key is believed …
+    path = str(folder / "1_a.up.sql")
+    stored[path][4] = "0" * 64
+    (tmp_path / ".confiture/cache/migrations.json").write_text(
+        json.dumps({"format": confiture.ChecksumCache.FORMAT, "files": stored}))
+    assert _scan(tmp_path, _cache(tmp_path))["1_a"] == "0" * 64
+    # … until the file is written again, even with the same size and the same mtime
+    st = os.stat(path)
+    (folder / "1_a.up.sql").write_text("CREATE TABLE b (id int);\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _scan(tmp_path, _cache(tmp_path))["1_a"] == _scan(tmp_path, None)["1_a"] != truth["1_a"]
+    # the transactional flag comes from the cache too
+    files = confiture.scan_migrations(folder, tmp_path, _cache(tmp_path)).migrations
+    assert [m.transactional for m in files] == [True, False]
+    # a file written in the last two seconds is never stored
+    (folder / "3_c.up.sql").write_text("SELECT 1;\n")
+    _scan(tmp_path, _cache(tmp_path, age_s=0))
+    stored = json.loads((tmp_path / ".confiture/cache/migrations.json").read_text())["files"]
+    assert str(folder / "3_c.up.sql") not in stored
+    # a broken cache is ignored and replaced
+    (tmp_path / ".confiture/cache/migrations.json").write_text("{not json")
+    assert _scan(tmp_path, _cache(tmp_path)) == _scan(tmp_path, None)
+
+
+def test_migrate_status_sees_a_changed_migration_through_the_cache(
+        project: Any, cli: Any, pg: Cluster) -> None:
+    project.write("db/migrations/1_a.up.sql", "CREATE TABLE a (id int);\n")
+    pg.query(f'CREATE DATABASE "{project.db("local")}"')
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    path = project.root / "db/migrations/1_a.up.sql"
+    os.utime(path, ns=(0, 0))
+    # fill the cache as if the file were old (its ctime is recent: prime it in-process)
+    _scan(project.root, _cache(project.root))
+    assert cli("migrate", "status", "--check", cwd=project.root).returncode == 0
+    path.write_text("CREATE TABLE z (id int);\n")  # same size
+    os.utime(path, ns=(0, 0))                     # same mtime
+    result = cli("migrate", "status", "--check", "--json", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert json.loads(result.stdout)["changed"][0]["version"] == 1
+
+
+# ── parsed-config cache ───────────────────────────────────────────────────────────────────
+
+def test_config_cache_follows_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "confiture.toml"
+    path.write_text('[project]\nname = "one"\n[env.local]\nurl = "postgresql:///one"\n')
+    assert confiture.read_toml(path)["project"]["name"] == "one"
+    assert not (tmp_path / ".confiture").exists()  # no state folder: nothing written
+    (tmp_path / ".confiture").mkdir()
+    assert confiture.load_config(path).project == "one"
+    cache = tmp_path / ".confiture/cache/confiture.toml.json"
+    assert json.loads(cache.read_text())["data"]["project"]["name"] == "one"
+    path.write_text('[project]\nname = "two"\n[env.local]\nurl = "postgresql:///one"\n')
+    assert confiture.load_config(path).project == "two"
+    cache.write_text("garbage")
+    assert confiture.load_config(path).project == "two"
+    # values JSON cannot hold (dates) are parsed every time, never cached wrongly
+    path.write_text('when = 2024-01-02T03:04:05Z\n')
+    assert str(confiture.read_toml(path)["when"]) == "2024-01-02 03:04:05+00:00"
+    assert "when" not in cache.read_text()
+    path.write_text('[project\n')
+    with pytest.raises(confiture.ConfigError, match="invalid TOML"):
+        confiture.load_config(path)
+
+
+# ── the session: COPY rows, U+2028, the handshake ─────────────────────────────────────────
+
+HOSTILE = ["tab\there", "new\nline", "back\\slash", "cr\rx", "sep\u2028ara\x1ctor", "", "ünï"]
+
+
+def test_session_rows_and_json_keep_every_character(pg: Cluster) -> None:
+    tools = confiture.find_pg_tools()
+    with confiture.Session(tools, confiture.ConnInfo.parse(pg.url()), "postgres") as session:
+        values = ", ".join(f"({i}, {confiture.quote_literal(v)})" for i, v in enumerate(HOSTILE))
+        sql = f"SELECT i, v FROM (VALUES {values}, ({len(HOSTILE)}, NULL)) t(i, v) ORDER BY i"
+        assert session.rows(sql) == [[str(i), v] for i, v in enumerate(HOSTILE)] + \
+            [[str(len(HOSTILE)), None]]
+        assert [r["v"] for r in session.query(sql)] == [*HOSTILE, None]
+
+
+def test_session_reports_a_dead_server_at_first_use(pg: Cluster) -> None:
+    conn = confiture.ConnInfo.parse("postgresql://127.0.0.1:1/postgres?connect_timeout=2")
+    session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")  # does not wait
+    with pytest.raises(confiture.ConnectionFailed, match="cannot connect"):
+        session.value("SELECT 1")
+
+
+def test_cli_runs_without_dataclasses_typing_or_tomllib_imported(tmp_path: Path) -> None:
+    """The modules whose import cost was cut stay out of a plain run (a regression here costs
+    every command several milliseconds)."""
+    (tmp_path / ".confiture").mkdir()
+    (tmp_path / "db/schema").mkdir(parents=True)
+    (tmp_path / "db/schema/t.sql").write_text("CREATE TABLE t (id int);\n")
+    (tmp_path / "confiture.toml").write_text('[project]\nname = "imp"\n[env.local]\n'
+                                             'url = "postgresql:///imp"\n')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import confiture; "
+            "code = confiture.main(['scan']); "
+            "print(code, sorted(m for m in ('dataclasses', 'inspect', 'typing', 'tomllib', 'shutil') "
+            "if m in sys.modules))")
+    runs = [subprocess.run([sys.executable, "-S", "-c", code, str(CONFITURE.parent)], cwd=tmp_path,
+                           capture_output=True, text=True, check=True) for _ in range(2)]
+    assert runs[0].stdout.strip().splitlines()[-1] == "0 ['tomllib', 'typing']"  # first parse
+    assert runs[1].stdout.strip().splitlines()[-1] == "0 []", runs[1].stdout + runs[1].stderr
