@@ -396,6 +396,16 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def scratch_file() -> Any:
+    """An anonymous read-write binary file (a child's stderr, say), gone when closed. On Linux
+    a memfd: `tempfile` costs ~5 ms to import (it pulls in random and shutil)."""
+    if hasattr(os, "memfd_create"):
+        return open(os.memfd_create("confiture", os.MFD_CLOEXEC), "w+b")
+    import tempfile
+
+    return tempfile.TemporaryFile()
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file under a temporary name and rename it, so readers never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -843,11 +853,13 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
     return tuple(sources)
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, config: bool = False) -> dict[str, Any]:
     """Parse a TOML file. Importing tomllib costs ~8 ms per run, so the parsed document is kept
-    as JSON beside the default state folder (.confiture/cache/ next to the file, when that
-    folder exists) together with the exact text it came from; a cache whose text differs from
-    the file's is ignored. Raises OSError, UnicodeDecodeError, or ValueError for bad TOML."""
+    as JSON in .confiture/cache/ next to the file together with the exact text it came from; a
+    cache whose text differs from the file's is ignored. The cache is written when that
+    .confiture folder exists, or (`config`) when the document is a confiture.toml that keeps
+    the default state folder: it creates .confiture then. Raises OSError, UnicodeDecodeError,
+    or ValueError for bad TOML."""
     text = path.read_bytes().decode("utf-8")
     cache = path.parent / ".confiture" / "cache" / f"{path.name}.json"
     try:
@@ -859,11 +871,13 @@ def read_toml(path: Path) -> dict[str, Any]:
     import tomllib
 
     data = tomllib.loads(text)
-    if cache.parent.parent.is_dir():
+    project = data.get("project")
+    default_state = config and not (isinstance(project, dict) and "state_dir" in project)
+    if default_state or cache.parent.parent.is_dir():
         try:
             document = json.dumps({"text": text, "data": data}, allow_nan=False)
             if json.loads(document)["data"] == data:  # dates and times do not survive JSON
-                cache.parent.mkdir(exist_ok=True)
+                cache.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(cache, document.encode())
         except (OSError, ValueError, TypeError):
             pass
@@ -874,7 +888,7 @@ def load_config(path: Path) -> Config:
     """Read and validate confiture.toml; every later step takes the returned Config."""
     where = str(path)
     try:
-        data = read_toml(path)
+        data = read_toml(path, config=True)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
@@ -1817,8 +1831,22 @@ def _template_probe(session: Session, name: str) -> dict[str, Any]:
         f"{quote_literal(name)}) AS is_template, "
         "(SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = "
         f"{quote_literal(name)}) AS comment, "
+        f"(SELECT datallowconn FROM pg_database WHERE datname = {quote_literal(name)}) AS open, "
         "current_setting('fsync') AS fsync, current_setting('server_version_num')::int AS version")
+    if rows[0]["is_template"] and rows[0]["open"]:
+        _close_template(session, name)
     return rows[0]
+
+
+def _close_template(session: Session, name: str) -> None:
+    """A published template accepting connections was left so by a diff killed mid-dump
+    (_dump_template_in_place): close it again, unless a dump is running now."""
+    lock = f"template-dump:{name}"
+    if session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
+        try:
+            session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
+        finally:
+            release_lock(session, lock)
 
 
 def clone_strategy(config: Config, probe: Mapping[str, Any]) -> str | None:
@@ -3495,14 +3523,21 @@ def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | No
     return version, _sidecar_migration_version(ws, session)
 
 
-def _check_listing(ws: Workspace, path: Path) -> None:
-    """pg_restore must read the archive's table of contents."""
-    proc = ws.client.run([ws.client.tools.pg_restore, "--list", str(path)], None,
-                         stdout=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise BackupError(f"{path} is not a readable pg_dump archive: "
-                          + _tool_failure("pg_restore --list", proc.returncode,
-                                          proc.stderr.decode("utf-8", "replace"), None))
+def _check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
+    """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
+    with scratch_file() as errfile:
+        proc = ws.client.spawn([ws.client.tools.pg_restore, "--list", str(path)], None,
+                               stderr=errfile)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            code = proc.wait()
+        if code != 0:
+            errfile.seek(0)
+            raise BackupError(f"{path} is not a readable pg_dump archive: "
+                              + _tool_failure("pg_restore --list", code,
+                                              errfile.read().decode("utf-8", "replace"), None))
 
 
 def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
@@ -3527,7 +3562,6 @@ def create_backup(ws: Workspace, output: Path | None = None,
     """Back up the env's database into its backup folder (or `output`). The dump is written
     under a temporary name, read back and hashed, then published with its sidecar; on any
     failure nothing is left behind and BackupError says why."""
-    import tempfile
 
     started = time.monotonic()
     compression = backup_compression(ws.config)
@@ -3541,7 +3575,7 @@ def create_backup(ws: Workspace, output: Path | None = None,
     side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
     published: Path | None = None
     try:
-        with tempfile.TemporaryFile() as errfile:
+        with scratch_file() as errfile:
             proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
             try:
                 server_version, migration_version = _backup_facts(ws, session)  # meanwhile
@@ -3550,8 +3584,9 @@ def create_backup(ws: Workspace, output: Path | None = None,
                 proc.wait()
                 raise
             _wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
-        _check_listing(ws, tmp)
-        digest, size = sha256_file(tmp), tmp.stat().st_size
+        digests: list[str] = []
+        _check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
+        digest, size = digests[0], tmp.stat().st_size
         for seq in range(1000):
             final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
             backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
@@ -3854,7 +3889,6 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     """Create a scratch database like the target and pg_restore the backup into it; the
     sha256 and the archive's table of contents are checked meanwhile (the target is not
     touched before the swap). Returns the scratch database's name."""
-    import tempfile
 
     target = ws.env.database
     scratch = _side_name(target, "restore", stamp)
@@ -3866,7 +3900,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
                       f"{quote_literal(json.dumps(mark))}")
         argv = [ws.client.tools.pg_restore, "--exit-on-error", "-w",
                 "-d", _dbname_conninfo(ws.env.conn, scratch), str(path)]
-        with tempfile.TemporaryFile() as errfile:
+        with scratch_file() as errfile:
             proc = ws.client.spawn(argv, scratch, stderr=errfile)
             try:
                 if expected is not None:
@@ -3926,11 +3960,10 @@ def _restore_in_place(ws: Workspace, path: Path) -> None:
     runs the archive as SQL. Anything failing rolls it all back: the target stays as it was.
     (pg_restore --clean cannot do this: it trips over partitions and keeps unknown objects.)"""
     import shutil
-    import tempfile
 
     psql_argv = [ws.client.tools.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
                  "-P", "pager=off", *ws.env.conn.argv_conninfo(), "-f", "-"]
-    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as restore_err:
+    with scratch_file() as psql_err, scratch_file() as restore_err:
         psql = ws.client.spawn(psql_argv, ws.env.database, stdin=subprocess.PIPE,
                                stderr=psql_err)
         source = ws.client.spawn([ws.client.tools.pg_restore, "-f", "-", str(path)], None,
@@ -4318,7 +4351,6 @@ def _first_deploy(ws: Workspace, admin: Session) -> None:
     """Empty target: build the env's template without seeds, clone it to a scratch database
     (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
     the target, so it either gets the whole schema or stays empty."""
-    import tempfile
 
     result, probe = ensure_template(ws, seeds=False, session=admin)
     scratch = _side_name(ws.env.database, "build", _stamp())
@@ -4330,7 +4362,7 @@ def _first_deploy(ws: Workspace, admin: Session) -> None:
     try:
         admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
                       f"{quote_literal(json.dumps(mark))}")
-        with tempfile.TemporaryFile() as dump_err, tempfile.TemporaryFile() as restore_err:
+        with scratch_file() as dump_err, scratch_file() as restore_err:
             dump = ws.client.spawn(
                 [ws.client.tools.pg_dump, "-Fc", "-Z0", "-w",
                  "-d", _dbname_conninfo(ws.env.conn, scratch)],
@@ -6743,16 +6775,40 @@ def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> Non
 
 def template_schema_dump(ws: Workspace, session: Session, result: TemplateResult,
                          probe: Mapping[str, Any], privileges: bool) -> tuple[str, bool]:
-    """(schema dump of a template, from cache?): templates accept no connections, so the
-    first time it is dumped through a scratch clone."""
+    """(schema dump of a template, from cache?). The first time, the template is dumped in
+    place (see _dump_template_in_place); a role that does not own it dumps a scratch clone."""
     cache = drift_cache_path(ws, result.name, probe, privileges)
     text = read_drift_cache(cache)
     if text is not None:
         return text, True
-    with ScratchDatabase(ws, session, result.name, clone_strategy(ws.config, probe)) as scratch:
-        text = dump_schema(ws.client, scratch, privileges)
+    drop_stale_scratch(ws, session)  # killed `diff --migrations` runs leave them
+    try:
+        text = _dump_template_in_place(ws, session, result.name, privileges)
+    except SqlError as exc:
+        if exc.sqlstate != "42501":  # insufficient_privilege: not the template's owner
+            raise
+        with ScratchDatabase(ws, session, result.name,
+                             clone_strategy(ws.config, probe)) as scratch:
+            text = dump_schema(ws.client, scratch, privileges)
     write_drift_cache(cache, text, ws.env.name, ws.config.project)
     return text, False
+
+
+def _dump_template_in_place(ws: Workspace, session: Session, name: str, privileges: bool) -> str:
+    """pg_dump a template itself: connections are allowed for the ~0.1 s of the dump, under a
+    lock so that concurrent diffs take turns. A clone started meanwhile is not refused:
+    CREATE DATABASE waits up to 5 s for other sessions on its template to end. (A scratch
+    clone costs ~1 s for a 1,000-relation template: more than the dump itself.)"""
+    lock = f"template-dump:{name}"
+    acquire_lock(session, lock, ws.config.template_lock_timeout, f"the dump of template {name}")
+    try:
+        session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS true")
+        try:
+            return dump_schema(ws.client, name, privileges)
+        finally:
+            session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
+    finally:
+        release_lock(session, lock)
 
 
 def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:

@@ -8,12 +8,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 import confiture
+from helpers import clean_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
@@ -387,6 +390,36 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, proje
     assert len(list((project.root / ".confiture" / "drift").glob("*.sql"))) == 1
 
 
+def _templates(pg: Any, project: Any) -> list[tuple[str, bool, bool]]:
+    return pg.query("SELECT datname, datistemplate, datallowconn FROM pg_database "
+                    "WHERE starts_with(datname, %s) AND datistemplate", params=(project.name,))
+
+
+def test_first_diff_dumps_the_template_itself_and_closes_it_again(
+        pg: Any, project: Any, cli: Any) -> None:
+    assert cli("reset", cwd=project.root).returncode == 0
+    code, first = diff_json(cli, project)
+    assert code == 0 and first["cached"] is False
+    [(name, _, allow)] = _templates(pg, project)
+    assert allow is False  # published templates accept no connections
+    # a diff killed mid-dump leaves the template open: the next run closes it
+    pg.query(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    assert cli("reset", cwd=project.root).returncode == 0
+    assert _templates(pg, project) == [(name, True, False)]
+    # a clone started while the template is being dumped waits for the dump, then succeeds
+    pg.query(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    with pg.connect(name) as holder:
+        holder.execute("SELECT 1")
+        clone = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "clone",
+                                  project.name + "_while_dumping"], cwd=project.root,
+                                 env={**clean_environ(), **pg.env, "NO_COLOR": "1"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+    out, err = clone.communicate(timeout=60)
+    assert clone.returncode == 0, err
+    assert pg.db_exists(project.name + "_while_dumping")
+
+
 def test_missing_database_and_dead_server_are_clear_errors(project: Any, cli: Any, tmp_path: Path) -> None:
     missing = cli("diff", cwd=project.root)
     assert missing.returncode == 1
@@ -517,10 +550,6 @@ def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None
 @needs_migrations
 def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> None:
     import signal
-    import sys
-    import time
-
-    from helpers import clean_environ
 
     project.write("db/migrations/20240101000000_slow.up.sql", "SELECT pg_sleep(60);\n")
     proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "diff", "--migrations"],

@@ -126,9 +126,13 @@ def test_config_cache_follows_the_file(tmp_path: Path) -> None:
     path = tmp_path / "confiture.toml"
     path.write_text('[project]\nname = "one"\n[env.local]\nurl = "postgresql:///one"\n')
     assert confiture.read_toml(path)["project"]["name"] == "one"
-    assert not (tmp_path / ".confiture").exists()  # no state folder: nothing written
-    (tmp_path / ".confiture").mkdir()
-    assert confiture.load_config(path).project == "one"
+    assert not (tmp_path / ".confiture").exists()  # not read as a config: nothing written
+    custom = tmp_path / "custom.toml"
+    custom.write_text('[project]\nname = "one"\nstate_dir = "state"\n'
+                      '[env.local]\nurl = "postgresql:///one"\n')
+    assert confiture.load_config(custom).project == "one"
+    assert not (tmp_path / ".confiture").exists()  # a custom state folder: no cache
+    assert confiture.load_config(path).project == "one"  # the default one: created
     cache = tmp_path / ".confiture/cache/confiture.toml.json"
     assert json.loads(cache.read_text())["data"]["project"]["name"] == "one"
     path.write_text('[project]\nname = "two"\n[env.local]\nurl = "postgresql:///one"\n')
