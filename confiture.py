@@ -1119,12 +1119,14 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
     files: list[SqlFile] = []
 
     def add(top: Path, prefix: str, kind: str) -> None:
+        try:
+            top_rel: str | None = top.relative_to(config.root).as_posix()
+        except ValueError:
+            top_rel = None
         for rel, path in walk_sql_files(top):
             display = f"{prefix}/{rel}"
-            try:
-                project_rel = path.relative_to(config.root).as_posix()
-            except ValueError:
-                project_rel = display
+            project_rel = display if top_rel is None else rel if top_rel == "." \
+                else f"{top_rel}/{rel}"
             if _excluded((rel, display, project_rel), patterns):
                 continue
             data = read(path, display)
@@ -6644,6 +6646,10 @@ class Background:
         except BaseException as exc:  # noqa: BLE001 — handed to the waiting thread by result()
             self._error = exc
 
+    def wait(self) -> None:
+        """Wait for the call to end, ignoring its outcome."""
+        self._thread.join()
+
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
@@ -6817,12 +6823,24 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     taken through a scratch clone."""
     started = time.monotonic()
     live = Background(lambda: dump_schema(ws.client, ws.env.database, privileges))
+    tables = tracking_tables(ws.config)
     with admin_session(ws) as session:
         result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
-        expected_text, cached = template_schema_dump(ws, session, result, probe, privileges)
-    tables = tracking_tables(ws.config)
-    expected = prepare_dump(expected_text, tables)  # while the live dump runs
-    report = compare_dumps(expected, live.result(), tables,
+        cached_text = read_drift_cache(drift_cache_path(ws, result.name, probe, privileges))
+        if cached_text is not None:  # parse it while the live dump runs
+            expected, cached = prepare_dump(cached_text, tables), True
+            actual = prepare_dump(live.result(), tables)
+        else:  # dump the template; parse the live dump (which started first) meanwhile
+            template = Background(
+                lambda: template_schema_dump(ws, session, result, probe, privileges))
+            try:
+                actual = prepare_dump(live.result(), tables)
+            except BaseException:
+                template.wait()  # it closes the template again: keep the session until then
+                raise
+            expected_text, cached = template.result()
+            expected = prepare_dump(expected_text, tables)
+    report = compare_dumps(expected, actual, tables,
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
     return evolve(report, seconds=time.monotonic() - started, cached=cached)
 

@@ -1,8 +1,8 @@
 """Schema drift (issue 6): `diff` of a 200-table schema against the raw pg_dump runs it needs.
 
 `diff` needs two schema dumps: the env's database and its DDL build (a template, which accepts
-no connections, so the first time it is dumped through a scratch clone; afterwards its dump is
-cached, keyed by template name, build time, server and pg_dump binary).
+no connections: the first time, connections are allowed for the length of its dump; afterwards
+the dump is cached, keyed by template name, build time, server and pg_dump binary).
 
 Floor: the two `pg_dump --schema-only` runs started at the same time (the least wall time to
 get both schemas; run one after the other they take longer, shown in the note). The second
@@ -10,7 +10,7 @@ database is a plain copy of the template, so the floor pays no clone. Ours runs 
 diff` as a new process (interpreter start, template check, parsing and comparison included),
 with $PYTHON set to the real interpreter rather than a pyenv shim.
 Rows: the usual run (template dump cached) and the first run after a template build (no cache:
-scratch clone + dump + drop).
+the template is dumped in place, after the files are hashed to name it).
 """
 from __future__ import annotations
 
@@ -76,5 +76,5 @@ def run(ctx: Bench) -> list[Row]:
     note = (f"floor: both pg_dump --schema-only at once (one after the other: "
             f"{serial * 1000:.0f} ms)")
     return [Row(f"diff, {n}-table schema (template dump cached)", warm, floor, "≤ 1.5×", note),
-            Row(f"diff, {n}-table schema, first run after a build (scratch clone)", cold, floor2,
+            Row(f"diff, {n}-table schema, first run after a build (no cached dump)", cold, floor2,
                 "≤ 1.5×", note)]

@@ -38,7 +38,10 @@ class Row:
     def ratio(self) -> float:
         return self.ours / self.floor if self.floor else float("nan")
 
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        """None for rows shown for comparison only (target "—")."""
+        if self.target == "—":
+            return None
         op, value = self.target.split()[0], float(self.target.split()[1].rstrip("×"))
         return self.ratio <= value if op == "≤" else self.ratio >= value
 
@@ -134,7 +137,7 @@ def _format(r: Row) -> str:
     fmt = (lambda v: f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s") if r.unit == "s" \
         else (lambda v: f"{v / 1000:,.0f} k {r.unit}")
     return (f"| {r.what} | {fmt(r.ours)} | {fmt(r.floor)} | {r.ratio:.2f}× | {r.target} | "
-            f"{'yes' if r.met() else 'no'} |" + (f" {r.note} |" if r.note else ""))
+            f"{ {True: 'yes', False: 'no', None: '—'}[r.met()]} |" + (f" {r.note} |" if r.note else ""))
 
 
 def main() -> int:
