@@ -6,6 +6,7 @@ users see them) or call the core functions directly where that is clearer.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def test_wrong_type_names_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     make_project(tmp_path, BASE + "[templates]\nkeep = \"three\"\n")
     code, _, err = run(tmp_path, "scan", capsys=capsys)
     assert code == 2 and "keep must be int" in err
+
+
+@pytest.mark.parametrize("table", ['a.b.c', '"unterminated', "x" * 64, "s."])
+def test_bad_migrations_table_is_a_config_error_before_connecting(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str) -> None:
+    make_project(tmp_path, BASE + f"[migrations]\ntable = {json.dumps(table)}\n")
+    code, _, err = run(tmp_path, "config", "check", capsys=capsys)
+    assert code == 2 and "confiture.toml" in err and "migrations.table" in err, err
 
 
 def test_missing_variable_is_an_error_only_where_used(tmp_path: Path,

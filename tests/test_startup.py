@@ -99,8 +99,9 @@ def test_checksum_cache_is_used_only_while_files_are_unchanged(tmp_path: Path) -
     stored = json.loads((tmp_path / ".confiture/cache/migrations.json").read_text())["files"]
     assert str(folder / "3_c.up.sql") not in stored
     # a broken cache is ignored and replaced
-    (tmp_path / ".confiture/cache/migrations.json").write_text("{not json")
-    assert _scan(tmp_path, _cache(tmp_path)) == _scan(tmp_path, None)
+    for broken in ("{not json", '{"format": 1, "files": []}', '{"format": 1, "files": {"x": 3}}'):
+        (tmp_path / ".confiture/cache/migrations.json").write_text(broken)
+        assert _scan(tmp_path, _cache(tmp_path)) == _scan(tmp_path, None)
 
 
 def test_migrate_status_sees_a_changed_migration_through_the_cache(

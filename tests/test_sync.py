@@ -674,6 +674,10 @@ protected = true
         assert result.returncode == 0, result.stderr
         assert "row counts verified" in result.stdout
         assert password not in result.stdout + result.stderr
+        # SPEC §5: the protected target was backed up before anything was written
+        backups = list((sp.root / ".confiture/backups/new").glob("*.dump"))
+        assert len(backups) == 1 and "backed up" in result.stderr
+        assert str(backups[0]) in result.stderr
         assert sp.src("SELECT count(*), min(full_name) FROM clients")[0] == (50, "name 1")
         assert sp.src("SELECT count(*), count(DISTINCT client_id), min(label) FROM orders")[0] == \
             (120, 50, "#1")
