@@ -903,8 +903,8 @@ def read_toml(path: Path, config: bool = False) -> dict[str, Any]:
             if json.loads(document)["data"] == data:  # dates and times do not survive JSON
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(cache, document.encode())
-        except (OSError, ValueError, TypeError):
-            pass
+        except (OSError, ValueError, TypeError, InputError):
+            pass  # a read-only checkout: stay correct, just slower
     return data
 
 
@@ -1103,27 +1103,39 @@ def walk_sql_files(top: Path) -> list[tuple[str, Path]]:
             if entry.name.startswith("."):
                 continue
             child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            path = Path(entry.path)
             try:
                 is_dir = entry.is_dir()
                 is_file = entry.is_file()
             except OSError as exc:
-                raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+                raise InputError(f"cannot read {entry.path}: {exc.strerror}") from exc
             if is_dir:
-                visit(path, child_rel, (*ancestors, real))
+                visit(Path(entry.path), child_rel, (*ancestors, real))
             elif is_file and entry.name.endswith(".sql"):
-                found.append((child_rel, path))
-            elif entry.is_symlink() and not path.exists() and entry.name.endswith(".sql"):
-                raise InputError(f"broken symlink {path}")
+                found.append((child_rel, Path(entry.path)))
+            elif entry.is_symlink() and not os.path.exists(entry.path) \
+                    and entry.name.endswith(".sql"):
+                raise InputError(f"broken symlink {entry.path}")
 
     visit(top, "", ())
-    found.sort(key=lambda item: natural_path_key(item[0]))
+    keys: dict[str, tuple[tuple[int, int | str], ...]] = {}  # folder names repeat: key each once
+
+    def order(item: tuple[str, Path]) -> tuple[tuple[tuple[int, int | str], ...], ...]:
+        parts = []
+        for part in item[0].split("/"):
+            key = keys.get(part)
+            if key is None:
+                key = keys[part] = natural_key(part)
+            parts.append(key)
+        return tuple(parts)
+
+    found.sort(key=order)
     return found
 
 
 def _read_sql(path: Path, rel: str) -> bytes:
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: one read of the whole file
+            data = handle.readall()
     except OSError as exc:
         raise InputError(f"cannot read {rel}: {exc.strerror}") from exc
     try:
@@ -2239,7 +2251,7 @@ class ChecksumCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, json.dumps({"format": self.FORMAT, "files": files}).encode())
-        except OSError:
+        except (OSError, InputError):
             pass  # a read-only checkout: stay correct, just slower
 
 

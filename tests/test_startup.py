@@ -102,6 +102,10 @@ def test_checksum_cache_is_used_only_while_files_are_unchanged(tmp_path: Path) -
     for broken in ("{not json", '{"format": 1, "files": []}', '{"format": 1, "files": {"x": 3}}'):
         (tmp_path / ".confiture/cache/migrations.json").write_text(broken)
         assert _scan(tmp_path, _cache(tmp_path)) == _scan(tmp_path, None)
+    # an unwritable cache costs time, never the run
+    (tmp_path / ".confiture/cache/migrations.json").unlink()
+    (tmp_path / ".confiture/cache/migrations.json").mkdir()
+    assert _scan(tmp_path, _cache(tmp_path)) == _scan(tmp_path, None)
 
 
 def test_migrate_status_sees_a_changed_migration_through_the_cache(
@@ -147,6 +151,11 @@ def test_config_cache_follows_the_file(tmp_path: Path) -> None:
     path.write_text('[project\n')
     with pytest.raises(confiture.ConfigError, match="invalid TOML"):
         confiture.load_config(path)
+    # a cache that cannot be written costs time, never the run
+    path.write_text('[project]\nname = "three"\n[env.local]\nurl = "postgresql:///one"\n')
+    cache.unlink()
+    cache.mkdir()  # write_atomic's rename onto a folder fails
+    assert confiture.load_config(path).project == "three"
 
 
 # ── the session: COPY rows, U+2028, the handshake ─────────────────────────────────────────
