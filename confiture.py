@@ -396,6 +396,52 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class Background:
+    """A blocking call (one that waits on a child process) running in a thread; result()
+    waits for it and re-raises its error. (threading, not concurrent.futures: 15 ms less
+    import time on every run.)"""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        import threading
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self._value = call()
+        except BaseException as exc:  # noqa: BLE001 — handed to the waiting thread by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Wait for the call to end, ignoring its outcome."""
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Run blocking calls at the same time; results in order, the first failure re-raised."""
+    background = [Background(call) for call in calls[1:]]
+    first = [calls[0]()] if calls else []
+    return first + [job.result() for job in background]
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk (os.fsync releases the GIL: run it beside other work)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def scratch_file() -> Any:
     """An anonymous read-write binary file (a child's stderr, say), gone when closed. On Linux
     a memfd: `tempfile` costs ~5 ms to import (it pulls in random and shutil)."""
@@ -3528,9 +3574,10 @@ def _dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
 
 def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
                errfile: Any) -> subprocess.Popen[bytes]:
-    """Start pg_dump -Fc of one database of the env's server into `path` (pg_dump fsyncs
-    the file before it exits); wait for it with _wait_tool."""
-    argv = [ws.client.tools.pg_dump, "-Fc", f"-Z{compression}", "-w", "-f", str(path),
+    """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
+    _wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
+    and lists it (see create_backup), which saves most of the sync's time."""
+    argv = [ws.client.tools.pg_dump, "-Fc", f"-Z{compression}", "--no-sync", "-w", "-f", str(path),
             "-d", _dbname_conninfo(ws.env.conn, dbname)]
     return ws.client.spawn(argv, dbname, stderr=errfile)
 
@@ -3605,8 +3652,13 @@ def create_backup(ws: Workspace, output: Path | None = None,
                 proc.wait()
                 raise
             _wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
+        synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
         digests: list[str] = []
-        _check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
+        try:
+            _check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
+        finally:
+            synced.wait()
+        synced.result()
         digest, size = digests[0], tmp.stat().st_size
         for seq in range(1000):
             final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
@@ -6666,43 +6718,6 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
                                    hint="is the server running? (bin/pg-dev start)")
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")
-
-
-class Background:
-    """A blocking call (one that waits on a child process) running in a thread; result()
-    waits for it and re-raises its error. (threading, not concurrent.futures: 15 ms less
-    import time on every run.)"""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        import threading
-
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self._value = call()
-        except BaseException as exc:  # noqa: BLE001 — handed to the waiting thread by result()
-            self._error = exc
-
-    def wait(self) -> None:
-        """Wait for the call to end, ignoring its outcome."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def run_concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
-    """Run blocking calls at the same time; results in order, the first failure re-raised."""
-    background = [Background(call) for call in calls[1:]]
-    first = [calls[0]()] if calls else []
-    return first + [job.result() for job in background]
 
 
 SCRATCH_INFIX = "_scratch_"
