@@ -3961,7 +3961,9 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
                           props: Mapping[str, Any] | None, stamp: str) -> str:
     """Create a scratch database like the target and pg_restore the backup into it; the
     sha256 and the archive's table of contents are checked meanwhile (the target is not
-    touched before the swap). Returns the scratch database's name."""
+    touched before the swap). A backup whose sha256 matches its sidecar is the file that
+    passed pg_restore --list when it was taken: it is not listed again. Returns the scratch
+    database's name."""
 
     target = ws.env.database
     scratch = _side_name(target, "restore", stamp)
@@ -3976,9 +3978,10 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
         with scratch_file() as errfile:
             proc = ws.client.spawn(argv, scratch, stderr=errfile)
             try:
-                if expected is not None:
-                    _check_digest(path, expected)
-                _check_listing(ws, path)
+                if expected is not None:  # the very bytes that passed pg_restore --list
+                    _check_digest(path, expected)   # when the backup was taken
+                else:
+                    _check_listing(ws, path)
             except BaseException:
                 proc.kill()
                 proc.wait()
