@@ -1928,9 +1928,14 @@ def _template_probe(session: Session, name: str) -> dict[str, Any]:
 
 def _close_template(session: Session, name: str) -> None:
     """A published template accepting connections was left so by a diff killed mid-dump
-    (_dump_template_in_place): close it again, unless a dump is running now."""
+    (_dump_template_in_place): close it again, unless a dump is running now — in any session,
+    this one included (advisory locks are re-entrant, so trying the lock is not enough)."""
     lock = f"template-dump:{name}"
-    if session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
+    if session.value(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+            f"AND classid = {LOCK_CLASS} AND objid = (hashtext({quote_literal(lock)})::bigint "
+            f"& 4294967295) AND objsubid = 2) THEN false "
+            f"ELSE pg_try_advisory_lock({lock_key_sql(lock)}) END"):
         try:
             session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
         finally:
@@ -2085,10 +2090,25 @@ def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | 
     return dropped
 
 
-def _other_sessions(session: Session, name: str) -> int:
-    return int(session.value(
-        f"SELECT count(*) FROM pg_stat_activity WHERE datname = {quote_literal(name)} "
-        "AND pid <> pg_backend_pid()"))
+def other_sessions(session: Session, database: str, exclude: Sequence[int] = ()) -> list[int]:
+    """Backends connected to `database`, except ours and `exclude`."""
+    skip = ", ".join(str(int(p)) for p in exclude) or "0"
+    rows = session.query(
+        f"SELECT pid FROM pg_stat_activity WHERE datname = {quote_literal(database)} "
+        f"AND pid <> pg_backend_pid() AND pid NOT IN ({skip})")
+    return [int(r["pid"]) for r in rows]
+
+
+def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (),
+                     grace: float = 2.0) -> list[int]:
+    """Other sessions that are still there after `grace` seconds: a backend whose client just
+    closed (ours included) lingers in pg_stat_activity for a moment and must not count."""
+    deadline = time.monotonic() + grace
+    while True:
+        others = other_sessions(session, database, exclude)
+        if not others or time.monotonic() >= deadline:
+            return others
+        time.sleep(0.05)
 
 
 def _protected_databases(config: Config, environ: Mapping[str, str]
@@ -2143,9 +2163,9 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
             if not replace:
                 raise Refused(f"database {target!r} already exists",
                               hint="pass --replace to drop and recreate it")
-            others = _other_sessions(session, target)
-            if others and not force:
-                raise Refused(f"database {target!r} has {others} other session(s)",
+            others = [] if force else lasting_sessions(session, target)
+            if others:
+                raise Refused(f"database {target!r} has {len(others)} other session(s)",
                               hint="close them, or pass --force to terminate them")
             _drop_database(session, target, force=force)
         session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
@@ -3846,27 +3866,6 @@ def _copy_settings(session: Session, name: str, props: Mapping[str, Any] | None)
 def can_create_databases(session: Session) -> bool:
     return bool(session.value(
         "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"))
-
-
-def other_sessions(session: Session, database: str, exclude: Sequence[int] = ()) -> list[int]:
-    """Backends connected to `database`, except ours and `exclude`."""
-    skip = ", ".join(str(int(p)) for p in exclude) or "0"
-    rows = session.query(
-        f"SELECT pid FROM pg_stat_activity WHERE datname = {quote_literal(database)} "
-        f"AND pid <> pg_backend_pid() AND pid NOT IN ({skip})")
-    return [int(r["pid"]) for r in rows]
-
-
-def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (),
-                     grace: float = 2.0) -> list[int]:
-    """Other sessions that are still there after `grace` seconds: a backend whose client just
-    closed (ours included) lingers in pg_stat_activity for a moment and must not count."""
-    deadline = time.monotonic() + grace
-    while True:
-        others = other_sessions(session, database, exclude)
-        if not others or time.monotonic() >= deadline:
-            return others
-        time.sleep(0.05)
 
 
 def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
@@ -6878,15 +6877,28 @@ def _dump_template_in_place(ws: Workspace, session: Session, name: str, privileg
 
 def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     """The env's live database against the schema its files build. The live dump starts at
-    once; meanwhile the env's template is made current and its dump read from the cache or
-    taken through a scratch clone."""
+    once; meanwhile the env's template is made current and its dump read from the cache, or
+    taken (see _start_early_dump) while the files are still being hashed."""
     started = time.monotonic()
     live = Background(lambda: dump_schema(ws.client, ws.env.database, privileges))
     tables = tracking_tables(ws.config)
+    seeds = template_seeds(ws.env)
     with admin_session(ws) as session:
-        result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
-        cached_text = read_drift_cache(drift_cache_path(ws, result.name, probe, privileges))
-        if cached_text is not None:
+        fileset = Background(lambda: scan_env(ws.config, ws.env.name, seeds=seeds))
+        early = _start_early_dump(ws, session, seeds, privileges)  # while the files are hashed
+        try:
+            result, probe = ensure_template(ws, seeds=seeds, fileset=fileset.result(),
+                                            session=session)
+        finally:
+            early_text = _finish_early_dump(session, early)
+        cache = drift_cache_path(ws, result.name, probe, privileges)
+        cached_text = read_drift_cache(cache)
+        if early is not None and early[0] == result.name and early_text is not None:
+            expected_text, cached = early_text, False  # the guess was right
+            write_drift_cache(cache, early_text, ws.env.name, ws.config.project)
+            actual_text = live.result()
+            drop_stale_scratch(ws, session)
+        elif cached_text is not None:
             expected_text, cached = cached_text, True
             actual_text = live.result()
         else:  # dump the template while the live dump (which started first) runs
@@ -6901,6 +6913,51 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     report = compare_dumps(expected_text, actual_text, tables,
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
     return evolve(report, seconds=time.monotonic() - started, cached=cached)
+
+
+def _start_early_dump(ws: Workspace, session: Session, seeds: bool, privileges: bool
+                      ) -> tuple[str, Background] | None:
+    """The first diff after a build: the env's newest template is almost always the current
+    one, so its in-place dump starts now, before the files are hashed to name the current
+    template; diff_against_ddl keeps the dump only if the names agree. None when there is no
+    such template, its dump is cached, another run is dumping it, or this role cannot open it."""
+    newest = [t for t in list_templates(session, ws.config.project, ws.env.name)
+              if t.env == ws.env.name and t.seeds == seeds]
+    if not newest:
+        return None
+    name = newest[0].name
+    probe = _template_probe(session, name)
+    if not probe["is_template"] or drift_cache_path(ws, name, probe, privileges).exists():
+        return None
+    lock = f"template-dump:{name}"
+    if not session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
+        return None
+    try:
+        session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS true")
+    except SqlError:
+        release_lock(session, lock)
+        return None
+    return name, Background(lambda: dump_schema(ws.client, name, privileges))
+
+
+def _finish_early_dump(session: Session, early: tuple[str, Background] | None) -> str | None:
+    """Wait for the early dump, close its template again, release the lock; its text, or None
+    if it failed (e.g. the template was pruned meanwhile by a build)."""
+    if early is None:
+        return None
+    name, job = early
+    try:
+        job.wait()
+    finally:
+        try:
+            session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
+        except SqlError:
+            pass  # dropped meanwhile
+        release_lock(session, f"template-dump:{name}")
+    try:
+        return str(job.result())
+    except ConfitureError:
+        return None
 
 
 def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) -> DriftReport:
