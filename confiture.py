@@ -6877,28 +6877,15 @@ def _dump_template_in_place(ws: Workspace, session: Session, name: str, privileg
 
 def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     """The env's live database against the schema its files build. The live dump starts at
-    once; meanwhile the env's template is made current and its dump read from the cache, or
-    taken (see _start_early_dump) while the files are still being hashed."""
+    once; meanwhile the env's template is made current and its dump read from the cache or,
+    the first time after a build, taken in place (template_schema_dump)."""
     started = time.monotonic()
     live = Background(lambda: dump_schema(ws.client, ws.env.database, privileges))
     tables = tracking_tables(ws.config)
-    seeds = template_seeds(ws.env)
     with admin_session(ws) as session:
-        fileset = Background(lambda: scan_env(ws.config, ws.env.name, seeds=seeds))
-        early = _start_early_dump(ws, session, seeds, privileges)  # while the files are hashed
-        try:
-            result, probe = ensure_template(ws, seeds=seeds, fileset=fileset.result(),
-                                            session=session)
-        finally:
-            early_text = _finish_early_dump(session, early)
-        cache = drift_cache_path(ws, result.name, probe, privileges)
-        cached_text = read_drift_cache(cache)
-        if early is not None and early[0] == result.name and early_text is not None:
-            expected_text, cached = early_text, False  # the guess was right
-            write_drift_cache(cache, early_text, ws.env.name, ws.config.project)
-            actual_text = live.result()
-            drop_stale_scratch(ws, session)
-        elif cached_text is not None:
+        result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session)
+        cached_text = read_drift_cache(drift_cache_path(ws, result.name, probe, privileges))
+        if cached_text is not None:
             expected_text, cached = cached_text, True
             actual_text = live.result()
         else:  # dump the template while the live dump (which started first) runs
@@ -6913,51 +6900,6 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     report = compare_dumps(expected_text, actual_text, tables,
                            _template_label(result), f"{ws.env.database} (env {ws.env.name})")
     return evolve(report, seconds=time.monotonic() - started, cached=cached)
-
-
-def _start_early_dump(ws: Workspace, session: Session, seeds: bool, privileges: bool
-                      ) -> tuple[str, Background] | None:
-    """The first diff after a build: the env's newest template is almost always the current
-    one, so its in-place dump starts now, before the files are hashed to name the current
-    template; diff_against_ddl keeps the dump only if the names agree. None when there is no
-    such template, its dump is cached, another run is dumping it, or this role cannot open it."""
-    newest = [t for t in list_templates(session, ws.config.project, ws.env.name)
-              if t.env == ws.env.name and t.seeds == seeds]
-    if not newest:
-        return None
-    name = newest[0].name
-    probe = _template_probe(session, name)
-    if not probe["is_template"] or drift_cache_path(ws, name, probe, privileges).exists():
-        return None
-    lock = f"template-dump:{name}"
-    if not session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
-        return None
-    try:
-        session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS true")
-    except SqlError:
-        release_lock(session, lock)
-        return None
-    return name, Background(lambda: dump_schema(ws.client, name, privileges))
-
-
-def _finish_early_dump(session: Session, early: tuple[str, Background] | None) -> str | None:
-    """Wait for the early dump, close its template again, release the lock; its text, or None
-    if it failed (e.g. the template was pruned meanwhile by a build)."""
-    if early is None:
-        return None
-    name, job = early
-    try:
-        job.wait()
-    finally:
-        try:
-            session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
-        except SqlError:
-            pass  # dropped meanwhile
-        release_lock(session, f"template-dump:{name}")
-    try:
-        return str(job.result())
-    except ConfitureError:
-        return None
 
 
 def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) -> DriftReport:
