@@ -379,15 +379,17 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, proje
     stale = project.name + "_scratch_deadbeef"  # left by a killed run
     pg.create_db(stale)
     code, first = diff_json(cli, project)
-    assert code == 0 and first["cached"] is False
+    assert code == 0 and first["cached"] is False, (code, first)
     code, second = diff_json(cli, project)
-    assert code == 0 and second["cached"] is True
-    assert not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
-                        params=(project.name + "_scratch_",))
+    assert code == 0 and second["cached"] is True, (code, second)
+    left = pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                    params=(project.name + "_scratch_",))
+    assert not left, left
     assert cli("template", "--rebuild", cwd=project.root).returncode == 0
     code, third = diff_json(cli, project)
-    assert code == 0 and third["cached"] is False
-    assert len(list((project.root / ".confiture" / "drift").glob("*.sql"))) == 1
+    assert code == 0 and third["cached"] is False, (code, third)
+    dumps = list((project.root / ".confiture" / "drift").glob("*.sql"))
+    assert len(dumps) == 1, dumps
 
 
 def _templates(pg: Any, project: Any) -> list[tuple[str, bool, bool]]:
