@@ -10,7 +10,8 @@ Sections (``grep -n '^# §' confiture.py`` prints this table of contents). Each 
 only the sections above it.
 
   §1  Errors and exit codes     one root error type; every expected failure is one of these
-  §2  Small utilities           natural order, hashing, quoting, durations, console output
+  §2  Small utilities           records, lazy regexes, natural order, hashing, quoting, files,
+                                background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
   §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
   §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
@@ -136,8 +137,10 @@ class Interrupted(ConfitureError):
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §2 Small utilities
-# Pure helpers with no knowledge of configuration or PostgreSQL processes: natural ordering,
-# hashing, SQL quoting, durations, path globs, and the Console that owns stdout/stderr.
+# Pure helpers with no knowledge of configuration or PostgreSQL processes: `record` (cheap
+# dataclasses), regexes compiled on first use, natural ordering, hashing, SQL quoting,
+# durations, path globs, atomic/anonymous/synced files, calls in a background thread, and the
+# Console that owns stdout/stderr.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 # ── records: small value classes ──────────────────────────────────────────────────────────
