@@ -128,3 +128,36 @@ def test_project_fixture_and_cleanup(pg: Cluster, project: Project) -> None:
     assert pg.db_exists(project.name + "_tpl")
     pg.drop_dbs_with_prefix(project.name)
     assert not pg.db_exists(project.db("local")) and not pg.db_exists(project.name + "_tpl")
+
+
+def test_bin_confiture_uses_the_dev_cluster_only_while_it_listens(tmp_path: Path, pg: Cluster) -> None:
+    """bin/confiture points libpq at the dev cluster (its socket folder from `location`, its
+    port from `settings`) when nothing else is configured and its socket exists — without
+    starting a process to find out. The interpreter is replaced by a script printing what it got."""
+    repo = tmp_path / "repo"
+    (repo / "bin").mkdir(parents=True)
+    (repo / "bin/confiture").write_bytes((ROOT / "bin/confiture").read_bytes())
+    (repo / "bin/confiture").chmod(0o755)
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "PGHOST=${PGHOST:-} PGPORT=${PGPORT:-} root=$4 args=$5"\n')
+    fake.chmod(0o755)
+    state = repo / ".confiture/pg/dev"
+    state.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PYTHON"] = str(fake)
+
+    def run(cwd: Path, *argv: str, extra: dict[str, str] | None = None) -> str:
+        return subprocess.run([*argv, "scan"], cwd=cwd, env={**env, **(extra or {})},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert run(tmp_path, str(repo / "bin/confiture")) == f"PGHOST= PGPORT= root={repo} args=scan"
+    (state / "location").write_text(pg.env["PGHOST"] + "\n")
+    (state / "settings").write_text(f"port={pg.env['PGPORT']}\nlisten=\n")
+    expected = f"PGHOST={pg.env['PGHOST']} PGPORT={pg.env['PGPORT']} root={repo} args=scan"
+    assert run(tmp_path, str(repo / "bin/confiture")) == expected
+    assert run(repo, "bin/confiture") == expected  # relative invocation, same root
+    # a server the caller configured wins
+    assert run(repo, "bin/confiture", extra={"PGHOST": "/elsewhere"}).startswith("PGHOST=/elsewhere ")
+    # another port recorded: no socket there, so no dev cluster
+    (state / "settings").write_text("port=1\nlisten=\n")
+    assert run(repo, "bin/confiture").startswith("PGHOST= PGPORT= ")
