@@ -457,14 +457,17 @@ def scratch_file() -> Any:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file under a temporary name and rename it, so readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         raise InputError(f"cannot write {path}: {exc.strerror}") from exc
 
 

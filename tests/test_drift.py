@@ -568,3 +568,18 @@ def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> N
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert no_scratch_left(pg, project)
+
+
+def test_diff_works_when_its_caches_cannot_be_written(pg: Any, project: Any, cli: Any) -> None:
+    """A read-only or odd state folder costs time, never the run (tests run as root, so the
+    folders are made unusable by putting files where they should be)."""
+    assert cli("reset", cwd=project.root).returncode == 0
+    state = project.root / ".confiture"
+    (state / "drift").write_text("not a folder\n")
+    shutil.rmtree(state / "cache", ignore_errors=True)
+    (state / "cache").write_text("not a folder either\n")
+    for _ in range(2):
+        code, doc = diff_json(cli, project)
+        assert code == 0 and doc["cached"] is False, (code, doc)
+    result = cli("migrate", "status", cwd=project.root)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
