@@ -30,6 +30,7 @@ them into messages and exit codes. Nothing runs at import time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -301,8 +302,14 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def natural_path_key(rel: str) -> tuple[tuple[tuple[int, int | str], ...], ...]:
-    """Compare paths folder by folder, each component naturally."""
-    return tuple(natural_key(part) for part in rel.split("/"))
+    """Compare paths folder by folder, each component naturally (folder names repeat across
+    a tree's files: each is keyed once)."""
+    return tuple(_component_key(part) for part in rel.split("/"))
+
+
+@functools.cache
+def _component_key(part: str) -> tuple[tuple[int, int | str], ...]:
+    return natural_key(part)
 
 
 def sha256(data: bytes = b"") -> hashlib._Hash:
@@ -1169,18 +1176,7 @@ def walk_sql_files(top: Path) -> list[tuple[str, Path]]:
                 raise InputError(f"broken symlink {entry.path}")
 
     visit(top, "", ())
-    keys: dict[str, tuple[tuple[int, int | str], ...]] = {}  # folder names repeat: key each once
-
-    def order(item: tuple[str, Path]) -> tuple[tuple[tuple[int, int | str], ...], ...]:
-        parts = []
-        for part in item[0].split("/"):
-            key = keys.get(part)
-            if key is None:
-                key = keys[part] = natural_key(part)
-            parts.append(key)
-        return tuple(parts)
-
-    found.sort(key=order)
+    found.sort(key=lambda item: natural_path_key(item[0]))
     return found
 
 
@@ -1743,15 +1739,20 @@ def lock_key_sql(name: str) -> str:
     return f"{LOCK_CLASS}, hashtext({quote_literal(name)})"
 
 
+def lock_row_sql(alias: str, name: str) -> str:
+    """The condition on pg_locks row `alias` that is our advisory lock `name`, held."""
+    return (f"{alias}.locktype = 'advisory' AND {alias}.granted AND {alias}.classid = {LOCK_CLASS} "
+            f"AND {alias}.objid = (hashtext({quote_literal(name)})::bigint & 4294967295) "
+            f"AND {alias}.objsubid = 2")
+
+
 def lock_holder(session: Session, name: str) -> str:
     """Who holds our advisory lock `name`: pid, application, client, since when."""
     rows = session.query(
         "SELECT a.pid, a.application_name, coalesce(host(a.client_addr), 'local') AS client, "
         "a.usename, to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS') AS since "
         "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-        f"WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {LOCK_CLASS} "
-        f"AND l.objid = (hashtext({quote_literal(name)})::bigint & 4294967295) "
-        "AND l.objsubid = 2")
+        f"WHERE {lock_row_sql('l', name)}")
     if not rows:
         return "another session"
     row = rows[0]
@@ -1938,10 +1939,8 @@ def _close_template(session: Session, name: str) -> None:
     this one included (advisory locks are re-entrant, so trying the lock is not enough)."""
     lock = f"template-dump:{name}"
     if session.value(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-            f"AND classid = {LOCK_CLASS} AND objid = (hashtext({quote_literal(lock)})::bigint "
-            f"& 4294967295) AND objsubid = 2) THEN false "
-            f"ELSE pg_try_advisory_lock({lock_key_sql(lock)}) END"):
+            f"SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks l WHERE {lock_row_sql('l', lock)}) "
+            f"THEN false ELSE pg_try_advisory_lock({lock_key_sql(lock)}) END"):
         try:
             session.execute(f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false")
         finally:
