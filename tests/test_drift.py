@@ -392,6 +392,22 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, proje
     assert len(dumps) == 1, dumps
 
 
+def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Any, project: Any, cli: Any) -> None:
+    """Kept dumps are written without fsync: after a crash one can exist empty or cut short.
+    Trusting it would report every object as missing."""
+    assert cli("reset", cwd=project.root).returncode == 0
+    code, first = diff_json(cli, project)
+    assert code == 0 and first["cached"] is False, (code, first)
+    [kept] = (project.root / ".confiture" / "drift").glob("*.sql")
+    whole = kept.read_text()
+    cut = whole.rindex("-- PostgreSQL database dump complete")
+    for damaged in ("", whole[: len(whole) // 2], whole[:cut]):
+        kept.write_text(damaged)
+        code, report = diff_json(cli, project)
+        assert code == 0 and report["cached"] is False, (len(damaged), code, report)
+        assert "-- PostgreSQL database dump complete" in kept.read_text()  # kept again, whole
+
+
 def _templates(pg: Any, project: Any) -> list[tuple[str, bool, bool]]:
     return pg.query("SELECT datname, datistemplate, datallowconn FROM pg_database "
                     "WHERE starts_with(datname, %s) AND datistemplate", params=(project.name,))

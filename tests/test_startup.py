@@ -65,7 +65,7 @@ def _scan(root: Path, cache: confiture.ChecksumCache | None) -> dict[str, str]:
 def _cache(root: Path, age_s: float = 10) -> confiture.ChecksumCache:
     """A cache that treats files as `age_s` seconds older than they are (freshly written
     files are never cached: see ChecksumCache)."""
-    cache = confiture.ChecksumCache(root / ".confiture/cache/migrations.json")
+    cache = confiture.ChecksumCache(root / ".confiture/cache/migrations.json", 2)
     cache.now_ns += int(age_s * 1e9)
     return cache
 
@@ -123,6 +123,74 @@ def test_migrate_status_sees_a_changed_migration_through_the_cache(
     result = cli("migrate", "status", "--check", "--json", cwd=project.root)
     assert result.returncode == 3, result.stdout + result.stderr
     assert json.loads(result.stdout)["changed"][0]["version"] == 1
+
+
+# ── file-set scan cache (template names for diff and status) ──────────────────────────────
+
+def _scan_env(project: Any, age_s: float | None = 10) -> confiture.FileSet:
+    config = confiture.load_config(project.config_path)
+    cache = None
+    if age_s is not None:
+        cache = confiture.scan_cache(config, "local", True)
+        cache.now_ns += int(age_s * 1e9)
+    return confiture.scan_env(config, "local", cache=cache)
+
+
+def test_scan_cache_is_used_only_while_files_are_unchanged(project: Any) -> None:
+    path = project.root / "db/schema/10_tables/10_widgets.sql"
+    truth = _scan_env(project, None)
+    assert _scan_env(project) == truth
+    cache_file = project.root / ".confiture/cache/files-local.json"
+    stored = json.loads(cache_file.read_text())["files"]
+    assert list(stored) == [str(path)]
+    # a doctored entry with a matching stat key is believed (the cache is consulted) …
+    stored[str(path)][4] = "0" * 64
+    cache_file.write_text(json.dumps({"format": confiture.ChecksumCache.FORMAT, "files": stored}))
+    doctored = _scan_env(project)
+    assert doctored.files[0].sha256 == "0" * 64 and doctored.hash != truth.hash
+    # … but a build never takes a file for what the scan said it was
+    with pytest.raises(confiture.InputError, match="10_widgets.sql changed while it was being read"):
+        confiture.render_build(doctored)
+    # a rewrite with the same size and mtime is seen (ctime and inode are in the key)
+    st = os.stat(path)
+    path.write_text(path.read_text().replace("label", "lebal"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rescanned = _scan_env(project)
+    assert rescanned == _scan_env(project, None) and rescanned.hash not in (truth.hash, doctored.hash)
+    # seed-less scans keep their own cache (a scan drops the entries of files it did not see)
+    config = confiture.load_config(project.config_path)
+    assert confiture.scan_cache(config, "local", False).path.name == "files-local-schema-only.json"
+
+
+def test_diff_and_status_name_the_template_from_the_scan_cache_but_build_from_the_files(
+        project: Any, cli: Any, pg: Cluster) -> None:
+    path = project.root / "db/schema/10_tables/10_widgets.sql"
+    assert cli("reset", cwd=project.root).returncode == 0
+    truth = _scan_env(project)  # primes the cache as if the file were old
+    template = confiture.template_name(project.name, "local", truth.hash)
+    assert cli("diff", cwd=project.root).returncode == 0
+    # the same size and mtime, new content: status sees a stale template, diff the drift
+    st = os.stat(path)
+    path.write_text(path.read_text().replace("label", "lebal"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    status = cli("status", "--json", cwd=project.root)
+    assert json.loads(status.stdout)["template"]["state"] == "stale", status.stdout
+    result = cli("diff", "--json", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "lebal" in result.stdout
+    # a cache naming a template that does not exist: the files are read and hashed again,
+    # so the build is named after what it holds
+    path.write_text(path.read_text().replace("lebal", "label"))
+    _scan_env(project)
+    cache_file = project.root / ".confiture/cache/files-local.json"
+    data = json.loads(cache_file.read_text())
+    data["files"][str(path)][4] = "f" * 64
+    cache_file.write_text(json.dumps(data))
+    result = cli("diff", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = pg.query("SELECT datname FROM pg_database WHERE datistemplate AND "
+                     "starts_with(datname, %s)", params=(project.name + "_tpl_local_",))
+    assert (template,) in built, built
 
 
 # ── parsed-config cache ───────────────────────────────────────────────────────────────────
