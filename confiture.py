@@ -339,11 +339,17 @@ def sha256_large() -> hashlib._Hash:
 
 
 def sha256_bytes(data: bytes) -> str:
-    if len(data) < 1 << 20:
+    """Hex SHA-256 of one input: the built-in implementation for the first MiB a run hashes,
+    OpenSSL's after that (where its speed outweighs its load time)."""
+    _HASHED[0] += len(data)
+    if _HASHED[0] <= 1 << 20:
         return sha256(data).hexdigest()
     digest = sha256_large()
     digest.update(data)
     return digest.hexdigest()
+
+
+_HASHED = [0]  # bytes hashed by sha256_bytes in this process
 
 
 def quote_ident(name: str) -> str:
