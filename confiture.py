@@ -2024,12 +2024,10 @@ def admin_session(ws: Workspace) -> Session:
 def _template_probe(session: Session, name: str) -> dict[str, Any]:
     """The one catalog query of the fast path: does it exist, and how to clone it."""
     rows = session.query(
-        "SELECT (SELECT datistemplate FROM pg_database WHERE datname = "
-        f"{quote_literal(name)}) AS is_template, "
-        "(SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = "
-        f"{quote_literal(name)}) AS comment, "
-        f"(SELECT datallowconn FROM pg_database WHERE datname = {quote_literal(name)}) AS open, "
-        "current_setting('fsync') AS fsync, current_setting('server_version_num')::int AS version")
+        "SELECT d.datistemplate AS is_template, shobj_description(d.oid, 'pg_database') AS "
+        "comment, d.datallowconn AS open, d.oid::bigint AS oid, current_setting('fsync') AS "
+        "fsync, current_setting('server_version_num')::int AS version "
+        f"FROM (SELECT 1) AS one LEFT JOIN pg_database d ON d.datname = {quote_literal(name)}")
     if rows[0]["is_template"] and rows[0]["open"]:
         _close_template(session, name)
     return rows[0]
@@ -6862,8 +6860,9 @@ DRIFT_CACHE_FORMAT = 1
 def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
                      privileges: bool) -> Path:
     """Where the schema dump of a template is kept. A published template never changes, so
-    its dump is reusable while the template (name + build time), the server and the pg_dump
-    binary stay the same; all of them are in the file name's key."""
+    its dump is reusable while the template (name, database oid and build time: a rebuild
+    within the same second as the build it replaces differs by its oid), the server and the
+    pg_dump binary stay the same; all of them are in the file name's key."""
     try:
         built_at = json.loads(probe.get("comment") or "{}").get("built_at")
     except (ValueError, AttributeError):
@@ -6873,8 +6872,9 @@ def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
         tool = (ws.client.tools.pg_dump, binary.st_size, binary.st_mtime_ns)
     except OSError:
         tool = (ws.client.tools.pg_dump, 0, 0)
-    key = json.dumps([DRIFT_CACHE_FORMAT, template, built_at, probe.get("version"),
-                      ws.env.conn.server_identity(ws.client.environ), tool, privileges])
+    key = json.dumps([DRIFT_CACHE_FORMAT, template, probe.get("oid"), built_at,
+                      probe.get("version"), ws.env.conn.server_identity(ws.client.environ), tool,
+                      privileges])
     variant = "privileges" if privileges else "schema"
     return ws.config.state_dir / "drift" / f"{template}.{variant}.{sha256_bytes(key.encode())[:16]}.sql"
 
