@@ -338,18 +338,18 @@ def sha256_large() -> hashlib._Hash:
     return hashlib.sha256()
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 of one input: the built-in implementation for the first MiB a run hashes,
-    OpenSSL's after that (where its speed outweighs its load time)."""
-    _HASHED[0] += len(data)
-    if _HASHED[0] <= 1 << 20:
+def sha256_bytes(data: bytes, bulk: bool = False) -> str:
+    """Hex SHA-256 of one input: the built-in implementation for small inputs, OpenSSL's for
+    large ones or when the caller says it hashes more than ~1 MiB in all (`bulk`), where
+    OpenSSL's speed outweighs its load time."""
+    if len(data) < BULK_HASH_BYTES and not bulk:
         return sha256(data).hexdigest()
     digest = sha256_large()
     digest.update(data)
     return digest.hexdigest()
 
 
-_HASHED = [0]  # bytes hashed by sha256_bytes in this process
+BULK_HASH_BYTES = 1 << 20
 
 
 def quote_ident(name: str) -> str:
@@ -1289,8 +1289,10 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
     spec = config.envs[env_name]
     patterns = [glob_regex(p) for p in spec.exclude]
     files: list[SqlFile] = []
+    hashed = 0
 
     def add(top: Path, prefix: str, kind: str) -> None:
+        nonlocal hashed
         try:
             top_rel: str | None = top.relative_to(config.root).as_posix()
         except ValueError:
@@ -1306,7 +1308,8 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
                 digest, size = str(hit[0]), key[0]
             else:
                 data = read(path, display)
-                digest, size = sha256_bytes(data), len(data)
+                hashed += len(data)
+                digest, size = sha256_bytes(data, hashed > BULK_HASH_BYTES), len(data)
                 if cache is not None:
                     cache.store(str(path), key, digest)
             files.append(SqlFile(path=path, rel=display, kind=kind, sha256=digest, size=size))
@@ -1924,9 +1927,10 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     ]
     lines: list[str] = list(header)
     chunks: list[tuple[int, str, int]] = []
+    bulk = sum(item.size for item in built) > BULK_HASH_BYTES
     for item in built:
         data = read(item.path)
-        if sha256_bytes(data) != item.sha256:  # the template is named after what was hashed
+        if sha256_bytes(data, bulk) != item.sha256:  # the template is named after what was hashed
             raise InputError(f"{item.rel} changed while it was being read for the build",
                              hint="run the command again")
         text = data.decode("utf-8").removeprefix("\ufeff")
