@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import re
@@ -44,7 +45,7 @@ from pathlib import Path
 TYPE_CHECKING = False  # importing `typing` costs a few ms per run; only the type checker needs it
 if TYPE_CHECKING:
     import hashlib
-    from typing import Any, NoReturn, TypeVar, dataclass_transform
+    from typing import Any, NoReturn, Self, TypeVar, dataclass_transform
 
     _T = TypeVar("_T")
 else:
@@ -176,7 +177,8 @@ def record(*, frozen: bool = False) -> Callable[[type[_T]], type[_T]]:
     """Class decorator: fields are the class's annotations, in order (like @dataclass)."""
     def wrap(cls: type[_T]) -> type[_T]:
         specs: dict[str, _Field] = {}
-        for name in cls.__dict__.get("__annotations__", {}):
+        own = cls.__dict__.get("__annotations__", {})  # noqa: RUF063 — not inherited ones
+        for name in own:
             value = cls.__dict__.get(name, _NO_DEFAULT)
             spec = value if isinstance(value, _Field) else _Field(value, None, True, True)
             if isinstance(value, _Field):
@@ -249,14 +251,16 @@ def _frozen_setattr(self: Any, name: str, *value: Any) -> None:
 
 def evolve(obj: _T, **changes: Any) -> _T:
     """A copy of record `obj` with some fields changed (dataclasses.replace)."""
-    values = {name: getattr(obj, name) for name in getattr(obj, "__record_fields__")}
+    values = {name: getattr(obj, name)
+              for name in getattr(obj, "__record_fields__")}  # noqa: B009 — unknown to mypy
     values.update(changes)
     return type(obj)(**values)
 
 
 def as_dict(obj: object) -> dict[str, Any]:
     """Record → plain dict, recursively through records, lists, tuples and dicts."""
-    return {name: _plain(getattr(obj, name)) for name in getattr(obj, "__record_fields__")}
+    return {name: _plain(getattr(obj, name))
+            for name in getattr(obj, "__record_fields__")}  # noqa: B009 — unknown to mypy
 
 
 def _plain(value: Any) -> Any:
@@ -1764,7 +1768,7 @@ class Session:
             if stream:
                 stream.close()
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -2305,7 +2309,7 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 MIGRATION_LOCK = "migrate"
-NO_TRANSACTION_RE = lazy_re(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.I)
+NO_TRANSACTION_RE = lazy_re(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
 _VERSION_RE = lazy_re(r"^(\d[\d-]*)(?:_(.*))?$")
 _FLAT_RE = lazy_re(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
 _MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
@@ -2375,7 +2379,7 @@ def _diesel_transactional(folder: Path, rel: str) -> bool:
     return value
 
 
-_NO_TRANSACTION_START = lazy_re_bytes(rb"\s*--[ \t]*confiture:no-transaction\b", re.I)
+_NO_TRANSACTION_START = lazy_re_bytes(rb"\s*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
 
 
 def _file_transactional(text: bytes) -> bool:
@@ -2469,7 +2473,7 @@ def scan_migrations(folder: Path, root: Path | None = None,
     if cache is not None:
         cache.save()
     found.sort(key=lambda m: (m.version, m.label))
-    for before, after in zip(found, found[1:]):
+    for before, after in itertools.pairwise(found):
         if before.version == after.version:
             raise InputError(f"two migrations have version {before.version}: "
                              f"{show(before.up)} and {show(after.up)}",
@@ -2534,12 +2538,12 @@ _SQL_SPECIAL = lazy_re(r"""(?x)
   | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
   | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
 _STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
-_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.S)
+_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
 _IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
 _BLOCK_EDGE = lazy_re(r"/\*|\*/")
 _WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
-_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.I | re.S)
-_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.M)
+_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
+_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
 
 
 def _skip_block_comment(text: str, pos: int) -> int:
@@ -2577,9 +2581,7 @@ def _inside_routine_body(code: str) -> bool:
         elif word == ")":
             parens = max(parens - 1, 0)
         elif parens == 0:
-            if word == "BEGIN":
-                depth += 1
-            elif word == "CASE" and depth >= 1:
+            if word == "BEGIN" or (word == "CASE" and depth >= 1):
                 depth += 1
             elif word == "END" and depth > 0:
                 depth -= 1
@@ -3079,7 +3081,7 @@ class _Locked:
         self.own = session is None
         self.session = session or open_migration_session(ws)
 
-    def __enter__(self) -> "_Locked":
+    def __enter__(self) -> Self:
         try:
             if self.lock:
                 acquire_lock(self.session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
@@ -3097,7 +3099,7 @@ class _Locked:
         applied, partial = read_tracking(self.session, self.tracking)
         return plan_status(files, applied, partial, self.tracking.display, True)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: Any) -> None:  # noqa: PYI036 — exc[0] is a type when set
         if exc and exc[0] is not None and issubclass(exc[0], (KeyboardInterrupt, Interrupted)):
             # cancel the running statement: psql stops (ON_ERROR_STOP), the server rolls the
             # migration back, and the lock goes with the connection
@@ -3129,7 +3131,7 @@ def _apply_transactional(session: Session, tracking: Tracking, migration: Migrat
 
 _CIC_NAME = lazy_re(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
                        r"(?:(?:\"(?:[^\"]|\"\")+\"|[\w$]+)\s*\.\s*)?(\"(?:[^\"]|\"\")+\"|[\w$]+)",
-                       re.I)
+                       re.IGNORECASE)
 
 
 def drop_invalid_index_of(session: Session, stmt: Statement, console: Console) -> str | None:
@@ -3152,7 +3154,7 @@ def drop_invalid_index_of(session: Session, stmt: Statement, console: Console) -
 
 
 def _strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.DOTALL)
     return re.sub(r"--[^\n]*", " ", text)
 
 
@@ -4070,11 +4072,11 @@ def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, An
         mark = {"mark": DB_MARK, "kind": "replaced", "name": replaced, "database": target,
                 "env": ws.env.name, "backup": str(backup), "at": utc_now(), "comment": comment}
         statements += [f"ALTER DATABASE {quote_ident(target)} RENAME TO {quote_ident(replaced)}",
-                       f"COMMENT ON DATABASE {quote_ident(replaced)} IS "
-                       f"{quote_literal(json.dumps(mark))}"]
+                       (f"COMMENT ON DATABASE {quote_ident(replaced)} IS "
+                        f"{quote_literal(json.dumps(mark))}")]
     statements += [f"ALTER DATABASE {quote_ident(scratch)} RENAME TO {quote_ident(target)}",
-                   f"COMMENT ON DATABASE {quote_ident(target)} IS "
-                   + (quote_literal(comment) if comment else "NULL")]
+                   (f"COMMENT ON DATABASE {quote_ident(target)} IS "
+                    + (quote_literal(comment) if comment else "NULL"))]
     body = "BEGIN " + " ".join(f"EXECUTE {quote_literal(s)};" for s in statements) + " END"
     deadline = time.monotonic() + 15
     while True:
@@ -4620,7 +4622,7 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
         problem = drift(ws) if drift is not None else None
         if problem:
             raise CheckFailed(f"drift check: {problem}")
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
         if isinstance(exc, MigrationRunFailed):
             failed = exc
             applied = list(exc.applied)
