@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import confiture`
 
-from helpers import (  # noqa: E402
+from helpers import (
     CONFITURE,
     Cluster,
     Project,

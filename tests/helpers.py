@@ -10,9 +10,10 @@ import secrets
 import shlex
 import socket
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, LiteralString, Mapping, Sequence, cast
+from typing import Any, LiteralString, cast
 from urllib.parse import quote
 
 import psycopg

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from helpers import CONFITURE, Cluster, Project, clean_environ
 
 PGBIN = os.environ.get("PGBIN") or subprocess.run(

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from psycopg import sql
-
 from helpers import CONFITURE, Cluster, Project, clean_environ
+from psycopg import sql
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
 LOCK_CLASS = 1668247142  # confiture's advisory lock class ('conf')

@@ -4,20 +4,20 @@ psycopg makes the changes and checks the outcomes; confiture only reports."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from helpers import clean_environ
 from psycopg import sql
 
 import confiture
-from helpers import clean_environ
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
-
 from helpers import PG_DEV, ROOT, Cluster, Project, parse_env_output, pg_dev
+from psycopg import sql
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import confiture
 from helpers import CONFITURE, Cluster
 
+import confiture
 
 # ── records ───────────────────────────────────────────────────────────────────────────────
 

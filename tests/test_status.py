@@ -42,7 +42,7 @@ def test_status_of_a_fresh_env_then_a_healthy_one(pg: Any, project: Any, cli: An
     assert status["drift"] == {"checked": False} and status["ok"] is True
     text = cli("status", cwd=project.root)
     assert text.returncode == 0
-    assert re.search(r"^  template   \S+_tpl_local_\w+  current$", text.stdout, re.M)
+    assert re.search(r"^  template   \S+_tpl_local_\w+  current$", text.stdout, re.MULTILINE)
     assert "attention  none" in text.stdout
 
 

@@ -17,15 +17,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
 from psycopg import sql
 
 import confiture
-from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
 
 KEY = "test-key-" + "k" * 24
 CORPORA = Path(os.environ.get("CONFITURE_CORPORA") or ROOT.parent / "shared" / "corpora")
