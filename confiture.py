@@ -325,13 +325,12 @@ def sha256(data: bytes = b"") -> hashlib._Hash:
 
 @functools.cache
 def _builtin_sha256() -> Callable[[bytes], hashlib._Hash]:
+    """CPython 3.11's `_sha256` (in its sys.stdlib_module_names); hashlib elsewhere (3.12
+    renamed the module, and builds without it exist)."""
     try:
-        from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
+        from _sha256 import sha256  # type: ignore[import-not-found]
     except ImportError:
-        try:
-            from _sha2 import sha256  # type: ignore[import-not-found]  # 3.12+
-        except ImportError:
-            from hashlib import sha256
+        from hashlib import sha256
     return sha256  # type: ignore[no-any-return]
 
 
