@@ -36,6 +36,12 @@ __all__ = ["Cluster", "Project", "write_config"]
 CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs everything (CI too); `make test PYTEST_ARGS='-m "not slow"'` skips the
+    # corpus-sized runs while developing.
+    config.addinivalue_line("markers", "slow: a corpus-sized run (tens of seconds)")
+
+
 def _keep_clusters() -> bool:
     return os.environ.get("CONFITURE_KEEP_CLUSTER") == "1"
 
