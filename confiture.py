@@ -1667,6 +1667,20 @@ class Session:
             raise self._sql_error(stderr, sqlstate)
         return lines
 
+    def transaction(self, sql: str, timeout: float | None = None) -> list[str]:
+        """Run statements in one transaction; SqlError if any of them failed. (execute()
+        cannot tell: psql's ERROR is about the last statement, and COMMIT of a failed
+        transaction succeeds as a ROLLBACK; LAST_ERROR_SQLSTATE, reset first, remembers.)"""
+        if self._closed:
+            raise PgError("session is closed")
+        marker = self._marker.decode()
+        self._send(f"\\set LAST_ERROR_SQLSTATE 00000\nBEGIN;\n{sql.strip()}\nCOMMIT;\n"
+                   f"\\echo {marker} :ERROR :LAST_ERROR_SQLSTATE\n")
+        lines, sqlstate, failed, stderr = self._read_frame(timeout)
+        if failed or sqlstate != "00000":
+            raise self._sql_error(stderr, sqlstate)
+        return lines
+
     def submit(self, script: str) -> None:
         """Send statements or meta-commands without waiting for them; collect() reads the
         outcome. Lets one thread drive two sessions at once (sync streams between two)."""
@@ -2351,10 +2365,20 @@ class MigrationFiles:
 def parse_version(text: str) -> int:
     """'2017-08-31-230457' or '20170831230457' → 20170831230457 (SPEC §7)."""
     digits = str(text).strip().replace("-", "")
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise ConfigError(f"{text!r} is not a migration version",
                           hint="versions are the leading digits of a migration's name")
-    return int(digits)
+    return version_number(digits, ConfigError)
+
+
+def version_number(digits: str, error: type[ConfitureError] = InputError,
+                   where: str = "") -> int:
+    """A version's digits as an exact integer (any length Python converts: 4,300 digits)."""
+    try:
+        return int(digits)
+    except ValueError:
+        raise error(f"{where or digits[:20] + '…'}: a migration version of {len(digits)} "
+                    "digits is too long") from None
 
 
 def normalise_sql(data: bytes) -> bytes:
@@ -2403,7 +2427,8 @@ def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str
         hit = sha256_bytes(data), _file_transactional(data)
         if cache is not None:
             cache.store(up, key, *hit)
-    return Migration(version=int(match.group(1).replace("-", "")), name=match.group(2) or "",
+    return Migration(version=version_number(match.group(1).replace("-", ""), where=rel),
+                     name=match.group(2) or "",
                      label=label, up_file=up, down_file=down, checksum=hit[0],
                      transactional=folder_transactional and hit[1], layout=layout)
 
@@ -2911,20 +2936,29 @@ def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool, 
 
 
 def ensure_tracking(session: Session, tracking: Tracking) -> None:
-    """Create what is missing of the schema, the tracking table and its log (under the lock).
-    Existing objects are left alone: CREATE SCHEMA IF NOT EXISTS alone would need the CREATE
+    """Create what is missing of the schema, the tracking table and its log (under the lock),
+    and upgrade tables of earlier versions in place (see _upgrade_version_columns). Existing
+    objects are otherwise left alone: CREATE SCHEMA IF NOT EXISTS alone would need the CREATE
     privilege on the database even when the schema exists."""
+    def version_type(relation: str) -> str:
+        return (f"(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE "
+                f"a.attrelid = to_regclass({quote_literal(relation)}) AND a.attname = 'version' "
+                "AND NOT a.attisdropped)")
+
     row = session.query(
         f"SELECT to_regnamespace({quote_literal(quote_ident(tracking.schema))}) IS NULL AS schema,"
         f" to_regclass({quote_literal(tracking.qualified)}) IS NULL AS tbl,"
-        f" to_regclass({quote_literal(tracking.log)}) IS NULL AS log")[0]
+        f" to_regclass({quote_literal(tracking.log)}) IS NULL AS log,"
+        f" {version_type(tracking.qualified)} AS tbl_version,"
+        f" {version_type(tracking.log)} AS log_version")[0]
     sql = []
     if row["schema"]:
         sql.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(tracking.schema)};")
     if row["tbl"]:
         sql.append(
             f"CREATE TABLE IF NOT EXISTS {tracking.qualified} (\n"
-            "  version bigint PRIMARY KEY,\n  name text NOT NULL,\n  checksum text NOT NULL,\n"
+            f"  version {VERSION_TYPE} PRIMARY KEY,\n  name text NOT NULL,\n"
+            "  checksum text NOT NULL,\n"
             "  applied_at timestamptz NOT NULL DEFAULT now(),\n"
             "  applied_by text NOT NULL DEFAULT current_user,\n"
             "  duration_ms integer NOT NULL DEFAULT 0,\n"
@@ -2935,10 +2969,27 @@ def ensure_tracking(session: Session, tracking: Tracking) -> None:
             "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
             "  at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
             "  by text NOT NULL DEFAULT current_user,\n"
-            "  event text NOT NULL,\n  version bigint,\n  name text,\n  checksum text,\n"
-            "  detail jsonb);")
+            f"  event text NOT NULL,\n  version {VERSION_TYPE},\n  name text,\n"
+            "  checksum text,\n  detail jsonb);")
+    sql += _upgrade_version_columns(tracking, row["tbl_version"], row["log_version"])
     if sql:
-        session.execute("\n".join(sql))
+        session.transaction("\n".join(sql))
+
+
+# Versions are whole numbers of any length (popx/ory names have 20 digits, past bigint):
+# `numeric` stores them exactly and orders them numerically; Python ints carry them.
+VERSION_TYPE = "numeric"
+
+
+def _upgrade_version_columns(tracking: Tracking, table_type: str | None,
+                             log_type: str | None) -> list[str]:
+    """Tables made before versions could exceed bigint have `version bigint`: widen them to
+    numeric, in the transaction that ensure_tracking commits, under the migration lock
+    (a rewrite of two small tables). Reads never need this: both forms read as digits."""
+    return [f"ALTER TABLE {relation} ALTER COLUMN version TYPE {VERSION_TYPE} "
+            f"USING version::{VERSION_TYPE};"
+            for relation, found in ((tracking.qualified, table_type), (tracking.log, log_type))
+            if found is not None and found != VERSION_TYPE]
 
 
 # Events whose latest occurrence for a version that is not applied means "partly run".
