@@ -101,6 +101,28 @@ def test_split_sql_reports_lines() -> None:
     assert not confiture.transaction_control(("ROLLBACK", "TO", "SAVEPOINT"))
 
 
+@pytest.mark.parametrize("sql", [
+    "BEGIN;", "/*x*/commit;", "select 1;\nEnd;", "abort", "ROLLBACK;", "start transaction;",
+    "prepare transaction 'x';", "vacuum t;", "create index concurrently i on t (x);",
+    "CREATE DATABASE d;", "alter system set work_mem = '1MB';", "drop tablespace t;",
+    "select 1 ; -- c\nBegin\n;", "x1 ; cOmMiT;", "select 'a';begin;",
+])
+def test_refused_statements_are_never_skipped_by_the_quick_word_check(sql: str) -> None:
+    """check_migration_sql skips splitting a file without any of the words it looks for: every
+    file the splitter would refuse must contain one."""
+    refused = [s for s in confiture.split_sql(sql)
+               if confiture.transaction_control(s.words) or confiture.needs_no_transaction(s.words)]
+    assert refused, sql
+    assert confiture._REFUSAL_WORDS.search(sql), sql
+
+
+def test_quick_word_check_lets_plain_migrations_skip_the_split() -> None:
+    plain = ("CREATE TABLE item (id bigint PRIMARY KEY, legend text, started_at timestamptz);\n"
+             "CREATE INDEX item_legend ON item (legend);\nINSERT INTO item SELECT g FROM "
+             "generate_series(1, 10) g;\n")
+    assert not confiture._REFUSAL_WORDS.search(plain)
+
+
 def test_parse_table_name() -> None:
     assert confiture.parse_table_name("confiture_migrations") == (None, "confiture_migrations")
     assert confiture.parse_table_name("Ops.Migs") == ("ops", "migs")
