@@ -481,6 +481,22 @@ def test_sigterm_rolls_back_the_running_migration(pg: Any, project: Any, db: str
     assert exists(pg, project, "fast") and not exists(pg, project, "slow_one")
 
 
+def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Any, project: Any,
+                                                                   db: str) -> None:
+    """psql is handed the next migration while one runs; stopping the run must not let it run."""
+    mig(project, "1_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(30);\n")
+    mig(project, "2_queued", "CREATE TABLE queued (id int);\n")
+    mig(project, "3_queued", "CREATE TABLE queued_too (id int);\n")
+    proc = _start(project, pg, "migrate", "up")
+    _wait_for(lambda: _running(pg, db, "pg_sleep"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130
+    _wait_for(lambda: _sessions(pg, db) == 0)
+    assert tracked(pg, project) == []
+    assert not exists(pg, project, "slow_one") and not exists(pg, project, "queued")
+    assert not exists(pg, project, "queued_too")
+
+
 def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str) -> None:
     add_config(project, '[migrations]\nlock_timeout = "60s"')
     mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
