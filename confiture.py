@@ -1753,13 +1753,17 @@ class Session:
 
     # -- framing ---------------------------------------------------------------------------
 
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, queued: bool = False) -> None:
+        """Write to psql. `queued`: psql may already have exited at an error in a script queued
+        before this one; then the closed pipe is not an error here — reading that script's
+        outcome reports it (with psql's stderr)."""
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write(text.encode())
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self._raise_dead()
+            if not queued:
+                self._raise_dead()
 
     def _read_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
         while self._unread:
@@ -1903,7 +1907,7 @@ class Session:
             raise PgError("session is closed")
         marker = self._marker.decode()
         self._send(f"\\set ON_ERROR_STOP on\n{script.rstrip()}\n\\set ON_ERROR_STOP off\n"
-                   f"\\echo {marker} :ERROR :SQLSTATE\n")
+                   f"\\echo {marker} :ERROR :SQLSTATE\n", queued=True)
 
     def wait_stop_on_error(self) -> list[str]:
         """The outcome of the oldest script queued by send_stop_on_error (see run_stop_on_error)."""

@@ -131,6 +131,21 @@ def test_parse_table_name() -> None:
         confiture.parse_table_name("a.b.c")
 
 
+def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(pg: Any) -> None:
+    """Pipelining: psql may have exited at a failing script before the next one is queued. The
+    queueing must not fail on the closed pipe; waiting for the failed script reports its error."""
+    conn = confiture.ConnInfo.parse(pg.url())
+    session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")
+    session.value("SELECT 1")
+    session.send_stop_on_error("SELECT 1 / 0;")
+    session._proc.wait(timeout=30)  # psql stopped at the error and exited
+    session.send_stop_on_error("SELECT 2;")  # no BrokenPipeError, no 'lost the session'
+    with pytest.raises(confiture.ScriptStopped) as stopped:
+        session.wait_stop_on_error()
+    assert "division by zero" in stopped.value.stderr
+    assert session.closed
+
+
 # ── helpers for the server tests ────────────────────────────────────────────────────────────
 
 def mig(project: Any, name: str, up: str, down: str | None = None) -> None:
