@@ -1796,6 +1796,8 @@ class Session:
             raise PgError(f"cannot start {tools.psql}: {exc.strerror}") from exc
         self._closed = False
         self._stdout_buf = b""
+        self._stderr_carry: list[bytes] = []  # stderr that may belong to a queued script
+        self._queued = 0                      # scripts sent by send_stop_on_error, not waited for
         self.last_stderr = ""
         # Not waited for: psql connects while the caller goes on (e.g. hashing files); the
         # first statement that reads an answer also reads this one's (and any error).
@@ -1816,20 +1818,25 @@ class Session:
             if not queued:
                 self._raise_dead()
 
-    def _read_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
+    def _read_frame(self, timeout: float | None, ahead: bool = False
+                    ) -> tuple[list[str], str, bool, str]:
         while self._unread:
             self._unread -= 1
             _, sqlstate, failed, stderr = self._next_frame(timeout)
             if failed:
                 raise self._sql_error(stderr, sqlstate)
-        return self._next_frame(timeout)
+        return self._next_frame(timeout, ahead)
 
-    def _next_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
+    def _next_frame(self, timeout: float | None, ahead: bool = False
+                    ) -> tuple[list[str], str, bool, str]:
+        """The next answer. `ahead`: psql may already be running later scripts, so stderr read
+        so far may be theirs: it is carried over to the next frame instead of returned (this
+        frame's stderr is then ""), and goes with psql's exit if one of them fails."""
         import selectors
 
         assert self._proc.stdout is not None and self._proc.stderr is not None
         out_fd, err_fd = self._proc.stdout.fileno(), self._proc.stderr.fileno()
-        err_chunks: list[bytes] = []
+        err_chunks, self._stderr_carry = self._stderr_carry, []
         deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(out_fd, selectors.EVENT_READ)
@@ -1840,7 +1847,10 @@ class Session:
                     end = self._stdout_buf.index(b"\n", idx)
                     body, tail = self._stdout_buf[:idx], self._stdout_buf[idx:end]
                     self._stdout_buf = self._stdout_buf[end + 1:]
-                    err_chunks.append(self._drain(err_fd))
+                    if ahead:
+                        self._stderr_carry, err_chunks = err_chunks, []
+                    else:
+                        err_chunks.append(self._drain(err_fd))
                     fields = tail.decode().split(" ", 2)
                     failed = len(fields) > 1 and fields[1] == "true"
                     sqlstate = fields[2] if len(fields) > 2 else ""
@@ -1959,11 +1969,13 @@ class Session:
         marker = self._marker.decode()
         self._send(f"\\set ON_ERROR_STOP on\n{script.rstrip()}\n\\set ON_ERROR_STOP off\n"
                    f"\\echo {marker} :ERROR :SQLSTATE\n", queued=True)
+        self._queued += 1
 
     def wait_stop_on_error(self) -> list[str]:
         """The outcome of the oldest script queued by send_stop_on_error (see run_stop_on_error)."""
+        self._queued -= 1
         try:
-            lines, _, _, _ = self._read_frame(None)
+            lines, _, _, _ = self._read_frame(None, ahead=self._queued > 0)
         except ConnectionFailed:
             raise
         except PgError as exc:

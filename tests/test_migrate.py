@@ -146,6 +146,21 @@ def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(
     assert session.closed
 
 
+def test_a_queued_script_s_error_is_not_taken_for_the_one_before(pg: Any) -> None:
+    """Pipelining: psql may have failed at the second script (and exited) before the first's
+    answer is read; the error text belongs to the second, not to the first's answer."""
+    conn = confiture.ConnInfo.parse(pg.url())
+    session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")
+    session.value("SELECT 1")
+    session.send_stop_on_error("SELECT 1;")
+    session.send_stop_on_error("SELECT 1 / 0;")
+    session._proc.wait(timeout=30)  # both ran; psql stopped at the second and exited
+    session.wait_stop_on_error()
+    with pytest.raises(confiture.ScriptStopped) as stopped:
+        session.wait_stop_on_error()
+    assert "division by zero" in stopped.value.stderr
+
+
 # ── helpers for the server tests ────────────────────────────────────────────────────────────
 
 def mig(project: Any, name: str, up: str, down: str | None = None) -> None:
