@@ -4421,6 +4421,20 @@ def deploys_table(config: Config) -> str:
     return str(config.raw.get("deploy", {}).get("table", "confiture_deploys"))
 
 
+def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
+    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
+    table and its log, §9's deploys table. They are never copied by sync, listed as rules or
+    treated as user data. Schema None: the name is unqualified in the config, so the table is
+    wherever search_path put it, and the name is ours in every schema."""
+    schema, table = parse_table_name(config.migrations_table)
+    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
+    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
+
+
+def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
+    return (schema, name) in own or (None, name) in own
+
+
 def verify_files(config: Config) -> list[Path]:
     folder = config.deploy_verify
     if not folder.is_dir():
@@ -5403,15 +5417,8 @@ class SyncPlan:
     warnings: tuple[str, ...]
 
 
-def internal_tables(config: Config) -> set[tuple[str | None, str]]:
-    """confiture's own bookkeeping tables, never synced: (schema or None, name)."""
-    parts = [seg for seg, _ in split_name(config.migrations_table, "migrations.table")]
-    table = (parts[0] if len(parts) == 2 else None, parts[-1])
-    return {table, (None, "confiture_deploys")}
-
-
 def select_tables(tables: Sequence[TableInfo], settings: SyncSettings,
-                  internal: set[tuple[str | None, str]] = frozenset()) -> list[TableInfo]:  # type: ignore[assignment]
+                  internal: frozenset[tuple[str | None, str]] = frozenset()) -> list[TableInfo]:
     """The tables to copy: `tables` globs (default all), minus `exclude` and our own tables.
     A pattern that matches nothing is an error (a typo must not silently copy less)."""
     for pattern in settings.tables:
@@ -5424,7 +5431,7 @@ def select_tables(tables: Sequence[TableInfo], settings: SyncSettings,
             continue
         if any(p.matches(table.schema, table.name) for p in settings.exclude):
             continue
-        if (table.schema, table.name) in internal or (None, table.name) in internal:
+        if is_own_table(internal, table.schema, table.name):
             continue
         chosen.append(table)
     return chosen
@@ -5493,7 +5500,7 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
 def plan_sync(settings: SyncSettings, source_tables: Sequence[TableInfo],
               target_tables: Sequence[TableInfo], foreign_keys: Sequence[ForeignKey],
               sequences: Sequence[SequenceUse],
-              internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+              internal: frozenset[tuple[str | None, str]] = frozenset()
               ) -> SyncPlan:
     """Decide everything before anything is written: tables, columns, rules, SQL, format.
     Raises UnclassifiedColumns (strict) or SyncError listing every problem at once."""
@@ -5836,7 +5843,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
         source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         plan = plan_sync(settings, read_tables(source), read_tables(target),
                          read_foreign_keys(target), read_sequences(target),
-                         internal_tables(config))
+                         own_tables(config))
         outcome.plan = plan
         for warning in plan.warnings:
             console.warn(warning)
@@ -5973,7 +5980,7 @@ def sync_rules(config: Config, settings: SyncSettings, environ: Mapping[str, str
     """Connect to the source and print its rules block (nothing is written anywhere)."""
     env = resolve_env(config, settings.source, environ)
     with Session(find_pg_tools(environ), env.conn, env.database, environ) as session:
-        tables = select_tables(read_tables(session), settings, internal_tables(config))
+        tables = select_tables(read_tables(session), settings, own_tables(config))
     return rules_block(settings, tables, env), tables
 
 
@@ -6060,7 +6067,7 @@ class SchemaCopyPlan:
 
 def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[TableInfo],
                      mapping: TableMapping,
-                     internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+                     internal: frozenset[tuple[str | None, str]] = frozenset()
                      ) -> SchemaCopyPlan:
     """Match NEW tables and columns to OLD ones (same names unless the mapping says otherwise)."""
     old_by_key = {t.key: t for t in old_tables}
@@ -6077,7 +6084,7 @@ def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[Table
                             "of the old database")
     used: set[tuple[str, str]] = set()
     for new in new_tables:
-        if new.key in mapping.skip or new.key in internal or (None, new.name) in internal:
+        if new.key in mapping.skip or is_own_table(internal, *new.key):
             continue
         old = old_by_key.get(mapping.tables.get(new.key, new.key))
         if old is None:
@@ -6118,7 +6125,7 @@ def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[Table
         if defaulted:
             notes.append(f"{new.qualified}: {', '.join(defaulted)} left to their defaults")
     dropped = [t.qualified for t in old_tables if t.key not in used
-               and t.key not in internal and (None, t.name) not in internal]
+               and not is_own_table(internal, *t.key)]
     if problems:
         raise ConfigError("schema-to-schema cannot start; nothing was written:\n  "
                           + "\n  ".join(problems))
@@ -6174,7 +6181,7 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
             raise Refused(f"schema-to-schema: {old_name!r} and {new_name!r} are the same "
                           "database of the same cluster")
         plan = plan_schema_copy(read_tables(old), read_tables(new), mapping,
-                                internal_tables(config))
+                                own_tables(config))
         old.close()
         new.execute("BEGIN")
         new.execute("SET LOCAL statement_timeout = 0")
@@ -6437,12 +6444,11 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
     table and its log, §9's deploy record ([deploy] table)."""
-    qualifier, table = parse_table_name(config.migrations_table)
-    schema = qualifier or "public"
-    found = {(schema, table), (schema, table + "_log")}
-    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
-    for where in {deploy_schema or schema, deploy_schema or "public"}:
-        found.add((where, deploy_table))
+    qualifier, _ = parse_table_name(config.migrations_table)
+    found = set()
+    for schema, table in own_tables(config):  # unqualified: the tracking table's schema
+        for where in {schema or qualifier or "public", schema or "public"}:
+            found.add((where, table))
     return frozenset(found)
 
 

@@ -559,6 +559,55 @@ def test_sync_rules_prints_a_complete_block(sp: SyncProject) -> None:
     assert sp.run("sync", "--dry-run").returncode == 0
 
 
+OWN_TABLES = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE {mig} (version bigint PRIMARY KEY, name text);
+CREATE TABLE {mig}_log (id bigint PRIMARY KEY, event text);
+CREATE TABLE {deploys} (id bigint PRIMARY KEY, outcome text);
+INSERT INTO {mig} VALUES ({n}, '{who}');
+INSERT INTO {mig}_log VALUES ({n}, '{who}');
+INSERT INTO {deploys} VALUES ({n}, '{who}');
+"""
+
+
+@pytest.mark.parametrize("names", [("public", "confiture_migrations", "confiture_deploys", ""),
+                                   ("ops", "ops.mig", "ops.deploys",
+                                    '[migrations]\ntable = "ops.mig"\n'
+                                    '[deploy]\ntable = "ops.deploys"\n')])
+def test_own_tables_are_never_synced_listed_or_user_data(sp: SyncProject,
+                                                         names: tuple[str, ...]) -> None:
+    schema, mig, deploys, settings = names
+    sp.config(sync_extra="", envs="", rules=RULES + "\n" + settings)
+    for run, n, who in ((sp.src, 1, "prod"), (sp.dst, 2, "staging")):
+        run(OWN_TABLES.format(schema=schema, mig=mig, deploys=deploys, n=n, who=who))
+    result = sp.run("sync")
+    assert result.returncode == 0, result.stderr
+    for table in (mig, mig + "_log", deploys):  # the target keeps its own history
+        assert sp.dst(f"SELECT * FROM {table}") == [(2, "staging")], table
+    rules = sp.run("sync", "rules")
+    assert rules.returncode == 0, rules.stderr
+    for table in (mig, mig + "_log", deploys):
+        assert f'"{schema}.{table.split(".")[-1]}.' not in rules.stdout, rules.stdout
+    # schema-to-schema: our tables are neither copied into NEW nor reported as left behind
+    write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+{settings}
+[env.old]
+url = "{sp.source.url(sp.src_db)}"
+[env.new]
+url = "{sp.target.url(sp.dst_db)}"
+""")
+    sp.dst("TRUNCATE orders, users, people")
+    (sp.root / "map.toml").write_text("")
+    result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping", "map.toml",
+                    "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "_log" not in result.stdout + result.stderr and "deploys" not in result.stdout + \
+        result.stderr, result.stdout + result.stderr
+
+
 # ── the cron wrapper ──────────────────────────────────────────────────────────────────────
 
 
