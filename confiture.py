@@ -764,6 +764,31 @@ class ConnInfo:
             host = "local"
         return host.lower(), port
 
+    def passfile_password(self, dbname: str, user: str,
+                          environ: Mapping[str, str] = os.environ) -> str | None:
+        """The password libpq would take from the password file (passfile, $PGPASSFILE or
+        ~/.pgpass) for this connection as `user` to `dbname`; None when no line matches.
+        A unix-socket connection matches host `localhost` too, as libpq's default one does."""
+        path = self.get("passfile") or environ.get("PGPASSFILE") or str(Path.home() / ".pgpass")
+        host = self.get("host") or environ.get("PGHOST") or "localhost"
+        hosts = {host, "localhost"} if host.startswith("/") else {host}
+        port = self.get("port") or environ.get("PGPORT") or "5432"
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        for line in lines:
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = [f.replace("\\:", ":").replace("\\\\", "\\")
+                      for f in re.split(r"(?<!\\):", line, maxsplit=4)]
+            if len(fields) != 5:
+                continue
+            wanted = (hosts, {port}, {dbname}, {user})
+            if all(f == "*" or f in w for f, w in zip(fields[:4], wanted, strict=True)):
+                return fields[4]
+        return None
+
     def display(self, environ: Mapping[str, str] = os.environ) -> str:
         """A URL for humans: no password, defaults filled in."""
         from urllib.parse import quote
@@ -6165,18 +6190,10 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
         backup = create_backup(open_workspace(new_env, console, environ))
         console.info(f"backed up {new_env.database} before schema-to-schema: {backup.path}")
     tools = find_pg_tools(environ)
-    user = old_env.conn.get("user") or environ.get("PGUSER") or ""
-    password = old_env.conn.get("password") or environ.get("PGPASSWORD") or ""
-    # The user mapping needs OLD's password in SQL: it travels hex-encoded as a custom
-    # setting in the startup packet and is used only inside a DO block, so it is in no query
-    # text, pg_stat_activity row or statement log.
-    secret_options = (f"-c confiture.fdw_user={user.encode().hex() or '00'} "
-                      f"-c confiture.fdw_password={password.encode().hex() or '00'}")
-    options = new_env.conn.get("options") or environ.get("PGOPTIONS", "")
-    new_conn = new_env.conn.with_params(options=f"{options} {secret_options}".strip())
     started = time.monotonic()
     with Session(tools, old_env.conn, old_env.database, environ) as old, \
-            Session(tools, new_conn, new_env.database, environ) as new:
+            Session(tools, _fdw_login(old, old_env, new_env, environ), new_env.database,
+                    environ) as new:
         if server_identity(old) == server_identity(new):
             raise Refused(f"schema-to-schema: {old_name!r} and {new_name!r} are the same "
                           "database of the same cluster")
@@ -6219,6 +6236,23 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
 
 
 _FDW_SERVER = "confiture_s2s"
+
+
+def _fdw_login(old: Session, old_env: Env, new_env: Env, environ: Mapping[str, str]) -> ConnInfo:
+    """NEW's connection, carrying the login NEW's server uses to reach OLD: the role OLD's
+    session really has (a URL may name none), and the password libpq used (URL, $PGPASSWORD
+    or the password file), if any: trust and peer logins have none, and an empty password
+    must not reach the server at all. It travels hex-encoded as custom settings in the startup
+    packet and is used only inside a DO block, so it is in no query text, pg_stat_activity
+    row or statement log."""
+    user = str(old.value("SELECT session_user"))
+    password = (old_env.conn.get("password") or environ.get("PGPASSWORD")
+                or old_env.conn.passfile_password(old_env.database, user, environ))
+    settings = f"-c confiture.fdw_user={user.encode().hex()}"
+    if password:
+        settings += f" -c confiture.fdw_password={password.encode().hex()}"
+    options = new_env.conn.get("options") or environ.get("PGOPTIONS", "")
+    return new_env.conn.with_params(options=f"{options} {settings}".strip())
 
 
 def _copy_order(plan: SchemaCopyPlan, foreign_keys: Sequence[ForeignKey], replica: bool
@@ -6265,12 +6299,13 @@ def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
                         "postgres_fdw in the new database once (package postgresql-contrib)")
     session.execute(f"CREATE SERVER {_FDW_SERVER} FOREIGN DATA WRAPPER postgres_fdw OPTIONS "
                     f"({_fdw_server_options(old_env.conn, old_env.database, environ)})")
-    session.execute(
-        "DO $confiture$ BEGIN EXECUTE format('CREATE USER MAPPING FOR CURRENT_USER SERVER "
-        f"{_FDW_SERVER} OPTIONS (user %L, password %L)', "
+    session.execute(  # no password setting (trust, peer): the mapping names none
+        "DO $confiture$ DECLARE pw text := current_setting('confiture.fdw_password', true); "
+        "BEGIN EXECUTE format('CREATE USER MAPPING FOR CURRENT_USER SERVER "
+        f"{_FDW_SERVER} OPTIONS (user %L' || CASE WHEN pw IS NULL THEN ')' "
+        "ELSE ', password %L)' END, "
         "convert_from(decode(current_setting('confiture.fdw_user'), 'hex'), 'UTF8'), "
-        "convert_from(decode(current_setting('confiture.fdw_password'), 'hex'), 'UTF8')); "
-        "END $confiture$")
+        "convert_from(decode(pw, 'hex'), 'UTF8')); END $confiture$")
     staged = Staging(extension_created=created)
     by_schema: dict[str, list[str]] = {}
     for table in order:

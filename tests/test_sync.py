@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
@@ -747,5 +748,57 @@ protected = true
         broken = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping", "map.toml",
                         "--yes", env=env)
         assert broken.returncode == 2 and "clients.full_name: NOT NULL" in broken.stderr
+    finally:
+        pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("login", ["trust", "password", "pgpass"])
+def test_schema_to_schema_with_every_kind_of_login(sp: SyncProject, pg: Cluster,
+                                                   pg_remote: Cluster, login: str) -> None:
+    """OLD reached without a password (trust on the unix socket), with one in the URL, or with
+    one only in a .pgpass file: postgres_fdw gets the same login (issue 11.4)."""
+    role, password = "o_" + secrets.token_hex(4), "pw:" + secrets.token_hex(8) + "\\"
+    env: dict[str, str] = {"HOME": str(sp.root)}
+    if login == "trust":  # OLD on `pg` over its unix socket, NEW on `pg_remote`
+        old_cluster, old_db, new_cluster, new_db = pg, sp.src_db, pg_remote, sp.dst_db
+        old_url = pg.url(old_db)
+    else:  # OLD on `pg_remote` over TCP (password auth), NEW on `pg`
+        old_cluster, old_db, new_cluster, new_db = pg_remote, sp.dst_db, pg, sp.src_db
+        pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)))
+        if login == "password":
+            old_url = (f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:"
+                       f"{pg_remote.tcp_port}/{old_db}")
+        else:
+            old_url = f"postgresql://{role}@127.0.0.1:{pg_remote.tcp_port}/{old_db}"
+            escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+            pgpass = sp.root / ".pgpass"
+            pgpass.write_text(f"# comment\nelsewhere:1:*:*:wrong\n"
+                              f"127.0.0.1:{pg_remote.tcp_port}:*:{role}:{escaped}\n")
+            pgpass.chmod(0o600)
+    try:
+        for cluster, db, schema in ((old_cluster, old_db, OLD_SCHEMA),
+                                    (new_cluster, new_db, NEW_SCHEMA)):
+            cluster.query("DROP TABLE orders, users, people", db=db)
+            cluster.query(schema, db=db)
+        write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+[env.old]
+url = "{old_url}"
+[env.new]
+url = "{new_cluster.url(new_db)}"
+""")
+        (sp.root / "map.toml").write_text('[tables]\n"clients" = "customers"\n'
+                                          '[columns.clients]\nfull_name = "name"\n'
+                                          '[columns.orders]\nclient_id = "customer_id"\n')
+        result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping",
+                        "map.toml", env=env)
+        assert result.returncode == 0, result.stderr
+        assert password not in result.stdout + result.stderr
+        assert new_cluster.query("SELECT count(*), min(full_name) FROM clients", db=new_db)[0] \
+            == (50, "name 1")
+        assert new_cluster.scalar("SELECT count(*) FROM orders", db=new_db) == 120
     finally:
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
