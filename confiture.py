@@ -2067,6 +2067,7 @@ class TemplateInfo:
     files: int
     seeds: bool
     build_seconds: float
+    order: int = 0  # publishing transaction id: newer builds have larger ones (0: unknown)
 
 
 @record(frozen=True)
@@ -2216,12 +2217,20 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     existing = session.value(f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}")
     if existing:
         _drop_database(session, name, force=True)
-    session.execute(
-        "BEGIN;\n"
-        f"ALTER DATABASE {quote_ident(tmp)} RENAME TO {quote_ident(name)};\n"
-        f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false;\n"
-        f"COMMENT ON DATABASE {quote_ident(name)} IS {quote_literal(json.dumps(meta))};\n"
-        "COMMIT")
+    session.execute("BEGIN")
+    try:
+        session.execute(
+            f"ALTER DATABASE {quote_ident(tmp)} RENAME TO {quote_ident(name)};\n"
+            f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
+        # Builds are ordered by the id of the transaction that publishes them: it strictly
+        # increases on a server (built_at has one-second steps, and clients' clocks differ).
+        meta["order"] = int(session.value("SELECT txid_current()"))
+        session.execute(
+            f"COMMENT ON DATABASE {quote_ident(name)} IS {quote_literal(json.dumps(meta))};\n"
+            "COMMIT")
+    except ConfitureError:  # (interrupted: psql ends with the session, and so does the BEGIN)
+        session.execute("ROLLBACK")
+        raise
     ws.console.info(f"built template {name} in {format_seconds(time.monotonic() - started)} "
                     f"({format_bytes(size)})")
 
@@ -2255,23 +2264,43 @@ def list_templates(session: Session, project: str, env_name: str | None = None) 
                                   hash=str(meta.get("hash")), size=int(meta.get("size", 0)),
                                   built_at=str(meta.get("built_at")), files=int(meta.get("files", 0)),
                                   seeds=bool(meta.get("seeds", True)),
-                                  build_seconds=float(meta.get("build_seconds", 0))))
-    found.sort(key=lambda t: (t.built_at, t.name), reverse=True)
+                                  build_seconds=float(meta.get("build_seconds", 0)),
+                                  order=int(meta.get("order", 0))))
+    found.sort(key=lambda t: (t.order, t.built_at, t.name), reverse=True)
     return found
+
+
+def current_templates(config: Config, env_name: str) -> set[str] | None:
+    """The names of the env's templates that match its files now (with and without its seed
+    sets: reset and diff --migrations use both); None when the env or its files cannot be
+    read (then none of its templates may be assumed stale)."""
+    if env_name not in config.envs:
+        return set()
+    try:
+        return {template_name(config.project, env_name, scan_env(config, env_name, seeds).hash)
+                for seeds in (True, False)}
+    except ConfitureError:
+        return None
 
 
 def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | None = None,
                     keep_name: str | None = None) -> list[str]:
-    """Drop all but the newest `keep` templates per env (never `keep_name`), and leftovers of
-    killed builds (<name>_tmp whose build lock is free)."""
+    """Drop all but the newest `keep` templates per env, and leftovers of killed builds
+    (<name>_tmp whose build lock is free). Never dropped: `keep_name`, and a template that
+    matches its env's current files (the next reset, clone or diff would rebuild it)."""
     dropped: list[str] = []
     by_env: dict[str, list[TemplateInfo]] = {}
     for info in list_templates(session, ws.config.project, env_name):
         by_env.setdefault(info.env, []).append(info)
-    for infos in by_env.values():
-        kept = [t for t in infos if t.name == keep_name]
+    for env, infos in by_env.items():
+        current = current_templates(ws.config, env)
+        if current is None:
+            ws.console.debug(f"templates of env {env} not pruned: its files cannot be read")
+            continue
+        current.add(keep_name or "")
+        kept = [t for t in infos if t.name in current]
         for info in infos:
-            if info.name == keep_name:
+            if info.name in current:
                 continue
             if len(kept) < keep:
                 kept.append(info)
