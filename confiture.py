@@ -3936,11 +3936,29 @@ def _database_exists(session: Session, name: str) -> bool:
         f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
 
 
+_SIDE_TOKEN = 8  # hex digits of randomness after the stamp
+
+
+def _side_head(database: str, kind: str) -> str:
+    """The database part of a side name, shortened so that the whole name fits 63 bytes."""
+    room = MAX_IDENT_BYTES - len(f"_{kind}_{_stamp(0).lower()}_") - _SIDE_TOKEN
+    return database.encode()[:room].decode("utf-8", "ignore")
+
+
 def _side_name(database: str, kind: str, stamp: str) -> str:
-    """<db>_<kind>_<stamp>, the database part shortened to fit 63 bytes (the comment names it)."""
-    suffix = f"_{kind}_{stamp.lower()}"
-    head = database.encode()[:MAX_IDENT_BYTES - len(suffix)].decode("utf-8", "ignore")
-    return head + suffix
+    """<db>_<kind>_<stamp>_<random>: the stamp is for humans (one-second steps, so two runs in
+    one second would collide without the random part); the pattern makes a scratch database
+    recognisable from the moment it exists, before its comment is written (_side_pattern)."""
+    import secrets
+
+    return f"{_side_head(database, kind)}_{kind}_{stamp.lower()}_{secrets.token_hex(_SIDE_TOKEN // 2)}"
+
+
+def _side_pattern(database: str, kinds: Sequence[str]) -> re.Pattern[str]:
+    """The names _side_name gives to `database`'s side databases of these kinds (fullmatch)."""
+    tail = r"_\d{8}t\d{6}z_[0-9a-f]{" + str(_SIDE_TOKEN) + "}"
+    return re.compile("|".join(f"{re.escape(_side_head(database, kind))}_{kind}{tail}"
+                               for kind in kinds))
 
 
 def _marks(session: Session) -> list[dict[str, Any]]:
@@ -3968,14 +3986,19 @@ def replaced_databases(session: Session, database: str) -> list[dict[str, Any]]:
 
 
 def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
-    """Drop half-restored scratch databases of `database` left by killed runs. Call with the
-    database lock held, so no live restore of it can own one."""
+    """Drop half-restored scratch databases of `database` left by killed runs: marked ones,
+    and ones killed before their mark was written, known by their name alone. Call with the
+    database lock held, so no live restore or deploy of it can own one."""
     dropped = []
-    for meta in _marks(session):
-        if (meta.get("kind") == "scratch" and meta.get("database") == database
-                and meta["datname"] == meta.get("name")):
-            _drop_database(session, meta["datname"], force=True)
-            dropped.append(meta["datname"])
+    marked = {m["datname"]: m for m in _marks(session)}
+    named = _side_pattern(database, ("restore", "build"))
+    for row in session.query("SELECT datname FROM pg_database"):
+        name, meta = row["datname"], marked.get(row["datname"])
+        if (meta is None and named.fullmatch(name)) or (
+                meta is not None and meta.get("kind") == "scratch"
+                and meta.get("database") == database and name == meta.get("name")):
+            _drop_database(session, name, force=True)
+            dropped.append(name)
     if dropped:
         ws.console.info("dropped leftover scratch database(s) " + ", ".join(dropped))
     return dropped
