@@ -1916,6 +1916,24 @@ class Client:
 LOCK_CLASS = 1668247142  # 'conf' as int4: the first key of every confiture advisory lock
 
 
+def query_error(session: Session, query: str) -> SqlError | None:
+    """Does `query` parse and plan on the server (EXPLAIN)? The error if not. The text
+    travels as a string literal that a DO block executes, so psql never lexes it: an
+    unbalanced parenthesis or quote in it (a user's { sql = … } rule) cannot swallow the
+    statements after it, and it must be one statement. Call inside a transaction: the check
+    runs in a savepoint, so a failure leaves the transaction usable."""
+    body = f"BEGIN EXECUTE {quote_literal('EXPLAIN (COSTS OFF) ' + query)}; END"
+    session.execute("SAVEPOINT confiture_check")
+    try:
+        session.execute(f"DO {quote_literal(body)}")
+    except SqlError as exc:
+        session.execute("ROLLBACK TO SAVEPOINT confiture_check")
+        return exc
+    finally:
+        session.execute("RELEASE SAVEPOINT confiture_check")
+    return None
+
+
 def lock_key_sql(name: str) -> str:
     return f"{LOCK_CLASS}, hashtext({quote_literal(name)})"
 
@@ -5475,6 +5493,9 @@ class TablePlan:
     select: str
     binary: bool
     where: str | None
+    # (what, query): the smallest source query for each user-written piece ({ sql = … } rule,
+    # [sync.where] filter), so that a failing `select` can be blamed on the right one
+    checks: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -5520,6 +5541,7 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
     src_cols = {c.name: c for c in source.columns}
     tgt_cols = {c.name: c for c in target.columns}
     copied: list[tuple[Column, Rule]] = []
+    checks: list[tuple[str, str]] = []
     masked, kept, defaulted = [], [], []
     for col in source.columns:
         if col.name not in tgt_cols and not col.generated:
@@ -5555,6 +5577,10 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
                 problems.append(f"{source.qualified}.{scol.name}: rule {rule.label()} (from "
                                 f"{found[0].text!r}) cannot apply: {why}")
                 continue
+            if rule.kind == "sql":
+                what = f"{source.qualified}.{scol.name}: rule {rule.toml()} (from {found[0].text!r})"
+                expression = rule_sql(rule, scol, f"s.{quote_ident(scol.name)}", "NULL")
+                checks.append((what, f"SELECT {expression} FROM {source.scan} AS s"))
         copied.append((scol, rule))
         if rule.masks:
             masked.append((scol.name, rule.label()))
@@ -5562,16 +5588,20 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
             kept.append(scol.name)
     if "\n" in source.qualified or "\r" in source.qualified:
         problems.append(f"{source.qualified!r}: table names with line breaks cannot be synced")
-    where = next((cond for p, cond in settings.where if p.matches(source.schema, source.name)), None)
+    where = next(((p, cond) for p, cond in settings.where
+                  if p.matches(source.schema, source.name)), None)
+    if where is not None:
+        checks.append((f"{source.qualified}: [sync.where] {where[0].text!r}",
+                       f"SELECT 1 FROM {source.scan} AS s WHERE ({where[1]})"))
     if not copied:
         return None
     return TablePlan(
         source=source, target=target, columns=tuple(c.name for c, _ in copied),
         rules=tuple(masked), kept=tuple(kept), defaulted=tuple(defaulted),
-        select=build_select(source, copied, where),
+        select=build_select(source, copied, where and where[1]),
         binary=all(c.portable for c, _ in copied) and
         all(tgt_cols[c.name].portable for c, _ in copied),
-        where=where)
+        where=where and where[1], checks=tuple(checks))
 
 
 def plan_sync(settings: SyncSettings, source_tables: Sequence[TableInfo],
@@ -5908,6 +5938,20 @@ def run_sync(config: Config, settings: SyncSettings, console: Console,
     return outcome
 
 
+def check_source_queries(source: Session, plan: SyncPlan) -> None:
+    """Every compiled source query parses and plans, before anything is written (and in
+    --dry-run); a failing one is blamed on its { sql = … } rule or [sync.where] filter."""
+    for table in plan.tables:
+        error = query_error(source, table.select)
+        if error is None:
+            continue
+        culprit = next(((what, found) for what, query in table.checks
+                        if (found := query_error(source, query)) is not None), None)
+        what, error = culprit or (f"{table.name}: the source query", error)
+        raise ConfigError(f"{what} fails in the source: {error.server_message}",
+                          hint="fix the rule or filter in confiture.toml; nothing was written")
+
+
 def _run_sync(config: Config, settings: SyncSettings, console: Console,
               environ: Mapping[str, str], dry_run: bool, outcome: SyncOutcome) -> None:
     import shutil
@@ -5924,12 +5968,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
         outcome.plan = plan
         for warning in plan.warnings:
             console.warn(warning)
-        for table in plan.tables:  # bad {sql} rules or where filters fail here, not midway
-            try:
-                source.execute(f"EXPLAIN (COSTS OFF) {table.select}")
-            except SqlError as exc:
-                raise SyncError(f"{table.name}: the source query fails: {exc.message}",
-                                hint="check this table's { sql = … } rules and [sync.where]")
+        check_source_queries(source, plan)
         acquire_lock(target, "sync", settings.lock_timeout,
                      f"another sync into {target_env.name!r}", console.info)
         target.execute("BEGIN")

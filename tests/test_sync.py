@@ -420,6 +420,27 @@ def test_where_filter_and_table_selection(sp: SyncProject) -> None:
     assert bad.returncode == 2 and "matches no table" in bad.stderr
 
 
+def test_broken_sql_rule_or_filter_is_named_before_anything_is_written(sp: SyncProject) -> None:
+    """Issue 11.9: an unbalanced { sql = … } rule must not be blamed on another table (nor
+    pass --dry-run): the table, column, rule and PostgreSQL's message are named, exit 2."""
+    sp.run("sync")
+    before = sp.dst("SELECT count(*) FROM users")[0][0]
+    sp.config(rules=RULES.replace('"users.full_name" = "name"',
+                                  '"users.full_name" = { sql = "this is not sql(" }'))
+    for args in (("sync", "--dry-run"), ("sync",)):
+        result = sp.run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "public.users.full_name" in result.stderr and "this is not sql(" in result.stderr
+        assert "'users.full_name'" in result.stderr and "syntax error" in result.stderr
+        assert "orders" not in result.stderr and "Traceback" not in result.stderr
+    sp.config(sync_extra='[sync.where]\n"orders" = "no_such_column > 1"\n')
+    result = sp.run("sync", "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "public.orders: [sync.where] 'orders'" in result.stderr
+    assert "no_such_column" in result.stderr
+    assert sp.dst("SELECT count(*) FROM users")[0][0] == before
+
+
 def test_protected_target_and_same_database_are_refused(sp: SyncProject) -> None:
     sp.config(envs=f'[env.alias]\nurl = "{sp.target.url(sp.dst_db)}"\n'
                    f'[env.prod_copy]\nurl = "{sp.target.url(sp.dst_db + "_x")}"\nprotected = true\n')
