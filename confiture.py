@@ -6121,6 +6121,14 @@ def _qualified(text: str, where: str) -> tuple[str, str]:
     raise ConfigError(f"{where}: {text!r} must be table or schema.table")
 
 
+# The mapping file's keys: their TOML type and an example for the error's hint.
+_MAPPING_KEYS: dict[str, tuple[type, str]] = {
+    "tables": (dict, '[tables] "new_table" = "old_table"'),
+    "columns": (dict, '[columns.new_table] new_col = "old_col"'),
+    "skip": (list, 'skip = ["new_table"]'),
+}
+
+
 def load_mapping(path: Path | None) -> TableMapping:
     """[tables] "new" = "old"; [columns."new_table"] new_col = "old_col" | { sql = "…" };
     skip = ["new_table", …]. Unqualified tables are in schema public."""
@@ -6135,10 +6143,13 @@ def load_mapping(path: Path | None) -> TableMapping:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
-    for key in data:
-        if key not in ("tables", "columns", "skip"):
-            raise ConfigError(f"{where}: unknown key {key!r}",
-                              hint=_suggest(key, ["tables", "columns", "skip"]))
+    for key, value in data.items():
+        if key not in _MAPPING_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}", hint=_suggest(key, list(_MAPPING_KEYS)))
+        expected, example = _MAPPING_KEYS[key]
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: {key} must be a {'table' if expected is dict else 'list'},"
+                              f" not {type(value).__name__}", hint=f"for example: {example}")
     tables = {}
     for new, old in data.get("tables", {}).items():
         if not isinstance(old, str):
@@ -6158,7 +6169,7 @@ def load_mapping(path: Path | None) -> TableMapping:
                 raise ConfigError(f"{where}: [columns.{table!r}] {new_col!r} must be the old "
                                   "column's name or { sql = \"…\" }")
     skip = data.get("skip", [])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+    if not all(isinstance(s, str) for s in skip):
         raise ConfigError(f"{where}: skip must be a list of table names")
     return TableMapping(tables=tables, columns=columns,
                         skip=tuple(_qualified(s, where) for s in skip))

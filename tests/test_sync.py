@@ -823,3 +823,19 @@ url = "{new_cluster.url(new_db)}"
         assert new_cluster.scalar("SELECT count(*) FROM orders", db=new_db) == 120
     finally:
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("text, key", [('tables = "members"\n', "tables"),
+                                       ('columns = ["members"]\n', "columns"),
+                                       ('skip = "members"\n', "skip"),
+                                       ('[columns]\nmembers = "x"\n', "columns.'members'"),
+                                       ('[tables]\nmembers = 3\n', "[tables] 'members'")])
+def test_malformed_mapping_is_a_usage_error_naming_the_key(sp: SyncProject, text: str,
+                                                           key: str) -> None:
+    """Issue 11.10: no traceback, exit 2, the key named; nothing is read from the databases."""
+    (sp.root / "map.toml").write_text(text)
+    result = sp.run("schema-to-schema", "--from", "prod", "--to", "staging", "--mapping",
+                    "map.toml", "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and key in result.stderr, result.stderr
+    assert "map.toml" in result.stderr
