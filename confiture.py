@@ -970,7 +970,7 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
     return tuple(sources)
 
 
-def parse_table_name(text: str) -> tuple[str | None, str]:
+def parse_table_name(text: str, key: str = "migrations.table") -> tuple[str | None, str]:
     """'t', 's.t', '"My Schema"."T"' → (schema or None, table); unquoted parts fold to lower case
     as PostgreSQL folds them."""
     parts: list[str] = []
@@ -979,18 +979,19 @@ def parse_table_name(text: str) -> tuple[str | None, str]:
     while pos < len(text):
         match = pattern.match(text, pos)
         if not match:
-            raise ConfigError(f"migrations.table: cannot read {text!r} as [schema.]table")
+            raise ConfigError(f"{key}: cannot read {text!r} as [schema.]table")
         parts.append(match.group(1).replace('""', '"') if match.group(1) else match.group(2).lower())
         pos = match.end()
         if match.group(3) == "." and not text[pos:].strip():
-            raise ConfigError(f"migrations.table: {text!r} ends with a dot")
+            raise ConfigError(f"{key}: {text!r} ends with a dot")
         if match.group(3) == "" or pos >= len(text):
             break
     if not 1 <= len(parts) <= 2:
-        raise ConfigError(f"migrations.table: {text!r} must be table or schema.table")
+        raise ConfigError(f"{key}: {text!r} must be table or schema.table")
     for part in parts:
-        check_db_name(part, "migrations.table name")
-    check_db_name(parts[-1] + "_log", "migrations.table name (+ '_log')")
+        check_db_name(part, f"{key} name")
+    if key == "migrations.table":  # the tracking table's log is <table>_log
+        check_db_name(parts[-1] + "_log", "migrations.table name (+ '_log')")
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
@@ -1025,6 +1026,46 @@ def read_toml(path: Path, config: bool = False) -> dict[str, Any]:
     return data
 
 
+def _at_least(low: int, high: int | None = None) -> Callable[[Any, str], object]:
+    def check(value: Any, key: str) -> None:
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{key} must be " + (f"{low}–{high}" if high is not None
+                                                   else f"at least {low}") + f", not {value}")
+    return check
+
+
+# Values with a range or a grammar (CONFIG_KEYS checks their types): (section, key) → a check
+# that raises ConfigError naming the key. All run when the config loads, whatever the command,
+# so `config check` finds what `backup` or `deploy` would trip over later.
+_VALUE_CHECKS: dict[tuple[str, str], Callable[[Any, str], object]] = {
+    ("templates", "keep"): _at_least(1),
+    ("templates", "lock_timeout"): parse_duration,
+    ("migrations", "table"): parse_table_name,
+    ("migrations", "lock_timeout"): parse_duration,
+    ("backups", "keep"): _at_least(1),
+    ("backups", "compression"): _at_least(0, 9),
+    ("deploy", "table"): parse_table_name,
+    ("status", "max_backup_age"): parse_duration,
+    ("sync", "lock_timeout"): parse_duration,
+}
+
+
+def _check_values(data: Mapping[str, Any], where: str) -> None:
+    for (section, key), check in _VALUE_CHECKS.items():
+        value = data.get(section, {}).get(key)
+        if value is not None:
+            try:
+                check(value, f"{section}.{key}")
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+    sync = data.get("sync", {})
+    for key in ("from", "to"):
+        name = sync.get(key)
+        if name is not None and name not in data.get("env", {}):
+            raise ConfigError(f"{where}: sync.{key} {name!r} is not a configured environment",
+                              hint=_suggest(name, list(data.get("env", {}))))
+
+
 def load_config(path: Path) -> Config:
     """Read and validate confiture.toml; every later step takes the returned Config."""
     where = str(path)
@@ -1037,10 +1078,7 @@ def load_config(path: Path) -> Config:
     except ValueError as exc:  # tomllib.TOMLDecodeError
         raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
     _validate_tables(data, where)
-    try:
-        parse_table_name(str(data.get("migrations", {}).get("table", "confiture_migrations")))
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+    _check_values(data, where)
     root = path.resolve().parent
     project = data.get("project", {})
     templates = data.get("templates", {})
@@ -1073,8 +1111,6 @@ def load_config(path: Path) -> Config:
     if strategy not in ("auto", "wal_log", "file_copy"):
         raise ConfigError(f"{where}: templates.strategy must be auto, wal_log or file_copy")
     keep = templates.get("keep", 3)
-    if keep < 1:
-        raise ConfigError(f"{where}: templates.keep must be at least 1")
     default_env = project.get("default_env", "local")
     if envs and default_env not in envs:
         raise ConfigError(f"{where}: project.default_env {default_env!r} is not a configured "
@@ -3648,10 +3684,7 @@ def backup_folder(config: Config, env_name: str,
 
 
 def backup_compression(config: Config) -> int:
-    level = config.raw.get("backups", {}).get("compression", 1)
-    if not 0 <= level <= 9:
-        raise ConfigError(f"backups.compression must be 0–9, not {level}")
-    return int(level)
+    return int(config.raw.get("backups", {}).get("compression", 1))  # 0–9: checked at load
 
 
 def _read_sidecar(dump: Path) -> dict[str, Any] | None:
