@@ -5768,6 +5768,33 @@ def refuse_same_database(source: Env, target: Env, environ: Mapping[str, str]) -
                       hint="point the target at another database")
 
 
+_FIFO_DIR_PREFIX = "confiture-sync-"
+
+
+def make_fifo_dir() -> Path:
+    """A private folder for this run's named pipes, named after our pid
+    (confiture-sync-<pid>-<random>). A killed run cannot remove its own, so the folders of
+    runs whose process is gone are removed first."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.gettempdir())
+    try:
+        found = list(top.glob(f"{_FIFO_DIR_PREFIX}*-*"))
+    except OSError:
+        found = []
+    for folder in found:
+        pid = folder.name[len(_FIFO_DIR_PREFIX):].partition("-")[0]
+        try:
+            mine = folder.is_dir() and not folder.is_symlink() and \
+                folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_FIFO_DIR_PREFIX}{os.getpid()}-"))
+
+
 def _release_fifo(path: Path) -> None:
     """Unblock a psql waiting to open the named pipe because its partner failed first."""
     for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
@@ -5988,7 +6015,6 @@ def check_source_queries(source: Session, plan: SyncPlan) -> None:
 def _run_sync(config: Config, settings: SyncSettings, console: Console,
               environ: Mapping[str, str], dry_run: bool, outcome: SyncOutcome) -> None:
     import shutil
-    import tempfile
 
     source_env, target_env, source, target = open_sync_sessions(settings, config, environ)
     fifo_dir: str | None = None
@@ -6023,7 +6049,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
                      f"{'' if outcome.replica else ' (in foreign-key order)'}")
         if order:
             target.execute("TRUNCATE " + ", ".join(p.target.scan for p in order))
-        fifo_dir = tempfile.mkdtemp(prefix="confiture-sync-")
+        fifo_dir = str(make_fifo_dir())
         for index, table in enumerate(order):
             t0 = time.monotonic()
             rows = stream_table(source, target, table, Path(fifo_dir) / f"{index}.pipe")

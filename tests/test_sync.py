@@ -511,7 +511,9 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
     sp.src(SLOW)
     sp.config(RULES.replace('"users.code" = { sql = "upper(s.code)" }',
                             '"users.code" = { sql = "slow(s.code)" }'))
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync")
+    tmp = sp.root / "tmp"  # where the run keeps its named pipes (issue 11.12)
+    tmp.mkdir()
+    proc = sp.popen(sys.executable, str(CONFITURE), "sync", env={"TMPDIR": str(tmp)})
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")  # orders is loaded by now
     finally:
@@ -519,6 +521,9 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
         _, err = proc.communicate(timeout=60)
     if how == signal.SIGTERM:
         assert proc.returncode == 130 and "interrupted" in err
+        assert list(tmp.iterdir()) == []  # cleaned up at exit
+    else:
+        assert [p.name.startswith("confiture-sync-") for p in tmp.iterdir()] == [True]
 
     def quiet() -> bool:
         return not any(c.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
@@ -527,6 +532,13 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
     wait_for(quiet, what="the killed run's sessions to end")
     assert sp.dst("SELECT id, email FROM users") == [(999, "keep-me")]
     assert sp.dst("SELECT note FROM orders") == [("old order",)]
+    # the next run removes what the killed one left; another live run's folder is kept
+    live = tmp / f"confiture-sync-{os.getpid()}-x"
+    live.mkdir()
+    sp.src("CREATE OR REPLACE FUNCTION slow(x text) RETURNS text LANGUAGE sql AS 'SELECT x'")
+    again = sp.run("sync", env={"TMPDIR": str(tmp)})
+    assert again.returncode == 0, again.stderr
+    assert list(tmp.iterdir()) == [live]
 
 
 def test_non_superuser_target_loads_in_foreign_key_order(sp: SyncProject) -> None:
