@@ -13,7 +13,8 @@ only the sections above it.
   §2  Small utilities           records, lazy regexes, natural order, hashing, quoting, files,
                                 background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
-  §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
+  §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined;
+                                SQL split as psql reads it; the psql meta-command guard
   §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
@@ -585,7 +586,7 @@ _STR, _BOOL, _INT, _LIST = (str,), (bool,), (int,), (list,)
 CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
     "project": {"name": _STR, "schema": (str, list), "seeds": _STR, "migrations": _STR,
                 "generated": _STR, "state_dir": _STR, "default_env": _STR,
-                "maintenance_db": _STR, "scratch_url": _STR},
+                "maintenance_db": _STR, "scratch_url": _STR, "psql_meta_commands": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
     "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
     "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
@@ -853,6 +854,7 @@ class Config:
     envs: Mapping[str, EnvConfig]
     raw: Mapping[str, Any] = field(repr=False, compare=False)
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
+    psql_meta_commands: str = "safe"  # "all": SQL files may reach the client (§4 guard_sql)
 
 
 @record(frozen=True)
@@ -1034,10 +1036,19 @@ def _at_least(low: int, high: int | None = None) -> Callable[[Any, str], object]
     return check
 
 
+def _one_of(*choices: str) -> Callable[[Any, str], object]:
+    def check(value: Any, key: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{key} must be " + " or ".join(map(repr, choices))
+                              + f", not {value!r}", hint=_suggest(str(value), choices))
+    return check
+
+
 # Values with a range or a grammar (CONFIG_KEYS checks their types): (section, key) → a check
 # that raises ConfigError naming the key. All run when the config loads, whatever the command,
 # so `config check` finds what `backup` or `deploy` would trip over later.
 _VALUE_CHECKS: dict[tuple[str, str], Callable[[Any, str], object]] = {
+    ("project", "psql_meta_commands"): _one_of("safe", "all"),
     ("templates", "keep"): _at_least(1),
     ("templates", "lock_timeout"): parse_duration,
     ("migrations", "table"): parse_table_name,
@@ -1134,7 +1145,8 @@ def load_config(path: Path) -> Config:
         backups_keep=backups.get("keep", 10),
         deploy_verify=root / deploy.get("verify", "db/verify"),
         deploy_drift_check=deploy.get("drift_check", False),
-        envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where))
+        envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where),
+        psql_meta_commands=project.get("psql_meta_commands", "safe"))
     return config
 
 
@@ -1262,8 +1274,9 @@ def refuse_protected(env: Env, action: str) -> None:
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §4 Scanning and hashing
 # The env's file set: schema sources in order, then its seed sets in listed order, minus its
-# exclude globs; files in natural path order; sha256 per file and a combined hash. Pure
-# filesystem work: no database, no processes.
+# exclude globs; files in natural path order; sha256 per file and a combined hash. SQL is
+# split as psql's lexer splits it, and every project file that will run passes the
+# meta-command guard (guard_sql). Pure filesystem work: no database, no processes.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -1475,6 +1488,326 @@ def combined_hash(files: Sequence[SqlFile], seeds: bool = True) -> str:
     for item in files:
         digest.update(f"{item.kind}\0{item.rel}\0{item.sha256}\n".encode())
     return digest.hexdigest()
+
+
+# ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
+
+@record(frozen=True)
+class Statement:
+    text: str                # as written (leading comments kept, trailing blanks cut)
+    line: int                # line of its first character in the file
+    words: tuple[str, ...]   # first keywords, upper-cased (strings and comments skipped)
+    meta: bool = False       # a psql backslash command
+
+
+_SQL_SPECIAL = lazy_re(r"""(?x)
+    (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
+  | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
+  | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
+_STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
+_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
+_IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
+_BLOCK_EDGE = lazy_re(r"/\*|\*/")
+_WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
+_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
+_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
+
+
+def _skip_block_comment(text: str, pos: int) -> int:
+    depth = 1
+    for match in _BLOCK_EDGE.finditer(text, pos):
+        depth += 1 if match.group() == "/*" else -1
+        if depth == 0:
+            return match.end()
+    return len(text)
+
+
+def _keywords(code: str, limit: int = 6) -> tuple[str, ...]:
+    words: list[str] = []
+    for match in _WORD.finditer(code):
+        if match.group() not in "()":
+            words.append(match.group().upper())
+            if len(words) == limit:
+                break
+    return tuple(words)
+
+
+def _inside_routine_body(code: str) -> bool:
+    """psql's heuristic: in CREATE [OR REPLACE] FUNCTION|PROCEDURE, a ';' between BEGIN (ATOMIC)
+    and its END does not end the statement."""
+    head = _keywords(code, 4)
+    if not head or head[0] != "CREATE" or not (
+            head[1:2] in (("FUNCTION",), ("PROCEDURE",))
+            or (head[1:3] == ("OR", "REPLACE") and head[3:4] in (("FUNCTION",), ("PROCEDURE",)))):
+        return False
+    parens = depth = 0
+    for match in _WORD.finditer(code):
+        word = match.group().upper()
+        if word == "(":
+            parens += 1
+        elif word == ")":
+            parens = max(parens - 1, 0)
+        elif parens == 0:
+            if word == "BEGIN" or (word == "CASE" and depth >= 1):
+                depth += 1
+            elif word == "END" and depth > 0:
+                depth -= 1
+    return depth > 0
+
+
+def split_sql(text: str) -> list[Statement]:
+    """Split SQL the way psql does: quotes, E'' strings, dollar quoting with tags, nested
+    block comments, parentheses, BEGIN ATOMIC bodies, COPY … FROM stdin data and backslash
+    commands. Comment-only pieces are not statements."""
+    out: list[Statement] = []
+    size = len(text)
+    pos = start = depth = 0
+    code: list[str] = []
+    line, line_pos = 1, 0
+
+    def line_at(index: int) -> int:
+        nonlocal line, line_pos
+        line += text.count("\n", line_pos, index)
+        line_pos = index
+        return line
+
+    def emit(end: int, meta: bool = False) -> None:
+        nonlocal start, code, depth
+        words = _keywords("".join(code))
+        if words or meta:
+            first = start + len(text[start:end]) - len(text[start:end].lstrip())
+            out.append(Statement(text[first:end].rstrip(), line_at(first), words, meta))
+        start, code, depth = end, [], 0
+
+    while pos < size:
+        match = _SQL_SPECIAL.search(text, pos)
+        if not match:
+            code.append(text[pos:])
+            break
+        code.append(text[pos:match.start()])
+        kind, pos = match.lastgroup, match.end()
+        if kind == "semi":
+            joined = "".join(code)
+            if depth == 0 and not _inside_routine_body(joined):
+                if _COPY_STDIN.match(joined):
+                    end = _COPY_END.search(text, pos)
+                    pos = end.end() if end else size
+                emit(pos)
+                continue
+            code.append(";")
+        elif kind == "open":
+            depth += 1
+            code.append("(")
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+            code.append(")")
+        elif kind == "line":
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code.append(" ")
+        elif kind == "block":
+            pos = _skip_block_comment(text, pos)
+            code.append(" ")
+        elif kind in ("str", "estr", "ident"):
+            body = {"str": _STR_BODY, "estr": _ESTR_BODY, "ident": _IDENT_BODY}[kind]
+            found = body.match(text, pos)
+            pos = found.end() if found else size
+            code.append(' "q" ' if kind == "ident" else " '' ")
+        elif kind == "dollar":
+            close = text.find(match.group(), pos)
+            pos = size if close < 0 else close + len(match.group())
+            code.append(" $$ ")
+        else:  # a backslash command runs to the end of its line
+            if _keywords("".join(code)):
+                emit(match.start())
+            start = match.start()
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code = []
+            emit(pos, meta=True)
+    emit(size)
+    return out
+
+
+# ── the meta-command guard: project SQL files cannot reach the machine that runs the tool ──
+
+# psql meta-commands refused in project SQL files (SPEC §5), each with why. psql compares
+# command names exactly (\copy case-insensitively); we compare lower-cased, which only
+# refuses more. `[project] psql_meta_commands = "all"` re-allows everything.
+_META_REFUSED: dict[str, str] = {
+    "!": "runs a shell command",
+    "o": "sends query output to a file or a command", "out": "sends output to a file or a command",
+    "w": "writes to a file or a command", "write": "writes to a file or a command",
+    "s": "writes psql's history to a file",
+    "cd": "changes psql's working directory",
+    "setenv": "changes the environment of psql and of the commands it starts",
+    "getenv": "reads the tool's environment (passwords included) into the script",
+    "e": "starts an editor", "edit": "starts an editor", "ef": "starts an editor",
+    "ev": "starts an editor",
+    "c": "connects elsewhere with the tool's credentials",
+    "connect": "connects elsewhere with the tool's credentials",
+    "password": "changes a password interactively",
+    "lo_export": "writes a client-side file",
+    "gset": "turns server data into psql variables, which psql runs as script text when "
+            "interpolated (:name)",
+}
+
+
+@record(frozen=True)
+class SqlGuard:
+    """What project SQL files may do on the client: `roots` are the folders whose files
+    \\i, \\ir, \\copy … FROM and \\lo_import may read (the project, its schema sources);
+    `cwd` is psql's working directory, where relative paths resolve."""
+
+    roots: tuple[Path, ...]
+    cwd: Path
+    allow_all: bool = False
+
+    def inside(self, path: Path) -> bool:
+        real = path.resolve()
+        return any(real.is_relative_to(root) for root in self.roots)
+
+
+@record(frozen=True)
+class MetaCommand:
+    name: str   # lower-cased, without the backslash
+    args: str
+    line: int
+
+
+def meta_commands(statements: Sequence[Statement]) -> list[MetaCommand]:
+    """Every psql meta-command of split_sql's statements, as psql reads them: a backslash
+    line may hold several commands, each starting at an unquoted backslash. A backquote
+    outside quotes (shell substitution) is a command named '`'."""
+    found: list[MetaCommand] = []
+    for stmt in statements:
+        if not stmt.meta:
+            continue
+        pieces, current, quote, index = [], "", "", 0
+        body = stmt.text
+        while index < len(body):
+            char = body[index]
+            if quote:
+                if char == "\\" and quote == "'" and index + 1 < len(body):
+                    current += body[index:index + 2]
+                    index += 2
+                    continue
+                quote = "" if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "`":
+                found.append(MetaCommand("`", body, stmt.line))
+            elif char == "\\" and current.strip():
+                pieces.append(current)
+                current = ""
+            current += char
+            index += 1
+        pieces.append(current)
+        for piece in (p.strip()[1:] for p in pieces):
+            name = re.split(r"[\s\\]", piece, maxsplit=1)[0]  # psql: up to a space or backslash
+            found.append(MetaCommand(name.lower(), piece[len(name):].strip(), stmt.line))
+    return found
+
+
+def _meta_words(args: str) -> list[str]:
+    """psql-style argument words: whitespace-separated, '…' quoted (\\ escapes, '' a quote),
+    parenthesised groups kept whole."""
+    return re.findall(r"'(?:[^'\\]|\\.|'')*'|\((?:[^()']|'[^']*')*\)|\"[^\"]*\"|[^\s'()\"]+",
+                      args)
+
+
+def _unquote(word: str) -> str:
+    if word.startswith("'") and word.endswith("'") and len(word) >= 2:
+        return re.sub(r"\\(.)", r"\1", word[1:-1].replace("''", "'"))
+    return word
+
+
+def _file_argument(word: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """The files a path argument can name (one per base folder psql might resolve it
+    from), or why it is refused."""
+    if not word.startswith("'") and ":" in word:
+        return "names a file through a psql variable"
+    path = _unquote(word)
+    if not path or path.startswith("|"):
+        return "pipes to or from a command"
+    candidates = [Path(path)] if Path(path).is_absolute() else [base / path for base in bases]
+    if not all(guard.inside(c) for c in candidates):
+        return f"reads {path!r}, outside the project"
+    return candidates
+
+
+def _copy_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    words = _meta_words(args)
+    lowered = [w.lower() for w in words]
+    where = next((i for i, w in enumerate(lowered) if w in ("from", "to") and i > 0), None)
+    if where is None or where + 1 >= len(words):
+        return "cannot be read (no FROM or TO)"
+    if lowered[where] == "to":
+        return "writes a client-side file or sends rows to a command"
+    source = lowered[where + 1]
+    if source == "program":
+        return "runs a command (PROGRAM)"
+    if source in ("stdin", "pstdin"):
+        return []
+    return _file_argument(words[where + 1], bases, guard)
+
+
+def _meta_problem(command: MetaCommand, folder: Path, guard: SqlGuard) -> list[Path] | str:
+    """Why a meta-command is refused, or the project files it reads (to be checked too)."""
+    name, args = command.name, command.args
+    if name in _META_REFUSED:
+        return _META_REFUSED[name]
+    if name == "`":
+        return "runs a shell command (backquotes)"
+    if name in ("g", "gx"):
+        rest = [w for w in _meta_words(args) if not w.startswith("(")]
+        return "sends query output to a file or a command" if rest else []
+    if name == "set" and "\\" in args:
+        return "stores a backslash command, which psql runs when the variable is interpolated"
+    if name == "copy":
+        return _copy_problem(args, [guard.cwd], guard)
+    if name in ("i", "include", "lo_import"):
+        words = _meta_words(args)
+        return _file_argument(words[0], [guard.cwd], guard) if words else []
+    if name in ("ir", "include_relative"):
+        words = _meta_words(args)  # psql resolves from the file's folder, or from its cwd
+        return _file_argument(words[0], [folder, guard.cwd], guard) if words else []
+    return []
+
+
+def guard_sql(statements: Sequence[Statement], path: Path, rel: str, guard: SqlGuard,
+              seen: frozenset[Path] = frozenset()) -> None:
+    """Refuse, before anything runs, a project SQL file (split_sql's statements) whose psql
+    meta-commands reach the client's shell, files outside the project or other servers
+    (SPEC §5), naming the file and line; files it includes with \\i or \\ir are checked
+    the same way. Every path that runs project files calls it: the build (schema, seeds:
+    templates, reset, clone, deploy), migrations (up and down, both transaction modes) and
+    deploy's verify checks."""
+    if guard.allow_all:
+        return
+    for command in meta_commands(statements):
+        problem = _meta_problem(command, path.parent, guard)
+        if isinstance(problem, str):
+            shown = "`…`" if command.name == "`" else f"\\{command.name}"
+            raise Refused(f"{rel}:{command.line}: {shown} {problem}",
+                          hint="SQL files cannot reach the machine that runs confiture; "
+                               "[project] psql_meta_commands = \"all\" allows it for this project")
+        for included in problem:
+            real = included.resolve()
+            if command.name == "copy" or command.name == "lo_import" or real in seen \
+                    or not real.is_file():
+                continue
+            guard_sql(split_sql(_read_sql(real, str(included)).decode("utf-8")), real,
+                      f"{included} (included by {rel}:{command.line})", guard, seen | {real})
+
+
+def sql_guard(config: Config, cwd: Path | None = None) -> SqlGuard:
+    """The project's guard: its folders (and its schema sources, wherever they are) may be
+    read; psql runs in our working directory."""
+    roots = {config.root, *(s.path for s in config.schema), config.seeds_dir,
+             config.migrations_dir, config.deploy_verify}
+    return SqlGuard(roots=tuple(sorted(r.resolve() for r in roots)), cwd=cwd or Path.cwd(),
+                    allow_all=config.psql_meta_commands == "all")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -2041,9 +2374,11 @@ class Build:
     files: tuple[SqlFile, ...]
 
 
-def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) -> Build:
+def render_build(fileset: FileSet, guard: SqlGuard,
+                 read: Callable[[Path], bytes] | None = None) -> Build:
     """The env's files concatenated under a header, with a map from script lines to files.
-    Each file is followed by a lone ';' so a missing final semicolon cannot glue two files."""
+    Each file is followed by a lone ';' so a missing final semicolon cannot glue two files.
+    Every file passes the meta-command guard first (§4 guard_sql)."""
     read = read or (lambda p: p.read_bytes())
     built = [f for f in fileset.files if f.kind != "migration"]
     migrations = len(fileset.files) - len(built)
@@ -2068,6 +2403,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
                              hint="run the command again")
         text = data.decode("utf-8").removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
+        guard_sql(split_sql(text), item.path, item.rel, guard)
         lines.append(f"-- ==== {item.rel}")
         lines.extend(_FILE_PRELUDE.rstrip("\n").split("\n"))
         chunks.append((len(lines) + 1, item.rel, 1))
@@ -2252,7 +2588,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     tmp = f"{name}_tmp"
     started = time.monotonic()
     ws.console.info(f"building template {name} from {len(fileset.files)} files …")
-    build = render_build(fileset)
+    build = render_build(fileset, sql_guard(ws.config))
     _drop_database(session, tmp, force=True)
     session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0"
                     + (f" STRATEGY {strategy}" if strategy else ""))
@@ -2693,145 +3029,6 @@ def new_migration(config: Config, name: str, now: float | None = None) -> list[P
     return paths
 
 
-# ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
-
-@record(frozen=True)
-class Statement:
-    text: str                # as written (leading comments kept, trailing blanks cut)
-    line: int                # line of its first character in the file
-    words: tuple[str, ...]   # first keywords, upper-cased (strings and comments skipped)
-    meta: bool = False       # a psql backslash command
-
-
-_SQL_SPECIAL = lazy_re(r"""(?x)
-    (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
-  | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
-  | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
-_STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
-_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
-_IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
-_BLOCK_EDGE = lazy_re(r"/\*|\*/")
-_WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
-_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
-_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
-
-
-def _skip_block_comment(text: str, pos: int) -> int:
-    depth = 1
-    for match in _BLOCK_EDGE.finditer(text, pos):
-        depth += 1 if match.group() == "/*" else -1
-        if depth == 0:
-            return match.end()
-    return len(text)
-
-
-def _keywords(code: str, limit: int = 6) -> tuple[str, ...]:
-    words: list[str] = []
-    for match in _WORD.finditer(code):
-        if match.group() not in "()":
-            words.append(match.group().upper())
-            if len(words) == limit:
-                break
-    return tuple(words)
-
-
-def _inside_routine_body(code: str) -> bool:
-    """psql's heuristic: in CREATE [OR REPLACE] FUNCTION|PROCEDURE, a ';' between BEGIN (ATOMIC)
-    and its END does not end the statement."""
-    head = _keywords(code, 4)
-    if not head or head[0] != "CREATE" or not (
-            head[1:2] in (("FUNCTION",), ("PROCEDURE",))
-            or (head[1:3] == ("OR", "REPLACE") and head[3:4] in (("FUNCTION",), ("PROCEDURE",)))):
-        return False
-    parens = depth = 0
-    for match in _WORD.finditer(code):
-        word = match.group().upper()
-        if word == "(":
-            parens += 1
-        elif word == ")":
-            parens = max(parens - 1, 0)
-        elif parens == 0:
-            if word == "BEGIN" or (word == "CASE" and depth >= 1):
-                depth += 1
-            elif word == "END" and depth > 0:
-                depth -= 1
-    return depth > 0
-
-
-def split_sql(text: str) -> list[Statement]:
-    """Split SQL the way psql does: quotes, E'' strings, dollar quoting with tags, nested
-    block comments, parentheses, BEGIN ATOMIC bodies, COPY … FROM stdin data and backslash
-    commands. Comment-only pieces are not statements."""
-    out: list[Statement] = []
-    size = len(text)
-    pos = start = depth = 0
-    code: list[str] = []
-    line, line_pos = 1, 0
-
-    def line_at(index: int) -> int:
-        nonlocal line, line_pos
-        line += text.count("\n", line_pos, index)
-        line_pos = index
-        return line
-
-    def emit(end: int, meta: bool = False) -> None:
-        nonlocal start, code, depth
-        words = _keywords("".join(code))
-        if words or meta:
-            first = start + len(text[start:end]) - len(text[start:end].lstrip())
-            out.append(Statement(text[first:end].rstrip(), line_at(first), words, meta))
-        start, code, depth = end, [], 0
-
-    while pos < size:
-        match = _SQL_SPECIAL.search(text, pos)
-        if not match:
-            code.append(text[pos:])
-            break
-        code.append(text[pos:match.start()])
-        kind, pos = match.lastgroup, match.end()
-        if kind == "semi":
-            joined = "".join(code)
-            if depth == 0 and not _inside_routine_body(joined):
-                if _COPY_STDIN.match(joined):
-                    end = _COPY_END.search(text, pos)
-                    pos = end.end() if end else size
-                emit(pos)
-                continue
-            code.append(";")
-        elif kind == "open":
-            depth += 1
-            code.append("(")
-        elif kind == "close":
-            depth = max(depth - 1, 0)
-            code.append(")")
-        elif kind == "line":
-            newline = text.find("\n", pos)
-            pos = size if newline < 0 else newline
-            code.append(" ")
-        elif kind == "block":
-            pos = _skip_block_comment(text, pos)
-            code.append(" ")
-        elif kind in ("str", "estr", "ident"):
-            body = {"str": _STR_BODY, "estr": _ESTR_BODY, "ident": _IDENT_BODY}[kind]
-            found = body.match(text, pos)
-            pos = found.end() if found else size
-            code.append(' "q" ' if kind == "ident" else " '' ")
-        elif kind == "dollar":
-            close = text.find(match.group(), pos)
-            pos = size if close < 0 else close + len(match.group())
-            code.append(" $$ ")
-        else:  # a backslash command runs to the end of its line
-            if _keywords("".join(code)):
-                emit(match.start())
-            start = match.start()
-            newline = text.find("\n", pos)
-            pos = size if newline < 0 else newline
-            code = []
-            emit(pos, meta=True)
-    emit(size)
-    return out
-
-
 _TXN_CONTROL = {"BEGIN", "COMMIT", "END", "ABORT", "ROLLBACK"}
 
 
@@ -2867,12 +3064,15 @@ def migration_statements(migration: Migration, which: str = "up",
     return split_sql(data.decode("utf-8")), transactional
 
 
-def check_migration_sql(migration: Migration, which: str, root: Path) -> bool:
-    """Refuse, before anything runs, SQL that would break the one-transaction guarantee.
-    Returns whether the file runs in a transaction."""
-    statements, transactional = migration_statements(migration, which, root)
+def check_migration_sql(migration: Migration, which: str, config: Config) -> bool:
+    """Refuse, before anything runs, SQL that would break the one-transaction guarantee or
+    reach the machine that runs the tool (§4 guard_sql). Returns whether the file runs in a
+    transaction."""
+    statements, transactional = migration_statements(migration, which, config.root)
     path = migration.up if which == "up" else migration.down
-    rel = migration_rel_path(root, path)
+    rel = migration_rel_path(config.root, path)
+    assert path is not None
+    guard_sql(statements, path, rel, sql_guard(config))
     for stmt in statements:
         if stmt.meta:
             continue
@@ -3418,13 +3618,13 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
         for m in run.planned:
-            check_migration_sql(m, "up", config.root)
+            check_migration_sql(m, "up", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
-        checked = {m.version: check_migration_sql(m, "up", config.root) for m in run.planned}
+        checked = {m.version: check_migration_sql(m, "up", config) for m in run.planned}
         partial = {p.version: p for p in status.partial}
         for stale in set(partial) - {m.version for m in run.planned}:
             ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
@@ -3474,12 +3674,12 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
             status = _status_with(session, ws, files)[0]
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
         for m in run.planned:
-            check_migration_sql(m, "down", config.root)
+            check_migration_sql(m, "down", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
-        checked = {m.version: check_migration_sql(m, "down", config.root) for m in run.planned}
+        checked = {m.version: check_migration_sql(m, "down", config) for m in run.planned}
         for migration in run.planned:
             assert migration.down is not None
             rel = migration_rel(config, migration.down)
@@ -4564,11 +4764,18 @@ def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str)
 
 
 def verify_files(config: Config) -> list[Path]:
+    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
+    deploy plan lists them, so a refused one stops a deploy before anything runs."""
     folder = config.deploy_verify
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
-                  key=lambda p: natural_key(p.name))
+    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    guard = sql_guard(config)
+    for path in found:
+        rel = migration_rel_path(config.root, path)
+        guard_sql(split_sql(_read_sql(path, rel).decode("utf-8")), path, rel, guard)
+    return found
 
 
 def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty: bool,
@@ -7880,7 +8087,7 @@ def cmd_scan(app: App) -> int:
 def cmd_build(app: App) -> int:
     name = app.env_name()
     seeds = not app.args.schema_only
-    build = render_build(scan_env(app.config, name, seeds=seeds))
+    build = render_build(scan_env(app.config, name, seeds=seeds), sql_guard(app.config))
     path = Path(app.args.output) if app.args.output else build_path(app.config, name, seeds)
     if str(path) == "-":
         sys.stdout.write(build.script)

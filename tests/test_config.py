@@ -368,7 +368,7 @@ def test_line_map_points_into_files(tmp_path: Path) -> None:
                                   "db/schema/2.sql": "\n\nselect nope(;\n",
                                   "db/seeds/common/x.sql": "select 3"})
     config = confiture.load_config(tmp_path / "confiture.toml")
-    build = confiture.render_build(confiture.scan_env(config, "local"))
+    build = confiture.render_build(confiture.scan_env(config, "local"), confiture.sql_guard(config))
     lines = build.script.split("\n")
     target = next(i for i, line in enumerate(lines, 1) if "nope" in line)
     assert build.line_map.locate(target) == ("db/schema/2.sql", 3)
