@@ -1647,6 +1647,7 @@ _META_REFUSED: dict[str, str] = {
     "c": "connects elsewhere with the tool's credentials",
     "connect": "connects elsewhere with the tool's credentials",
     "password": "changes a password interactively",
+    "prompt": "reads input that is not in the file (the script itself, or a terminal)",
     "lo_export": "writes a client-side file",
     "gset": "turns server data into psql variables, which psql runs as script text when "
             "interpolated (:name)",

@@ -41,6 +41,7 @@ def guard_of(root: Path) -> confiture.SqlGuard:
     ("\\connect postgres host=elsewhere\n", "\\connect connects elsewhere"),
     ("select '\\! id' as x \\gset\n", "\\gset turns server data"),
     ("\\lo_export 1 '/tmp/x'\n", "\\lo_export writes"),
+    ("\\prompt x\n-- line read as input\nselect :x;\n", "\\prompt reads"),
 ])
 def test_dangerous_meta_commands_are_refused_with_file_and_line(tmp_path: Path, text: str,
                                                                 refused: str) -> None:
