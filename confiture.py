@@ -6700,9 +6700,18 @@ def _copy_one(session: Session, table: CopyPlan, staged: str) -> int:
     """INSERT … SELECT one table, then compare its row count with OLD's (both reads use the
     one remote snapshot postgres_fdw keeps for the transaction)."""
     columns = ", ".join(quote_ident(c) for c in table.columns)
+    select = f"SELECT {', '.join(table.expressions)} FROM {staged} AS s"
+    if (error := query_error(session, select)) is not None:  # a mapping's { sql = … } (§5)
+        culprit = next((f"{table.new.qualified}.{column} = {expression}"
+                        for column, expression in zip(table.columns, table.expressions,
+                                                      strict=True)
+                        if query_error(session, f"SELECT {expression} FROM {staged} AS s")),
+                       f"{table.new.qualified} (from {table.old.qualified})")
+        raise ConfigError(f"{culprit}: fails in the new database: {error.server_message}",
+                          hint="fix the mapping; nothing was written")
     try:
         session.execute(f"INSERT INTO {table.new.sql} ({columns}) OVERRIDING SYSTEM VALUE "
-                        f"SELECT {', '.join(table.expressions)} FROM {staged} AS s")
+                        f"{select}")
     except SqlError as exc:
         raise SyncError(f"{table.new.qualified} (from {table.old.qualified}): {exc.message}")
     counts = session.query(f"SELECT (SELECT count(*) FROM {table.new.scan}) AS new, "

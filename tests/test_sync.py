@@ -851,3 +851,31 @@ def test_malformed_mapping_is_a_usage_error_naming_the_key(sp: SyncProject, text
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and key in result.stderr, result.stderr
     assert "map.toml" in result.stderr
+
+
+def test_schema_to_schema_names_a_broken_sql_mapping(sp: SyncProject, pg: Cluster,
+                                                     pg_remote: Cluster) -> None:
+    """An unbalanced { sql = … } in the mapping is named (table, column, PostgreSQL's message)
+    before anything is written; it never reaches psql's lexer as script text."""
+    for cluster, db, schema in ((pg, sp.src_db, OLD_SCHEMA), (pg_remote, sp.dst_db, NEW_SCHEMA)):
+        cluster.query("DROP TABLE orders, users, people", db=db)
+        cluster.query(schema, db=db)
+    write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+[env.old]
+url = "{pg.url(sp.src_db)}"
+[env.new]
+url = "{pg_remote.url(sp.dst_db)}"
+""")
+    (sp.root / "map.toml").write_text('[tables]\n"clients" = "customers"\n'
+                                      '[columns.clients]\nfull_name = "name"\n'
+                                      '[columns.orders]\nclient_id = "customer_id"\n'
+                                      'label = { sql = "this is not sql(" }\n')
+    result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping", "map.toml")
+    assert result.returncode == 2, result.stderr
+    assert "public.orders.label = (this is not sql()" in result.stderr
+    assert "syntax error" in result.stderr and "Traceback" not in result.stderr
+    assert pg_remote.scalar("SELECT count(*) FROM clients", db=sp.dst_db) == 0
+    assert pg_remote.scalar("SELECT count(*) FROM pg_foreign_server", db=sp.dst_db) == 0
