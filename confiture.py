@@ -1737,7 +1737,28 @@ def _file_argument(word: str, bases: Sequence[Path], guard: SqlGuard) -> list[Pa
     return candidates
 
 
+# Each check gets the command's arguments and the folders a relative path may resolve from
+# (the file's folder, then psql's working directory) and returns why the command is refused,
+# or the files it reads (to be checked too).
+_MetaCheck = Callable[[str, Sequence[Path], SqlGuard], "list[Path] | str"]
+
+
+def _output_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\g and \\gx: options in parentheses are fine; a file or |command is not."""
+    rest = [w for w in _meta_words(args) if not w.startswith("(")]
+    return "sends query output to a file or a command" if rest else []
+
+
+def _set_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """psql copies a variable's value into the script as is (:name): a stored backslash
+    command would run there."""
+    return "stores a backslash command, which psql runs when the variable is interpolated" \
+        if "\\" in args else []
+
+
 def _copy_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\copy … FROM stdin or a project file; never TO (client files, stdout) or PROGRAM.
+    psql resolves its file from its working directory."""
     words = _meta_words(args)
     lowered = [w.lower() for w in words]
     where = next((i for i, w in enumerate(lowered) if w in ("from", "to") and i > 0), None)
@@ -1750,30 +1771,40 @@ def _copy_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Pat
         return "runs a command (PROGRAM)"
     if source in ("stdin", "pstdin"):
         return []
-    return _file_argument(words[where + 1], bases, guard)
+    return _file_argument(words[where + 1], bases[-1:], guard)
+
+
+def _read_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\i and \\lo_import read a file relative to psql's working directory."""
+    words = _meta_words(args)
+    return _file_argument(words[0], bases[-1:], guard) if words else []
+
+
+def _read_relative_problem(args: str, bases: Sequence[Path], guard: SqlGuard
+                           ) -> list[Path] | str:
+    """\\ir reads relative to the including file, or to psql's working directory when the
+    script comes from stdin (a build): both must be project files."""
+    words = _meta_words(args)
+    return _file_argument(words[0], bases, guard) if words else []
+
+
+_META_CHECKS: dict[str, _MetaCheck] = {
+    "g": _output_problem, "gx": _output_problem,
+    "set": _set_problem,
+    "copy": _copy_problem,
+    "i": _read_problem, "include": _read_problem, "lo_import": _read_problem,
+    "ir": _read_relative_problem, "include_relative": _read_relative_problem,
+}
 
 
 def _meta_problem(command: MetaCommand, folder: Path, guard: SqlGuard) -> list[Path] | str:
     """Why a meta-command is refused, or the project files it reads (to be checked too)."""
-    name, args = command.name, command.args
-    if name in _META_REFUSED:
-        return _META_REFUSED[name]
-    if name == "`":
+    if command.name == "`":
         return "runs a shell command (backquotes)"
-    if name in ("g", "gx"):
-        rest = [w for w in _meta_words(args) if not w.startswith("(")]
-        return "sends query output to a file or a command" if rest else []
-    if name == "set" and "\\" in args:
-        return "stores a backslash command, which psql runs when the variable is interpolated"
-    if name == "copy":
-        return _copy_problem(args, [guard.cwd], guard)
-    if name in ("i", "include", "lo_import"):
-        words = _meta_words(args)
-        return _file_argument(words[0], [guard.cwd], guard) if words else []
-    if name in ("ir", "include_relative"):
-        words = _meta_words(args)  # psql resolves from the file's folder, or from its cwd
-        return _file_argument(words[0], [folder, guard.cwd], guard) if words else []
-    return []
+    if command.name in _META_REFUSED:
+        return _META_REFUSED[command.name]
+    check = _META_CHECKS.get(command.name)
+    return check(command.args, (folder, guard.cwd), guard) if check else []
 
 
 def guard_sql(statements: Sequence[Statement], path: Path, rel: str, guard: SqlGuard,
