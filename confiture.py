@@ -1229,7 +1229,7 @@ def scratch_server(config: Config, env_name: str,
     if config.scratch_url is not None:
         key = "project.scratch_url"
         conn = ConnInfo.parse(expand_vars(config.scratch_url, key, environ), key)
-        return ScratchServer(conn, conn.dbname(environ) or config.maintenance_db, key)
+        return ScratchServer(conn, conn.get("dbname") or config.maintenance_db, key)
     hint = ("set [project] scratch_url to a server where databases may be created "
             "(a local or CI server); the expected schema is built there")
     default = config.envs.get(config.default_env)
@@ -1719,7 +1719,7 @@ def _meta_words(args: str) -> list[str]:
 
 def _unquote(word: str) -> str:
     if word.startswith("'") and word.endswith("'") and len(word) >= 2:
-        return re.sub(r"\\(.)", r"\1", word[1:-1].replace("''", "'"))
+        return word[1:-1].replace("''", "'")  # (a name with backslashes is refused)
     return word
 
 
@@ -1728,6 +1728,8 @@ def _file_argument(word: str, bases: Sequence[Path], guard: SqlGuard) -> list[Pa
     from), or why it is refused."""
     if not word.startswith("'") and ":" in word:
         return "names a file through a psql variable"
+    if "\\" in word:  # psql reads '\x2f' as '/': the name would not be the one checked
+        return "names a file with backslash escapes"
     path = _unquote(word)
     if not path or path.startswith("|"):
         return "pipes to or from a command"

@@ -35,6 +35,7 @@ def guard_of(root: Path) -> confiture.SqlGuard:
     ("\\i /etc/passwd\n", "outside the project"),
     ("\\ir ../../outside.sql\n", "outside the project"),
     ("\\i :file\n", "through a psql variable"),
+    ("\\i '\\x2fetc\\x2fpasswd'\n", "backslash escapes"),
     ("\\set x `id`\n", "backquotes"),
     ("\\set cmd '\\\\! id'\nselect 1 :cmd;\n", "stores a backslash command"),
     ("\\echo fine \\! id\n", "\\! runs"),
