@@ -67,6 +67,13 @@ def side_databases(pg: Cluster, project: Project, kind: str) -> list[str]:
                                    "ORDER BY 1", params=(f"{project.name}%\\_{kind}\\_%",))]
 
 
+def restoring_into_scratch(pg: Cluster, project: Project) -> bool:
+    """Is a client (pg_restore) connected to the restore's scratch database right now?"""
+    return bool(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname LIKE %s "
+                          "AND pid <> pg_backend_pid()",
+                          params=(f"{project.name}%\\_restore\\_%",)))
+
+
 def backups_in(project: Project, env: str = "local") -> list[Path]:
     return sorted((project.root / ".confiture/backups" / env).glob("*.dump"))
 
@@ -172,10 +179,9 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
                             cwd=project.root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not side_databases(pg, project, "restore"):  # the scratch database exists: restoring
+    while not restoring_into_scratch(pg, project):  # pg_restore is loading the scratch database
         assert proc.poll() is None and time.monotonic() < deadline, "restore ended too soon"
         time.sleep(0.02)
-    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert db_oid(pg, db) == oid and checksums(pg, db) == before

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,24 @@ def migration(project: Project, label: str, up: str, no_transaction: bool = Fals
     head = "-- confiture:no-transaction\n" if no_transaction else ""
     project.write(f"db/migrations/{label}.up.sql", head + up)
     project.write(f"db/migrations/{label}.down.sql", "SELECT 1;\n")
+
+
+GATE = 424242  # an advisory lock the test holds to keep a migration running as long as needed
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after a generous `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def waiting_on_gate(pg: Cluster, db: str) -> bool:
+    """Is a session of `db` blocked on the GATE advisory lock?"""
+    return bool(pg.scalar("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                          "WHERE d.datname = %s AND l.locktype = 'advisory' AND NOT l.granted "
+                          "AND l.objid = %s", params=(db, GATE)))
 
 
 def deployed(pg: Cluster, project: Project, cli: Any, env: str = "local") -> str:
@@ -197,15 +216,18 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
     db = deployed(pg, project, cli)
     project.config_path.write_text(project.config_path.read_text()
                                    + '\n[migrations]\nlock_timeout = "1s"\n')
-    migration(project, "002_slow", "SELECT pg_sleep(3);\n")
+    # the first deploy's migration waits on a lock the test holds, until the second has given up
+    migration(project, "002_slow", f"SELECT pg_advisory_xact_lock({GATE});\n")
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=lambda: results.append(cli("deploy", cwd=project.root)))
                for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.3)
-    for thread in threads:
-        thread.join()
+    with pg.connect(db) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        threads[0].start()
+        wait_until(lambda: waiting_on_gate(pg, db), "the first deploy to run its migration")
+        threads[1].start()
+        threads[1].join()
+    threads[0].join()
     codes = sorted(r.returncode for r in results)
     assert codes == [0, 5], [r.stderr for r in results]
     loser = next(r for r in results if r.returncode == 5)

@@ -440,7 +440,12 @@ def test_first_diff_dumps_the_template_itself_and_closes_it_again(
                                   project.name + "_while_dumping"], cwd=project.root,
                                  env={**clean_environ(), **pg.env, "NO_COLOR": "1"},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+                            "AND pid <> pg_backend_pid()",
+                            params=(f"CREATE DATABASE%{project.name}_while_dumping%",)):
+            assert clone.poll() is None and time.monotonic() < deadline, clone.communicate()
+            time.sleep(0.02)  # until the clone's CREATE DATABASE waits on the template
     out, err = clone.communicate(timeout=60)
     assert clone.returncode == 0, err
     assert pg.db_exists(project.name + "_while_dumping")

@@ -462,10 +462,11 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE_"))}
 
 
-def _start(project: Any, pg: Any, *args: str) -> subprocess.Popen[str]:
+def _start(project: Any, pg: Any, *args: str, stderr: Any = subprocess.PIPE
+           ) -> subprocess.Popen[str]:
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), *args], cwd=project.root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
                             start_new_session=True)
 
 
@@ -527,7 +528,8 @@ def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Any, proje
     assert not exists(pg, project, "queued_too")
 
 
-def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str) -> None:
+def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str,
+                                                              tmp_path: Path) -> None:
     add_config(project, '[migrations]\nlock_timeout = "60s"')
     mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
     mig(project, "2_cic", "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY big_x ON big (x);\n")
@@ -537,12 +539,17 @@ def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: 
         blocker.execute("SELECT 1")
         holder = _start(project, pg, "migrate", "up")
         _wait_for(lambda: _running(pg, db, "CREATE INDEX CONCURRENTLY"))
-        waiter = _start(project, pg, "migrate", "up")
-        time.sleep(1.0)  # the waiter polls the lock meanwhile
+        waiter_log = tmp_path / "waiter.stderr"
+        with waiter_log.open("w") as log:
+            waiter = _start(project, pg, "migrate", "up", stderr=log)
+        # until the waiter has found the lock taken: it polls it from then on
+        _wait_for(lambda: "waiting for the migration lock" in waiter_log.read_text()
+                  or waiter.poll() is not None)
         assert waiter.poll() is None and holder.poll() is None
         blocker.rollback()
     assert holder.wait(timeout=60) == 0, holder.stderr.read()  # type: ignore[union-attr]
-    waited = waiter.communicate(timeout=60)[1]
+    waiter.wait(timeout=60)
+    waited = waiter_log.read_text()
     assert waiter.returncode == 0, waited
     assert "waiting for the migration lock" in waited and "held by pid" in waited
     assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_x'::regclass", db=db)
