@@ -3,7 +3,8 @@
 - `pg`: session cluster `test` (env CONFITURE_TEST_CLUSTER overrides the name); stopped at the
   end unless CONFITURE_KEEP_CLUSTER=1.
 - `pg_remote`: session cluster `remote`, also listening on 127.0.0.1:<free port> (password auth).
-- `cli(*args, cwd=…)`: runs `python confiture.py ARGS` with the `pg` cluster's PG* variables.
+- `cli(*args, cwd=…)`: runs `python -m confiture ARGS` (cached bytecode) with the `pg`
+  cluster's PG* variables.
 - `project`: a scratch project (db/ layout + confiture.toml) whose databases are dropped afterwards.
 """
 from __future__ import annotations
@@ -20,10 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import confiture`
 
 from helpers import (
-    CONFITURE,
     Cluster,
     Project,
     clean_environ,
+    compile_confiture,
+    confiture_argv,
+    confiture_environ,
     free_tcp_port,
     make_project,
     start_cluster,
@@ -40,6 +43,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # `make test` runs everything (CI too); `make test PYTEST_ARGS='-m "not slow"'` skips the
     # corpus-sized runs while developing.
     config.addinivalue_line("markers", "slow: a corpus-sized run (tens of seconds)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def confiture_bytecode() -> None:
+    """confiture.py compiled once for the session's CLI runs (see helpers.confiture_argv)."""
+    compile_confiture()
 
 
 def _keep_clusters() -> bool:
@@ -69,7 +78,8 @@ def pg_remote() -> Iterator[Cluster]:
 
 @pytest.fixture
 def cli(pg: Cluster) -> CliRunner:
-    """run(*args, cwd, env=None, input=None, timeout=120): confiture.py as users run it.
+    """run(*args, cwd, env=None, input=None, timeout=120): `python -m confiture ARGS` as users run
+    it (helpers.confiture_argv: the cached bytecode, not a compile of the file per run).
 
     The environment is os.environ minus PG*/CONFITURE_*, plus the `pg` cluster's PG* variables and
     NO_COLOR=1, plus `env` (a value of None removes the variable). stdin is empty unless `input`.
@@ -85,7 +95,7 @@ def cli(pg: Cluster) -> CliRunner:
             else:
                 full[key] = value
         return subprocess.run(
-            [sys.executable, str(CONFITURE), *map(str, args)], cwd=cwd, env=full, text=True,
+            confiture_argv(*args), cwd=cwd, env=confiture_environ(full), text=True,
             capture_output=True, input=input,
             stdin=subprocess.DEVNULL if input is None else None, timeout=timeout)
     return run

@@ -7,12 +7,11 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from helpers import CONFITURE, Cluster, Project, clean_environ
+from helpers import Cluster, Project, clean_environ, confiture_argv, confiture_environ
 
 PGBIN = os.environ.get("PGBIN") or subprocess.run(
     ["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
@@ -175,8 +174,8 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
     before, oid = checksums(pg, db), db_oid(pg, db)
     env = clean_environ()
     env.update(pg.env)
-    proc = subprocess.Popen([sys.executable, str(CONFITURE), "restore", "latest"],
-                            cwd=project.root, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(confiture_argv("restore", "latest"),
+                            cwd=project.root, env=confiture_environ(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not restoring_into_scratch(pg, project):  # pg_restore is loading the scratch database
@@ -282,8 +281,8 @@ def test_disk_full_during_backup_leaves_no_partial_file(pg: Cluster, project: Pr
     def limit_file_size() -> None:  # the dump hits the limit like a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    result = subprocess.run([sys.executable, str(CONFITURE), "backup"], cwd=project.root,
-                            env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
+    result = subprocess.run(confiture_argv("backup"), cwd=project.root,
+                            env=confiture_environ(env), capture_output=True, text=True, preexec_fn=limit_file_size)
     assert result.returncode == 1, result.stderr
     assert "pg_dump" in result.stderr and "Traceback" not in result.stderr
     folder = project.root / ".confiture/backups/local"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import CONFITURE, Cluster, Project, clean_environ
+from helpers import Cluster, Project, clean_environ, confiture_argv, confiture_environ
 from psycopg import sql
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
@@ -310,7 +309,7 @@ def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: An
     migration(project, "003_slow", "SELECT pg_sleep(60);\n")
     env = clean_environ()
     env.update(pg.env, NO_COLOR="1")
-    proc = subprocess.Popen([sys.executable, str(CONFITURE), "deploy"], cwd=project.root, env=env,
+    proc = subprocess.Popen(confiture_argv("deploy"), cwd=project.root, env=confiture_environ(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "

@@ -7,14 +7,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import clean_environ
+from helpers import clean_environ, confiture_argv, confiture_environ
 from psycopg import sql
 
 import confiture
@@ -436,9 +435,10 @@ def test_first_diff_dumps_the_template_itself_and_closes_it_again(
     pg.query(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
     with pg.connect(name) as holder:
         holder.execute("SELECT 1")
-        clone = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "clone",
-                                  project.name + "_while_dumping"], cwd=project.root,
-                                 env={**clean_environ(), **pg.env, "NO_COLOR": "1"},
+        clone = subprocess.Popen(confiture_argv("clone", project.name + "_while_dumping"),
+                                 cwd=project.root,
+                                 env=confiture_environ({**clean_environ(), **pg.env,
+                                                        "NO_COLOR": "1"}),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
@@ -583,8 +583,8 @@ def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> N
     import signal
 
     project.write("db/migrations/20240101000000_slow.up.sql", "SELECT pg_sleep(60);\n")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "diff", "--migrations"],
-                            cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+    proc = subprocess.Popen(confiture_argv("diff", "--migrations"), cwd=project.root,
+                            env=confiture_environ({**clean_environ(), "NO_COLOR": "1"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not pg.scalar(

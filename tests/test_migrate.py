@@ -6,12 +6,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import confiture_argv, confiture_environ
 
 import confiture
 
@@ -448,8 +448,8 @@ def test_concurrent_runs_apply_each_migration_once(pg: Any, project: Any, db: st
     for v in range(2, 7):
         mig(project, f"{v}_hit", f"INSERT INTO hits VALUES ({v});\nSELECT pg_sleep(0.05);\n")
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "migrate", "up"],
-                              cwd=project.root, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(confiture_argv("migrate", "up"),
+                              cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(runs)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
     assert all(code == 0 for code, _ in results), results
@@ -465,8 +465,8 @@ def _clean_env() -> dict[str, str]:
 def _start(project: Any, pg: Any, *args: str, stderr: Any = subprocess.PIPE
            ) -> subprocess.Popen[str]:
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), *args], cwd=project.root,
-                            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+    return subprocess.Popen(confiture_argv(*args), cwd=project.root,
+                            env=confiture_environ(env), stdout=subprocess.PIPE, stderr=stderr, text=True,
                             start_new_session=True)
 
 

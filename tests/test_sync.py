@@ -23,7 +23,15 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
+from helpers import (
+    CONFITURE,
+    ROOT,
+    Cluster,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+    write_config,
+)
 from psycopg import sql
 
 import confiture
@@ -149,14 +157,14 @@ key = "${{CONFITURE_SYNC_KEY}}"
             ) -> subprocess.CompletedProcess[str]:
         full = clean_environ()
         full.update({"NO_COLOR": "1", "CONFITURE_SYNC_KEY": KEY, **(env or {})})
-        return subprocess.run([sys.executable, str(CONFITURE), *args], cwd=self.root, env=full,
+        return subprocess.run(confiture_argv(*args), cwd=self.root, env=confiture_environ(full),
                               text=True, capture_output=True, stdin=subprocess.DEVNULL,
                               timeout=timeout)
 
     def popen(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         full = clean_environ()
         full.update({"NO_COLOR": "1", "CONFITURE_SYNC_KEY": KEY, **(env or {})})
-        return subprocess.Popen(list(argv), cwd=self.root, env=full, text=True,
+        return subprocess.Popen(list(argv), cwd=self.root, env=confiture_environ(full), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL)
 
@@ -483,7 +491,7 @@ def test_key_never_reaches_query_text_activity_or_log(sp: SyncProject) -> None:
     inner, outer = confiture.hmac_pads(KEY.encode())
     sp.source.query(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(
         sql.Identifier(sp.src_db)))
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync")
+    proc = sp.popen(*confiture_argv("sync"))
     seen: list[str] = []
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")
@@ -513,7 +521,7 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
                             '"users.code" = { sql = "slow(s.code)" }'))
     tmp = sp.root / "tmp"  # where the run keeps its named pipes (issue 11.12)
     tmp.mkdir()
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync", env={"TMPDIR": str(tmp)})
+    proc = sp.popen(*confiture_argv("sync"), env={"TMPDIR": str(tmp)})
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")  # orders is loaded by now
     finally:

@@ -5,12 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import confiture_argv, confiture_environ
 
 import confiture
 
@@ -159,8 +159,8 @@ def test_concurrent_resets_build_once_and_both_succeed(pg: Any, project: Any, cl
     project.write("db/seeds/dev/90_slow.sql", "SELECT pg_sleep(0.5);\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
     env.update(pg.env, NO_COLOR="1")
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "reset"],
-                              cwd=project.root, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(confiture_argv("reset"),
+                              cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -174,8 +174,8 @@ def test_killed_build_leaves_no_template_and_next_run_recovers(pg: Any, project:
     project.write("db/seeds/dev/90_slow.sql", "SELECT pg_sleep(30);\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
     env.update(pg.env)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "template"],
-                            cwd=project.root, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(confiture_argv("template"),
+                            cwd=project.root, env=confiture_environ(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(n.endswith("_tmp") for n, _, _ in templates_of(pg, project)):
@@ -185,8 +185,8 @@ def test_killed_build_leaves_no_template_and_next_run_recovers(pg: Any, project:
     assert not [n for n, is_tpl, _ in templates_of(pg, project) if is_tpl]
     project.write("db/seeds/dev/90_slow.sql", "SELECT 1;\n")
     env.update(NO_COLOR="1")
-    done = subprocess.run([sys.executable, str(ROOT / "confiture.py"), "template"],
-                          cwd=project.root, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(confiture_argv("template"),
+                          cwd=project.root, env=confiture_environ(env), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     names = [n for n, _, _ in templates_of(pg, project)]
     assert len(names) == 1 and not names[0].endswith("_tmp")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from helpers import confiture_argv, confiture_environ
 
 import confiture
 
@@ -25,8 +25,8 @@ class Watcher:
     def __init__(self, project: Any, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
         env["NO_COLOR"] = "1"
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "watch", *args],
-                                     cwd=project.root, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(confiture_argv("watch", *args),
+                                     cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
