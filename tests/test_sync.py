@@ -27,6 +27,7 @@ from helpers import (
     CONFITURE,
     ROOT,
     Cluster,
+    build_template,
     clean_environ,
     confiture_argv,
     confiture_environ,
@@ -169,19 +170,27 @@ key = "${{CONFITURE_SYNC_KEY}}"
                                 stdin=subprocess.DEVNULL)
 
 
+@pytest.fixture(scope="module")
+def sync_templates(pg: Cluster, pg_remote: Cluster) -> Iterator[tuple[str, str]]:
+    """(source template on `pg`: SCHEMA + DATA, target template on `pg_remote`: SCHEMA), built
+    once; every `sp` clones its two databases from them."""
+    source = build_template(pg, "sync_src", SCHEMA, DATA)
+    target = build_template(pg_remote, "sync_dst", SCHEMA)
+    yield source, target
+    pg.drop_db(source)
+    pg_remote.drop_db(target)
+
+
 @pytest.fixture
-def sp(tmp_path: Path, pg: Cluster, pg_remote: Cluster) -> Iterator[SyncProject]:
-    """Source database (schema + data) on `pg`, target database (schema only) on `pg_remote`."""
+def sp(tmp_path: Path, pg: Cluster, pg_remote: Cluster,
+       sync_templates: tuple[str, str]) -> Iterator[SyncProject]:
+    """Source database (schema + data) on `pg`, target database (schema only) on `pg_remote`,
+    each a clone of its template (sync_templates)."""
     name = "s_" + secrets.token_hex(4)
     project = SyncProject(root=tmp_path, name=name, source=pg, target=pg_remote,
                           src_db=f"{name}_src", dst_db=f"{name}_dst")
-    pg.create_db(project.src_db)
-    pg_remote.create_db(project.dst_db)
-    with pg.connect(project.src_db) as conn:
-        conn.execute(SCHEMA)
-        conn.execute(DATA)
-    with pg_remote.connect(project.dst_db) as conn:
-        conn.execute(SCHEMA)
+    pg.create_db(project.src_db, template=sync_templates[0])
+    pg_remote.create_db(project.dst_db, template=sync_templates[1])
     project.config()
     yield project
     pg.drop_db(project.src_db)
