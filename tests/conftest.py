@@ -6,6 +6,9 @@
 - `cli(*args, cwd=…)`: runs `python -m confiture ARGS` (cached bytecode) with the `pg`
   cluster's PG* variables.
 - `project`: a scratch project (db/ layout + confiture.toml) whose databases are dropped afterwards.
+
+Under pytest-xdist (`-n 2`, not a requirement) every worker gets clusters of its own, named
+after the worker id (`test-gw0`, `remote-gw0`, …).
 """
 from __future__ import annotations
 
@@ -55,10 +58,18 @@ def _keep_clusters() -> bool:
     return os.environ.get("CONFITURE_KEEP_CLUSTER") == "1"
 
 
+def _cluster_name(variable: str, default: str) -> str:
+    """The cluster named by `variable` or `default`; under pytest-xdist one per worker
+    (`test-gw0`, `test-gw1`, …), so parallel workers never share databases, roles or locks."""
+    name = os.environ.get(variable) or default
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"{name}-{worker}" if worker else name
+
+
 @pytest.fixture(scope="session")
 def pg() -> Iterator[Cluster]:
     """The main test cluster (unix socket only)."""
-    name = os.environ.get("CONFITURE_TEST_CLUSTER") or "test"
+    name = _cluster_name("CONFITURE_TEST_CLUSTER", "test")
     cluster = start_cluster(name)
     yield cluster
     if not _keep_clusters():
@@ -68,7 +79,7 @@ def pg() -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def pg_remote() -> Iterator[Cluster]:
     """A second cluster that also listens on TCP 127.0.0.1:<tcp_port> with password auth."""
-    name = os.environ.get("CONFITURE_TEST_REMOTE_CLUSTER") or "remote"
+    name = _cluster_name("CONFITURE_TEST_REMOTE_CLUSTER", "remote")
     cluster = start_cluster(name, env={"PGDEV_LISTEN": "127.0.0.1",
                                        "PGDEV_PORT": str(free_tcp_port())})
     yield cluster
