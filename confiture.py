@@ -3589,18 +3589,20 @@ class Parsed:
     tokens: tuple[Token, ...]
     words: tuple[str, ...]
     allowed: tuple[Allowance, ...]
+    line: int          # of its first word (the comments above it are part of its text)
 
-    @property
-    def line(self) -> int:
-        return self.stmt.line
+
+_LEADING_COMMENTS = lazy_re(r"(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
 def parse_statement(stmt: Statement, rel: str) -> Parsed:
     tokens = sql_tokens(stmt.text) if not stmt.meta else ()
     while tokens and tokens[-1].word == ";":
         tokens = tokens[:-1]
+    lead = _LEADING_COMMENTS.match(stmt.text)
+    line = stmt.line + (stmt.text.count("\n", 0, lead.end()) if lead else 0)
     return Parsed(rel, stmt, tokens, tuple(t.word for t in tokens),
-                  statement_allowances(stmt, rel))
+                  statement_allowances(stmt, rel), line)
 
 
 # ── facts about the target, from one catalog query ───────────────────────────────────────
@@ -4455,8 +4457,10 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
             allowed = {a.rule: a.reason for a in p.allowed}
             for rule in rules:
                 for hit in rule.check(p, ctx):
+                    facts = ctx.table(hit.table) if hit.table else None
                     findings.append(Finding(rule.id, _hit_level(rule, hit, ctx), p.file,
-                                            p.line, hit.message, hit.table,
+                                            p.line, hit.message,
+                                            facts.name if facts else hit.table,
                                             allowed.get(rule.id)))
             ctx = advance_context(ctx, p)
     return findings
@@ -4528,6 +4532,11 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
     return lint_report(units, None, settings, None, note)
 
 
+_EMPTY_DATABASE_SQL = ("SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
+                       "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT "
+                       "IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')")
+
+
 def lint_gate(ws: Workspace, what: str) -> LintReport | None:
     """Before deploy / migrate up writes to a protected env: lint its pending migrations
     against its catalog and refuse (exit 4) on an error that is not allowed. Nothing to
@@ -4538,7 +4547,7 @@ def lint_gate(ws: Workspace, what: str) -> LintReport | None:
     try:
         with open_migration_session(ws) as session:
             status = migration_status(ws, session)
-            if not status.tracking or not status.pending:
+            if not status.pending or (not status.tracking and session.value(_EMPTY_DATABASE_SQL)):
                 return None
             units = [migration_unit(m, ws.config.root) for m in status.pending]
             report = _lint_on(session, ws, units, lint_settings(ws.config, ws.env))
