@@ -1477,7 +1477,7 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
 
 
 _PSQL_ERROR = lazy_re(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
-                         r"(?P<msg>.*)$")
+                         r"(?:(?P<code>[0-9A-Z]{5}): )?(?P<msg>.*)$")  # code: VERBOSITY verbose
 _PSQL_CONTEXT_LINE = lazy_re(r"^LINE (\d+): (.*)$")
 
 
@@ -1522,7 +1522,7 @@ def parse_psql_errors(stderr: str, line_map: LineMap | None,
         if line_map is not None:
             path, file_line = line_map.locate(exact)
             location = f"{path}:{file_line}"
-        return SqlError(message, location=location)
+        return SqlError(message, sqlstate=match.group("code") or "", location=location)
     cleaned = "; ".join(l.strip() for l in lines if l.strip())
     return SqlError(cleaned or "psql failed without a message")
 
@@ -3039,6 +3039,14 @@ def migration_status(ws: Workspace, session: Session | None = None,
 # ── running: one psql session, the lock, one transaction per migration ────────────────────
 
 _RESET_SESSION = "RESET ALL;\nSET client_min_messages = warning;"
+# psql prints the SQLSTATE of a failed migration statement (a lock timeout is retried)
+_VERBOSE_ERRORS, _DEFAULT_ERRORS = "\\set VERBOSITY verbose", "\\set VERBOSITY default"
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _lock_timeout_sql(seconds: float | None) -> str:
+    """lock_timeout for the migration's statements (the migration may set its own after)."""
+    return f"SET lock_timeout = '{max(round(seconds * 1000), 1)}ms';" if seconds else ""
 _DURATION_SQL = "(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer"
 
 
@@ -3120,6 +3128,12 @@ class MigrationRun:
                 "notes": self.notes}
 
 
+class MigrationLockTimeout(MigrationError):
+    """A migration kept hitting lock_timeout: another session held its table (exit 5)."""
+
+    exit_code = EXIT_LOCKED
+
+
 class _Locked:
     """Session + migration lock + tracking table, for the writing commands."""
 
@@ -3140,6 +3154,16 @@ class _Locked:
             self.__exit__(*sys.exc_info())
             raise
         return self
+
+    def reopen(self) -> None:
+        """A new session (and lock) after a failed migration ended the old one."""
+        if not self.session.closed:
+            self.session.close()
+        self.session, self.own = open_migration_session(self.ws), True
+        if self.lock:
+            acquire_lock(self.session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
+                         f"the migration lock on database {self.ws.env.database}",
+                         self.ws.console.info)
 
     def status(self, files: MigrationFiles | None = None) -> MigrationStatus:
         files = files or scan_migrations(self.ws.config.migrations_dir, self.ws.config.root)
@@ -3165,10 +3189,11 @@ def _prefix_hash(statements: Sequence[Statement]) -> str:
 
 
 def _apply_transactional(session: Session, tracking: Tracking, migration: Migration,
-                         rel: str) -> None:
+                         rel: str, lock_timeout: float | None = None) -> None:
     script = "\n".join([
-        "BEGIN;", _RESET_SESSION, f"\\i {psql_quote_path(migration.up)}", _RESET_SESSION,
-        _record_sql(tracking, migration), "COMMIT;"])
+        _VERBOSE_ERRORS, "BEGIN;", _RESET_SESSION, _lock_timeout_sql(lock_timeout),
+        f"\\i {psql_quote_path(migration.up)}", _RESET_SESSION,
+        _record_sql(tracking, migration), "COMMIT;", _DEFAULT_ERRORS])
     try:
         session.run_stop_on_error(script)
     except ScriptStopped as exc:
@@ -3215,7 +3240,8 @@ def invalid_indexes(session: Session) -> list[str]:
 
 
 def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migration: Migration,
-                      rel: str, statements: list[Statement], resume: PartialRun | None) -> None:
+                      rel: str, statements: list[Statement], resume: PartialRun | None,
+                      lock_timeout: float | None = None) -> None:
     """A no-transaction migration: statements one at a time in autocommit, each followed (in
     the same psql input, so even a killed client cannot separate them) by a progress row."""
     import tempfile
@@ -3233,7 +3259,7 @@ def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migra
                                        "'confiture.py migrate repair' to start it afresh")
     if start < total:
         drop_invalid_index_of(session, statements[start], ws.console)
-    session.execute(_RESET_SESSION + "\n" + _log_sql(
+    session.execute(_RESET_SESSION + "\n" + _lock_timeout_sql(lock_timeout) + "\n" + _log_sql(
         tracking, "started", migration, {"done": start, "total": total,
                                          "prefix": _prefix_hash(statements[:start])}))
     with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
@@ -3258,7 +3284,8 @@ def _run_statement(session: Session, folder: Path, index: int, stmt: Statement,
     and the file is padded so psql reports the original file's line numbers."""
     path = folder / f"{index + 1}.sql"
     path.write_text("\n" * (stmt.line - 1) + stmt.text + "\n", encoding="utf-8")
-    session.run_stop_on_error(f"\\i {psql_quote_path(path)}\n{after}")
+    session.run_stop_on_error(f"{_VERBOSE_ERRORS}\n\\i {psql_quote_path(path)}\n"
+                              f"{_DEFAULT_ERRORS}\n{after}")
 
 
 def _record_failure(ws: Workspace, tracking: Tracking, migration: Migration, index: int,
@@ -3274,6 +3301,154 @@ def _record_failure(ws: Workspace, tracking: Tracking, migration: Migration, ind
                 "error": error.message}))
     except ConfitureError as exc:
         ws.console.warn(f"could not log the failure of {migration.label}: {exc.message}")
+
+
+# ── bounded locks: lock_timeout, retries with backoff, who blocked ───────────────────────
+
+LOCK_RETRY_BACKOFF = (0.5, 30.0)   # seconds before the first retry, doubling up to the cap
+
+
+@record(frozen=True)
+class Blocker:
+    """A session that held a lock a migration statement waited for (pg_blocking_pids)."""
+
+    pid: int
+    application: str
+    state: str
+    query_start: str
+    query: str          # its first line
+
+    def describe(self) -> str:
+        return (f"pid {self.pid} ({self.application or 'no application_name'}, {self.state}, "
+                f"query started {self.query_start}): {self.query}")
+
+
+def blockers_sql(pid: int) -> str:
+    return ("SELECT pid, coalesce(application_name, '') AS application, "
+            "coalesce(state, '') AS state, "
+            "coalesce(to_char(query_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '') AS query_start, "
+            "split_part(ltrim(coalesce(query, '')), E'\\n', 1) AS query "
+            f"FROM pg_stat_activity WHERE pid = ANY (pg_blocking_pids({int(pid)})) ORDER BY pid")
+
+
+class LockWatcher:
+    """Samples, from a second session in a thread, who blocks the migration's session: once
+    lock_timeout fires the wait is over and pg_blocking_pids() has nothing left to say."""
+
+    def __init__(self, ws: Workspace, pid: int, interval: float = 0.05) -> None:
+        import threading
+
+        self.ws, self.pid, self.interval = ws, pid, interval
+        self.seen: tuple[Blocker, ...] = ()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-watcher", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with open_migration_session(self.ws) as session:
+                sql = blockers_sql(self.pid)
+                while not self._stop.wait(self.interval):
+                    rows = session.query(sql)
+                    if rows:
+                        self.seen = tuple(Blocker(int(r["pid"]), r["application"], r["state"],
+                                                  r["query_start"], r["query"]) for r in rows)
+        except ConfitureError:
+            pass  # naming the blocker is a courtesy; the migration's own outcome decides
+
+
+def _apply_bounded(ws: Workspace, locked: _Locked, migration: Migration, rel: str,
+                   transactional: bool, resume: PartialRun | None) -> None:
+    """Apply one migration with lock_timeout on its statements. A lock timeout rolls a
+    transactional migration back and runs it again after a backoff; a no-transaction one
+    resumes at the statement that timed out. Every timeout is logged with who blocked it."""
+    timeout = statement_lock_timeout(ws.config, ws.env)
+    retries = ws.config.migrations_lock_retries
+    statements = [] if transactional else \
+        migration_statements(migration, "up", ws.config.root)[0]
+    for attempt in range(retries + 1):
+        pid = int(locked.session.value("SELECT pg_backend_pid()")) if timeout else 0
+        watcher = LockWatcher(ws, pid) if timeout else None
+        try:
+            if watcher:
+                watcher.__enter__()
+            try:
+                if transactional:
+                    _apply_transactional(locked.session, locked.tracking, migration, rel, timeout)
+                else:
+                    _apply_statements(ws, locked.session, locked.tracking, migration, rel,
+                                      statements, resume, timeout)
+            finally:
+                if watcher:
+                    watcher.__exit__()
+            return
+        except SqlError as exc:
+            if exc.sqlstate != LOCK_NOT_AVAILABLE:
+                raise
+            blockers = watcher.seen if watcher else ()
+            named = "; ".join(b.describe() for b in blockers) or "a session that was gone " \
+                "before it could be named"
+            if attempt == retries:
+                raise SqlError(f"{exc.message} after {attempt + 1} attempt(s); blocked by "
+                               f"{named}", exc.sqlstate, hint=None) from None
+            wait = min(LOCK_RETRY_BACKOFF[0] * 2 ** attempt, LOCK_RETRY_BACKOFF[1])
+            ws.console.warn(f"{migration.label}: lock timeout on attempt {attempt + 1} of "
+                            f"{retries + 1}, blocked by {named}; retrying in "
+                            f"{format_seconds(wait)}")
+            locked.reopen()
+            # logged without a version: the latest versioned event must stay the one that
+            # says how far an interrupted no-transaction migration got
+            locked.session.execute(_log_sql(locked.tracking, "lock-timeout", None, {
+                "migration": migration.label, "version": migration.version,
+                "attempt": attempt + 1, "error": exc.message,
+                "blockers": [as_dict(b) for b in blockers]}))
+            time.sleep(wait)
+            status = locked.status()
+            if all(m.version != migration.version for m in status.pending):
+                return  # another run applied it while we waited
+            resume = next((p for p in status.partial if p.version == migration.version), None)
+
+
+def wait_for_quiet(ws: Workspace, seconds: float, limit: float | None = None,
+                   session: Session | None = None) -> None:
+    """Do not start while a transaction older than `seconds` is open on the env's database:
+    DDL would queue behind it (blocking everyone after) and CONCURRENTLY would wait for it.
+    Gives up after `limit` ([migrations] lock_timeout) with LockTimeout naming them."""
+    if session is None:
+        with open_migration_session(ws) as own:
+            return wait_for_quiet(ws, seconds, limit, own)
+    limit = ws.config.migrations_lock_timeout if limit is None else limit
+    deadline = time.monotonic() + limit
+    sql = ("SELECT pid, coalesce(application_name, '') AS application, "
+           "coalesce(state, '') AS state, to_char(query_start, 'YYYY-MM-DD HH24:MI:SS TZ') "
+           "AS query_start, split_part(ltrim(coalesce(query, '')), E'\\n', 1) AS query "
+           "FROM pg_stat_activity WHERE datname = current_database() "
+           "AND pid <> pg_backend_pid() AND xact_start < clock_timestamp() - "
+           f"make_interval(secs => {float(seconds)}) ORDER BY xact_start")
+    announced = False
+    while True:
+        old = [Blocker(int(r["pid"]), r["application"], r["state"], r["query_start"],
+                       r["query"]) for r in session.query(sql)]
+        if not old:
+            return
+        named = "; ".join(b.describe() for b in old)
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"{ws.env.database} did not become quiet within "
+                              f"{format_seconds(limit)}: transaction(s) older than "
+                              f"{format_seconds(seconds)} still open: {named}",
+                              hint="end them, or raise [migrations] lock_timeout")
+        if not announced:
+            ws.console.info(f"waiting for transaction(s) older than {format_seconds(seconds)} "
+                            f"to end: {named}")
+            announced = True
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
 
 
 def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
@@ -3313,15 +3488,13 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
             rel = migration_rel(config, migration.up)
             started = time.monotonic()
             try:
-                if checked[migration.version]:
-                    _apply_transactional(locked.session, locked.tracking, migration, rel)
-                else:
-                    statements = migration_statements(migration, "up", config.root)[0]
-                    _apply_statements(ws, locked.session, locked.tracking, migration, rel,
-                                      statements, partial.get(migration.version))
+                _apply_bounded(ws, locked, migration, rel, checked[migration.version],
+                               partial.get(migration.version))
             except SqlError as exc:
                 done = [m.version for m, _ in run.done]
-                raise MigrationError(
+                error = MigrationLockTimeout if exc.sqlstate == LOCK_NOT_AVAILABLE \
+                    else MigrationError
+                raise error(
                     f"{exc.message}" + (f" (applied before it: {len(done)} migration(s), up to "
                                         f"{run.done[-1][0].label})" if done else ""),
                     done, hint=f"{migration.label} was not applied"
@@ -8944,6 +9117,8 @@ def cmd_migrate_up(app: App) -> int:
     if not app.args.dry_run:
         lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+        if app.args.wait_for_quiet is not None:
+            wait_for_quiet(ws, app.args.wait_for_quiet)
         if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
             _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
@@ -9053,6 +9228,12 @@ def _print_rules(app: App) -> int:
     return EXIT_OK
 
 
+def _add_wait_for_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-quiet", type=float, metavar="SECONDS",
+                   help="do not start while a transaction older than SECONDS is open on the "
+                        "database (gives up after [migrations] lock_timeout, exit 5)")
+
+
 def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     m = sub.add_parser("migrate", parents=[common], help="incremental migrations (up, down, …)",
                        description="Versioned up/down SQL migrations with checksums, a lock and "
@@ -9072,6 +9253,7 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = msub.add_parser("up", parents=[common], help="apply pending migrations in order")
     p.add_argument("--to", metavar="VERSION", help="stop after this version")
     p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
+    _add_wait_for_quiet(p)
     p.set_defaults(handler=cmd_migrate_up)
 
     p = msub.add_parser("down", parents=[common], help="revert applied migrations, newest first")
@@ -9203,6 +9385,8 @@ def cmd_deploy(app: App) -> int:
     if not app.args.dry_run:
         lint_gate(ws, f"deploy of protected env {ws.env.name!r}")
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
+        if app.args.wait_for_quiet is not None:
+            wait_for_quiet(ws, app.args.wait_for_quiet)
     result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
                     drift=_ddl_drift if ws.config.deploy_drift_check else None)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),
@@ -9245,6 +9429,7 @@ def add_backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--no-backup", action="store_true",
                    help="skip the backup (refused on protected envs)")
+    _add_wait_for_quiet(p)
     p.set_defaults(handler=cmd_deploy)
 
 
