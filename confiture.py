@@ -6079,6 +6079,216 @@ def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: Dep
                         f"{exc.message}")
 
 
+# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
+
+# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
+LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
+              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+              "ExclusiveLock", "AccessExclusiveLock")
+REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
+
+
+def lock_label(mode: str) -> str:
+    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
+
+
+@record()
+class RehearsedStatement:
+    migration: str
+    file: str
+    line: int
+    text: str                   # its first line
+    seconds: float = 0.0
+    lock: str | None = None     # strongest pg_locks mode taken on a relation
+    relation: str | None = None
+    held: float = 0.0           # seconds from the statement's start until that lock went
+    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
+
+    def take(self, mode: str, relation: str) -> None:
+        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
+            self.lock, self.relation = mode, relation
+
+    def as_json(self) -> dict[str, Any]:
+        return {"migration": self.migration, "file": self.file, "line": self.line,
+                "statement": self.text, "ms": round(self.seconds * 1000, 1),
+                "lock": lock_label(self.lock) if self.lock else None,
+                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
+                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
+
+
+@record(frozen=True)
+class Rehearsal:
+    env: str
+    source: str                 # the backup file, or "clone of <db>"
+    server: str                 # where the scratch database lived
+    statements: tuple[RehearsedStatement, ...]
+    seconds: float
+    failed: str | None = None   # the error that stopped the rehearsal
+
+    def as_json(self) -> dict[str, Any]:
+        return {"env": self.env, "source": self.source, "server": self.server,
+                "seconds": round(self.seconds, 3), "failed": self.failed,
+                "statements": [s.as_json() for s in self.statements]}
+
+
+class LockSampler:
+    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session in a
+    thread, credited to the statement running at the time (`current`)."""
+
+    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
+        import threading
+
+        self.ws, self.database, self.pid = ws, database, pid
+        self.current: RehearsedStatement | None = None
+        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-sampler", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with self.ws.client.session(self.database) as session:
+                sql = own_locks_sql(self.pid)
+                while not self._stop.wait(REHEARSAL_SAMPLE):
+                    statement, held = self.current, self.held
+                    for row in session.query(sql):
+                        if statement is not None and (row["mode"], row["relation"]) not in held:
+                            statement.take(row["mode"], row["relation"])
+        except ConfitureError:
+            pass  # the samples add to what each statement's own check saw
+
+
+def own_locks_sql(pid: int | None = None) -> str:
+    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
+    what blocks the application)."""
+    who = "pg_backend_pid()" if pid is None else str(int(pid))
+    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
+            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
+
+
+_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
+                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
+                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                 "AND n.nspname NOT LIKE 'pg\\_%'")
+
+
+def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
+    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
+
+
+def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
+                       stmt: Statement, in_transaction: bool) -> float:
+    """Run one statement, timed; note its locks and the tables it rewrote (a new
+    relfilenode). Returns when it started."""
+    before = _relfiles(session)
+    sampler.current = item
+    started = time.monotonic()
+    try:
+        session.execute(stmt.text)
+    finally:
+        item.seconds = time.monotonic() - started
+        sampler.current = None
+    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
+        for row in session.query(own_locks_sql()):
+            if (row["mode"], row["relation"]) not in sampler.held:
+                item.take(row["mode"], row["relation"])
+                sampler.held |= {(row["mode"], row["relation"])}
+    after = _relfiles(session)
+    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
+                      if name in after and after[name][0] != file]
+    item.held = item.seconds
+    return started
+
+
+def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
+                       migration: Migration) -> list[RehearsedStatement]:
+    statements, transactional = migration_statements(migration, "up", ws.config.root)
+    rel = migration_rel(ws.config, migration.up)
+    done: list[RehearsedStatement] = []
+    starts: list[float] = []
+    sampler.held = frozenset()
+    if transactional:
+        session.execute("BEGIN")
+    for stmt in statements:
+        item = RehearsedStatement(migration.label, rel, stmt.line,
+                                  _strip_comments(stmt.text).strip().split("\n")[0][:120])
+        done.append(item)
+        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+    if transactional:
+        session.execute("COMMIT")
+        committed = time.monotonic()
+        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
+            if item.lock:
+                item.held = committed - start
+    sampler.held = frozenset()
+    return done
+
+
+def rehearsal_source(ws: Workspace) -> Path | None:
+    """A protected env rehearses on its newest verified backup (never dumping production
+    for it); an unprotected one on a fresh copy (None: dump it now)."""
+    if not ws.env.protected:
+        return None
+    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
+    if backup is None:
+        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
+                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
+    check_backup(ws, backup.path)
+    return backup.path
+
+
+def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
+    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
+    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
+    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
+    Timings on another machine are indicative."""
+    import tempfile
+
+    started = time.monotonic()
+    pending = plan_up(migration_status(ws), to)
+    source = rehearsal_source(ws)
+    scratch_ws = scratch_workspace(ws)
+    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
+        if source is None:
+            source = create_backup(ws, output=Path(folder) / "copy.dump").path
+        with admin_session(scratch_ws) as admin:
+            scratch = _restore_into_scratch(scratch_ws, admin, source, None, None,
+                                            _stamp() + "r" + os.urandom(2).hex())
+            try:
+                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
+            finally:
+                _drop_database(admin, scratch, force=True)
+    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
+                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
+                     tuple(statements), time.monotonic() - started, failed)
+
+
+def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
+                 ) -> tuple[list[RehearsedStatement], str | None]:
+    done: list[RehearsedStatement] = []
+    with ws.client.session(scratch) as session:
+        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
+        pid = int(session.value("SELECT pg_backend_pid()"))
+        with LockSampler(ws, scratch, pid) as sampler:
+            for migration in pending:
+                ws.console.info(f"rehearsing {migration.label} …")
+                try:
+                    done.extend(rehearse_migration(ws, session, sampler, migration))
+                except SqlError as exc:
+                    return done, f"{migration.label}: {exc.message}"
+    return done, None
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §10 Anonymized sync
 # Copies tables from one env to another with personal data rewritten by keyed rules compiled
@@ -9195,6 +9405,8 @@ def _backup_protected(app: App, ws: Workspace, action: str) -> None:
 
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
+    if app.args.rehearse:
+        return _report_rehearsal(app, rehearse(ws, _version_arg(app.args.to)))
     if not app.args.dry_run:
         lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
@@ -9313,6 +9525,29 @@ def _add_wait_for_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-for-quiet", type=float, metavar="SECONDS",
                    help="do not start while a transaction older than SECONDS is open on the "
                         "database (gives up after [migrations] lock_timeout, exit 5)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="apply the pending migrations to a scratch copy (newest backup of a "
+                        "protected env), report durations and locks; the env is not changed")
+
+
+def _report_rehearsal(app: App, result: Rehearsal) -> int:
+    out = app.console.result
+    out(f"rehearsal of env {result.env} on {result.source} (scratch server "
+        f"{result.server}): {len(result.statements)} statement(s) in "
+        f"{format_seconds(result.seconds)}")
+    for s in result.statements:
+        lock = f"{lock_label(s.lock)} on {s.relation}, held {format_seconds(s.held)}" \
+            if s.lock else "no table lock"
+        rewrote = "".join(f"; rewrote {t} ({format_count(n)} rows)" for t, n in s.rewritten)
+        out(f"  {s.file}:{s.line}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
+            f"      {s.text}")
+    app.console.info("timings come from the scratch server: on another machine they are "
+                     "indicative; the locks taken are not")
+    app.console.emit(result.as_json())
+    if result.failed:
+        raise PgError(f"the rehearsal failed: {result.failed}",
+                      hint="the env was not changed; fix the migration and rehearse again")
+    return EXIT_OK
 
 
 def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -9463,6 +9698,8 @@ def _ddl_drift(ws: Workspace) -> str | None:
 
 def cmd_deploy(app: App) -> int:
     ws = app.workspace()
+    if app.args.rehearse:
+        return _report_rehearsal(app, rehearse(ws))
     if not app.args.dry_run:
         lint_gate(ws, f"deploy of protected env {ws.env.name!r}")
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
