@@ -3764,8 +3764,9 @@ def sql_tokens(text: str) -> tuple[Token, ...]:
     """Tokens of one statement, comments dropped and strings collapsed (never executed)."""
     out: list[Token] = []
     pos, size = 0, len(text)
+    next_token = _TOKEN_RE.match  # bound once: hot
     while pos < size:
-        match = _TOKEN_RE.match(text, pos)
+        match = next_token(text, pos)
         assert match is not None  # the last alternative matches any character
         kind, pos = match.lastgroup, match.end()
         value = match.group()
@@ -3829,11 +3830,15 @@ class Parsed:
     line: int          # of its first word (the comments above it are part of its text)
 
 
+_FROM_STDIN = lazy_re(r"\bFROM\s+STDIN\b[^\n]*", re.IGNORECASE)
 _LEADING_COMMENTS = lazy_re(r"(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 
 
 def parse_statement(stmt: Statement, rel: str) -> Parsed:
-    tokens = sql_tokens(stmt.text) if not stmt.meta else ()
+    text = stmt.text
+    if stmt.words[:1] == ("COPY",) and (data := _FROM_STDIN.search(text)):
+        text = text[:data.end()]  # the command, not its data rows
+    tokens = sql_tokens(text) if not stmt.meta else ()
     while tokens and tokens[-1].word == ";":
         tokens = tokens[:-1]
     lead = _LEADING_COMMENTS.match(stmt.text)
@@ -4740,8 +4745,7 @@ def file_unit(path: Path, root: Path) -> LintUnit:
 
 
 def _lint_on(session: Session, ws: Workspace, units: Sequence[LintUnit],
-             settings: LintSettings) -> LintReport:
-    parsed = parse_units(units)
+             parsed: Sequence[Sequence[Parsed]], settings: LintSettings) -> LintReport:
     catalog = read_catalog(session, sorted(referenced_names(parsed)))
     return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
                       sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
@@ -4754,19 +4758,24 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
     config = ws.config
     settings = lint_settings(config, ws.env)
     units = [file_unit(f, config.root) for f in files]
+    parsed = parse_units(units) if files else None
     note = f"no facts from env {ws.env.name}: not asked to reach it"
     if reach:
         try:
             with open_migration_session(ws) as session:
-                if not files:
+                if parsed is None:
                     units = [migration_unit(m, config.root)
                              for m in migration_status(ws, session).pending]
-                return _lint_on(session, ws, units, settings)
+                    parsed = parse_units(units)
+                return _lint_on(session, ws, units, parsed, settings)
         except ConnectionFailed as exc:
             note = f"no facts from env {ws.env.name}: {exc.message}"
     if not files:
         units = [migration_unit(m, config.root) for m in discover_migrations(config)]
-    return lint_report(units, None, settings, None, note)
+        parsed = parse_units(units)
+    assert parsed is not None
+    return LintReport(tuple(lint_units(units, parsed, None, settings)), len(units),
+                      sum(len(u) for u in parsed), None, None, note)
 
 
 _EMPTY_DATABASE_SQL = ("SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
@@ -4787,7 +4796,8 @@ def lint_gate(ws: Workspace, what: str) -> LintReport | None:
             if not status.pending or (not status.tracking and session.value(_EMPTY_DATABASE_SQL)):
                 return None
             units = [migration_unit(m, ws.config.root) for m in status.pending]
-            report = _lint_on(session, ws, units, lint_settings(ws.config, ws.env))
+            report = _lint_on(session, ws, units, parse_units(units),
+                              lint_settings(ws.config, ws.env))
     except ConnectionFailed:
         return None  # the command itself reports (or creates) the missing database
     refuse_lint_errors(report, what)
