@@ -297,3 +297,13 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
                        "AND version = 1", db=db)
     assert detail == {"allowed": [{"rule": "drop-table", "reason": "replaced by gadgets",
                                    "line": 1}]}
+
+
+def test_unprotected_env_is_not_gated(pg: Cluster, project: Project, cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE old (id int)", db=db)
+    add_migration(project, "001_drop", "DROP TABLE old;\n")
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert not pg.scalar("SELECT to_regclass('old') IS NOT NULL", db=db)
