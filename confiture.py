@@ -3457,8 +3457,9 @@ def _apply_bounded(ws: Workspace, locked: _Locked, migration: Migration, rel: st
             if exc.sqlstate != LOCK_NOT_AVAILABLE:
                 raise
             blockers = watcher.seen if watcher else ()
-            named = "; ".join(b.describe() for b in blockers) or "a session that was gone " \
-                "before it could be named"
+            named = "; ".join(b.describe() for b in blockers) or (
+                "a session that ended before it could be named" if watcher else
+                "an unnamed session (blockers are sampled only with statement_lock_timeout)")
             if attempt == retries:
                 raise SqlError(f"{exc.message} after {attempt + 1} attempt(s); blocked by "
                                f"{named}", exc.sqlstate, hint=None) from None
@@ -3494,6 +3495,7 @@ def wait_for_quiet(ws: Workspace, seconds: float, limit: float | None = None,
            "coalesce(state, '') AS state, to_char(query_start, 'YYYY-MM-DD HH24:MI:SS TZ') "
            "AS query_start, split_part(ltrim(coalesce(query, '')), E'\\n', 1) AS query "
            "FROM pg_stat_activity WHERE datname = current_database() "
+           "AND backend_type = 'client backend' "  # not autovacuum: it yields to DDL
            "AND pid <> pg_backend_pid() AND xact_start < clock_timestamp() - "
            f"make_interval(secs => {float(seconds)}) ORDER BY xact_start")
     announced = False
