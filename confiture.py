@@ -19,7 +19,8 @@ only the sections above it.
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
   §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
-  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback
+  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback,
+                                rehearsal of pending migrations on a scratch copy
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §12 Command line              argparse → values → core calls → output and exit codes
@@ -3843,10 +3844,14 @@ def parse_statement(stmt: Statement, rel: str) -> Parsed:
     tokens = sql_tokens(text) if not stmt.meta else ()
     while tokens and tokens[-1].word == ";":
         tokens = tokens[:-1]
-    lead = _LEADING_COMMENTS.match(stmt.text)
-    line = stmt.line + (stmt.text.count("\n", 0, lead.end()) if lead else 0)
     return Parsed(rel, stmt, tokens, tuple(t.word for t in tokens),
-                  statement_allowances(stmt, rel), line)
+                  statement_allowances(stmt, rel), first_word_line(stmt))
+
+
+def first_word_line(stmt: Statement) -> int:
+    """The line of a statement's first word (the comments above it belong to its text)."""
+    lead = _LEADING_COMMENTS.match(stmt.text)
+    return stmt.line + (stmt.text.count("\n", 0, lead.end()) if lead else 0)
 
 
 # ── facts about the target, from one catalog query ───────────────────────────────────────
@@ -6232,7 +6237,7 @@ def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
     if transactional:
         session.execute("BEGIN")
     for stmt in statements:
-        item = RehearsedStatement(migration.label, rel, stmt.line,
+        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
                                   _strip_comments(stmt.text).strip().split("\n")[0][:120])
         done.append(item)
         starts.append(rehearse_statement(session, sampler, item, stmt, transactional))

@@ -92,3 +92,20 @@ def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, projec
     assert databases(pg, project) == before
     assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
                      "'widgets' AND column_name = 'color'", db=db) == 0
+
+
+def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
+    add_migration(project, "001_idx", "-- confiture:no-transaction\n"
+                                      "CREATE INDEX CONCURRENTLY widgets_label ON widgets (label);\n"
+                                      "VACUUM FULL widgets;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    index, vacuum = json.loads(result.stdout)["statements"]
+    assert index["line"] == 2 and vacuum["line"] == 3
+    assert vacuum["rewritten"] == [{"table": "widgets", "rows": 0}]
+    assert databases(pg, project) == before
+    assert not pg.scalar("SELECT to_regclass('widgets_label') IS NOT NULL", db=db)
