@@ -3872,6 +3872,7 @@ class CatalogFacts:
     search_path: tuple[str, ...]
     tables: Mapping[str, TableFacts]
     index_tables: Mapping[str, str]  # schema.index → schema.table
+    timezone: str = ""               # the TimeZone a migration session starts with
 
     def table(self, name: str) -> TableFacts | None:
         """`name` as written (unqualified names resolve through search_path)."""
@@ -3896,6 +3897,7 @@ def catalog_sql(names: Sequence[str]) -> str:
     wanted = "ARRAY[" + ", ".join(quote_literal(n) for n in sorted(names)) + "]::text[]"
     return f"""SELECT json_build_object(
  'version', current_setting('server_version_num')::int,
+ 'timezone', current_setting('TimeZone'),
  'search_path', to_json(current_schemas(false)),
  'tables', (SELECT coalesce(json_agg(json_build_object(
    'name', n.nspname || '.' || c.relname, 'bytes', pg_total_relation_size(c.oid),
@@ -3930,7 +3932,7 @@ def read_catalog(session: Session, names: Sequence[str]) -> CatalogFacts:
             checks=tuple((str(k[0]), bool(k[1]), str(k[2])) for k in t["checks"] or ()))
         index_tables.update({i[0]: t["name"] for i in indexes})
     return CatalogFacts(int(data["version"]), tuple(data["search_path"] or ()), tables,
-                        index_tables)
+                        index_tables, str(data["timezone"] or ""))
 
 
 def format_count(n: int) -> str:
@@ -3964,6 +3966,7 @@ class LintContext:
     locked_before: bool = False                 # an earlier statement locked an existing table
     not_null_checks: Mapping[str, str] = field(default_factory=dict)  # constraint → table.col
     proven_not_null: frozenset[str] = frozenset()  # table.col, by a CHECK validated here
+    utc: bool = False           # the session's TimeZone is UTC (the target's, or SET here)
 
     def table(self, name: str) -> TableFacts | None:
         return self.catalog.table(name) if self.catalog else None
@@ -4124,6 +4127,17 @@ def _not_null_check(tokens: Sequence[Token]) -> str | None:
     return tokens[at + 2].name
 
 
+def _timezone_set(p: Parsed) -> str | None:
+    """The zone of SET [SESSION|LOCAL] timezone = 'X' / SET TIME ZONE 'X'."""
+    w = p.words
+    i = _skip(w, 1, ("SESSION",), ("LOCAL",)) if w[:1] == ("SET",) else 0
+    if i and (w[i:i + 1] == ("TIMEZONE",) or w[i:i + 2] == ("TIME", "ZONE")):
+        value = p.tokens[-1]
+        return value.name.strip("'") if value.word in ("'", '"') or value.word.isalpha() \
+            else None
+    return None
+
+
 def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
     """What the next statement of the migration may assume after this one ran."""
     w = p.words
@@ -4136,6 +4150,8 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
         changes["lock_timeout_set"] = True
     if locked_table(p, ctx):
         changes["locked_before"] = True
+    if (zone := _timezone_set(p)) is not None:
+        changes["utc"] = zone.lower() in _UTC_NAMES
     if (at := alter_table(p)) is not None:
         checks = dict(ctx.not_null_checks)
         proven = set(ctx.proven_not_null)
@@ -4258,13 +4274,20 @@ def normalise_type(text: str) -> tuple[str, tuple[int, ...]]:
     return base + (match.group(3) or ""), args
 
 
-def type_change_rewrites(old: str | None, new: str) -> bool | None:
-    """Whether ALTER COLUMN … TYPE new rewrites a column of type old (None: cannot tell)."""
+_TIMESTAMPS = ("timestamp without time zone", "timestamp with time zone")
+_UTC_NAMES = ("utc", "etc/utc", "gmt", "etc/gmt", "z", "zulu", "uct", "universal")
+
+
+def type_change_rewrites(old: str | None, new: str, utc: bool = False) -> bool | None:
+    """Whether ALTER COLUMN … TYPE new rewrites a column of type old (None: cannot tell).
+    `utc`: the session's TimeZone is UTC, where timestamp ↔ timestamptz is binary compatible
+    (PostgreSQL 12+)."""
     nb, na = normalise_type(new)
     if old is None:  # widening varchar/numeric/text is free; without the old type, no verdict
-        return None if nb in ("text", "character varying", "numeric", "bit varying") else True
+        return None if nb in ("text", "character varying", "numeric", "bit varying") or (
+            utc and nb in _TIMESTAMPS) else True
     ob, oa = normalise_type(old)
-    if (ob, oa) == (nb, na):
+    if (ob, oa) == (nb, na) or (utc and ob in _TIMESTAMPS and nb in _TIMESTAMPS and oa == na):
         return False
     if ob in ("character varying", "text") and nb in ("character varying", "text"):
         return bool(na) and (ob == "text" or not oa or na[0] < oa[0])
@@ -4300,7 +4323,9 @@ def check_type_change(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
             " )", ")").replace(" , ", ",")
         facts = ctx.table(table)
         old = facts.columns.get(column) if facts else None
-        rewrites = True if "USING" in w[stop:] else type_change_rewrites(old, new)
+        using = [t.name for t in action[stop + 1:]] if "USING" in w[stop:stop + 1] else None
+        utc = ctx.utc and (ctx.catalog is None or ctx.catalog.server_version >= 120000)
+        rewrites = True if using not in (None, [column]) else type_change_rewrites(old, new, utc)
         if rewrites:
             change = f"from {old} to {new}" if old else f"to {new}"
             yield Hit(f"changes {table}.{column} {change}: rewrites {ctx.describe(table)} "
@@ -4701,7 +4726,8 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
     for unit, statements in zip(units, parsed):
         ctx = LintContext(catalog=catalog, transactional=unit.transactional,
                           tool_lock_timeout=settings.tool_lock_timeout,
-                          has_ddl=any(is_ddl(p.words) for p in statements))
+                          has_ddl=any(is_ddl(p.words) for p in statements),
+                          utc=catalog is not None and catalog.timezone.lower() in _UTC_NAMES)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
             for rule in rules:

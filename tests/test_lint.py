@@ -307,3 +307,20 @@ def test_unprotected_env_is_not_gated(pg: Cluster, project: Project, cli: Any) -
     result = cli("migrate", "up", cwd=project.root)
     assert result.returncode == 0, result.stderr
     assert not pg.scalar("SELECT to_regclass('old') IS NOT NULL", db=db)
+
+
+def test_timestamp_to_timestamptz_in_utc_does_not_rewrite(facts: confiture.CatalogFacts) -> None:
+    change = "ALTER TABLE events ALTER COLUMN at TYPE timestamptz USING at;"
+    assert "rewriting-type-change" in rules_of(lint(change, None))
+    assert "rewriting-type-change" not in rules_of(lint("SET timezone = 'UTC';\n" + change, None))
+    assert "rewriting-type-change" in rules_of(lint(
+        "SET timezone = 'UTC';\nALTER TABLE events ALTER COLUMN at TYPE timestamptz "
+        "USING at + interval '1 hour';", None))
+    old = {**facts.tables["public.events"].columns, "at": "timestamp without time zone"}
+    events = confiture.evolve(facts.tables["public.events"], columns=old)
+    utc = confiture.evolve(facts, timezone="UTC", tables={**facts.tables, "public.events": events})
+    paris = confiture.evolve(utc, timezone="Europe/Paris")
+    assert "rewriting-type-change" not in rules_of(lint(change, utc))
+    assert "rewriting-type-change" in rules_of(lint(change, paris))
+    assert "rewriting-type-change" in rules_of(lint(
+        "ALTER TABLE events ALTER COLUMN a TYPE timestamptz USING to_timestamp(a);", utc))
