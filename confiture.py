@@ -3873,6 +3873,7 @@ class CatalogFacts:
     tables: Mapping[str, TableFacts]
     index_tables: Mapping[str, str]  # schema.index → schema.table
     timezone: str = ""               # the TimeZone a migration session starts with
+    volatile: frozenset[str] = frozenset()   # VOLATILE functions among the names mentioned
 
     def table(self, name: str) -> TableFacts | None:
         """`name` as written (unqualified names resolve through search_path)."""
@@ -3898,6 +3899,8 @@ def catalog_sql(names: Sequence[str]) -> str:
     return f"""SELECT json_build_object(
  'version', current_setting('server_version_num')::int,
  'timezone', current_setting('TimeZone'),
+ 'volatile', (SELECT coalesce(json_agg(DISTINCT p.proname), '[]') FROM pg_proc p
+              WHERE p.provolatile = 'v' AND p.proname = ANY ({wanted})),
  'search_path', to_json(current_schemas(false)),
  'tables', (SELECT coalesce(json_agg(json_build_object(
    'name', n.nspname || '.' || c.relname, 'bytes', pg_total_relation_size(c.oid),
@@ -3932,7 +3935,8 @@ def read_catalog(session: Session, names: Sequence[str]) -> CatalogFacts:
             checks=tuple((str(k[0]), bool(k[1]), str(k[2])) for k in t["checks"] or ()))
         index_tables.update({i[0]: t["name"] for i in indexes})
     return CatalogFacts(int(data["version"]), tuple(data["search_path"] or ()), tables,
-                        index_tables, str(data["timezone"] or ""))
+                        index_tables, str(data["timezone"] or ""),
+                        frozenset(data["volatile"] or ()))
 
 
 def format_count(n: int) -> str:
@@ -3967,6 +3971,7 @@ class LintContext:
     not_null_checks: Mapping[str, str] = field(default_factory=dict)  # constraint → table.col
     proven_not_null: frozenset[str] = frozenset()  # table.col, by a CHECK validated here
     utc: bool = False           # the session's TimeZone is UTC (the target's, or SET here)
+    volatile: frozenset[str] = frozenset()  # user functions known VOLATILE (target, this run)
 
     def table(self, name: str) -> TableFacts | None:
         return self.catalog.table(name) if self.catalog else None
@@ -4138,6 +4143,17 @@ def _timezone_set(p: Parsed) -> str | None:
     return None
 
 
+def volatile_function_created(p: Parsed) -> str | None:
+    """CREATE [OR REPLACE] FUNCTION name(…) without IMMUTABLE or STABLE (VOLATILE is the
+    default) → its bare name."""
+    w = p.words
+    i = _skip(w, 1, ("OR", "REPLACE")) if w[:1] == ("CREATE",) else 0
+    if not i or w[i:i + 1] != ("FUNCTION",) or "IMMUTABLE" in w or "STABLE" in w:
+        return None
+    name = _name_at(p.tokens, i + 1)[0]
+    return _bare(name) if name else None
+
+
 def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
     """What the next statement of the migration may assume after this one ran."""
     w = p.words
@@ -4152,6 +4168,8 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
         changes["locked_before"] = True
     if (zone := _timezone_set(p)) is not None:
         changes["utc"] = zone.lower() in _UTC_NAMES
+    if (function := volatile_function_created(p)) is not None:
+        changes["volatile"] = ctx.volatile | {function}
     if (at := alter_table(p)) is not None:
         checks = dict(ctx.not_null_checks)
         proven = set(ctx.proven_not_null)
@@ -4365,7 +4383,8 @@ def check_volatile_default(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
         elif "DEFAULT" in w:
             tail = rest[w.index("DEFAULT") + 1:]
             func = next((t.name for t, n in itertools.pairwise(tail)
-                         if t.name in _VOLATILE and n.word == "("), None)
+                         if (t.name in _VOLATILE or t.name in ctx.volatile) and n.word == "("),
+                        None)
             if func:
                 why = f"the volatile default {func}()"
             elif ctx.catalog and ctx.catalog.server_version < 110000 \
@@ -4723,11 +4742,13 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
     """Every rule over every statement, in file order. Pure."""
     rules = [r for r in LINT_RULES if r.id in settings.enabled]
     findings: list[Finding] = []
+    volatile = catalog.volatile if catalog else frozenset()  # grows with CREATE FUNCTION
     for unit, statements in zip(units, parsed):
         ctx = LintContext(catalog=catalog, transactional=unit.transactional,
                           tool_lock_timeout=settings.tool_lock_timeout,
                           has_ddl=any(is_ddl(p.words) for p in statements),
-                          utc=catalog is not None and catalog.timezone.lower() in _UTC_NAMES)
+                          utc=catalog is not None and catalog.timezone.lower() in _UTC_NAMES,
+                          volatile=volatile)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
             for rule in rules:
@@ -4738,6 +4759,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                                             facts.name if facts else hit.table,
                                             allowed.get(rule.id)))
             ctx = advance_context(ctx, p)
+        volatile = ctx.volatile
     return findings
 
 

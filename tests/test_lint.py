@@ -324,3 +324,19 @@ def test_timestamp_to_timestamptz_in_utc_does_not_rewrite(facts: confiture.Catal
     assert "rewriting-type-change" in rules_of(lint(change, paris))
     assert "rewriting-type-change" in rules_of(lint(
         "ALTER TABLE events ALTER COLUMN a TYPE timestamptz USING to_timestamp(a);", utc))
+
+
+def test_user_functions_are_volatile_unless_declared(pg: Cluster,
+                                                     target: confiture.Workspace) -> None:
+    create = ("CREATE FUNCTION make_token() RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$;\n")
+    add = "ALTER TABLE events ADD COLUMN token text DEFAULT make_token();"
+    assert "volatile-default" in rules_of(lint(create + add, None))
+    stable = create.replace("LANGUAGE sql", "LANGUAGE sql STABLE")
+    assert "volatile-default" not in rules_of(lint(stable + add, None))
+    # a function the target already has: its pg_proc volatility decides
+    with pg.connect(target.env.database) as conn:
+        conn.execute(create)
+    with confiture.open_migration_session(target) as session:
+        facts = confiture.read_catalog(session, ["events", "make_token"])
+    assert "volatile-default" in rules_of(lint(add, facts))
+    assert "volatile-default" not in rules_of(lint(add, None))
