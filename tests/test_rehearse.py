@@ -109,3 +109,29 @@ def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, 
     assert vacuum["rewritten"] == [{"table": "widgets", "rows": 0}]
     assert databases(pg, project) == before
     assert not pg.scalar("SELECT to_regclass('widgets_label') IS NOT NULL", db=db)
+
+
+def test_protected_rehearsal_runs_on_the_scratch_server(pg: Cluster, pg_remote: Cluster,
+                                                        project: Project, cli: Any) -> None:
+    # prod lives on the `remote` cluster; the scratch server is default env local's (`pg`)
+    config = project.config_path.read_text()
+    project.config_path.write_text(config.replace(pg.url(project.db("prod")),
+                                                  pg_remote.url(project.db("prod"))))
+    try:
+        first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+        assert first.returncode == 0, first.stderr
+        add_migration(project, "001_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
+        assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
+        on_prod, on_scratch = databases(pg_remote, project), databases(pg, project)
+        result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["server"] != pg_remote.url() and "remote" not in report["server"], report
+        assert report["statements"][0]["lock"] == "ACCESS EXCLUSIVE"
+        assert databases(pg_remote, project) == on_prod
+        assert databases(pg, project) == on_scratch
+        assert pg_remote.scalar("SELECT count(*) FROM information_schema.columns WHERE "
+                                "table_name = 'widgets' AND column_name = 'color'",
+                                db=project.db("prod")) == 0
+    finally:
+        pg_remote.drop_dbs_with_prefix(project.name)
