@@ -6709,6 +6709,8 @@ def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
 
     started = time.monotonic()
     pending = plan_up(migration_status(ws), to)
+    for migration in pending:  # the meta-command guard and transaction checks, as for `up`
+        check_migration_sql(migration, "up", ws.config)
     source = rehearsal_source(ws)
     scratch_ws = scratch_workspace(ws)
     with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:

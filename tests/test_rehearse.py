@@ -135,3 +135,16 @@ def test_protected_rehearsal_runs_on_the_scratch_server(pg: Cluster, pg_remote: 
                                 db=project.db("prod")) == 0
     finally:
         pg_remote.drop_dbs_with_prefix(project.name)
+
+
+def test_rehearsal_refuses_meta_commands_before_copying(pg: Cluster, project: Project,
+                                                       cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    add_migration(project, "001_shell", "\\! touch pwned\nSELECT 1;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", cwd=project.root)
+    assert result.returncode == 4, result.stderr  # refused by the guard, as for `up`
+    assert "001_shell.up.sql:1" in result.stderr
+    assert not (project.root / "pwned").exists()
+    assert databases(pg, project) == before
