@@ -4085,7 +4085,8 @@ def migration_sql_preview(migration: Migration, which: str = "up") -> str:
 # §8b Migration safety: lint
 # Hazards in migration statements, found before anything runs. A registry of rules (id,
 # level, why, safe alternative, a pure check over one parsed statement and what the lint
-# knows about the target), fed by §8's splitter and by one catalog query through §5.
+# knows about the target), fed by §4's splitter (through §8's migration files) and by one
+# catalog query through §5.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 LINT_LARGE_ROWS = 100_000   # an UPDATE of this many rows beside DDL holds the DDL's locks long
