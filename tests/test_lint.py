@@ -84,7 +84,7 @@ ALL_RULES = confiture.LintSettings.of(enable=[r.id for r in confiture.LINT_RULES
 def lint(sql: str, catalog: confiture.CatalogFacts | None,
          settings: confiture.LintSettings = ALL_RULES) -> list[confiture.Finding]:
     unit = confiture.LintUnit("m.sql", tuple(confiture.split_sql(sql)),
-                              confiture._file_transactional(sql.encode()))
+                              confiture.file_transactional(sql.encode()))
     return list(confiture.lint_report([unit], catalog, settings).findings)
 
 
