@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import confiture`
 
 from helpers import (
+    CliRunner,
     Cluster,
     Project,
     clean_environ,
@@ -37,9 +38,7 @@ from helpers import (
     write_config,
 )
 
-__all__ = ["Cluster", "Project", "write_config"]
-
-CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+__all__ = ["CliRunner", "Cluster", "Project", "write_config"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

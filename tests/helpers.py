@@ -11,7 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, LiteralString, cast
@@ -23,6 +23,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 PG_DEV = ROOT / "bin" / "pg-dev"
 CONFITURE = ROOT / "confiture.py"
+# The `cli` fixture: run(*args, cwd=…, env=None, input=None, timeout=120) -> CompletedProcess.
+CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 # Where the CLI runs of the tests keep confiture.py's bytecode: the folder bin/confiture uses too.
 PYCACHE = ROOT / ".confiture" / "pycache"
 

@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import Cluster, Project, clean_environ, confiture_argv, confiture_environ
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+)
 
 PGBIN = os.environ.get("PGBIN") or subprocess.run(
     ["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
@@ -77,7 +84,7 @@ def backups_in(project: Project, env: str = "local") -> list[Path]:
     return sorted((project.root / ".confiture/backups" / env).glob("*.dump"))
 
 
-def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -99,7 +106,7 @@ def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project
     assert {p.name for p in path.parent.iterdir()} == {path.name, path.name + ".json"}
 
 
-def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Project, cli: Any) -> None:
+def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -135,7 +142,7 @@ def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Pro
 
 
 def test_corrupted_backup_is_refused_before_touching_the_target(pg: Cluster, project: Project,
-                                                                 cli: Any) -> None:
+                                                                 cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -165,7 +172,7 @@ def test_corrupted_backup_is_refused_before_touching_the_target(pg: Cluster, pro
 
 
 def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, project: Project,
-                                                             cli: Any) -> None:
+                                                             cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db, rows=150_000)
@@ -194,7 +201,7 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
     assert pg.scalar("SELECT count(*) FROM orders", db=db) == 300_000
 
 
-def test_restore_refuses_other_sessions_unless_forced(pg: Cluster, project: Project, cli: Any) -> None:
+def test_restore_refuses_other_sessions_unless_forced(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -218,7 +225,7 @@ def _is_dead(conn: Any) -> bool:
     return False
 
 
-def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: Any) -> None:
+def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db("prod")
     pg.create_db(db)
     fill(pg, db)
@@ -233,7 +240,7 @@ def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: Any) ->
     assert pg.scalar("SELECT count(*) FROM orders", db=db) == 400
 
 
-def test_backups_list_and_prune(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backups_list_and_prune(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db, rows=10)
@@ -258,7 +265,7 @@ def test_backups_list_and_prune(pg: Cluster, project: Project, cli: Any) -> None
     assert len([n for n in left if n.endswith(".dump") and n not in ("orphan.dump", "half.dump")]) == 1
 
 
-def test_backup_into_unwritable_folder_fails_clearly(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backup_into_unwritable_folder_fails_clearly(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     project.write("not_a_folder", "a file where the backup folder should be\n")
@@ -289,7 +296,7 @@ def test_disk_full_during_backup_leaves_no_partial_file(pg: Cluster, project: Pr
     assert list(folder.iterdir()) == []
 
 
-def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project, cli: Any) -> None:
+def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db())
     target = project.write("keep.dump", b"precious")
     result = cli("backup", "-o", str(target), cwd=project.root)
@@ -300,7 +307,7 @@ def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project
 
 
 def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, project: Project,
-                                                                 cli: Any) -> None:
+                                                                 cli: CliRunner) -> None:
     db = project.db()
     role = project.name + "_owner"
     pg.query(f'CREATE ROLE "{role}" LOGIN NOCREATEDB')
@@ -325,7 +332,7 @@ def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, pro
 
 
 def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, project: Project,
-                                                                  cli: Any) -> None:
+                                                                  cli: CliRunner) -> None:
     """Issue 11.8: a restore killed between CREATE DATABASE and its COMMENT leaves a database
     without a mark; its name alone makes it a leftover (a look-alike of another db is kept)."""
     import confiture
@@ -346,7 +353,7 @@ def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, p
 
 
 def test_two_restores_in_the_same_second_keep_both_replaced_databases(
-        pg: Cluster, project: Project, cli: Any, monkeypatch: Any) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, monkeypatch: Any) -> None:
     import confiture
 
     db = project.db()

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import Cluster, Project, clean_environ, confiture_argv, confiture_environ
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+)
 from psycopg import sql
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
@@ -53,7 +60,7 @@ def waiting_on_gate(pg: Cluster, db: str) -> bool:
                           "AND l.objid = %s", params=(db, GATE)))
 
 
-def deployed(pg: Cluster, project: Project, cli: Any, env: str = "local") -> str:
+def deployed(pg: Cluster, project: Project, cli: CliRunner, env: str = "local") -> str:
     """A database at version 1 with data: first deploy, then rows inserted by the 'app'."""
     migration(project, "001_widgets_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
     project.write("db/schema/10_tables/10_widgets.sql",
@@ -66,7 +73,7 @@ def deployed(pg: Cluster, project: Project, cli: Any, env: str = "local") -> str
 
 
 def test_first_deploy_builds_without_seeds_and_baselines(pg: Cluster, project: Project,
-                                                         cli: Any) -> None:
+                                                         cli: CliRunner) -> None:
     project.write("db/seeds/dev/10_rows.sql", "INSERT INTO widgets VALUES (1, 'seed row');\n")
     migration(project, "001_a", "CREATE TABLE a (id int);\n")
     migration(project, "002_b", "CREATE TABLE b (id int);\n")
@@ -90,7 +97,7 @@ def test_first_deploy_builds_without_seeds_and_baselines(pg: Cluster, project: P
     assert again.returncode == 0 and "0 migration(s)" in again.stdout, again.stdout
 
 
-def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, cli: Any) -> None:
+def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert not pg.db_exists(project.db())
     result = cli("deploy", cwd=project.root)
     assert result.returncode == 0, result.stderr
@@ -98,7 +105,7 @@ def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, 
 
 
 def test_deploy_applies_pending_migrations_and_records(pg: Cluster, project: Project,
-                                                       cli: Any) -> None:
+                                                       cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int DEFAULT 1;\n")
     result = cli("deploy", "--json", cwd=project.root)
@@ -113,7 +120,7 @@ def test_deploy_applies_pending_migrations_and_records(pg: Cluster, project: Pro
 
 
 def test_failing_transactional_migration_rolls_back_by_itself(pg: Cluster, project: Project,
-                                                              cli: Any) -> None:
+                                                              cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before, oid = checksums(pg, db), db_oid(pg, db)
     migration(project, "002_broken", "UPDATE widgets SET color = 'blue';\nSELECT 1 / 0;\n")
@@ -130,7 +137,7 @@ def test_failing_transactional_migration_rolls_back_by_itself(pg: Cluster, proje
 
 
 def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, project: Project,
-                                                                cli: Any) -> None:
+                                                                cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before_rows, before_schema = checksums(pg, db), schema_dump(pg, db)
     migration(project, "002_fine", "UPDATE widgets SET color = 'green';\n"
@@ -160,7 +167,7 @@ def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, pro
     assert side_databases(pg, project, "restore") == []
 
 
-def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: Any) -> None:
+def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_wipe_colors", "UPDATE widgets SET color = NULL;\n")
@@ -177,7 +184,7 @@ def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: Any
 
 
 def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, project: Project,
-                                                                cli: Any) -> None:
+                                                                cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")
@@ -193,7 +200,7 @@ def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, pro
                      "table_name = 'widgets' AND column_name = 'size'", db=db) == 0
 
 
-def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, cli: Any) -> None:
+def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli, env="prod")
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")
     before, backups = checksums(pg, db), sorted((project.root / ".confiture/backups/prod").glob("*"))
@@ -211,7 +218,7 @@ def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, 
     assert applied(pg, db) == [FIRST, (2, "applied")]
 
 
-def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: Any) -> None:
+def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     project.config_path.write_text(project.config_path.read_text()
                                    + '\n[migrations]\nlock_timeout = "1s"\n')
@@ -242,7 +249,7 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
 
 
 def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Project,
-                                                cli: Any) -> None:
+                                                cli: CliRunner) -> None:
     role, password = "deployer_" + secrets.token_hex(3), "pw-" + secrets.token_hex(12)
     db = project.name + "_remote"
     pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
@@ -302,7 +309,7 @@ def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Pro
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: Any) -> None:
+def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_fine", "UPDATE widgets SET color = 'green';\n")
@@ -327,7 +334,7 @@ def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: An
     assert deploys(pg, db)[-1][0] == "rolled_back"
 
 
-def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: Any) -> None:
+def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     project.config_path.write_text(project.config_path.read_text()
                                    + "\n[deploy]\ndrift_check = true\n")

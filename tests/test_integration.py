@@ -6,12 +6,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+
+from helpers import CliRunner, Cluster, Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_migrate_up_on_protected_env_backs_up_first(pg: Any, project: Any, cli: Any) -> None:
+def test_migrate_up_on_protected_env_backs_up_first(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db("prod"))
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
     pg.query("INSERT INTO widgets VALUES (1, 'precious')", db=project.db("prod"))
@@ -34,7 +35,7 @@ def test_migrate_up_on_protected_env_backs_up_first(pg: Any, project: Any, cli: 
     assert len(list((project.root / ".confiture" / "backups" / "prod").glob("*.json"))) == 1
 
 
-def test_example_project_end_to_end(pg: Any, project: Any, cli: Any) -> None:
+def test_example_project_end_to_end(pg: Cluster, project: Project, cli: CliRunner) -> None:
     """sql/: build, reset, status, a deploy to the protected env, and drift against the DDL."""
     shutil.copytree(ROOT / "sql", project.root / "sql")
     text = project.config_path.read_text()

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 from helpers import (
+    CliRunner,
     Cluster,
     Project,
     clean_environ,
@@ -130,7 +131,7 @@ def test_no_transaction_migration_resumes_at_the_timed_out_statement(
 
 
 def test_retries_exhausted_exit_5_nothing_applied(pg: Cluster, project: Project,
-                                                  cli: Any) -> None:
+                                                  cli: CliRunner) -> None:
     db = setup(pg, project, retries=1)
     add_migration(project, "001_color", "CREATE TABLE side (id int);\n"
                                         "ALTER TABLE widgets ADD COLUMN color text;\n")
@@ -159,7 +160,7 @@ def test_statement_lock_timeout_defaults(tmp_path: Path) -> None:
     assert timeouts_for("[migrations]\nstatement_lock_timeout = 0\n") == (None, None)
 
 
-def test_wait_for_quiet(pg: Cluster, project: Project, cli: Any) -> None:
+def test_wait_for_quiet(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = setup(pg, project)
     project.config_path.write_text(project.config_path.read_text()
                                    + 'lock_timeout = "1s"\n')
