@@ -7,6 +7,9 @@ YES ?=
 CONFIG ?= $(if $(wildcard confiture.toml),confiture.toml,confiture.toml.example)
 VENV ?= .venv
 PYTEST_ARGS ?=
+# pytest-xdist workers, each with clusters of its own: 2 for the full suite, none (in-process)
+# when PYTEST_ARGS picks tests; PYTEST_WORKERS=0 or =2 overrides.
+PYTEST_WORKERS ?= $(if $(PYTEST_ARGS),0,2)
 
 PGDEV := bin/pg-dev
 # Every confiture call runs with the dev cluster's PG* variables (from bin/pg-dev env dev).
@@ -25,7 +28,7 @@ demo: ## build the example shop database (sql/) on the local dev cluster
 	$(DEV) $(CONFITURE) scan && $(CONFITURE) template && $(CONFITURE) reset && $(CONFITURE) status
 
 test: $(VENV)/.requirements ## run the test suite (PYTEST_ARGS=... to pass options)
-	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) tests $(PYTEST_ARGS)
 
 $(VENV)/.requirements: tests/requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
