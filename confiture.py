@@ -7546,8 +7546,11 @@ def cmd_init(app: App) -> int:
 
 def cmd_config_check(app: App) -> int:
     config = app.config
-    report = []
-    for name, spec in config.envs.items():
+    # --env limits the check to one env; without it every env must resolve.
+    names = [resolve_env_name(config, app.args.env, {})] if app.args.env else list(config.envs)
+    report, unresolved = [], []
+    for name in names:
+        spec = config.envs[name]
         entry: dict[str, Any] = {"env": name, "protected": spec.protected,
                                  "seeds": list(spec.seeds)}
         try:
@@ -7558,22 +7561,27 @@ def cmd_config_check(app: App) -> int:
             if "is not set" not in exc.message:
                 raise
             entry["url"] = None
-            entry["warning"] = exc.message
+            entry["error"] = f"env {name}: {exc.message}"
+            unresolved.append(entry["error"])
         fileset = scan_env(config, name)
         entry["files"] = len(fileset.files)
         entry["hash"] = fileset.hash
         report.append(entry)
     if app.console.json_mode:
-        app.console.emit({"config": str(config.path), "project": config.project, "envs": report})
-        return EXIT_OK
-    app.console.result(f"{config.path}: ok (project {config.project})")
-    for entry in report:
-        flags = " [protected]" if entry["protected"] else ""
-        seeds = ", ".join(entry["seeds"]) or "no seeds"
-        app.console.result(f"  {entry['env']:<10} {entry['files']:>5} files  {seeds:<20} "
-                           f"{entry['url'] or '(url unresolved)'}{flags}")
-        if "warning" in entry:
-            app.console.warn(entry["warning"])
+        app.console.emit({"config": str(config.path), "project": config.project,
+                          "ok": not unresolved, "envs": report})
+    else:
+        verdict = "ok" if not unresolved else f"{len(unresolved)} env(s) do not resolve"
+        app.console.result(f"{config.path}: {verdict} (project {config.project})")
+        for entry in report:
+            flags = " [protected]" if entry["protected"] else ""
+            seeds = ", ".join(entry["seeds"]) or "no seeds"
+            app.console.result(f"  {entry['env']:<10} {entry['files']:>5} files  {seeds:<20} "
+                               f"{entry['url'] or '(url unresolved)'}{flags}")
+    if unresolved:
+        raise ConfigError("; ".join(unresolved),
+                          hint="export the variable(s), give a default with ${VAR:-default}, "
+                               "or check one env with --env NAME")
     return EXIT_OK
 
 
