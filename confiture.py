@@ -2322,6 +2322,15 @@ class MigrationError(PgError):
         self.done = tuple(done)
 
 
+class MigrationInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM while a migration ran: which one, and what was applied before it
+    (a deploy names it as the failing step)."""
+
+    def __init__(self, label: str, transactional: bool, done: Sequence[int]) -> None:
+        super().__init__(f"interrupted while applying {label}")
+        self.label, self.transactional, self.done = label, transactional, tuple(done)
+
+
 @record(frozen=True)
 class Migration:
     version: int
@@ -3271,6 +3280,9 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
                     statements = migration_statements(migration, "up", config.root)[0]
                     _apply_statements(ws, locked.session, locked.tracking, migration, rel,
                                       statements, partial.get(migration.version))
+            except (KeyboardInterrupt, Interrupted) as exc:
+                raise MigrationInterrupted(migration.label, checked[migration.version],
+                                           [m.version for m, _ in run.done]) from exc
             except SqlError as exc:
                 done = [m.version for m, _ in run.done]
                 raise MigrationError(
@@ -4267,6 +4279,7 @@ class MigrationRunFailed(ConfitureError):
                  cause: ConfitureError) -> None:
         super().__init__(cause.message, cause.hint)
         self.name, self.transactional, self.applied = name, transactional, tuple(applied)
+        self.interrupted = isinstance(cause, Interrupted)
 
 
 def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
@@ -4296,6 +4309,10 @@ def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
         failing = next(((label, tx) for version, label, tx in pending if version not in done),
                        ("unknown", False))
         raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
+    except MigrationInterrupted as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
     return [m.label for m, _ in run.done]
 
 
@@ -4647,7 +4664,8 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
     step = f"migration {failed.name}" if failed else (
         "the first deploy" if plan.first_deploy else "verification")
     what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
-    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
+        failed and failed.interrupted)
     error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
     try:
         now = migration_state(ws, locks.target).applied if locks.target else None

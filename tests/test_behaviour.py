@@ -1,0 +1,106 @@
+"""Behaviour a new user meets first (issue 11, items 13–23): checks that fail when they should,
+hints that fit the situation and repeat the options in effect, advice that never destroys data.
+
+The CLI runs as a subprocess (the `cli` fixture); outcomes are checked with psycopg.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CliRunner, Cluster, Project
+from helpers import CONFITURE, clean_environ
+
+
+# ── 11.13 config check fails on an unresolved ${VAR} ──────────────────────────────────────────
+
+
+def _with_env_var_url(project: Project, pg: Cluster) -> None:
+    text = project.config_path.read_text()
+    text = text.replace(f'url = "{pg.url(project.db("prod"))}"', 'url = "${PROD_URL_11_13}"')
+    project.config_path.write_text(text)
+
+
+def test_config_check_fails_naming_unset_variable_and_env(cli: CliRunner, project: Project,
+                                                          pg: Cluster) -> None:
+    _with_env_var_url(project, pg)
+    result = cli("config", "check", cwd=project.root)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "PROD_URL_11_13" in result.stderr and "env prod" in result.stderr
+    assert "ok" not in result.stdout.split("\n")[0]
+    result = cli("config", "check", "--json", cwd=project.root)
+    assert result.returncode == 2 and json.loads(result.stdout)["ok"] is False
+
+
+def test_config_check_env_limits_the_check(cli: CliRunner, project: Project, pg: Cluster) -> None:
+    _with_env_var_url(project, pg)
+    result = cli("config", "check", "--env", "local", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert "prod" not in result.stdout
+    result = cli("config", "check", "--env", "prod", cwd=project.root)
+    assert result.returncode == 2 and "PROD_URL_11_13" in result.stderr
+    # local's own URL unresolved: --env local fails too
+    text = project.config_path.read_text().replace(
+        f'url = "{pg.url(project.db("local"))}"', 'url = "${LOCAL_URL_11_13}"')
+    project.config_path.write_text(text)
+    result = cli("config", "check", "--env", "local", cwd=project.root)
+    assert result.returncode == 2
+    assert "LOCAL_URL_11_13" in result.stderr and "env local" in result.stderr
+    result = cli("config", "check", cwd=project.root, env={"LOCAL_URL_11_13": pg.url("x"),
+                                                         "PROD_URL_11_13": pg.url("y")})
+    assert result.returncode == 0, result.stderr
+
+
+# ── 11.14 an interrupted deploy names the migration that was running ──────────────────────────
+
+
+def _start(project: Project, pg: Cluster, *args: str) -> subprocess.Popen[str]:
+    env = {**clean_environ(), **pg.env, "NO_COLOR": "1"}
+    return subprocess.Popen([sys.executable, str(CONFITURE), *args], cwd=project.root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _migration(project: Project, label: str, up: str) -> None:
+    project.write(f"db/migrations/{label}.up.sql", up)
+    project.write(f"db/migrations/{label}.down.sql", "SELECT 1;\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_deploy_names_the_running_migration(cli: CliRunner, project: Project,
+                                                        pg: Cluster, sig: int) -> None:
+    _migration(project, "001_widgets_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL, color text);\n")
+    first = cli("deploy", "--yes", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    db = project.db()
+    _migration(project, "002_slow", "CREATE TABLE slow (id int);\nSELECT pg_sleep(30);\n")
+    proc = _start(project, pg, "deploy", "--yes")
+    _wait_for(lambda: bool(pg.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+        "AND query LIKE %s", params=(db, "%pg_sleep(30)%"))))
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "failed at migration 002_slow" in err and "verification" not in err
+    outcome, failed, message = pg.query(
+        "SELECT outcome, failed_migration, message FROM confiture_deploys ORDER BY id DESC "
+        "LIMIT 1", db=db)[0]
+    assert failed == "002_slow" and outcome == "rolled_back", (outcome, failed, message)
+    assert "002_slow" in message
+    assert pg.scalar("SELECT to_regclass('public.slow') IS NULL", db=db)
+    assert [int(v) for (v,) in pg.query("SELECT version FROM confiture_migrations", db=db)] == [1]
