@@ -117,7 +117,16 @@ class PgError(ConfitureError):
 
 
 class ConnectionFailed(PgError):
-    """The server could not be reached or refused the connection."""
+    """The server could not be reached or refused the connection; `reason` says which
+    (SERVER_DOWN, NO_DATABASE, NO_ROLE, AUTH_FAILED, NOT_ALLOWED or OTHER, decided in §5)."""
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "other") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+SERVER_DOWN, NO_DATABASE, NO_ROLE = "server down", "no database", "no role"
+AUTH_FAILED, NOT_ALLOWED, OTHER = "authentication failed", "not allowed", "other"
 
 
 class SqlError(PgError):
@@ -1518,6 +1527,58 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
     return end_line
 
 
+# ── why a connection failed ─────────────────────────────────────────────────────────────────
+# psql prints no SQLSTATE for a failed connection, so libpq's message decides: the server is
+# down (or unreachable), or it answered and refused — no such database (3D000), no such role
+# or failed authentication (28000/28P01), no CONNECT privilege (42501). Each wants its own
+# advice; the first pattern that matches wins.
+
+_CONNECT_FAILURES: tuple[tuple[str, str, str], ...] = (
+    (r'database "([^"]*)" does not exist', NO_DATABASE,
+     ("create it ('confiture.py reset', or 'confiture.py deploy' for a protected env), or fix "
+      "the database name in the env's url")),
+    (r'role "([^"]*)" does not exist', NO_ROLE,
+     ("connect as an existing role: name it in the env's url (postgresql://ROLE@HOST/DB) or "
+      "set PGUSER; a superuser can create it with 'createuser ROLE'")),
+    ((r"password authentication failed|no password supplied|authentication failed for user|"
+      r"pg_hba\.conf"), AUTH_FAILED,
+     "check the password (in the url, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf"),
+    (r"permission denied for database|does not have CONNECT privilege", NOT_ALLOWED,
+     "a superuser can GRANT CONNECT ON DATABASE … TO the role"),
+    ((r"Connection refused|No such file or directory|could not translate host name|"
+      r"timeout expired|Network is unreachable|No route to host|"
+      r"the database system is (starting up|shutting down|in recovery mode)|"
+      r"server closed the connection unexpectedly"), SERVER_DOWN,
+     "is the server running and accepting connections there?"),
+)
+
+
+def connection_failure(text: str, where: str) -> ConnectionFailed:
+    """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
+    text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
+    for pattern, reason, hint in _CONNECT_FAILURES:
+        match = re.search(pattern, text)
+        if match is None:
+            continue
+        if reason == NO_DATABASE:
+            message = f"database {match.group(1)!r} does not exist ({where})"
+        elif reason == NO_ROLE:
+            message = f"role {match.group(1)!r} does not exist on the server ({where})"
+        elif reason == AUTH_FAILED:
+            message = f"authentication failed at {where}: {_fatal_line(text)}"
+        else:
+            message = f"cannot connect to {where}: {_fatal_line(text)}"
+        return ConnectionFailed(message, hint, reason)
+    return ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}", None, OTHER)
+
+
+def _fatal_line(text: str) -> str:
+    """libpq's message without the 'connection to server … failed:' preamble."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = re.sub(r"^connection to server .*? failed: ", "", lines[0]) if lines else text
+    return "; ".join([head.removeprefix("FATAL:  "), *lines[1:]])
+
+
 class ScriptStopped(PgError):
     """psql stopped a script at its first error (ON_ERROR_STOP) and exited; `stderr` says where."""
 
@@ -1647,8 +1708,7 @@ class Session:
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
         if "connection to server" in text or "could not connect" in text or not text:
-            raise ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}",
-                                   hint="is the server running? (bin/pg-dev start)")
+            raise connection_failure(text, where)
         raise PgError(f"lost the session to {where}: {text}")
 
     # -- statements ------------------------------------------------------------------------
@@ -1832,7 +1892,7 @@ class Client:
         if self.password:
             text = text.replace(self.password, "***")
         where = self.conn.with_params(dbname=dbname).display(self.environ)
-        raise ConnectionFailed(f"cannot connect to {where}: {re.sub(r'^psql: (error: )?', '', text)}")
+        raise connection_failure(text, where)
 
 
 # ── advisory locks: one per name, in whichever database the session is connected to ───────
@@ -6795,12 +6855,8 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
             text = text.replace(client.password, "***")
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
-        if f'database "{dbname}" does not exist' in text:
-            raise PgError(f"database {dbname!r} does not exist ({where})",
-                          hint="create it first (reset, clone or deploy)")
         if "connection to server" in text or "could not connect" in text:
-            raise ConnectionFailed(f"cannot connect to {where}: {text}",
-                                   hint="is the server running? (bin/pg-dev start)")
+            raise connection_failure(text, where)
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")
 
@@ -8447,6 +8503,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def finish_hint(exc: ConfitureError, app: App | None) -> str | None:
+    """The hint as the user should read it: a server that is down gets `bin/pg-dev start`
+    only where the project has one."""
+    hint = exc.hint
+    if isinstance(exc, ConnectionFailed) and exc.reason == SERVER_DOWN and app is not None:
+        root = app._config.root if app._config is not None else app.cwd
+        if (root / "bin" / "pg-dev").is_file():
+            hint = f"{hint} (the project's dev server: bin/pg-dev start)"
+    return hint
+
+
 def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -8455,6 +8522,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Parse argv, run one command, map errors to messages and exit codes."""
     environ = dict(os.environ if environ is None else environ)
     console = Console()
+    app: App | None = None
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(words).parse_args(words)
@@ -8469,15 +8537,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
-            return int(args.handler(App(args=args, console=console, environ=environ,
-                                        cwd=Path.cwd())))
+            app = App(args=args, console=console, environ=environ, cwd=Path.cwd())
+            return int(args.handler(app))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     except ConfitureError as exc:
+        hint = finish_hint(exc, app)
         if console.json_mode and not console.emitted:  # e.g. --check after the status document
-            console.emit({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
-        console.error(mask_password_in(exc.message), exc.hint)
+            console.emit({"error": exc.message, "hint": hint, "exit_code": exc.exit_code})
+        console.error(mask_password_in(exc.message), hint)
         return exc.exit_code
     except KeyboardInterrupt:
         console.error("interrupted")

@@ -104,3 +104,56 @@ def test_interrupted_deploy_names_the_running_migration(cli: CliRunner, project:
     assert "002_slow" in message
     assert pg.scalar("SELECT to_regclass('public.slow') IS NULL", db=db)
     assert [int(v) for (v,) in pg.query("SELECT version FROM confiture_migrations", db=db)] == [1]
+
+
+# ── 11.15 connection failures: the hint fits the cause ─────────────────────────────────────────
+
+
+def _set_local_url(project: Project, pg: Cluster, url: str) -> None:
+    text = project.config_path.read_text().replace(
+        f'url = "{pg.url(project.db("local"))}"', f'url = "{url}"')
+    project.config_path.write_text(text)
+
+
+def test_database_missing_is_not_a_server_down(cli: CliRunner, project: Project,
+                                               pg: Cluster) -> None:
+    assert not pg.db_exists(project.db())
+    result = cli("migrate", "status", cwd=project.root)
+    assert result.returncode == 1, result.stderr
+    assert f"database '{project.db()}' does not exist" in result.stderr
+    assert "server running" not in result.stderr and "pg-dev" not in result.stderr
+    assert "hint: create it" in result.stderr
+
+
+def test_role_missing_names_the_role(cli: CliRunner, project: Project, pg: Cluster) -> None:
+    url = pg.url(project.db()).replace("postgres@", "no_such_role_11@")
+    _set_local_url(project, pg, url)
+    result = cli("template", cwd=project.root)
+    assert result.returncode == 1
+    assert "role 'no_such_role_11' does not exist" in result.stderr
+    assert "server running" not in result.stderr and "pg-dev" not in result.stderr
+    assert "PGUSER" in result.stderr
+
+
+def test_authentication_failure_says_so(cli: CliRunner, project: Project, pg: Cluster,
+                                        pg_remote: Cluster) -> None:
+    _set_local_url(project, pg, f"postgresql://postgres:wrong@127.0.0.1:{pg_remote.tcp_port}/x")
+    result = cli("template", cwd=project.root)
+    assert result.returncode == 1
+    assert "authentication failed" in result.stderr and "wrong" not in result.stderr
+    assert "server running" not in result.stderr and "pg-dev" not in result.stderr
+    assert "pgpass" in result.stderr
+
+
+def test_server_down_mentions_pg_dev_only_where_the_project_has_it(
+        cli: CliRunner, project: Project, pg: Cluster, tmp_path: Path) -> None:
+    nowhere = tmp_path / "no-server"
+    nowhere.mkdir()
+    _set_local_url(project, pg, f"postgresql:///x?host={nowhere}&port=5999")
+    result = cli("template", cwd=project.root)
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr and "is the server running" in result.stderr
+    assert "pg-dev" not in result.stderr
+    project.write("bin/pg-dev", "#!/bin/sh\n")
+    result = cli("template", cwd=project.root)
+    assert result.returncode == 1 and "bin/pg-dev start" in result.stderr
