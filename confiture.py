@@ -2975,7 +2975,8 @@ def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool, 
         raise ConfigError(f"table {tracking.display} exists but is not a confiture tracking table "
                           f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
                           hint="set [migrations] table to another name; to adopt a database "
-                               "migrated by another tool, use 'migrate baseline --to VERSION'")
+                               "migrated by another tool, use "
+                               "'confiture.py migrate baseline --to VERSION'")
     return tracking, bool(found), bool(row["log"])
 
 
@@ -3444,7 +3445,8 @@ def verify_migrations(ws: Workspace, session: Session | None = None) -> Migratio
                                                           for r in status.missing]
         raise CheckFailed(f"{problems} applied migration(s) differ from their files: "
                           + ", ".join(names),
-                          hint="restore the files, or accept them with 'migrate repair'")
+                          hint="restore the files, or accept them with "
+                               "'confiture.py migrate repair'")
     return status
 
 
@@ -4768,8 +4770,8 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
         if rollback_error.message.startswith(what):
             raise
         raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
-                           hint=(f"restore the backup by hand: confiture.py restore {backup.path} "
-                                 f"--env {ws.env.name}" if backup else None)) from exc
+                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
+                                 f"restore {backup.path}" if backup else None)) from exc
     how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
            f"{replaced}")
     _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
@@ -7536,6 +7538,18 @@ class App:
         ws = open_workspace(self.env(name), self.console, self.environ)
         return evolve(ws, after_build=record_build_migrations)
 
+    def with_options(self, text: str) -> str:
+        """TEXT with every command it names ('confiture.py WORDS', the one way hints name
+        commands) repeating this run's --config and --env, so the advice acts on the same
+        project and env when pasted."""
+        import shlex
+
+        options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in (
+            ("--config", self.args.config), ("--env", self.args.env)) if value)
+        if not options:
+            return text
+        return re.sub(r"\bconfiture\.py(?= [a-z])", lambda _: "confiture.py" + options, text)
+
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
                   environ: Mapping[str, str] | None = None,
@@ -7700,10 +7714,14 @@ def cmd_template(app: App) -> int:
         name = template_name(ws.config.project, ws.env.name, fileset.hash)
         with admin_session(ws) as session:
             current = bool(_template_probe(session, name)["is_template"])
+            built = [t for t in list_templates(session, ws.config.project, ws.env.name)
+                     if t.seeds == fileset.seeds]
         app.console.result(name)
         app.console.emit({"template": name, "current": current})
         if not current:
-            raise CheckFailed(f"template {name} is not built (files changed since the last build)",
+            why = (f"the env's files changed since the last build, {built[0].name}" if built
+                   else f"no template of env {ws.env.name} was ever built on this server")
+            raise CheckFailed(f"template {name} is not built ({why})",
                               hint="run 'confiture.py template' to build it")
         return EXIT_OK
     result, _ = ensure_template(ws, rebuild=app.args.rebuild)
@@ -7911,7 +7929,7 @@ def cmd_migrate_down(app: App) -> int:
     ws = app.workspace()
     if (app.args.steps is None) == (app.args.to is None):
         raise ConfigError("migrate down needs exactly one of --steps N or --to VERSION",
-                          hint="e.g. 'migrate down --steps 1'")
+                          hint="e.g. 'confiture.py migrate down --steps 1'")
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
         _backup_protected(app, ws, "migrate down")
@@ -8505,13 +8523,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def finish_hint(exc: ConfitureError, app: App | None) -> str | None:
     """The hint as the user should read it: a server that is down gets `bin/pg-dev start`
-    only where the project has one."""
+    only where the project has one, and every command it names repeats the run's options."""
     hint = exc.hint
     if isinstance(exc, ConnectionFailed) and exc.reason == SERVER_DOWN and app is not None:
         root = app._config.root if app._config is not None else app.cwd
         if (root / "bin" / "pg-dev").is_file():
             hint = f"{hint} (the project's dev server: bin/pg-dev start)"
-    return hint
+    return hint if app is None or hint is None else app.with_options(hint)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> NoReturn:

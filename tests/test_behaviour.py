@@ -157,3 +157,35 @@ def test_server_down_mentions_pg_dev_only_where_the_project_has_it(
     project.write("bin/pg-dev", "#!/bin/sh\n")
     result = cli("template", cwd=project.root)
     assert result.returncode == 1 and "bin/pg-dev start" in result.stderr
+
+
+# ── 11.18 hints repeat the --config and --env in effect; never-built is not "changed" ────────
+
+
+def test_template_check_tells_never_built_from_changed_and_repeats_options(
+        cli: CliRunner, project: Project, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = str(project.config_path)
+    result = cli("template", "--check", "--env", "local", "--config", config, cwd=elsewhere)
+    assert result.returncode == 3
+    assert "ever built" in result.stderr and "changed" not in result.stderr
+    assert f"confiture.py --config {config} --env local template" in result.stderr
+    built = cli("template", "--env", "local", "--config", config, cwd=elsewhere)
+    assert built.returncode == 0, built.stderr
+    project.write("db/schema/10_tables/99_more.sql", "CREATE TABLE more_11_18 (id int);\n")
+    result = cli("template", "--check", cwd=project.root)
+    assert result.returncode == 3
+    assert "changed since the last build" in result.stderr
+    assert "hint: run 'confiture.py template'" in result.stderr  # nothing typed, nothing added
+
+
+def test_error_hints_repeat_the_env(cli: CliRunner, project: Project, pg: Cluster) -> None:
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_11_18 (id int);\n")
+    project.write("db/migrations/001_a.down.sql", "DROP TABLE a_11_18;\n")
+    pg.create_db(project.db())
+    assert cli("migrate", "up", "--env", "local", cwd=project.root).returncode == 0
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_11_18 (id bigint);\n")
+    result = cli("migrate", "up", "--env", "local", cwd=project.root)
+    assert result.returncode == 3
+    assert "'confiture.py --env local migrate repair'" in result.stderr
