@@ -7591,17 +7591,42 @@ url = "${{PROD_DATABASE_URL}}"
 protected = true
 """
 
-_INIT_FILES = {
-    "db/schema/00_extensions/.keep": "",
+# The folders of a project: each missing one is created (with a .keep, so git keeps it).
+_INIT_FOLDERS = ("db/schema", "db/seeds/common", "db/seeds/dev", "db/seeds/test",
+                 "db/migrations")
+# Example content, only in a brand-new project (no confiture.toml, no db/): re-running init
+# must never bring back an example the user deleted (the next reset would build it).
+_INIT_EXAMPLES = {
     "db/schema/10_tables/10_example.sql":
         "-- Your schema: one object per file, numbered folders give the build order.\n"
         "CREATE TABLE example (\n    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
         "    name text NOT NULL\n);\n",
-    "db/seeds/common/.keep": "",
     "db/seeds/dev/10_example.sql": "INSERT INTO example (name) VALUES ('dev row');\n",
-    "db/seeds/test/.keep": "",
-    "db/migrations/.keep": "",
 }
+
+
+def plan_init(root: Path, name: str) -> tuple[dict[str, str], list[str]]:
+    """Pure but for looking: (files to create → text, existing things kept) for `init` in
+    ROOT. A new project gets the config, the folders and the examples; an existing one only
+    what is missing of the config and the folders."""
+    fresh = not (root / CONFIG_NAME).exists() and not (root / "db").exists()
+    wanted = {CONFIG_NAME: _INIT_CONFIG.format(name=name)}
+    for folder in _INIT_FOLDERS:
+        if fresh and any(rel.startswith(folder + "/") for rel in _INIT_EXAMPLES):
+            continue
+        wanted[f"{folder}/.keep"] = ""
+    if fresh:
+        wanted.update(_INIT_EXAMPLES)
+    create, kept = {}, []
+    for rel, text in wanted.items():
+        parent = (root / rel).parent
+        if rel.endswith("/.keep") and parent.is_dir():
+            kept.append(str(parent.relative_to(root)) + "/")
+        elif (root / rel).exists():
+            kept.append(rel)
+        else:
+            create[rel] = text
+    return create, kept
 
 
 def cmd_init(app: App) -> int:
@@ -7609,13 +7634,10 @@ def cmd_init(app: App) -> int:
     name = re.sub(r"[^a-z0-9_]", "_", root.name.lower())[:MAX_PROJECT_NAME] or "app"
     if not _NAME_RE.match(name):
         name = "db_" + name[:MAX_PROJECT_NAME - 3]
-    files = {CONFIG_NAME: _INIT_CONFIG.format(name=name), **_INIT_FILES}
-    created, kept = [], []
+    files, kept = plan_init(root, name)
+    created = []
     for rel, text in files.items():
         path = root / rel
-        if path.exists():
-            kept.append(rel)
-            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         created.append(rel)

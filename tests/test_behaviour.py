@@ -6,6 +6,7 @@ The CLI runs as a subprocess (the `cli` fixture); outcomes are checked with psyc
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -189,3 +190,49 @@ def test_error_hints_repeat_the_env(cli: CliRunner, project: Project, pg: Cluste
     result = cli("migrate", "up", "--env", "local", cwd=project.root)
     assert result.returncode == 3
     assert "'confiture.py --env local migrate repair'" in result.stderr
+
+
+# ── 11.16 init in an existing project never brings back example content ──────────────────────
+
+
+def test_init_twice_does_not_recreate_deleted_examples(cli: CliRunner, tmp_path: Path,
+                                                       pg: Cluster) -> None:
+    root = tmp_path / "fresh"
+    root.mkdir()
+    first = cli("init", cwd=root)
+    assert first.returncode == 0, first.stderr
+    example = root / "db/schema/10_tables/10_example.sql"
+    seed = root / "db/seeds/dev/10_example.sql"
+    assert example.is_file() and seed.is_file()
+    example.unlink()
+    seed.unlink()
+    (root / "db/schema/10_tables/10_users.sql").write_text("CREATE TABLE users (id int);\n")
+    for keep in (root / "db/migrations").glob(".keep"):
+        keep.unlink()
+    (root / "db/migrations").rmdir()
+    second = cli("init", cwd=root)
+    assert second.returncode == 0, second.stderr
+    assert not example.exists() and not seed.exists()
+    assert (root / "db/migrations").is_dir()  # a missing folder is created again
+    assert "created db/migrations/.keep" in second.stdout
+    # the next reset builds no `example` table
+    name = "t_init_" + secrets.token_hex(3)
+    (root / "confiture.toml").write_text(
+        (root / "confiture.toml").read_text().replace('name = "fresh"', f'name = "{name}"')
+        .replace("postgresql:///fresh_dev", pg.url(f"{name}_dev")))
+    try:
+        result = cli("reset", cwd=root)
+        assert result.returncode == 0, result.stderr
+        assert pg.scalar("SELECT to_regclass('public.example') IS NULL", db=f"{name}_dev")
+    finally:
+        pg.drop_dbs_with_prefix(name)
+
+
+def test_init_beside_existing_schema_adds_no_example(cli: CliRunner, tmp_path: Path) -> None:
+    root = tmp_path / "adopt"
+    (root / "db/schema").mkdir(parents=True)
+    (root / "db/schema/users.sql").write_text("CREATE TABLE users (id int);\n")
+    result = cli("init", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert (root / "confiture.toml").is_file()
+    assert not list(root.rglob("*example*"))
