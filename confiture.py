@@ -1561,8 +1561,8 @@ def connection_failure(text: str, where: str) -> ConnectionFailed:
         if match is None:
             continue
         if reason == NO_DATABASE:
-            message = f"database {match.group(1)!r} does not exist ({where})"
-        elif reason == NO_ROLE:
+            return missing_database(match.group(1), where)
+        if reason == NO_ROLE:
             message = f"role {match.group(1)!r} does not exist on the server ({where})"
         elif reason == AUTH_FAILED:
             message = f"authentication failed at {where}: {_fatal_line(text)}"
@@ -1570,6 +1570,12 @@ def connection_failure(text: str, where: str) -> ConnectionFailed:
             message = f"cannot connect to {where}: {_fatal_line(text)}"
         return ConnectionFailed(message, hint, reason)
     return ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}", None, OTHER)
+
+
+def missing_database(name: str, where: str) -> ConnectionFailed:
+    """Database NAME does not exist on the server at WHERE (libpq said so, or we looked)."""
+    return ConnectionFailed(f"database {name!r} does not exist ({where})",
+                            _CONNECT_FAILURES[0][2], NO_DATABASE)
 
 
 def _fatal_line(text: str) -> str:
@@ -2088,6 +2094,19 @@ def admin_session(ws: Workspace) -> Session:
     return ws.client.session(ws.env.maintenance_db)
 
 
+def _database_exists(session: Session, name: str) -> bool:
+    return bool(session.value(
+        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
+
+
+def require_database(ws: Workspace, session: Session) -> None:
+    """The env's database must exist: checked before expensive work that needs it (a template
+    build, a dump), so a missing database is reported at once."""
+    if not _database_exists(session, ws.env.database):
+        where = ws.env.conn.with_params(dbname=ws.env.database).display(ws.client.environ)
+        raise missing_database(ws.env.database, where)
+
+
 def _template_probe(session: Session, name: str) -> dict[str, Any]:
     """The one catalog query of the fast path: does it exist, and how to clone it."""
     rows = session.query(
@@ -2327,23 +2346,15 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
         with admin_session(ws) as own:
             return clone_database(ws, target, replace, force, what, own)
     check_clone_target(ws, target)
-    result, probe = ensure_template(ws, session=session)
+    _refuse_clone_target(session, target, replace, force)  # before a template build, and
+    result, probe = ensure_template(ws, session=session)  # again under the lock below
     strategy = clone_strategy(ws.config, probe)
     started = time.monotonic()
     lock = f"database:{target}"
     acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
                  ws.console.info)
     try:
-        exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
-                               f"{quote_literal(target)}")
-        if exists:
-            if not replace:
-                raise Refused(f"database {target!r} already exists",
-                              hint="pass --replace to drop and recreate it")
-            others = [] if force else lasting_sessions(session, target)
-            if others:
-                raise Refused(f"database {target!r} has {len(others)} other session(s)",
-                              hint="close them, or pass --force to terminate them")
+        if _refuse_clone_target(session, target, replace, force):
             _drop_database(session, target, force=force)
         session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
                         f"{quote_ident(result.name)}"
@@ -2351,6 +2362,20 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
     finally:
         release_lock(session, lock)
     return result, time.monotonic() - started
+
+
+def _refuse_clone_target(session: Session, target: str, replace: bool, force: bool) -> bool:
+    """Whether TARGET exists (to be replaced); Refused when it may not be."""
+    if not _database_exists(session, target):
+        return False
+    if not replace:
+        raise Refused(f"database {target!r} already exists",
+                      hint="pass --replace to drop and recreate it")
+    others = [] if force else lasting_sessions(session, target)
+    if others:
+        raise Refused(f"database {target!r} has {len(others)} other session(s)",
+                      hint="close them, or pass --force to terminate them")
+    return True
 
 
 def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResult, float]:
@@ -3887,11 +3912,6 @@ def _pid_alive(text: str) -> bool:
 
 
 # ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
-
-def _database_exists(session: Session, name: str) -> bool:
-    return bool(session.value(
-        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
-
 
 def _side_name(database: str, kind: str, stamp: str) -> str:
     """<db>_<kind>_<stamp>, the database part shortened to fit 63 bytes (the comment names it)."""
@@ -7031,9 +7051,10 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     current and its dump read from the cache or, the first time after a build, taken in place
     (template_schema_dump). The live dump runs meanwhile (_LiveDump)."""
     started = time.monotonic()
-    live = _LiveDump(ws, privileges)
     tables = tracking_tables(ws.config)
     with admin_session(ws) as session:
+        require_database(ws, session)  # before the template: a missing database is said at once
+        live = _LiveDump(ws, privileges)
         try:
             result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session,
                                             cached=True)

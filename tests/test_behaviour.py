@@ -236,3 +236,37 @@ def test_init_beside_existing_schema_adds_no_example(cli: CliRunner, tmp_path: P
     assert result.returncode == 0, result.stderr
     assert (root / "confiture.toml").is_file()
     assert not list(root.rglob("*example*"))
+
+
+# ── 11.17 cheap preconditions before expensive work ───────────────────────────────────────────
+
+
+def _our_databases(pg: Cluster, project: Project) -> list[str]:
+    return [r[0] for r in pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                   params=(project.name,))]
+
+
+def test_diff_on_missing_database_builds_no_template(cli: CliRunner, project: Project,
+                                                     pg: Cluster) -> None:
+    result = cli("diff", "--env", "local", cwd=project.root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"database '{project.db()}' does not exist" in result.stderr
+    assert _our_databases(pg, project) == []  # no template was built first
+
+
+def test_clone_onto_existing_database_builds_no_template(cli: CliRunner, project: Project,
+                                                         pg: Cluster) -> None:
+    target = project.name + "_taken"
+    pg.create_db(target)
+    result = cli("clone", target, cwd=project.root)
+    assert result.returncode == 4 and "already exists" in result.stderr
+    assert _our_databases(pg, project) == [target]
+
+
+def test_reset_with_other_sessions_builds_no_template(cli: CliRunner, project: Project,
+                                                      pg: Cluster) -> None:
+    pg.create_db(project.db())
+    with pg.connect(project.db()):
+        result = cli("reset", cwd=project.root)
+    assert result.returncode == 4 and "other session" in result.stderr
+    assert _our_databases(pg, project) == [project.db()]
