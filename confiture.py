@@ -8092,6 +8092,10 @@ def cmd_backups(app: App) -> int:
         keep = app.args.keep if app.args.keep is not None else app.config.backups_keep
         if keep < 0:
             raise ConfigError("--keep must be 0 or more")
+        doomed = list_backups(folder)[keep:]  # prune_backups deletes these, newest kept
+        if doomed:  # deleting a protected env's backups is a write to it: same rules
+            confirm_protected(env, f"backups prune (deleting {len(doomed)} backup(s))",
+                              app.args.yes, app.console)
         removed = prune_backups(folder, keep)
         dropped: list[str] = []
         ws = open_workspace(env, app.console, app.environ)

@@ -270,3 +270,25 @@ def test_reset_with_other_sessions_builds_no_template(cli: CliRunner, project: P
         result = cli("reset", cwd=project.root)
     assert result.returncode == 4 and "other session" in result.stderr
     assert _our_databases(pg, project) == [project.db()]
+
+
+# ── 11.19 pruning a protected env's backups needs --yes ──────────────────────────────────────
+
+
+def test_backups_prune_on_protected_env_needs_yes(cli: CliRunner, project: Project,
+                                                  pg: Cluster) -> None:
+    pg.create_db(project.db("prod"))
+    for _ in range(2):
+        taken = cli("backup", "--env", "prod", cwd=project.root)
+        assert taken.returncode == 0, taken.stderr
+    folder = project.root / ".confiture/backups/prod"
+    dumps = sorted(folder.glob("*.dump"))
+    assert len(dumps) == 2
+    refused = cli("backups", "prune", "--env", "prod", "--keep", "1", cwd=project.root)
+    assert refused.returncode == 4 and "--yes" in refused.stderr
+    assert sorted(folder.glob("*.dump")) == dumps  # nothing deleted
+    nothing = cli("backups", "prune", "--env", "prod", "--keep", "5", cwd=project.root)
+    assert nothing.returncode == 0, nothing.stderr  # nothing to delete: nothing to confirm
+    done = cli("backups", "prune", "--env", "prod", "--keep", "1", "--yes", cwd=project.root)
+    assert done.returncode == 0, done.stderr
+    assert sorted(folder.glob("*.dump")) == dumps[1:]
