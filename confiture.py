@@ -364,6 +364,19 @@ def sha256_bytes(data: bytes, bulk: bool = False) -> str:
 BULK_HASH_BYTES = 1 << 20
 
 
+def slugify(text: str, ascii_only: bool = False) -> str:
+    """TEXT lowercased, its letters and digits kept (any script), every run of other
+    characters one '_': 'Ajout  élément!' → 'ajout_élément'. With `ascii_only`, accents are
+    folded first ('ü' → 'u') and letters with no ASCII form dropped: for names that prefix
+    database names, which must fit 63 bytes and stay easy to type."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD" if ascii_only else "NFC", text.lower())
+    if ascii_only:
+        text = text.encode("ascii", "ignore").decode()
+    return re.sub(r"[\W_]+", "_", text).strip("_")
+
+
 def quote_ident(name: str) -> str:
     """Quote an SQL identifier. Names are always quoted, never interpolated raw."""
     if not name or "\x00" in name:
@@ -2591,7 +2604,7 @@ def migration_rel(config: Config, path: Path | None) -> str:
 def new_migration(config: Config, name: str, now: float | None = None) -> list[Path]:
     """Create <UTC yyyymmddHHMMSS>_<name>.up.sql and .down.sql (or a folder, when the
     project's newest migration is a folder); never overwrites."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    slug = slugify(name)
     if not slug:
         raise ConfigError(f"migration name {name!r} has no letters or digits")
     files = scan_migrations(config.migrations_dir, config.root).migrations
@@ -7652,7 +7665,7 @@ def plan_init(root: Path, name: str) -> tuple[dict[str, str], list[str]]:
 
 def cmd_init(app: App) -> int:
     root = Path(app.args.dir or ".").resolve()
-    name = re.sub(r"[^a-z0-9_]", "_", root.name.lower())[:MAX_PROJECT_NAME] or "app"
+    name = slugify(root.name, ascii_only=True)[:MAX_PROJECT_NAME].rstrip("_") or "app"
     if not _NAME_RE.match(name):
         name = "db_" + name[:MAX_PROJECT_NAME - 3]
     files, kept = plan_init(root, name)

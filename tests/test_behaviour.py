@@ -292,3 +292,35 @@ def test_backups_prune_on_protected_env_needs_yes(cli: CliRunner, project: Proje
     done = cli("backups", "prune", "--env", "prod", "--keep", "1", "--yes", cwd=project.root)
     assert done.returncode == 0, done.stderr
     assert sorted(folder.glob("*.dump")) == dumps[1:]
+
+
+# ── 11.20 names keep their letters ────────────────────────────────────────────────────────────
+
+
+def test_migration_names_keep_unicode_letters(cli: CliRunner, project: Project,
+                                              pg: Cluster) -> None:
+    result = cli("migrate", "new", "ajout_élément", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    result = cli("migrate", "new", "Straße -- über  alles!", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (project.root / "db/migrations").glob("*.up.sql"))
+    assert [n.split("_", 1)[1] for n in names] == ["ajout_élément.up.sql",
+                                                   "straße_über_alles.up.sql"]
+    up = project.root / "db/migrations" / names[0]
+    up.write_text("CREATE TABLE élément (id int);\n", encoding="utf-8")
+    pg.create_db(project.db())
+    result = cli("migrate", "up", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert pg.query("SELECT name FROM confiture_migrations ORDER BY version",
+                    db=project.db()) == [("ajout_élément",), ("straße_über_alles",)]
+
+
+def test_init_project_name_keeps_letters_and_collapses_separators(cli: CliRunner,
+                                                                   tmp_path: Path) -> None:
+    root = tmp_path / "my proj ü"
+    root.mkdir()
+    result = cli("init", cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert 'name = "my_proj_u"' in (root / "confiture.toml").read_text()
+    check = cli("config", "check", "--env", "local", cwd=root)
+    assert check.returncode == 0, check.stderr
