@@ -7983,13 +7983,15 @@ def cmd_migrate_up(app: App) -> int:
 
 def cmd_migrate_down(app: App) -> int:
     ws = app.workspace()
-    if (app.args.steps is None) == (app.args.to is None):
-        raise ConfigError("migrate down needs exactly one of --steps N or --to VERSION",
+    if app.args.steps is not None and app.args.to is not None:
+        raise ConfigError("migrate down takes --steps N or --to VERSION, not both",
                           hint="e.g. 'confiture.py migrate down --steps 1'")
+    # neither: one step, the newest applied migration (as dbmate, Rails and golang-migrate do)
+    steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
         _backup_protected(app, ws, "migrate down")
-    run = migrate_down(ws, steps=app.args.steps, to=_version_arg(app.args.to),
+    run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -8060,8 +8062,11 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
     p.set_defaults(handler=cmd_migrate_up)
 
-    p = msub.add_parser("down", parents=[common], help="revert applied migrations, newest first")
-    p.add_argument("--steps", type=int, metavar="N", help="revert the N newest")
+    p = msub.add_parser("down", parents=[common],
+                        help="revert the newest applied migration (--steps N, --to VERSION: more)",
+                        description="Revert applied migrations, newest first. Without --steps "
+                                    "or --to: one step, the newest applied migration.")
+    p.add_argument("--steps", type=int, metavar="N", help="revert the N newest (default: 1)")
     p.add_argument("--to", metavar="VERSION", help="revert everything newer than VERSION (0: all)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
     p.set_defaults(handler=cmd_migrate_down)

@@ -324,3 +324,25 @@ def test_init_project_name_keeps_letters_and_collapses_separators(cli: CliRunner
     assert 'name = "my_proj_u"' in (root / "confiture.toml").read_text()
     check = cli("config", "check", "--env", "local", cwd=root)
     assert check.returncode == 0, check.stderr
+
+
+# ── 11.21 migrate down without an argument reverts one step ──────────────────────────────────
+
+
+def test_migrate_down_defaults_to_one_step(cli: CliRunner, project: Project, pg: Cluster) -> None:
+    for version in (1, 2, 3):
+        project.write(f"db/migrations/00{version}_t{version}.up.sql",
+                      f"CREATE TABLE t{version} (id int);\n")
+        project.write(f"db/migrations/00{version}_t{version}.down.sql", f"DROP TABLE t{version};\n")
+    pg.create_db(project.db())
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    result = cli("migrate", "down", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    versions = [int(v) for (v,) in pg.query("SELECT version FROM confiture_migrations "
+                                           "ORDER BY version", db=project.db())]
+    assert versions == [1, 2]
+    assert pg.scalar("SELECT to_regclass('public.t3') IS NULL", db=project.db())
+    both = cli("migrate", "down", "--steps", "1", "--to", "0", cwd=project.root)
+    assert both.returncode == 2 and "not both" in both.stderr
+    helped = cli("migrate", "down", "--help", cwd=project.root)
+    assert "one step" in helped.stdout
