@@ -7336,20 +7336,26 @@ def needs_attention(status: EnvStatus, backup_max_age: float | None) -> list[str
     found = []
     if not status.reachable:
         return [f"server unreachable: {status.server.get('error')}"]
+    # Advice names the safe command; a destructive one only with what it would destroy.
     if not status.db["exists"]:
-        found.append(f"database {status.database} does not exist")
+        found.append(f"database {status.database} does not exist (create it: 'confiture.py "
+                     + ("deploy')" if status.protected else "reset')"))
     if not status.protected and status.template["state"] == "stale":
         found.append("template is stale: the env's files changed since the last build "
-                     "(run reset)")
+                     "(rebuild it: 'confiture.py template'" + (
+                         f"; 'confiture.py reset' would recreate {status.database} from it, "
+                         "replacing the data it holds)" if status.db["exists"] else ")"))
     mig = status.migrations
     for what in ("pending", "changed", "missing", "interrupted"):
         if mig.get(what):
-            found.append(f"{mig[what]} {what} migration(s)")
+            found.append(f"{mig[what]} {what} migration(s)" + (
+                "" if what != "pending" else " (apply them: 'confiture.py "
+                + ("deploy')" if status.protected else "migrate up')")))
     if mig.get("error"):
         found.append(f"migrations: {mig['error']}")
     if status.protected and mig.get("state") == "untracked":
         found.append(f"no migration tracking table {mig.get('table')} "
-                     "(adopt the database with migrate baseline)")
+                     "(adopt the database with 'confiture.py migrate baseline')")
     if status.drift.get("differences"):
         found.append(f"schema drift: {status.drift['differences']} difference(s) from the DDL")
     if status.sync is not None and status.sync.get("ok") is False:
@@ -8430,7 +8436,7 @@ def cmd_status(app: App) -> int:
     status = gather_status(ws, drift=app.args.drift)
     app.console.emit({**as_dict(status), "ok": not status.attention})
     for line in format_status(status):
-        app.console.result(line)
+        app.console.result(app.with_options(line))
     if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
         app.console.error(f"env {ws.env.name}: {status.server.get('error')}")
         return EXIT_FAILED

@@ -346,3 +346,31 @@ def test_migrate_down_defaults_to_one_step(cli: CliRunner, project: Project, pg:
     assert both.returncode == 2 and "not both" in both.stderr
     helped = cli("migrate", "down", "--help", cwd=project.root)
     assert "one step" in helped.stdout
+
+
+# ── 11.22 status advice never suggests a destructive command where a safe one fits ───────────
+
+
+def test_status_advice_is_safe_for_a_database_with_data(cli: CliRunner, project: Project,
+                                                        pg: Cluster) -> None:
+    project.write("db/schema/10_tables/10_notes.sql", "CREATE TABLE notes (id int);\n")
+    project.write("db/migrations/001_notes.up.sql", "CREATE TABLE notes (id int);\n")
+    project.write("db/migrations/001_notes.down.sql", "DROP TABLE notes;\n")
+    pg.create_db(project.db())
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    pg.query("INSERT INTO notes SELECT generate_series(1, 10)", db=project.db())
+    assert cli("template", cwd=project.root).returncode == 0
+    project.write("db/schema/10_tables/20_more.sql", "CREATE TABLE more_22 (id int);\n")
+    project.write("db/migrations/002_more.up.sql", "CREATE TABLE more_22 (id int);\n")
+    project.write("db/migrations/002_more.down.sql", "DROP TABLE more_22;\n")
+    result = cli("status", "--check", "--env", "local", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    attention = result.stdout[result.stdout.index("attention"):]
+    assert "(run reset)" not in attention
+    assert "'confiture.py --env local template'" in attention
+    assert "'confiture.py --env local migrate up'" in attention
+    # reset is named only with what it would destroy
+    for line in attention.splitlines():
+        if "reset" in line:
+            assert "replacing the data" in line, line
+    assert pg.scalar("SELECT count(*) FROM notes", db=project.db()) == 10  # status changed nothing
