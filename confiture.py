@@ -7400,8 +7400,12 @@ def format_status(status: EnvStatus) -> list[str]:
     if mig.get("state") == "unknown":
         row("migrations", f"unknown ({mig.get('note') or mig.get('error')})")
     elif mig.get("state") == "untracked":
-        row("migrations", f"untracked (no {mig.get('table')} table: built from DDL; "
-                          f"{mig.get('files')} migration files)")
+        # a build records every migration (how = 'build'), so no table means: no migration
+        # files when it was built, or a database made some other way
+        row("migrations", f"untracked (no {mig.get('table')} table; " + (
+            "the project has no migrations)" if not mig.get("files") else
+            f"{mig.get('files')} migration file(s), none recorded here: adopt the database "
+            "with 'confiture.py migrate baseline')"))
     else:
         row("migrations", f"at {mig.get('current') or 'none'}: " + ", ".join(
             f"{mig.get(k, 0)} {k}" for k in ("applied", "pending", "changed", "missing")
@@ -7610,7 +7614,13 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
 # ── foundation commands ───────────────────────────────────────────────────────────────────
 
 _INIT_CONFIG = """\
-# confiture.toml — see confiture.toml.example for every key and its default.
+# confiture.toml — written by `confiture.py init`; `python confiture.py --help` lists commands.
+# Each env's url is a libpq URL; what it leaves out comes from PGHOST, PGPORT, PGUSER and
+# PGPASSWORD (or ~/.pgpass). "postgresql:///NAME" means the local server's default socket, as
+# the role named after your OS user: name your server and role, for example
+#   url = "postgresql://app@localhost:5432/NAME"
+# and keep passwords out of this file (${{VAR}} expands from the environment, or use ~/.pgpass).
+# `python confiture.py config check --env local` shows what an env resolves to.
 [project]
 name = "{name}"
 schema = ["db/schema"]

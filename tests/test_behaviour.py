@@ -374,3 +374,33 @@ def test_status_advice_is_safe_for_a_database_with_data(cli: CliRunner, project:
         if "reset" in line:
             assert "replacing the data" in line, line
     assert pg.scalar("SELECT count(*) FROM notes", db=project.db()) == 10  # status changed nothing
+
+
+# ── 11.23 what a vendoring user reads ─────────────────────────────────────────────────────────
+
+
+def test_init_config_stands_alone(cli: CliRunner, tmp_path: Path) -> None:
+    root = tmp_path / "vendored"
+    root.mkdir()
+    assert cli("init", cwd=root).returncode == 0
+    text = (root / "confiture.toml").read_text()
+    assert "confiture.toml.example" not in text
+    assert "PGUSER" in text and "~/.pgpass" in text  # says how to point it at a server
+    check = cli("config", "check", "--env", "local", cwd=root)
+    assert check.returncode == 0, check.stderr
+
+
+def test_status_does_not_call_an_unrecorded_database_built_from_ddl(
+        cli: CliRunner, project: Project, pg: Cluster) -> None:
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_23 (id int);\n")
+    project.write("db/migrations/001_a.down.sql", "DROP TABLE a_23;\n")
+    pg.create_db(project.db())  # made by hand: no tracking table
+    result = cli("status", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "migrations" in line)
+    assert "untracked" in row and "built from DDL" not in row and "baseline" in row
+    # a reset builds from DDL and records the migrations (how = 'build'): not untracked
+    assert cli("reset", cwd=project.root).returncode == 0
+    assert pg.query("SELECT how FROM confiture_migrations", db=project.db()) == [("build",)]
+    result = cli("status", cwd=project.root)
+    assert "untracked" not in result.stdout
