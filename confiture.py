@@ -7991,7 +7991,8 @@ def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
-        if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
+        # the dry run checks the history and the files (cheap) before the backup (not cheap)
+        if ws.env.protected and migrate_up(ws, _version_arg(app.args.to), dry_run=True).planned:
             _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
@@ -8006,7 +8007,10 @@ def cmd_migrate_down(app: App) -> int:
     steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
-        _backup_protected(app, ws, "migrate down")
+        # the dry run checks the plan and its down files (cheap) before the backup (not cheap)
+        if ws.env.protected and migrate_down(ws, steps, _version_arg(app.args.to),
+                                             dry_run=True).planned:
+            _backup_protected(app, ws, "migrate down")
     run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)

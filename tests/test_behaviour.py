@@ -404,3 +404,21 @@ def test_status_does_not_call_an_unrecorded_database_built_from_ddl(
     assert pg.query("SELECT how FROM confiture_migrations", db=project.db()) == [("build",)]
     result = cli("status", cwd=project.root)
     assert "untracked" not in result.stdout
+
+
+def test_protected_migrate_checks_files_before_the_backup(cli: CliRunner, project: Project,
+                                                          pg: Cluster) -> None:
+    pg.create_db(project.db("prod"))
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_17 (id int);\n")
+    assert cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root).returncode == 0
+    folder = project.root / ".confiture/backups/prod"
+    before = sorted(folder.glob("*.dump"))
+    assert len(before) == 1  # the protected env was backed up before the first migration
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_17 (id bigint);\n")  # changed
+    project.write("db/migrations/002_b.up.sql", "CREATE TABLE b_17 (id int);\n")
+    up = cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root)
+    assert up.returncode == 3 and "001_a" in up.stderr
+    down = cli("migrate", "down", "--env", "prod", "--yes", cwd=project.root)
+    assert down.returncode != 0 and "down" in down.stderr  # 001_a has no down file
+    assert sorted(folder.glob("*.dump")) == before  # refused before any backup was taken
+    assert pg.scalar("SELECT to_regclass('public.b_17') IS NULL", db=project.db("prod"))
