@@ -252,6 +252,11 @@ def test_diff_on_missing_database_builds_no_template(cli: CliRunner, project: Pr
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"database '{project.db()}' does not exist" in result.stderr
     assert _our_databases(pg, project) == []  # no template was built first
+    # a protected env: its template would be built on the scratch server; checked before too
+    result = cli("diff", "--env", "prod", cwd=project.root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"database '{project.db('prod')}' does not exist" in result.stderr
+    assert _our_databases(pg, project) == []
 
 
 def test_clone_onto_existing_database_builds_no_template(cli: CliRunner, project: Project,
