@@ -7350,7 +7350,9 @@ def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict
                 f"{quote_literal(ws.env.database)}) AS exists")[0]
             template = None if ws.env.protected else _template_facts(ws, session, fileset)
     except PgError as exc:
-        return ({"reachable": False, "error": exc.message}, {"exists": None},
+        reason = exc.reason if isinstance(exc, ConnectionFailed) else OTHER
+        return ({"reachable": False, "error": exc.message, "hint": exc.hint,
+                 "reason": reason}, {"exists": None},
                 {"name": name, "state": "unknown"})
     if template is None:
         try:
@@ -7473,7 +7475,8 @@ def format_status(status: EnvStatus) -> list[str]:
         row("source", text + ")")
     server = status.server
     row("server", f"reachable, PostgreSQL {server['version']}" if server["reachable"]
-        else f"UNREACHABLE: {server.get('error')}")
+        else f"{'UNREACHABLE' if server.get('reason') in (SERVER_DOWN, OTHER) else 'REFUSED'}: "
+        f"{server.get('error')}")
     if server["reachable"]:
         row("database", f"{status.database}, " + (format_bytes(int(status.db["size"] or 0))
                                                    if status.db["exists"] else "does not exist"))
@@ -7679,6 +7682,17 @@ class App:
         if not options:
             return text
         return re.sub(r"\bconfiture\.py(?= [a-z])", lambda _: "confiture.py" + options, text)
+
+
+def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | None:
+    """A hint as the user should read it: a server that is down (connection failure REASON)
+    gets `bin/pg-dev start` only where the project has one, and every command it names
+    repeats the run's options."""
+    if reason == SERVER_DOWN and app is not None:
+        root = app._config.root if app._config is not None else app.cwd
+        if (root / "bin" / "pg-dev").is_file():
+            hint = f"{hint} (the project's dev server: bin/pg-dev start)"
+    return hint if app is None or hint is None else app.with_options(hint)
 
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
@@ -8538,7 +8552,8 @@ def cmd_status(app: App) -> int:
     for line in format_status(status):
         app.console.result(app.with_options(line))
     if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
-        app.console.error(f"env {ws.env.name}: {status.server.get('error')}")
+        app.console.error(f"env {ws.env.name}: {status.server.get('error')}", finish_hint(
+            status.server.get("hint"), status.server.get("reason"), app))
         return EXIT_FAILED
     return EXIT_CHECK if app.args.check and status.attention else EXIT_OK
 
@@ -8692,17 +8707,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def finish_hint(exc: ConfitureError, app: App | None) -> str | None:
-    """The hint as the user should read it: a server that is down gets `bin/pg-dev start`
-    only where the project has one, and every command it names repeats the run's options."""
-    hint = exc.hint
-    if isinstance(exc, ConnectionFailed) and exc.reason == SERVER_DOWN and app is not None:
-        root = app._config.root if app._config is not None else app.cwd
-        if (root / "bin" / "pg-dev").is_file():
-            hint = f"{hint} (the project's dev server: bin/pg-dev start)"
-    return hint if app is None or hint is None else app.with_options(hint)
-
-
 def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -8732,7 +8736,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     except ConfitureError as exc:
-        hint = finish_hint(exc, app)
+        hint = finish_hint(exc.hint, getattr(exc, "reason", None), app)
         if console.json_mode and not console.emitted:  # e.g. --check after the status document
             console.emit({"error": exc.message, "hint": hint, "exit_code": exc.exit_code})
         console.error(mask_password_in(exc.message), hint)

@@ -427,3 +427,13 @@ def test_protected_migrate_checks_files_before_the_backup(cli: CliRunner, projec
     assert down.returncode != 0 and "down" in down.stderr  # 001_a has no down file
     assert sorted(folder.glob("*.dump")) == before  # refused before any backup was taken
     assert pg.scalar("SELECT to_regclass('public.b_17') IS NULL", db=project.db("prod"))
+
+
+def test_status_tells_a_refused_connection_from_a_server_down(cli: CliRunner, project: Project,
+                                                              pg: Cluster) -> None:
+    url = pg.url(project.db()).replace("postgres@", "no_such_role_11@")
+    _set_local_url(project, pg, url)
+    result = cli("status", cwd=project.root)
+    assert result.returncode == 1
+    assert "REFUSED: role 'no_such_role_11' does not exist" in result.stdout
+    assert "UNREACHABLE" not in result.stdout and "PGUSER" in result.stderr
