@@ -1597,30 +1597,34 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
 # or failed authentication (28000/28P01), no CONNECT privilege (42501). Each wants its own
 # advice; the first pattern that matches wins.
 
-_CONNECT_FAILURES: tuple[tuple[str, str, str], ...] = (
-    (r'database "([^"]*)" does not exist', NO_DATABASE,
-     ("create it ('confiture.py reset', or 'confiture.py deploy' for a protected env), or fix "
-      "the database name in the env's url")),
-    (r'role "([^"]*)" does not exist', NO_ROLE,
-     ("connect as an existing role: name it in the env's url (postgresql://ROLE@HOST/DB) or "
-      "set PGUSER; a superuser can create it with 'createuser ROLE'")),
+_CONNECT_FAILURES: tuple[tuple[str, str], ...] = (
+    (r'database "([^"]*)" does not exist', NO_DATABASE),
+    (r'role "([^"]*)" does not exist', NO_ROLE),
     ((r"password authentication failed|no password supplied|authentication failed for user|"
-      r"pg_hba\.conf"), AUTH_FAILED,
-     "check the password (in the url, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf"),
-    (r"permission denied for database|does not have CONNECT privilege", NOT_ALLOWED,
-     "a superuser can GRANT CONNECT ON DATABASE … TO the role"),
+      r"pg_hba\.conf"), AUTH_FAILED),
+    (r"permission denied for database|does not have CONNECT privilege", NOT_ALLOWED),
     ((r"Connection refused|No such file or directory|could not translate host name|"
       r"timeout expired|Network is unreachable|No route to host|"
       r"the database system is (starting up|shutting down|in recovery mode)|"
-      r"server closed the connection unexpectedly"), SERVER_DOWN,
-     "is the server running and accepting connections there?"),
+      r"server closed the connection unexpectedly"), SERVER_DOWN),
 )
+_CONNECT_HINTS = {
+    NO_DATABASE: "create it ('confiture.py reset', or 'confiture.py deploy' for a protected "
+                 "env), or fix the database name in the env's url",
+    NO_ROLE: "connect as an existing role: name it in the env's url "
+             "(postgresql://ROLE@HOST/DB) or set PGUSER; a superuser can create it with "
+             "'createuser ROLE'",
+    AUTH_FAILED: "check the password (in the url, PGPASSWORD or ~/.pgpass) and the server's "
+                 "pg_hba.conf",
+    NOT_ALLOWED: "a superuser can GRANT CONNECT ON DATABASE … TO the role",
+    SERVER_DOWN: "is the server running and accepting connections there?",
+}
 
 
 def connection_failure(text: str, where: str) -> ConnectionFailed:
     """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
     text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
-    for pattern, reason, hint in _CONNECT_FAILURES:
+    for pattern, reason in _CONNECT_FAILURES:
         match = re.search(pattern, text)
         if match is None:
             continue
@@ -1632,14 +1636,14 @@ def connection_failure(text: str, where: str) -> ConnectionFailed:
             message = f"authentication failed at {where}: {_fatal_line(text)}"
         else:
             message = f"cannot connect to {where}: {_fatal_line(text)}"
-        return ConnectionFailed(message, hint, reason)
+        return ConnectionFailed(message, _CONNECT_HINTS[reason], reason)
     return ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}", None, OTHER)
 
 
 def missing_database(name: str, where: str) -> ConnectionFailed:
     """Database NAME does not exist on the server at WHERE (libpq said so, or we looked)."""
     return ConnectionFailed(f"database {name!r} does not exist ({where})",
-                            _CONNECT_FAILURES[0][2], NO_DATABASE)
+                            _CONNECT_HINTS[NO_DATABASE], NO_DATABASE)
 
 
 def _fatal_line(text: str) -> str:
@@ -7474,9 +7478,9 @@ def format_status(status: EnvStatus) -> list[str]:
             text += f" on {git['branch']}" if git["branch"] else " detached"
         row("source", text + ")")
     server = status.server
+    down = server.get("reason", OTHER) in (SERVER_DOWN, OTHER)  # else it answered, and refused
     row("server", f"reachable, PostgreSQL {server['version']}" if server["reachable"]
-        else f"{'UNREACHABLE' if server.get('reason') in (SERVER_DOWN, OTHER) else 'REFUSED'}: "
-        f"{server.get('error')}")
+        else f"{'UNREACHABLE' if down else 'REFUSED'}: {server.get('error')}")
     if server["reachable"]:
         row("database", f"{status.database}, " + (format_bytes(int(status.db["size"] or 0))
                                                    if status.db["exists"] else "does not exist"))
