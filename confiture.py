@@ -8538,7 +8538,8 @@ def cmd_watch(app: App) -> int:
             changed = f" [{', '.join(event.changed[:3])}" + \
                 (f" +{len(event.changed) - 3} more]" if len(event.changed) > 3 else "]")
         if event.kind == "error":
-            console.error(f"{stamp} {event.message}{changed} (still watching)", event.hint)
+            console.error(f"{stamp} {event.message}{changed} (still watching)",
+                          finish_hint(event.hint, None, app))
         elif event.kind == "reset":
             console.result(f"{stamp} {event.message}{changed}")
             console.out.flush()
