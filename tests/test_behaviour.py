@@ -18,7 +18,6 @@ import pytest
 from conftest import CliRunner, Cluster, Project
 from helpers import CONFITURE, clean_environ
 
-
 # ── 11.13 config check fails on an unresolved ${VAR} ──────────────────────────────────────────
 
 
