@@ -436,3 +436,19 @@ def test_status_tells_a_refused_connection_from_a_server_down(cli: CliRunner, pr
     assert result.returncode == 1
     assert "REFUSED: role 'no_such_role_11' does not exist" in result.stdout
     assert "UNREACHABLE" not in result.stdout and "PGUSER" in result.stderr
+
+
+def test_no_connect_privilege_says_grant(cli: CliRunner, project: Project, pg: Cluster) -> None:
+    role = project.name + "_nc"
+    pg.create_db(project.db())
+    pg.query(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        pg.query(f'REVOKE CONNECT ON DATABASE "{project.db()}" FROM PUBLIC')
+        _set_local_url(project, pg, pg.url(project.db()).replace("postgres@", f"{role}@"))
+        result = cli("migrate", "status", cwd=project.root)
+        assert result.returncode == 1
+        assert "permission denied for database" in result.stderr
+        assert "GRANT CONNECT" in result.stderr and "server running" not in result.stderr
+    finally:
+        pg.drop_db(project.db())
+        pg.query(f'DROP ROLE "{role}"')
