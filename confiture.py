@@ -1443,7 +1443,7 @@ def combined_hash(files: Sequence[SqlFile], seeds: bool = True) -> str:
 # The only section that starts psql, pg_dump and pg_restore. Finds the real binaries, hands
 # connections to children through their environment (never argv), keeps one long-lived psql
 # Session per run for cheap round trips, and turns psql's error output into SqlError with
-# the project file and line.
+# the project file and line, and a failed connection into ConnectionFailed saying why.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 _PG_WRAPPER = "/usr/share/postgresql-common/pg_wrapper"
