@@ -9,14 +9,13 @@ import json
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import CliRunner, Cluster, Project
-from helpers import CONFITURE, clean_environ
+from helpers import clean_environ, confiture_argv, confiture_environ
 
 # ── 11.13 config check fails on an unresolved ${VAR} ──────────────────────────────────────────
 
@@ -62,7 +61,7 @@ def test_config_check_env_limits_the_check(cli: CliRunner, project: Project, pg:
 
 def _start(project: Project, pg: Cluster, *args: str) -> subprocess.Popen[str]:
     env = {**clean_environ(), **pg.env, "NO_COLOR": "1"}
-    return subprocess.Popen([sys.executable, str(CONFITURE), *args], cwd=project.root, env=env,
+    return subprocess.Popen(confiture_argv(*args), cwd=project.root, env=confiture_environ(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
