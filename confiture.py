@@ -10,7 +10,7 @@ Sections (``grep -n '^# §' confiture.py`` prints this table of contents). Each 
 only the sections above it.
 
   §1  Errors and exit codes     one root error type; every expected failure is one of these
-  §2  Small utilities           records, lazy regexes, natural order, hashing, quoting, files,
+  §2  Small utilities           records, natural order, hashing, quoting, files,
                                 background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
   §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
@@ -140,7 +140,7 @@ class Interrupted(ConfitureError):
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §2 Small utilities
 # Pure helpers with no knowledge of configuration or PostgreSQL processes: `record` (cheap
-# dataclasses), regexes compiled on first use, natural ordering, hashing, SQL quoting,
+# dataclasses), natural ordering, hashing, SQL quoting,
 # durations, path globs, atomic/anonymous/synced files, calls in a background thread, and the
 # Console that owns stdout/stderr.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -273,30 +273,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _LazyPattern:
-    """A regular expression compiled on first use: a run touches few of this file's ~30."""
-
-    __slots__ = ("_args", "_compiled")
-
-    def __init__(self, pattern: Any, flags: int) -> None:
-        self._args: tuple[Any, int] = (pattern, flags)
-        self._compiled: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._compiled is None:
-            self._compiled = re.compile(*self._args)
-        return getattr(self._compiled, name)
-
-
-def lazy_re(pattern: str, flags: int = 0) -> re.Pattern[str]:
-    return _LazyPattern(pattern, flags)  # type: ignore[return-value]
-
-
-def lazy_re_bytes(pattern: bytes, flags: int = 0) -> re.Pattern[bytes]:
-    return _LazyPattern(pattern, flags)  # type: ignore[return-value]
-
-
-_DIGITS = lazy_re(r"(\d+)")
+_DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -384,7 +361,7 @@ def check_db_name(name: str, what: str = "database name") -> str:
     return name
 
 
-_DURATION = lazy_re(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)?\s*$")
 
 
 def parse_duration(text: str | float, key: str) -> float:
@@ -575,7 +552,7 @@ class Console:
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 CONFIG_NAME = "confiture.toml"
-_NAME_RE = lazy_re(r"^[a-z_][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 MAX_PROJECT_NAME = 24
 MAX_ENV_NAME = 16
 
@@ -608,7 +585,7 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
-_VAR = lazy_re(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_vars(value: str, key: str, environ: Mapping[str, str]) -> str:
@@ -1452,9 +1429,9 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-_PSQL_ERROR = lazy_re(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
+_PSQL_ERROR = re.compile(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
                          r"(?P<msg>.*)$")
-_PSQL_CONTEXT_LINE = lazy_re(r"^LINE (\d+): (.*)$")
+_PSQL_CONTEXT_LINE = re.compile(r"^LINE (\d+): (.*)$")
 
 
 @record(frozen=True)
@@ -2308,9 +2285,9 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 MIGRATION_LOCK = "migrate"
-NO_TRANSACTION_RE = lazy_re(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
-_VERSION_RE = lazy_re(r"^(\d[\d-]*)(?:_(.*))?$")
-_FLAT_RE = lazy_re(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
+NO_TRANSACTION_RE = re.compile(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
+_VERSION_RE = re.compile(r"^(\d[\d-]*)(?:_(.*))?$")
+_FLAT_RE = re.compile(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
 _MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
 
 
@@ -2378,7 +2355,7 @@ def _diesel_transactional(folder: Path, rel: str) -> bool:
     return value
 
 
-_NO_TRANSACTION_START = lazy_re_bytes(rb"\s*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
+_NO_TRANSACTION_START = re.compile(rb"\s*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
 
 
 def _file_transactional(text: bytes) -> bool:
@@ -2532,17 +2509,17 @@ class Statement:
     meta: bool = False       # a psql backslash command
 
 
-_SQL_SPECIAL = lazy_re(r"""(?x)
+_SQL_SPECIAL = re.compile(r"""(?x)
     (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
   | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
   | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
-_STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
-_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
-_IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
-_BLOCK_EDGE = lazy_re(r"/\*|\*/")
-_WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
-_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
-_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
+_STR_BODY = re.compile(r"[^']*(?:''[^']*)*'")
+_ESTR_BODY = re.compile(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
+_IDENT_BODY = re.compile(r'[^"]*(?:""[^"]*)*"')
+_BLOCK_EDGE = re.compile(r"/\*|\*/")
+_WORD = re.compile(r"[^\W\d][\w$]*|[()]")
+_COPY_STDIN = re.compile(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
+_COPY_END = re.compile(r"^\\\.[ \t\r]*$", re.MULTILINE)
 
 
 def _skip_block_comment(text: str, pos: int) -> int:
@@ -3128,7 +3105,7 @@ def _apply_transactional(session: Session, tracking: Tracking, migration: Migrat
                                 f"recording {migration.label}") from None
 
 
-_CIC_NAME = lazy_re(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+_CIC_NAME = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
                        r"(?:(?:\"(?:[^\"]|\"\")+\"|[\w$]+)\s*\.\s*)?(\"(?:[^\"]|\"\")+\"|[\w$]+)",
                        re.IGNORECASE)
 
@@ -5836,12 +5813,12 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
 
 # ── sync rules: a complete rules block guessed from names and types ───────────────────────
 
-_PERSON_TABLES = lazy_re(r"user|customer|client|person|people|staff|employee|member|contact|"
+_PERSON_TABLES = re.compile(r"user|customer|client|person|people|staff|employee|member|contact|"
                             r"author|patient|account|profile|actor|owner|student|driver|guest",
                             re.IGNORECASE)
 # (regex on the column name, rule) in priority order; rule_applies() filters by type
 _GUESSES: tuple[tuple[re.Pattern[str], Rule], ...] = tuple(
-    (lazy_re(rx, re.IGNORECASE), rule) for rx, rule in (
+    (re.compile(rx, re.IGNORECASE), rule) for rx, rule in (
         (r"e_?mail", Rule("email")),
         (r"^(first_?name|given_?name|fname|forename)$", Rule("name", "first")),
         (r"^(last_?name|surname|family_?name|lname)$", Rule("name", "last")),
@@ -5858,7 +5835,7 @@ _GUESSES: tuple[tuple[re.Pattern[str], Rule], ...] = tuple(
         (r"^(lat|lng|lon|latitude|longitude|geo|location|coordinates?)$", Rule("null")),
         (r"photo|picture|avatar|image|signature|selfie", Rule("null")),
     ))
-_FREE_TEXT = lazy_re(r"note|comment|description|bio|message|body|remark|memo|text", re.IGNORECASE)
+_FREE_TEXT = re.compile(r"note|comment|description|bio|message|body|remark|memo|text", re.IGNORECASE)
 
 
 def guess_rule(table: TableInfo, column: Column) -> tuple[Rule, str]:
@@ -6383,14 +6360,14 @@ def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
-_DUMP_HEADER = lazy_re(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
+_DUMP_HEADER = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
                           r"Schema: (?P<schema>.*); Owner: (?P<owner>.*)\n--\n", re.MULTILINE)
 _DUMP_END = "\n--\n-- PostgreSQL database dump complete\n--\n"
-_DUMP_PLACEMENT = lazy_re(r"^SET (default_tablespace|default_table_access_method) = (.*);$")
+_DUMP_PLACEMENT = re.compile(r"^SET (default_tablespace|default_table_access_method) = (.*);$")
 _PLACEMENT_DEFAULTS = {"default_tablespace": "''", "default_table_access_method": "heap"}
 _PLACED_TYPES = {"TABLE", "INDEX", "MATERIALIZED VIEW", "CONSTRAINT"}
-_TRAILING_SPACE = lazy_re(r"[ \t]+$", re.MULTILINE)
-_BLANK_RUN = lazy_re(r"\n{3,}")
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_RUN = re.compile(r"\n{3,}")
 
 
 @record(frozen=True)
