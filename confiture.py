@@ -953,9 +953,19 @@ def read_toml(path: Path) -> dict[str, Any]:
     return tomllib.loads(path.read_bytes().decode("utf-8"))
 
 
+def remove_old_config_copy(path: Path) -> None:
+    """Delete the parsed copy of confiture.toml that versions up to 0.1.0 kept (0644, with any
+    password written in the file) in .confiture/cache/. Best effort: a read-only checkout."""
+    try:
+        (path.parent / ".confiture" / "cache" / f"{path.name}.json").unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def load_config(path: Path) -> Config:
     """Read and validate confiture.toml; every later step takes the returned Config."""
     where = str(path)
+    remove_old_config_copy(path)
     try:
         data = read_toml(path)
     except UnicodeDecodeError as exc:
