@@ -8424,18 +8424,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def run_cli() -> NoReturn:
-    """main() as a process: exit with its code without tearing the interpreter down (every
-    file is closed by then; finalising thousands of objects costs ~6 ms a run). The process
-    is ours, so argparse's message lookup is skipped: every gettext call searches the locale
-    folders for a catalog that CPython does not ship (~1.4 ms a run for the parser's strings)."""
-    argparse._ = str  # type: ignore[attr-defined]
+    """main() as a process: exit with its code. Output that cannot be flushed (a reader that
+    went away, `confiture.py … | head`) makes a failed run, never a traceback at exit."""
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing left to say
             code = code or EXIT_FAILED
-    os._exit(code)
+            _silence(stream)
+    sys.exit(code)
+
+
+def _silence(stream: Any) -> None:
+    """Point a stream's file descriptor at /dev/null, so the interpreter's own flush at exit
+    does not report the pipe that went away."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
