@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -45,7 +46,6 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # importing `typing` costs a few ms per run; only the type checker needs it
 if TYPE_CHECKING:
-    import hashlib
     from typing import Any, NoReturn, Self, TypeVar, dataclass_transform
 
     _T = TypeVar("_T")
@@ -295,42 +295,13 @@ def _component_key(part: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def sha256(data: bytes = b"") -> hashlib._Hash:
-    """SHA-256 for small inputs (file sets, keys): CPython's built-in implementation, which
-    loads in ~0.5 ms where hashlib's OpenSSL costs ~3 ms per run. Big inputs (backups) use
-    sha256_large; both give the same digests."""
-    return _builtin_sha256()(data)
+    """A SHA-256 digest object (hashlib's, OpenSSL's implementation)."""
+    return hashlib.sha256(data)
 
 
-@functools.cache
-def _builtin_sha256() -> Callable[[bytes], hashlib._Hash]:
-    """CPython 3.11's `_sha256` (in its sys.stdlib_module_names); hashlib elsewhere (3.12
-    renamed the module, and builds without it exist)."""
-    try:
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:
-        from hashlib import sha256
-    return sha256  # type: ignore[no-any-return]
-
-
-def sha256_large() -> hashlib._Hash:
-    """hashlib's (OpenSSL) SHA-256: ~6× faster per byte, for files of any size."""
-    import hashlib
-
-    return hashlib.sha256()
-
-
-def sha256_bytes(data: bytes, bulk: bool = False) -> str:
-    """Hex SHA-256 of one input: the built-in implementation for small inputs, OpenSSL's for
-    large ones or when the caller says it hashes more than ~1 MiB in all (`bulk`), where
-    OpenSSL's speed outweighs its load time."""
-    if len(data) < BULK_HASH_BYTES and not bulk:
-        return sha256(data).hexdigest()
-    digest = sha256_large()
-    digest.update(data)
-    return digest.hexdigest()
-
-
-BULK_HASH_BYTES = 1 << 20
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of one input."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def quote_ident(name: str) -> str:
@@ -1256,10 +1227,8 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
     spec = config.envs[env_name]
     patterns = [glob_regex(p) for p in spec.exclude]
     files: list[SqlFile] = []
-    hashed = 0
 
     def add(top: Path, prefix: str, kind: str) -> None:
-        nonlocal hashed
         try:
             top_rel: str | None = top.relative_to(config.root).as_posix()
         except ValueError:
@@ -1275,8 +1244,7 @@ def scan_env(config: Config, env_name: str, seeds: bool = True,
                 digest, size = str(hit[0]), key[0]
             else:
                 data = read(path, display)
-                hashed += len(data)
-                digest, size = sha256_bytes(data, hashed > BULK_HASH_BYTES), len(data)
+                digest, size = sha256_bytes(data), len(data)
                 if cache is not None:
                     cache.store(str(path), key, digest)
             files.append(SqlFile(path=path, rel=display, kind=kind, sha256=digest, size=size))
@@ -1894,10 +1862,9 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
     ]
     lines: list[str] = list(header)
     chunks: list[tuple[int, str, int]] = []
-    bulk = sum(item.size for item in built) > BULK_HASH_BYTES
     for item in built:
         data = read(item.path)
-        if sha256_bytes(data, bulk) != item.sha256:  # the template is named after what was hashed
+        if sha256_bytes(data) != item.sha256:  # the template is named after what was hashed
             raise InputError(f"{item.rel} changed while it was being read for the build",
                              hint="run the command again")
         text = data.decode("utf-8").removeprefix("\ufeff")
@@ -3529,7 +3496,7 @@ def newest_backup(config: Config, env_name: str,
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = sha256_large()
+    digest = sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)

@@ -124,18 +124,6 @@ def test_migrate_status_sees_a_changed_migration_through_the_cache(
     assert json.loads(result.stdout)["changed"][0]["version"] == 1
 
 
-def test_sha256_digests_do_not_depend_on_the_implementation() -> None:
-    """Small inputs use CPython's built-in SHA-256, large ones and bulk hashing OpenSSL's: file
-    hashes name templates, so both must agree."""
-    import hashlib
-
-    for size in (0, 3, 1 << 10, (1 << 20) + 1, 1 << 20, 17):
-        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-        for bulk in (False, True):
-            assert confiture.sha256_bytes(data, bulk) == hashlib.sha256(data).hexdigest(), size
-    assert confiture.sha256(b"abc").hexdigest() == hashlib.sha256(b"abc").hexdigest()
-
-
 # ── file-set scan cache (template names for diff and status) ──────────────────────────────
 
 def _scan_env(project: Any, age_s: float | None = 10) -> confiture.FileSet:
