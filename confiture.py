@@ -750,6 +750,23 @@ class EnvConfig:
 
 
 @record(frozen=True)
+class SyncConfig:
+    """[sync] as written: §10 turns patterns and rules into SQL (and checks them when the
+    CLI loads the configuration). The key stays unexpanded: its ${VAR} is read at use."""
+
+    source: str | None = None
+    target: str | None = None
+    key: str | None = field(default=None, repr=False)
+    strict: bool = True
+    tables: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rules: tuple[tuple[str, Any], ...] = ()    # (pattern, rule value) in file order
+    where: tuple[tuple[str, str], ...] = ()    # (table pattern, SQL condition)
+    lock_timeout: float = 60.0
+    digest: str = ""                           # sha256 of [sync] without its key
+
+
+@record(frozen=True)
 class Config:
     path: Path
     root: Path
@@ -768,10 +785,13 @@ class Config:
     migrations_lock_timeout: float
     backups_dir: str
     backups_keep: int
+    backups_compression: int         # pg_dump -Z level, 0–9
     deploy_verify: Path
     deploy_drift_check: bool
+    deploys_table: str
+    max_backup_age: float | None     # [status]: older (or no) backups need attention
+    sync: SyncConfig
     envs: Mapping[str, EnvConfig]
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
 
 
 @record(frozen=True)
@@ -859,7 +879,8 @@ def _str_list(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, ...]:
+def _schema_sources(value: Any, root: Path, where: str,
+                    environ: Mapping[str, str]) -> tuple[SchemaSource, ...]:
     items = [value] if isinstance(value, str) else value
     sources: list[SchemaSource] = []
     for index, item in enumerate(items):
@@ -874,7 +895,7 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
         else:
             raise ConfigError(f"{where}: project.schema[{index}] must be a folder path or "
                               "{ path = \"…\", name = \"…\" }")
-        folder = (root / expand_vars(path, "project.schema", os.environ)).resolve()
+        folder = (root / expand_vars(path, "project.schema", environ)).resolve()
         if name is None:
             try:
                 name = folder.relative_to(root.resolve()).as_posix()
@@ -929,18 +950,12 @@ def remove_old_config_copy(path: Path) -> None:
         pass
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate confiture.toml; every later step takes the returned Config."""
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read and validate confiture.toml; every later step takes the returned Config. `environ`
+    expands the ${VAR}s of project.schema (URLs and the sync key are expanded at use)."""
     where = str(path)
     remove_old_config_copy(path)
-    try:
-        data = read_toml(path)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
-    except ValueError as exc:  # tomllib.TOMLDecodeError
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+    data = _read_config_file(path, where)
     _validate_tables(data, where)
     try:
         parse_table_name(str(data.get("migrations", {}).get("table", "confiture_migrations")))
@@ -952,14 +967,57 @@ def load_config(path: Path) -> Config:
     migrations = data.get("migrations", {})
     backups = data.get("backups", {})
     deploy = data.get("deploy", {})
+    envs = _parse_envs(data.get("env", {}), where)
+    return Config(
+        path=path.resolve(), root=root, project=_project_name(project, root, where),
+        schema=_schema_sources(project.get("schema", ["db/schema"]), root, where, environ),
+        seeds_dir=root / project.get("seeds", "db/seeds"),
+        migrations_dir=root / project.get("migrations", "db/migrations"),
+        generated_dir=root / project.get("generated", "db/generated"),
+        state_dir=root / project.get("state_dir", ".confiture"),
+        default_env=_default_env(project, envs, where),
+        maintenance_db=project.get("maintenance_db", "postgres"),
+        templates_keep=_templates_keep(templates, where),
+        template_strategy=_template_strategy(templates, where),
+        template_lock_timeout=parse_duration(templates.get("lock_timeout", "10m"),
+                                             "templates.lock_timeout"),
+        migrations_table=migrations.get("table", "confiture_migrations"),
+        migrations_lock_timeout=parse_duration(migrations.get("lock_timeout", "60s"),
+                                               "migrations.lock_timeout"),
+        backups_dir=backups.get("dir", ".confiture/backups"),
+        backups_keep=backups.get("keep", 10),
+        backups_compression=_backups_compression(backups, where),
+        deploy_verify=root / deploy.get("verify", "db/verify"),
+        deploy_drift_check=deploy.get("drift_check", False),
+        deploys_table=deploy.get("table", "confiture_deploys"),
+        max_backup_age=_max_backup_age(data.get("status", {})),
+        sync=_parse_sync(data.get("sync", {}), where),
+        envs=envs)
 
-    name = project.get("name") or root.name.lower().replace("-", "_")
+
+def _read_config_file(path: Path, where: str) -> dict[str, Any]:
+    try:
+        return read_toml(path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # tomllib.TOMLDecodeError
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
+
+
+def _project_name(project: Mapping[str, Any], root: Path, where: str) -> str:
+    name = str(project.get("name") or root.name.lower().replace("-", "_"))
     if not _NAME_RE.match(name) or len(name) > MAX_PROJECT_NAME:
         raise ConfigError(f"{where}: project.name {name!r} must be lowercase letters, digits "
                           f"and _ (at most {MAX_PROJECT_NAME}), starting with a letter or _",
                           hint="it prefixes template and database names")
+    return name
+
+
+def _parse_envs(tables: Mapping[str, Any], where: str) -> dict[str, EnvConfig]:
     envs: dict[str, EnvConfig] = {}
-    for env_name, table in data.get("env", {}).items():
+    for env_name, table in tables.items():
         if not _NAME_RE.match(env_name) or len(env_name) > MAX_ENV_NAME:
             raise ConfigError(f"{where}: environment name {env_name!r} must be lowercase "
                               f"letters, digits and _ (at most {MAX_ENV_NAME})")
@@ -974,37 +1032,59 @@ def load_config(path: Path) -> Config:
                 f"{where}: env.{env_name} is protected but selects seed sets "
                 f"{list(envs[env_name].seeds)}",
                 hint="seed and test data never go to a protected environment; remove 'seeds'")
-    strategy = templates.get("strategy", "auto")
-    if strategy not in ("auto", "wal_log", "file_copy"):
-        raise ConfigError(f"{where}: templates.strategy must be auto, wal_log or file_copy")
-    keep = templates.get("keep", 3)
-    if keep < 1:
-        raise ConfigError(f"{where}: templates.keep must be at least 1")
-    default_env = project.get("default_env", "local")
+    return envs
+
+
+def _default_env(project: Mapping[str, Any], envs: Mapping[str, EnvConfig], where: str) -> str:
+    default_env = str(project.get("default_env", "local"))
     if envs and default_env not in envs:
         raise ConfigError(f"{where}: project.default_env {default_env!r} is not a configured "
                           "environment", hint=_suggest(default_env, list(envs)))
-    config = Config(
-        path=path.resolve(), root=root, project=name,
-        schema=_schema_sources(project.get("schema", ["db/schema"]), root, where),
-        seeds_dir=root / project.get("seeds", "db/seeds"),
-        migrations_dir=root / project.get("migrations", "db/migrations"),
-        generated_dir=root / project.get("generated", "db/generated"),
-        state_dir=root / project.get("state_dir", ".confiture"),
-        default_env=default_env,
-        maintenance_db=project.get("maintenance_db", "postgres"),
-        templates_keep=keep, template_strategy=strategy,
-        template_lock_timeout=parse_duration(templates.get("lock_timeout", "10m"),
-                                             "templates.lock_timeout"),
-        migrations_table=migrations.get("table", "confiture_migrations"),
-        migrations_lock_timeout=parse_duration(migrations.get("lock_timeout", "60s"),
-                                               "migrations.lock_timeout"),
-        backups_dir=backups.get("dir", ".confiture/backups"),
-        backups_keep=backups.get("keep", 10),
-        deploy_verify=root / deploy.get("verify", "db/verify"),
-        deploy_drift_check=deploy.get("drift_check", False),
-        envs=envs, raw=data)
-    return config
+    return default_env
+
+
+def _templates_keep(templates: Mapping[str, Any], where: str) -> int:
+    keep = int(templates.get("keep", 3))
+    if keep < 1:
+        raise ConfigError(f"{where}: templates.keep must be at least 1")
+    return keep
+
+
+def _template_strategy(templates: Mapping[str, Any], where: str) -> str:
+    strategy = str(templates.get("strategy", "auto"))
+    if strategy not in ("auto", "wal_log", "file_copy"):
+        raise ConfigError(f"{where}: templates.strategy must be auto, wal_log or file_copy")
+    return strategy
+
+
+def _backups_compression(backups: Mapping[str, Any], where: str) -> int:
+    level = int(backups.get("compression", 1))
+    if not 0 <= level <= 9:
+        raise ConfigError(f"{where}: backups.compression must be 0–9, not {level}")
+    return level
+
+
+def _max_backup_age(status: Mapping[str, Any]) -> float | None:
+    value = status.get("max_backup_age")
+    return None if value is None else parse_duration(value, "status.max_backup_age")
+
+
+def _parse_sync(table: Mapping[str, Any], where: str) -> SyncConfig:
+    """[sync] → SyncConfig; its patterns and rules are read by §10 (sync_settings_errors)."""
+    conditions = []
+    for text, condition in table.get("where", {}).items():
+        if not isinstance(condition, str) or not condition.strip():
+            raise ConfigError(f"{where} [sync].where {text!r} must be an SQL condition string")
+        conditions.append((text, condition.strip()))
+    public = {k: v for k, v in table.items() if k != "key"}
+    return SyncConfig(
+        source=table.get("from"), target=table.get("to"), key=table.get("key"),
+        strict=table.get("strict", True),
+        tables=_str_list(table.get("tables", []), "sync.tables"),
+        exclude=_str_list(table.get("exclude", []), "sync.exclude"),
+        rules=tuple(table.get("rules", {}).items()), where=tuple(conditions),
+        lock_timeout=parse_duration(table.get("lock_timeout", "60s"), "sync.lock_timeout"),
+        digest=sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest())
 
 
 def resolve_env_name(config: Config, requested: str | None, environ: Mapping[str, str]) -> str:
@@ -3439,13 +3519,6 @@ def backup_folder(config: Config, env_name: str,
     return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
 
 
-def backup_compression(config: Config) -> int:
-    level = config.raw.get("backups", {}).get("compression", 1)
-    if not 0 <= level <= 9:
-        raise ConfigError(f"backups.compression must be 0–9, not {level}")
-    return int(level)
-
-
 def _read_sidecar(dump: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
@@ -3644,7 +3717,7 @@ def create_backup(ws: Workspace, output: Path | None = None,
     failure nothing is left behind and BackupError says why."""
 
     started = time.monotonic()
-    compression = backup_compression(ws.config)
+    compression = ws.config.backups_compression
     folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
     if output is not None and (output.exists() or sidecar_path(output).exists()):
         raise Refused(f"{output} already exists; a backup never overwrites a file",
@@ -4281,10 +4354,6 @@ class DeployResult:
     seconds: float
 
 
-def deploys_table(config: Config) -> str:
-    return str(config.raw.get("deploy", {}).get("table", "confiture_deploys"))
-
-
 def verify_files(config: Config) -> list[Path]:
     folder = config.deploy_verify
     if not folder.is_dir():
@@ -4380,7 +4449,7 @@ def record_deploy(ws: Workspace, session: Session, started_at: str, seconds: flo
         who = f"{getpass.getuser()}@{socket.gethostname()}"
     except (OSError, KeyError):
         who = f"uid {os.getuid()}@{socket.gethostname()}"
-    table = qualified_name(deploys_table(ws.config))
+    table = qualified_name(ws.config.deploys_table)
 
     def lit(value: str | None) -> str:
         return "NULL" if value is None else quote_literal(value)
@@ -4461,7 +4530,7 @@ def inspect_deploy(ws: Workspace, no_backup: bool = False,
                 return plan_deploy(ws, None, False, True, no_backup)
         with ws.client.session(ws.env.database) as own:
             return inspect_deploy(ws, no_backup, own)
-    empty = database_is_empty(session, [deploys_table(ws.config).split(".")[-1]])
+    empty = database_is_empty(session, [ws.config.deploys_table.split(".")[-1]])
     state = None if empty else migration_state(ws, session)
     return plan_deploy(ws, state, True, empty, no_backup)
 
@@ -4559,7 +4628,7 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
         record_deploy(ws, session, started_at, time.monotonic() - started, "ok", plan,
                       to_version, backup, applied)
     except ConfitureError as exc:  # the deploy itself succeeded and stays
-        ws.console.warn(f"deployed, but could not record it in {deploys_table(ws.config)}: "
+        ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
                         f"{exc.message}")
     return applied
 
@@ -4641,7 +4710,7 @@ def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: Dep
                       plan.from_version, backup, applied, failed.name if failed else None,
                       message)
     except ConfitureError as exc:
-        ws.console.warn(f"could not record the deploy in {deploys_table(ws.config)}: "
+        ws.console.warn(f"could not record the deploy in {ws.config.deploys_table}: "
                         f"{exc.message}")
 
 
@@ -4891,10 +4960,8 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
                        target: str | None = None, tables: Sequence[str] = (),
                        need_key: bool = True) -> SyncSettings:
     """[sync] of confiture.toml (plus command-line overrides) → SyncSettings."""
-    raw = config.raw.get("sync", {})
-    where = f"{config.path} [sync]"
-    source = source or raw.get("from")
-    target = target or raw.get("to")
+    sync = config.sync
+    source, target = source or sync.source, target or sync.target
     if not source:
         raise ConfigError("sync needs a source environment", hint="pass --from ENV or set "
                           "[sync] from = \"prod\"")
@@ -4905,36 +4972,56 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
         if name not in config.envs:
             raise ConfigError(f"sync: unknown environment {name!r}",
                               hint=_suggest(name, list(config.envs)))
-    rules = tuple((parse_pattern(text, f"{where}.rules", column=True),
-                   parse_rule(value, f"{where}.rules {text!r}"))
-                  for text, value in raw.get("rules", {}).items())
-    filters = []
-    for text, condition in raw.get("where", {}).items():
-        if not isinstance(condition, str) or not condition.strip():
-            raise ConfigError(f"{where}.where {text!r} must be an SQL condition string")
-        filters.append((parse_pattern(text, f"{where}.where", column=False), condition.strip()))
-    table_patterns = list(tables) or list(_str_list(raw.get("tables", []), "sync.tables"))
-    key: bytes | None = None
-    if raw.get("key") and need_key:
-        key = expand_vars(raw["key"], "sync.key", environ).encode()
-        if len(key) < SYNC_KEY_MIN_BYTES:
-            raise ConfigError(f"sync.key is {len(key)} bytes; at least {SYNC_KEY_MIN_BYTES} "
-                              "are required", hint="generate one: python3 -c \"import secrets;"
-                              " print(secrets.token_urlsafe(32))\"")
+    rules = sync_rules_of(config)
+    key = sync_key(sync, environ) if need_key else None
     if need_key and key is None and any(r.keyed for _, r in rules):
         raise ConfigError("[sync] key is not set, but keyed rules (hash, email, name, phone, "
                           "uuid, int_range, shift_days) need it",
                           hint="key = \"${CONFITURE_SYNC_KEY}\" and export the secret")
-    public = {k: v for k, v in raw.items() if k != "key"}
-    digest = sha256(json.dumps(public, sort_keys=True, default=str).encode())
     return SyncSettings(
-        source=source, target=target, key=key, strict=raw.get("strict", True),
-        tables=tuple(parse_pattern(t, "sync.tables", column=False) for t in table_patterns),
-        exclude=tuple(parse_pattern(t, "sync.exclude", column=False)
-                      for t in _str_list(raw.get("exclude", []), "sync.exclude")),
-        rules=rules, where=tuple(filters),
-        lock_timeout=parse_duration(raw.get("lock_timeout", "60s"), "sync.lock_timeout"),
-        config_hash=digest.hexdigest())
+        source=source, target=target, key=key, strict=sync.strict,
+        tables=tuple(parse_pattern(t, "sync.tables", column=False)
+                     for t in (list(tables) or sync.tables)),
+        exclude=tuple(parse_pattern(t, "sync.exclude", column=False) for t in sync.exclude),
+        rules=rules, where=sync_filters_of(config), lock_timeout=sync.lock_timeout,
+        config_hash=sync.digest)
+
+
+def sync_rules_of(config: Config) -> tuple[tuple[NamePattern, Rule], ...]:
+    """[sync.rules] as (pattern, rule) pairs; a bad pattern or rule is a ConfigError."""
+    where = f"{config.path} [sync]"
+    return tuple((parse_pattern(text, f"{where}.rules", column=True),
+                  parse_rule(value, f"{where}.rules {text!r}"))
+                 for text, value in config.sync.rules)
+
+
+def sync_filters_of(config: Config) -> tuple[tuple[NamePattern, str], ...]:
+    where = f"{config.path} [sync]"
+    return tuple((parse_pattern(text, f"{where}.where", column=False), condition)
+                 for text, condition in config.sync.where)
+
+
+def sync_key(sync: SyncConfig, environ: Mapping[str, str]) -> bytes | None:
+    """The HMAC key, expanded; None when [sync] has none."""
+    if not sync.key:
+        return None
+    key = expand_vars(sync.key, "sync.key", environ).encode()
+    if len(key) < SYNC_KEY_MIN_BYTES:
+        raise ConfigError(f"sync.key is {len(key)} bytes; at least {SYNC_KEY_MIN_BYTES} "
+                          "are required", hint="generate one: python3 -c \"import secrets;"
+                          " print(secrets.token_urlsafe(32))\"")
+    return key
+
+
+def check_sync_config(config: Config) -> None:
+    """Read every pattern and rule of [sync] (no key, no environment): the CLI calls it when
+    it loads the configuration, so a broken rule is reported by any command."""
+    sync = config.sync
+    sync_rules_of(config)
+    sync_filters_of(config)
+    for text in (*sync.tables, *sync.exclude):
+        parse_pattern(text, "sync.tables" if text in sync.tables else "sync.exclude",
+                      column=False)
 
 
 # ── catalogs ──────────────────────────────────────────────────────────────────────────────
@@ -6303,7 +6390,7 @@ def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     qualifier, table = parse_table_name(config.migrations_table)
     schema = qualifier or "public"
     found = {(schema, table), (schema, table + "_log")}
-    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
+    deploy_schema, deploy_table = parse_table_name(config.deploys_table)
     for where in {deploy_schema or schema, deploy_schema or "public"}:
         found.add((where, deploy_table))
     return frozenset(found)
@@ -7106,12 +7193,6 @@ def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict
             {"exists": bool(row["exists"]), "size": row["size"]}, template)
 
 
-def max_backup_age(config: Config) -> float | None:
-    """[status] max_backup_age: older (or no) backups need attention; unset: not checked."""
-    value = config.raw.get("status", {}).get("max_backup_age")
-    return None if value is None else parse_duration(value, "status.max_backup_age")
-
-
 def gather_status(ws: Workspace, drift: bool = False, now: float | None = None) -> EnvStatus:
     """A read-only look at one env: nothing is built, created or changed (except with
     `drift`, which makes the env's template current to compare against it)."""
@@ -7143,7 +7224,7 @@ def gather_status(ws: Workspace, drift: bool = False, now: float | None = None) 
         sources=[s.as_json() for s in describe_sources(ws.config, fileset)],
         server=server, db=db, template=template, migrations=migrations, drift=drift_info,
         backup=backup, sync=sync)
-    status.attention = needs_attention(status, max_backup_age(ws.config))
+    status.attention = needs_attention(status, ws.config.max_backup_age)
     return status
 
 
@@ -7362,6 +7443,14 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
+def load_checked_config(path: Path, environ: Mapping[str, str]) -> Config:
+    """load_config, plus the checks of sections below §3 ([sync] patterns and rules): every
+    configuration error surfaces when the configuration loads, whatever the command."""
+    config = load_config(path, environ)
+    check_sync_config(config)
+    return config
+
+
 @record()
 class App:
     """Per-run context for command handlers: parsed options, console, lazily loaded config."""
@@ -7375,7 +7464,8 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(find_config(self.args.config, self.environ, self.cwd))
+            self._config = load_checked_config(
+                find_config(self.args.config, self.environ, self.cwd), self.environ)
         return self._config
 
     def env_name(self) -> str:
@@ -7399,7 +7489,8 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
             confiture.clone_database(ws, "test_42", replace=True, session=session)
     """
     environ = dict(os.environ if environ is None else environ)
-    cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
+    cfg = load_checked_config(find_config(str(config) if config else None, environ, Path.cwd()),
+                              environ)
     env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
     ws = open_workspace(env_spec, console or Console(quiet=True), environ)
     return evolve(ws, after_build=record_build_migrations)
@@ -8002,10 +8093,10 @@ def add_backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 def _sync_settings(app: App, rules: bool = False) -> SyncSettings:
     """--from/--to, else [sync] from/to; `sync rules` falls back to the current env as source,
     a sync to an explicit --env as target."""
-    raw = app.config.raw.get("sync", {})
+    sync = app.config.sync
     tables = [t.strip() for item in (app.args.tables or []) for t in item.split(",") if t.strip()]
-    source = app.args.source or raw.get("from") or (app.env_name() if rules else None)
-    target = app.args.target or raw.get("to") or app.args.env
+    source = app.args.source or sync.source or (app.env_name() if rules else None)
+    target = app.args.target or sync.target or app.args.env
     if rules:
         target = target or source  # not used: `sync rules` reads the source only
     return load_sync_settings(app.config, app.environ, source=source, target=target,

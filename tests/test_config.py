@@ -101,6 +101,33 @@ def test_missing_variable_is_an_error_only_where_used(tmp_path: Path,
     assert code == 0 and "PROD_URL_FOR_TEST" in err
 
 
+@pytest.mark.parametrize(("extra", "named"), [
+    ("[backups]\ncompression = 99\n", "backups.compression must be 0–9"),
+    ("[status]\nmax_backup_age = \"soon\"\n", "status.max_backup_age"),
+    ("[sync]\nlock_timeout = \"later\"\n", "sync.lock_timeout"),
+    ("[sync]\ntables = [1]\n", "sync.tables"),
+    ("[sync.rules]\n\"a.b\" = \"scramble\"\n", "[sync].rules 'a.b'"),
+    ("[sync.rules]\n\"a.b.c.d\" = \"keep\"\n", "'a.b.c.d'"),
+    ("[sync.where]\n\"a\" = \"\"\n", "where 'a'"),
+])
+def test_every_value_is_checked_when_the_config_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, named: str) -> None:
+    """Not only the command that uses a value: `config check` and `scan` fail on it too."""
+    make_project(tmp_path, BASE + extra)
+    for argv in (["config", "check"], ["scan"]):
+        code, _, err = run(tmp_path, *argv, capsys=capsys)
+        assert code == 2 and named in err and "Traceback" not in err, (argv, err)
+
+
+def test_schema_folders_expand_the_given_environment(tmp_path: Path) -> None:
+    make_project(tmp_path, BASE.replace('schema = ["db/schema"]', 'schema = ["${SCHEMA_DIR}"]'),
+                 {"db/other/1.sql": "create table o (id int);\n"})
+    config = confiture.load_config(tmp_path / "confiture.toml", {"SCHEMA_DIR": "db/other"})
+    assert config.schema[0].path == (tmp_path / "db/other").resolve()
+    with pytest.raises(confiture.ConfigError, match="SCHEMA_DIR"):
+        confiture.load_config(tmp_path / "confiture.toml", {})
+
+
 def test_variable_expansion_and_default() -> None:
     env = {"HOST": "db.example"}
     assert confiture.expand_vars("postgresql://${HOST}/x", "k", env) == "postgresql://db.example/x"
