@@ -4733,9 +4733,6 @@ class UnclassifiedColumns(ConfigError):
 
 SYNC_KEY_MIN_BYTES = 16
 SYNC_REPORT_DIR = "sync"
-_PLAIN_RULES = ("keep", "null", "hash", "email", "name", "phone", "uuid", "redact")
-_TABLE_RULES = ("value", "sql", "int_range", "shift_days", "name")
-_KEYED_RULES = {"hash", "email", "name", "phone", "uuid", "int_range", "shift_days"}
 _HASH_PREFIX = "__confiture_h"
 # Built-in name lists: 64 × 64 = 4,096 full names, chosen by the first two bytes of the HMAC.
 _FIRST_NAMES = (
@@ -4763,14 +4760,15 @@ _INT_TYPES = {"smallint": (4, 32767), "integer": (8, 2147483647),
 
 @record(frozen=True)
 class Rule:
-    """One rewriting rule; `arg` holds the parameter of table-form rules."""
+    """One rewriting rule: a name from RULE_KINDS (see "the rule registry") and, for rules
+    written as a table ({ int_range = [18, 90] }), its argument."""
 
     kind: str
     arg: Any = None
 
     @property
     def keyed(self) -> bool:
-        return self.kind in _KEYED_RULES
+        return RULE_KINDS[self.kind].keyed
 
     @property
     def masks(self) -> bool:
@@ -4780,54 +4778,32 @@ class Rule:
         """The rule as a TOML value (what `sync rules` prints)."""
         if self.arg is None:
             return json.dumps(self.kind)
-        if self.kind == "int_range":
-            return f"{{ int_range = [{self.arg[0]}, {self.arg[1]}] }}"
         if isinstance(self.arg, bool):
             return f"{{ {self.kind} = {'true' if self.arg else 'false'} }}"
         return f"{{ {self.kind} = {json.dumps(self.arg, ensure_ascii=False)} }}"
 
     def label(self) -> str:
-        return self.kind if self.arg is None or self.kind in ("sql", "value") else \
-            f"{self.kind}={self.arg}"
+        shown = self.arg is not None and RULE_KINDS[self.kind].shows_arg
+        return f"{self.kind}={self.arg}" if shown else self.kind
 
 
 def parse_rule(value: Any, where: str) -> Rule:
     """A rule from TOML: a name ("email") or a one-key table ({ int_range = [18, 90] })."""
     if isinstance(value, str):
-        if value in _PLAIN_RULES:
+        if value in RULE_KINDS and RULE_KINDS[value].bare:
             return Rule(value)
         raise ConfigError(f"{where}: unknown rule {value!r}",
-                          hint=_suggest(value, [*_PLAIN_RULES, *_TABLE_RULES])
-                          or "rules: " + ", ".join([*_PLAIN_RULES, *_TABLE_RULES]))
+                          hint=_suggest(value, list(RULE_KINDS))
+                          or "rules: " + ", ".join(RULE_KINDS))
     if not isinstance(value, dict) or len(value) != 1:
         raise ConfigError(f"{where}: a rule is a name like \"email\" or a one-key table like "
                           "{ int_range = [18, 90] }")
-    (kind, arg), = value.items()
-    if kind == "value":
-        if not isinstance(arg, (str, int, float, bool)):
-            raise ConfigError(f"{where}: {{ value = … }} takes a string, number or boolean")
-        if isinstance(arg, str) and "\x00" in arg:
-            raise ConfigError(f"{where}: value contains a NUL byte")
-        return Rule("value", arg)
-    if kind == "sql":
-        if not isinstance(arg, str) or not arg.strip() or "\x00" in arg:
-            raise ConfigError(f"{where}: {{ sql = \"…\" }} takes an SQL expression")
-        return Rule("sql", arg.strip())
-    if kind == "int_range":
-        if (not isinstance(arg, list) or len(arg) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in arg)
-                or arg[0] > arg[1] or max(abs(arg[0]), abs(arg[1])) >= 2**62):
-            raise ConfigError(f"{where}: int_range takes [low, high] integers, low ≤ high")
-        return Rule("int_range", (arg[0], arg[1]))
-    if kind == "shift_days":
-        if not isinstance(arg, int) or isinstance(arg, bool) or not 1 <= arg <= 36500:
-            raise ConfigError(f"{where}: shift_days takes a number of days from 1 to 36500")
-        return Rule("shift_days", arg)
-    if kind == "name":
-        if arg not in ("full", "first", "last"):
-            raise ConfigError(f"{where}: {{ name = … }} takes \"full\", \"first\" or \"last\"")
-        return Rule("name") if arg == "full" else Rule("name", arg)
-    raise ConfigError(f"{where}: unknown rule {kind!r}", hint=_suggest(kind, list(_TABLE_RULES)))
+    (name, arg), = value.items()
+    kind = RULE_KINDS.get(name)
+    if kind is None or kind.read_arg is None:
+        raise ConfigError(f"{where}: unknown rule {name!r}",
+                          hint=_suggest(name, [n for n, k in RULE_KINDS.items() if k.read_arg]))
+    return Rule(name, kind.read_arg(arg, where))
 
 
 def split_name(text: str, where: str) -> list[tuple[str, bool]]:
@@ -4975,8 +4951,8 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
     rules = sync_rules_of(config)
     key = sync_key(sync, environ) if need_key else None
     if need_key and key is None and any(r.keyed for _, r in rules):
-        raise ConfigError("[sync] key is not set, but keyed rules (hash, email, name, phone, "
-                          "uuid, int_range, shift_days) need it",
+        keyed = ", ".join(name for name, kind in RULE_KINDS.items() if kind.keyed)
+        raise ConfigError(f"[sync] key is not set, but keyed rules ({keyed}) need it",
                           hint="key = \"${CONFITURE_SYNC_KEY}\" and export the secret")
     return SyncSettings(
         source=source, target=target, key=key, strict=sync.strict,
@@ -5222,71 +5198,166 @@ def _names_sql(variant: str | None, hx: str) -> str:
 EMAIL_LENGTH = len("user.") + 20 + len("@example.com")
 
 
+# ── the rule registry ─────────────────────────────────────────────────────────────────────
+# One entry per rule: how it is written, which columns it can rewrite, and its SQL. Adding a
+# rule touches this table only (and README's list of rules).
+
+
+@record(frozen=True)
+class RuleKind:
+    keyed: bool     # rewrites from the HMAC of the value, so it needs [sync] key
+    bare: bool      # may be written as a bare name: "email"
+    read_arg: Callable[[Any, str], Any] | None   # { rule = arg } → Rule.arg; None: no table form
+    refuses: Callable[[Column], str | None]      # why it cannot rewrite a column; None: it can
+    sql: Callable[[Rule, Column, str, str], str]  # (rule, column, ref, hx) → the expression
+    shows_arg: bool = True                        # labels show the argument
+
+
 def rule_applies(rule: Rule, column: Column) -> str | None:
     """Why `rule` cannot rewrite `column` (None if it can)."""
-    string, base = column.category == "S", column.base
-    if rule.kind in ("email", "name", "phone", "redact") and not string:
-        return f"{rule.kind} writes text, but the column is {column.type}"
-    if rule.kind == "email" and base == "character varying" and 0 < column.typmod - 4 < EMAIL_LENGTH:
-        return f"email writes {EMAIL_LENGTH} characters, the column holds {column.typmod - 4}"
-    if rule.kind == "hash" and not (string or base in _INT_TYPES or
-                                    base in ("uuid", "bytea", "inet", "cidr")):
-        return f"hash applies to text, integer, numeric, uuid, bytea and inet columns, " \
-               f"not {column.type}"
-    if rule.kind == "uuid" and not (string or base == "uuid"):
-        return f"uuid applies to uuid and text columns, not {column.type}"
-    if rule.kind == "int_range" and not (string or column.category == "N"):
-        return f"int_range applies to numeric and text columns, not {column.type}"
-    if rule.kind == "shift_days" and base not in _DATE_TYPES:
-        return f"shift_days applies to date and timestamp columns, not {column.type}"
-    if rule.kind == "null" and column.notnull:
-        return "the column is NOT NULL"
-    return None
+    return RULE_KINDS[rule.kind].refuses(column)
 
 
 def rule_sql(rule: Rule, column: Column, ref: str, hx: str) -> str:
     """The SQL expression that rewrites one column. `ref` is the column, `hx` the hex HMAC of
     its value (NULL for NULL, so keyed rules keep NULL as NULL)."""
-    kind, typ = rule.kind, column.type
-    if kind == "keep":
-        return ref
-    if kind == "null":
-        return f"NULL::{typ}"
-    if kind == "value":
-        return f"(CASE WHEN {ref} IS NULL THEN NULL ELSE {_sql_literal(rule.arg)} END)::{typ}"
-    if kind == "redact":
-        return f"(CASE WHEN {ref} IS NULL THEN NULL ELSE '[redacted]' END)::{typ}"
-    if kind == "sql":
-        return f"({rule.arg})::{typ}"
-    if kind == "email":
-        return f"('user.' || left({hx}, 20) || '@example.com')::{typ}"
-    if kind == "name":
-        return f"({_names_sql(rule.arg, hx)})::{typ}"
-    if kind == "phone":
-        return f"('+1555' || lpad(({_hex_int(hx, 7)} % 10000000)::text, 7, '0'))::{typ}"
-    if kind == "uuid":
-        return f"(left({hx}, 32)::uuid)::{typ}"
-    if kind == "int_range":
-        low, high = rule.arg
-        return f"({low} + {_hex_int(hx, 15)} % {high - low + 1})::{typ}"
-    if kind == "shift_days":
-        days, value = rule.arg, _hex_int(hx, 8)
-        # a shift in [-N, -1] ∪ [1, N]: never zero, so every value moves
-        shift = f"({value} % {2 * days} - {days} + ({value} % {2 * days} >= {days})::int)"
-        return f"({ref} + make_interval(days => {shift}::int))::{typ}"
-    if kind == "hash":
-        if column.category == "S":
-            return f"({hx})::{typ}"
-        if column.base in _INT_TYPES:
-            digits, mask = _INT_TYPES[column.base]
-            return f"({_hex_int(hx, digits)} & {mask})::{typ}"
-        if column.base == "uuid":
-            return f"left({hx}, 32)::uuid::{typ}"
-        if column.base == "bytea":
-            return f"decode({hx}, 'hex')::{typ}"
-        return (f"('10.' || {_hex_int(hx, 2, 1)} || '.' || {_hex_int(hx, 2, 3)} || '.' || "
-                f"{_hex_int(hx, 2, 5)})::inet::{typ}")
-    raise ConfigError(f"unknown rule {kind!r}")
+    if rule.kind not in RULE_KINDS:
+        raise ConfigError(f"unknown rule {rule.kind!r}")
+    return RULE_KINDS[rule.kind].sql(rule, column, ref, hx)
+
+
+def _any_column(column: Column) -> str | None:
+    return None
+
+
+def _text_only(kind: str) -> Callable[[Column], str | None]:
+    def refuses(column: Column) -> str | None:
+        if column.category != "S":
+            return f"{kind} writes text, but the column is {column.type}"
+        return None
+    return refuses
+
+
+def _email_refuses(column: Column) -> str | None:
+    room = column.typmod - 4
+    if column.base == "character varying" and 0 < room < EMAIL_LENGTH:
+        return f"email writes {EMAIL_LENGTH} characters, the column holds {room}"
+    return _text_only("email")(column)
+
+
+def _hash_refuses(column: Column) -> str | None:
+    if column.category == "S" or column.base in _INT_TYPES or \
+            column.base in ("uuid", "bytea", "inet", "cidr"):
+        return None
+    return f"hash applies to text, integer, numeric, uuid, bytea and inet columns, not {column.type}"
+
+
+def _uuid_refuses(column: Column) -> str | None:
+    if column.category == "S" or column.base == "uuid":
+        return None
+    return f"uuid applies to uuid and text columns, not {column.type}"
+
+
+def _int_range_refuses(column: Column) -> str | None:
+    if column.category in ("S", "N"):
+        return None
+    return f"int_range applies to numeric and text columns, not {column.type}"
+
+
+def _shift_days_refuses(column: Column) -> str | None:
+    if column.base in _DATE_TYPES:
+        return None
+    return f"shift_days applies to date and timestamp columns, not {column.type}"
+
+
+def _not_null_refuses(column: Column) -> str | None:
+    return "the column is NOT NULL" if column.notnull else None
+
+
+def _read_value(arg: Any, where: str) -> Any:
+    if not isinstance(arg, (str, int, float, bool)):
+        raise ConfigError(f"{where}: {{ value = … }} takes a string, number or boolean")
+    if isinstance(arg, str) and "\x00" in arg:
+        raise ConfigError(f"{where}: value contains a NUL byte")
+    return arg
+
+
+def _read_sql_rule(arg: Any, where: str) -> str:
+    if not isinstance(arg, str) or not arg.strip() or "\x00" in arg:
+        raise ConfigError(f"{where}: {{ sql = \"…\" }} takes an SQL expression")
+    return arg.strip()
+
+
+def _read_int_range(arg: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(arg, list) or len(arg) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in arg)
+            or arg[0] > arg[1] or max(abs(arg[0]), abs(arg[1])) >= 2**62):
+        raise ConfigError(f"{where}: int_range takes [low, high] integers, low ≤ high")
+    return (arg[0], arg[1])
+
+
+def _read_shift_days(arg: Any, where: str) -> int:
+    if not isinstance(arg, int) or isinstance(arg, bool) or not 1 <= arg <= 36500:
+        raise ConfigError(f"{where}: shift_days takes a number of days from 1 to 36500")
+    return arg
+
+
+def _read_name(arg: Any, where: str) -> str | None:
+    if arg not in ("full", "first", "last"):
+        raise ConfigError(f"{where}: {{ name = … }} takes \"full\", \"first\" or \"last\"")
+    return None if arg == "full" else str(arg)
+
+
+def _int_range_sql(rule: Rule, column: Column, ref: str, hx: str) -> str:
+    low, high = rule.arg
+    return f"({low} + {_hex_int(hx, 15)} % {high - low + 1})::{column.type}"
+
+
+def _shift_days_sql(rule: Rule, column: Column, ref: str, hx: str) -> str:
+    days, value = rule.arg, _hex_int(hx, 8)
+    # a shift in [-N, -1] ∪ [1, N]: never zero, so every value moves
+    shift = f"({value} % {2 * days} - {days} + ({value} % {2 * days} >= {days})::int)"
+    return f"({ref} + make_interval(days => {shift}::int))::{column.type}"
+
+
+def _hash_sql(rule: Rule, column: Column, ref: str, hx: str) -> str:
+    typ = column.type
+    if column.category == "S":
+        return f"({hx})::{typ}"
+    if column.base in _INT_TYPES:
+        digits, mask = _INT_TYPES[column.base]
+        return f"({_hex_int(hx, digits)} & {mask})::{typ}"
+    if column.base == "uuid":
+        return f"left({hx}, 32)::uuid::{typ}"
+    if column.base == "bytea":
+        return f"decode({hx}, 'hex')::{typ}"
+    return (f"('10.' || {_hex_int(hx, 2, 1)} || '.' || {_hex_int(hx, 2, 3)} || '.' || "
+            f"{_hex_int(hx, 2, 5)})::inet::{typ}")
+
+
+RULE_KINDS: dict[str, RuleKind] = {
+    "keep": RuleKind(False, True, None, _any_column, lambda r, c, ref, hx: ref),
+    "null": RuleKind(False, True, None, _not_null_refuses,
+                     lambda r, c, ref, hx: f"NULL::{c.type}"),
+    "hash": RuleKind(True, True, None, _hash_refuses, _hash_sql),
+    "email": RuleKind(True, True, None, _email_refuses,
+                      lambda r, c, ref, hx: f"('user.' || left({hx}, 20) || '@example.com')::{c.type}"),
+    "name": RuleKind(True, True, _read_name, _text_only("name"),
+                     lambda r, c, ref, hx: f"({_names_sql(r.arg, hx)})::{c.type}"),
+    "phone": RuleKind(True, True, None, _text_only("phone"), lambda r, c, ref, hx: (
+        f"('+1555' || lpad(({_hex_int(hx, 7)} % 10000000)::text, 7, '0'))::{c.type}")),
+    "uuid": RuleKind(True, True, None, _uuid_refuses,
+                     lambda r, c, ref, hx: f"(left({hx}, 32)::uuid)::{c.type}"),
+    "redact": RuleKind(False, True, None, _text_only("redact"), lambda r, c, ref, hx: (
+        f"(CASE WHEN {ref} IS NULL THEN NULL ELSE '[redacted]' END)::{c.type}")),
+    "value": RuleKind(False, False, _read_value, _any_column, lambda r, c, ref, hx: (
+        f"(CASE WHEN {ref} IS NULL THEN NULL ELSE {_sql_literal(r.arg)} END)::{c.type}"),
+        shows_arg=False),
+    "sql": RuleKind(False, False, _read_sql_rule, _any_column,
+                    lambda r, c, ref, hx: f"({r.arg})::{c.type}", shows_arg=False),
+    "int_range": RuleKind(True, False, _read_int_range, _int_range_refuses, _int_range_sql),
+    "shift_days": RuleKind(True, False, _read_shift_days, _shift_days_refuses, _shift_days_sql),
+}
 
 
 def hmac_sql(value: str) -> str:
