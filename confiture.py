@@ -7971,12 +7971,14 @@ def cmd_migrate_repair(app: App) -> int:
     return EXIT_OK
 
 
-def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> None:
     m = sub.add_parser("migrate", parents=[common], help="incremental migrations (up, down, …)",
                        description="Versioned up/down SQL migrations with checksums, a lock and "
                                    "one transaction per migration.")
     m.set_defaults(handler=cmd_migrate_status, check=False)
-    msub = m.add_subparsers(dest="migrate_command", metavar="ACTION", parser_class=_Parser)
+    msub = Commands(m.add_subparsers(dest="migrate_command", metavar="ACTION",
+                                     parser_class=_Parser), None, listed=True)
+    msub.begin_area(sub.area, sub.examples)
 
     p = msub.add_parser("new", parents=[common], help="create <UTC timestamp>_NAME up/down files")
     p.add_argument("name", help="what the migration does, e.g. add_user_email")
@@ -8390,14 +8392,35 @@ def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # ── parser and main ───────────────────────────────────────────────────────────────────────
 
-EXAMPLES = """\
-examples:
+# The command areas in the order of the sections (and of `confiture.py --help`), each with a
+# few examples shown under the area in --help and in every one of its commands' --help.
+COMMAND_AREAS: tuple[tuple[str, str], ...] = (
+    ("build, templates and clones", """\
   confiture.py init                      scaffold confiture.toml and db/
   confiture.py scan --env test           files and hashes of the test environment
   confiture.py template                  build (or reuse) the env's template database
   confiture.py clone ci_run_42           a fresh database in tens of milliseconds
-  confiture.py reset                     make db-reset: recreate the env's database
+  confiture.py reset                     make db-reset: recreate the env's database"""),
+    ("migrations", """\
+  confiture.py migrate new add_user_email        db/migrations/<stamp>_add_user_email.*.sql
+  confiture.py migrate up --dry-run              the plan and SQL, nothing run
+  confiture.py migrate status --check            exit 3 unless everything is applied
+  confiture.py migrate down --steps 1            revert the newest migration"""),
+    ("backups, restore and deploy", """\
+  confiture.py backup --env staging              a verified pg_dump with its sidecar
+  confiture.py restore latest --env staging      swap the newest backup in
+  confiture.py deploy --env prod --yes           back up, migrate, verify; roll back on failure"""),
+    ("anonymized sync", """\
+  confiture.py sync rules > rules.toml           a complete [sync.rules] block to review
+  confiture.py sync --dry-run                    plan and check the [sync] copy, write nothing
+  confiture.py sync --from prod --to staging     copy with personal data rewritten"""),
+    ("drift, watch and status", """\
+  confiture.py diff --env staging                what differs from the DDL (exit 3 if any)
+  confiture.py watch                             rebuild and reset on every file change
+  confiture.py status --json                     the env at a glance, as one document"""),
+)
 
+EXIT_CODES = """\
 exit codes: 0 ok, 1 failed, 2 usage/config, 3 differences found, 4 refused by a safety rule,
 5 lock not released in time, 130 interrupted
 """
@@ -8407,15 +8430,16 @@ def _global_options(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the command (the sub-parser copy must not reset them)."""
     default = argparse.SUPPRESS if suppress else None
     p = _Parser(add_help=False)
-    p.add_argument("--config", metavar="PATH", default=default, help="confiture.toml to use")
-    p.add_argument("--env", metavar="NAME", default=default, help="environment")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--config", metavar="PATH", default=default, help="confiture.toml to use")
+    g.add_argument("--env", metavar="NAME", default=default, help="environment")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="print one JSON document on stdout")
-    p.add_argument("-q", "--quiet", action="store_true",
+    g.add_argument("-q", "--quiet", action="store_true",
                    default=argparse.SUPPRESS if suppress else False, help="less output")
-    p.add_argument("-v", "--verbose", action="store_true",
+    g.add_argument("-v", "--verbose", action="store_true",
                    default=argparse.SUPPRESS if suppress else False, help="more output")
-    p.add_argument("--yes", action="store_true", default=argparse.SUPPRESS if suppress else False,
+    g.add_argument("--yes", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="confirm operations on protected environments")
     return p
 
@@ -8437,11 +8461,13 @@ class _Width:
 
 
 class _Formatter(_Width, argparse.HelpFormatter):
-    pass
+    """Wraps one-paragraph descriptions; text with line breaks (the examples epilogs) is kept
+    as written, as RawDescriptionHelpFormatter keeps it."""
 
-
-class _RawFormatter(_Width, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -8460,18 +8486,41 @@ class _Inert:
         return lambda *args, **kwargs: self
 
 
-class _OnlySubparsers:
-    """Builds only the parser of the command being run: argparse construction of ~40
-    subcommands costs tens of milliseconds on every call otherwise."""
+class Commands:
+    """Adds the parsers of one command level. Each command's one-line `help` is also its
+    --help description, and its area's examples its epilog; the top level lists commands by
+    area (`listing`). With `only`, it builds only the parser of the command being run:
+    argparse construction of ~40 subcommands costs tens of milliseconds on every call."""
 
-    def __init__(self, real: Any, only: str | None) -> None:
-        self.real, self.only, self.matched = real, only, False
+    def __init__(self, real: Any, only: str | None, listed: bool = False) -> None:
+        self.real, self.only, self.listed, self.matched = real, only, listed, False
+        self.area, self.examples = "", ""
+        self.listing: list[tuple[str, str, str]] = []  # (area, command, help)
+
+    def begin_area(self, title: str, examples: str) -> None:
+        self.area, self.examples = title, examples
 
     def add_parser(self, name: str, **kwargs: Any) -> Any:
-        if self.only is None or name == self.only:
-            self.matched = True
-            return self.real.add_parser(name, **kwargs)
-        return _Inert()
+        summary = kwargs.get("help", "")
+        self.listing.append((self.area, name, summary))
+        if self.only is not None and name != self.only:
+            return _Inert()
+        self.matched = True
+        kwargs.setdefault("description", summary[:1].upper() + summary[1:] + ".")
+        if self.examples:
+            kwargs.setdefault("epilog", f"examples:\n{self.examples}\n")
+        if not self.listed:
+            kwargs.pop("help", None)  # listed by area in the top-level epilog instead
+        return self.real.add_parser(name, **kwargs)
+
+    def epilog(self) -> str:
+        """Commands by area, each area with its examples, then the exit codes."""
+        parts = []
+        for title, examples in COMMAND_AREAS:
+            rows = [f"  {name:<18} {summary}" for area, name, summary in self.listing
+                    if area == title]
+            parts.append(f"{title}:\n" + "\n".join(rows) + f"\n\n{examples}\n")
+        return "\n".join(parts) + "\n" + EXIT_CODES
 
 
 def _command_word(argv: Sequence[str]) -> str | None:
@@ -8493,19 +8542,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with argv, only the named command's sub-parser is built."""
     only = _command_word(argv) if argv is not None else None
     parser = _Parser(prog="confiture.py", parents=[_global_options(False)],
-                     description="The whole PostgreSQL database workflow in one file.",
-                     epilog=EXAMPLES, formatter_class=_RawFormatter)
+                     usage="confiture.py [global options] COMMAND [options]",
+                     description="The whole PostgreSQL database workflow in one file.")
     parser.add_argument("--version", action="version", version=f"confiture.py {__version__}")
     common = _global_options(True)
-    sub = _OnlySubparsers(parser.add_subparsers(dest="command", metavar="COMMAND",
-                                                parser_class=_Parser), only)
-    add_foundation_commands(sub, common)
-    add_migration_commands(sub, common)
-    add_backup_commands(sub, common)
-    add_sync_commands(sub, common)
-    add_drift_commands(sub, common)
+    sub = Commands(parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                                         prog="confiture.py", parser_class=_Parser), only)
+    adders = (add_foundation_commands, add_migration_commands, add_backup_commands,
+              add_sync_commands, add_drift_commands)
+    for (title, examples), add in zip(COMMAND_AREAS, adders, strict=True):
+        sub.begin_area(title, examples)
+        add(sub, common)
     if only is not None and not sub.matched:
         return build_parser()  # unknown command: the full parser names the valid ones
+    parser.epilog = sub.epilog()
     return parser
 
 

@@ -176,6 +176,35 @@ def test_global_options_work_after_the_command(tmp_path: Path, capsys: pytest.Ca
     assert doc["env"] == "prod" and len(doc["files"]) == 1  # prod has no seeds
 
 
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        confiture.main([*argv, "--help"], {})
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_commands_by_area_and_every_command_says_what_it_does(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    top = _help(capsys)
+    titles = [title for title, _ in confiture.COMMAND_AREAS]
+    assert [t for t in titles if f"\n{t}:\n" in top] == titles
+    assert "global options (before or after the command):" in top and "exit codes:" in top
+    commands = [line.split()[0] for line in top.splitlines()
+                if line.startswith("  ") and not line.startswith("  confiture.py")
+                and not line.lstrip().startswith("-")]
+    assert {"init", "migrate", "deploy", "sync", "diff", "status"} <= set(commands)
+    for command in commands:
+        words = [command, "status" if command == "migrate" else ""]
+        for argv in ([command], [w for w in words if w]):
+            text = _help(capsys, *argv)
+            description = text.split("\n\n")[1]
+            assert description.strip() and not description.startswith(("options", "positional")), \
+                (argv, text)
+            assert "examples:\n  confiture.py " in text, argv  # its area's examples
+    assert "confiture.py migrate up --dry-run" in _help(capsys, "migrate", "up")
+    assert "confiture.py deploy --env prod --yes" in _help(capsys, "deploy")
+
+
 def test_usage_error_is_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_project(tmp_path)
     code, _, err = run(tmp_path, "clone", capsys=capsys)
