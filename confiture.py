@@ -520,7 +520,7 @@ class Console:
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 CONFIG_NAME = "confiture.toml"
-_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 MAX_PROJECT_NAME = 24
 MAX_ENV_NAME = 16
 
@@ -546,7 +546,7 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
 }
 
 
-def _suggest(word: str, choices: Sequence[str]) -> str | None:
+def suggest(word: str, choices: Sequence[str]) -> str | None:
     import difflib  # only on the error path
 
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
@@ -589,7 +589,7 @@ _PARAM_ENV = {
     "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
 # Parameters without an environment variable go into a conninfo string on argv: none secret.
-_ARGV_PARAMS = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+ARGV_PARAMS = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
                 "tcp_user_timeout", "replication", "fallback_application_name"}
 _LOCAL_HOSTS = {"", "localhost", "127.0.0.1", "::1"}
 
@@ -668,9 +668,9 @@ class ConnInfo:
         else:
             params = _parse_keyvalue(text, key)
         for name in params:
-            if name not in _PARAM_ENV and name not in _ARGV_PARAMS:
+            if name not in _PARAM_ENV and name not in ARGV_PARAMS:
                 raise ConfigError(f"{key}: unknown connection parameter {name!r}",
-                                  hint=_suggest(name, [*_PARAM_ENV, *_ARGV_PARAMS]))
+                                  hint=suggest(name, [*_PARAM_ENV, *ARGV_PARAMS]))
         return ConnInfo(tuple(sorted(params.items())))
 
     def get(self, name: str) -> str | None:
@@ -698,7 +698,7 @@ class ConnInfo:
 
     def argv_conninfo(self) -> list[str]:
         """Extra conninfo for parameters that have no environment variable (never secret)."""
-        extra = [f"{name}={value}" for name, value in self.params if name in _ARGV_PARAMS]
+        extra = [f"{name}={value}" for name, value in self.params if name in ARGV_PARAMS]
         return ["-d", " ".join(extra)] if extra else []
 
     def server_identity(self, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
@@ -844,7 +844,7 @@ def _check_keys(table: Mapping[str, Any], section: str, where: str) -> None:
             if isinstance(value, dict) and sub in CONFIG_KEYS:
                 continue
             raise ConfigError(f"{where}: unknown key [{section.replace('*', '…')}] {key!r}",
-                              hint=_suggest(key, list(known)))
+                              hint=suggest(key, list(known)))
         expected = known[key]
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
             names = " or ".join(t.__name__ for t in expected)
@@ -864,7 +864,7 @@ def _validate_tables(data: Mapping[str, Any], where: str) -> None:
             continue
         if section not in CONFIG_KEYS or "." in section:
             raise ConfigError(f"{where}: unknown section [{section}]",
-                              hint=_suggest(section, [s for s in CONFIG_KEYS if "." not in s]
+                              hint=suggest(section, [s for s in CONFIG_KEYS if "." not in s]
                                             + ["env"]))
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
@@ -1009,7 +1009,7 @@ def _read_config_file(path: Path, where: str) -> dict[str, Any]:
 
 def _project_name(project: Mapping[str, Any], root: Path, where: str) -> str:
     name = str(project.get("name") or root.name.lower().replace("-", "_"))
-    if not _NAME_RE.match(name) or len(name) > MAX_PROJECT_NAME:
+    if not NAME_RE.match(name) or len(name) > MAX_PROJECT_NAME:
         raise ConfigError(f"{where}: project.name {name!r} must be lowercase letters, digits "
                           f"and _ (at most {MAX_PROJECT_NAME}), starting with a letter or _",
                           hint="it prefixes template and database names")
@@ -1019,7 +1019,7 @@ def _project_name(project: Mapping[str, Any], root: Path, where: str) -> str:
 def _parse_envs(tables: Mapping[str, Any], where: str) -> dict[str, EnvConfig]:
     envs: dict[str, EnvConfig] = {}
     for env_name, table in tables.items():
-        if not _NAME_RE.match(env_name) or len(env_name) > MAX_ENV_NAME:
+        if not NAME_RE.match(env_name) or len(env_name) > MAX_ENV_NAME:
             raise ConfigError(f"{where}: environment name {env_name!r} must be lowercase "
                               f"letters, digits and _ (at most {MAX_ENV_NAME})")
         envs[env_name] = EnvConfig(
@@ -1040,7 +1040,7 @@ def _default_env(project: Mapping[str, Any], envs: Mapping[str, EnvConfig], wher
     default_env = str(project.get("default_env", "local"))
     if envs and default_env not in envs:
         raise ConfigError(f"{where}: project.default_env {default_env!r} is not a configured "
-                          "environment", hint=_suggest(default_env, list(envs)))
+                          "environment", hint=suggest(default_env, list(envs)))
     return default_env
 
 
@@ -1104,14 +1104,14 @@ def resolve_env_name(config: Config, requested: str | None, environ: Mapping[str
     if name not in config.envs:
         known = ", ".join(sorted(config.envs)) or "none"
         raise ConfigError(f"unknown environment {name!r} (configured: {known})",
-                          hint=_suggest(name, list(config.envs)))
+                          hint=suggest(name, list(config.envs)))
     return name
 
 
 def resolve_env(config: Config, name: str, environ: Mapping[str, str] = os.environ) -> Env:
     """Expand the env's URL and apply the safety rules that need it."""
     if name not in config.envs:
-        raise ConfigError(f"unknown environment {name!r}", hint=_suggest(name, list(config.envs)))
+        raise ConfigError(f"unknown environment {name!r}", hint=suggest(name, list(config.envs)))
     spec = config.envs[name]
     conn = ConnInfo.parse(expand_vars(spec.url, f"env.{name}.url", environ), f"env.{name}.url")
     database = conn.dbname(environ)
@@ -1327,7 +1327,7 @@ class ChecksumCache:
             pass  # a read-only checkout: stay correct, just slower
 
 
-def _read_sql(path: Path, rel: str) -> bytes:
+def read_sql_file(path: Path, rel: str) -> bytes:
     try:
         with open(path, "rb", buffering=0) as handle:  # unbuffered: one read of the whole file
             data = handle.readall()
@@ -1347,7 +1347,7 @@ def _excluded(rel_paths: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> 
 
 
 def scan_env(config: Config, env_name: str, seeds: bool = True,
-             read: Callable[[Path, str], bytes] = _read_sql,
+             read: Callable[[Path, str], bytes] = read_sql_file,
              cache: ChecksumCache | None = None) -> FileSet:
     """The env's files in build order with their hashes. With `cache` (read-only reports
     only, see ChecksumCache), unchanged files are not read again."""
@@ -1511,7 +1511,7 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-_PSQL_ERROR = re.compile(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
+PSQL_ERROR_LINE = re.compile(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
                          r"(?P<msg>.*)$")
 _PSQL_CONTEXT_LINE = re.compile(r"^LINE (\d+): (.*)$")
 
@@ -1541,11 +1541,11 @@ def parse_psql_errors(stderr: str, line_map: LineMap | None,
     text = stderr if not password else stderr.replace(password, "***")
     lines = text.splitlines()
     for index, line in enumerate(lines):
-        match = _PSQL_ERROR.match(line)
+        match = PSQL_ERROR_LINE.match(line)
         if not match:
             continue
         end_line = int(match.group("line"))
-        detail = [l for l in lines[index + 1:] if not _PSQL_ERROR.match(l)]
+        detail = [l for l in lines[index + 1:] if not PSQL_ERROR_LINE.match(l)]
         context = next((_PSQL_CONTEXT_LINE.match(l) for l in detail
                         if _PSQL_CONTEXT_LINE.match(l)), None)
         exact = _exact_line(line_map, end_line, context)
@@ -1863,7 +1863,7 @@ class Client:
         proc = self.run(argv, dbname, input=script.encode())
         if proc.returncode != 0:
             stderr = proc.stderr.decode("utf-8", "replace")
-            if proc.returncode == 2 and not _PSQL_ERROR.search(stderr):
+            if proc.returncode == 2 and not PSQL_ERROR_LINE.search(stderr):
                 self._connection_failed(stderr, dbname)
             raise parse_psql_errors(stderr, line_map, self.password)
 
@@ -2098,7 +2098,7 @@ def admin_session(ws: Workspace) -> Session:
     return ws.client.session(ws.env.maintenance_db)
 
 
-def _template_probe(session: Session, name: str) -> dict[str, Any]:
+def template_probe(session: Session, name: str) -> dict[str, Any]:
     """The one catalog query of the fast path: does it exist, and how to clone it."""
     rows = session.query(
         "SELECT d.datistemplate AS is_template, shobj_description(d.oid, 'pg_database') AS "
@@ -2154,7 +2154,7 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
                                   cache=scan_cache(ws.config, ws.env.name, seeds) if cached
                                   else None)
     name = template_name(ws.config.project, ws.env.name, fileset.hash)
-    probe = _template_probe(session, name)
+    probe = template_probe(session, name)
     if probe["is_template"] and not rebuild:
         return TemplateResult(name, False, time.monotonic() - started, len(fileset.files)), probe
     if cached:
@@ -2162,12 +2162,12 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
     acquire_lock(session, f"template:{name}", ws.config.template_lock_timeout,
                  f"the build of template {name}", ws.console.info)
     try:
-        probe = _template_probe(session, name)
+        probe = template_probe(session, name)
         if probe["is_template"] and not rebuild:  # another run built it while we waited
             return (TemplateResult(name, False, time.monotonic() - started,
                                    len(fileset.files)), probe)
         _build_template(ws, session, name, fileset, clone_strategy(ws.config, probe))
-        probe = _template_probe(session, name)
+        probe = template_probe(session, name)
     finally:
         release_lock(session, f"template:{name}")
     prune_templates(ws, session, ws.config.templates_keep, env_name=ws.env.name, keep_name=name)
@@ -2180,7 +2180,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     started = time.monotonic()
     ws.console.info(f"building template {name} from {len(fileset.files)} files …")
     build = render_build(fileset)
-    _drop_database(session, tmp, force=True)
+    drop_database(session, tmp, force=True)
     session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0"
                     + (f" STRATEGY {strategy}" if strategy else ""))
     try:
@@ -2188,7 +2188,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
         if ws.after_build is not None:
             ws.after_build(ws, tmp)
     except BaseException:
-        _drop_database(session, tmp, force=True)
+        drop_database(session, tmp, force=True)
         raise
     size = int(session.value(f"SELECT pg_database_size({quote_literal(tmp)})"))
     meta = {"mark": TEMPLATE_MARK, "env": ws.env.name, "hash": fileset.hash,
@@ -2197,7 +2197,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
             "tool": __version__}
     existing = session.value(f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}")
     if existing:
-        _drop_database(session, name, force=True)
+        drop_database(session, name, force=True)
     session.execute(
         "BEGIN;\n"
         f"ALTER DATABASE {quote_ident(tmp)} RENAME TO {quote_ident(name)};\n"
@@ -2208,7 +2208,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
                     f"({format_bytes(size)})")
 
 
-def _drop_database(session: Session, name: str, force: bool) -> None:
+def drop_database(session: Session, name: str, force: bool) -> None:
     """Drop a database if it exists; a template is unmarked first (PostgreSQL requires it)."""
     rows = session.query(f"SELECT datistemplate FROM pg_database WHERE datname = {quote_literal(name)}")
     if not rows:
@@ -2258,7 +2258,7 @@ def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | 
             if len(kept) < keep:
                 kept.append(info)
                 continue
-            _drop_database(session, info.name, force=False)
+            drop_database(session, info.name, force=False)
             dropped.append(info.name)
     prefix = template_prefix(ws.config.project, env_name)
     leftovers = session.query(
@@ -2268,7 +2268,7 @@ def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | 
         base = row["datname"][:-4]
         if session.value(f"SELECT pg_try_advisory_lock({lock_key_sql('template:' + base)})"):
             try:
-                _drop_database(session, row["datname"], force=True)
+                drop_database(session, row["datname"], force=True)
                 dropped.append(row["datname"])
             finally:
                 release_lock(session, "template:" + base)
@@ -2354,7 +2354,7 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
             if others:
                 raise Refused(f"database {target!r} has {len(others)} other session(s)",
                               hint="close them, or pass --force to terminate them")
-            _drop_database(session, target, force=force)
+            drop_database(session, target, force=force)
         session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
                         f"{quote_ident(result.name)}"
                         + (f" STRATEGY {strategy}" if strategy else ""))
@@ -2469,7 +2469,7 @@ def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str
                 data = normalise_sql(handle.read())
             data.decode("utf-8")
         except (OSError, UnicodeDecodeError):
-            data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+            data = normalise_sql(read_sql_file(Path(up), rel))  # the slow path names the problem
         hit = sha256_bytes(data), _file_transactional(data)
         if cache is not None:
             cache.store(up, key, *hit)
@@ -2761,7 +2761,7 @@ def migration_statements(migration: Migration, which: str = "up",
     path = migration.up if which == "up" else migration.down
     assert path is not None
     rel = path.relative_to(root).as_posix() if root and path.is_relative_to(root) else str(path)
-    data = normalise_sql(_read_sql(path, rel))
+    data = normalise_sql(read_sql_file(path, rel))
     transactional = migration.transactional and _file_transactional(data)
     return split_sql(data.decode("utf-8")), transactional
 
@@ -3088,7 +3088,7 @@ def migration_failure(stderr: str, path: Path, rel: str, what: str,
     """psql's stderr after a stopped script → one error naming the migration file and line.
     `aliases` are other files psql ran for this migration (statement files padded to the
     original line numbers)."""
-    match = next((m for m in map(_PSQL_ERROR.match, stderr.splitlines()) if m), None)
+    match = next((m for m in map(PSQL_ERROR_LINE.match, stderr.splitlines()) if m), None)
     where = match.group("file") if match else str(path)
     if where == "<stdin>":
         return SqlError(f"{what}: {parse_psql_errors(stderr, None).server_message}")
@@ -3716,7 +3716,7 @@ def _dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
     """A conninfo string naming only the database (plus non-secret argv-only parameters):
     pg_restore needs -d to connect at all; everything else stays in the environment."""
     escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
-    extra = [f"{name}={value}" for name, value in conn.params if name in _ARGV_PARAMS]
+    extra = [f"{name}={value}" for name, value in conn.params if name in ARGV_PARAMS]
     return " ".join([f"dbname='{escaped}'", *extra])
 
 
@@ -3920,7 +3920,7 @@ def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> l
     for meta in _marks(session):
         if (meta.get("kind") == "scratch" and meta.get("database") == database
                 and meta["datname"] == meta.get("name")):
-            _drop_database(session, meta["datname"], force=True)
+            drop_database(session, meta["datname"], force=True)
             dropped.append(meta["datname"])
     if dropped:
         ws.console.info("dropped leftover scratch database(s) " + ", ".join(dropped))
@@ -4116,7 +4116,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
             _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
         _copy_settings(admin, scratch, props)
     except BaseException:
-        _drop_database(admin, scratch, force=True)
+        drop_database(admin, scratch, force=True)
         raise
     return scratch
 
@@ -4276,7 +4276,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                 locks.unlock_target()
                 replaced = _swap_in(ws, admin, scratch, props, force, path, stamp)
             except BaseException:
-                _drop_database(admin, scratch, force=True)
+                drop_database(admin, scratch, force=True)
                 raise
         finally:
             locks.close()
@@ -4298,7 +4298,7 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
             dropped += _drop_scratch_leftovers(ws, admin, ws.env.database)
             doomed = replaced_databases(admin, ws.env.database)[keep:] if keep is not None else []
             for meta in doomed:
-                _drop_database(admin, meta["datname"], force=False)
+                drop_database(admin, meta["datname"], force=False)
                 dropped.append(meta["datname"])
         finally:
             locks.close()
@@ -4581,7 +4581,7 @@ def _first_deploy(ws: Workspace, admin: Session) -> None:
                     dump.kill()
                 _wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
     finally:
-        _drop_database(admin, scratch, force=True)
+        drop_database(admin, scratch, force=True)
 
 
 def inspect_deploy(ws: Workspace, no_backup: bool = False,
@@ -4645,7 +4645,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
             except BaseException:
                 if created:
                     locks.unlock_target()
-                    _drop_database(admin, ws.env.database, force=True)
+                    drop_database(admin, ws.env.database, force=True)
                 raise
             applied = _execute_deploy(ws, admin, locks, plan, backup, created, started,
                                       started_at, drift)
@@ -4722,7 +4722,7 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
     try:
         if created:
             locks.unlock_target()
-            _drop_database(admin, ws.env.database, force=True)
+            drop_database(admin, ws.env.database, force=True)
             raise error_type(f"{what}; the database it had created was dropped again")
         if backup is None:
             _record_quietly(ws, locks, "failed", plan, None, [], failed,
@@ -4738,7 +4738,7 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
             locks.unlock_target()
             replaced = _swap_in(ws, admin, scratch, props, True, backup.path, stamp)
         except BaseException:
-            _drop_database(admin, scratch, force=True)
+            drop_database(admin, scratch, force=True)
             raise
         session = locks.lock_target()
         after = migration_state(ws, session).applied
@@ -4856,7 +4856,7 @@ def parse_rule(value: Any, where: str) -> Rule:
         if value in RULE_KINDS and RULE_KINDS[value].bare:
             return Rule(value)
         raise ConfigError(f"{where}: unknown rule {value!r}",
-                          hint=_suggest(value, list(RULE_KINDS))
+                          hint=suggest(value, list(RULE_KINDS))
                           or "rules: " + ", ".join(RULE_KINDS))
     if not isinstance(value, dict) or len(value) != 1:
         raise ConfigError(f"{where}: a rule is a name like \"email\" or a one-key table like "
@@ -4865,7 +4865,7 @@ def parse_rule(value: Any, where: str) -> Rule:
     kind = RULE_KINDS.get(name)
     if kind is None or kind.read_arg is None:
         raise ConfigError(f"{where}: unknown rule {name!r}",
-                          hint=_suggest(name, [n for n, k in RULE_KINDS.items() if k.read_arg]))
+                          hint=suggest(name, [n for n, k in RULE_KINDS.items() if k.read_arg]))
     return Rule(name, kind.read_arg(arg, where))
 
 
@@ -5010,7 +5010,7 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
     for name in (source, target):
         if name not in config.envs:
             raise ConfigError(f"sync: unknown environment {name!r}",
-                              hint=_suggest(name, list(config.envs)))
+                              hint=suggest(name, list(config.envs)))
     rules = sync_rules_of(config)
     key = sync_key(sync, environ) if need_key else None
     if need_key and key is None and any(r.keyed for _, r in rules):
@@ -6099,7 +6099,7 @@ def load_mapping(path: Path | None) -> TableMapping:
     for key in data:
         if key not in ("tables", "columns", "skip"):
             raise ConfigError(f"{where}: unknown key {key!r}",
-                              hint=_suggest(key, ["tables", "columns", "skip"]))
+                              hint=suggest(key, ["tables", "columns", "skip"]))
     tables = {}
     for new, old in data.get("tables", {}).items():
         if not isinstance(old, str):
@@ -6952,7 +6952,7 @@ def drop_stale_scratch(ws: Workspace, session: Session) -> list[str]:
         lock = f"scratch:{row['datname']}"
         if session.value(f"SELECT pg_try_advisory_lock({lock_key_sql(lock)})"):
             try:
-                _drop_database(session, row["datname"], force=True)
+                drop_database(session, row["datname"], force=True)
                 dropped.append(row["datname"])
             finally:
                 release_lock(session, lock)
@@ -6992,9 +6992,9 @@ class ScratchDatabase:
             if interrupted:  # the session may be mid-statement: cancel it, drop from a new one
                 self.session.cancel()
                 with admin_session(self.ws) as fresh:
-                    _drop_database(fresh, self.name, force=True)
+                    drop_database(fresh, self.name, force=True)
             else:
-                _drop_database(self.session, self.name, force=True)
+                drop_database(self.session, self.name, force=True)
                 release_lock(self.session, f"scratch:{self.name}")
         except ConfitureError as error:
             if exc[0] is None:
@@ -7687,7 +7687,7 @@ _INIT_FILES = {
 def cmd_init(app: App) -> int:
     root = Path(app.args.dir or ".").resolve()
     name = re.sub(r"[^a-z0-9_]", "_", root.name.lower())[:MAX_PROJECT_NAME] or "app"
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         name = "db_" + name[:MAX_PROJECT_NAME - 3]
     files = {CONFIG_NAME: _INIT_CONFIG.format(name=name), **_INIT_FILES}
     created, kept = [], []
@@ -7785,7 +7785,7 @@ def cmd_template(app: App) -> int:
         fileset = scan_env(ws.config, ws.env.name)
         name = template_name(ws.config.project, ws.env.name, fileset.hash)
         with admin_session(ws) as session:
-            current = bool(_template_probe(session, name)["is_template"])
+            current = bool(template_probe(session, name)["is_template"])
         app.console.result(name)
         app.console.emit({"template": name, "current": current})
         if not current:
