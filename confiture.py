@@ -14,7 +14,8 @@ only the sections above it.
                                 background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
   §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
-  §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
+  §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore;
+                                Workspace and the database operations later sections share
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                versioned up/down files, tracking table, lock, transactions
@@ -724,8 +725,11 @@ class ConnInfo:
         return f"postgresql://{auth}{host}{':' + port if port else ''}/{quote(db)}"
 
 
-def mask_password_in(text: str) -> str:
-    """Mask passwords in URLs and key=value strings that may appear in messages."""
+def mask_password_in(text: str, password: str | None = None) -> str:
+    """Text safe to show: `password` (a connection's, when known) and passwords written in
+    URLs or key=value strings replaced by ***. The one place secrets are scrubbed."""
+    if password:
+        text = text.replace(password, "***")
     text = re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
 
@@ -1429,7 +1433,8 @@ def combined_hash(files: Sequence[SqlFile], seeds: bool = True) -> str:
 # The only section that starts psql, pg_dump and pg_restore. Finds the real binaries, hands
 # connections to children through their environment (never argv), keeps one long-lived psql
 # Session per run for cheap round trips, and turns psql's error output into SqlError with
-# the project file and line.
+# the project file and line. Ends with the database layer later sections share: Workspace,
+# admin_session, and existence/properties/drop/sessions of databases.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 _PG_WRAPPER = "/usr/share/postgresql-common/pg_wrapper"
@@ -1538,7 +1543,7 @@ def parse_psql_errors(stderr: str, line_map: LineMap | None,
     """Turn psql's stderr after a failed script into one SqlError naming file and line.
     psql reports the line where the failing statement ended; with the server's 'LINE n:'
     context we find the exact line inside the statement."""
-    text = stderr if not password else stderr.replace(password, "***")
+    text = mask_password_in(stderr, password)
     lines = text.splitlines()
     for index, line in enumerate(lines):
         match = PSQL_ERROR_LINE.match(line)
@@ -1700,8 +1705,7 @@ class Session:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         text = stderr.strip()
-        if self._password:
-            text = text.replace(self._password, "***")
+        text = mask_password_in(text, self._password)
         text = re.sub(r"^psql: (error: )?", "", text)
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
@@ -1756,8 +1760,7 @@ class Session:
             raise
         except PgError as exc:
             stderr = getattr(self, "last_stderr", "")
-            if self._password:
-                stderr = stderr.replace(self._password, "***")
+            stderr = mask_password_in(stderr, self._password)
             raise ScriptStopped(exc.message, stderr) from None
         return lines
 
@@ -1766,7 +1769,7 @@ class Session:
         return self._closed
 
     def _sql_error(self, stderr: str, sqlstate: str) -> SqlError:
-        text = stderr if not self._password else stderr.replace(self._password, "***")
+        text = mask_password_in(stderr, self._password)
         text = re.sub(r"^psql:<stdin>:\d+: ", "", text.strip(), flags=re.MULTILINE)
         first, *rest = text.splitlines() or ["statement failed"]
         message = re.sub(r"^(ERROR|FATAL):\s+", "", first)
@@ -1888,8 +1891,7 @@ class Client:
 
     def _connection_failed(self, stderr: str, dbname: str) -> NoReturn:
         text = stderr.strip()
-        if self.password:
-            text = text.replace(self.password, "***")
+        text = mask_password_in(text, self.password)
         where = self.conn.with_params(dbname=dbname).display(self.environ)
         raise ConnectionFailed(f"cannot connect to {where}: {re.sub(r'^psql: (error: )?', '', text)}")
 
@@ -1949,6 +1951,105 @@ def acquire_lock(session: Session, name: str, timeout: float, what: str,
 
 def release_lock(session: Session, name: str) -> None:
     session.execute(f"SELECT pg_advisory_unlock({lock_key_sql(name)})")
+
+
+# ── the env's databases: workspace, admin session, existence, properties, sessions ──────
+# The one database layer every later section uses: a Workspace (env + client + console) and
+# the catalog operations on databases that templates, restore, deploy and drift share.
+
+@record()
+class Workspace:
+    """What an operation on one env needs: the env, its client and a reporter.
+    `after_build(ws, database)` runs on a freshly built template before it is published
+    (§12 wires it to §8, which records the migrations as applied)."""
+
+    env: Env
+    client: Client
+    console: Console
+    after_build: Callable[[Workspace, str], None] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.env.config
+
+
+def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.environ
+                   ) -> Workspace:
+    return Workspace(env=env, client=Client(find_pg_tools(environ), env.conn, dict(environ)),
+                     console=console)
+
+
+def scratch_workspace(ws: Workspace) -> Workspace:
+    """The workspace for the env's scratch work (templates, scratch databases): the env
+    itself when unprotected, else the same env reached on its scratch server (§3
+    scratch_server), so that inspecting a protected env creates nothing on its server."""
+    if not ws.env.protected:
+        return ws
+    server = scratch_server(ws.config, ws.env.name, ws.client.environ)
+    env = evolve(ws.env, conn=server.conn,
+                 spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
+    return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
+
+
+def admin_session(ws: Workspace) -> Session:
+    """A session on the maintenance database: creating and dropping databases happens here."""
+    return ws.client.session(ws.env.maintenance_db)
+
+
+def drop_database(session: Session, name: str, force: bool) -> None:
+    """Drop a database if it exists; a template is unmarked first (PostgreSQL requires it)."""
+    rows = session.query(f"SELECT datistemplate FROM pg_database WHERE datname = {quote_literal(name)}")
+    if not rows:
+        return
+    if rows[0]["datistemplate"]:
+        session.execute(f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE false")
+    session.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}"
+                    + (" WITH (FORCE)" if force else ""))
+
+
+def database_exists(session: Session, name: str) -> bool:
+    return bool(session.value(
+        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
+
+
+def database_properties(session: Session, name: str) -> dict[str, Any] | None:
+    """What CREATE DATABASE and ALTER DATABASE carry (pg_dump leaves them out without
+    --create): owner, encoding, locale, limits, ACL, per-database settings, comment."""
+    rows = session.query(
+        "SELECT to_jsonb(d) AS d, pg_encoding_to_char(d.encoding) AS encoding, "
+        "r.rolname AS owner, pg_has_role(d.datdba, 'MEMBER') AS can_own, "
+        "t.spcname AS tablespace, shobj_description(d.oid, 'pg_database') AS comment, "
+        "(SELECT coalesce(json_agg(json_build_object('role', sr.rolname, 'config', s.setconfig)), "
+        " '[]') FROM pg_db_role_setting s LEFT JOIN pg_roles sr ON sr.oid = s.setrole "
+        " WHERE s.setdatabase = d.oid) AS settings, "
+        "(SELECT coalesce(json_agg(json_build_object('grantee', "
+        "   CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
+        "   'privilege', a.privilege_type, 'grantable', a.is_grantable)), '[]') "
+        " FROM aclexplode(d.datacl) a) AS acl "
+        f"FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+        f"JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = {quote_literal(name)}")
+    return rows[0] if rows else None
+
+
+def other_sessions(session: Session, database: str, exclude: Sequence[int] = ()) -> list[int]:
+    """Backends connected to `database`, except ours and `exclude`."""
+    skip = ", ".join(str(int(p)) for p in exclude) or "0"
+    rows = session.query(
+        f"SELECT pid FROM pg_stat_activity WHERE datname = {quote_literal(database)} "
+        f"AND pid <> pg_backend_pid() AND pid NOT IN ({skip})")
+    return [int(r["pid"]) for r in rows]
+
+
+def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (),
+                     grace: float = 2.0) -> list[int]:
+    """Other sessions that are still there after `grace` seconds: a backend whose client just
+    closed (ours included) lingers in pg_stat_activity for a moment and must not count."""
+    deadline = time.monotonic() + grace
+    while True:
+        others = other_sessions(session, database, exclude)
+        if not others or time.monotonic() >= deadline:
+            return others
+        time.sleep(0.05)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -2057,45 +2158,6 @@ class TemplateResult:
     built: bool
     seconds: float
     files: int
-
-
-@record()
-class Workspace:
-    """What an operation on one env needs: the env, its client and a reporter.
-    `after_build(ws, database)` runs on a freshly built template before it is published
-    (§12 wires it to §8, which records the migrations as applied)."""
-
-    env: Env
-    client: Client
-    console: Console
-    after_build: Callable[[Workspace, str], None] | None = None
-
-    @property
-    def config(self) -> Config:
-        return self.env.config
-
-
-def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.environ
-                   ) -> Workspace:
-    return Workspace(env=env, client=Client(find_pg_tools(environ), env.conn, dict(environ)),
-                     console=console)
-
-
-def scratch_workspace(ws: Workspace) -> Workspace:
-    """The workspace for the env's scratch work (templates, scratch databases): the env
-    itself when unprotected, else the same env reached on its scratch server (§3
-    scratch_server), so that inspecting a protected env creates nothing on its server."""
-    if not ws.env.protected:
-        return ws
-    server = scratch_server(ws.config, ws.env.name, ws.client.environ)
-    env = evolve(ws.env, conn=server.conn,
-                 spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
-    return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
-
-
-def admin_session(ws: Workspace) -> Session:
-    """A session on the maintenance database: creating and dropping databases happens here."""
-    return ws.client.session(ws.env.maintenance_db)
 
 
 def template_probe(session: Session, name: str) -> dict[str, Any]:
@@ -2208,17 +2270,6 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
                     f"({format_bytes(size)})")
 
 
-def drop_database(session: Session, name: str, force: bool) -> None:
-    """Drop a database if it exists; a template is unmarked first (PostgreSQL requires it)."""
-    rows = session.query(f"SELECT datistemplate FROM pg_database WHERE datname = {quote_literal(name)}")
-    if not rows:
-        return
-    if rows[0]["datistemplate"]:
-        session.execute(f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE false")
-    session.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}"
-                    + (" WITH (FORCE)" if force else ""))
-
-
 def list_templates(session: Session, project: str, env_name: str | None = None) -> list[TemplateInfo]:
     """Our templates on this server, newest first (identified by name prefix and comment)."""
     prefix = template_prefix(project, env_name)
@@ -2275,27 +2326,6 @@ def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | 
     if dropped:
         ws.console.debug("pruned " + ", ".join(dropped))
     return dropped
-
-
-def other_sessions(session: Session, database: str, exclude: Sequence[int] = ()) -> list[int]:
-    """Backends connected to `database`, except ours and `exclude`."""
-    skip = ", ".join(str(int(p)) for p in exclude) or "0"
-    rows = session.query(
-        f"SELECT pid FROM pg_stat_activity WHERE datname = {quote_literal(database)} "
-        f"AND pid <> pg_backend_pid() AND pid NOT IN ({skip})")
-    return [int(r["pid"]) for r in rows]
-
-
-def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (),
-                     grace: float = 2.0) -> list[int]:
-    """Other sessions that are still there after `grace` seconds: a backend whose client just
-    closed (ours included) lingers in pg_stat_activity for a moment and must not count."""
-    deadline = time.monotonic() + grace
-    while True:
-        others = other_sessions(session, database, exclude)
-        if not others or time.monotonic() >= deadline:
-            return others
-        time.sleep(0.05)
 
 
 def _protected_databases(config: Config, environ: Mapping[str, str]
@@ -3671,8 +3701,7 @@ def _prepare_folder(folder: Path) -> None:
 
 def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
     text = stderr.strip()
-    if password:
-        text = text.replace(password, "***")
+    text = mask_password_in(text, password)
     if returncode < 0:
         name = signal.Signals(-returncode).name
         why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
@@ -3877,10 +3906,6 @@ def _pid_alive(text: str) -> bool:
 
 # ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
 
-def _database_exists(session: Session, name: str) -> bool:
-    return bool(session.value(
-        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
-
 
 def _side_name(database: str, kind: str, stamp: str) -> str:
     """<db>_<kind>_<stamp>, the database part shortened to fit 63 bytes (the comment names it)."""
@@ -3925,25 +3950,6 @@ def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> l
     if dropped:
         ws.console.info("dropped leftover scratch database(s) " + ", ".join(dropped))
     return dropped
-
-
-def _database_properties(session: Session, name: str) -> dict[str, Any] | None:
-    """What CREATE DATABASE and ALTER DATABASE carry (pg_dump leaves them out without
-    --create): owner, encoding, locale, limits, ACL, per-database settings, comment."""
-    rows = session.query(
-        "SELECT to_jsonb(d) AS d, pg_encoding_to_char(d.encoding) AS encoding, "
-        "r.rolname AS owner, pg_has_role(d.datdba, 'MEMBER') AS can_own, "
-        "t.spcname AS tablespace, shobj_description(d.oid, 'pg_database') AS comment, "
-        "(SELECT coalesce(json_agg(json_build_object('role', sr.rolname, 'config', s.setconfig)), "
-        " '[]') FROM pg_db_role_setting s LEFT JOIN pg_roles sr ON sr.oid = s.setrole "
-        " WHERE s.setdatabase = d.oid) AS settings, "
-        "(SELECT coalesce(json_agg(json_build_object('grantee', "
-        "   CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
-        "   'privilege', a.privilege_type, 'grantable', a.is_grantable)), '[]') "
-        " FROM aclexplode(d.datacl) a) AS acl "
-        f"FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
-        f"JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = {quote_literal(name)}")
-    return rows[0] if rows else None
 
 
 def _create_options(props: Mapping[str, Any] | None) -> str:
@@ -4244,7 +4250,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
         locks.lock_database()
         try:
             _drop_scratch_leftovers(ws, admin, ws.env.database)
-            exists = _database_exists(admin, ws.env.database)
+            exists = database_exists(admin, ws.env.database)
             if exists:
                 locks.lock_target()
                 others = lasting_sessions(admin, ws.env.database, [locks.target_pid])
@@ -4268,7 +4274,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                 return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
                                      time.monotonic() - started, safety.path)
             stamp = _stamp()
-            props = _database_properties(admin, ws.env.database)
+            props = database_properties(admin, ws.env.database)
             ws.console.info(f"restoring {path.name} into a new database …")
             scratch = _restore_into_scratch(
                 ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
@@ -4589,7 +4595,7 @@ def inspect_deploy(ws: Workspace, no_backup: bool = False,
     """The plan for the env as it is now, read-only (what --dry-run prints)."""
     if session is None:
         with admin_session(ws) as admin:
-            if not _database_exists(admin, ws.env.database):
+            if not database_exists(admin, ws.env.database):
                 return plan_deploy(ws, None, False, True, no_backup)
         with ws.client.session(ws.env.database) as own:
             return inspect_deploy(ws, no_backup, own)
@@ -4620,7 +4626,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
         locks.lock_database()
         try:
             _drop_scratch_leftovers(ws, admin, ws.env.database)
-            created = not _database_exists(admin, ws.env.database)
+            created = not database_exists(admin, ws.env.database)
             if created:
                 ws.console.info(f"creating database {ws.env.database}")
                 admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
@@ -4732,7 +4738,7 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
         ws.console.warn(f"{what}")
         ws.console.warn(f"rolling back: restoring {backup.path} …")
         stamp = _stamp()
-        props = _database_properties(admin, ws.env.database)
+        props = database_properties(admin, ws.env.database)
         scratch = _restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
         try:
             locks.unlock_target()
@@ -6920,8 +6926,7 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
     proc = client.run(dump_schema_argv(client.tools, client.conn, privileges), dbname)
     if proc.returncode != 0:
         text = proc.stderr.decode("utf-8", "replace").strip()
-        if client.password:
-            text = text.replace(client.password, "***")
+        text = mask_password_in(text, client.password)
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
         if f'database "{dbname}" does not exist' in text:
