@@ -1859,10 +1859,7 @@ class Client:
     def run_script(self, script: str, dbname: str, line_map: LineMap | None = None,
                    single_transaction: bool = True) -> None:
         """Run a whole SQL script (psql -f -), stopping at the first error."""
-        argv = [self.tools.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-P", "pager=off",
-                *self.conn.argv_conninfo(), "-f", "-"]
-        if single_transaction:
-            argv.insert(1, "--single-transaction")
+        argv = psql_script_argv(self.tools, self.conn, single_transaction)
         proc = self.run(argv, dbname, input=script.encode())
         if proc.returncode != 0:
             stderr = proc.stderr.decode("utf-8", "replace")
@@ -1894,6 +1891,50 @@ class Client:
         text = mask_password_in(text, self.password)
         where = self.conn.with_params(dbname=dbname).display(self.environ)
         raise ConnectionFailed(f"cannot connect to {where}: {re.sub(r'^psql: (error: )?', '', text)}")
+
+
+# ── client argument lists: how each program is started for each job ──────────────────────
+
+# psql for a script: no ~/.psqlrc, quiet, stop at the first error, never a pager.
+PSQL_SCRIPT_FLAGS = ("-X", "-q", "-v", "ON_ERROR_STOP=1", "-P", "pager=off")
+
+
+def psql_script_argv(tools: PgTools, conn: ConnInfo, single_transaction: bool = True,
+                     tuples_only: bool = False) -> list[str]:
+    """psql running the script on its stdin (`tuples_only`: bare rows on stdout)."""
+    return [tools.psql, *(["--single-transaction"] if single_transaction else []),
+            *(["-A", "-t"] if tuples_only else []), *PSQL_SCRIPT_FLAGS,
+            *conn.argv_conninfo(), "-f", "-"]
+
+
+def dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
+    """A conninfo string naming only the database (plus non-secret argv-only parameters):
+    pg_dump and pg_restore need -d to connect at all; everything else stays in the environment."""
+    escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    extra = [f"{name}={value}" for name, value in conn.params if name in ARGV_PARAMS]
+    return " ".join([f"dbname='{escaped}'", *extra])
+
+
+def pg_dump_argv(tools: PgTools, conn: ConnInfo, dbname: str, *options: str) -> list[str]:
+    """pg_dump of one database; never prompts for a password (-w)."""
+    return [tools.pg_dump, *options, "-w", "-d", dbname_conninfo(conn, dbname)]
+
+
+def pg_restore_argv(tools: PgTools, conn: ConnInfo, dbname: str | None,
+                    *options: str) -> list[str]:
+    """pg_restore into one database, or (dbname None) reading an archive without a server."""
+    if dbname is None:
+        return [tools.pg_restore, *options]
+    return [tools.pg_restore, *options, "-w", "-d", dbname_conninfo(conn, dbname)]
+
+
+def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[str]:
+    """pg_dump for comparing schemas. Owners, grants and tablespaces only with `privileges`;
+    subscriptions never (their connection strings may hold passwords)."""
+    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8"]
+    if not privileges:
+        argv += ["--no-owner", "--no-privileges", "--no-tablespaces"]
+    return argv + conn.argv_conninfo()
 
 
 # ── advisory locks: one per name, in whichever database the session is connected to ───────
@@ -3741,21 +3782,13 @@ def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what:
         raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
 
 
-def _dbname_conninfo(conn: ConnInfo, dbname: str) -> str:
-    """A conninfo string naming only the database (plus non-secret argv-only parameters):
-    pg_restore needs -d to connect at all; everything else stays in the environment."""
-    escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
-    extra = [f"{name}={value}" for name, value in conn.params if name in ARGV_PARAMS]
-    return " ".join([f"dbname='{escaped}'", *extra])
-
-
 def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
                errfile: Any) -> subprocess.Popen[bytes]:
     """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
     _wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
     and lists it (see create_backup), which saves most of the sync's time."""
-    argv = [ws.client.tools.pg_dump, "-Fc", f"-Z{compression}", "--no-sync", "-w", "-f", str(path),
-            "-d", _dbname_conninfo(ws.env.conn, dbname)]
+    argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
+                        "--no-sync", "-f", str(path))
     return ws.client.spawn(argv, dbname, stderr=errfile)
 
 
@@ -3771,7 +3804,7 @@ def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | No
 def _check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
     """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
     with scratch_file() as errfile:
-        proc = ws.client.spawn([ws.client.tools.pg_restore, "--list", str(path)], None,
+        proc = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "--list", str(path)), None,
                                stderr=errfile)
         try:
             if meanwhile is not None:
@@ -4106,8 +4139,8 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     try:
         admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
                       f"{quote_literal(json.dumps(mark))}")
-        argv = [ws.client.tools.pg_restore, "--exit-on-error", "-w",
-                "-d", _dbname_conninfo(ws.env.conn, scratch), str(path)]
+        argv = [*pg_restore_argv(ws.client.tools, ws.env.conn, scratch, "--exit-on-error"),
+                str(path)]
         with scratch_file() as errfile:
             proc = ws.client.spawn(argv, scratch, stderr=errfile)
             try:
@@ -4170,12 +4203,12 @@ def _restore_in_place(ws: Workspace, path: Path) -> None:
     (pg_restore --clean cannot do this: it trips over partitions and keeps unknown objects.)"""
     import shutil
 
-    psql_argv = [ws.client.tools.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
-                 "-P", "pager=off", *ws.env.conn.argv_conninfo(), "-f", "-"]
+    psql_argv = psql_script_argv(ws.client.tools, ws.env.conn)
     with scratch_file() as psql_err, scratch_file() as restore_err:
         psql = ws.client.spawn(psql_argv, ws.env.database, stdin=subprocess.PIPE,
                                stderr=psql_err)
-        source = ws.client.spawn([ws.client.tools.pg_restore, "-f", "-", str(path)], None,
+        source = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "-f", "-", str(path)),
+                                 None,
                                  stdout=subprocess.PIPE, stderr=restore_err)
         assert psql.stdin is not None and source.stdout is not None
         try:
@@ -4493,8 +4526,7 @@ def run_verify_checks(ws: Workspace, dbname: str) -> None:
         except ValueError:
             rel = str(path)
         script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
-        argv = [ws.client.tools.psql, "-X", "-q", "-A", "-t", "--single-transaction",
-                "-v", "ON_ERROR_STOP=1", "-P", "pager=off", *ws.env.conn.argv_conninfo(), "-f", "-"]
+        argv = psql_script_argv(ws.client.tools, ws.env.conn, tuples_only=True)
         proc = ws.client.run(argv, dbname, input=script.encode())
         if proc.returncode != 0:
             raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
@@ -4569,13 +4601,12 @@ def _first_deploy(ws: Workspace, admin: Session) -> None:
                       f"{quote_literal(json.dumps(mark))}")
         with scratch_file() as dump_err, scratch_file() as restore_err:
             dump = ws.client.spawn(
-                [ws.client.tools.pg_dump, "-Fc", "-Z0", "-w",
-                 "-d", _dbname_conninfo(ws.env.conn, scratch)],
+                pg_dump_argv(ws.client.tools, ws.env.conn, scratch, "-Fc", "-Z0"),
                 scratch, stdout=subprocess.PIPE, stderr=dump_err)
             try:
                 restore = ws.client.spawn(
-                    [ws.client.tools.pg_restore, "--single-transaction", "--exit-on-error", "-w",
-                     "-d", _dbname_conninfo(ws.env.conn, ws.env.database)],
+                    pg_restore_argv(ws.client.tools, ws.env.conn, ws.env.database,
+                                    "--single-transaction", "--exit-on-error"),
                     ws.env.database, stdin=dump.stdout, stderr=restore_err)
             finally:
                 assert dump.stdout is not None
@@ -6910,15 +6941,6 @@ def compare_dumps(expected: str | SchemaObjects, actual: str | SchemaObjects,
 
 
 # ── schema dumps: run (thin) ──────────────────────────────────────────────────────────────
-
-
-def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[str]:
-    """pg_dump for comparing schemas. Owners, grants and tablespaces only with `privileges`;
-    subscriptions never (their connection strings may hold passwords)."""
-    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8"]
-    if not privileges:
-        argv += ["--no-owner", "--no-privileges", "--no-tablespaces"]
-    return argv + conn.argv_conninfo()
 
 
 def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
