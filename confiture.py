@@ -4925,11 +4925,26 @@ def run_verify_checks(ws: Workspace, dbname: str) -> None:
                               hint="a check passes when it returns no rows or a single true")
 
 
-def record_deploy(ws: Workspace, session: Session, started_at: str, seconds: float,
-                  outcome: str, plan: DeployPlan, to_version: str | None,
-                  backup: Backup | None, applied: Sequence[str],
-                  failed: str | None = None, message: str | None = None) -> None:
+@record()
+class DeployRun:
+    """One deploy under way: what its rollback and its row in the deploys table need."""
+
+    ws: Workspace
+    admin: Session
+    locks: DatabaseLocks
+    plan: DeployPlan
+    backup: Backup | None
+    created: bool          # the deploy created the database (a first deploy into nothing)
+    started: float         # time.monotonic() at the start
+    started_at: str        # UTC, for the deploys table
+
+
+def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: str | None,
+                  applied: Sequence[str], failed: str | None = None,
+                  message: str | None = None) -> None:
     """Append a row to the deploys table (created on first use)."""
+    ws, plan, backup = run.ws, run.plan, run.backup
+    started_at, seconds = run.started_at, time.monotonic() - run.started
     import getpass
     import socket
 
@@ -5071,16 +5086,15 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
                     locks.unlock_target()
                     drop_database(admin, ws.env.database, force=True)
                 raise
-            applied = _execute_deploy(ws, admin, locks, plan, backup, created, started,
-                                      started_at, drift)
+            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
+                                                started, started_at), drift)
         finally:
             locks.close()
     return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
 
 
-def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: DeployPlan,
-                    backup: Backup | None, created: bool, started: float,
-                    started_at: str, drift: DriftCheck | None) -> list[str]:
+def _execute_deploy(run: DeployRun, drift: DriftCheck | None) -> list[str]:
+    ws, admin, locks, plan = run.ws, run.admin, run.locks, run.plan
     assert locks.target is not None
     session = locks.target
     before = () if plan.first_deploy else migration_state(ws, session).applied
@@ -5108,23 +5122,20 @@ def _execute_deploy(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: D
         if isinstance(exc, MigrationRunFailed):
             failed = exc
             applied = list(exc.applied)
-        _roll_back(ws, admin, locks, plan, backup, created, before, changed, failed, exc,
-                   started, started_at)
+        _roll_back(run, before, changed, failed, exc)
     try:
         to_version = migration_state(ws, session).version
-        record_deploy(ws, session, started_at, time.monotonic() - started, "ok", plan,
-                      to_version, backup, applied)
+        record_deploy(session, run, "ok", to_version, applied)
     except ConfitureError as exc:  # the deploy itself succeeded and stays
         ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
                         f"{exc.message}")
     return applied
 
 
-def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: DeployPlan,
-               backup: Backup | None, created: bool, before: tuple[int, ...], changed: bool,
-               failed: MigrationRunFailed | None, exc: BaseException, started: float,
-               started_at: str) -> NoReturn:
+def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
+               failed: MigrationRunFailed | None, exc: BaseException) -> NoReturn:
     """Put the database back as it was before the deploy, check it, record it, and raise."""
+    ws, admin, locks, plan, backup = run.ws, run.admin, run.locks, run.plan, run.backup
     cause = exc.message if isinstance(exc, ConfitureError) else (
         "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
     step = f"migration {failed.name}" if failed else (
@@ -5137,22 +5148,23 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
     except ConfitureError:
         now = None
     partial = failed is not None and not failed.transactional
-    if not (created or changed or partial or now != before):
+    if not (run.created or changed or partial or now != before):
         how = ("the failing migration rolled back by itself" if failed else
                "nothing had changed") + "; the database is as it was"
-        _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
-                        started, started_at)
+        _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
         raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
+    outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
     try:
-        if created:
+        if run.created:
             locks.unlock_target()
             drop_database(admin, ws.env.database, force=True)
-            raise error_type(f"{what}; the database it had created was dropped again")
+            outcome = error_type(f"{what}; the database it had created was dropped again")
+            raise outcome
         if backup is None:
-            _record_quietly(ws, locks, "failed", plan, None, [], failed,
-                            f"{what}; no backup (--no-backup)", started, started_at)
-            raise error_type(f"{what}; there is no backup to restore (--no-backup): the database "
-                             f"is left at version {_version_text(now)}")
+            _record_quietly(run, "failed", failed, f"{what}; no backup (--no-backup)")
+            outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
+                                 f"database is left at version {_version_text(now)}")
+            raise outcome
         ws.console.warn(f"{what}")
         ws.console.warn(f"rolling back: restoring {backup.path} …")
         stamp = _stamp()
@@ -5167,18 +5179,18 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
         session = locks.lock_target()
         after = migration_state(ws, session).applied
         if after != before:
-            raise DeployFailed(f"{what}; the restored database is at version "
-                               f"{_version_text(after)}, expected {_version_text(before)}")
+            outcome = DeployFailed(f"{what}; the restored database is at version "
+                                   f"{_version_text(after)}, expected {_version_text(before)}")
+            raise outcome
     except ConfitureError as rollback_error:
-        if rollback_error.message.startswith(what):
+        if rollback_error is outcome:
             raise
         raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
                            hint=(f"restore the backup by hand: confiture.py restore {backup.path} "
                                  f"--env {ws.env.name}" if backup else None)) from exc
     how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
            f"{replaced}")
-    _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
-                    started, started_at)
+    _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
     raise error_type(f"{what}; {how}")
 
 
@@ -5186,18 +5198,15 @@ def _version_text(applied: Sequence[int] | None) -> str:
     return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
 
 
-def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: DeployPlan,
-                    backup: Backup | None, applied: Sequence[str],
-                    failed: MigrationRunFailed | None, message: str, started: float,
-                    started_at: str) -> None:
+def _record_quietly(run: DeployRun, outcome: str, failed: MigrationRunFailed | None,
+                    message: str) -> None:
     """Record a failed deploy; a failure to record must not hide the deploy's own error."""
     try:
-        session = locks.target or locks.lock_target()
-        record_deploy(ws, session, started_at, time.monotonic() - started, outcome, plan,
-                      plan.from_version, backup, applied, failed.name if failed else None,
-                      message)
+        session = run.locks.target or run.locks.lock_target()
+        record_deploy(session, run, outcome, run.plan.from_version, [],
+                      failed.name if failed else None, message)
     except ConfitureError as exc:
-        ws.console.warn(f"could not record the deploy in {ws.config.deploys_table}: "
+        run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
                         f"{exc.message}")
 
 
