@@ -1973,6 +1973,8 @@ def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str
                      transactional=folder_transactional and hit[1], layout=layout)
 
 
+# Over 60 lines: the walk's closures (both layouts, flat and folder) share one list and one
+# cache; read together they show which files are migrations and which are strays.
 def scan_migrations(folder: Path, root: Path | None = None,
                     cache: ChecksumCache | None = None) -> MigrationFiles:
     """Every migration below `folder` in version order, plus stray files (reported, never run).

@@ -201,9 +201,13 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=lambda: results.append(cli("deploy", cwd=project.root)))
                for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.3)
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while not pg.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND classid = %s::oid", params=(LOCK_CLASS,)):  # the first one holds it
+        assert time.monotonic() < deadline, "the first deploy never took its lock"
+        time.sleep(0.02)
+    threads[1].start()
     for thread in threads:
         thread.join()
     codes = sorted(r.returncode for r in results)
