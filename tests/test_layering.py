@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent.parent / "confiture.py"
-BANNER = re.compile(r"^# §(\d+) (.+)$")
+BANNER = re.compile(r"^# §(\d+)([a-z]?) (.+)$")  # §8, §8b …
 CLIENT_TITLE = "PostgreSQL client"
 PROCESS_CALLS = {
     "subprocess": {"Popen", "run", "call", "check_call", "check_output", "getoutput",
@@ -29,9 +29,13 @@ PROCESS_CALLS = {
 
 @dataclass(frozen=True)
 class Section:
-    number: int
+    number: str  # "8", "8b"
     title: str
     start: int  # first line
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return int(self.number.rstrip("abcdefghijklmnopqrstuvwxyz")), self.number[-1:].strip("0123456789")
 
 
 def sections_of(source: str) -> list[Section]:
@@ -39,7 +43,7 @@ def sections_of(source: str) -> list[Section]:
     for lineno, line in enumerate(source.splitlines(), 1):
         match = BANNER.match(line)
         if match:
-            found.append(Section(int(match.group(1)), match.group(2).strip(), lineno))
+            found.append(Section(match.group(1) + match.group(2), match.group(3).strip(), lineno))
     return found
 
 
@@ -126,7 +130,7 @@ def layering_violations(source: str) -> list[str]:
             owner = home.get(name.id)
             if owner is None or owner == section:
                 continue
-            if owner.number > section.number:
+            if owner.order > section.order:
                 problems.append(f"line {name.lineno}: §{section.number} uses {name.id} "
                                 f"from §{owner.number} below it")
             elif name.id.startswith("_"):
