@@ -73,13 +73,6 @@ def side_databases(pg: Cluster, project: Project, kind: str) -> list[str]:
                                    "ORDER BY 1", params=(f"{project.name}%\\_{kind}\\_%",))]
 
 
-def restoring_into_scratch(pg: Cluster, project: Project) -> bool:
-    """Is a client (pg_restore) connected to the restore's scratch database right now?"""
-    return bool(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname LIKE %s "
-                          "AND pid <> pg_backend_pid()",
-                          params=(f"{project.name}%\\_restore\\_%",)))
-
-
 def backups_in(project: Project, env: str = "local") -> list[Path]:
     return sorted((project.root / ".confiture/backups" / env).glob("*.dump"))
 
@@ -185,7 +178,8 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
                             cwd=project.root, env=confiture_environ(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not restoring_into_scratch(pg, project):  # pg_restore is loading the scratch database
+    while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)",
+                        params=(side_databases(pg, project, "restore"),)):  # pg_restore is at work
         assert proc.poll() is None and time.monotonic() < deadline, "restore ended too soon"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

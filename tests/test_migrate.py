@@ -465,12 +465,11 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE_"))}
 
 
-def _start(project: Project, pg: Cluster, *args: str, stderr: Any = subprocess.PIPE
-           ) -> subprocess.Popen[str]:
+def _start(project: Project, pg: Cluster, *args: str) -> subprocess.Popen[str]:
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
     return subprocess.Popen(confiture_argv(*args), cwd=project.root,
-                            env=confiture_environ(env), stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            start_new_session=True)
+                            env=confiture_environ(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for(predicate: Any, timeout: float = 30) -> None:
@@ -483,6 +482,12 @@ def _wait_for(predicate: Any, timeout: float = 30) -> None:
 def _running(pg: Cluster, db: str, fragment: str) -> bool:
     return bool(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                           "AND query LIKE %s AND state = 'active'", params=(db, f"%{fragment}%")))
+
+
+def _lock_pollers(pg: Cluster, db: str) -> int:
+    """Sessions whose last query (idle or not: pg_stat_activity keeps it) tried an advisory lock."""
+    return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                          "AND query LIKE '%%pg_try_advisory_lock%%'", params=(db,)))
 
 
 def _sessions(pg: Cluster, db: str) -> int:
@@ -531,8 +536,8 @@ def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Cluster, p
     assert not exists(pg, project, "queued_too")
 
 
-def test_waiting_run_does_not_block_create_index_concurrently(pg: Cluster, project: Project, db: str,
-                                                              tmp_path: Path) -> None:
+def test_waiting_run_does_not_block_create_index_concurrently(pg: Cluster, project: Project,
+                                                              db: str) -> None:
     add_config(project, '[migrations]\nlock_timeout = "60s"')
     mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
     mig(project, "2_cic", "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY big_x ON big (x);\n")
@@ -542,17 +547,13 @@ def test_waiting_run_does_not_block_create_index_concurrently(pg: Cluster, proje
         blocker.execute("SELECT 1")
         holder = _start(project, pg, "migrate", "up")
         _wait_for(lambda: _running(pg, db, "CREATE INDEX CONCURRENTLY"))
-        waiter_log = tmp_path / "waiter.stderr"
-        with waiter_log.open("w") as log:
-            waiter = _start(project, pg, "migrate", "up", stderr=log)
-        # until the waiter has found the lock taken: it polls it from then on
-        _wait_for(lambda: "waiting for the migration lock" in waiter_log.read_text()
-                  or waiter.poll() is not None)
+        pollers = _lock_pollers(pg, db)
+        waiter = _start(project, pg, "migrate", "up")
+        _wait_for(lambda: _lock_pollers(pg, db) > pollers)  # the waiter polls the lock meanwhile
         assert waiter.poll() is None and holder.poll() is None
         blocker.rollback()
     assert holder.wait(timeout=60) == 0, holder.stderr.read()  # type: ignore[union-attr]
-    waiter.wait(timeout=60)
-    waited = waiter_log.read_text()
+    waited = waiter.communicate(timeout=60)[1]
     assert waiter.returncode == 0, waited
     assert "waiting for the migration lock" in waited and "held by pid" in waited
     assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_x'::regclass", db=db)
