@@ -2387,7 +2387,19 @@ class Session:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             if not queued:
-                self._raise_dead()
+                self._raise_dead(self._stderr_after_exit())
+
+    def _stderr_after_exit(self) -> str:
+        """Everything psql wrote to stderr once its stdin pipe broke: it has exited (or is
+        exiting), so the read ends at EOF. Without it a session whose psql died before the
+        first write (server down, no such role) is reported with no reason and no hint."""
+        assert self._proc.stderr is not None
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        rest = self._proc.stderr.read() or b""
+        return b"".join([*self._stderr_carry, rest]).decode("utf-8", "replace")
 
     def _read_frame(self, timeout: float | None, ahead: bool = False
                     ) -> tuple[list[str], str, bool, str]:
