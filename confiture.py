@@ -6731,15 +6731,21 @@ def _table_of(obj: DbObject) -> str:
 
 @record(frozen=True)
 class Alteration:
-    """How an object changes in place. `disturbs`: views, policies and triggers over it must be
-    dropped first and created again (a column's type change)."""
+    """How an object changes in place. `disturbs`: the kinds of its dependents that must be
+    dropped first and created again (views, policies and triggers over a column whose type
+    changes)."""
 
     statements: tuple[str, ...]
-    disturbs: bool = False
+    disturbs: frozenset[str] = frozenset()
     destructive: bool = False
 
 
 _NO_CHANGE = Alteration(statements=())
+# Dependents PostgreSQL refuses to keep over a column whose type changes (a default is
+# dropped and set again: it may not cast to the new type).
+_DISTURBED_KINDS = frozenset({"view", "policy", "trigger", "default"})
+# …and over a column whose enum type is swapped for a new one (their text names the type).
+_SWAP_DISTURBED = _DISTURBED_KINDS | {"default", "constraint", "index"}
 
 
 def _literal_list(values: Sequence[str]) -> str:
@@ -6846,7 +6852,8 @@ def _alter_composite(old: DbObject, new: DbObject) -> Alteration | None:
         elif before[name] != attr:
             collate = f" COLLATE {attr['collation']}" if attr.get("collation") else ""
             actions.append(f"ALTER ATTRIBUTE {name} TYPE {attr['type']}{collate}")
-    return Alteration((f"ALTER TYPE {ident(new)} {', '.join(actions)}",), disturbs=True)
+    return Alteration((f"ALTER TYPE {ident(new)} {', '.join(actions)}",),
+                      disturbs=_DISTURBED_KINDS)
 
 
 _SEQUENCE_CLAUSES = (("type", "AS {}"), ("increment", "INCREMENT BY {}"), ("min", "MINVALUE {}"),
@@ -6997,7 +7004,7 @@ def _alter_column(old: DbObject, new: DbObject) -> Alteration | None:
     if o["generated"] != n["generated"] or o["expression"] != n["expression"]:
         return None
     head = f"ALTER TABLE {_table_of(new)} ALTER COLUMN {new.name}"
-    out, disturbs, destructive = [], False, False
+    out, disturbs, destructive = [], frozenset[str](), False
     if o["identity"] and o["identity"] != n["identity"]:
         out.append(f"{head} DROP IDENTITY")
     if o["type"] != n["type"] or o["collation"] != n["collation"]:
@@ -7005,7 +7012,8 @@ def _alter_column(old: DbObject, new: DbObject) -> Alteration | None:
         using = "" if widening(o["type"], n["type"]) or o["type"] == n["type"] \
             else f" USING {new.name}::{n['type']}"
         out.append(f"{head} TYPE {n['type']}{collate}{using}")
-        disturbs, destructive = True, o["type"] != n["type"] and not widening(o["type"], n["type"])
+        disturbs = _DISTURBED_KINDS
+        destructive = o["type"] != n["type"] and not widening(o["type"], n["type"])
     if o["notnull"] != n["notnull"]:
         out.append(f"{head} {'SET' if n['notnull'] else 'DROP'} NOT NULL")
     if n["identity"] and o["identity"] != n["identity"]:
@@ -7287,8 +7295,6 @@ def compare_models(expected: SchemaModel, actual: SchemaModel) -> list[str]:
                   key=lambda line: line[2:])
 
 
-# Dependents PostgreSQL refuses to keep over a column whose type changes.
-_DISTURBED_KINDS = frozenset({"view", "policy", "trigger"})
 
 
 @record()
@@ -7300,6 +7306,8 @@ class _Planner:
     alters: dict[str, Alteration] = field(default_factory=dict)
     replaced: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    released: set[str] = field(default_factory=set)   # sequences whose owner is dropped
+    swaps: dict[str, list[str]] = field(default_factory=dict)  # enum → columns it converts
 
     def classify(self) -> None:
         a, b = self.old.objects, self.new.objects
@@ -7310,11 +7318,46 @@ class _Planner:
                 self.alters[key] = _NO_CHANGE
                 continue
             alteration = OBJECT_KINDS[b[key].kind].alter(a[key], b[key])
+            if alteration is None and b[key].kind == "type" and a[key].facts["type"] == "e" \
+                    and b[key].facts["type"] == "e":
+                alteration = self._swap_enum(a[key], b[key])
             if alteration is None:
                 self.replaced.add(key)
             else:
                 self.alters[key] = alteration
         self._close_replacements()
+        self._release_sequences()
+
+    def _swap_enum(self, old: DbObject, new: DbObject) -> Alteration:
+        """An enum that loses or reorders labels: renamed away, created anew, its columns
+        converted through text, the old one dropped (what careful hands do)."""
+        a, b = self.old.objects, self.new.objects
+        aside = f"{ident(old)}__old".replace('"__old', '__old"')
+        out = [f"ALTER TYPE {ident(old)} RENAME TO {aside.rsplit('.', 1)[-1]}",
+               *_create_type(new, self.new)]
+        for column in sorted(k for k, o in a.items() if o.kind == "column" and old.key in o.depends
+                             and k in b):
+            target = b[column].facts["type"]
+            via = "text[]" if target.endswith("[]") else "text"
+            out.append(f"ALTER TABLE {_table_of(b[column])} ALTER COLUMN {b[column].name} TYPE "
+                       f"{target} USING {b[column].name}::{via}::{target}")
+            self.alters.setdefault(column, Alteration((), disturbs=_DISTURBED_KINDS))
+            self.swaps.setdefault(new.key, []).append(column)
+        out.append(f"DROP TYPE {aside}")
+        removed = set(old.facts["labels"] or []) - set(new.facts["labels"] or [])
+        return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed))
+
+    def _release_sequences(self) -> None:
+        """A sequence that stays while the column owning it goes would go with it: its
+        ownership is released first (and set again at the end)."""
+        a, b, dropped = self.old.objects, self.new.objects, self.dropped()
+        for key in sorted(a.keys() & b.keys()):
+            owner = a[key].facts.get("owned_by") if a[key].kind == "sequence" else None
+            if owner and f"column {owner}" in dropped and key not in self.replaced:
+                done = self.alters.get(key, _NO_CHANGE)
+                self.alters[key] = evolve(done, statements=(
+                    f"ALTER SEQUENCE {ident(b[key])} OWNED BY NONE", *done.statements))
+                self.released.add(key)
 
     def _close_replacements(self) -> None:
         """Dependents of what is replaced (or of a column whose type changes) go too."""
@@ -7328,10 +7371,11 @@ class _Planner:
         while todo:
             key = todo.pop()
             whole = key in self.replaced or key not in b
+            disturbed = frozenset() if whole else self.alters[key].disturbs
             for child in sorted(direct.get(key, [])):
                 if child not in b or child in self.replaced:
                     continue
-                if not whole and a[child].kind not in _DISTURBED_KINDS:
+                if not whole and a[child].kind not in disturbed:
                     continue
                 if OBJECT_KINDS[a[child].kind].keeps_data and a[child].parent != key and \
                         not (a[child].kind == "column" and a[child].parent in self.replaced):
@@ -7412,9 +7456,10 @@ class _Planner:
 
     def edges(self, actions: Mapping[tuple[str, str], object]) -> dict[tuple[str, str],
                                                                       set[tuple[str, str]]]:
-        """action → the actions that must run before it."""
+        """action → the actions that must run before it. What PostgreSQL drops with its
+        table (or column) is ordered as that table's drop."""
         a, b = self.old.objects, self.new.objects
-        created = self.created()
+        created, dropped = self.created(), self.dropped()
         after: dict[tuple[str, str], set[tuple[str, str]]] = {n: set() for n in actions}
         hosted: dict[str, set[str]] = {}
         for key in created:
@@ -7425,6 +7470,18 @@ class _Planner:
                 node = ("create", self.host(key, created))
                 return node if node in actions else None
             return ("alter", key) if ("alter", key) in actions else None
+
+        def dropper(key: str) -> tuple[str, str] | None:
+            if key not in dropped:
+                return None
+            if self.implicit_drop(key, dropped):
+                obj = a[key]
+                return dropper(obj.parent if obj.kind != "default" else f"column {ident(obj)}")
+            return ("drop", key)
+
+        def link(node: tuple[str, str] | None, before: tuple[str, str] | None) -> None:
+            if node is not None and before is not None and node != before:
+                after[node].add(before)
 
         users: dict[str, list[str]] = {}
         for obj in a.values():
@@ -7437,18 +7494,21 @@ class _Planner:
                 if verb == "create":  # a new table's columns and defaults bring their needs
                     needs |= {d for k in hosted.get(key, ()) for d in b[k].depends}
                 for dep in needs:
-                    before = forward(dep)
-                    if before is not None and before != node:
-                        after[node].add(before)
-                if ("drop", key) in actions:
-                    after[node].add(("drop", key))
-            if verb in ("drop", "alter"):  # what needs it is dropped first
-                after[node].update(("drop", user) for user in users.get(key, [])
-                                   if ("drop", user) in actions)
+                    link(node, forward(dep))
+                link(node, dropper(key))
+            target = dropper(key) if verb == "drop" else \
+                node if verb == "alter" and self.alters[key].disturbs else None
+            for user in users.get(key, []):  # what needs it is dropped first
+                link(target, dropper(user))
             if verb == "alter":  # what it stops needing is dropped after it
                 for dep in a[key].depends:
-                    if ("drop", dep) in actions:
-                        after[("drop", dep)].add(node)
+                    link(dropper(dep), node)
+        for key, columns in self.swaps.items():  # the swap converts them: their users go first
+            for column in columns:
+                for user in users.get(column, []):
+                    link(("alter", key), dropper(user))
+        for key in self.released:
+            link(dropper(f"column {a[key].facts['owned_by']}"), ("alter", key))
         return after
 
 
@@ -7500,18 +7560,20 @@ def plan_schema(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename] = 
 
     order, stuck = _order(actions, after, kind_of)
     statements = renaming + [s for node in order for s in actions[node]]
-    statements += _late_statements(old, new)
+    statements += _late_statements(old, new, planner.released)
     unsupported = planner.problems + [f"{key}: in a dependency cycle" for key in stuck]
     return SchemaPlan(statements=tuple(statements), unsupported=tuple(sorted(set(unsupported))),
                       suggestions=tuple(suggest_renames(old, new)))
 
 
-def _late_statements(old: SchemaModel, new: SchemaModel) -> list[PlannedStatement]:
+def _late_statements(old: SchemaModel, new: SchemaModel, released: set[str]
+                     ) -> list[PlannedStatement]:
     out = []
     for key, obj in sorted(new.objects.items()):
         late = OBJECT_KINDS[obj.kind].late
         if late is not None:
-            out += [PlannedStatement(s, key) for s in late(old.objects.get(key), obj)]
+            before = None if key in released else old.objects.get(key)
+            out += [PlannedStatement(s, key) for s in late(before, obj)]
     return out
 
 
