@@ -6527,8 +6527,17 @@ SELECT s.oid, 'statistics', quote_ident(n.nspname), quote_ident(s.stxname), pg_g
 FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace WHERE {_user_ns()}
 UNION ALL
 SELECT p.oid, 'aggregate', quote_ident(n.nspname),
-  quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')', NULL, NULL
+  quote_ident(p.proname) || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+  CASE WHEN a.aggkind = 'n' THEN 'CREATE AGGREGATE ' || p.oid::regprocedure::text
+    || ' (SFUNC = ' || a.aggtransfn::regproc::text
+    || ', STYPE = ' || format_type(a.aggtranstype, NULL)
+    || coalesce(', FINALFUNC = ' || nullif(a.aggfinalfn::regproc::text, '-'), '')
+    || coalesce(', COMBINEFUNC = ' || nullif(a.aggcombinefn::regproc::text, '-'), '')
+    || coalesce(', INITCOND = ' || quote_literal(a.agginitval), '')
+    || coalesce(', SORTOP = ' || nullif(a.aggsortop, 0)::regoperator::text, '') || ')' END,
+  'DROP AGGREGATE ' || p.oid::regprocedure::text
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
 WHERE p.prokind IN ('a', 'w') AND {_user_ns()} AND {_not_extension('pg_proc', 'p.oid')}
 UNION ALL
 SELECT c.oid, 'foreign table', quote_ident(n.nspname), quote_ident(c.relname), NULL, NULL {_relations("'f'", excluded)}
