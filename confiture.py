@@ -589,7 +589,7 @@ _STR, _BOOL, _INT, _LIST = (str,), (bool,), (int,), (list,)
 CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
     "project": {"name": _STR, "schema": (str, list), "seeds": _STR, "migrations": _STR,
                 "generated": _STR, "state_dir": _STR, "default_env": _STR,
-                "maintenance_db": _STR},
+                "maintenance_db": _STR, "scratch_url": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
     "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
     "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
@@ -831,6 +831,7 @@ class Config:
     deploy_drift_check: bool
     envs: Mapping[str, EnvConfig]
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
 
 
 @record(frozen=True)
@@ -1076,8 +1077,18 @@ def load_config(path: Path) -> Config:
         backups_keep=backups.get("keep", 10),
         deploy_verify=root / deploy.get("verify", "db/verify"),
         deploy_drift_check=deploy.get("drift_check", False),
-        envs=envs, raw=data)
+        envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where))
     return config
+
+
+def _checked_scratch_url(value: str | None, where: str) -> str | None:
+    """project.scratch_url is parsed at load unless it holds ${VAR}s (expanded when used)."""
+    if value is not None and "${" not in value:
+        try:
+            ConnInfo.parse(value, "project.scratch_url")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+    return value
 
 
 def resolve_env_name(config: Config, requested: str | None, environ: Mapping[str, str]) -> str:
@@ -1123,6 +1134,46 @@ def _refuse_alias_of_protected(config: Config, env: Env, environ: Mapping[str, s
                 f"env.{env.name} points at the same database as protected env.{other.name} "
                 f"({env.database} on {mine[0]}:{mine[1]})",
                 hint=f"mark env.{env.name} protected, or point it at another database")
+
+
+@record(frozen=True)
+class ScratchServer:
+    """Where an env's throwaway databases (expected schemas, scratch copies) are created:
+    `conn` reaches the server, `maintenance_db` is where CREATE/DROP DATABASE are sent, and
+    `origin` names the setting that chose it (for messages)."""
+
+    conn: ConnInfo
+    maintenance_db: str
+    origin: str
+
+
+def scratch_server(config: Config, env_name: str,
+                   environ: Mapping[str, str] = os.environ) -> ScratchServer:
+    """The server for an env's scratch work. An unprotected env uses its own server. A
+    protected env never gets a database created on its server (a read-only role there must be
+    enough to inspect it): it uses [project] scratch_url, else the server of the project's
+    default_env when that env is unprotected; otherwise the work is refused (exit 4)."""
+    spec = config.envs[env_name]
+    if not spec.protected:
+        env = resolve_env(config, env_name, environ)
+        return ScratchServer(env.conn, env.maintenance_db, f"env.{env_name}")
+    if config.scratch_url is not None:
+        key = "project.scratch_url"
+        conn = ConnInfo.parse(expand_vars(config.scratch_url, key, environ), key)
+        return ScratchServer(conn, conn.dbname(environ) or config.maintenance_db, key)
+    hint = ("set [project] scratch_url to a server where databases may be created "
+            "(a local or CI server); the expected schema is built there")
+    default = config.envs.get(config.default_env)
+    if default is None or default.protected:
+        raise Refused(f"env {env_name!r} is protected and no scratch server is configured: "
+                      "its expected schema is never built on its own server", hint=hint)
+    try:
+        env = resolve_env(config, default.name, environ)
+    except ConfigError as exc:
+        raise Refused(f"env {env_name!r} is protected and the scratch server (the server of "
+                      f"default env {default.name!r}) is not usable: {exc.message}",
+                      hint=hint) from None
+    return ScratchServer(env.conn, env.maintenance_db, f"env.{default.name}")
 
 
 def confirm_protected(env: Env, action: str, yes: bool, console: Console,
@@ -2025,6 +2076,18 @@ def open_workspace(env: Env, console: Console, environ: Mapping[str, str] = os.e
                    ) -> Workspace:
     return Workspace(env=env, client=Client(find_pg_tools(environ), env.conn, dict(environ)),
                      console=console)
+
+
+def scratch_workspace(ws: Workspace) -> Workspace:
+    """The workspace for the env's scratch work (templates, scratch databases): the env
+    itself when unprotected, else the same env reached on its scratch server (§3
+    scratch_server), so that inspecting a protected env creates nothing on its server."""
+    if not ws.env.protected:
+        return ws
+    server = scratch_server(ws.config, ws.env.name, ws.client.environ)
+    env = evolve(ws.env, conn=server.conn,
+                 spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
+    return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
 
 
 def admin_session(ws: Workspace) -> Session:
@@ -8319,14 +8382,15 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     current and its dump read from the cache or, the first time after a build, taken in place
     (template_schema_dump). The live dump runs meanwhile (_LiveDump)."""
     started = time.monotonic()
+    scratch = scratch_workspace(ws)  # a protected env's template is built elsewhere
     live = _LiveDump(ws, privileges)
     tables = tracking_tables(ws.config)
-    with admin_session(ws) as session:
+    with admin_session(scratch) as session:
         try:
-            result, probe = ensure_template(ws, seeds=template_seeds(ws.env), session=session,
-                                            cached=True)
-            expected_text, cached = template_schema_dump(ws, session, result, probe, privileges,
-                                                         before_dump=live.start)
+            result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
+                                            session=session, cached=True)
+            expected_text, cached = template_schema_dump(scratch, session, result, probe,
+                                                         privileges, before_dump=live.start)
         except BaseException:
             live.abandon()
             raise
@@ -8389,8 +8453,10 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
     """Prove that migrations and DDL agree: apply every pending migration to a scratch
     database and compare it with the env's schema-only DDL build. The scratch database starts
     empty (histories that build everything from nothing) or, with `base`, as a schema copy of
-    that env's database with its applied migrations recorded (a preview of deploying there)."""
+    that env's database with its applied migrations recorded (a preview of deploying there).
+    Both are built on the env's scratch server (scratch_workspace)."""
     started = time.monotonic()
+    ws = scratch_workspace(ws)
     base_dump = base_version = None
     if base is not None:
         base_dump = Background(lambda: dump_schema(base.client, base.env.database, False))
@@ -8519,7 +8585,8 @@ class EnvStatus:
 
 def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict[str, Any],
                                                             dict[str, Any]]:
-    """(server, database, template) facts from one admin session; unreachable → a message."""
+    """(server, database, template) facts from one admin session; unreachable → a message.
+    A protected env's template lives on its scratch server: asked there, in a second session."""
     name = template_name(ws.config.project, ws.env.name, fileset.hash)
     try:
         with admin_session(ws) as session:
@@ -8528,20 +8595,33 @@ def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict
                 f"(SELECT pg_database_size(oid) FROM pg_database WHERE datname = "
                 f"{quote_literal(ws.env.database)}) AS size, "
                 f"(SELECT count(*) FROM pg_database WHERE datname = "
-                f"{quote_literal(ws.env.database)}) AS exists, "
-                f"(SELECT datistemplate FROM pg_database WHERE datname = {quote_literal(name)}) "
-                "AS current")[0]
-            built = [t for t in list_templates(session, ws.config.project, ws.env.name)
-                     if t.seeds == fileset.seeds]
+                f"{quote_literal(ws.env.database)}) AS exists")[0]
+            template = None if ws.env.protected else _template_facts(ws, session, fileset)
     except PgError as exc:
         return ({"reachable": False, "error": exc.message}, {"exists": None},
                 {"name": name, "state": "unknown"})
-    state = "current" if row["current"] else "stale" if built else "missing"
-    template: dict[str, Any] = {"name": name, "state": state}
-    if built and not row["current"]:
-        template["newest"] = {"name": built[0].name, "built_at": built[0].built_at}
+    if template is None:
+        try:
+            scratch = scratch_workspace(ws)
+            with admin_session(scratch) as session:
+                template = _template_facts(scratch, session, fileset)
+        except ConfitureError as exc:
+            template = {"name": name, "state": "unknown", "error": exc.message}
     return ({"reachable": True, "version": row["version"]},
             {"exists": bool(row["exists"]), "size": row["size"]}, template)
+
+
+def _template_facts(ws: Workspace, session: Session, fileset: FileSet) -> dict[str, Any]:
+    """Is the env's template for these files built (current), is an older one (stale), or none?"""
+    name = template_name(ws.config.project, ws.env.name, fileset.hash)
+    built = [t for t in list_templates(session, ws.config.project, ws.env.name)
+             if t.seeds == fileset.seeds]
+    current = any(t.name == name for t in built)
+    state = "current" if current else "stale" if built else "missing"
+    template: dict[str, Any] = {"name": name, "state": state}
+    if built and not current:
+        template["newest"] = {"name": built[0].name, "built_at": built[0].built_at}
+    return template
 
 
 def max_backup_age(config: Config) -> float | None:

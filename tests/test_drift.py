@@ -607,3 +607,80 @@ def test_diff_works_when_its_caches_cannot_be_written(pg: Any, project: Any, cli
         assert code == 0 and doc["cached"] is False, (code, doc)
     result = cli("migrate", "status", cwd=project.root)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+# ── a protected env is inspected without creating anything on its server (issue 11.6) ──────
+
+
+@pytest.fixture
+def readonly_prod(pg_remote: Any, project: Any) -> Iterator[dict[str, str]]:
+    """The project's prod database on `pg_remote`, reached over TCP by a NOCREATEDB role that
+    may only read it; yields the environment that points env.prod there (PROD_URL)."""
+    role, password, db = project.name + "_ro", "ro-secret", project.db("prod")
+    pg_remote.create_db(db)
+    pg_remote.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=db)
+    pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB PASSWORD {}").format(
+        sql.Identifier(role), sql.Literal(password)))
+    pg_remote.query(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
+        sql.Identifier(role)), db=db)
+    text = project.config_path.read_text()
+    project.config_path.write_text(
+        text[:text.index("[env.prod]")] + '[env.prod]\nurl = "${PROD_URL}"\nprotected = true\n')
+    try:
+        yield {"PROD_URL": f"postgresql://{role}:{password}@127.0.0.1:{pg_remote.tcp_port}/{db}"}
+    finally:
+        pg_remote.drop_dbs_with_prefix(project.name)
+        pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def _databases(cluster: Any) -> set[str]:
+    return {row[0] for row in cluster.query("SELECT datname FROM pg_database")}
+
+
+def test_protected_env_is_inspected_with_a_read_only_role(pg: Any, pg_remote: Any, project: Any,
+                                                          cli: Any, readonly_prod: Any) -> None:
+    before = _databases(pg_remote)
+    result = cli("--env", "prod", "diff", cwd=project.root, env=readonly_prod)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the expected schema was built on the default env's server (`pg`), not on prod's
+    assert [r[0] for r in pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, "
+                                   "%s)", params=(project.name + "_tpl_prod_",))]
+    pg_remote.query("CREATE INDEX widgets_label ON widgets (label)", db=project.db("prod"))
+    result = cli("--env", "prod", "diff", cwd=project.root, env=readonly_prod)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "widgets_label" in result.stdout
+    result = cli("--env", "prod", "status", "--drift", "--json", cwd=project.root,
+                 env=readonly_prod)
+    assert "Traceback" not in result.stderr
+    status = json.loads(result.stdout)
+    assert status["drift"]["checked"] is True and status["drift"]["differences"] == 1, status
+    assert status["template"]["state"] == "current", status
+    assert _databases(pg_remote) == before
+
+
+def test_protected_env_without_a_scratch_server_is_refused(pg: Any, pg_remote: Any, project: Any,
+                                                           cli: Any, readonly_prod: Any) -> None:
+    text = project.config_path.read_text()
+    project.config_path.write_text(text.replace('default_env = "local"', 'default_env = "prod"'))
+    before_remote, before_local = _databases(pg_remote), _databases(pg)
+    result = cli("--env", "prod", "diff", cwd=project.root, env=readonly_prod)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "scratch_url" in result.stderr and "Traceback" not in result.stderr
+    result = cli("--env", "prod", "status", "--drift", "--json", cwd=project.root,
+                 env=readonly_prod)
+    status = json.loads(result.stdout)
+    assert status["drift"]["checked"] is False and "protected" in status["drift"]["error"]
+    assert _databases(pg_remote) == before_remote and _databases(pg) == before_local
+    # [project] scratch_url names the server where the expected schema is built
+    project.config_path.write_text(project.config_path.read_text().replace(
+        "[project]\n", '[project]\nscratch_url = "${SCRATCH_URL}"\n'))
+    result = cli("--env", "prod", "diff", cwd=project.root,
+                 env={**readonly_prod, "SCRATCH_URL": pg.url()})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _databases(pg_remote) == before_remote
+    assert any(n.startswith(project.name + "_tpl_prod_") for n in _databases(pg))
+    # a malformed scratch_url is a configuration error at load, naming the key
+    project.config_path.write_text(project.config_path.read_text().replace(
+        '"${SCRATCH_URL}"', '"mysql://x"'))
+    result = cli("config", "check", cwd=project.root, env=readonly_prod)
+    assert result.returncode == 2 and "project.scratch_url" in result.stderr, result.stderr
