@@ -2561,9 +2561,11 @@ def migration_rel(config: Config, path: Path | None) -> str:
         return str(path)
 
 
-def new_migration(config: Config, name: str, now: float | None = None) -> list[Path]:
+def new_migration(config: Config, name: str, now: float | None = None,
+                  bodies: tuple[str, str] | None = None) -> list[Path]:
     """Create <UTC yyyymmddHHMMSS>_<name>.up.sql and .down.sql (or a folder, when the
-    project's newest migration is a folder); never overwrites."""
+    project's newest migration is a folder), with `bodies` or a placeholder; never
+    overwrites."""
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     if not slug:
         raise ConfigError(f"migration name {name!r} has no letters or digits")
@@ -2581,7 +2583,8 @@ def new_migration(config: Config, name: str, now: float | None = None) -> list[P
         paths = [base / "up.sql", base / "down.sql"]
     else:
         paths = [base.with_name(base.name + ".up.sql"), base.with_name(base.name + ".down.sql")]
-    bodies = [f"-- {version}_{slug}: up\n", f"-- {version}_{slug}: revert what up.sql did\n"]
+    if bodies is None:
+        bodies = (f"-- {version}_{slug}: up\n", f"-- {version}_{slug}: revert what up.sql did\n")
     for path, body in zip(paths, bodies):
         if path.exists():
             raise Refused(f"{path} already exists")
@@ -7306,8 +7309,7 @@ def parse_rename(text: str) -> Rename:
     if kind == "column" and 2 <= len(parts) <= 3 and new and all(parts):
         schema, table, name = (["public"] + parts)[-3:]
         qualified = _qname(schema, table)
-        return Rename("column", f"column {qualified}.{name}",
-                      f"column {qualified}.{quote_ident(new)}")
+        return Rename("column", f"column {qualified}.{name}", f"column {qualified}.{new}")
     raise ConfigError(f"--rename {text!r}: expected table:OLD=NEW or column:TABLE.OLD=NEW")
 
 
@@ -7351,9 +7353,7 @@ def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
     name = obj.name
     if key == rename.new or (rename.kind == "column" and key == "default " +
                              rename.new.split(" ", 1)[1]):
-        name = rename.new.rsplit(".", 1)[-1].strip('"')
-        if rename.kind == "table":
-            name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1].strip('"')
+        name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
     return evolve(obj, key=key, name=name,
                   parent=_renamed_key(obj.parent, rename.old, rename.new) if obj.parent else "",
                   depends=frozenset(_renamed_key(d, rename.old, rename.new) for d in obj.depends))
@@ -8874,6 +8874,163 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
+# §13 Derived migrations
+# `migrate generate`: the schema the migrations produce (replayed on a scratch database) and
+# the schema the DDL builds (the env's template) are read as models (§11); the planned up and
+# down are applied to scratch copies and written only when both reproduce their target
+# exactly. `diff --sql`: the plan that turns a database into its reference. Scratch work runs
+# on the env's scratch server (§7 scratch_workspace), every scratch database is dropped.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+@record(frozen=True)
+class GeneratedMigration:
+    """What `migrate generate` planned, proved and wrote (`paths` empty: nothing to do)."""
+
+    up: SchemaPlan
+    down: SchemaPlan
+    source: str                    # where the `from` schema came from
+    paths: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"created": list(self.paths), "from": self.source,
+                "up": [s.sql for s in self.up.statements],
+                "down": [s.sql for s in self.down.statements],
+                "destructive": [s.sql for s in self.up.destructive],
+                "suggestions": list(self.up.suggestions)}
+
+
+def read_database_model(ws: Workspace, dbname: str) -> SchemaModel:
+    """The schema model of one database of the workspace's server, confiture's own tables
+    left out."""
+    with ws.client.session(dbname) as session:
+        return read_schema_model(session, tracking_tables(ws.config))
+
+
+def ddl_model(ws: Workspace, session: Session) -> tuple[SchemaModel, dict[str, Any]]:
+    """The schema the env's DDL builds: its schema-only template, read from a scratch clone
+    (a template accepts no connections); and the template's probe (clone_strategy's input)."""
+    result, probe = ensure_template(ws, seeds=False, session=session)
+    with ScratchDatabase(ws, session, result.name, clone_strategy(ws.config, probe)) as clone:
+        return read_database_model(ws, clone), probe
+
+
+@record(frozen=True)
+class FromSide:
+    """Where `migrate generate` starts: the migrations replayed on an empty database (or on a
+    schema copy of `base` with its applied ones recorded), or a live env's schema as is."""
+
+    base: Workspace | None = None
+    live: Workspace | None = None
+
+    def describe(self, applied: int) -> str:
+        if self.live is not None:
+            return f"env {self.live.env.name} ({self.live.env.database})"
+        start = f"env {self.base.env.name}'s schema" if self.base is not None else "empty"
+        return f"migrations ({applied} applied to {start})"
+
+    def fill(self, ws: Workspace, dbname: str) -> int:
+        """Build the `from` schema in the scratch database `dbname`; return how many
+        migrations ran."""
+        source = self.live or self.base
+        if source is not None:
+            ws.client.run_script(dump_schema(source.client, source.env.database, False), dbname)
+        if self.live is not None:
+            return 0
+        version = applied_migration_version(self.base) if self.base is not None else None
+        return apply_all_migrations(ws, dbname, version)
+
+
+def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
+                       renames: Sequence[Rename] = (), allow_destructive: bool = False,
+                       write: bool = True) -> GeneratedMigration:
+    """Plan the migration from the `from` schema to the DDL's, prove it (and its down) on
+    scratch copies, then write it. Raises CheckFailed (exit 3) listing what the plan cannot
+    express or what stayed different, Refused (exit 4) for a destructive plan not allowed."""
+    side = side or FromSide()
+    scratch = scratch_workspace(ws)
+    with admin_session(scratch) as session:
+        to_model, probe = ddl_model(scratch, session)
+        with ScratchDatabase(scratch, session, "template0",
+                             clone_strategy(ws.config, probe)) as from_db:
+            applied = side.fill(scratch, from_db)
+            from_model = read_database_model(scratch, from_db)
+            source = side.describe(applied)
+            up = plan_schema(from_model, to_model, renames)
+            down = plan_schema(to_model, from_model, [Rename(r.kind, r.new, r.old)
+                                                      for r in renames])
+            if not up.statements and not up.unsupported:
+                return GeneratedMigration(up=up, down=down, source=source)
+            check_plans(up, down, allow_destructive)
+            prove_plans(scratch, from_db, probe, up, down, from_model, to_model)
+    paths: tuple[str, ...] = ()
+    if write:
+        created = new_migration(ws.config, name, bodies=(
+            migration_text(up, f"{source} → DDL"), migration_text(down, f"DDL → {source}")))
+        paths = tuple(migration_rel(ws.config, p) for p in created)
+    return GeneratedMigration(up=up, down=down, source=source, paths=paths)
+
+
+def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> None:
+    """Refuse plans that cannot be expressed or that lose data without permission."""
+    missing = sorted(set(up.unsupported) | {f"{p} (down)" for p in down.unsupported})
+    if missing:
+        raise CheckFailed("the plan cannot express: " + "; ".join(missing),
+                          hint="write this migration by hand (migrate new)")
+    if up.destructive and not allow_destructive:
+        shown = "; ".join(s.sql.split("\n")[0] for s in up.destructive[:5])
+        hint = "if the data may go, add --allow-destructive"
+        if up.suggestions:
+            hint = f"a rename? try {' '.join(up.suggestions)}; else {hint}"
+        raise Refused(f"the migration would destroy data: {shown}", hint=hint)
+
+
+def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any], up: SchemaPlan,
+                down: SchemaPlan, from_model: SchemaModel, to_model: SchemaModel) -> None:
+    """Apply up to a copy of `from_db` and compare with `to_model`; apply down and compare
+    with `from_model`. Any difference, or a statement PostgreSQL refuses, is a CheckFailed
+    naming the objects. (A second admin session: scratch locks are per session.)"""
+    with admin_session(ws) as session, \
+            ScratchDatabase(ws, session, from_db, clone_strategy(ws.config, probe)) as proof:
+        for plan, target, what in ((up, to_model, "up"), (down, from_model, "down")):
+            try:
+                ws.client.run_script(plan.script(), proof)
+            except SqlError as exc:
+                raise CheckFailed(f"the planned {what} migration fails on a scratch copy: "
+                                  f"{exc.message}",
+                                  hint="write this migration by hand (migrate new)") from exc
+            left = compare_models(target, read_database_model(ws, proof))
+            if left:
+                raise CheckFailed(f"the planned {what} migration leaves {len(left)} "
+                                  f"difference(s): {'; '.join(left[:20])}",
+                                  hint="write this migration by hand (migrate new)")
+
+
+def migration_text(plan: SchemaPlan, what: str) -> str:
+    """A generated migration file: a header, then the statements (destructive ones flagged)."""
+    lines = [f"-- generated by confiture migrate generate: {what}",
+             "-- proved on scratch copies: applying it reproduces the target schema exactly"]
+    if plan.script().startswith("SET check_function_bodies"):
+        lines.append("SET check_function_bodies = false;")
+    for statement in plan.statements:
+        if statement.destructive:
+            lines.append("-- destructive: data is lost")
+        lines.append(statement.sql.rstrip().rstrip(";") + ";")
+    return "\n".join(lines) + "\n"
+
+
+def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
+    """The plan that turns the env's database into its reference: the DDL's schema, or
+    another env's database."""
+    actual = read_database_model(ws, ws.env.database)
+    if against is not None:
+        return plan_schema(actual, read_database_model(against, against.env.database))
+    scratch = scratch_workspace(ws)
+    with admin_session(scratch) as session:
+        expected, _ = ddl_model(scratch, session)
+    return plan_schema(actual, expected)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
 # §14 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
@@ -9212,6 +9369,29 @@ def cmd_migrate_new(app: App) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_generate(app: App) -> int:
+    ws = app.workspace()
+    if app.args.base and app.args.from_env:
+        raise ConfigError("migrate generate: --base and --from-env are two different starts; "
+                          "give one")
+    side = FromSide(base=app.workspace(app.args.base) if app.args.base else None,
+                    live=app.workspace(app.args.from_env) if app.args.from_env else None)
+    renames = [parse_rename(text) for text in app.args.rename]
+    result = generate_migration(ws, app.args.name, side, renames, app.args.allow_destructive)
+    app.console.emit(result.as_json())
+    for hint in result.up.suggestions:
+        app.console.warn(f"a drop and an add look like a rename: {hint}")
+    if not result.paths:
+        app.console.result(f"nothing to generate: {result.source} and the DDL agree")
+        return EXIT_OK
+    for path in result.paths:
+        app.console.result(path)
+    app.console.info(f"{len(result.up.statements)} statement(s) up, "
+                     f"{len(result.down.statements)} down; proved on scratch copies of "
+                     f"{result.source}")
+    return EXIT_OK
+
+
 def cmd_migrate_status(app: App) -> int:
     ws = app.workspace()
     status = migration_status(ws, cached=True)
@@ -9337,6 +9517,22 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = msub.add_parser("new", parents=[common], help="create <UTC timestamp>_NAME up/down files")
     p.add_argument("name", help="what the migration does, e.g. add_user_email")
     p.set_defaults(handler=cmd_migrate_new)
+
+    p = msub.add_parser("generate", parents=[common],
+                        help="write the migration that takes the migrations' schema to the DDL's "
+                             "(planned, then proved on scratch databases)")
+    p.add_argument("name", help="what the migration does, e.g. add_user_email")
+    p.add_argument("--allow-destructive", action="store_true",
+                   help="allow drops of tables and columns and narrowing type changes")
+    p.add_argument("--rename", action="append", default=[], metavar="KIND:OLD=NEW",
+                   help="a rename instead of drop+add: table:old=new or column:table.old=new "
+                        "(repeatable)")
+    p.add_argument("--base", metavar="ENV",
+                   help="start from ENV's schema and applied migrations instead of an empty "
+                        "database")
+    p.add_argument("--from-env", metavar="ENV",
+                   help="start from ENV's live schema as it is (read-only)")
+    p.set_defaults(handler=cmd_migrate_generate)
 
     p = msub.add_parser("status", parents=[common],
                         help="applied / pending / changed / missing / out-of-order")
@@ -9660,6 +9856,8 @@ def cmd_diff(app: App) -> int:
     against = app.args.against or "ddl"
     if app.args.base and not app.args.migrations:
         raise ConfigError("diff: --base goes with --migrations")
+    if app.args.sql:
+        return _diff_sql(app, ws, against)
     if app.args.migrations:
         if app.args.against:
             raise ConfigError("diff: --migrations compares migrations with the DDL; "
@@ -9677,6 +9875,28 @@ def cmd_diff(app: App) -> int:
     for line in format_drift(report, app.console):
         app.console.result(line)
     return EXIT_CHECK if report.differences else EXIT_OK
+
+
+def _diff_sql(app: App, ws: Workspace, against: str) -> int:
+    """diff --sql: the statements that turn the env's database into its reference."""
+    if app.args.migrations:
+        raise ConfigError("diff --sql shows what the database needs; for what the migrations "
+                          "need, run migrate generate")
+    if against == ws.env.name:
+        raise ConfigError(f"diff: --against {against} is the env itself",
+                          hint="name another env, or 'ddl'")
+    plan = diff_sql(ws, None if against == "ddl" else app.workspace(against))
+    app.console.emit({"statements": [s.sql for s in plan.statements],
+                      "destructive": [s.sql for s in plan.destructive],
+                      "unsupported": list(plan.unsupported),
+                      "suggestions": list(plan.suggestions)})
+    for line in plan.script().splitlines():
+        app.console.result(line)
+    for problem in plan.unsupported:
+        app.console.warn(f"not expressed: {problem}")
+    if not plan.statements and not plan.unsupported:
+        app.console.info("-- no differences")
+    return EXIT_CHECK if plan.statements or plan.unsupported else EXIT_OK
 
 
 def cmd_watch(app: App) -> int:
@@ -9728,6 +9948,8 @@ def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         "instead of an empty database")
     p.add_argument("--privileges", action="store_true",
                    help="also compare owners, grants and tablespaces")
+    p.add_argument("--sql", action="store_true",
+                   help="print the statements that turn the env's database into the reference")
     p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("watch", parents=[common],

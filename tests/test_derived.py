@@ -1,0 +1,304 @@
+"""Derived migrations (§11 schema model and planner, §13 migrate generate / diff --sql).
+
+Pure planner tests build models by hand (no server). Round trips read real databases with the
+model, apply each plan to a copy and check zero difference both ways. The CLI tests run
+`migrate generate` and `diff --sql` as users do; outcomes are checked with psycopg."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import confiture
+from confiture import DbObject, SchemaModel, plan_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
+                            ROOT.parent.parent / "shared" / "corpora") if p.is_dir()),
+               ROOT.parent / "shared" / "corpora")
+
+
+# ── hand-built models ───────────────────────────────────────────────────────────────────────
+
+def model(*objects: DbObject) -> SchemaModel:
+    return SchemaModel(objects={o.key: o for o in objects})
+
+
+def table(name: str, depends: Sequence[str] = (), **facts: Any) -> DbObject:
+    base = {"relkind": "r", "persistence": "p", "rls": False, "force_rls": False,
+            "options": None, "partition_by": None, "bound": None, "parents": None}
+    return DbObject(kind="table", key=f"table public.{name}", schema="public", name=name,
+                    parent="", facts={**base, **facts}, depends=frozenset(depends))
+
+
+def column(tbl: str, name: str, type_: str = "integer", depends: Sequence[str] = (),
+           **facts: Any) -> DbObject:
+    base = {"type": type_, "notnull": False, "identity": "", "generated": "",
+            "expression": None, "collation": None}
+    return DbObject(kind="column", key=f"column public.{tbl}.{name}", schema="public", name=name,
+                    parent=f"table public.{tbl}", facts={**base, **facts},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def default(tbl: str, name: str, expr: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="default", key=f"default public.{tbl}.{name}", schema="public",
+                    name=name, parent=f"table public.{tbl}", facts={"expr": expr},
+                    depends=frozenset([f"table public.{tbl}", f"column public.{tbl}.{name}",
+                                       *depends]))
+
+
+def constraint(tbl: str, name: str, definition: str, type_: str = "c",
+               depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="constraint", key=f"constraint {name} on public.{tbl}", schema="public",
+                    name=name, parent=f"table public.{tbl}",
+                    facts={"type": type_, "def": definition},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def index(tbl: str, name: str, definition: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="index", key=f"index public.{name}", schema="public", name=name,
+                    parent=f"table public.{tbl}", facts={"def": definition},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def view(name: str, definition: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="view", key=f"view public.{name}", schema="public", name=name,
+                    parent="", facts={"relkind": "v", "def": definition, "options": None},
+                    depends=frozenset(depends))
+
+
+def function(signature: str, body: str, result: str = "integer") -> DbObject:
+    name = signature.split("(")[0]
+    return DbObject(kind="function", key=f"function public.{signature}", schema="public",
+                    name=name, parent="", facts={"prokind": "f", "result": result,
+                                                 "def": f"CREATE OR REPLACE FUNCTION public."
+                                                        f"{signature} {body}"})
+
+
+def sequence(name: str, owned_by: str | None = None) -> DbObject:
+    facts = {"type": "integer", "start": "1", "increment": "1", "min": "1",
+             "max": "2147483647", "cache": "1", "cycle": False, "owned_by": owned_by}
+    return DbObject(kind="sequence", key=f"sequence public.{name}", schema="public", name=name,
+                    parent="", facts=facts)
+
+
+def enum(name: str, *labels: str) -> DbObject:
+    facts = {"type": "e", "labels": list(labels), "attributes": None, "base": None,
+             "default": None, "notnull": False, "checks": None, "range": None}
+    return DbObject(kind="type", key=f"type public.{name}", schema="public", name=name,
+                    parent="", facts=facts)
+
+
+def sqls(plan: confiture.SchemaPlan) -> list[str]:
+    return [s.sql for s in plan.statements]
+
+
+def position(plan: confiture.SchemaPlan, fragment: str) -> int:
+    found = [i for i, s in enumerate(sqls(plan)) if fragment in s]
+    assert len(found) == 1, (fragment, sqls(plan))
+    return found[0]
+
+
+# ── the planner on pure models ──────────────────────────────────────────────────────────────
+
+def test_equal_models_plan_nothing() -> None:
+    one = model(table("t"), column("t", "id"))
+    plan = plan_schema(one, one)
+    assert plan.statements == () and plan.unsupported == () and plan.script() == ""
+
+
+def test_new_table_with_serial_column_creates_sequence_first_and_owns_it_last() -> None:
+    new = model(sequence("t_id_seq", owned_by="public.t.id"), table("t"),
+                column("t", "id", notnull=True),
+                default("t", "id", "nextval('public.t_id_seq'::regclass)",
+                        depends=["sequence public.t_id_seq"]),
+                column("t", "name", "text"))
+    plan = plan_schema(model(), new)
+    assert position(plan, "CREATE SEQUENCE public.t_id_seq") < position(plan, "CREATE TABLE")
+    create = sqls(plan)[position(plan, "CREATE TABLE")]
+    assert "id integer DEFAULT nextval('public.t_id_seq'::regclass) NOT NULL" in create
+    assert "name text" in create
+    assert sqls(plan)[-1] == "ALTER SEQUENCE public.t_id_seq OWNED BY public.t.id"
+    assert not plan.destructive
+    # and back: the table goes; the sequence it owns goes with it (IF EXISTS)
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.t", "DROP SEQUENCE IF EXISTS public.t_id_seq"]
+    assert [s.destructive for s in back.statements] == [True, True]
+
+
+def test_foreign_key_between_tables_created_in_the_same_plan() -> None:
+    pk = constraint("a", "a_pkey", "PRIMARY KEY (id)", "p")
+    fk = constraint("b", "b_a_fkey", "FOREIGN KEY (a_id) REFERENCES public.a(id)", "f",
+                    depends=[pk.key, "table public.a", "column public.a.id"])
+    new = model(table("b"), column("b", "a_id"), fk, table("a"), column("a", "id"), pk)
+    plan = plan_schema(model(), new)
+    assert position(plan, "CREATE TABLE public.a") < position(plan, "ADD CONSTRAINT a_pkey")
+    assert position(plan, "ADD CONSTRAINT a_pkey") < position(plan, "ADD CONSTRAINT b_a_fkey")
+    assert position(plan, "CREATE TABLE public.b") < position(plan, "ADD CONSTRAINT b_a_fkey")
+    # dropping both: the foreign key goes with its table, before the table it references
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.b", "DROP TABLE public.a"]
+
+
+def test_view_over_view_over_a_column_whose_type_changes() -> None:
+    def schema(type_: str) -> SchemaModel:
+        return model(table("t"), column("t", "x", type_),
+                     view("v1", "SELECT t.x FROM public.t;", ["table public.t", "column public.t.x"]),
+                     view("v2", "SELECT v1.x FROM public.v1;", ["view public.v1"]))
+    plan = plan_schema(schema("integer"), schema("bigint"))
+    assert sqls(plan) == [
+        "DROP VIEW public.v2", "DROP VIEW public.v1",
+        "ALTER TABLE public.t ALTER COLUMN x TYPE bigint",
+        "CREATE VIEW public.v1 AS\nSELECT t.x FROM public.t",
+        "CREATE VIEW public.v2 AS\nSELECT v1.x FROM public.v1"]
+    assert not plan.destructive  # integer → bigint keeps every value
+    narrowing = plan_schema(schema("bigint"), schema("integer"))
+    assert "ALTER TABLE public.t ALTER COLUMN x TYPE integer USING x::integer" in sqls(narrowing)
+    assert [s.sql for s in narrowing.destructive] == [
+        "ALTER TABLE public.t ALTER COLUMN x TYPE integer USING x::integer"]
+
+
+def test_partitioned_table_with_partitions_and_an_index() -> None:
+    parent = table("m", partition_by="RANGE (at)")
+    part = table("m_2024", depends=["table public.m"], parents=["public.m"],
+                 bound="FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    idx = index("m", "m_at_idx", "CREATE INDEX m_at_idx ON ONLY public.m USING btree (at)",
+                ["column public.m.at"])
+    new = model(part, parent, column("m", "at", "date", notnull=True), idx)
+    plan = plan_schema(model(), new)
+    assert sqls(plan) == [
+        'CREATE TABLE public.m (\n    at date NOT NULL\n) PARTITION BY RANGE (at)',
+        "CREATE TABLE public.m_2024 PARTITION OF public.m FOR VALUES FROM ('2024-01-01') "
+        "TO ('2025-01-01')",
+        "CREATE INDEX m_at_idx ON public.m USING btree (at)"]  # without ONLY: partitions too
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.m_2024", "DROP TABLE public.m"]
+
+
+def test_function_used_by_a_default_and_a_check_changes_signature() -> None:
+    def schema(signature: str, call: str) -> SchemaModel:
+        f = function(signature, "RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+        return model(f, table("t"), column("t", "a"),
+                     default("t", "a", call, [f.key]),
+                     constraint("t", "t_a_check", f"CHECK ({call} > 0)", depends=[f.key]))
+    plan = plan_schema(schema("f(x integer)", "public.f(1)"),
+                       schema("f(x integer, y integer)", "public.f(1, 2)"))
+    assert position(plan, "DROP CONSTRAINT t_a_check") < position(plan, "DROP FUNCTION")
+    assert position(plan, "DROP DEFAULT") < position(plan, "DROP FUNCTION public.f(x integer)")
+    assert position(plan, "FUNCTION public.f(x integer, y integer)") < \
+        position(plan, "SET DEFAULT public.f(1, 2)")
+    assert position(plan, "FUNCTION public.f(x integer, y integer)") < \
+        position(plan, "ADD CONSTRAINT t_a_check")
+    assert plan.script().startswith("SET check_function_bodies = false;\n")
+
+
+def test_function_body_change_is_replaced_in_place() -> None:
+    old = model(function("f()", "RETURNS integer AS 'SELECT 1'"),
+                view("v", "SELECT public.f();", ["function public.f()"]))
+    new = model(function("f()", "RETURNS integer AS 'SELECT 2'"),
+                view("v", "SELECT public.f();", ["function public.f()"]))
+    assert sqls(plan_schema(old, new)) == [
+        "CREATE OR REPLACE FUNCTION public.f() RETURNS integer AS 'SELECT 2'"]
+    # a new result type cannot be replaced in place: the view over it goes and comes back
+    other = model(function("f()", "RETURNS bigint AS 'SELECT 2'", result="bigint"),
+                  view("v", "SELECT public.f();", ["function public.f()"]))
+    assert sqls(plan_schema(old, other)) == [
+        "DROP VIEW public.v", "DROP FUNCTION public.f()",
+        "CREATE OR REPLACE FUNCTION public.f() RETURNS bigint AS 'SELECT 2'",
+        "CREATE VIEW public.v AS\nSELECT public.f()"]
+
+
+def test_enum_labels_added_in_place_or_swapped_when_removed() -> None:
+    add = plan_schema(model(enum("mood", "sad", "happy")),
+                      model(enum("mood", "meh", "sad", "ok", "happy", "glad")))
+    assert sqls(add) == ["ALTER TYPE public.mood ADD VALUE 'meh' BEFORE 'sad'",
+                         "ALTER TYPE public.mood ADD VALUE 'ok' AFTER 'sad'",
+                         "ALTER TYPE public.mood ADD VALUE 'glad' AFTER 'happy'"]
+    def schema(*labels: str) -> SchemaModel:
+        return model(enum("mood", *labels), table("t"),
+                     column("t", "m", "public.mood", depends=["type public.mood"]),
+                     default("t", "m", "'sad'::public.mood", ["type public.mood"]))
+    swap = plan_schema(schema("sad", "happy", "ok"), schema("sad", "happy"))
+    assert sqls(swap) == [
+        "ALTER TABLE public.t ALTER COLUMN m DROP DEFAULT",
+        "ALTER TYPE public.mood RENAME TO mood__old",
+        "CREATE TYPE public.mood AS ENUM ('sad', 'happy')",
+        "ALTER TABLE public.t ALTER COLUMN m TYPE public.mood USING m::text::public.mood",
+        "DROP TYPE public.mood__old",
+        "ALTER TABLE public.t ALTER COLUMN m SET DEFAULT 'sad'::public.mood"]
+    assert swap.destructive  # rows holding 'ok' cannot convert
+
+
+def test_drops_are_destructive_and_look_alike_pairs_are_suggested_as_renames() -> None:
+    old = model(table("t"), column("t", "id"), column("t", "label", "text"))
+    new = model(table("t"), column("t", "id"), column("t", "title", "text"))
+    plan = plan_schema(old, new)
+    assert sqls(plan) == ["ALTER TABLE public.t DROP COLUMN label",
+                          "ALTER TABLE public.t ADD COLUMN title text"]
+    assert [s.sql for s in plan.destructive] == ["ALTER TABLE public.t DROP COLUMN label"]
+    assert plan.suggestions == ("--rename column:public.t.label=title",)
+    renamed = plan_schema(old, new, [confiture.parse_rename("column:t.label=title")])
+    assert sqls(renamed) == ["ALTER TABLE public.t RENAME COLUMN label TO title"]
+    tables = plan_schema(model(table("a"), column("a", "id")), model(table("b"), column("b", "id")))
+    assert tables.suggestions == ("--rename table:public.a=b",)
+    moved = plan_schema(model(table("a"), column("a", "id"), constraint("a", "a_pkey",
+                                                                        "PRIMARY KEY (id)", "p")),
+                        model(table("b"), column("b", "id"), constraint("b", "a_pkey",
+                                                                        "PRIMARY KEY (id)", "p")),
+                        [confiture.parse_rename("table:a=b")])
+    assert sqls(moved) == ["ALTER TABLE public.a RENAME TO b"]
+
+
+def test_rename_hints_are_checked() -> None:
+    for bad in ("table:a", "view:a=b", "column:a=b", "table:a.b.c=d"):
+        with pytest.raises(confiture.ConfigError):
+            confiture.parse_rename(bad)
+    plan = plan_schema(model(), model(), [confiture.parse_rename("table:nothere=x")])
+    assert plan.unsupported == ("--rename: no table public.nothere in the migrated schema",)
+
+
+def test_in_place_alterations_of_columns_tables_constraints_and_comments() -> None:
+    old = model(table("t"), column("t", "a", "character varying(10)"), column("t", "b"),
+                constraint("t", "t_b_check", "CHECK ((b > 0)) NOT VALID"),
+                sequence("s"))
+    new = model(table("t", rls=True, options=["fillfactor=70"]),
+                column("t", "a", "character varying(20)", notnull=True),
+                column("t", "b", identity="d"),
+                constraint("t", "t_b_check", "CHECK ((b > 0))"),
+                confiture.evolve(sequence("s"), facts={**sequence("s").facts, "increment": "5"},
+                                 comment="counts"))
+    assert sqls(plan_schema(old, new)) == [
+        "ALTER SEQUENCE public.s INCREMENT BY 5",
+        "COMMENT ON SEQUENCE public.s IS 'counts'",
+        "ALTER TABLE public.t ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE public.t SET (fillfactor=70)",
+        "ALTER TABLE public.t ALTER COLUMN a TYPE character varying(20)",
+        "ALTER TABLE public.t ALTER COLUMN a SET NOT NULL",
+        "ALTER TABLE public.t ALTER COLUMN b ADD GENERATED BY DEFAULT AS IDENTITY",
+        "ALTER TABLE public.t VALIDATE CONSTRAINT t_b_check"]
+
+
+def test_a_column_over_a_type_that_must_be_recreated_is_not_expressed() -> None:
+    def schema(subtype: str) -> SchemaModel:
+        facts = {"type": "r", "labels": None, "attributes": None, "base": None, "default": None,
+                 "notnull": False, "checks": None,
+                 "range": {"subtype": subtype, "canonical": None, "subdiff": None}}
+        rng = DbObject(kind="type", key="type public.r", schema="public", name="r", parent="",
+                       facts=facts)
+        return model(rng, table("t"), column("t", "span", "public.r", depends=[rng.key]))
+    plan = plan_schema(schema("integer"), schema("numeric"))
+    assert plan.unsupported == (
+        "column public.t.span: depends on type public.r, which must be dropped and created again",)
+
+
+def test_widening_type_changes() -> None:
+    assert confiture.widening("integer", "bigint")
+    assert confiture.widening("character varying(10)", "character varying(20)")
+    assert confiture.widening("character varying(10)", "text")
+    assert confiture.widening("numeric(10,2)", "numeric(12,2)")
+    assert not confiture.widening("numeric(10,2)", "numeric(10,3)")
+    assert not confiture.widening("bigint", "integer")
+    assert not confiture.widening("text", "character varying(10)")
