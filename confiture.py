@@ -6553,7 +6553,9 @@ SELECT p.oid, quote_ident(n.nspname) AS schema, quote_ident(p.proname) AS name, 
   pg_get_function_identity_arguments(p.oid) AS args, p.prokind AS prokind,
   pg_get_function_result(p.oid) AS result, pg_get_functiondef(p.oid) AS def
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE p.prokind IN ('f', 'p') AND {_user_ns()} AND {_not_extension('pg_proc', 'p.oid')}"""
+WHERE p.prokind IN ('f', 'p') AND {_user_ns()} AND {_not_extension('pg_proc', 'p.oid')}
+  AND NOT EXISTS (SELECT 1 FROM pg_depend i WHERE i.classid = 'pg_proc'::regclass
+                  AND i.objid = p.oid AND i.deptype = 'i')"""  # not a range's constructors
 
 
 def _query_triggers(excluded: str) -> str:
@@ -7581,6 +7583,10 @@ class _Planner:
                     link(("alter", key), dropper(user))
         for key in self.released:
             link(dropper(f"column {a[key].facts['owned_by']}"), ("alter", key))
+        for key in created:  # after its owner's changes (a dropped identity frees its name)
+            owner = b[key].facts.get("owned_by") if b[key].kind == "sequence" else None
+            if owner and ("alter", f"column {owner}") in actions:
+                link(("create", key), ("alter", f"column {owner}"))
         return after
 
 
