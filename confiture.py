@@ -7449,6 +7449,8 @@ class _Planner:
             for child in sorted(direct.get(key, [])):
                 if child not in b or child in self.replaced:
                     continue
+                if key not in b[child].depends and child in self.alters:
+                    continue  # its alteration lets go of it (a column changing type)
                 if not whole and a[child].kind not in disturbed:
                     continue
                 if OBJECT_KINDS[a[child].kind].keeps_data and a[child].parent != key and \

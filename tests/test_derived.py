@@ -451,3 +451,156 @@ def test_pagila_from_an_empty_database_and_back(roundtrip: Any) -> None:
     up, down = roundtrip("", text)
     assert len(up.statements) > 100
     assert {s.sql.split()[0] for s in down.statements} == {"DROP"}
+
+
+# ── migrate generate and diff --sql, as users run them ─────────────────────────────────────
+
+def no_scratch_left(pg: Any, project: Any) -> bool:
+    return not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+
+
+def migration_files(project: Any) -> list[str]:
+    return sorted(p.name for p in (project.root / "db/migrations").glob("*.sql"))
+
+
+WIDGETS_V1 = "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL\n);\n"
+
+
+def history(project: Any) -> None:
+    """One migration that creates the DDL's widgets table."""
+    project.write("db/migrations/20240101000000_widgets.up.sql", WIDGETS_V1)
+    project.write("db/migrations/20240101000000_widgets.down.sql", "DROP TABLE widgets;\n")
+
+
+def test_generate_writes_a_proved_pair_that_migrate_up_applies(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    history(project)
+    nothing = cli("migrate", "generate", "noop", cwd=project.root)
+    assert nothing.returncode == 0, nothing.stderr
+    assert "nothing to generate" in nothing.stdout
+    assert migration_files(project) == ["20240101000000_widgets.down.sql",
+                                        "20240101000000_widgets.up.sql"]
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    color text DEFAULT 'red' NOT NULL\n);\n"
+                  "CREATE INDEX widgets_color ON widgets (color);\n"
+                  "CREATE TABLE tags (widget_id bigint REFERENCES widgets, tag text);\n")
+    result = cli("migrate", "generate", "add color and tags", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    written = [line for line in result.stdout.splitlines() if line.endswith(".sql")]
+    assert len(written) == 2 and written[0].endswith("_add_color_and_tags.up.sql")
+    up = (project.root / written[0]).read_text()
+    assert "ALTER TABLE public.widgets ADD COLUMN color text DEFAULT 'red'::text NOT NULL;" in up
+    assert up.index("CREATE TABLE public.tags") < up.index("FOREIGN KEY (widget_id)")
+    assert "DROP TABLE public.tags;" in (project.root / written[1]).read_text()
+    assert no_scratch_left(pg, project)
+    # the migrations now build what the DDL builds; a database at the old version catches up
+    check = cli("diff", "--migrations", cwd=project.root)
+    assert check.returncode == 0, check.stdout + check.stderr
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "INSERT INTO widgets VALUES (1, 'one');", db=db)
+    assert cli("migrate", "baseline", "--to", "20240101000000", cwd=project.root).returncode == 0
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    assert pg.query("SELECT id, color FROM widgets", db=db) == [(1, "red")]
+    assert cli("migrate", "down", "--steps", "1", cwd=project.root).returncode == 0
+    assert pg.scalar("SELECT to_regclass('tags') IS NULL", db=db)
+    again = cli("migrate", "generate", "again", cwd=project.root)
+    assert "nothing to generate" in again.stdout
+
+
+def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, project: Any,
+                                                                 cli: Any) -> None:
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL\n);\n")
+    refused = cli("migrate", "generate", "retitle", cwd=project.root)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "DROP COLUMN label" in refused.stderr
+    assert "--rename column:public.widgets.label=title" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert len(migration_files(project)) == 2
+    renamed = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=title",
+                  cwd=project.root)
+    assert renamed.returncode == 0, renamed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "ALTER TABLE public.widgets RENAME COLUMN label TO title;" in up
+    assert "DROP" not in up
+    down = next((project.root / "db/migrations").glob("*_retitle.down.sql")).read_text()
+    assert "RENAME COLUMN title TO label" in down
+    for path in (project.root / "db/migrations").glob("*_retitle.*"):
+        path.unlink()
+    allowed = cli("migrate", "generate", "retitle", "--allow-destructive", cwd=project.root)
+    assert allowed.returncode == 0, allowed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN label;" in up
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_writes_nothing_when_the_proof_fails(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    # a conversion no plan can know: integer codes become an enum's labels
+    project.write("db/migrations/20240102000000_state.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN state smallint;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TYPE state AS ENUM ('new', 'done');\n"
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    state state\n);\n")
+    result = cli("migrate", "generate", "state", "--allow-destructive", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "fails on a scratch copy" in result.stderr and "state" in result.stderr
+    assert "migrate new" in result.stderr and "Traceback" not in result.stderr
+    assert len(migration_files(project)) == 3
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_names_what_it_cannot_express(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    project.write("db/migrations/20240102000000_span.up.sql",
+                  "CREATE TYPE span AS RANGE (subtype = int4);\n"
+                  "ALTER TABLE widgets ADD COLUMN s span;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TYPE span AS RANGE (subtype = int8);\n"
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    s span\n);\n")
+    result = cli("migrate", "generate", "span", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cannot express: column public.widgets.s: depends on type public.span" in result.stderr
+    assert len(migration_files(project)) == 3
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "ALTER TABLE widgets ADD COLUMN stray int;", db=db)
+    result = cli("migrate", "generate", "tidy", "--from-env", "local", "--allow-destructive",
+                 cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    up = next((project.root / "db/migrations").glob("*_tidy.up.sql")).read_text()
+    assert "DROP COLUMN stray" in up and "env local" in up
+    assert pg.scalar("SELECT count(*) FROM pg_attribute WHERE attrelid = 'widgets'::regclass "
+                     "AND attname = 'stray'", db=db) == 1  # read-only
+    both = cli("migrate", "generate", "x", "--from-env", "local", "--base", "local",
+               cwd=project.root)
+    assert both.returncode == 2 and "--base" in both.stderr
+
+
+def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id integer PRIMARY KEY, label text, junk int);"
+             "CREATE VIEW named AS SELECT id, label FROM widgets;", db=db)
+    result = cli("diff", "--sql", cwd=project.root)
+    assert result.returncode == 3, result.stderr
+    assert "ALTER TABLE public.widgets ALTER COLUMN id TYPE bigint;" in result.stdout
+    assert "DROP VIEW public.named;" in result.stdout
+    pg.query(result.stdout, db=db)
+    clean = cli("diff", "--sql", cwd=project.root)
+    assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
+    assert cli("diff", cwd=project.root).returncode == 0
+    wrong = cli("diff", "--sql", "--migrations", cwd=project.root)
+    assert wrong.returncode == 2 and "migrate generate" in wrong.stderr
