@@ -7684,6 +7684,40 @@ def _column_shape(table: DbObject, model: SchemaModel) -> list[tuple[str, Any]]:
     return sorted((c.name, sorted(c.facts.items())) for c in table_columns(table, model))
 
 
+# ── online changes: what a live table needs to stay available ─────────────────────────────
+
+def online_stage(old: SchemaModel, new: SchemaModel) -> SchemaModel:
+    """The schema between the two migrations of an online change: `new` without the indexes
+    it adds to tables that already exist (built CONCURRENTLY by the second migration, with
+    what needs them), and with the foreign keys and checks it adds to existing tables
+    NOT VALID (validated by the second migration, without blocking writes)."""
+    a, b = old.objects, new.objects
+    later = {k for k, o in b.items() if o.kind == "index" and k not in a and o.parent in a
+             and " ON ONLY " not in o.facts["def"]}  # a partitioned table's: no CONCURRENTLY
+    for key in sorted(later):
+        later.update(new.dependents(key))
+    objects = {k: o for k, o in b.items() if k not in later}
+    for key, obj in objects.items():
+        if obj.kind == "constraint" and obj.facts["type"] in ("f", "c") and obj.parent in a \
+                and a.get(key) != obj and not obj.facts["def"].endswith(" NOT VALID"):
+            objects[key] = evolve(obj, facts={**obj.facts, "def": obj.facts["def"] + " NOT VALID"})
+    return SchemaModel(objects=objects)
+
+
+_CREATE_INDEX = lazy_re(r"^CREATE (UNIQUE )?INDEX ")
+
+
+def concurrently(plan: SchemaPlan) -> SchemaPlan:
+    """The second migration of an online change: indexes created and dropped CONCURRENTLY,
+    every statement in its own transaction."""
+    def online(sql: str) -> str:
+        sql = _CREATE_INDEX.sub(lambda m: f"CREATE {m.group(1) or ''}INDEX CONCURRENTLY ", sql)
+        return "DROP INDEX CONCURRENTLY " + sql[len("DROP INDEX "):] \
+            if sql.startswith("DROP INDEX ") else sql
+    return evolve(plan, statements=tuple(evolve(s, sql=online(s.sql), transactional=False)
+                                         for s in plan.statements))
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §12 Drift, watch, status
 # Drift: two `pg_dump --schema-only` runs at once, split into objects by pg_dump's own headers,
@@ -8950,10 +8984,12 @@ class FromSide:
 
 def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
                        renames: Sequence[Rename] = (), allow_destructive: bool = False,
-                       write: bool = True) -> GeneratedMigration:
+                       online: bool = False, write: bool = True) -> GeneratedMigration:
     """Plan the migration from the `from` schema to the DDL's, prove it (and its down) on
-    scratch copies, then write it. Raises CheckFailed (exit 3) listing what the plan cannot
-    express or what stayed different, Refused (exit 4) for a destructive plan not allowed."""
+    scratch copies, then write it. `online`: a second, no-transaction migration builds the
+    new indexes of existing tables CONCURRENTLY and validates their new constraints.
+    Raises CheckFailed (exit 3) listing what the plan cannot express or what stayed
+    different, Refused (exit 4) for a destructive plan not allowed."""
     side = side or FromSide()
     scratch = scratch_workspace(ws)
     with admin_session(scratch) as session:
@@ -8963,19 +8999,40 @@ def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
             applied = side.fill(scratch, from_db)
             from_model = read_database_model(scratch, from_db)
             source = side.describe(applied)
-            up = plan_schema(from_model, to_model, renames)
-            down = plan_schema(to_model, from_model, [Rename(r.kind, r.new, r.old)
-                                                      for r in renames])
+            stages = plan_stages(from_model, to_model, renames, online)
+            up, down = _joined([u for u, _ in stages]), _joined([d for _, d in stages])
             if not up.statements and not up.unsupported:
                 return GeneratedMigration(up=up, down=down, source=source)
             check_plans(up, down, allow_destructive)
-            prove_plans(scratch, from_db, probe, up, down, from_model, to_model)
-    paths: tuple[str, ...] = ()
-    if write:
-        created = new_migration(ws.config, name, bodies=(
-            migration_text(up, f"{source} → DDL"), migration_text(down, f"DDL → {source}")))
-        paths = tuple(migration_rel(ws.config, p) for p in created)
-    return GeneratedMigration(up=up, down=down, source=source, paths=paths)
+            prove_plans(scratch, from_db, probe, stages, from_model, to_model)
+    paths: list[str] = []
+    for index, (stage_up, stage_down) in enumerate(stages if write else []):
+        label = name if index == 0 else f"{name}_concurrently"
+        created = new_migration(ws.config, label, bodies=(
+            migration_text(stage_up, f"{source} → DDL"),
+            migration_text(stage_down, f"DDL → {source}")))
+        paths += [migration_rel(ws.config, p) for p in created]
+    return GeneratedMigration(up=up, down=down, source=source, paths=tuple(paths))
+
+
+def plan_stages(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename], online: bool
+                ) -> list[tuple[SchemaPlan, SchemaPlan]]:
+    """(up, down) of each migration to write: one, or for an online change a transactional
+    one to online_stage() and a no-transaction one from there (empty ones left out)."""
+    back = [Rename(r.kind, r.new, r.old) for r in renames]
+    if not online:
+        return [(plan_schema(old, new, renames), plan_schema(new, old, back))]
+    middle = online_stage(old, new)
+    stages = [(plan_schema(old, middle, renames), plan_schema(middle, old, back)),
+              (concurrently(plan_schema(middle, new)), concurrently(plan_schema(new, middle)))]
+    kept = [stage for stage in stages if stage[0].statements or stage[0].unsupported]
+    return kept or stages[:1]
+
+
+def _joined(plans: Sequence[SchemaPlan]) -> SchemaPlan:
+    return SchemaPlan(statements=tuple(s for p in plans for s in p.statements),
+                      unsupported=tuple(u for p in plans for u in p.unsupported),
+                      suggestions=tuple(dict.fromkeys(x for p in plans for x in p.suggestions)))
 
 
 def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> None:
@@ -8992,20 +9049,19 @@ def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> No
         raise Refused(f"the migration would destroy data: {shown}", hint=hint)
 
 
-def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any], up: SchemaPlan,
-                down: SchemaPlan, from_model: SchemaModel, to_model: SchemaModel) -> None:
-    """Apply up to a copy of `from_db` and compare with `to_model`; apply down and compare
-    with `from_model`. Any difference, or a statement PostgreSQL refuses, is a CheckFailed
-    naming the objects. (A second admin session: scratch locks are per session.)"""
+def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any],
+                stages: Sequence[tuple[SchemaPlan, SchemaPlan]], from_model: SchemaModel,
+                to_model: SchemaModel) -> None:
+    """Apply every up to a copy of `from_db` and compare with `to_model`; apply the downs,
+    last first, and compare with `from_model`. Any difference, or a statement PostgreSQL
+    refuses, is a CheckFailed naming the objects. (A second admin session: scratch locks are
+    per session.)"""
     with admin_session(ws) as session, \
             ScratchDatabase(ws, session, from_db, clone_strategy(ws.config, probe)) as proof:
-        for plan, target, what in ((up, to_model, "up"), (down, from_model, "down")):
-            try:
-                ws.client.run_script(plan.script(), proof)
-            except SqlError as exc:
-                raise CheckFailed(f"the planned {what} migration fails on a scratch copy: "
-                                  f"{exc.message}",
-                                  hint="write this migration by hand (migrate new)") from exc
+        ups, downs = [u for u, _ in stages], [d for _, d in reversed(stages)]
+        for plans, target, what in ((ups, to_model, "up"), (downs, from_model, "down")):
+            for plan in plans:
+                _apply_plan(ws, proof, plan, what)
             left = compare_models(target, read_database_model(ws, proof))
             if left:
                 raise CheckFailed(f"the planned {what} migration leaves {len(left)} "
@@ -9013,9 +9069,20 @@ def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any], up: Schem
                                   hint="write this migration by hand (migrate new)")
 
 
+def _apply_plan(ws: Workspace, dbname: str, plan: SchemaPlan, what: str) -> None:
+    transactional = all(s.transactional for s in plan.statements)
+    try:
+        ws.client.run_script(plan.script(), dbname, single_transaction=transactional)
+    except SqlError as exc:
+        raise CheckFailed(f"the planned {what} migration fails on a scratch copy: {exc.message}",
+                          hint="write this migration by hand (migrate new)") from exc
+
+
 def migration_text(plan: SchemaPlan, what: str) -> str:
     """A generated migration file: a header, then the statements (destructive ones flagged)."""
-    lines = [f"-- generated by confiture migrate generate: {what}",
+    lines = ["-- confiture:no-transaction"] if not all(
+        s.transactional for s in plan.statements) else []
+    lines += [f"-- generated by confiture migrate generate: {what}",
              "-- proved on scratch copies: applying it reproduces the target schema exactly"]
     if plan.script().startswith("SET check_function_bodies"):
         lines.append("SET check_function_bodies = false;")
@@ -9385,7 +9452,8 @@ def cmd_migrate_generate(app: App) -> int:
     side = FromSide(base=app.workspace(app.args.base) if app.args.base else None,
                     live=app.workspace(app.args.from_env) if app.args.from_env else None)
     renames = [parse_rename(text) for text in app.args.rename]
-    result = generate_migration(ws, app.args.name, side, renames, app.args.allow_destructive)
+    result = generate_migration(ws, app.args.name, side, renames, app.args.allow_destructive,
+                                online=app.args.online)
     app.console.emit(result.as_json())
     for hint in result.up.suggestions:
         app.console.warn(f"a drop and an add look like a rename: {hint}")
@@ -9535,6 +9603,9 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--rename", action="append", default=[], metavar="KIND:OLD=NEW",
                    help="a rename instead of drop+add: table:old=new or column:table.old=new "
                         "(repeatable)")
+    p.add_argument("--online", action="store_true",
+                   help="for live tables: new indexes CONCURRENTLY and new constraints "
+                        "validated in a second, no-transaction migration")
     p.add_argument("--base", metavar="ENV",
                    help="start from ENV's schema and applied migrations instead of an empty "
                         "database")

@@ -666,3 +666,37 @@ def test_fidelity_on_lemmy_history(pg: Any, project: Any) -> None:
     print("\n".join(failures))
     assert len(steps) == 233
     assert share >= 0.95, failures
+
+
+def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
+        pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    CONSTRAINT label_short CHECK (length(label) < 100)\n);\n"
+                  "CREATE INDEX widgets_label ON widgets (label);\n"
+                  "CREATE TABLE tags (id int PRIMARY KEY, widget_id bigint REFERENCES widgets);\n"
+                  "CREATE INDEX tags_widget ON tags (widget_id);\n")
+    result = cli("migrate", "generate", "label index", "--online", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    folder = project.root / "db/migrations"
+    first = next(folder.glob("*_label_index.up.sql")).read_text()
+    second = next(folder.glob("*_label_index_concurrently.up.sql")).read_text()
+    assert "ADD CONSTRAINT label_short CHECK ((length(label) < 100)) NOT VALID;" in first
+    assert "CREATE INDEX tags_widget ON public.tags" in first  # a new table needs no care
+    assert "widgets_label" not in first
+    assert second.startswith("-- confiture:no-transaction\n")
+    assert "CREATE INDEX CONCURRENTLY widgets_label ON public.widgets" in second
+    assert "ALTER TABLE public.widgets VALIDATE CONSTRAINT label_short;" in second
+    assert "DROP INDEX CONCURRENTLY public.widgets_label;" in \
+        next(folder.glob("*_label_index_concurrently.down.sql")).read_text()
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1, db=db)
+    assert cli("migrate", "baseline", "--to", "20240101000000", cwd=project.root).returncode == 0
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 0, up.stderr
+    assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'widgets_label'::regclass",
+                     db=db)
+    assert pg.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'label_short'", db=db)
+    assert cli("diff", cwd=project.root).returncode == 0
