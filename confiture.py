@@ -591,9 +591,10 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
                 "generated": _STR, "state_dir": _STR, "default_env": _STR,
                 "maintenance_db": _STR, "scratch_url": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
-    "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
+    "migrations": {"table": _STR, "lock_timeout": (str, int, float), "baseline_schema": _STR},
     "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
-    "deploy": {"verify": _STR, "drift_check": _BOOL, "table": _STR},
+    "deploy": {"verify": _STR, "drift_check": _BOOL, "table": _STR,
+               "require_consistent": _BOOL},
     "status": {"max_backup_age": (str, int, float)},
     "env.*": {"url": _STR, "seeds": _LIST, "exclude": _LIST, "protected": _BOOL,
               "backups": _STR, "maintenance_db": _STR},
@@ -832,6 +833,8 @@ class Config:
     envs: Mapping[str, EnvConfig]
     raw: Mapping[str, Any] = field(repr=False, compare=False)
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
+    deploy_require_consistent: bool = True   # §13's guard before a protected env is written
+    migrations_baseline: Path | None = None  # the schema the first migration starts from
 
 
 @record(frozen=True)
@@ -1077,7 +1080,10 @@ def load_config(path: Path) -> Config:
         backups_keep=backups.get("keep", 10),
         deploy_verify=root / deploy.get("verify", "db/verify"),
         deploy_drift_check=deploy.get("drift_check", False),
-        envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where))
+        envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where),
+        deploy_require_consistent=deploy.get("require_consistent", True),
+        migrations_baseline=root / migrations["baseline_schema"]
+        if "baseline_schema" in migrations else None)
     return config
 
 
@@ -8963,12 +8969,17 @@ class FromSide:
 
     base: Workspace | None = None
     live: Workspace | None = None
+    baseline: Path | None = None   # a schema file the history starts from
+
+    def origin(self) -> str:
+        return f"env {self.base.env.name}'s schema" if self.base is not None else \
+            f"baseline {self.baseline.name}" if self.baseline is not None else \
+            "an empty database"
 
     def describe(self, applied: int) -> str:
         if self.live is not None:
             return f"env {self.live.env.name} ({self.live.env.database})"
-        start = f"env {self.base.env.name}'s schema" if self.base is not None else "empty"
-        return f"migrations ({applied} applied to {start})"
+        return f"migrations ({applied} applied to {self.origin()})"
 
     def fill(self, ws: Workspace, dbname: str) -> int:
         """Build the `from` schema in the scratch database `dbname`; return how many
@@ -8976,6 +8987,14 @@ class FromSide:
         source = self.live or self.base
         if source is not None:
             ws.client.run_script(dump_schema(source.client, source.env.database, False), dbname)
+        elif self.baseline is not None:
+            try:
+                text = self.baseline.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"migrations.baseline_schema: cannot read {self.baseline}: "
+                                 f"{exc}") from exc
+            where = LineMap(chunks=((1, migration_rel(ws.config, self.baseline), 1),))
+            ws.client.run_script(text, dbname, where)
         if self.live is not None:
             return 0
         version = applied_migration_version(self.base) if self.base is not None else None
@@ -9091,6 +9110,97 @@ def migration_text(plan: SchemaPlan, what: str) -> str:
             lines.append("-- destructive: data is lost")
         lines.append(statement.sql.rstrip().rstrip(";") + ";")
     return "\n".join(lines) + "\n"
+
+
+# ── the guard: a protected env is written only when the result equals the DDL's schema ───
+
+@record(frozen=True)
+class Consistency:
+    """Whether the env will have the DDL's schema once written: `differences` (object keys,
+    as compare_models writes them) between the DDL's schema and what the migrations make of
+    the env (`start` says from where)."""
+
+    differences: tuple[str, ...]
+    start: str
+    cached: bool = False
+
+
+def model_digest(model: SchemaModel) -> str:
+    """A hash of everything a model compares."""
+    text = json.dumps({k: [o.facts, o.comment] for k, o in model.objects.items()},
+                      sort_keys=True, default=str)
+    return sha256_bytes(text.encode())
+
+
+def consistency_key(ws: Workspace, first: bool) -> str:
+    """What the verdict depends on: the DDL files, the migration files, the baseline file
+    and (for a deployed env) the env's schema."""
+    files = scan_env(ws.config, ws.env.name, seeds=False)
+    migrations = scan_migrations(ws.config.migrations_dir, ws.config.root).migrations
+    baseline = ws.config.migrations_baseline
+    parts = [files.hash, [(m.version, m.checksum) for m in migrations],
+             sha256_bytes(baseline.read_bytes()) if baseline and baseline.is_file() else None,
+             "first" if first else model_digest(read_database_model(ws, ws.env.database))]
+    return sha256_bytes(json.dumps(parts).encode())
+
+
+def check_consistency(ws: Workspace) -> Consistency:
+    """The guard before a protected env is written: its schema plus its pending migrations
+    (or, for a first deploy, the migrations from an empty database or the configured
+    baseline_schema) replayed on a scratch database of the scratch server, compared with the
+    DDL's schema. A positive verdict is kept, keyed by consistency_key()."""
+    plan = inspect_deploy(ws)
+    first = not plan.exists or plan.first_deploy
+    side = FromSide(baseline=ws.config.migrations_baseline) if first else FromSide(base=ws)
+    key = consistency_key(ws, first)
+    cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.json"
+    try:
+        if json.loads(cache.read_text(encoding="utf-8")).get("key") == key:
+            return Consistency(differences=(), start=side.describe(len(plan.pending)),
+                               cached=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+    scratch = scratch_workspace(ws)
+    with admin_session(scratch) as session:
+        expected, probe = ddl_model(scratch, session)
+        with ScratchDatabase(scratch, session, "template0",
+                             clone_strategy(ws.config, probe)) as dbname:
+            try:
+                applied = side.fill(scratch, dbname)
+            except (PgError, InputError) as exc:
+                if not first:
+                    raise
+                raise CheckFailed(
+                    f"env {ws.env.name}: a first deploy records every migration as applied, "
+                    f"but they do not replay from {side.origin()}: "
+                    f"{exc.message}",
+                    hint="if the history starts from an existing schema, set [migrations] "
+                         'baseline_schema = "db/baseline.sql" to that schema') from exc
+            left = compare_models(expected, read_database_model(scratch, dbname))
+    verdict = Consistency(differences=tuple(left), start=side.describe(applied))
+    if not left:
+        try:
+            write_atomic(cache, json.dumps({"key": key}).encode())
+        except InputError:
+            pass  # a verdict that cannot be kept only costs time
+    return verdict
+
+
+def guard_consistency(ws: Workspace, action: str) -> Consistency | None:
+    """Refuse (exit 3) to write a protected env whose result would differ from the DDL's
+    schema; None when the guard does not apply ([deploy] require_consistent = false, or an
+    unprotected env)."""
+    if not ws.env.protected or not ws.config.deploy_require_consistent:
+        return None
+    verdict = check_consistency(ws)
+    if verdict.differences:
+        shown = "; ".join(verdict.differences[:20])
+        raise CheckFailed(
+            f"{action} refused: env {ws.env.name} would not match the DDL after "
+            f"{verdict.start}: {len(verdict.differences)} difference(s): {shown}",
+            hint="run `migrate generate NAME` to write the missing migration (or fix the DDL); "
+                 "[deploy] require_consistent = false turns this check off")
+    return verdict
 
 
 def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
@@ -9515,10 +9625,18 @@ def _backup_protected(app: App, ws: Workspace, action: str) -> None:
         app.console.info(f"backed up {ws.env.database} before {action}: {backup.path}")
 
 
+def _report_guard(app: App, verdict: Consistency | None) -> None:
+    if verdict is not None:
+        app.console.info(f"consistent with the DDL after {verdict.start}"
+                         + (" (kept verdict)" if verdict.cached else ""))
+
+
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+        if ws.env.protected and app.args.to is None and plan_up(migration_status(ws)):
+            _report_guard(app, guard_consistency(ws, "migrate up"))
         if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
             _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
@@ -9744,6 +9862,7 @@ def cmd_deploy(app: App) -> int:
     ws = app.workspace()
     if not app.args.dry_run:
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
+        _report_guard(app, guard_consistency(ws, "deploy"))
     result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
                     drift=_ddl_drift if ws.config.deploy_drift_check else None)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),

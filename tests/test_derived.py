@@ -702,3 +702,70 @@ def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
                      db=db)
     assert pg.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'label_short'", db=db)
     assert cli("diff", cwd=project.root).returncode == 0
+
+
+# ── the guard: a protected env is written only when the result equals the DDL's schema ────
+
+def test_guard_refuses_a_deploy_whose_migrations_disagree_with_the_ddl(
+        pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    assert "consistent with the DDL after migrations (1 applied to an empty database)" in \
+        first.stderr
+    db = project.db("prod")
+    # a migration whose object the DDL lacks: refused before anything is written
+    project.write("db/migrations/20240102000000_sizes.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN size int;\n")
+    backups = sorted((project.root / ".confiture/backups/prod").glob("*"))
+    for command in (["deploy"], ["migrate", "up"]):
+        refused = cli(*command, "--env", "prod", "--yes", cwd=project.root)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "would not match the DDL" in refused.stderr
+        assert "+ column public.widgets.size" in refused.stderr
+        assert "migrate generate" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted((project.root / ".confiture/backups/prod").glob("*")) == backups
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'size'", db=db) == 0
+    assert no_scratch_left(pg, project)
+    # the DDL catches up: the deploy goes through; an unprotected env is never checked
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    size integer\n"))
+    ok = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert ok.returncode == 0, ok.stderr
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'size'", db=db) == 1
+
+
+def test_guard_on_a_first_deploy_needs_a_replayable_history(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    # the history starts from a schema that existed before it
+    project.write("db/migrations/20240102000000_color.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN color text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    color text\n"))
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "do not replay from an empty database" in refused.stderr
+    assert 'baseline_schema = "db/baseline.sql"' in refused.stderr
+    assert not pg.db_exists(project.db("prod"))
+    project.write("db/baseline.sql", WIDGETS_V1)
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    ok = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert ok.returncode == 0, ok.stderr
+    assert "applied to baseline baseline.sql" in ok.stderr
+    # the verdict is kept while nothing it depends on changes
+    ws = confiture.workspace_for(project.config_path, env="prod",
+                                 environ={**os.environ, **pg.env})
+    pg.drop_db(project.db("prod"))
+    assert confiture.check_consistency(ws).cached
+    project.write("db/schema/10_tables/20_more.sql", "CREATE TABLE more (id int);\n")
+    verdict = confiture.check_consistency(ws)
+    assert not verdict.cached and verdict.differences == (
+        "- column public.more.id", "- table public.more")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + "\n[deploy]\nrequire_consistent = false\n")
+    unchecked = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "consistent with the DDL" not in unchecked.stderr
