@@ -9144,16 +9144,16 @@ def consistency_key(ws: Workspace, first: bool) -> str:
     return sha256_bytes(json.dumps(parts).encode())
 
 
-def check_consistency(ws: Workspace) -> Consistency:
+def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     """The guard before a protected env is written: its schema plus its pending migrations
     (or, for a first deploy, the migrations from an empty database or the configured
     baseline_schema) replayed on a scratch database of the scratch server, compared with the
     DDL's schema. A positive verdict is kept, keyed by consistency_key()."""
     plan = inspect_deploy(ws)
-    first = not plan.exists or plan.first_deploy
+    first = deploying and (not plan.exists or plan.first_deploy)
     side = FromSide(baseline=ws.config.migrations_baseline) if first else FromSide(base=ws)
     key = consistency_key(ws, first)
-    cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.json"
+    cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.{int(first)}.json"
     try:
         if json.loads(cache.read_text(encoding="utf-8")).get("key") == key:
             return Consistency(differences=(), start=side.describe(len(plan.pending)),
@@ -9192,7 +9192,7 @@ def guard_consistency(ws: Workspace, action: str) -> Consistency | None:
     unprotected env)."""
     if not ws.env.protected or not ws.config.deploy_require_consistent:
         return None
-    verdict = check_consistency(ws)
+    verdict = check_consistency(ws, deploying=action == "deploy")
     if verdict.differences:
         shown = "; ".join(verdict.differences[:20])
         raise CheckFailed(
