@@ -13,7 +13,8 @@ only the sections above it.
   §2  Small utilities           records, lazy regexes, natural order, hashing, quoting, files,
                                 background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
-  §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined
+  §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined;
+                                SQL split as psql reads it; the psql meta-command guard
   §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
@@ -24,7 +25,7 @@ only the sections above it.
                                 plans that turn one model into another, in dependency order
   §12 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §13 Derived migrations        migrate generate (planned, proved on scratch databases),
-                                diff --sql
+                                diff --sql, the guard before a protected env is written
   §14 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
@@ -589,7 +590,7 @@ _STR, _BOOL, _INT, _LIST = (str,), (bool,), (int,), (list,)
 CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
     "project": {"name": _STR, "schema": (str, list), "seeds": _STR, "migrations": _STR,
                 "generated": _STR, "state_dir": _STR, "default_env": _STR,
-                "maintenance_db": _STR, "scratch_url": _STR},
+                "maintenance_db": _STR, "scratch_url": _STR, "psql_meta_commands": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
     "migrations": {"table": _STR, "lock_timeout": (str, int, float), "baseline_schema": _STR},
     "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
@@ -769,6 +770,31 @@ class ConnInfo:
             host = "local"
         return host.lower(), port
 
+    def passfile_password(self, dbname: str, user: str,
+                          environ: Mapping[str, str] = os.environ) -> str | None:
+        """The password libpq would take from the password file (passfile, $PGPASSFILE or
+        ~/.pgpass) for this connection as `user` to `dbname`; None when no line matches.
+        A unix-socket connection matches host `localhost` too, as libpq's default one does."""
+        path = self.get("passfile") or environ.get("PGPASSFILE") or str(Path.home() / ".pgpass")
+        host = self.get("host") or environ.get("PGHOST") or "localhost"
+        hosts = {host, "localhost"} if host.startswith("/") else {host}
+        port = self.get("port") or environ.get("PGPORT") or "5432"
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
+        for line in lines:
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = [f.replace("\\:", ":").replace("\\\\", "\\")
+                      for f in re.split(r"(?<!\\):", line, maxsplit=4)]
+            if len(fields) != 5:
+                continue
+            wanted = (hosts, {port}, {dbname}, {user})
+            if all(f == "*" or f in w for f, w in zip(fields[:4], wanted, strict=True)):
+                return fields[4]
+        return None
+
     def display(self, environ: Mapping[str, str] = os.environ) -> str:
         """A URL for humans: no password, defaults filled in."""
         from urllib.parse import quote
@@ -835,6 +861,7 @@ class Config:
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
     deploy_require_consistent: bool = True   # §13's guard before a protected env is written
     migrations_baseline: Path | None = None  # the schema the first migration starts from
+    psql_meta_commands: str = "safe"  # "all": SQL files may reach the client (§4 guard_sql)
 
 
 @record(frozen=True)
@@ -952,7 +979,7 @@ def _schema_sources(value: Any, root: Path, where: str) -> tuple[SchemaSource, .
     return tuple(sources)
 
 
-def parse_table_name(text: str) -> tuple[str | None, str]:
+def parse_table_name(text: str, key: str = "migrations.table") -> tuple[str | None, str]:
     """'t', 's.t', '"My Schema"."T"' → (schema or None, table); unquoted parts fold to lower case
     as PostgreSQL folds them."""
     parts: list[str] = []
@@ -961,18 +988,19 @@ def parse_table_name(text: str) -> tuple[str | None, str]:
     while pos < len(text):
         match = pattern.match(text, pos)
         if not match:
-            raise ConfigError(f"migrations.table: cannot read {text!r} as [schema.]table")
+            raise ConfigError(f"{key}: cannot read {text!r} as [schema.]table")
         parts.append(match.group(1).replace('""', '"') if match.group(1) else match.group(2).lower())
         pos = match.end()
         if match.group(3) == "." and not text[pos:].strip():
-            raise ConfigError(f"migrations.table: {text!r} ends with a dot")
+            raise ConfigError(f"{key}: {text!r} ends with a dot")
         if match.group(3) == "" or pos >= len(text):
             break
     if not 1 <= len(parts) <= 2:
-        raise ConfigError(f"migrations.table: {text!r} must be table or schema.table")
+        raise ConfigError(f"{key}: {text!r} must be table or schema.table")
     for part in parts:
-        check_db_name(part, "migrations.table name")
-    check_db_name(parts[-1] + "_log", "migrations.table name (+ '_log')")
+        check_db_name(part, f"{key} name")
+    if key == "migrations.table":  # the tracking table's log is <table>_log
+        check_db_name(parts[-1] + "_log", "migrations.table name (+ '_log')")
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
@@ -1007,6 +1035,55 @@ def read_toml(path: Path, config: bool = False) -> dict[str, Any]:
     return data
 
 
+def _at_least(low: int, high: int | None = None) -> Callable[[Any, str], object]:
+    def check(value: Any, key: str) -> None:
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{key} must be " + (f"{low}–{high}" if high is not None
+                                                   else f"at least {low}") + f", not {value}")
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any, str], object]:
+    def check(value: Any, key: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{key} must be " + " or ".join(map(repr, choices))
+                              + f", not {value!r}", hint=_suggest(str(value), choices))
+    return check
+
+
+# Values with a range or a grammar (CONFIG_KEYS checks their types): (section, key) → a check
+# that raises ConfigError naming the key. All run when the config loads, whatever the command,
+# so `config check` finds what `backup` or `deploy` would trip over later.
+_VALUE_CHECKS: dict[tuple[str, str], Callable[[Any, str], object]] = {
+    ("project", "psql_meta_commands"): _one_of("safe", "all"),
+    ("templates", "keep"): _at_least(1),
+    ("templates", "lock_timeout"): parse_duration,
+    ("migrations", "table"): parse_table_name,
+    ("migrations", "lock_timeout"): parse_duration,
+    ("backups", "keep"): _at_least(1),
+    ("backups", "compression"): _at_least(0, 9),
+    ("deploy", "table"): parse_table_name,
+    ("status", "max_backup_age"): parse_duration,
+    ("sync", "lock_timeout"): parse_duration,
+}
+
+
+def _check_values(data: Mapping[str, Any], where: str) -> None:
+    for (section, key), check in _VALUE_CHECKS.items():
+        value = data.get(section, {}).get(key)
+        if value is not None:
+            try:
+                check(value, f"{section}.{key}")
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+    sync = data.get("sync", {})
+    for key in ("from", "to"):
+        name = sync.get(key)
+        if name is not None and name not in data.get("env", {}):
+            raise ConfigError(f"{where}: sync.{key} {name!r} is not a configured environment",
+                              hint=_suggest(name, list(data.get("env", {}))))
+
+
 def load_config(path: Path) -> Config:
     """Read and validate confiture.toml; every later step takes the returned Config."""
     where = str(path)
@@ -1019,10 +1096,7 @@ def load_config(path: Path) -> Config:
     except ValueError as exc:  # tomllib.TOMLDecodeError
         raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
     _validate_tables(data, where)
-    try:
-        parse_table_name(str(data.get("migrations", {}).get("table", "confiture_migrations")))
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+    _check_values(data, where)
     root = path.resolve().parent
     project = data.get("project", {})
     templates = data.get("templates", {})
@@ -1055,8 +1129,6 @@ def load_config(path: Path) -> Config:
     if strategy not in ("auto", "wal_log", "file_copy"):
         raise ConfigError(f"{where}: templates.strategy must be auto, wal_log or file_copy")
     keep = templates.get("keep", 3)
-    if keep < 1:
-        raise ConfigError(f"{where}: templates.keep must be at least 1")
     default_env = project.get("default_env", "local")
     if envs and default_env not in envs:
         raise ConfigError(f"{where}: project.default_env {default_env!r} is not a configured "
@@ -1083,7 +1155,8 @@ def load_config(path: Path) -> Config:
         envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where),
         deploy_require_consistent=deploy.get("require_consistent", True),
         migrations_baseline=root / migrations["baseline_schema"]
-        if "baseline_schema" in migrations else None)
+        if "baseline_schema" in migrations else None,
+        psql_meta_commands=project.get("psql_meta_commands", "safe"))
     return config
 
 
@@ -1166,7 +1239,7 @@ def scratch_server(config: Config, env_name: str,
     if config.scratch_url is not None:
         key = "project.scratch_url"
         conn = ConnInfo.parse(expand_vars(config.scratch_url, key, environ), key)
-        return ScratchServer(conn, conn.dbname(environ) or config.maintenance_db, key)
+        return ScratchServer(conn, conn.get("dbname") or config.maintenance_db, key)
     hint = ("set [project] scratch_url to a server where databases may be created "
             "(a local or CI server); the expected schema is built there")
     default = config.envs.get(config.default_env)
@@ -1211,8 +1284,9 @@ def refuse_protected(env: Env, action: str) -> None:
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §4 Scanning and hashing
 # The env's file set: schema sources in order, then its seed sets in listed order, minus its
-# exclude globs; files in natural path order; sha256 per file and a combined hash. Pure
-# filesystem work: no database, no processes.
+# exclude globs; files in natural path order; sha256 per file and a combined hash. SQL is
+# split as psql's lexer splits it, and every project file that will run passes the
+# meta-command guard (guard_sql). Pure filesystem work: no database, no processes.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -1424,6 +1498,360 @@ def combined_hash(files: Sequence[SqlFile], seeds: bool = True) -> str:
     for item in files:
         digest.update(f"{item.kind}\0{item.rel}\0{item.sha256}\n".encode())
     return digest.hexdigest()
+
+
+# ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
+
+@record(frozen=True)
+class Statement:
+    text: str                # as written (leading comments kept, trailing blanks cut)
+    line: int                # line of its first character in the file
+    words: tuple[str, ...]   # first keywords, upper-cased (strings and comments skipped)
+    meta: bool = False       # a psql backslash command
+
+
+_SQL_SPECIAL = lazy_re(r"""(?x)
+    (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
+  | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
+  | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
+_STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
+_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
+_IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
+_BLOCK_EDGE = lazy_re(r"/\*|\*/")
+_WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
+_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
+_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
+
+
+def _skip_block_comment(text: str, pos: int) -> int:
+    depth = 1
+    for match in _BLOCK_EDGE.finditer(text, pos):
+        depth += 1 if match.group() == "/*" else -1
+        if depth == 0:
+            return match.end()
+    return len(text)
+
+
+def _keywords(code: str, limit: int = 6) -> tuple[str, ...]:
+    words: list[str] = []
+    for match in _WORD.finditer(code):
+        if match.group() not in "()":
+            words.append(match.group().upper())
+            if len(words) == limit:
+                break
+    return tuple(words)
+
+
+def _inside_routine_body(code: str) -> bool:
+    """psql's heuristic: in CREATE [OR REPLACE] FUNCTION|PROCEDURE, a ';' between BEGIN (ATOMIC)
+    and its END does not end the statement."""
+    head = _keywords(code, 4)
+    if not head or head[0] != "CREATE" or not (
+            head[1:2] in (("FUNCTION",), ("PROCEDURE",))
+            or (head[1:3] == ("OR", "REPLACE") and head[3:4] in (("FUNCTION",), ("PROCEDURE",)))):
+        return False
+    parens = depth = 0
+    for match in _WORD.finditer(code):
+        word = match.group().upper()
+        if word == "(":
+            parens += 1
+        elif word == ")":
+            parens = max(parens - 1, 0)
+        elif parens == 0:
+            if word == "BEGIN" or (word == "CASE" and depth >= 1):
+                depth += 1
+            elif word == "END" and depth > 0:
+                depth -= 1
+    return depth > 0
+
+
+def split_sql(text: str) -> list[Statement]:
+    """Split SQL the way psql does: quotes, E'' strings, dollar quoting with tags, nested
+    block comments, parentheses, BEGIN ATOMIC bodies, COPY … FROM stdin data and backslash
+    commands. Comment-only pieces are not statements."""
+    out: list[Statement] = []
+    size = len(text)
+    pos = start = depth = 0
+    code: list[str] = []
+    line, line_pos = 1, 0
+
+    def line_at(index: int) -> int:
+        nonlocal line, line_pos
+        line += text.count("\n", line_pos, index)
+        line_pos = index
+        return line
+
+    def emit(end: int, meta: bool = False) -> None:
+        nonlocal start, code, depth
+        words = _keywords("".join(code))
+        if words or meta:
+            first = start + len(text[start:end]) - len(text[start:end].lstrip())
+            out.append(Statement(text[first:end].rstrip(), line_at(first), words, meta))
+        start, code, depth = end, [], 0
+
+    while pos < size:
+        match = _SQL_SPECIAL.search(text, pos)
+        if not match:
+            code.append(text[pos:])
+            break
+        code.append(text[pos:match.start()])
+        kind, pos = match.lastgroup, match.end()
+        if kind == "semi":
+            joined = "".join(code)
+            if depth == 0 and not _inside_routine_body(joined):
+                if _COPY_STDIN.match(joined):
+                    end = _COPY_END.search(text, pos)
+                    pos = end.end() if end else size
+                emit(pos)
+                continue
+            code.append(";")
+        elif kind == "open":
+            depth += 1
+            code.append("(")
+        elif kind == "close":
+            depth = max(depth - 1, 0)
+            code.append(")")
+        elif kind == "line":
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code.append(" ")
+        elif kind == "block":
+            pos = _skip_block_comment(text, pos)
+            code.append(" ")
+        elif kind in ("str", "estr", "ident"):
+            body = {"str": _STR_BODY, "estr": _ESTR_BODY, "ident": _IDENT_BODY}[kind]
+            found = body.match(text, pos)
+            pos = found.end() if found else size
+            code.append(' "q" ' if kind == "ident" else " '' ")
+        elif kind == "dollar":
+            close = text.find(match.group(), pos)
+            pos = size if close < 0 else close + len(match.group())
+            code.append(" $$ ")
+        else:  # a backslash command runs to the end of its line
+            if _keywords("".join(code)):
+                emit(match.start())
+            start = match.start()
+            newline = text.find("\n", pos)
+            pos = size if newline < 0 else newline
+            code = []
+            emit(pos, meta=True)
+    emit(size)
+    return out
+
+
+# ── the meta-command guard: project SQL files cannot reach the machine that runs the tool ──
+
+# psql meta-commands refused in project SQL files (SPEC §5), each with why. psql compares
+# command names exactly (\copy case-insensitively); we compare lower-cased, which only
+# refuses more. `[project] psql_meta_commands = "all"` re-allows everything.
+_META_REFUSED: dict[str, str] = {
+    "!": "runs a shell command",
+    "o": "sends query output to a file or a command", "out": "sends output to a file or a command",
+    "w": "writes to a file or a command", "write": "writes to a file or a command",
+    "s": "writes psql's history to a file",
+    "cd": "changes psql's working directory",
+    "setenv": "changes the environment of psql and of the commands it starts",
+    "getenv": "reads the tool's environment (passwords included) into the script",
+    "e": "starts an editor", "edit": "starts an editor", "ef": "starts an editor",
+    "ev": "starts an editor",
+    "c": "connects elsewhere with the tool's credentials",
+    "connect": "connects elsewhere with the tool's credentials",
+    "password": "changes a password interactively",
+    "prompt": "reads input that is not in the file (the script itself, or a terminal)",
+    "lo_export": "writes a client-side file",
+    "gset": "turns server data into psql variables, which psql runs as script text when "
+            "interpolated (:name)",
+}
+
+
+@record(frozen=True)
+class SqlGuard:
+    """What project SQL files may do on the client: `roots` are the folders whose files
+    \\i, \\ir, \\copy … FROM and \\lo_import may read (the project, its schema sources);
+    `cwd` is psql's working directory, where relative paths resolve."""
+
+    roots: tuple[Path, ...]
+    cwd: Path
+    allow_all: bool = False
+
+    def inside(self, path: Path) -> bool:
+        real = path.resolve()
+        return any(real.is_relative_to(root) for root in self.roots)
+
+
+@record(frozen=True)
+class MetaCommand:
+    name: str   # lower-cased, without the backslash
+    args: str
+    line: int
+
+
+def meta_commands(statements: Sequence[Statement]) -> list[MetaCommand]:
+    """Every psql meta-command of split_sql's statements, as psql reads them: a backslash
+    line may hold several commands, each starting at an unquoted backslash. A backquote
+    outside quotes (shell substitution) is a command named '`'."""
+    found: list[MetaCommand] = []
+    for stmt in statements:
+        if not stmt.meta:
+            continue
+        pieces, current, quote, index = [], "", "", 0
+        body = stmt.text
+        while index < len(body):
+            char = body[index]
+            if quote:
+                if char == "\\" and quote == "'" and index + 1 < len(body):
+                    current += body[index:index + 2]
+                    index += 2
+                    continue
+                quote = "" if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "`":
+                found.append(MetaCommand("`", body, stmt.line))
+            elif char == "\\" and current.strip():
+                pieces.append(current)
+                current = ""
+            current += char
+            index += 1
+        pieces.append(current)
+        for piece in (p.strip()[1:] for p in pieces):
+            name = re.split(r"[\s\\]", piece, maxsplit=1)[0]  # psql: up to a space or backslash
+            found.append(MetaCommand(name.lower(), piece[len(name):].strip(), stmt.line))
+    return found
+
+
+def _meta_words(args: str) -> list[str]:
+    """psql-style argument words: whitespace-separated, '…' quoted (\\ escapes, '' a quote),
+    parenthesised groups kept whole."""
+    return re.findall(r"'(?:[^'\\]|\\.|'')*'|\((?:[^()']|'[^']*')*\)|\"[^\"]*\"|[^\s'()\"]+",
+                      args)
+
+
+def _unquote(word: str) -> str:
+    if word.startswith("'") and word.endswith("'") and len(word) >= 2:
+        return word[1:-1].replace("''", "'")  # (a name with backslashes is refused)
+    return word
+
+
+def _file_argument(word: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """The files a path argument can name (one per base folder psql might resolve it
+    from), or why it is refused."""
+    if not word.startswith("'") and ":" in word:
+        return "names a file through a psql variable"
+    if "\\" in word:  # psql reads '\x2f' as '/': the name would not be the one checked
+        return "names a file with backslash escapes"
+    path = _unquote(word)
+    if not path or path.startswith("|"):
+        return "pipes to or from a command"
+    candidates = [Path(path)] if Path(path).is_absolute() else [base / path for base in bases]
+    if not all(guard.inside(c) for c in candidates):
+        return f"reads {path!r}, outside the project"
+    return candidates
+
+
+# Each check gets the command's arguments and the folders a relative path may resolve from
+# (the file's folder, then psql's working directory) and returns why the command is refused,
+# or the files it reads (to be checked too).
+_MetaCheck = Callable[[str, Sequence[Path], SqlGuard], "list[Path] | str"]
+
+
+def _output_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\g and \\gx: options in parentheses are fine; a file or |command is not."""
+    rest = [w for w in _meta_words(args) if not w.startswith("(")]
+    return "sends query output to a file or a command" if rest else []
+
+
+def _set_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """psql copies a variable's value into the script as is (:name): a stored backslash
+    command would run there."""
+    return "stores a backslash command, which psql runs when the variable is interpolated" \
+        if "\\" in args else []
+
+
+def _copy_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\copy … FROM stdin or a project file; never TO (client files, stdout) or PROGRAM.
+    psql resolves its file from its working directory."""
+    words = _meta_words(args)
+    lowered = [w.lower() for w in words]
+    where = next((i for i, w in enumerate(lowered) if w in ("from", "to") and i > 0), None)
+    if where is None or where + 1 >= len(words):
+        return "cannot be read (no FROM or TO)"
+    if lowered[where] == "to":
+        return "writes a client-side file or sends rows to a command"
+    source = lowered[where + 1]
+    if source == "program":
+        return "runs a command (PROGRAM)"
+    if source in ("stdin", "pstdin"):
+        return []
+    return _file_argument(words[where + 1], bases[-1:], guard)
+
+
+def _read_problem(args: str, bases: Sequence[Path], guard: SqlGuard) -> list[Path] | str:
+    """\\i and \\lo_import read a file relative to psql's working directory."""
+    words = _meta_words(args)
+    return _file_argument(words[0], bases[-1:], guard) if words else []
+
+
+def _read_relative_problem(args: str, bases: Sequence[Path], guard: SqlGuard
+                           ) -> list[Path] | str:
+    """\\ir reads relative to the including file, or to psql's working directory when the
+    script comes from stdin (a build): both must be project files."""
+    words = _meta_words(args)
+    return _file_argument(words[0], bases, guard) if words else []
+
+
+_META_CHECKS: dict[str, _MetaCheck] = {
+    "g": _output_problem, "gx": _output_problem,
+    "set": _set_problem,
+    "copy": _copy_problem,
+    "i": _read_problem, "include": _read_problem, "lo_import": _read_problem,
+    "ir": _read_relative_problem, "include_relative": _read_relative_problem,
+}
+
+
+def _meta_problem(command: MetaCommand, folder: Path, guard: SqlGuard) -> list[Path] | str:
+    """Why a meta-command is refused, or the project files it reads (to be checked too)."""
+    if command.name == "`":
+        return "runs a shell command (backquotes)"
+    if command.name in _META_REFUSED:
+        return _META_REFUSED[command.name]
+    check = _META_CHECKS.get(command.name)
+    return check(command.args, (folder, guard.cwd), guard) if check else []
+
+
+def guard_sql(statements: Sequence[Statement], path: Path, rel: str, guard: SqlGuard,
+              seen: frozenset[Path] = frozenset()) -> None:
+    """Refuse, before anything runs, a project SQL file (split_sql's statements) whose psql
+    meta-commands reach the client's shell, files outside the project or other servers
+    (SPEC §5), naming the file and line; files it includes with \\i or \\ir are checked
+    the same way. Every path that runs project files calls it: the build (schema, seeds:
+    templates, reset, clone, deploy), migrations (up and down, both transaction modes) and
+    deploy's verify checks."""
+    if guard.allow_all:
+        return
+    for command in meta_commands(statements):
+        problem = _meta_problem(command, path.parent, guard)
+        if isinstance(problem, str):
+            shown = "`…`" if command.name == "`" else f"\\{command.name}"
+            raise Refused(f"{rel}:{command.line}: {shown} {problem}",
+                          hint="SQL files cannot reach the machine that runs confiture; "
+                               "[project] psql_meta_commands = \"all\" allows it for this project")
+        for included in problem:
+            real = included.resolve()
+            if command.name == "copy" or command.name == "lo_import" or real in seen \
+                    or not real.is_file():
+                continue
+            guard_sql(split_sql(_read_sql(real, str(included)).decode("utf-8")), real,
+                      f"{included} (included by {rel}:{command.line})", guard, seen | {real})
+
+
+def sql_guard(config: Config, cwd: Path | None = None) -> SqlGuard:
+    """The project's guard: its folders (and its schema sources, wherever they are) may be
+    read; psql runs in our working directory."""
+    roots = {config.root, *(s.path for s in config.schema), config.seeds_dir,
+             config.migrations_dir, config.deploy_verify}
+    return SqlGuard(roots=tuple(sorted(r.resolve() for r in roots)), cwd=cwd or Path.cwd(),
+                    allow_all=config.psql_meta_commands == "all")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -1901,6 +2329,24 @@ class Client:
 LOCK_CLASS = 1668247142  # 'conf' as int4: the first key of every confiture advisory lock
 
 
+def query_error(session: Session, query: str) -> SqlError | None:
+    """Does `query` parse and plan on the server (EXPLAIN)? The error if not. The text
+    travels as a string literal that a DO block executes, so psql never lexes it: an
+    unbalanced parenthesis or quote in it (a user's { sql = … } rule) cannot swallow the
+    statements after it, and it must be one statement. Call inside a transaction: the check
+    runs in a savepoint, so a failure leaves the transaction usable."""
+    body = f"BEGIN EXECUTE {quote_literal('EXPLAIN (COSTS OFF) ' + query)}; END"
+    session.execute("SAVEPOINT confiture_check")
+    try:
+        session.execute(f"DO {quote_literal(body)}")
+    except SqlError as exc:
+        session.execute("ROLLBACK TO SAVEPOINT confiture_check")
+        return exc
+    finally:
+        session.execute("RELEASE SAVEPOINT confiture_check")
+    return None
+
+
 def lock_key_sql(name: str) -> str:
     return f"{LOCK_CLASS}, hashtext({quote_literal(name)})"
 
@@ -1972,9 +2418,11 @@ class Build:
     files: tuple[SqlFile, ...]
 
 
-def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) -> Build:
+def render_build(fileset: FileSet, guard: SqlGuard,
+                 read: Callable[[Path], bytes] | None = None) -> Build:
     """The env's files concatenated under a header, with a map from script lines to files.
-    Each file is followed by a lone ';' so a missing final semicolon cannot glue two files."""
+    Each file is followed by a lone ';' so a missing final semicolon cannot glue two files.
+    Every file passes the meta-command guard first (§4 guard_sql)."""
     read = read or (lambda p: p.read_bytes())
     built = [f for f in fileset.files if f.kind != "migration"]
     migrations = len(fileset.files) - len(built)
@@ -1999,6 +2447,7 @@ def render_build(fileset: FileSet, read: Callable[[Path], bytes] | None = None) 
                              hint="run the command again")
         text = data.decode("utf-8").removeprefix("\ufeff")
         text = text.replace("\r\n", "\n")
+        guard_sql(split_sql(text), item.path, item.rel, guard)
         lines.append(f"-- ==== {item.rel}")
         lines.extend(_FILE_PRELUDE.rstrip("\n").split("\n"))
         chunks.append((len(lines) + 1, item.rel, 1))
@@ -2052,6 +2501,7 @@ class TemplateInfo:
     files: int
     seeds: bool
     build_seconds: float
+    order: int = 0  # publishing transaction id: newer builds have larger ones (0: unknown)
 
 
 @record(frozen=True)
@@ -2182,7 +2632,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     tmp = f"{name}_tmp"
     started = time.monotonic()
     ws.console.info(f"building template {name} from {len(fileset.files)} files …")
-    build = render_build(fileset)
+    build = render_build(fileset, sql_guard(ws.config))
     _drop_database(session, tmp, force=True)
     session.execute(f"CREATE DATABASE {quote_ident(tmp)} TEMPLATE template0"
                     + (f" STRATEGY {strategy}" if strategy else ""))
@@ -2201,12 +2651,20 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     existing = session.value(f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}")
     if existing:
         _drop_database(session, name, force=True)
-    session.execute(
-        "BEGIN;\n"
-        f"ALTER DATABASE {quote_ident(tmp)} RENAME TO {quote_ident(name)};\n"
-        f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false;\n"
-        f"COMMENT ON DATABASE {quote_ident(name)} IS {quote_literal(json.dumps(meta))};\n"
-        "COMMIT")
+    session.execute("BEGIN")
+    try:
+        session.execute(
+            f"ALTER DATABASE {quote_ident(tmp)} RENAME TO {quote_ident(name)};\n"
+            f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
+        # Builds are ordered by the id of the transaction that publishes them: it strictly
+        # increases on a server (built_at has one-second steps, and clients' clocks differ).
+        meta["order"] = int(session.value("SELECT txid_current()"))
+        session.execute(
+            f"COMMENT ON DATABASE {quote_ident(name)} IS {quote_literal(json.dumps(meta))};\n"
+            "COMMIT")
+    except ConfitureError:  # (interrupted: psql ends with the session, and so does the BEGIN)
+        session.execute("ROLLBACK")
+        raise
     ws.console.info(f"built template {name} in {format_seconds(time.monotonic() - started)} "
                     f"({format_bytes(size)})")
 
@@ -2240,23 +2698,43 @@ def list_templates(session: Session, project: str, env_name: str | None = None) 
                                   hash=str(meta.get("hash")), size=int(meta.get("size", 0)),
                                   built_at=str(meta.get("built_at")), files=int(meta.get("files", 0)),
                                   seeds=bool(meta.get("seeds", True)),
-                                  build_seconds=float(meta.get("build_seconds", 0))))
-    found.sort(key=lambda t: (t.built_at, t.name), reverse=True)
+                                  build_seconds=float(meta.get("build_seconds", 0)),
+                                  order=int(meta.get("order", 0))))
+    found.sort(key=lambda t: (t.order, t.built_at, t.name), reverse=True)
     return found
+
+
+def current_templates(config: Config, env_name: str) -> set[str] | None:
+    """The names of the env's templates that match its files now (with and without its seed
+    sets: reset and diff --migrations use both); None when the env or its files cannot be
+    read (then none of its templates may be assumed stale)."""
+    if env_name not in config.envs:
+        return set()
+    try:
+        return {template_name(config.project, env_name, scan_env(config, env_name, seeds).hash)
+                for seeds in (True, False)}
+    except ConfitureError:
+        return None
 
 
 def prune_templates(ws: Workspace, session: Session, keep: int, env_name: str | None = None,
                     keep_name: str | None = None) -> list[str]:
-    """Drop all but the newest `keep` templates per env (never `keep_name`), and leftovers of
-    killed builds (<name>_tmp whose build lock is free)."""
+    """Drop all but the newest `keep` templates per env, and leftovers of killed builds
+    (<name>_tmp whose build lock is free). Never dropped: `keep_name`, and a template that
+    matches its env's current files (the next reset, clone or diff would rebuild it)."""
     dropped: list[str] = []
     by_env: dict[str, list[TemplateInfo]] = {}
     for info in list_templates(session, ws.config.project, env_name):
         by_env.setdefault(info.env, []).append(info)
-    for infos in by_env.values():
-        kept = [t for t in infos if t.name == keep_name]
+    for env, infos in by_env.items():
+        current = current_templates(ws.config, env)
+        if current is None:
+            ws.console.debug(f"templates of env {env} not pruned: its files cannot be read")
+            continue
+        current.add(keep_name or "")
+        kept = [t for t in infos if t.name in current]
         for info in infos:
-            if info.name == keep_name:
+            if info.name in current:
                 continue
             if len(kept) < keep:
                 kept.append(info)
@@ -2598,145 +3076,6 @@ def new_migration(config: Config, name: str, now: float | None = None,
     return paths
 
 
-# ── SQL splitting: what psql's lexer sees as statement boundaries ─────────────────────────
-
-@record(frozen=True)
-class Statement:
-    text: str                # as written (leading comments kept, trailing blanks cut)
-    line: int                # line of its first character in the file
-    words: tuple[str, ...]   # first keywords, upper-cased (strings and comments skipped)
-    meta: bool = False       # a psql backslash command
-
-
-_SQL_SPECIAL = lazy_re(r"""(?x)
-    (?P<semi>;) | (?P<open>\() | (?P<close>\)) | (?P<line>--) | (?P<block>/\*)
-  | (?P<estr>(?<![\w$])[Ee]') | (?P<str>') | (?P<ident>")
-  | (?P<dollar>(?<![\w$])\$(?:[^\W\d]\w*)?\$) | (?P<meta>\\)""")
-_STR_BODY = lazy_re(r"[^']*(?:''[^']*)*'")
-_ESTR_BODY = lazy_re(r"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.DOTALL)
-_IDENT_BODY = lazy_re(r'[^"]*(?:""[^"]*)*"')
-_BLOCK_EDGE = lazy_re(r"/\*|\*/")
-_WORD = lazy_re(r"[^\W\d][\w$]*|[()]")
-_COPY_STDIN = lazy_re(r"^\s*COPY\b.*\bFROM\s+STDIN\b", re.IGNORECASE | re.DOTALL)
-_COPY_END = lazy_re(r"^\\\.[ \t\r]*$", re.MULTILINE)
-
-
-def _skip_block_comment(text: str, pos: int) -> int:
-    depth = 1
-    for match in _BLOCK_EDGE.finditer(text, pos):
-        depth += 1 if match.group() == "/*" else -1
-        if depth == 0:
-            return match.end()
-    return len(text)
-
-
-def _keywords(code: str, limit: int = 6) -> tuple[str, ...]:
-    words: list[str] = []
-    for match in _WORD.finditer(code):
-        if match.group() not in "()":
-            words.append(match.group().upper())
-            if len(words) == limit:
-                break
-    return tuple(words)
-
-
-def _inside_routine_body(code: str) -> bool:
-    """psql's heuristic: in CREATE [OR REPLACE] FUNCTION|PROCEDURE, a ';' between BEGIN (ATOMIC)
-    and its END does not end the statement."""
-    head = _keywords(code, 4)
-    if not head or head[0] != "CREATE" or not (
-            head[1:2] in (("FUNCTION",), ("PROCEDURE",))
-            or (head[1:3] == ("OR", "REPLACE") and head[3:4] in (("FUNCTION",), ("PROCEDURE",)))):
-        return False
-    parens = depth = 0
-    for match in _WORD.finditer(code):
-        word = match.group().upper()
-        if word == "(":
-            parens += 1
-        elif word == ")":
-            parens = max(parens - 1, 0)
-        elif parens == 0:
-            if word == "BEGIN" or (word == "CASE" and depth >= 1):
-                depth += 1
-            elif word == "END" and depth > 0:
-                depth -= 1
-    return depth > 0
-
-
-def split_sql(text: str) -> list[Statement]:
-    """Split SQL the way psql does: quotes, E'' strings, dollar quoting with tags, nested
-    block comments, parentheses, BEGIN ATOMIC bodies, COPY … FROM stdin data and backslash
-    commands. Comment-only pieces are not statements."""
-    out: list[Statement] = []
-    size = len(text)
-    pos = start = depth = 0
-    code: list[str] = []
-    line, line_pos = 1, 0
-
-    def line_at(index: int) -> int:
-        nonlocal line, line_pos
-        line += text.count("\n", line_pos, index)
-        line_pos = index
-        return line
-
-    def emit(end: int, meta: bool = False) -> None:
-        nonlocal start, code, depth
-        words = _keywords("".join(code))
-        if words or meta:
-            first = start + len(text[start:end]) - len(text[start:end].lstrip())
-            out.append(Statement(text[first:end].rstrip(), line_at(first), words, meta))
-        start, code, depth = end, [], 0
-
-    while pos < size:
-        match = _SQL_SPECIAL.search(text, pos)
-        if not match:
-            code.append(text[pos:])
-            break
-        code.append(text[pos:match.start()])
-        kind, pos = match.lastgroup, match.end()
-        if kind == "semi":
-            joined = "".join(code)
-            if depth == 0 and not _inside_routine_body(joined):
-                if _COPY_STDIN.match(joined):
-                    end = _COPY_END.search(text, pos)
-                    pos = end.end() if end else size
-                emit(pos)
-                continue
-            code.append(";")
-        elif kind == "open":
-            depth += 1
-            code.append("(")
-        elif kind == "close":
-            depth = max(depth - 1, 0)
-            code.append(")")
-        elif kind == "line":
-            newline = text.find("\n", pos)
-            pos = size if newline < 0 else newline
-            code.append(" ")
-        elif kind == "block":
-            pos = _skip_block_comment(text, pos)
-            code.append(" ")
-        elif kind in ("str", "estr", "ident"):
-            body = {"str": _STR_BODY, "estr": _ESTR_BODY, "ident": _IDENT_BODY}[kind]
-            found = body.match(text, pos)
-            pos = found.end() if found else size
-            code.append(' "q" ' if kind == "ident" else " '' ")
-        elif kind == "dollar":
-            close = text.find(match.group(), pos)
-            pos = size if close < 0 else close + len(match.group())
-            code.append(" $$ ")
-        else:  # a backslash command runs to the end of its line
-            if _keywords("".join(code)):
-                emit(match.start())
-            start = match.start()
-            newline = text.find("\n", pos)
-            pos = size if newline < 0 else newline
-            code = []
-            emit(pos, meta=True)
-    emit(size)
-    return out
-
-
 _TXN_CONTROL = {"BEGIN", "COMMIT", "END", "ABORT", "ROLLBACK"}
 
 
@@ -2772,12 +3111,15 @@ def migration_statements(migration: Migration, which: str = "up",
     return split_sql(data.decode("utf-8")), transactional
 
 
-def check_migration_sql(migration: Migration, which: str, root: Path) -> bool:
-    """Refuse, before anything runs, SQL that would break the one-transaction guarantee.
-    Returns whether the file runs in a transaction."""
-    statements, transactional = migration_statements(migration, which, root)
+def check_migration_sql(migration: Migration, which: str, config: Config) -> bool:
+    """Refuse, before anything runs, SQL that would break the one-transaction guarantee or
+    reach the machine that runs the tool (§4 guard_sql). Returns whether the file runs in a
+    transaction."""
+    statements, transactional = migration_statements(migration, which, config.root)
     path = migration.up if which == "up" else migration.down
-    rel = migration_rel_path(root, path)
+    rel = migration_rel_path(config.root, path)
+    assert path is not None
+    guard_sql(statements, path, rel, sql_guard(config))
     for stmt in statements:
         if stmt.meta:
             continue
@@ -3323,13 +3665,13 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
         for m in run.planned:
-            check_migration_sql(m, "up", config.root)
+            check_migration_sql(m, "up", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
-        checked = {m.version: check_migration_sql(m, "up", config.root) for m in run.planned}
+        checked = {m.version: check_migration_sql(m, "up", config) for m in run.planned}
         partial = {p.version: p for p in status.partial}
         for stale in set(partial) - {m.version for m in run.planned}:
             ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
@@ -3379,12 +3721,12 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
             status = _status_with(session, ws, files)[0]
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
         for m in run.planned:
-            check_migration_sql(m, "down", config.root)
+            check_migration_sql(m, "down", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
-        checked = {m.version: check_migration_sql(m, "down", config.root) for m in run.planned}
+        checked = {m.version: check_migration_sql(m, "down", config) for m in run.planned}
         for migration in run.planned:
             assert migration.down is not None
             rel = migration_rel(config, migration.down)
@@ -3589,10 +3931,7 @@ def backup_folder(config: Config, env_name: str,
 
 
 def backup_compression(config: Config) -> int:
-    level = config.raw.get("backups", {}).get("compression", 1)
-    if not 0 <= level <= 9:
-        raise ConfigError(f"backups.compression must be 0–9, not {level}")
-    return int(level)
+    return int(config.raw.get("backups", {}).get("compression", 1))  # 0–9: checked at load
 
 
 def _read_sidecar(dump: Path) -> dict[str, Any] | None:
@@ -3895,11 +4234,29 @@ def _database_exists(session: Session, name: str) -> bool:
         f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
 
 
+_SIDE_TOKEN = 8  # hex digits of randomness after the stamp
+
+
+def _side_head(database: str, kind: str) -> str:
+    """The database part of a side name, shortened so that the whole name fits 63 bytes."""
+    room = MAX_IDENT_BYTES - len(f"_{kind}_{_stamp(0).lower()}_") - _SIDE_TOKEN
+    return database.encode()[:room].decode("utf-8", "ignore")
+
+
 def _side_name(database: str, kind: str, stamp: str) -> str:
-    """<db>_<kind>_<stamp>, the database part shortened to fit 63 bytes (the comment names it)."""
-    suffix = f"_{kind}_{stamp.lower()}"
-    head = database.encode()[:MAX_IDENT_BYTES - len(suffix)].decode("utf-8", "ignore")
-    return head + suffix
+    """<db>_<kind>_<stamp>_<random>: the stamp is for humans (one-second steps, so two runs in
+    one second would collide without the random part); the pattern makes a scratch database
+    recognisable from the moment it exists, before its comment is written (_side_pattern)."""
+    import secrets
+
+    return f"{_side_head(database, kind)}_{kind}_{stamp.lower()}_{secrets.token_hex(_SIDE_TOKEN // 2)}"
+
+
+def _side_pattern(database: str, kinds: Sequence[str]) -> re.Pattern[str]:
+    """The names _side_name gives to `database`'s side databases of these kinds (fullmatch)."""
+    tail = r"_\d{8}t\d{6}z_[0-9a-f]{" + str(_SIDE_TOKEN) + "}"
+    return re.compile("|".join(f"{re.escape(_side_head(database, kind))}_{kind}{tail}"
+                               for kind in kinds))
 
 
 def _marks(session: Session) -> list[dict[str, Any]]:
@@ -3927,14 +4284,19 @@ def replaced_databases(session: Session, database: str) -> list[dict[str, Any]]:
 
 
 def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
-    """Drop half-restored scratch databases of `database` left by killed runs. Call with the
-    database lock held, so no live restore of it can own one."""
+    """Drop half-restored scratch databases of `database` left by killed runs: marked ones,
+    and ones killed before their mark was written, known by their name alone. Call with the
+    database lock held, so no live restore or deploy of it can own one."""
     dropped = []
-    for meta in _marks(session):
-        if (meta.get("kind") == "scratch" and meta.get("database") == database
-                and meta["datname"] == meta.get("name")):
-            _drop_database(session, meta["datname"], force=True)
-            dropped.append(meta["datname"])
+    marked = {m["datname"]: m for m in _marks(session)}
+    named = _side_pattern(database, ("restore", "build"))
+    for row in session.query("SELECT datname FROM pg_database"):
+        name, meta = row["datname"], marked.get(row["datname"])
+        if (meta is None and named.fullmatch(name)) or (
+                meta is not None and meta.get("kind") == "scratch"
+                and meta.get("database") == database and name == meta.get("name")):
+            _drop_database(session, name, force=True)
+            dropped.append(name)
     if dropped:
         ws.console.info("dropped leftover scratch database(s) " + ", ".join(dropped))
     return dropped
@@ -4434,12 +4796,33 @@ def deploys_table(config: Config) -> str:
     return str(config.raw.get("deploy", {}).get("table", "confiture_deploys"))
 
 
+def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
+    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
+    table and its log, §9's deploys table. They are never copied by sync, listed as rules or
+    treated as user data. Schema None: the name is unqualified in the config, so the table is
+    wherever search_path put it, and the name is ours in every schema."""
+    schema, table = parse_table_name(config.migrations_table)
+    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
+    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
+
+
+def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
+    return (schema, name) in own or (None, name) in own
+
+
 def verify_files(config: Config) -> list[Path]:
+    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
+    deploy plan lists them, so a refused one stops a deploy before anything runs."""
     folder = config.deploy_verify
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
-                  key=lambda p: natural_key(p.name))
+    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    guard = sql_guard(config)
+    for path in found:
+        rel = migration_rel_path(config.root, path)
+        guard_sql(split_sql(_read_sql(path, rel).decode("utf-8")), path, rel, guard)
+    return found
 
 
 def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty: bool,
@@ -5397,6 +5780,9 @@ class TablePlan:
     select: str
     binary: bool
     where: str | None
+    # (what, query): the smallest source query for each user-written piece ({ sql = … } rule,
+    # [sync.where] filter), so that a failing `select` can be blamed on the right one
+    checks: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -5416,15 +5802,8 @@ class SyncPlan:
     warnings: tuple[str, ...]
 
 
-def internal_tables(config: Config) -> set[tuple[str | None, str]]:
-    """confiture's own bookkeeping tables, never synced: (schema or None, name)."""
-    parts = [seg for seg, _ in split_name(config.migrations_table, "migrations.table")]
-    table = (parts[0] if len(parts) == 2 else None, parts[-1])
-    return {table, (None, "confiture_deploys")}
-
-
 def select_tables(tables: Sequence[TableInfo], settings: SyncSettings,
-                  internal: set[tuple[str | None, str]] = frozenset()) -> list[TableInfo]:  # type: ignore[assignment]
+                  internal: frozenset[tuple[str | None, str]] = frozenset()) -> list[TableInfo]:
     """The tables to copy: `tables` globs (default all), minus `exclude` and our own tables.
     A pattern that matches nothing is an error (a typo must not silently copy less)."""
     for pattern in settings.tables:
@@ -5437,7 +5816,7 @@ def select_tables(tables: Sequence[TableInfo], settings: SyncSettings,
             continue
         if any(p.matches(table.schema, table.name) for p in settings.exclude):
             continue
-        if (table.schema, table.name) in internal or (None, table.name) in internal:
+        if is_own_table(internal, table.schema, table.name):
             continue
         chosen.append(table)
     return chosen
@@ -5449,6 +5828,7 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
     src_cols = {c.name: c for c in source.columns}
     tgt_cols = {c.name: c for c in target.columns}
     copied: list[tuple[Column, Rule]] = []
+    checks: list[tuple[str, str]] = []
     masked, kept, defaulted = [], [], []
     for col in source.columns:
         if col.name not in tgt_cols and not col.generated:
@@ -5484,6 +5864,10 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
                 problems.append(f"{source.qualified}.{scol.name}: rule {rule.label()} (from "
                                 f"{found[0].text!r}) cannot apply: {why}")
                 continue
+            if rule.kind == "sql":
+                what = f"{source.qualified}.{scol.name}: rule {rule.toml()} (from {found[0].text!r})"
+                expression = rule_sql(rule, scol, f"s.{quote_ident(scol.name)}", "NULL")
+                checks.append((what, f"SELECT {expression} FROM {source.scan} AS s"))
         copied.append((scol, rule))
         if rule.masks:
             masked.append((scol.name, rule.label()))
@@ -5491,22 +5875,26 @@ def _plan_table(source: TableInfo, target: TableInfo, settings: SyncSettings,
             kept.append(scol.name)
     if "\n" in source.qualified or "\r" in source.qualified:
         problems.append(f"{source.qualified!r}: table names with line breaks cannot be synced")
-    where = next((cond for p, cond in settings.where if p.matches(source.schema, source.name)), None)
+    where = next(((p, cond) for p, cond in settings.where
+                  if p.matches(source.schema, source.name)), None)
+    if where is not None:
+        checks.append((f"{source.qualified}: [sync.where] {where[0].text!r}",
+                       f"SELECT 1 FROM {source.scan} AS s WHERE ({where[1]})"))
     if not copied:
         return None
     return TablePlan(
         source=source, target=target, columns=tuple(c.name for c, _ in copied),
         rules=tuple(masked), kept=tuple(kept), defaulted=tuple(defaulted),
-        select=build_select(source, copied, where),
+        select=build_select(source, copied, where and where[1]),
         binary=all(c.portable for c, _ in copied) and
         all(tgt_cols[c.name].portable for c, _ in copied),
-        where=where)
+        where=where and where[1], checks=tuple(checks))
 
 
 def plan_sync(settings: SyncSettings, source_tables: Sequence[TableInfo],
               target_tables: Sequence[TableInfo], foreign_keys: Sequence[ForeignKey],
               sequences: Sequence[SequenceUse],
-              internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+              internal: frozenset[tuple[str | None, str]] = frozenset()
               ) -> SyncPlan:
     """Decide everything before anything is written: tables, columns, rules, SQL, format.
     Raises UnclassifiedColumns (strict) or SyncError listing every problem at once."""
@@ -5632,6 +6020,33 @@ def refuse_same_database(source: Env, target: Env, environ: Mapping[str, str]) -
         raise Refused(f"sync from {source.name!r} to {target.name!r}: both reach database "
                       f"{target.database!r} on {mine[0]}:{mine[1]}",
                       hint="point the target at another database")
+
+
+_FIFO_DIR_PREFIX = "confiture-sync-"
+
+
+def make_fifo_dir() -> Path:
+    """A private folder for this run's named pipes, named after our pid
+    (confiture-sync-<pid>-<random>). A killed run cannot remove its own, so the folders of
+    runs whose process is gone are removed first."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.gettempdir())
+    try:
+        found = list(top.glob(f"{_FIFO_DIR_PREFIX}*-*"))
+    except OSError:
+        found = []
+    for folder in found:
+        pid = folder.name[len(_FIFO_DIR_PREFIX):].partition("-")[0]
+        try:
+            mine = folder.is_dir() and not folder.is_symlink() and \
+                folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_FIFO_DIR_PREFIX}{os.getpid()}-"))
 
 
 def _release_fifo(path: Path) -> None:
@@ -5837,10 +6252,23 @@ def run_sync(config: Config, settings: SyncSettings, console: Console,
     return outcome
 
 
+def check_source_queries(source: Session, plan: SyncPlan) -> None:
+    """Every compiled source query parses and plans, before anything is written (and in
+    --dry-run); a failing one is blamed on its { sql = … } rule or [sync.where] filter."""
+    for table in plan.tables:
+        error = query_error(source, table.select)
+        if error is None:
+            continue
+        culprit = next(((what, found) for what, query in table.checks
+                        if (found := query_error(source, query)) is not None), None)
+        what, error = culprit or (f"{table.name}: the source query", error)
+        raise ConfigError(f"{what} fails in the source: {error.server_message}",
+                          hint="fix the rule or filter in confiture.toml; nothing was written")
+
+
 def _run_sync(config: Config, settings: SyncSettings, console: Console,
               environ: Mapping[str, str], dry_run: bool, outcome: SyncOutcome) -> None:
     import shutil
-    import tempfile
 
     source_env, target_env, source, target = open_sync_sessions(settings, config, environ)
     fifo_dir: str | None = None
@@ -5849,16 +6277,11 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
         source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         plan = plan_sync(settings, read_tables(source), read_tables(target),
                          read_foreign_keys(target), read_sequences(target),
-                         internal_tables(config))
+                         own_tables(config))
         outcome.plan = plan
         for warning in plan.warnings:
             console.warn(warning)
-        for table in plan.tables:  # bad {sql} rules or where filters fail here, not midway
-            try:
-                source.execute(f"EXPLAIN (COSTS OFF) {table.select}")
-            except SqlError as exc:
-                raise SyncError(f"{table.name}: the source query fails: {exc.message}",
-                                hint="check this table's { sql = … } rules and [sync.where]")
+        check_source_queries(source, plan)
         acquire_lock(target, "sync", settings.lock_timeout,
                      f"another sync into {target_env.name!r}", console.info)
         target.execute("BEGIN")
@@ -5880,7 +6303,7 @@ def _run_sync(config: Config, settings: SyncSettings, console: Console,
                      f"{'' if outcome.replica else ' (in foreign-key order)'}")
         if order:
             target.execute("TRUNCATE " + ", ".join(p.target.scan for p in order))
-        fifo_dir = tempfile.mkdtemp(prefix="confiture-sync-")
+        fifo_dir = str(make_fifo_dir())
         for index, table in enumerate(order):
             t0 = time.monotonic()
             rows = stream_table(source, target, table, Path(fifo_dir) / f"{index}.pipe")
@@ -5986,7 +6409,7 @@ def sync_rules(config: Config, settings: SyncSettings, environ: Mapping[str, str
     """Connect to the source and print its rules block (nothing is written anywhere)."""
     env = resolve_env(config, settings.source, environ)
     with Session(find_pg_tools(environ), env.conn, env.database, environ) as session:
-        tables = select_tables(read_tables(session), settings, internal_tables(config))
+        tables = select_tables(read_tables(session), settings, own_tables(config))
     return rules_block(settings, tables, env), tables
 
 
@@ -6011,6 +6434,14 @@ def _qualified(text: str, where: str) -> tuple[str, str]:
     raise ConfigError(f"{where}: {text!r} must be table or schema.table")
 
 
+# The mapping file's keys: their TOML type and an example for the error's hint.
+_MAPPING_KEYS: dict[str, tuple[type, str]] = {
+    "tables": (dict, '[tables] "new_table" = "old_table"'),
+    "columns": (dict, '[columns.new_table] new_col = "old_col"'),
+    "skip": (list, 'skip = ["new_table"]'),
+}
+
+
 def load_mapping(path: Path | None) -> TableMapping:
     """[tables] "new" = "old"; [columns."new_table"] new_col = "old_col" | { sql = "…" };
     skip = ["new_table", …]. Unqualified tables are in schema public."""
@@ -6025,10 +6456,13 @@ def load_mapping(path: Path | None) -> TableMapping:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
-    for key in data:
-        if key not in ("tables", "columns", "skip"):
-            raise ConfigError(f"{where}: unknown key {key!r}",
-                              hint=_suggest(key, ["tables", "columns", "skip"]))
+    for key, value in data.items():
+        if key not in _MAPPING_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r}", hint=_suggest(key, list(_MAPPING_KEYS)))
+        expected, example = _MAPPING_KEYS[key]
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: {key} must be a {'table' if expected is dict else 'list'},"
+                              f" not {type(value).__name__}", hint=f"for example: {example}")
     tables = {}
     for new, old in data.get("tables", {}).items():
         if not isinstance(old, str):
@@ -6048,7 +6482,7 @@ def load_mapping(path: Path | None) -> TableMapping:
                 raise ConfigError(f"{where}: [columns.{table!r}] {new_col!r} must be the old "
                                   "column's name or { sql = \"…\" }")
     skip = data.get("skip", [])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+    if not all(isinstance(s, str) for s in skip):
         raise ConfigError(f"{where}: skip must be a list of table names")
     return TableMapping(tables=tables, columns=columns,
                         skip=tuple(_qualified(s, where) for s in skip))
@@ -6073,7 +6507,7 @@ class SchemaCopyPlan:
 
 def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[TableInfo],
                      mapping: TableMapping,
-                     internal: set[tuple[str | None, str]] = frozenset()  # type: ignore[assignment]
+                     internal: frozenset[tuple[str | None, str]] = frozenset()
                      ) -> SchemaCopyPlan:
     """Match NEW tables and columns to OLD ones (same names unless the mapping says otherwise)."""
     old_by_key = {t.key: t for t in old_tables}
@@ -6090,7 +6524,7 @@ def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[Table
                             "of the old database")
     used: set[tuple[str, str]] = set()
     for new in new_tables:
-        if new.key in mapping.skip or new.key in internal or (None, new.name) in internal:
+        if new.key in mapping.skip or is_own_table(internal, *new.key):
             continue
         old = old_by_key.get(mapping.tables.get(new.key, new.key))
         if old is None:
@@ -6131,7 +6565,7 @@ def plan_schema_copy(old_tables: Sequence[TableInfo], new_tables: Sequence[Table
         if defaulted:
             notes.append(f"{new.qualified}: {', '.join(defaulted)} left to their defaults")
     dropped = [t.qualified for t in old_tables if t.key not in used
-               and t.key not in internal and (None, t.name) not in internal]
+               and not is_own_table(internal, *t.key)]
     if problems:
         raise ConfigError("schema-to-schema cannot start; nothing was written:\n  "
                           + "\n  ".join(problems))
@@ -6171,23 +6605,15 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
         backup = create_backup(open_workspace(new_env, console, environ))
         console.info(f"backed up {new_env.database} before schema-to-schema: {backup.path}")
     tools = find_pg_tools(environ)
-    user = old_env.conn.get("user") or environ.get("PGUSER") or ""
-    password = old_env.conn.get("password") or environ.get("PGPASSWORD") or ""
-    # The user mapping needs OLD's password in SQL: it travels hex-encoded as a custom
-    # setting in the startup packet and is used only inside a DO block, so it is in no query
-    # text, pg_stat_activity row or statement log.
-    secret_options = (f"-c confiture.fdw_user={user.encode().hex() or '00'} "
-                      f"-c confiture.fdw_password={password.encode().hex() or '00'}")
-    options = new_env.conn.get("options") or environ.get("PGOPTIONS", "")
-    new_conn = new_env.conn.with_params(options=f"{options} {secret_options}".strip())
     started = time.monotonic()
     with Session(tools, old_env.conn, old_env.database, environ) as old, \
-            Session(tools, new_conn, new_env.database, environ) as new:
+            Session(tools, _fdw_login(old, old_env, new_env, environ), new_env.database,
+                    environ) as new:
         if server_identity(old) == server_identity(new):
             raise Refused(f"schema-to-schema: {old_name!r} and {new_name!r} are the same "
                           "database of the same cluster")
         plan = plan_schema_copy(read_tables(old), read_tables(new), mapping,
-                                internal_tables(config))
+                                own_tables(config))
         old.close()
         new.execute("BEGIN")
         new.execute("SET LOCAL statement_timeout = 0")
@@ -6225,6 +6651,23 @@ def schema_to_schema(config: Config, old_name: str, new_name: str, mapping: Tabl
 
 
 _FDW_SERVER = "confiture_s2s"
+
+
+def _fdw_login(old: Session, old_env: Env, new_env: Env, environ: Mapping[str, str]) -> ConnInfo:
+    """NEW's connection, carrying the login NEW's server uses to reach OLD: the role OLD's
+    session really has (a URL may name none), and the password libpq used (URL, $PGPASSWORD
+    or the password file), if any: trust and peer logins have none, and an empty password
+    must not reach the server at all. It travels hex-encoded as custom settings in the startup
+    packet and is used only inside a DO block, so it is in no query text, pg_stat_activity
+    row or statement log."""
+    user = str(old.value("SELECT session_user"))
+    password = (old_env.conn.get("password") or environ.get("PGPASSWORD")
+                or old_env.conn.passfile_password(old_env.database, user, environ))
+    settings = f"-c confiture.fdw_user={user.encode().hex()}"
+    if password:
+        settings += f" -c confiture.fdw_password={password.encode().hex()}"
+    options = new_env.conn.get("options") or environ.get("PGOPTIONS", "")
+    return new_env.conn.with_params(options=f"{options} {settings}".strip())
 
 
 def _copy_order(plan: SchemaCopyPlan, foreign_keys: Sequence[ForeignKey], replica: bool
@@ -6271,12 +6714,13 @@ def _stage_old_tables(session: Session, order: Sequence[CopyPlan], old_env: Env,
                         "postgres_fdw in the new database once (package postgresql-contrib)")
     session.execute(f"CREATE SERVER {_FDW_SERVER} FOREIGN DATA WRAPPER postgres_fdw OPTIONS "
                     f"({_fdw_server_options(old_env.conn, old_env.database, environ)})")
-    session.execute(
-        "DO $confiture$ BEGIN EXECUTE format('CREATE USER MAPPING FOR CURRENT_USER SERVER "
-        f"{_FDW_SERVER} OPTIONS (user %L, password %L)', "
+    session.execute(  # no password setting (trust, peer): the mapping names none
+        "DO $confiture$ DECLARE pw text := current_setting('confiture.fdw_password', true); "
+        "BEGIN EXECUTE format('CREATE USER MAPPING FOR CURRENT_USER SERVER "
+        f"{_FDW_SERVER} OPTIONS (user %L' || CASE WHEN pw IS NULL THEN ')' "
+        "ELSE ', password %L)' END, "
         "convert_from(decode(current_setting('confiture.fdw_user'), 'hex'), 'UTF8'), "
-        "convert_from(decode(current_setting('confiture.fdw_password'), 'hex'), 'UTF8')); "
-        "END $confiture$")
+        "convert_from(decode(pw, 'hex'), 'UTF8')); END $confiture$")
     staged = Staging(extension_created=created)
     by_schema: dict[str, list[str]] = {}
     for table in order:
@@ -6302,9 +6746,18 @@ def _copy_one(session: Session, table: CopyPlan, staged: str) -> int:
     """INSERT … SELECT one table, then compare its row count with OLD's (both reads use the
     one remote snapshot postgres_fdw keeps for the transaction)."""
     columns = ", ".join(quote_ident(c) for c in table.columns)
+    select = f"SELECT {', '.join(table.expressions)} FROM {staged} AS s"
+    if (error := query_error(session, select)) is not None:  # a mapping's { sql = … } (§5)
+        culprit = next((f"{table.new.qualified}.{column} = {expression}"
+                        for column, expression in zip(table.columns, table.expressions,
+                                                      strict=True)
+                        if query_error(session, f"SELECT {expression} FROM {staged} AS s")),
+                       f"{table.new.qualified} (from {table.old.qualified})")
+        raise ConfigError(f"{culprit}: fails in the new database: {error.server_message}",
+                          hint="fix the mapping; nothing was written")
     try:
         session.execute(f"INSERT INTO {table.new.sql} ({columns}) OVERRIDING SYSTEM VALUE "
-                        f"SELECT {', '.join(table.expressions)} FROM {staged} AS s")
+                        f"{select}")
     except SqlError as exc:
         raise SyncError(f"{table.new.qualified} (from {table.old.qualified}): {exc.message}")
     counts = session.query(f"SELECT (SELECT count(*) FROM {table.new.scan}) AS new, "
@@ -7849,12 +8302,11 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
     table and its log, §9's deploy record ([deploy] table)."""
-    qualifier, table = parse_table_name(config.migrations_table)
-    schema = qualifier or "public"
-    found = {(schema, table), (schema, table + "_log")}
-    deploy_schema, deploy_table = parse_table_name(deploys_table(config))
-    for where in {deploy_schema or schema, deploy_schema or "public"}:
-        found.add((where, deploy_table))
+    qualifier, _ = parse_table_name(config.migrations_table)
+    found = set()
+    for schema, table in own_tables(config):  # unqualified: the tracking table's schema
+        for where in {schema or qualifier or "public", schema or "public"}:
+            found.add((where, table))
     return frozenset(found)
 
 
@@ -8926,8 +9378,9 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 # `migrate generate`: the schema the migrations produce (replayed on a scratch database) and
 # the schema the DDL builds (the env's template) are read as models (§11); the planned up and
 # down are applied to scratch copies and written only when both reproduce their target
-# exactly. `diff --sql`: the plan that turns a database into its reference. Scratch work runs
-# on the env's scratch server (§7 scratch_workspace), every scratch database is dropped.
+# exactly. `diff --sql`: the plan that turns a database into its reference. The guard: a
+# protected env is written only when its schema plus its pending migrations equals the DDL's.
+# Scratch work runs on the env's scratch server (§7 scratch_workspace), always dropped.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 @record(frozen=True)
@@ -9384,7 +9837,7 @@ def cmd_scan(app: App) -> int:
 def cmd_build(app: App) -> int:
     name = app.env_name()
     seeds = not app.args.schema_only
-    build = render_build(scan_env(app.config, name, seeds=seeds))
+    build = render_build(scan_env(app.config, name, seeds=seeds), sql_guard(app.config))
     path = Path(app.args.output) if app.args.output else build_path(app.config, name, seeds)
     if str(path) == "-":
         sys.stdout.write(build.script)

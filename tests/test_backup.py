@@ -317,3 +317,43 @@ def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, pro
     finally:
         pg.drop_db(db)
         pg.query(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, project: Project,
+                                                                  cli: Any) -> None:
+    """Issue 11.8: a restore killed between CREATE DATABASE and its COMMENT leaves a database
+    without a mark; its name alone makes it a leftover (a look-alike of another db is kept)."""
+    import confiture
+
+    db = project.db()
+    pg.create_db(db)
+    fill(pg, db, rows=10)
+    leftover = confiture._side_name(db, "restore", confiture._stamp())
+    other = confiture._side_name(db + "x", "restore", confiture._stamp())
+    pg.create_db(leftover)
+    pg.create_db(other)
+    try:
+        result = cli("backups", "prune", cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        assert not pg.db_exists(leftover) and pg.db_exists(other)
+    finally:
+        pg.drop_db(other)
+
+
+def test_two_restores_in_the_same_second_keep_both_replaced_databases(
+        pg: Cluster, project: Project, cli: Any, monkeypatch: Any) -> None:
+    import confiture
+
+    db = project.db()
+    pg.create_db(db)
+    fill(pg, db, rows=10)
+    assert cli("backup", cwd=project.root).returncode == 0
+    monkeypatch.setattr(confiture, "_stamp", lambda when=None: "20260101T000000Z")
+    ws = confiture.workspace_for(project.config_path, env="local", environ={**clean_environ(),
+                                                                          **pg.env})
+    backup = backups_in(project)[0]
+    first = confiture.restore_backup(ws, backup)
+    second = confiture.restore_backup(ws, backup)
+    assert first.replaced and second.replaced and first.replaced != second.replaced
+    assert len(side_databases(pg, project, "replaced")) == 2
+    assert pg.scalar("SELECT count(*) FROM customers", db=db) == 10

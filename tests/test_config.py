@@ -87,6 +87,34 @@ def test_bad_migrations_table_is_a_config_error_before_connecting(
     assert code == 2 and "confiture.toml" in err and "migrations.table" in err, err
 
 
+@pytest.mark.parametrize("extra, key", [
+    ("[backups]\ncompression = 99\n", "backups.compression must be 0–9, not 99"),
+    ("[backups]\nkeep = 0\n", "backups.keep must be at least 1"),
+    ("[templates]\nkeep = 0\n", "templates.keep must be at least 1"),
+    ('[deploy]\ntable = "a.b.c"\n', "deploy.table"),
+    ('[status]\nmax_backup_age = "soon"\n', "status.max_backup_age"),
+    ('[sync]\nlock_timeout = "forever"\n', "sync.lock_timeout"),
+    ('[sync]\nfrom = "prdo"\n', "sync.from 'prdo'"),
+    ('[project]\nscratch_url = "host=x bogus=1"\n', "project.scratch_url"),
+])
+def test_config_check_validates_every_value(tmp_path: Path, extra: str, key: str) -> None:
+    """Issue 11.11: a value only one command reads is still checked when the config loads."""
+    import subprocess
+    import sys
+
+    text = BASE + extra
+    if extra.startswith("[project]"):
+        text = BASE.replace("[project]\n", extra)
+    make_project(tmp_path, text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
+    result = subprocess.run([sys.executable, confiture.__file__, "config", "check"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert key in result.stderr and "confiture.toml" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_variable_is_an_error_only_where_used(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     make_project(tmp_path, BASE.replace('"postgresql:///shop_prod"', '"${PROD_URL_FOR_TEST}"'))
@@ -340,7 +368,7 @@ def test_line_map_points_into_files(tmp_path: Path) -> None:
                                   "db/schema/2.sql": "\n\nselect nope(;\n",
                                   "db/seeds/common/x.sql": "select 3"})
     config = confiture.load_config(tmp_path / "confiture.toml")
-    build = confiture.render_build(confiture.scan_env(config, "local"))
+    build = confiture.render_build(confiture.scan_env(config, "local"), confiture.sql_guard(config))
     lines = build.script.split("\n")
     target = next(i for i, line in enumerate(lines, 1) if "nope" in line)
     assert build.line_map.locate(target) == ("db/schema/2.sql", 3)

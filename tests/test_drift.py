@@ -655,6 +655,11 @@ def test_protected_env_is_inspected_with_a_read_only_role(pg: Any, pg_remote: An
     status = json.loads(result.stdout)
     assert status["drift"]["checked"] is True and status["drift"]["differences"] == 1, status
     assert status["template"]["state"] == "current", status
+    # diff --migrations builds its scratch database on the scratch server too
+    project.write("db/migrations/1_widgets.up.sql",
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    result = cli("--env", "prod", "diff", "--migrations", cwd=project.root, env=readonly_prod)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert _databases(pg_remote) == before
 
 

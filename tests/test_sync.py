@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
@@ -419,6 +420,27 @@ def test_where_filter_and_table_selection(sp: SyncProject) -> None:
     assert bad.returncode == 2 and "matches no table" in bad.stderr
 
 
+def test_broken_sql_rule_or_filter_is_named_before_anything_is_written(sp: SyncProject) -> None:
+    """Issue 11.9: an unbalanced { sql = … } rule must not be blamed on another table (nor
+    pass --dry-run): the table, column, rule and PostgreSQL's message are named, exit 2."""
+    sp.run("sync")
+    before = sp.dst("SELECT count(*) FROM users")[0][0]
+    sp.config(rules=RULES.replace('"users.full_name" = "name"',
+                                  '"users.full_name" = { sql = "this is not sql(" }'))
+    for args in (("sync", "--dry-run"), ("sync",)):
+        result = sp.run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "public.users.full_name" in result.stderr and "this is not sql(" in result.stderr
+        assert "'users.full_name'" in result.stderr and "syntax error" in result.stderr
+        assert "orders" not in result.stderr and "Traceback" not in result.stderr
+    sp.config(sync_extra='[sync.where]\n"orders" = "no_such_column > 1"\n')
+    result = sp.run("sync", "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "public.orders: [sync.where] 'orders'" in result.stderr
+    assert "no_such_column" in result.stderr
+    assert sp.dst("SELECT count(*) FROM users")[0][0] == before
+
+
 def test_protected_target_and_same_database_are_refused(sp: SyncProject) -> None:
     sp.config(envs=f'[env.alias]\nurl = "{sp.target.url(sp.dst_db)}"\n'
                    f'[env.prod_copy]\nurl = "{sp.target.url(sp.dst_db + "_x")}"\nprotected = true\n')
@@ -489,7 +511,9 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
     sp.src(SLOW)
     sp.config(RULES.replace('"users.code" = { sql = "upper(s.code)" }',
                             '"users.code" = { sql = "slow(s.code)" }'))
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync")
+    tmp = sp.root / "tmp"  # where the run keeps its named pipes (issue 11.12)
+    tmp.mkdir()
+    proc = sp.popen(sys.executable, str(CONFITURE), "sync", env={"TMPDIR": str(tmp)})
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")  # orders is loaded by now
     finally:
@@ -497,6 +521,9 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
         _, err = proc.communicate(timeout=60)
     if how == signal.SIGTERM:
         assert proc.returncode == 130 and "interrupted" in err
+        assert list(tmp.iterdir()) == []  # cleaned up at exit
+    else:
+        assert [p.name.startswith("confiture-sync-") for p in tmp.iterdir()] == [True]
 
     def quiet() -> bool:
         return not any(c.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
@@ -505,6 +532,13 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
     wait_for(quiet, what="the killed run's sessions to end")
     assert sp.dst("SELECT id, email FROM users") == [(999, "keep-me")]
     assert sp.dst("SELECT note FROM orders") == [("old order",)]
+    # the next run removes what the killed one left; another live run's folder is kept
+    live = tmp / f"confiture-sync-{os.getpid()}-x"
+    live.mkdir()
+    sp.src("CREATE OR REPLACE FUNCTION slow(x text) RETURNS text LANGUAGE sql AS 'SELECT x'")
+    again = sp.run("sync", env={"TMPDIR": str(tmp)})
+    assert again.returncode == 0, again.stderr
+    assert list(tmp.iterdir()) == [live]
 
 
 def test_non_superuser_target_loads_in_foreign_key_order(sp: SyncProject) -> None:
@@ -557,6 +591,55 @@ def test_sync_rules_prints_a_complete_block(sp: SyncProject) -> None:
     assert "generated column" in text
     sp.config(rules=text)  # the block is complete: a strict sync accepts it as is
     assert sp.run("sync", "--dry-run").returncode == 0
+
+
+OWN_TABLES = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE {mig} (version bigint PRIMARY KEY, name text);
+CREATE TABLE {mig}_log (id bigint PRIMARY KEY, event text);
+CREATE TABLE {deploys} (id bigint PRIMARY KEY, outcome text);
+INSERT INTO {mig} VALUES ({n}, '{who}');
+INSERT INTO {mig}_log VALUES ({n}, '{who}');
+INSERT INTO {deploys} VALUES ({n}, '{who}');
+"""
+
+
+@pytest.mark.parametrize("names", [("public", "confiture_migrations", "confiture_deploys", ""),
+                                   ("ops", "ops.mig", "ops.deploys",
+                                    '[migrations]\ntable = "ops.mig"\n'
+                                    '[deploy]\ntable = "ops.deploys"\n')])
+def test_own_tables_are_never_synced_listed_or_user_data(sp: SyncProject,
+                                                         names: tuple[str, ...]) -> None:
+    schema, mig, deploys, settings = names
+    sp.config(sync_extra="", envs="", rules=RULES + "\n" + settings)
+    for run, n, who in ((sp.src, 1, "prod"), (sp.dst, 2, "staging")):
+        run(OWN_TABLES.format(schema=schema, mig=mig, deploys=deploys, n=n, who=who))
+    result = sp.run("sync")
+    assert result.returncode == 0, result.stderr
+    for table in (mig, mig + "_log", deploys):  # the target keeps its own history
+        assert sp.dst(f"SELECT * FROM {table}") == [(2, "staging")], table
+    rules = sp.run("sync", "rules")
+    assert rules.returncode == 0, rules.stderr
+    for table in (mig, mig + "_log", deploys):
+        assert f'"{schema}.{table.split(".")[-1]}.' not in rules.stdout, rules.stdout
+    # schema-to-schema: our tables are neither copied into NEW nor reported as left behind
+    write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+{settings}
+[env.old]
+url = "{sp.source.url(sp.src_db)}"
+[env.new]
+url = "{sp.target.url(sp.dst_db)}"
+""")
+    sp.dst("TRUNCATE orders, users, people")
+    (sp.root / "map.toml").write_text("")
+    result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping", "map.toml",
+                    "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "_log" not in result.stdout + result.stderr and "deploys" not in result.stdout + \
+        result.stderr, result.stdout + result.stderr
 
 
 # ── the cron wrapper ──────────────────────────────────────────────────────────────────────
@@ -700,3 +783,99 @@ protected = true
         assert broken.returncode == 2 and "clients.full_name: NOT NULL" in broken.stderr
     finally:
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("login", ["trust", "password", "pgpass"])
+def test_schema_to_schema_with_every_kind_of_login(sp: SyncProject, pg: Cluster,
+                                                   pg_remote: Cluster, login: str) -> None:
+    """OLD reached without a password (trust on the unix socket), with one in the URL, or with
+    one only in a .pgpass file: postgres_fdw gets the same login (issue 11.4)."""
+    role, password = "o_" + secrets.token_hex(4), "pw:" + secrets.token_hex(8) + "\\"
+    env: dict[str, str] = {"HOME": str(sp.root)}
+    if login == "trust":  # OLD on `pg` over its unix socket, NEW on `pg_remote`
+        old_cluster, old_db, new_cluster, new_db = pg, sp.src_db, pg_remote, sp.dst_db
+        old_url = pg.url(old_db)
+    else:  # OLD on `pg_remote` over TCP (password auth), NEW on `pg`
+        old_cluster, old_db, new_cluster, new_db = pg_remote, sp.dst_db, pg, sp.src_db
+        pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)))
+        if login == "password":
+            old_url = (f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:"
+                       f"{pg_remote.tcp_port}/{old_db}")
+        else:
+            old_url = f"postgresql://{role}@127.0.0.1:{pg_remote.tcp_port}/{old_db}"
+            escaped = password.replace("\\", "\\\\").replace(":", "\\:")
+            pgpass = sp.root / ".pgpass"
+            pgpass.write_text(f"# comment\nelsewhere:1:*:*:wrong\n"
+                              f"127.0.0.1:{pg_remote.tcp_port}:*:{role}:{escaped}\n")
+            pgpass.chmod(0o600)
+    try:
+        for cluster, db, schema in ((old_cluster, old_db, OLD_SCHEMA),
+                                    (new_cluster, new_db, NEW_SCHEMA)):
+            cluster.query("DROP TABLE orders, users, people", db=db)
+            cluster.query(schema, db=db)
+        write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+[env.old]
+url = "{old_url}"
+[env.new]
+url = "{new_cluster.url(new_db)}"
+""")
+        (sp.root / "map.toml").write_text('[tables]\n"clients" = "customers"\n'
+                                          '[columns.clients]\nfull_name = "name"\n'
+                                          '[columns.orders]\nclient_id = "customer_id"\n')
+        result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping",
+                        "map.toml", env=env)
+        assert result.returncode == 0, result.stderr
+        assert password not in result.stdout + result.stderr
+        assert new_cluster.query("SELECT count(*), min(full_name) FROM clients", db=new_db)[0] \
+            == (50, "name 1")
+        assert new_cluster.scalar("SELECT count(*) FROM orders", db=new_db) == 120
+    finally:
+        pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("text, key", [('tables = "members"\n', "tables"),
+                                       ('columns = ["members"]\n', "columns"),
+                                       ('skip = "members"\n', "skip"),
+                                       ('[columns]\nmembers = "x"\n', "columns.'members'"),
+                                       ('[tables]\nmembers = 3\n', "[tables] 'members'")])
+def test_malformed_mapping_is_a_usage_error_naming_the_key(sp: SyncProject, text: str,
+                                                           key: str) -> None:
+    """Issue 11.10: no traceback, exit 2, the key named; nothing is read from the databases."""
+    (sp.root / "map.toml").write_text(text)
+    result = sp.run("schema-to-schema", "--from", "prod", "--to", "staging", "--mapping",
+                    "map.toml", "--dry-run")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and key in result.stderr, result.stderr
+    assert "map.toml" in result.stderr
+
+
+def test_schema_to_schema_names_a_broken_sql_mapping(sp: SyncProject, pg: Cluster,
+                                                     pg_remote: Cluster) -> None:
+    """An unbalanced { sql = … } in the mapping is named (table, column, PostgreSQL's message)
+    before anything is written; it never reaches psql's lexer as script text."""
+    for cluster, db, schema in ((pg, sp.src_db, OLD_SCHEMA), (pg_remote, sp.dst_db, NEW_SCHEMA)):
+        cluster.query("DROP TABLE orders, users, people", db=db)
+        cluster.query(schema, db=db)
+    write_config(sp.root / "confiture.toml", f"""\
+[project]
+name = "{sp.name}"
+default_env = "new"
+[env.old]
+url = "{pg.url(sp.src_db)}"
+[env.new]
+url = "{pg_remote.url(sp.dst_db)}"
+""")
+    (sp.root / "map.toml").write_text('[tables]\n"clients" = "customers"\n'
+                                      '[columns.clients]\nfull_name = "name"\n'
+                                      '[columns.orders]\nclient_id = "customer_id"\n'
+                                      'label = { sql = "this is not sql(" }\n')
+    result = sp.run("schema-to-schema", "--from", "old", "--to", "new", "--mapping", "map.toml")
+    assert result.returncode == 2, result.stderr
+    assert "public.orders.label = (this is not sql()" in result.stderr
+    assert "syntax error" in result.stderr and "Traceback" not in result.stderr
+    assert pg_remote.scalar("SELECT count(*) FROM clients", db=sp.dst_db) == 0
+    assert pg_remote.scalar("SELECT count(*) FROM pg_foreign_server", db=sp.dst_db) == 0

@@ -205,6 +205,46 @@ def test_templates_list_and_prune(pg: Any, project: Any, cli: Any) -> None:
     assert [n for n, _, _ in templates_of(pg, project)] == [newest]
 
 
+def current_template(project: Any) -> str:
+    config = confiture.load_config(project.config_path)
+    return confiture.template_name(config.project, "local", confiture.scan_env(config, "local").hash)
+
+
+def test_prune_keeps_the_current_template_whatever_the_clock_says(pg: Any, project: Any,
+                                                                  cli: Any) -> None:
+    """Issue 11.5: builds within one second (same built_at) are ordered by their publishing
+    transaction, and a template that matches the env's files is never pruned."""
+    project.write("db/schema/10_tables/99_v.sql", "CREATE TABLE v (id int);\n")
+    first = current_template(project)
+    for i in range(100):  # a second build whose name sorts before the first one's
+        project.write("db/schema/10_tables/99_v.sql", f"CREATE TABLE v{i} (id int);\n")
+        if current_template(project) < first:
+            break
+    second = current_template(project)
+    assert second < first
+    project.write("db/schema/10_tables/99_v.sql", "CREATE TABLE v (id int);\n")
+    assert cli("template", cwd=project.root).stdout.strip() == first
+    project.write("db/schema/10_tables/99_v.sql", f"CREATE TABLE v{i} (id int);\n")
+    assert cli("template", cwd=project.root).stdout.strip() == second
+    same_second = "2026-01-01T00:00:00Z"
+    for name in (first, second):
+        meta = json.loads(pg.scalar("SELECT shobj_description(oid, 'pg_database') FROM "
+                                    "pg_database WHERE datname = %s", params=(name,)))
+        pg.query(f"COMMENT ON DATABASE {name} IS "
+                 f"'{json.dumps({**meta, 'built_at': same_second})}'")
+    listing = json.loads(cli("templates", "--json", cwd=project.root).stdout)
+    assert [t["name"] for t in listing] == [second, first]
+    pruned = cli("templates", "prune", "--keep", "1", cwd=project.root)
+    assert pruned.returncode == 0, pruned.stderr
+    assert [n for n, _, _ in templates_of(pg, project)] == [second]
+    # a newer build for other files does not push out the template of the files as they are
+    project.write("db/schema/10_tables/99_v.sql", "CREATE TABLE other (id int);\n")
+    newer = cli("template", cwd=project.root).stdout.strip()
+    project.write("db/schema/10_tables/99_v.sql", f"CREATE TABLE v{i} (id int);\n")
+    assert cli("templates", "prune", "--keep", "1", cwd=project.root).returncode == 0
+    assert [n for n, _, _ in templates_of(pg, project)] == [second], newer
+
+
 def test_keep_setting_prunes_after_build(pg: Any, project: Any, cli: Any) -> None:
     project.config_path.write_text(project.config_path.read_text() + "\n[templates]\nkeep = 1\n")
     for i in range(2):
