@@ -6,12 +6,16 @@ model, apply each plan to a copy and check zero difference both ways. The CLI te
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import clean_environ
 
 import confiture
 from confiture import DbObject, SchemaModel, plan_schema
@@ -769,3 +773,30 @@ def test_guard_on_a_first_deploy_needs_a_replayable_history(pg: Any, project: An
     unchecked = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert unchecked.returncode == 0, unchecked.stderr
     assert "consistent with the DDL" not in unchecked.stderr
+
+
+def test_interrupted_generate_drops_every_scratch_database(pg: Any, project: Any) -> None:
+    """Ctrl-C while the plan is proved (two scratch databases at once: the replayed one and
+    its copy): exit 130, nothing written, nothing left."""
+    history(project)
+    project.write("db/schema/20_slow.sql",  # slow only where the proof applies it
+                  "CREATE MATERIALIZED VIEW slow AS SELECT CASE WHEN current_database() "
+                  "LIKE '%\\_scratch\\_%' THEN pg_sleep(60)::text END AS x;\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "migrate", "generate",
+                             "slow"], cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pg.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+            "AND query LIKE '%%pg_sleep%%' AND pid <> pg_backend_pid()",
+            params=(project.name + "_scratch_",)):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    assert len(pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))) == 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert no_scratch_left(pg, project)
+    assert len(migration_files(project)) == 2
