@@ -7119,7 +7119,10 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
     for key, obj in objects.items():
         needs = depends.get(key, set()) | ({obj.parent} if obj.parent in objects else set())
         if needs:
-            objects[key] = evolve(obj, depends=frozenset(needs))
+            # a direct call: evolve() costs ~15 µs an object, 50 ms for 3,000 objects
+            objects[key] = DbObject(kind=obj.kind, key=key, schema=obj.schema, name=obj.name,
+                                    parent=obj.parent, facts=obj.facts, comment=obj.comment,
+                                    depends=frozenset(needs))
     return SchemaModel(objects=objects)
 
 
@@ -7193,7 +7196,8 @@ def _read_column(row: Mapping[str, Any]) -> Read:
     name = f"{_qname(row['schema'], row['table'])}.{row['name']}"
     facts = {k: row[k] for k in ("type", "notnull", "identity", "generated", "expression",
                                  "collation")}
-    column = evolve(_row_object("column", row, name, facts, table), name=row["name"])
+    column = DbObject(kind="column", key=f"column {name}", schema=row["schema"], name=row["name"],
+                      parent=table, facts=facts, comment=row.get("comment"))
     found: Read = [(column, [("pg_class", row["oid"], row["attnum"])])]
     if row["default"] is not None:
         default = DbObject(kind="default", key=f"default {name}", schema=row["schema"],
@@ -9659,13 +9663,19 @@ def guard_consistency(ws: Workspace, action: str) -> Consistency | None:
 def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
     """The plan that turns the env's database into its reference: the DDL's schema, or
     another env's database."""
-    actual = read_database_model(ws, ws.env.database)
-    if against is not None:
-        return plan_schema(actual, read_database_model(against, against.env.database))
+    if against is not None:  # two servers' catalogs at once
+        actual, expected = run_concurrently([
+            lambda: read_database_model(ws, ws.env.database),
+            lambda: read_database_model(against, against.env.database)])
+        return plan_schema(actual, expected)
+    live = Background(lambda: read_database_model(ws, ws.env.database))
     scratch = scratch_workspace(ws)
-    with admin_session(scratch) as session:
-        expected, _ = ddl_model(scratch, session)
-    return plan_schema(actual, expected)
+    try:
+        with admin_session(scratch) as session:
+            expected, _ = ddl_model(scratch, session)
+    finally:
+        live.wait()
+    return plan_schema(live.result(), expected)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
