@@ -14,11 +14,13 @@ only the sections above it.
                                 background calls, console output
   §3  Configuration             confiture.toml → frozen records; environments; safety rules
   §4  Scanning and hashing      the env's file set in build order, sha256 per file and combined;
-                                SQL split as psql reads it; the psql meta-command guard
-  §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore
+                                SQL split as psql reads it; the psql meta-command guard;
+                                migration files (versions, layouts, checksums)
+  §5  PostgreSQL client         the only section that starts psql / pg_dump / pg_restore;
+                                advisory locks; the migrations tracking table (TrackingTable)
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
-  §8  Migrations                versioned up/down files, tracking table, lock, transactions
+  §8  Migrations                status, plans, up/down under the lock, one transaction each
   §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Schema model and planner  the catalog read into records (one JSON round trip); pure
@@ -1286,7 +1288,8 @@ def refuse_protected(env: Env, action: str) -> None:
 # The env's file set: schema sources in order, then its seed sets in listed order, minus its
 # exclude globs; files in natural path order; sha256 per file and a combined hash. SQL is
 # split as psql's lexer splits it, and every project file that will run passes the
-# meta-command guard (guard_sql). Pure filesystem work: no database, no processes.
+# meta-command guard (guard_sql). Migration files too (builds record them, §8 runs them).
+# Pure filesystem work: no database, no processes.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -1854,12 +1857,195 @@ def sql_guard(config: Config, cwd: Path | None = None) -> SqlGuard:
                     allow_all=config.psql_meta_commands == "all")
 
 
+# ── migration files: versioned up/down SQL, checksums (pure filesystem work) ─────────────
+
+NO_TRANSACTION_RE = lazy_re(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
+_VERSION_RE = lazy_re(r"^(\d[\d-]*)(?:_(.*))?$")
+_FLAT_RE = lazy_re(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
+_MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
+
+
+@record(frozen=True)
+class Migration:
+    version: int
+    name: str
+    label: str            # as written on disk: "2017-08-31-230457_create_user"
+    up_file: str
+    down_file: str | None
+    checksum: str         # sha256 of up with CRLF → LF and without a UTF-8 BOM
+    transactional: bool   # False: '-- confiture:no-transaction' or Diesel run_in_transaction
+    layout: str           # "flat" or "folder"
+
+    @property
+    def up(self) -> Path:
+        return Path(self.up_file)
+
+    @property
+    def down(self) -> Path | None:
+        return Path(self.down_file) if self.down_file else None
+
+
+@record(frozen=True)
+class MigrationFiles:
+    migrations: tuple[Migration, ...]
+    strays: tuple[str, ...]   # paths under the migrations folder that are not migrations
+
+
+def parse_version(text: str) -> int:
+    """'2017-08-31-230457' or '20170831230457' → 20170831230457 (SPEC §7)."""
+    digits = str(text).strip().replace("-", "")
+    if not (digits.isascii() and digits.isdigit()):
+        raise ConfigError(f"{text!r} is not a migration version",
+                          hint="versions are the leading digits of a migration's name")
+    return version_number(digits, ConfigError)
+
+
+def version_number(digits: str, error: type[ConfitureError] = InputError,
+                   where: str = "") -> int:
+    """A version's digits as an exact integer (any length Python converts: 4,300 digits)."""
+    try:
+        return int(digits)
+    except ValueError:
+        raise error(f"{where or digits[:20] + '…'}: a migration version of {len(digits)} "
+                    "digits is too long") from None
+
+
+def normalise_sql(data: bytes) -> bytes:
+    """What checksums are taken of: CRLF (and lone CR) as LF, no UTF-8 byte-order mark."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _diesel_transactional(folder: Path, rel: str) -> bool:
+    meta = folder / "metadata.toml"
+    if not meta.is_file():
+        return True
+    try:
+        data = read_toml(meta)
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError and TOMLDecodeError included
+        raise InputError(f"{rel}/metadata.toml: cannot read: {exc}") from exc
+    value = data.get("run_in_transaction", True)
+    if not isinstance(value, bool):
+        raise InputError(f"{rel}/metadata.toml: run_in_transaction must be true or false")
+    return value
+
+
+_NO_TRANSACTION_START = lazy_re_bytes(rb"\s*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
+
+
+def file_transactional(text: bytes) -> bool:
+    """False when the first non-blank line is '-- confiture:no-transaction'."""
+    return not _NO_TRANSACTION_START.match(text)
+
+
+def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str,
+                    folder_transactional: bool = True,
+                    cache: ChecksumCache | None = None) -> Migration:
+    match = _VERSION_RE.match(label)
+    assert match is not None
+    key, found = cache.lookup(up) if cache is not None else ([], None)
+    hit = (str(found[0]), bool(found[1])) if found is not None else None
+    if hit is None:
+        try:
+            with open(up, "rb") as handle:
+                data = normalise_sql(handle.read())
+            data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
+        hit = sha256_bytes(data), file_transactional(data)
+        if cache is not None:
+            cache.store(up, key, *hit)
+    return Migration(version=version_number(match.group(1).replace("-", ""), where=rel),
+                     name=match.group(2) or "",
+                     label=label, up_file=up, down_file=down, checksum=hit[0],
+                     transactional=folder_transactional and hit[1], layout=layout)
+
+
+def scan_migrations(folder: Path, root: Path | None = None,
+                    cache: ChecksumCache | None = None) -> MigrationFiles:
+    """Every migration below `folder` in version order, plus stray files (reported, never run).
+    Folders named like a version hold up.sql/down.sql; other folders are searched for flat
+    files. Duplicate versions are an error naming both. With `cache`, unchanged files are not
+    read again (see ChecksumCache)."""
+    root = root or folder
+    base = str(root).rstrip(os.sep) + os.sep
+    # plain strings while walking: `migrate status` reads a thousand files per run
+
+    def show(path: str | Path) -> str:
+        text = str(path)
+        return text[len(base):].replace(os.sep, "/") if text.startswith(base) else text
+
+    found: list[Migration] = []
+    strays: list[str] = []
+
+    version_match, flat_match = _VERSION_RE.match, _FLAT_RE.match  # hot: bound once
+
+    def visit(current: str) -> None:
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            raise InputError(f"cannot read folder {current}: {exc.strerror}") from exc
+        flat: dict[str, dict[str, str]] = {}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if version_match(entry.name):
+                    visit_folder(entry.path, entry.name)
+                else:
+                    visit(entry.path)
+                continue
+            match = flat_match(entry.name)
+            if match:
+                flat.setdefault(match.group(1), {})[match.group(2)] = entry.path
+            else:
+                strays.append(show(entry.path))
+        for label, pair in flat.items():
+            if "up" not in pair:
+                strays.append(show(pair["down"]) + " (down without up)")
+                continue
+            found.append(_make_migration(label, pair["up"], pair.get("down"),
+                                         show(pair["up"]), "flat", cache=cache))
+
+    def visit_folder(path: str, label: str) -> None:
+        names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
+        folder_path = Path(path)
+        strays.extend(show(folder_path / n) for n in sorted(names - _MIGRATION_FOLDER_FILES))
+        if "up.sql" not in names:
+            strays.append(show(path) + "/ (no up.sql)")
+            return
+        transactional = _diesel_transactional(folder_path, show(path))
+        up = os.path.join(path, "up.sql")
+        found.append(_make_migration(label, up,
+                                     os.path.join(path, "down.sql") if "down.sql" in names else None,
+                                     show(up), "folder", transactional, cache))
+
+    if folder.is_dir():
+        visit(str(folder))
+    if cache is not None:
+        cache.save()
+    found.sort(key=lambda m: (m.version, m.label))
+    for before, after in itertools.pairwise(found):
+        if before.version == after.version:
+            raise InputError(f"two migrations have version {before.version}: "
+                             f"{show(before.up)} and {show(after.up)}",
+                             hint="give one of them a new version (rename it)")
+    return MigrationFiles(tuple(found), tuple(strays))
+
+
+def discover_migrations(config: Config) -> list[Migration]:
+    """The project's migrations in version order (strays left out: see scan_migrations)."""
+    return list(scan_migrations(config.migrations_dir, config.root).migrations)
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §5 PostgreSQL client
 # The only section that starts psql, pg_dump and pg_restore. Finds the real binaries, hands
 # connections to children through their environment (never argv), keeps one long-lived psql
 # Session per run for cheap round trips, and turns psql's error output into SqlError with
-# the project file and line.
+# the project file and line. Also advisory locks, and the migrations tracking table behind one
+# narrow interface (TrackingTable) that builds (§7) and migrations (§8) share.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 _PG_WRAPPER = "/usr/share/postgresql-common/pg_wrapper"
@@ -2023,6 +2209,12 @@ def _copy_unescape(field: str) -> str:
     return re.sub(r"\\(.)", lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
 
 
+def psql_batch(statements: Sequence[str]) -> str:
+    """Statements as one psql input that reaches the server as one Query message (one round
+    trip instead of one per statement): psql's `\\;` joins them. Each ends with ';'."""
+    return " \\;\n".join(s.strip().removesuffix(";") for s in statements) + ";"
+
+
 class Session:
     """One long-lived psql process: statements go in on stdin, results come back framed by a
     random marker. ~0.1 ms per round trip instead of ~13 ms per new psql process."""
@@ -2043,6 +2235,8 @@ class Session:
             raise PgError(f"cannot start {tools.psql}: {exc.strerror}") from exc
         self._closed = False
         self._stdout_buf = b""
+        self._stderr_carry: list[bytes] = []  # stderr that may belong to a queued script
+        self._queued = 0                      # scripts sent by send_stop_on_error, not waited for
         self.last_stderr = ""
         # Not waited for: psql connects while the caller goes on (e.g. hashing files); the
         # first statement that reads an answer also reads this one's (and any error).
@@ -2051,28 +2245,37 @@ class Session:
 
     # -- framing ---------------------------------------------------------------------------
 
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, queued: bool = False) -> None:
+        """Write to psql. `queued`: psql may already have exited at an error in a script queued
+        before this one; then the closed pipe is not an error here — reading that script's
+        outcome reports it (with psql's stderr)."""
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write(text.encode())
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            self._raise_dead()
+            if not queued:
+                self._raise_dead()
 
-    def _read_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
+    def _read_frame(self, timeout: float | None, ahead: bool = False
+                    ) -> tuple[list[str], str, bool, str]:
         while self._unread:
             self._unread -= 1
             _, sqlstate, failed, stderr = self._next_frame(timeout)
             if failed:
                 raise self._sql_error(stderr, sqlstate)
-        return self._next_frame(timeout)
+        return self._next_frame(timeout, ahead)
 
-    def _next_frame(self, timeout: float | None) -> tuple[list[str], str, bool, str]:
+    def _next_frame(self, timeout: float | None, ahead: bool = False
+                    ) -> tuple[list[str], str, bool, str]:
+        """The next answer. `ahead`: psql may already be running later scripts, so stderr read
+        so far may be theirs: it is carried over to the next frame instead of returned (this
+        frame's stderr is then ""), and goes with psql's exit if one of them fails."""
         import selectors
 
         assert self._proc.stdout is not None and self._proc.stderr is not None
         out_fd, err_fd = self._proc.stdout.fileno(), self._proc.stderr.fileno()
-        err_chunks: list[bytes] = []
+        err_chunks, self._stderr_carry = self._stderr_carry, []
         deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
             sel.register(out_fd, selectors.EVENT_READ)
@@ -2083,7 +2286,10 @@ class Session:
                     end = self._stdout_buf.index(b"\n", idx)
                     body, tail = self._stdout_buf[:idx], self._stdout_buf[idx:end]
                     self._stdout_buf = self._stdout_buf[end + 1:]
-                    err_chunks.append(self._drain(err_fd))
+                    if ahead:
+                        self._stderr_carry, err_chunks = err_chunks, []
+                    else:
+                        err_chunks.append(self._drain(err_fd))
                     fields = tail.decode().split(" ", 2)
                     failed = len(fields) > 1 and fields[1] == "true"
                     sqlstate = fields[2] if len(fields) > 2 else ""
@@ -2156,6 +2362,20 @@ class Session:
             raise self._sql_error(stderr, sqlstate)
         return lines
 
+    def transaction(self, sql: str, timeout: float | None = None) -> list[str]:
+        """Run statements in one transaction; SqlError if any of them failed. (execute()
+        cannot tell: psql's ERROR is about the last statement, and COMMIT of a failed
+        transaction succeeds as a ROLLBACK; LAST_ERROR_SQLSTATE, reset first, remembers.)"""
+        if self._closed:
+            raise PgError("session is closed")
+        marker = self._marker.decode()
+        self._send(f"\\set LAST_ERROR_SQLSTATE 00000\nBEGIN;\n{sql.strip()}\nCOMMIT;\n"
+                   f"\\echo {marker} :ERROR :LAST_ERROR_SQLSTATE\n")
+        lines, sqlstate, failed, stderr = self._read_frame(timeout)
+        if failed or sqlstate != "00000":
+            raise self._sql_error(stderr, sqlstate)
+        return lines
+
     def submit(self, script: str) -> None:
         """Send statements or meta-commands without waiting for them; collect() reads the
         outcome. Lets one thread drive two sessions at once (sync streams between two)."""
@@ -2175,13 +2395,26 @@ class Session:
         """Run statements and meta-commands (e.g. ``\\i FILE``) with ON_ERROR_STOP on. At the
         first error psql exits, so the server rolls back any open transaction; that raises
         ScriptStopped carrying psql's stderr, and the session is closed for good."""
+        self.send_stop_on_error(script)
+        return self.wait_stop_on_error()
+
+    def send_stop_on_error(self, script: str) -> None:
+        """run_stop_on_error's first half: queue the script without waiting, so psql can start
+        on it while the caller waits for an earlier one (wait_stop_on_error, in order). psql
+        stops at the first error, so nothing queued after a failing script runs. Keep what is
+        queued small (a few KiB): psql's output is only read while waiting."""
         if self._closed:
             raise PgError("session is closed")
         marker = self._marker.decode()
         self._send(f"\\set ON_ERROR_STOP on\n{script.rstrip()}\n\\set ON_ERROR_STOP off\n"
-                   f"\\echo {marker} :ERROR :SQLSTATE\n")
+                   f"\\echo {marker} :ERROR :SQLSTATE\n", queued=True)
+        self._queued += 1
+
+    def wait_stop_on_error(self) -> list[str]:
+        """The outcome of the oldest script queued by send_stop_on_error (see run_stop_on_error)."""
+        self._queued -= 1
         try:
-            lines, _, _, _ = self._read_frame(None)
+            lines, _, _, _ = self._read_frame(None, ahead=self._queued > 0)
         except ConnectionFailed:
             raise
         except PgError as exc:
@@ -2399,6 +2632,233 @@ def release_lock(session: Session, name: str) -> None:
     session.execute(f"SELECT pg_advisory_unlock({lock_key_sql(name)})")
 
 
+# ── the migrations tracking table (dbmate's Driver shape) ───────────────────────────────────
+# One narrow interface over `<schema>.<table>` and its append-only log `<table>_log`: resolve,
+# ensure, read, record, forget, log. Migrations (§8) and builds (§7) reach the table only
+# through it. The *_sql methods give statements for callers that commit them in the same
+# transaction as a migration's own SQL.
+
+@record(frozen=True)
+class AppliedRow:
+    version: int
+    name: str
+    checksum: str
+    applied_at: str
+    applied_by: str
+    duration_ms: int
+    how: str    # "applied", "baseline" (recorded by hand) or "build" (built from the DDL)
+
+
+@record(frozen=True)
+class PartialRun:
+    """A no-transaction migration that started but neither finished nor was repaired."""
+
+    version: int
+    name: str
+    checksum: str
+    done: int           # statements that completed
+    total: int
+    prefix: str         # sha256 of the completed statements' text
+    at: str
+    error: str | None
+
+
+# Versions are whole numbers of any length (popx/ory names have 20 digits, past bigint):
+# `numeric` stores them exactly and orders them numerically; Python ints carry them.
+VERSION_TYPE = "numeric"
+_TRACKING_COLUMNS = {"version", "name", "checksum", "applied_at", "applied_by", "duration_ms",
+                     "how"}
+# Events whose latest occurrence for a version that is not applied means "partly run".
+_PARTIAL_EVENTS = ("started", "progress", "failed")
+_DURATION_SQL = "(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer"
+
+
+def _json_literal(value: Mapping[str, Any]) -> str:
+    return quote_literal(json.dumps(value, sort_keys=True)) + "::jsonb"
+
+
+class TrackingTable:
+    """The tracking table and its log in the database `session` is connected to,
+    schema-qualified and quoted. `exists`/`has_log`: what resolve() found (ensure() makes
+    both true)."""
+
+    def __init__(self, session: Session, schema: str, table: str, exists: bool = True,
+                 has_log: bool = True) -> None:
+        self.session, self.schema, self.table = session, schema, table
+        self.exists, self.has_log = exists, has_log
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
+
+    @property
+    def log_table(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table + '_log')}"
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @classmethod
+    def resolve(cls, session: Session, configured: str) -> TrackingTable:
+        """Qualify the configured table (unqualified: where search_path finds it, else the
+        current schema); find whether it exists with our columns, and its log. One round
+        trip; nothing is created."""
+        schema, table = parse_table_name(configured)
+        where = quote_literal(schema) if schema is not None else (
+            "coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass("
+            f"{quote_literal(quote_ident(table))})), current_schema())")
+        relation = ("FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = s.schema AND c.relname = ")
+        row = session.query(
+            f"SELECT s.schema, (SELECT coalesce(json_agg(a.attname::text), '[]') "
+            f"FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n "
+            f"ON n.oid = c.relnamespace WHERE n.nspname = s.schema AND c.relname = "
+            f"{quote_literal(table)} AND a.attnum > 0 AND NOT a.attisdropped) AS columns, "
+            f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log "
+            f"FROM (SELECT {where} AS schema) s")[0]
+        if not row["schema"]:
+            raise ConfigError("search_path names no existing schema for the tracking table",
+                              hint="qualify [migrations] table, e.g. "
+                                   "\"public.confiture_migrations\"")
+        tracking = cls(session, str(row["schema"]), table)
+        found = set(row["columns"] or [])
+        if found and not _TRACKING_COLUMNS <= found:
+            raise ConfigError(
+                f"table {tracking.display} exists but is not a confiture tracking table "
+                f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
+                hint="set [migrations] table to another name; to adopt a database migrated by "
+                     "another tool, use 'migrate baseline --to VERSION'")
+        tracking.exists, tracking.has_log = bool(found), bool(row["log"])
+        return tracking
+
+    def ensure(self) -> None:
+        """Create what is missing of the schema, the table and its log (the caller holds the
+        migration lock), and upgrade tables of earlier versions in place (_upgrade_sql), in
+        one transaction. Existing objects are otherwise left alone: CREATE SCHEMA IF NOT
+        EXISTS alone would need the CREATE privilege on the database even when it exists."""
+        def version_type(relation: str) -> str:
+            return (f"(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE "
+                    f"a.attrelid = to_regclass({quote_literal(relation)}) AND "
+                    "a.attname = 'version' AND NOT a.attisdropped)")
+
+        row = self.session.query(
+            f"SELECT to_regnamespace({quote_literal(quote_ident(self.schema))}) IS NULL "
+            f"AS schema, to_regclass({quote_literal(self.qualified)}) IS NULL AS tbl,"
+            f" to_regclass({quote_literal(self.log_table)}) IS NULL AS log,"
+            f" {version_type(self.qualified)} AS tbl_version,"
+            f" {version_type(self.log_table)} AS log_version")[0]
+        sql = []
+        if row["schema"]:
+            sql.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)};")
+        if row["tbl"]:
+            sql.append(
+                f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n"
+                f"  version {VERSION_TYPE} PRIMARY KEY,\n  name text NOT NULL,\n"
+                "  checksum text NOT NULL,\n"
+                "  applied_at timestamptz NOT NULL DEFAULT now(),\n"
+                "  applied_by text NOT NULL DEFAULT current_user,\n"
+                "  duration_ms integer NOT NULL DEFAULT 0,\n"
+                "  how text NOT NULL DEFAULT 'applied');")
+        if row["log"]:
+            sql.append(
+                f"CREATE TABLE IF NOT EXISTS {self.log_table} (\n"
+                "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+                "  at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+                "  by text NOT NULL DEFAULT current_user,\n"
+                f"  event text NOT NULL,\n  version {VERSION_TYPE},\n  name text,\n"
+                "  checksum text,\n  detail jsonb);")
+        sql += self._upgrade_sql(row["tbl_version"], row["log_version"])
+        if sql:
+            self.session.transaction("\n".join(sql))
+        self.exists = self.has_log = True
+
+    def _upgrade_sql(self, table_type: str | None, log_type: str | None) -> list[str]:
+        """Tables made before versions could exceed bigint have `version bigint`: widen them
+        to numeric (a rewrite of two small tables). Reads never need it: both read as digits."""
+        return [f"ALTER TABLE {relation} ALTER COLUMN version TYPE {VERSION_TYPE} "
+                f"USING version::{VERSION_TYPE};"
+                for relation, found in ((self.qualified, table_type), (self.log_table, log_type))
+                if found is not None and found != VERSION_TYPE]
+
+    def read(self) -> tuple[list[AppliedRow], list[PartialRun]]:
+        """Applied rows in version order, and interrupted no-transaction runs (two round trips;
+        none without the table)."""
+        if not self.exists:
+            return [], []
+        rows = self.session.rows(
+            "SELECT version, name, checksum, to_char(applied_at, 'YYYY-MM-DD HH24:MI:SS TZ'), "
+            f"applied_by, duration_ms, how FROM {self.qualified} ORDER BY version")
+        applied = [AppliedRow(int(r[0] or 0), r[1] or "", r[2] or "", r[3] or "", r[4] or "",
+                              int(r[5] or 0), r[6] or "") for r in rows]
+        return applied, self._read_partial() if self.has_log else []
+
+    def _read_partial(self) -> list[PartialRun]:
+        found = self.session.value(
+            "SELECT coalesce(json_agg(p ORDER BY p.version), '[]') FROM ("
+            "SELECT DISTINCT ON (l.version) l.version, l.name, l.checksum, l.event, l.detail, "
+            "to_char(l.at, 'YYYY-MM-DD HH24:MI:SS') AS at "
+            f"FROM {self.log_table} l WHERE l.version IS NOT NULL AND NOT EXISTS "
+            f"(SELECT 1 FROM {self.qualified} t WHERE t.version = l.version) "
+            "ORDER BY l.version, l.id DESC) p "
+            f"WHERE p.event IN ({', '.join(quote_literal(e) for e in _PARTIAL_EVENTS)})")
+        partial = []
+        for p in found or []:
+            detail = p.get("detail") or {}
+            partial.append(PartialRun(version=int(p["version"]), name=p["name"] or "",
+                                      checksum=p["checksum"] or "",
+                                      done=int(detail.get("done", 0)),
+                                      total=int(detail.get("total", 0)),
+                                      prefix=str(detail.get("prefix", "")), at=p["at"],
+                                      error=detail.get("error")))
+        return partial
+
+    def log_sql(self, event: str, item: Migration | AppliedRow | PartialRun | None,
+                detail: Mapping[str, Any] | None = None) -> str:
+        """An INSERT of one event into the log."""
+        version = str(item.version) if item else "NULL"
+        name = quote_literal(item.name) if item else "NULL"
+        checksum = quote_literal(item.checksum) if item else "NULL"
+        return (f"INSERT INTO {self.log_table} (event, version, name, checksum, detail) VALUES "
+                f"({quote_literal(event)}, {version}, {name}, {checksum}, "
+                f"{_json_literal(detail) if detail else 'NULL'});")
+
+    def record_sql(self, migration: Migration, how: str = "applied",
+                   duration: str = _DURATION_SQL) -> list[str]:
+        """Record `migration` as applied (its row and its log event)."""
+        return [(f"INSERT INTO {self.qualified} (version, name, checksum, duration_ms, how) "
+                 f"VALUES ({migration.version}, {quote_literal(migration.name)}, "
+                 f"{quote_literal(migration.checksum)}, {duration}, {quote_literal(how)});"),
+                self.log_sql(how, migration)]
+
+    def forget_sql(self, item: Migration | AppliedRow, event: str = "reverted",
+                   detail: Mapping[str, Any] | None = None) -> list[str]:
+        """Remove `item`'s row (dbmate's DeleteMigration) and log why."""
+        return [f"DELETE FROM {self.qualified} WHERE version = {item.version};",
+                self.log_sql(event, item, detail)]
+
+    def accept_sql(self, migration: Migration, row: AppliedRow) -> list[str]:
+        """Record the file's current checksum for an applied migration, logging the old one."""
+        return [(f"UPDATE {self.qualified} SET checksum = {quote_literal(migration.checksum)} "
+                 f"WHERE version = {migration.version};"),
+                self.log_sql("repair", migration, {"action": "checksum", "old": row.checksum})]
+
+    def record(self, migrations: Sequence[Migration], how: str) -> None:
+        """Record migrations as applied without running them (baseline, build), in one
+        transaction."""
+        self.write([sql for m in migrations for sql in self.record_sql(m, how, duration="0")])
+
+    def log(self, event: str, item: Migration | AppliedRow | PartialRun | None,
+            detail: Mapping[str, Any] | None = None) -> None:
+        self.session.execute(self.log_sql(event, item, detail))
+
+    def write(self, statements: Sequence[str]) -> None:
+        """Statements from the *_sql methods, committed together or not at all."""
+        if statements:
+            self.session.transaction("\n".join(statements))
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §6 Build
 # Renders an environment's file set into one deterministic SQL script (header: env, hash,
@@ -2514,14 +2974,11 @@ class TemplateResult:
 
 @record()
 class Workspace:
-    """What an operation on one env needs: the env, its client and a reporter.
-    `after_build(ws, database)` runs on a freshly built template before it is published
-    (§14 wires it to §8, which records the migrations as applied)."""
+    """What an operation on one env needs: the env, its client and a reporter."""
 
     env: Env
     client: Client
     console: Console
-    after_build: Callable[[Workspace, str], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -2627,6 +3084,17 @@ def ensure_template(ws: Workspace, rebuild: bool = False, seeds: bool = True,
     return TemplateResult(name, True, time.monotonic() - started, len(fileset.files)), probe
 
 
+def record_built_migrations(ws: Workspace, database: str) -> None:
+    """A database built from the DDL is at the state every migration leads to: record them
+    all as applied (how = 'build'), so `migrate up` later applies only newer ones."""
+    migrations = scan_migrations(ws.config.migrations_dir, ws.config.root).migrations
+    if migrations:
+        with ws.client.session(database) as session:
+            tracking = TrackingTable.resolve(session, ws.config.migrations_table)
+            tracking.ensure()
+            tracking.record(migrations, how="build")
+
+
 def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet,
                     strategy: str | None) -> None:
     tmp = f"{name}_tmp"
@@ -2638,8 +3106,7 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
                     + (f" STRATEGY {strategy}" if strategy else ""))
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
-        if ws.after_build is not None:
-            ws.after_build(ws, tmp)
+        record_built_migrations(ws, tmp)
     except BaseException:
         _drop_database(session, tmp, force=True)
         raise
@@ -2852,188 +3319,19 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §8 Migrations
-# Versioned up/down SQL files (flat V_name.up.sql or Diesel folders V_name/up.sql) applied
-# through one psql Session under the per-database "migrate" advisory lock. Each migration and
-# its tracking row commit together; no-transaction migrations run statement by statement with
+# Versioned up/down SQL files (§4 finds them: flat V_name.up.sql or Diesel folders V_name/up.sql)
+# applied through one psql Session under the per-database "migrate" advisory lock, recorded
+# through §5's TrackingTable. Each migration and its tracking row commit together; no-transaction migrations run statement by statement with
 # their progress logged, so an interrupted one resumes where it stopped. Planning is pure.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 MIGRATION_LOCK = "migrate"
-NO_TRANSACTION_RE = lazy_re(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
-_VERSION_RE = lazy_re(r"^(\d[\d-]*)(?:_(.*))?$")
-_FLAT_RE = lazy_re(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
-_MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
-
-
 class MigrationError(PgError):
     """A migration failed; `done` lists the versions that were applied or reverted before it."""
 
     def __init__(self, message: str, done: Sequence[int] = (), hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.done = tuple(done)
-
-
-@record(frozen=True)
-class Migration:
-    version: int
-    name: str
-    label: str            # as written on disk: "2017-08-31-230457_create_user"
-    up_file: str
-    down_file: str | None
-    checksum: str         # sha256 of up with CRLF → LF and without a UTF-8 BOM
-    transactional: bool   # False: '-- confiture:no-transaction' or Diesel run_in_transaction
-    layout: str           # "flat" or "folder"
-
-    @property
-    def up(self) -> Path:
-        return Path(self.up_file)
-
-    @property
-    def down(self) -> Path | None:
-        return Path(self.down_file) if self.down_file else None
-
-
-@record(frozen=True)
-class MigrationFiles:
-    migrations: tuple[Migration, ...]
-    strays: tuple[str, ...]   # paths under the migrations folder that are not migrations
-
-
-def parse_version(text: str) -> int:
-    """'2017-08-31-230457' or '20170831230457' → 20170831230457 (SPEC §7)."""
-    digits = str(text).strip().replace("-", "")
-    if not digits.isdigit():
-        raise ConfigError(f"{text!r} is not a migration version",
-                          hint="versions are the leading digits of a migration's name")
-    return int(digits)
-
-
-def normalise_sql(data: bytes) -> bytes:
-    """What checksums are taken of: CRLF (and lone CR) as LF, no UTF-8 byte-order mark."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-
-
-def _diesel_transactional(folder: Path, rel: str) -> bool:
-    meta = folder / "metadata.toml"
-    if not meta.is_file():
-        return True
-    try:
-        data = read_toml(meta)
-    except (ValueError, OSError) as exc:  # UnicodeDecodeError and TOMLDecodeError included
-        raise InputError(f"{rel}/metadata.toml: cannot read: {exc}") from exc
-    value = data.get("run_in_transaction", True)
-    if not isinstance(value, bool):
-        raise InputError(f"{rel}/metadata.toml: run_in_transaction must be true or false")
-    return value
-
-
-_NO_TRANSACTION_START = lazy_re_bytes(rb"\s*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
-
-
-def _file_transactional(text: bytes) -> bool:
-    """False when the first non-blank line is '-- confiture:no-transaction'."""
-    return not _NO_TRANSACTION_START.match(text)
-
-
-def _make_migration(label: str, up: str, down: str | None, rel: str, layout: str,
-                    folder_transactional: bool = True,
-                    cache: ChecksumCache | None = None) -> Migration:
-    match = _VERSION_RE.match(label)
-    assert match is not None
-    key, found = cache.lookup(up) if cache is not None else ([], None)
-    hit = (str(found[0]), bool(found[1])) if found is not None else None
-    if hit is None:
-        try:
-            with open(up, "rb") as handle:
-                data = normalise_sql(handle.read())
-            data.decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            data = normalise_sql(_read_sql(Path(up), rel))  # the slow path names the problem
-        hit = sha256_bytes(data), _file_transactional(data)
-        if cache is not None:
-            cache.store(up, key, *hit)
-    return Migration(version=int(match.group(1).replace("-", "")), name=match.group(2) or "",
-                     label=label, up_file=up, down_file=down, checksum=hit[0],
-                     transactional=folder_transactional and hit[1], layout=layout)
-
-
-def scan_migrations(folder: Path, root: Path | None = None,
-                    cache: ChecksumCache | None = None) -> MigrationFiles:
-    """Every migration below `folder` in version order, plus stray files (reported, never run).
-    Folders named like a version hold up.sql/down.sql; other folders are searched for flat
-    files. Duplicate versions are an error naming both. With `cache`, unchanged files are not
-    read again (see ChecksumCache)."""
-    root = root or folder
-    base = str(root).rstrip(os.sep) + os.sep
-    # plain strings while walking: `migrate status` reads a thousand files per run
-
-    def show(path: str | Path) -> str:
-        text = str(path)
-        return text[len(base):].replace(os.sep, "/") if text.startswith(base) else text
-
-    found: list[Migration] = []
-    strays: list[str] = []
-
-    version_match, flat_match = _VERSION_RE.match, _FLAT_RE.match  # hot: bound once
-
-    def visit(current: str) -> None:
-        try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name)
-        except OSError as exc:
-            raise InputError(f"cannot read folder {current}: {exc.strerror}") from exc
-        flat: dict[str, dict[str, str]] = {}
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                if version_match(entry.name):
-                    visit_folder(entry.path, entry.name)
-                else:
-                    visit(entry.path)
-                continue
-            match = flat_match(entry.name)
-            if match:
-                flat.setdefault(match.group(1), {})[match.group(2)] = entry.path
-            else:
-                strays.append(show(entry.path))
-        for label, pair in flat.items():
-            if "up" not in pair:
-                strays.append(show(pair["down"]) + " (down without up)")
-                continue
-            found.append(_make_migration(label, pair["up"], pair.get("down"),
-                                         show(pair["up"]), "flat", cache=cache))
-
-    def visit_folder(path: str, label: str) -> None:
-        names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
-        folder_path = Path(path)
-        strays.extend(show(folder_path / n) for n in sorted(names - _MIGRATION_FOLDER_FILES))
-        if "up.sql" not in names:
-            strays.append(show(path) + "/ (no up.sql)")
-            return
-        transactional = _diesel_transactional(folder_path, show(path))
-        up = os.path.join(path, "up.sql")
-        found.append(_make_migration(label, up,
-                                     os.path.join(path, "down.sql") if "down.sql" in names else None,
-                                     show(up), "folder", transactional, cache))
-
-    if folder.is_dir():
-        visit(str(folder))
-    if cache is not None:
-        cache.save()
-    found.sort(key=lambda m: (m.version, m.label))
-    for before, after in itertools.pairwise(found):
-        if before.version == after.version:
-            raise InputError(f"two migrations have version {before.version}: "
-                             f"{show(before.up)} and {show(after.up)}",
-                             hint="give one of them a new version (rename it)")
-    return MigrationFiles(tuple(found), tuple(strays))
-
-
-def discover_migrations(config: Config) -> list[Migration]:
-    """The project's migrations in version order (strays left out: see scan_migrations)."""
-    return list(scan_migrations(config.migrations_dir, config.root).migrations)
 
 
 def migration_rel(config: Config, path: Path | None) -> str:
@@ -3100,22 +3398,38 @@ def needs_no_transaction(words: Sequence[str]) -> bool:
                          ("CREATE", "TABLESPACE"), ("DROP", "TABLESPACE")))
 
 
-def migration_statements(migration: Migration, which: str = "up",
-                         root: Path | None = None) -> tuple[list[Statement], bool]:
-    """The statements of a migration's up or down file and whether it runs in a transaction."""
+def migration_statements(migration: Migration, which: str = "up", root: Path | None = None,
+                         needed: Callable[[str], bool] | None = None
+                         ) -> tuple[list[Statement], bool]:
+    """The statements of a migration's up or down file and whether it runs in a transaction.
+    `needed(text)` False: the caller needs no statements of this file (none are split)."""
     path = migration.up if which == "up" else migration.down
     assert path is not None
     rel = path.relative_to(root).as_posix() if root and path.is_relative_to(root) else str(path)
     data = normalise_sql(_read_sql(path, rel))
-    transactional = migration.transactional and _file_transactional(data)
-    return split_sql(data.decode("utf-8")), transactional
+    transactional = migration.transactional and file_transactional(data)
+    text = data.decode("utf-8")
+    return (split_sql(text) if needed is None or needed(text) else []), transactional
+
+
+# Every word that transaction_control or needs_no_transaction looks for, wherever it could
+# be a keyword psql's splitter finds (not inside a longer word). A file without any of them
+# and without a backslash (no psql meta-command for guard_sql) cannot be refused, so
+# check_migration_sql need not split it (~0.3 ms a file).
+_REFUSAL_WORDS = lazy_re(r"(?<![^\W\d])(?:begin|commit|end|abort|rollback|start|prepare|vacuum"
+                         r"|concurrently|database|system|tablespace)(?![\w$])", re.IGNORECASE)
+
+
+def _may_be_refused(text: str) -> bool:
+    return "\\" in text or bool(_REFUSAL_WORDS.search(text))
 
 
 def check_migration_sql(migration: Migration, which: str, config: Config) -> bool:
     """Refuse, before anything runs, SQL that would break the one-transaction guarantee or
     reach the machine that runs the tool (§4 guard_sql). Returns whether the file runs in a
     transaction."""
-    statements, transactional = migration_statements(migration, which, config.root)
+    statements, transactional = migration_statements(migration, which, config.root,
+                                                     needed=_may_be_refused)
     path = migration.up if which == "up" else migration.down
     rel = migration_rel_path(config.root, path)
     assert path is not None
@@ -3145,31 +3459,6 @@ def migration_rel_path(root: Path, path: Path | None) -> str:
 
 
 # ── status: files against the tracking table (pure) ───────────────────────────────────────
-
-@record(frozen=True)
-class AppliedRow:
-    version: int
-    name: str
-    checksum: str
-    applied_at: str
-    applied_by: str
-    duration_ms: int
-    how: str    # "applied", "baseline" (recorded by hand) or "build" (built from the DDL)
-
-
-@record(frozen=True)
-class PartialRun:
-    """A no-transaction migration that started but neither finished nor was repaired."""
-
-    version: int
-    name: str
-    checksum: str
-    done: int           # statements that completed
-    total: int
-    prefix: str         # sha256 of the completed statements' text
-    at: str
-    error: str | None
-
 
 @record(frozen=True)
 class MigrationStatus:
@@ -3271,140 +3560,19 @@ def plan_down(status: MigrationStatus, config: Config, steps: int | None = None,
     return [(r, by_version[r.version]) for r in chosen]
 
 
-# ── the tracking table ────────────────────────────────────────────────────────────────────
-
-@record(frozen=True)
-class Tracking:
-    """The tracking table and its log, schema-qualified and quoted."""
-
-    schema: str
-    table: str
-
-    @property
-    def qualified(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.table)}"
-
-    @property
-    def log(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.table + '_log')}"
-
-    @property
-    def display(self) -> str:
-        return f"{self.schema}.{self.table}"
-
-
-_TRACKING_COLUMNS = {"version", "name", "checksum", "applied_at", "applied_by", "duration_ms",
-                     "how"}
-
-
-def resolve_tracking(session: Session, config: Config) -> tuple[Tracking, bool, bool]:
-    """Qualify the configured table (unqualified: where search_path finds it, else the
-    current schema); say whether it exists with our columns, and whether its log exists.
-    One round trip."""
-    schema, table = parse_table_name(config.migrations_table)
-    where = quote_literal(schema) if schema is not None else (
-        "coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
-        "ON n.oid = c.relnamespace WHERE c.oid = to_regclass("
-        f"{quote_literal(quote_ident(table))})), current_schema())")
-    relation = ("FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = s.schema AND c.relname = ")
-    row = session.query(
-        f"SELECT s.schema, (SELECT coalesce(json_agg(a.attname::text), '[]') "
-        f"FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n "
-        f"ON n.oid = c.relnamespace WHERE n.nspname = s.schema AND c.relname = "
-        f"{quote_literal(table)} AND a.attnum > 0 AND NOT a.attisdropped) AS columns, "
-        f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log "
-        f"FROM (SELECT {where} AS schema) s")[0]
-    if not row["schema"]:
-        raise ConfigError("search_path names no existing schema for the tracking table",
-                          hint="qualify [migrations] table, e.g. \"public.confiture_migrations\"")
-    tracking = Tracking(str(row["schema"]), table)
-    found = set(row["columns"] or [])
-    if found and not _TRACKING_COLUMNS <= found:
-        raise ConfigError(f"table {tracking.display} exists but is not a confiture tracking table "
-                          f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
-                          hint="set [migrations] table to another name; to adopt a database "
-                               "migrated by another tool, use 'migrate baseline --to VERSION'")
-    return tracking, bool(found), bool(row["log"])
-
-
-def ensure_tracking(session: Session, tracking: Tracking) -> None:
-    """Create what is missing of the schema, the tracking table and its log (under the lock).
-    Existing objects are left alone: CREATE SCHEMA IF NOT EXISTS alone would need the CREATE
-    privilege on the database even when the schema exists."""
-    row = session.query(
-        f"SELECT to_regnamespace({quote_literal(quote_ident(tracking.schema))}) IS NULL AS schema,"
-        f" to_regclass({quote_literal(tracking.qualified)}) IS NULL AS tbl,"
-        f" to_regclass({quote_literal(tracking.log)}) IS NULL AS log")[0]
-    sql = []
-    if row["schema"]:
-        sql.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(tracking.schema)};")
-    if row["tbl"]:
-        sql.append(
-            f"CREATE TABLE IF NOT EXISTS {tracking.qualified} (\n"
-            "  version bigint PRIMARY KEY,\n  name text NOT NULL,\n  checksum text NOT NULL,\n"
-            "  applied_at timestamptz NOT NULL DEFAULT now(),\n"
-            "  applied_by text NOT NULL DEFAULT current_user,\n"
-            "  duration_ms integer NOT NULL DEFAULT 0,\n"
-            "  how text NOT NULL DEFAULT 'applied');")
-    if row["log"]:
-        sql.append(
-            f"CREATE TABLE IF NOT EXISTS {tracking.log} (\n"
-            "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
-            "  at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
-            "  by text NOT NULL DEFAULT current_user,\n"
-            "  event text NOT NULL,\n  version bigint,\n  name text,\n  checksum text,\n"
-            "  detail jsonb);")
-    if sql:
-        session.execute("\n".join(sql))
-
-
-# Events whose latest occurrence for a version that is not applied means "partly run".
-_PARTIAL_EVENTS = ("started", "progress", "failed")
-
-
-def read_tracking(session: Session, tracking: Tracking, has_log: bool = True
-                  ) -> tuple[list[AppliedRow], list[PartialRun]]:
-    """Applied rows and interrupted no-transaction runs (two round trips)."""
-    partial_sql = "'[]'::json"
-    if has_log:
-        partial_sql = (
-            "(SELECT coalesce(json_agg(p ORDER BY p.version), '[]') FROM ("
-            "SELECT DISTINCT ON (l.version) l.version, l.name, l.checksum, l.event, l.detail, "
-            "to_char(l.at, 'YYYY-MM-DD HH24:MI:SS') AS at "
-            f"FROM {tracking.log} l WHERE l.version IS NOT NULL AND NOT EXISTS "
-            f"(SELECT 1 FROM {tracking.qualified} t WHERE t.version = l.version) "
-            "ORDER BY l.version, l.id DESC) p "
-            f"WHERE p.event IN ({', '.join(quote_literal(e) for e in _PARTIAL_EVENTS)}))")
-    rows = session.rows(
-        "SELECT version, name, checksum, to_char(applied_at, 'YYYY-MM-DD HH24:MI:SS TZ'), "
-        f"applied_by, duration_ms, how FROM {tracking.qualified} ORDER BY version")
-    applied = [AppliedRow(int(r[0] or 0), r[1] or "", r[2] or "", r[3] or "", r[4] or "",
-                          int(r[5] or 0), r[6] or "") for r in rows]
-    partial = []
-    for p in session.value(f"SELECT {partial_sql}") if has_log else []:
-        detail = p.get("detail") or {}
-        partial.append(PartialRun(version=int(p["version"]), name=p["name"] or "",
-                                  checksum=p["checksum"] or "", done=int(detail.get("done", 0)),
-                                  total=int(detail.get("total", 0)),
-                                  prefix=str(detail.get("prefix", "")), at=p["at"],
-                                  error=detail.get("error")))
-    return applied, partial
-
-
 def open_migration_session(ws: Workspace) -> Session:
     """A session on the env's own database."""
     return ws.client.session(ws.env.database)
 
 
 def _status_with(session: Session, ws: Workspace, files: MigrationFiles | None = None,
-                 cached: bool = False) -> tuple[MigrationStatus, Tracking]:
+                 cached: bool = False) -> tuple[MigrationStatus, TrackingTable]:
     cache = ChecksumCache(ws.config.state_dir / "cache" / "migrations.json", 2) if cached \
         else None
     files = files or scan_migrations(ws.config.migrations_dir, ws.config.root, cache)
-    tracking, exists, has_log = resolve_tracking(session, ws.config)
-    applied, partial = read_tracking(session, tracking, has_log) if exists else ([], [])
-    return plan_status(files, applied, partial, tracking.display, exists), tracking
+    tracking = TrackingTable.resolve(session, ws.config.migrations_table)
+    applied, partial = tracking.read()
+    return plan_status(files, applied, partial, tracking.display, tracking.exists), tracking
 
 
 def migration_status(ws: Workspace, session: Session | None = None,
@@ -3419,8 +3587,7 @@ def migration_status(ws: Workspace, session: Session | None = None,
 
 # ── running: one psql session, the lock, one transaction per migration ────────────────────
 
-_RESET_SESSION = "RESET ALL;\nSET client_min_messages = warning;"
-_DURATION_SQL = "(extract(epoch FROM clock_timestamp() - now()) * 1000)::integer"
+_RESET_SESSION = ("RESET ALL;", "SET client_min_messages = warning;")
 
 
 def psql_quote_path(path: Path) -> str:
@@ -3447,28 +3614,6 @@ def migration_failure(stderr: str, path: Path, rel: str, what: str,
     except OSError:
         lines = ()
     return parse_psql_errors(stderr, LineMap(((1, rel, 1),), lines))
-
-
-def _json_literal(value: Mapping[str, Any]) -> str:
-    return quote_literal(json.dumps(value, sort_keys=True)) + "::jsonb"
-
-
-def _log_sql(tracking: Tracking, event: str, item: Migration | AppliedRow | PartialRun | None,
-             detail: Mapping[str, Any] | None = None) -> str:
-    version = str(item.version) if item else "NULL"
-    name = quote_literal(item.name) if item else "NULL"
-    checksum = quote_literal(item.checksum) if item else "NULL"
-    return (f"INSERT INTO {tracking.log} (event, version, name, checksum, detail) VALUES "
-            f"({quote_literal(event)}, {version}, {name}, {checksum}, "
-            f"{_json_literal(detail) if detail else 'NULL'});")
-
-
-def _record_sql(tracking: Tracking, migration: Migration, how: str = "applied",
-                duration: str = _DURATION_SQL) -> str:
-    return (f"INSERT INTO {tracking.qualified} (version, name, checksum, duration_ms, how) VALUES "
-            f"({migration.version}, {quote_literal(migration.name)}, "
-            f"{quote_literal(migration.checksum)}, {duration}, {quote_literal(how)});\n"
-            + _log_sql(tracking, how, migration))
 
 
 @record()
@@ -3504,8 +3649,8 @@ class _Locked:
                 acquire_lock(self.session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
                              f"the migration lock on database {self.ws.env.database}",
                              self.ws.console.info)
-            self.tracking = resolve_tracking(self.session, self.ws.config)[0]
-            ensure_tracking(self.session, self.tracking)
+            self.tracking = TrackingTable.resolve(self.session, self.ws.config.migrations_table)
+            self.tracking.ensure()
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -3513,7 +3658,7 @@ class _Locked:
 
     def status(self, files: MigrationFiles | None = None) -> MigrationStatus:
         files = files or scan_migrations(self.ws.config.migrations_dir, self.ws.config.root)
-        applied, partial = read_tracking(self.session, self.tracking)
+        applied, partial = self.tracking.read()
         return plan_status(files, applied, partial, self.tracking.display, True)
 
     def __exit__(self, *exc: Any) -> None:  # noqa: PYI036 — exc[0] is a type when set
@@ -3534,16 +3679,75 @@ def _prefix_hash(statements: Sequence[Statement]) -> str:
     return sha256_bytes("\0".join(s.text for s in statements).encode())
 
 
-def _apply_transactional(session: Session, tracking: Tracking, migration: Migration,
-                         rel: str) -> None:
-    script = "\n".join([
-        "BEGIN;", _RESET_SESSION, f"\\i {psql_quote_path(migration.up)}", _RESET_SESSION,
-        _record_sql(tracking, migration), "COMMIT;"])
-    try:
-        session.run_stop_on_error(script)
-    except ScriptStopped as exc:
-        raise migration_failure(exc.stderr, migration.up, rel,
-                                f"recording {migration.label}") from None
+def transactional_script(path: Path, change: Sequence[str]) -> str:
+    """A migration file in a transaction of its own, committed with its tracking `change`,
+    each from a clean session state. The bookkeeping costs two round trips, as BEGIN and
+    COMMIT around a file do in raw psql: (BEGIN, reset) and (reset, change, COMMIT)."""
+    return "\n".join([psql_batch(["BEGIN;", *_RESET_SESSION]), f"\\i {psql_quote_path(path)}",
+                      psql_batch([*_RESET_SESSION, *change, "COMMIT;"])])
+
+
+# Transactional migrations psql holds at once: the next is queued while one runs, so psql never
+# waits for us between migrations. Each is still its own transaction with its record. On Ctrl-C
+# or SIGTERM psql stops (nothing queued runs); if the client is killed outright, psql can still
+# finish the one queued behind the running one, whole.
+PIPELINE_DEPTH = 2
+
+
+class _Failed(Exception):
+    """A migration of a _MigrationQueue failed: which one, and the SqlError saying where."""
+
+    def __init__(self, migration: Migration, error: SqlError) -> None:
+        super().__init__(error.message)
+        self.migration, self.error = migration, error
+
+
+class _MigrationQueue:
+    """Runs one direction's migrations in order on the locked session: transactional ones
+    pipelined (PIPELINE_DEPTH), others one by one after the queue drained. Each finished one
+    goes into `run.done` and is reported; a failure raises _Failed naming it."""
+
+    def __init__(self, ws: Workspace, session: Session, run: MigrationRun) -> None:
+        self.ws, self.session, self.run = ws, session, run
+        self.waiting: list[tuple[Migration, Path, float]] = []
+        self.mark = time.monotonic()   # when the previous migration finished
+
+    def push(self, migration: Migration, path: Path, change: Sequence[str]) -> None:
+        self.session.send_stop_on_error(transactional_script(path, change))
+        self.waiting.append((migration, path, time.monotonic()))
+        if len(self.waiting) >= PIPELINE_DEPTH:
+            self._finish_oldest()
+
+    def call(self, migration: Migration, fn: Callable[[], None]) -> None:
+        self.drain()
+        started = time.monotonic()
+        try:
+            fn()
+        except SqlError as exc:
+            raise _Failed(migration, exc) from None
+        self._done(migration, started)
+
+    def drain(self) -> None:
+        while self.waiting:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        migration, path, sent = self.waiting.pop(0)
+        try:
+            self.session.wait_stop_on_error()
+        except ScriptStopped as exc:
+            verb = "recording" if self.run.direction == "up" else "forgetting"
+            raise _Failed(migration, migration_failure(
+                exc.stderr, path, migration_rel(self.ws.config, path),
+                f"{verb} {migration.label}")) from None
+        self._done(migration, max(sent, self.mark))
+
+    def _done(self, migration: Migration, started: float) -> None:
+        self.mark = time.monotonic()
+        seconds = self.mark - started
+        self.run.done.append((migration, seconds))
+        verb = "applied" if self.run.direction == "up" else "reverted"
+        self.ws.console.info(f"{verb} {migration.label} ({format_seconds(seconds)})")
 
 
 _CIC_NAME = lazy_re(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
@@ -3584,7 +3788,7 @@ def invalid_indexes(session: Session) -> list[str]:
     return [str(r["index"]) for r in rows]
 
 
-def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migration: Migration,
+def _apply_statements(ws: Workspace, session: Session, tracking: TrackingTable, migration: Migration,
                       rel: str, statements: list[Statement], resume: PartialRun | None) -> None:
     """A no-transaction migration: statements one at a time in autocommit, each followed (in
     the same psql input, so even a killed client cannot separate them) by a progress row."""
@@ -3603,12 +3807,12 @@ def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migra
                                        "'confiture.py migrate repair' to start it afresh")
     if start < total:
         drop_invalid_index_of(session, statements[start], ws.console)
-    session.execute(_RESET_SESSION + "\n" + _log_sql(
-        tracking, "started", migration, {"done": start, "total": total,
-                                         "prefix": _prefix_hash(statements[:start])}))
+    session.execute(psql_batch([*_RESET_SESSION, tracking.log_sql(
+        "started", migration, {"done": start, "total": total,
+                               "prefix": _prefix_hash(statements[:start])})]))
     with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
         for index in range(start, total):
-            progress = _log_sql(tracking, "progress", migration, {
+            progress = tracking.log_sql("progress", migration, {
                 "done": index + 1, "total": total,
                 "prefix": _prefix_hash(statements[:index + 1])})
             try:
@@ -3618,8 +3822,9 @@ def _apply_statements(ws: Workspace, session: Session, tracking: Tracking, migra
                                           [str(Path(folder) / f"{index + 1}.sql")])
                 _record_failure(ws, tracking, migration, index, total, statements, error)
                 raise error from None
-    session.run_stop_on_error("\n".join(["BEGIN;", _RESET_SESSION, _record_sql(
-        tracking, migration, duration="0"), "COMMIT;"]))
+    session.run_stop_on_error(psql_batch(["BEGIN;", *_RESET_SESSION,
+                                          *tracking.record_sql(migration, duration="0"),
+                                          "COMMIT;"]))
 
 
 def _run_statement(session: Session, folder: Path, index: int, stmt: Statement,
@@ -3631,7 +3836,7 @@ def _run_statement(session: Session, folder: Path, index: int, stmt: Statement,
     session.run_stop_on_error(f"\\i {psql_quote_path(path)}\n{after}")
 
 
-def _record_failure(ws: Workspace, tracking: Tracking, migration: Migration, index: int,
+def _record_failure(ws: Workspace, tracking: TrackingTable, migration: Migration, index: int,
                     total: int, statements: Sequence[Statement], error: SqlError) -> None:
     """After a failed no-transaction statement (the session is gone): log it and drop an
     invalid index it left, on a fresh session. Best effort: the progress rows already say
@@ -3639,7 +3844,7 @@ def _record_failure(ws: Workspace, tracking: Tracking, migration: Migration, ind
     try:
         with open_migration_session(ws) as session:
             drop_invalid_index_of(session, statements[index], ws.console)
-            session.execute(_log_sql(tracking, "failed", migration, {
+            session.execute(tracking.log_sql("failed", migration, {
                 "done": index, "total": total, "prefix": _prefix_hash(statements[:index]),
                 "error": error.message}))
     except ConfitureError as exc:
@@ -3679,28 +3884,28 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
             run.notes.append("out of order: " + ", ".join(m.label for m in status.out_of_order))
             ws.console.warn(f"applying {len(status.out_of_order)} migration(s) older than the "
                             f"newest applied one: {', '.join(m.label for m in status.out_of_order)}")
-        for migration in run.planned:
-            rel = migration_rel(config, migration.up)
-            started = time.monotonic()
-            try:
+        queue = _MigrationQueue(ws, locked.session, run)
+        try:
+            for migration in run.planned:
                 if checked[migration.version]:
-                    _apply_transactional(locked.session, locked.tracking, migration, rel)
+                    queue.push(migration, migration.up, locked.tracking.record_sql(migration))
                 else:
-                    statements = migration_statements(migration, "up", config.root)[0]
-                    _apply_statements(ws, locked.session, locked.tracking, migration, rel,
-                                      statements, partial.get(migration.version))
-            except SqlError as exc:
-                done = [m.version for m, _ in run.done]
-                raise MigrationError(
-                    f"{exc.message}" + (f" (applied before it: {len(done)} migration(s), up to "
-                                        f"{run.done[-1][0].label})" if done else ""),
-                    done, hint=f"{migration.label} was not applied"
-                    + ("; nothing of it remains (one transaction)" if checked[migration.version]
-                       else "; its completed statements are logged and the next run resumes "
-                            "after them")) from None
-            seconds = time.monotonic() - started
-            run.done.append((migration, seconds))
-            ws.console.info(f"applied {migration.label} ({format_seconds(seconds)})")
+                    queue.call(migration, functools.partial(
+                        _apply_statements, ws, locked.session, locked.tracking, migration,
+                        migration_rel(config, migration.up),
+                        migration_statements(migration, "up", config.root)[0],
+                        partial.get(migration.version)))
+            queue.drain()
+        except _Failed as failed:
+            done = [m.version for m, _ in run.done]
+            raise MigrationError(
+                f"{failed.error.message}" + (f" (applied before it: {len(done)} migration(s), "
+                                             f"up to {run.done[-1][0].label})" if done else ""),
+                done, hint=f"{failed.migration.label} was not applied"
+                + ("; nothing of it remains (one transaction)"
+                   if checked[failed.migration.version]
+                   else "; its completed statements are logged and the next run resumes "
+                        "after them")) from None
     return run
 
 
@@ -3727,35 +3932,27 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
         checked = {m.version: check_migration_sql(m, "down", config) for m in run.planned}
-        for migration in run.planned:
-            assert migration.down is not None
-            rel = migration_rel(config, migration.down)
-            started = time.monotonic()
-            forget = (f"DELETE FROM {locked.tracking.qualified} WHERE version = "
-                      f"{migration.version};\n" + _log_sql(locked.tracking, "reverted", migration))
-            try:
+        queue = _MigrationQueue(ws, locked.session, run)
+        try:
+            for migration in run.planned:
+                assert migration.down is not None
+                forget = locked.tracking.forget_sql(migration)
                 if checked[migration.version]:
-                    script = "\n".join(["BEGIN;", _RESET_SESSION,
-                                        f"\\i {psql_quote_path(migration.down)}",
-                                        _RESET_SESSION, forget, "COMMIT;"])
-                    try:
-                        locked.session.run_stop_on_error(script)
-                    except ScriptStopped as exc:
-                        raise migration_failure(exc.stderr, migration.down, rel,
-                                                f"forgetting {migration.label}") from None
+                    queue.push(migration, migration.down, forget)
                 else:
-                    _revert_statements(locked.session, migration, rel, config, forget)
-            except SqlError as exc:
-                done = [m.label for m, _ in run.done]
-                raise MigrationError(
-                    f"reverting {migration.label} failed: {exc.message}",
-                    [m.version for m, _ in run.done],
-                    hint=(f"reverted {len(done)} migration(s) before it ({_span(done)}); "
-                          if done else "nothing was reverted; ")
-                    + f"{migration.label} and everything older remain applied") from None
-            seconds = time.monotonic() - started
-            run.done.append((migration, seconds))
-            ws.console.info(f"reverted {migration.label} ({format_seconds(seconds)})")
+                    queue.call(migration, functools.partial(
+                        _revert_statements, locked.session, migration,
+                        migration_rel(config, migration.down), config, forget))
+            queue.drain()
+        except _Failed as failed:
+            done = [m.label for m, _ in run.done]
+            label = failed.migration.label
+            raise MigrationError(
+                f"reverting {label} failed: {failed.error.message}",
+                [m.version for m, _ in run.done],
+                hint=(f"reverted {len(done)} migration(s) before it ({_span(done)}); "
+                      if done else "nothing was reverted; ")
+                + f"{label} and everything older remain applied") from None
     return run
 
 
@@ -3764,13 +3961,13 @@ def _span(labels: Sequence[str]) -> str:
 
 
 def _revert_statements(session: Session, migration: Migration, rel: str, config: Config,
-                       forget: str) -> None:
+                       forget: Sequence[str]) -> None:
     """A no-transaction down: statements in autocommit, the row removed after all succeeded."""
     import tempfile
 
     assert migration.down is not None
     statements = migration_statements(migration, "down", config.root)[0]
-    session.execute(_RESET_SESSION)
+    session.execute("\n".join(_RESET_SESSION))
     with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
         for index, stmt in enumerate(statements):
             try:
@@ -3778,7 +3975,7 @@ def _revert_statements(session: Session, migration: Migration, rel: str, config:
             except ScriptStopped as exc:
                 raise migration_failure(exc.stderr, migration.down, rel, rel,
                                         [str(Path(folder) / f"{index + 1}.sql")]) from None
-    session.run_stop_on_error(f"BEGIN;\n{forget}\nCOMMIT;")
+    session.run_stop_on_error(psql_batch(["BEGIN;", *forget, "COMMIT;"]))
 
 
 def verify_migrations(ws: Workspace, session: Session | None = None) -> MigrationStatus:
@@ -3805,25 +4002,8 @@ def baseline_migrations(ws: Workspace, to: int, session: Session | None = None,
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         chosen = [m for m in status.pending if m.version <= to]
-        if chosen:
-            locked.session.execute("BEGIN;\n" + "\n".join(
-                _record_sql(locked.tracking, m, how="baseline", duration="0") for m in chosen)
-                + "\nCOMMIT")
+        locked.tracking.record(chosen, how="baseline")
     return chosen
-
-
-def record_build_migrations(ws: Workspace, database: str) -> None:
-    """A database built from the DDL is at the state every migration leads to: record them
-    all as applied (how = 'build'), so `migrate up` later applies only newer ones."""
-    files = scan_migrations(ws.config.migrations_dir, ws.config.root)
-    if not files.migrations:
-        return
-    with ws.client.session(database) as session:
-        tracking, _, _ = resolve_tracking(session, ws.config)
-        ensure_tracking(session, tracking)
-        session.execute("BEGIN;\n" + "".join(
-            _record_sql(tracking, m, how="build", duration="0") for m in files.migrations)
-            + "COMMIT")
 
 
 @record(frozen=True)
@@ -3840,21 +4020,14 @@ def repair_migrations(ws: Workspace, session: Session | None = None,
     with the old values."""
     with _Locked(ws, session, lock) as locked:
         status = locked.status()
-        sql = []
-        for m, row in status.changed:
-            sql.append(f"UPDATE {locked.tracking.qualified} SET checksum = "
-                       f"{quote_literal(m.checksum)} WHERE version = {m.version};")
-            sql.append(_log_sql(locked.tracking, "repair", m, {"action": "checksum",
-                                                               "old": row.checksum}))
-        for row in status.missing:
-            sql.append(f"DELETE FROM {locked.tracking.qualified} WHERE version = {row.version};")
-            sql.append(_log_sql(locked.tracking, "repair", row, {
-                "action": "forget", "applied_at": row.applied_at, "how": row.how}))
-        for partial in status.partial:
-            sql.append(_log_sql(locked.tracking, "repair", partial, {
-                "action": "clear-partial", "done": partial.done, "total": partial.total}))
-        if sql:
-            locked.session.execute("BEGIN;\n" + "\n".join(sql) + "\nCOMMIT")
+        tracking = locked.tracking
+        sql = [stmt for m, row in status.changed for stmt in tracking.accept_sql(m, row)]
+        sql += [stmt for row in status.missing for stmt in tracking.forget_sql(
+            row, "repair", {"action": "forget", "applied_at": row.applied_at, "how": row.how})]
+        sql += [tracking.log_sql("repair", partial, {"action": "clear-partial",
+                                                     "done": partial.done, "total": partial.total})
+                for partial in status.partial]
+        tracking.write(sql)
     return RepairResult(status.changed, status.missing, status.partial)
 
 
@@ -9708,8 +9881,7 @@ class App:
         return resolve_env(self.config, name or self.env_name(), self.environ)
 
     def workspace(self, name: str | None = None) -> Workspace:
-        ws = open_workspace(self.env(name), self.console, self.environ)
-        return evolve(ws, after_build=record_build_migrations)
+        return open_workspace(self.env(name), self.console, self.environ)
 
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
@@ -9724,8 +9896,7 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
     environ = dict(os.environ if environ is None else environ)
     cfg = load_config(find_config(str(config) if config else None, environ, Path.cwd()))
     env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
-    ws = open_workspace(env_spec, console or Console(quiet=True), environ)
-    return evolve(ws, after_build=record_build_migrations)
+    return open_workspace(env_spec, console or Console(quiet=True), environ)
 
 
 # ── foundation commands ───────────────────────────────────────────────────────────────────

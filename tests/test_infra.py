@@ -5,6 +5,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +161,26 @@ def test_bin_confiture_uses_the_dev_cluster_only_while_it_listens(tmp_path: Path
     # another port recorded: no socket there, so no dev cluster
     (state / "settings").write_text("port=1\nlisten=\n")
     assert run(repo, "bin/confiture").startswith("PGHOST= PGPORT= ")
+
+
+def test_bin_confiture_keeps_bytecode_under_pythondontwritebytecode(tmp_path: Path) -> None:
+    """With PYTHONDONTWRITEBYTECODE (Docker images, CI) Python would recompile confiture.py on
+    every call; bin/confiture keeps its bytecode in .confiture/pycache instead, never beside
+    the sources, and leaves a caller's own PYTHONPYCACHEPREFIX alone."""
+    repo = tmp_path / "repo"
+    (repo / "bin").mkdir(parents=True)
+    (repo / "bin/confiture").write_bytes((ROOT / "bin/confiture").read_bytes())
+    (repo / "bin/confiture").chmod(0o755)
+    (repo / "confiture.py").write_bytes((ROOT / "confiture.py").read_bytes())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PYTHON"))}
+    env.update(PYTHONDONTWRITEBYTECODE="1", PYTHON=sys.executable, PGHOST="/nonexistent")
+    out = subprocess.run([str(repo / "bin/confiture"), "--version"], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("confiture.py ")
+    cached = list((repo / ".confiture/pycache").rglob("confiture.*.pyc"))
+    assert [p.parent for p in cached] == [repo / ".confiture/pycache" / str(repo).lstrip("/")]
+    assert not (repo / "__pycache__").exists()
+    mine = tmp_path / "mine"
+    subprocess.run([str(repo / "bin/confiture"), "--version"], env={**env, "PYTHONPYCACHEPREFIX": str(mine)},
+                   capture_output=True, check=True)
+    assert not mine.exists()  # the caller's prefix with PYTHONDONTWRITEBYTECODE: nothing written

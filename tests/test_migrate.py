@@ -101,12 +101,64 @@ def test_split_sql_reports_lines() -> None:
     assert not confiture.transaction_control(("ROLLBACK", "TO", "SAVEPOINT"))
 
 
+@pytest.mark.parametrize("sql", [
+    "BEGIN;", "/*x*/commit;", "select 1;\nEnd;", "abort", "ROLLBACK;", "start transaction;",
+    "prepare transaction 'x';", "vacuum t;", "create index concurrently i on t (x);",
+    "CREATE DATABASE d;", "alter system set work_mem = '1MB';", "drop tablespace t;",
+    "select 1 ; -- c\nBegin\n;", "x1 ; cOmMiT;", "select 'a';begin;",
+])
+def test_refused_statements_are_never_skipped_by_the_quick_word_check(sql: str) -> None:
+    """check_migration_sql skips splitting a file without any of the words it looks for: every
+    file the splitter would refuse must contain one."""
+    refused = [s for s in confiture.split_sql(sql)
+               if confiture.transaction_control(s.words) or confiture.needs_no_transaction(s.words)]
+    assert refused, sql
+    assert confiture._REFUSAL_WORDS.search(sql), sql
+
+
+def test_quick_word_check_lets_plain_migrations_skip_the_split() -> None:
+    plain = ("CREATE TABLE item (id bigint PRIMARY KEY, legend text, started_at timestamptz);\n"
+             "CREATE INDEX item_legend ON item (legend);\nINSERT INTO item SELECT g FROM "
+             "generate_series(1, 10) g;\n")
+    assert not confiture._REFUSAL_WORDS.search(plain)
+
+
 def test_parse_table_name() -> None:
     assert confiture.parse_table_name("confiture_migrations") == (None, "confiture_migrations")
     assert confiture.parse_table_name("Ops.Migs") == ("ops", "migs")
     assert confiture.parse_table_name('"My Schema"."T.x"') == ("My Schema", "T.x")
     with pytest.raises(confiture.ConfigError):
         confiture.parse_table_name("a.b.c")
+
+
+def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(pg: Any) -> None:
+    """Pipelining: psql may have exited at a failing script before the next one is queued. The
+    queueing must not fail on the closed pipe; waiting for the failed script reports its error."""
+    conn = confiture.ConnInfo.parse(pg.url())
+    session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")
+    session.value("SELECT 1")
+    session.send_stop_on_error("SELECT 1 / 0;")
+    session._proc.wait(timeout=30)  # psql stopped at the error and exited
+    session.send_stop_on_error("SELECT 2;")  # no BrokenPipeError, no 'lost the session'
+    with pytest.raises(confiture.ScriptStopped) as stopped:
+        session.wait_stop_on_error()
+    assert "division by zero" in stopped.value.stderr
+    assert session.closed
+
+
+def test_a_queued_script_s_error_is_not_taken_for_the_one_before(pg: Any) -> None:
+    """Pipelining: psql may have failed at the second script (and exited) before the first's
+    answer is read; the error text belongs to the second, not to the first's answer."""
+    conn = confiture.ConnInfo.parse(pg.url())
+    session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")
+    session.value("SELECT 1")
+    session.send_stop_on_error("SELECT 1;")
+    session.send_stop_on_error("SELECT 1 / 0;")
+    session._proc.wait(timeout=30)  # both ran; psql stopped at the second and exited
+    session.wait_stop_on_error()
+    with pytest.raises(confiture.ScriptStopped) as stopped:
+        session.wait_stop_on_error()
+    assert "division by zero" in stopped.value.stderr
 
 
 # ── helpers for the server tests ────────────────────────────────────────────────────────────
@@ -461,6 +513,22 @@ def test_sigterm_rolls_back_the_running_migration(pg: Any, project: Any, db: str
     assert exists(pg, project, "fast") and not exists(pg, project, "slow_one")
 
 
+def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Any, project: Any,
+                                                                   db: str) -> None:
+    """psql is handed the next migration while one runs; stopping the run must not let it run."""
+    mig(project, "1_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(30);\n")
+    mig(project, "2_queued", "CREATE TABLE queued (id int);\n")
+    mig(project, "3_queued", "CREATE TABLE queued_too (id int);\n")
+    proc = _start(project, pg, "migrate", "up")
+    _wait_for(lambda: _running(pg, db, "pg_sleep"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130
+    _wait_for(lambda: _sessions(pg, db) == 0)
+    assert tracked(pg, project) == []
+    assert not exists(pg, project, "slow_one") and not exists(pg, project, "queued")
+    assert not exists(pg, project, "queued_too")
+
+
 def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str) -> None:
     add_config(project, '[migrations]\nlock_timeout = "60s"')
     mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
@@ -508,3 +576,115 @@ def test_lemmy_migrations_up_and_down_to_the_upstream_bug(pg: Any, project: Any,
     assert exists(pg, project, "person")
     status = json.loads(cli("migrate", "status", "--json", cwd=project.root).stdout)
     assert len(status["pending"]) == 75 and not status["changed"] and not status["missing"]
+
+
+# ── versions past bigint: popx/ory-style 20-digit histories ───────────────────────────────
+
+def test_versions_are_exact_integers_of_any_length(tmp_path: Path) -> None:
+    (tmp_path / "20150100000001000001_b.up.sql").write_text("")
+    (tmp_path / "20150100000001000000_a.up.sql").write_text("")
+    (tmp_path / "9_small.up.sql").write_text("")
+    versions = [m.version for m in confiture.scan_migrations(tmp_path).migrations]
+    assert versions == [9, 20150100000001000000, 20150100000001000001]  # a float would merge them
+    assert confiture.parse_version("2015-01-00-000001000000") == 20150100000001000000
+    with pytest.raises(confiture.ConfigError):
+        confiture.parse_version("١٢")  # Arabic-Indic digits are not a version
+
+
+def _popx_history(project: Any, count: int) -> list[int]:
+    """`count` migrations with 20-digit versions (popx style), flat and folder layouts, some
+    run without a transaction, some empty; each up records its version in `seen`."""
+    versions = []
+    for i in range(count):
+        version = 20150100000001000000 + i * 1000 + (i % 3)  # beyond bigint's 9223372036854775807
+        versions.append(version)
+        body = f"INSERT INTO seen (v) VALUES ({version});\n"
+        down = f"DELETE FROM seen WHERE v = {version};\n"
+        if i == 0:
+            body = "CREATE TABLE seen (id bigint GENERATED ALWAYS AS IDENTITY, v numeric);\n"
+            down = "DROP TABLE seen;\n"
+        elif i % 7 == 0:
+            body = down = "-- nothing to do here\n"
+        elif i % 10 == 0:
+            body = f"-- confiture:no-transaction\n{body}SELECT 1;\n"
+        if i % 11 == 5:  # Diesel folders: the dashes are not part of the number
+            text = str(version)
+            label = f"{text[:4]}-{text[4:6]}-{text[6:8]}-{text[8:]}_step_{i}"
+            project.write(f"db/migrations/{label}/up.sql", body)
+            project.write(f"db/migrations/{label}/down.sql", down)
+        else:
+            mig(project, f"{version}_step_{i}", body, down)
+    return versions
+
+
+def test_a_300_migration_popx_history_goes_up_down_and_up_again(pg: Any, project: Any, cli: Any,
+                                                                db: str) -> None:
+    versions = _popx_history(project, 300)
+    # one shorter version: numeric order puts it first, text order would put it last
+    mig(project, "7_early", "CREATE TABLE early (id int);\n", "DROP TABLE early;\n")
+    expected = [7, *versions]
+    up = cli("migrate", "up", "-q", cwd=project.root)
+    assert up.returncode == 0, up.stderr
+    assert [v for v, _ in tracked(pg, project)] == expected
+    assert pg.scalar("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                     "'confiture_migrations'::regclass AND attname = 'version'", db=db) == "numeric"
+    # applied in numeric order: `seen` got the versions in ascending order
+    filled = [v for i, v in enumerate(versions) if i and i % 7]
+    assert [int(v) for v, in pg.query("SELECT v FROM seen ORDER BY id", db=db)] == filled
+    status = cli("migrate", "status", "--check", "--json", cwd=project.root)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["current"] == versions[-1] and len(doc["applied"]) == 301 and not doc["pending"]
+    down = cli("migrate", "down", "--to", "0", "-q", cwd=project.root)
+    assert down.returncode == 0, down.stderr
+    assert tracked(pg, project) == [] and not exists(pg, project, "seen")
+    assert pg.scalar("SELECT count(*) FROM confiture_migrations_log WHERE event = 'reverted'",
+                     db=db) == 301
+    again = cli("migrate", "up", "-q", cwd=project.root)
+    assert again.returncode == 0, again.stderr
+    assert [v for v, how in tracked(pg, project)] == expected
+    assert pg.scalar("SELECT count(*) FROM seen", db=db) == len(filled)
+
+
+_OLD_TRACKING_DDL = """
+CREATE TABLE confiture_migrations (
+  version bigint PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+  applied_at timestamptz NOT NULL DEFAULT now(),
+  applied_by text NOT NULL DEFAULT current_user,
+  duration_ms integer NOT NULL DEFAULT 0, how text NOT NULL DEFAULT 'applied');
+CREATE TABLE confiture_migrations_log (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  at timestamptz NOT NULL DEFAULT clock_timestamp(), by text NOT NULL DEFAULT current_user,
+  event text NOT NULL, version bigint, name text, checksum text, detail jsonb);
+"""
+
+
+def test_tracking_table_of_an_earlier_version_is_read_as_is_and_upgraded_by_up(
+        pg: Any, project: Any, cli: Any, db: str) -> None:
+    mig(project, "20240101000000_first", "CREATE TABLE first (id int);\n", "DROP TABLE first;\n")
+    first = confiture.scan_migrations(project.root / "db" / "migrations").migrations[0]
+    pg.query(_OLD_TRACKING_DDL, db=db)
+    pg.query("CREATE TABLE first (id int)", db=db)
+    pg.query("INSERT INTO confiture_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+               db=db, params=(first.version, first.name, first.checksum))
+    pg.query("INSERT INTO confiture_migrations_log (event, version) VALUES ('applied', %s)",
+               db=db, params=(first.version,))
+    types = ("SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attrelid::regclass::text)"
+             " FROM pg_attribute WHERE attname = 'version' AND attrelid IN "
+             "('confiture_migrations'::regclass, 'confiture_migrations_log'::regclass)")
+    mig(project, "20150100000002000000_popx", "CREATE TABLE popx (id int);\n", "DROP TABLE popx;\n")
+    # read-only commands read the old form and leave it alone
+    status = cli("migrate", "status", "--json", cwd=project.root)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["current"] == 20240101000000
+    assert [m["version"] for m in doc["pending"]] == [20150100000002000000]  # newer: 20 digits
+    assert pg.scalar(types, db=db) == "bigint,bigint"
+    # a writing command widens both tables in place, keeping their rows
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 0, up.stderr
+    assert pg.scalar(types, db=db) == "numeric,numeric"
+    assert tracked(pg, project) == [(20240101000000, "applied"), (20150100000002000000, "applied")]
+    assert pg.query("SELECT event, version FROM confiture_migrations_log ORDER BY id", db=db)[0] == (
+        "applied", 20240101000000)
+    assert exists(pg, project, "popx")

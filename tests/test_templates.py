@@ -290,6 +290,21 @@ def test_library_use_many_clones_over_one_session(pg: Any, project: Any) -> None
         confiture.clone_database(ws, names[1])
 
 
+def test_library_build_records_migrations_as_the_cli_does(pg: Any, project: Any) -> None:
+    """A caller of ensure_template through open_workspace (no CLI wiring) gets the template's
+    migration records too: a clone of it has them, how='build'."""
+    project.write("db/migrations/20150100000001000000_networks.up.sql", "SELECT 1;\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
+    environ.update(pg.env)
+    config = confiture.load_config(project.config_path)
+    env = confiture.resolve_env(config, "local", environ)
+    ws = confiture.open_workspace(env, confiture.Console(quiet=True), environ)
+    target = f"{project_name(project)}_lib"
+    assert confiture.clone_database(ws, target)[0].built
+    assert pg.query("SELECT version, name, how FROM confiture_migrations", db=target) == [
+        (20150100000001000000, "networks", "build")]
+
+
 def test_database_built_from_ddl_has_every_migration_recorded(pg: Any, project: Any, cli: Any) -> None:
     """The DDL is where the migrations lead: reset records them (how='build'), so a new
     migration can be applied to a dev database without losing its data."""
