@@ -11387,6 +11387,8 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     DDL's schema. A positive verdict is kept, keyed by consistency_key()."""
     plan = inspect_deploy(ws)
     first = deploying and (not plan.exists or plan.first_deploy)
+    if first and not scan_migrations(ws.config.migrations_dir, ws.config.root).migrations:
+        return Consistency(differences=(), start="a build from the DDL (no migrations)")
     side = FromSide(baseline=ws.config.migrations_baseline) if first else FromSide(base=ws)
     key = consistency_key(ws, first)
     cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.{int(first)}.json"
