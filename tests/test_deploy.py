@@ -201,8 +201,14 @@ def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, pro
 
 
 def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, cli: CliRunner) -> None:
+    # the history starts from widgets without color (the guard replays it before a first deploy)
+    project.write("db/baseline.sql", "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
     db = deployed(pg, project, cli, env="prod")
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")
+    project.write("db/schema/10_tables/10_widgets.sql", "CREATE TABLE widgets (id bigint PRIMARY KEY, "
+                  "label text NOT NULL, color text, size int);\n")
     before, backups = checksums(pg, db), sorted((project.root / ".confiture/backups/prod").glob("*"))
     refused = cli("deploy", "--env", "prod", cwd=project.root)
     assert refused.returncode == 4 and "--yes" in refused.stderr

@@ -289,6 +289,8 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
     assert pg.scalar("SELECT to_regclass('widgets') IS NOT NULL", db=db)
     add_migration(project, "001_drop", "-- confiture:allow drop-table replaced by gadgets\n"
                                        "DROP TABLE widgets;\n")
+    # the DDL agrees with the migrations (the guard checks it before a protected deploy)
+    project.write("db/schema/10_tables/10_widgets.sql", "-- widgets were replaced by gadgets\n")
     allowed = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert allowed.returncode == 0, allowed.stderr
     assert not pg.scalar("SELECT to_regclass('widgets') IS NOT NULL", db=db)

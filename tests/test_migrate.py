@@ -403,6 +403,8 @@ def test_baseline_then_up(pg: Cluster, project: Project, cli: CliRunner, db: str
 def test_protected_env_needs_yes(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db("prod"))
     mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    (project.root / "db/schema/10_tables/10_widgets.sql").unlink()  # the DDL agrees (the guard)
+    project.write("db/schema/10_tables/10_a.sql", "CREATE TABLE a (id int);\n")
     refused = cli("migrate", "up", "--env", "prod", cwd=project.root)
     assert refused.returncode == 4 and "--yes" in refused.stderr
     assert cli("migrate", "up", "--env", "prod", "--dry-run", cwd=project.root).returncode == 0
