@@ -12233,11 +12233,12 @@ def cmd_migrate_up(app: App) -> int:
     if not app.args.dry_run:
         lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
-        if ws.env.protected and app.args.to is None and plan_up(migration_status(ws)):
-            _report_guard(app, guard_consistency(ws, "migrate up"))
-        # the dry run checks the history and the files (cheap) before the backup (not cheap)
+        # the dry run checks the history and the files (cheap) before the guard's replay and
+        # the backup (not cheap)
         planned = ws.env.protected and migrate_up(ws, _version_arg(app.args.to),
                                                   dry_run=True).planned
+        if planned and app.args.to is None:
+            _report_guard(app, guard_consistency(ws, "migrate up"))
         if app.args.wait_for_quiet is not None:
             wait_for_quiet(ws, app.args.wait_for_quiet)
         if planned:

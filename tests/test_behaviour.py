@@ -413,6 +413,8 @@ def test_status_does_not_call_an_unrecorded_database_built_from_ddl(
 def test_protected_migrate_checks_files_before_the_backup(cli: CliRunner, project: Project,
                                                           pg: Cluster) -> None:
     pg.create_db(project.db("prod"))
+    # the DDL is what the migration builds (the guard of a protected env checks they agree)
+    project.write("db/schema/10_tables/10_widgets.sql", "CREATE TABLE a_17 (id int);\n")
     project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_17 (id int);\n")
     assert cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root).returncode == 0
     folder = project.root / ".confiture/backups/prod"
