@@ -2449,20 +2449,22 @@ class Session:
 
     def pipeline(self, statements: Sequence[str]) -> list[list[str]]:
         """Run independent statements in one round trip: all are sent before any answer is
-        read (psql runs them in order). Their output lines, in order; the first failure is
-        raised once every answer was read, so the session stays in step."""
+        read (psql runs them in order). Their output lines, in order. Every answer is read
+        before a failure is raised (the session stays in step); as stderr cannot be told
+        apart between answers read ahead, the error carries all of it."""
         for sql in statements:
             self.submit(sql.strip().removesuffix(";") + ";")
-        answers: list[list[str] | SqlError] = []
-        for _ in statements:
-            try:
-                answers.append(self.collect())
-            except SqlError as exc:
-                answers.append(exc)
-        for answer in answers:
-            if isinstance(answer, SqlError):
-                raise answer
-        return [a for a in answers if not isinstance(a, SqlError)]
+        answers, stderr, failure = [], [], None
+        for left in range(len(statements) - 1, -1, -1):
+            lines, sqlstate, failed, err = self._read_frame(None, ahead=left > 0)
+            answers.append(lines)
+            stderr.append(err)
+            if failed and failure is None:
+                failure = sqlstate
+        self.last_stderr = "".join(stderr)
+        if failure is not None:
+            raise self._sql_error(self.last_stderr, failure)
+        return answers
 
     def query(self, sql: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """Rows of a SELECT as dicts (through json_agg: safe for any value)."""
