@@ -20,8 +20,11 @@ only the sections above it.
                                 advisory locks; the migrations tracking table (TrackingTable)
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
-  §8  Migrations                status, plans, up/down under the lock, one transaction each
-  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback
+  §8  Migrations                status, plans, up/down under the lock, one transaction each;
+                                bounded lock waits with retry
+  §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
+  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback,
+                                rehearsal of pending migrations on a scratch copy
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §12 Command line              argparse → values → core calls → output and exit codes
@@ -33,6 +36,7 @@ them into messages and exit codes. Nothing runs at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -42,7 +46,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 TYPE_CHECKING = False  # importing `typing` costs a few ms per run; only the type checker needs it
@@ -590,7 +594,9 @@ CONFIG_KEYS: dict[str, dict[str, tuple[type, ...]] | None] = {
                 "generated": _STR, "state_dir": _STR, "default_env": _STR,
                 "maintenance_db": _STR, "scratch_url": _STR, "psql_meta_commands": _STR},
     "templates": {"keep": _INT, "strategy": _STR, "lock_timeout": (str, int, float)},
-    "migrations": {"table": _STR, "lock_timeout": (str, int, float)},
+    "migrations": {"table": _STR, "lock_timeout": (str, int, float),
+                   "statement_lock_timeout": (str, int, float), "lock_retries": _INT,
+                   "lint_enable": _LIST, "lint_disable": _LIST},
     "backups": {"dir": _STR, "keep": _INT, "compression": _INT},
     "deploy": {"verify": _STR, "drift_check": _BOOL, "table": _STR},
     "status": {"max_backup_age": (str, int, float)},
@@ -857,6 +863,11 @@ class Config:
     raw: Mapping[str, Any] = field(repr=False, compare=False)
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
     psql_meta_commands: str = "safe"  # "all": SQL files may reach the client (§4 guard_sql)
+    # None: unset, i.e. 5 s on protected envs and none elsewhere (see statement_lock_timeout)
+    migrations_statement_lock_timeout: float | None = None
+    migrations_lock_retries: int = 5
+    lint_enable: tuple[str, ...] = ()
+    lint_disable: tuple[str, ...] = ()
 
 
 @record(frozen=True)
@@ -1046,6 +1057,12 @@ def _one_of(*choices: str) -> Callable[[Any, str], object]:
     return check
 
 
+def _rule_ids(value: Any, key: str) -> None:
+    """Lint rule ids are checked against the rules by §8b when the lint runs."""
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of lint rule ids")
+
+
 # Values with a range or a grammar (CONFIG_KEYS checks their types): (section, key) → a check
 # that raises ConfigError naming the key. All run when the config loads, whatever the command,
 # so `config check` finds what `backup` or `deploy` would trip over later.
@@ -1055,6 +1072,10 @@ _VALUE_CHECKS: dict[tuple[str, str], Callable[[Any, str], object]] = {
     ("templates", "lock_timeout"): parse_duration,
     ("migrations", "table"): parse_table_name,
     ("migrations", "lock_timeout"): parse_duration,
+    ("migrations", "statement_lock_timeout"): parse_duration,
+    ("migrations", "lock_retries"): _at_least(0),
+    ("migrations", "lint_enable"): _rule_ids,
+    ("migrations", "lint_disable"): _rule_ids,
     ("backups", "keep"): _at_least(1),
     ("backups", "compression"): _at_least(0, 9),
     ("deploy", "table"): parse_table_name,
@@ -1148,7 +1169,8 @@ def load_config(path: Path) -> Config:
         deploy_verify=root / deploy.get("verify", "db/verify"),
         deploy_drift_check=deploy.get("drift_check", False),
         envs=envs, raw=data, scratch_url=_checked_scratch_url(project.get("scratch_url"), where),
-        psql_meta_commands=project.get("psql_meta_commands", "safe"))
+        psql_meta_commands=project.get("psql_meta_commands", "safe"),
+        **_migration_safety_keys(migrations))
     return config
 
 
@@ -1160,6 +1182,17 @@ def _checked_scratch_url(value: str | None, where: str) -> str | None:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
     return value
+
+
+def _migration_safety_keys(migrations: Mapping[str, Any]) -> dict[str, Any]:
+    """[migrations] statement_lock_timeout, lock_retries, lint_enable, lint_disable."""
+    timeout = migrations.get("statement_lock_timeout")  # checked by _VALUE_CHECKS
+    retries = migrations.get("lock_retries", 5)
+    return {"migrations_statement_lock_timeout": None if timeout is None else parse_duration(
+                timeout, "migrations.statement_lock_timeout"),
+            "migrations_lock_retries": retries,
+            "lint_enable": tuple(migrations.get("lint_enable", ())),
+            "lint_disable": tuple(migrations.get("lint_disable", ()))}
 
 
 def resolve_env_name(config: Config, requested: str | None, environ: Mapping[str, str]) -> str:
@@ -2118,7 +2151,7 @@ def _pg_config_bindir(pg_config: str | None) -> str | None:
 
 
 _PSQL_ERROR = lazy_re(r"^psql:(?P<file>.*?):(?P<line>\d+): (?P<level>ERROR|FATAL|PANIC):  ?"
-                         r"(?P<msg>.*)$")
+                         r"(?:(?P<code>[0-9A-Z]{5}): )?(?P<msg>.*)$")  # code: VERBOSITY verbose
 _PSQL_CONTEXT_LINE = lazy_re(r"^LINE (\d+): (.*)$")
 
 
@@ -2163,7 +2196,7 @@ def parse_psql_errors(stderr: str, line_map: LineMap | None,
         if line_map is not None:
             path, file_line = line_map.locate(exact)
             location = f"{path}:{file_line}"
-        return SqlError(message, location=location)
+        return SqlError(message, sqlstate=match.group("code") or "", location=location)
     cleaned = "; ".join(l.strip() for l in lines if l.strip())
     return SqlError(cleaned or "psql failed without a message")
 
@@ -2860,12 +2893,13 @@ class TrackingTable:
                 f"{_json_literal(detail) if detail else 'NULL'});")
 
     def record_sql(self, migration: Migration, how: str = "applied",
-                   duration: str = _DURATION_SQL) -> list[str]:
-        """Record `migration` as applied (its row and its log event)."""
+                   duration: str = _DURATION_SQL,
+                   detail: Mapping[str, Any] | None = None) -> list[str]:
+        """Record `migration` as applied (its row and its log event, with `detail`)."""
         return [(f"INSERT INTO {self.qualified} (version, name, checksum, duration_ms, how) "
                  f"VALUES ({migration.version}, {quote_literal(migration.name)}, "
                  f"{quote_literal(migration.checksum)}, {duration}, {quote_literal(how)});"),
-                self.log_sql(how, migration)]
+                self.log_sql(how, migration, detail)]
 
     def forget_sql(self, item: Migration | AppliedRow, event: str = "reverted",
                    detail: Mapping[str, Any] | None = None) -> list[str]:
@@ -3361,6 +3395,21 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 MIGRATION_LOCK = "migrate"
+# '-- confiture:allow RULE reason': a lint finding accepted for one statement (§8b checks
+# the rule; the applied row's log records what was allowed)
+_ALLOW_RE = lazy_re(r"--[ \t]*confiture:allow\b[ \t]*([\w-]*)[ \t]*([^\n]*)", re.IGNORECASE)
+
+
+def statement_lock_timeout(config: Config, env: Env) -> float | None:
+    """lock_timeout for every migration statement: [migrations] statement_lock_timeout, else
+    5 s on a protected env (DDL queued behind a long transaction blocks every query after
+    it) and none elsewhere. 0 turns it off."""
+    value = config.migrations_statement_lock_timeout
+    if value is None:
+        return 5.0 if env.protected else None
+    return value or None
+
+
 class MigrationError(PgError):
     """A migration failed; `done` lists the versions that were applied or reverted before it."""
 
@@ -3630,6 +3679,15 @@ def migration_status(ws: Workspace, session: Session | None = None,
 # ── running: one psql session, the lock, one transaction per migration ────────────────────
 
 _RESET_SESSION = ("RESET ALL;", "SET client_min_messages = warning;")
+# psql prints the SQLSTATE of a failed migration statement (a lock timeout is retried);
+# client-side settings, so they cost no round trip
+_VERBOSE_ERRORS, _DEFAULT_ERRORS = "\\set VERBOSITY verbose", "\\set VERBOSITY default"
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _lock_timeout_sql(seconds: float | None) -> list[str]:
+    """lock_timeout for the migration's statements (the migration may set its own after)."""
+    return [f"SET lock_timeout = '{max(round(seconds * 1000), 1)}ms';"] if seconds else []
 
 
 def psql_quote_path(path: Path) -> str:
@@ -3658,6 +3716,21 @@ def migration_failure(stderr: str, path: Path, rel: str, what: str,
     return parse_psql_errors(stderr, LineMap(((1, rel, 1),), lines))
 
 
+def migration_allowances(migration: Migration) -> list[dict[str, Any]]:
+    """The lint suppressions written in a migration's up file, for its 'applied' log row."""
+    try:
+        text = normalise_sql(migration.up.read_bytes()).decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [{"rule": m.group(1).lower(), "reason": m.group(2).strip(),
+             "line": text.count("\n", 0, m.start()) + 1} for m in _ALLOW_RE.finditer(text)]
+
+
+def _applied_detail(migration: Migration) -> dict[str, Any] | None:
+    allowed = migration_allowances(migration)
+    return {"allowed": allowed} if allowed else None
+
+
 @record()
 class MigrationRun:
     """What a migrate up/down run did."""
@@ -3675,6 +3748,12 @@ class MigrationRun:
                 "done": [{"version": m.version, "name": m.name,
                           "ms": round(s * 1000, 1)} for m, s in self.done],
                 "notes": self.notes}
+
+
+class MigrationLockTimeout(MigrationError):
+    """A migration kept hitting lock_timeout: another session held its table (exit 5)."""
+
+    exit_code = EXIT_LOCKED
 
 
 class _Locked:
@@ -3697,6 +3776,16 @@ class _Locked:
             self.__exit__(*sys.exc_info())
             raise
         return self
+
+    def reopen(self) -> None:
+        """A new session (and lock) after a failed migration ended the old one."""
+        if not self.session.closed:
+            self.session.close()
+        self.session, self.own = open_migration_session(self.ws), True
+        if self.lock:
+            acquire_lock(self.session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
+                         f"the migration lock on database {self.ws.env.database}",
+                         self.ws.console.info)
 
     def status(self, files: MigrationFiles | None = None) -> MigrationStatus:
         files = files or scan_migrations(self.ws.config.migrations_dir, self.ws.config.root)
@@ -3724,12 +3813,14 @@ def _prefix_hash(statements: Sequence[Statement]) -> str:
     return sha256_bytes("\0".join(s.text for s in statements).encode())
 
 
-def transactional_script(path: Path, change: Sequence[str]) -> str:
+def transactional_script(path: Path, change: Sequence[str], prelude: Sequence[str] = ()) -> str:
     """A migration file in a transaction of its own, committed with its tracking `change`,
-    each from a clean session state. The bookkeeping costs two round trips, as BEGIN and
-    COMMIT around a file do in raw psql: (BEGIN, reset) and (reset, change, COMMIT)."""
-    return "\n".join([psql_batch(["BEGIN;", *_RESET_SESSION]), f"\\i {psql_quote_path(path)}",
-                      psql_batch([*_RESET_SESSION, *change, "COMMIT;"])])
+    each from a clean session state (plus `prelude`, e.g. lock_timeout). The bookkeeping costs
+    two round trips, as BEGIN and COMMIT around a file do in raw psql: (BEGIN, reset) and
+    (reset, change, COMMIT)."""
+    return "\n".join([_VERBOSE_ERRORS, psql_batch(["BEGIN;", *_RESET_SESSION, *prelude]),
+                      f"\\i {psql_quote_path(path)}",
+                      psql_batch([*_RESET_SESSION, *change, "COMMIT;"]), _DEFAULT_ERRORS])
 
 
 # Transactional migrations psql holds at once: the next is queued while one runs, so psql never
@@ -3757,8 +3848,9 @@ class _MigrationQueue:
         self.waiting: list[tuple[Migration, Path, float]] = []
         self.mark = time.monotonic()   # when the previous migration finished
 
-    def push(self, migration: Migration, path: Path, change: Sequence[str]) -> None:
-        self.session.send_stop_on_error(transactional_script(path, change))
+    def push(self, migration: Migration, path: Path, change: Sequence[str],
+             prelude: Sequence[str] = ()) -> None:
+        self.session.send_stop_on_error(transactional_script(path, change, prelude))
         self.waiting.append((migration, path, time.monotonic()))
         if len(self.waiting) >= PIPELINE_DEPTH:
             self._finish_oldest()
@@ -3834,7 +3926,8 @@ def invalid_indexes(session: Session) -> list[str]:
 
 
 def _apply_statements(ws: Workspace, session: Session, tracking: TrackingTable, migration: Migration,
-                      rel: str, statements: list[Statement], resume: PartialRun | None) -> None:
+                      rel: str, statements: list[Statement], resume: PartialRun | None,
+                      lock_timeout: float | None = None) -> None:
     """A no-transaction migration: statements one at a time in autocommit, each followed (in
     the same psql input, so even a killed client cannot separate them) by a progress row."""
     import tempfile
@@ -3852,9 +3945,10 @@ def _apply_statements(ws: Workspace, session: Session, tracking: TrackingTable, 
                                        "'confiture.py migrate repair' to start it afresh")
     if start < total:
         drop_invalid_index_of(session, statements[start], ws.console)
-    session.execute(psql_batch([*_RESET_SESSION, tracking.log_sql(
-        "started", migration, {"done": start, "total": total,
-                               "prefix": _prefix_hash(statements[:start])})]))
+    session.execute(psql_batch([*_RESET_SESSION, *_lock_timeout_sql(lock_timeout),
+                                tracking.log_sql("started", migration, {
+                                    "done": start, "total": total,
+                                    "prefix": _prefix_hash(statements[:start])})]))
     with tempfile.TemporaryDirectory(prefix="confiture-stmt-") as folder:
         for index in range(start, total):
             progress = tracking.log_sql("progress", migration, {
@@ -3868,7 +3962,8 @@ def _apply_statements(ws: Workspace, session: Session, tracking: TrackingTable, 
                 _record_failure(ws, tracking, migration, index, total, statements, error)
                 raise error from None
     session.run_stop_on_error(psql_batch(["BEGIN;", *_RESET_SESSION,
-                                          *tracking.record_sql(migration, duration="0"),
+                                          *tracking.record_sql(migration, duration="0",
+                                                               detail=_applied_detail(migration)),
                                           "COMMIT;"]))
 
 
@@ -3878,7 +3973,8 @@ def _run_statement(session: Session, folder: Path, index: int, stmt: Statement,
     and the file is padded so psql reports the original file's line numbers."""
     path = folder / f"{index + 1}.sql"
     path.write_text("\n" * (stmt.line - 1) + stmt.text + "\n", encoding="utf-8")
-    session.run_stop_on_error(f"\\i {psql_quote_path(path)}\n{after}")
+    session.run_stop_on_error(f"{_VERBOSE_ERRORS}\n\\i {psql_quote_path(path)}\n"
+                              f"{_DEFAULT_ERRORS}\n{after}")
 
 
 def _record_failure(ws: Workspace, tracking: TrackingTable, migration: Migration, index: int,
@@ -3894,6 +3990,165 @@ def _record_failure(ws: Workspace, tracking: TrackingTable, migration: Migration
                 "error": error.message}))
     except ConfitureError as exc:
         ws.console.warn(f"could not log the failure of {migration.label}: {exc.message}")
+
+
+# ── bounded locks: lock_timeout, retries with backoff, who blocked ───────────────────────
+
+LOCK_RETRY_BACKOFF = (0.5, 30.0)   # seconds before the first retry, doubling up to the cap
+
+
+@record(frozen=True)
+class Blocker:
+    """A session that held a lock a migration statement waited for (pg_blocking_pids)."""
+
+    pid: int
+    application: str
+    state: str
+    query_start: str
+    query: str          # its first line
+
+    def describe(self) -> str:
+        return (f"pid {self.pid} ({self.application or 'no application_name'}, {self.state}, "
+                f"query started {self.query_start}): {self.query}")
+
+
+def blockers_sql(pid: int) -> str:
+    return ("SELECT pid, coalesce(application_name, '') AS application, "
+            "coalesce(state, '') AS state, "
+            "coalesce(to_char(query_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '') AS query_start, "
+            "split_part(ltrim(coalesce(query, '')), E'\\n', 1) AS query "
+            f"FROM pg_stat_activity WHERE pid = ANY (pg_blocking_pids({int(pid)})) ORDER BY pid")
+
+
+class LockWatcher:
+    """Samples, from a second session in a thread, who blocks the migration's session: once
+    lock_timeout fires the wait is over and pg_blocking_pids() has nothing left to say."""
+
+    def __init__(self, ws: Workspace, pid: int, interval: float = 0.05) -> None:
+        import threading
+
+        self.ws, self.pid, self.interval = ws, pid, interval
+        self.seen: tuple[Blocker, ...] = ()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-watcher", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with open_migration_session(self.ws) as session:
+                sql = blockers_sql(self.pid)
+                while not self._stop.wait(self.interval):
+                    rows = session.query(sql)
+                    if rows:
+                        self.seen = tuple(Blocker(int(r["pid"]), r["application"], r["state"],
+                                                  r["query_start"], r["query"]) for r in rows)
+        except ConfitureError:
+            pass  # naming the blocker is a courtesy; the migration's own outcome decides
+
+
+def _named(blockers: Sequence[Blocker], watched: bool) -> str:
+    return "; ".join(b.describe() for b in blockers) or (
+        "a session that ended before it could be named" if watched else
+        "an unnamed session (blockers are sampled only with statement_lock_timeout)")
+
+
+def _retry_after_lock_timeout(ws: Workspace, locked: _Locked, failed: _Failed, attempt: int,
+                              blockers: Sequence[Blocker], named: str) -> None:
+    """Log the timeout and who blocked, wait the backoff, and take a new session (and the
+    lock again): psql ended the old one, rolling a transactional migration back."""
+    wait = min(LOCK_RETRY_BACKOFF[0] * 2 ** attempt, LOCK_RETRY_BACKOFF[1])
+    ws.console.warn(f"{failed.migration.label}: lock timeout on attempt {attempt + 1} of "
+                    f"{ws.config.migrations_lock_retries + 1}, blocked by {named}; retrying "
+                    f"in {format_seconds(wait)}")
+    locked.reopen()
+    # logged without a version: the latest versioned event must stay the one that says how
+    # far an interrupted no-transaction migration got
+    locked.tracking = TrackingTable.resolve(locked.session, ws.config.migrations_table)
+    locked.tracking.log("lock-timeout", None, {
+        "migration": failed.migration.label, "version": failed.migration.version,
+        "attempt": attempt + 1, "error": failed.error.message,
+        "blockers": [as_dict(b) for b in blockers]})
+    time.sleep(wait)
+
+
+def _queue_up(ws: Workspace, locked: _Locked, run: MigrationRun, plan: Sequence[Migration],
+              checked: Mapping[Any, bool], partial: Mapping[Any, PartialRun],
+              timeout: float | None) -> None:
+    """Run `plan` through a _MigrationQueue on the locked session (raises _Failed)."""
+    config = ws.config
+    queue = _MigrationQueue(ws, locked.session, run)
+    for migration in plan:
+        if checked[migration.version]:
+            queue.push(migration, migration.up,
+                       locked.tracking.record_sql(migration, detail=_applied_detail(migration)),
+                       _lock_timeout_sql(timeout))
+        else:
+            queue.call(migration, functools.partial(
+                _apply_statements, ws, locked.session, locked.tracking, migration,
+                migration_rel(config, migration.up),
+                migration_statements(migration, "up", config.root)[0],
+                partial.get(migration.version), timeout))
+    queue.drain()
+
+
+def wait_for_quiet(ws: Workspace, seconds: float, limit: float | None = None,
+                   session: Session | None = None) -> None:
+    """Do not start while a transaction older than `seconds` is open on the env's database:
+    DDL would queue behind it (blocking everyone after) and CONCURRENTLY would wait for it.
+    Gives up after `limit` ([migrations] lock_timeout) with LockTimeout naming them."""
+    if session is None:
+        with open_migration_session(ws) as own:
+            return wait_for_quiet(ws, seconds, limit, own)
+    limit = ws.config.migrations_lock_timeout if limit is None else limit
+    deadline = time.monotonic() + limit
+    sql = ("SELECT pid, coalesce(application_name, '') AS application, "
+           "coalesce(state, '') AS state, to_char(query_start, 'YYYY-MM-DD HH24:MI:SS TZ') "
+           "AS query_start, split_part(ltrim(coalesce(query, '')), E'\\n', 1) AS query "
+           "FROM pg_stat_activity WHERE datname = current_database() "
+           "AND backend_type = 'client backend' "  # not autovacuum: it yields to DDL
+           "AND pid <> pg_backend_pid() AND xact_start < clock_timestamp() - "
+           f"make_interval(secs => {float(seconds)}) ORDER BY xact_start")
+    announced = False
+    while True:
+        old = [Blocker(int(r["pid"]), r["application"], r["state"], r["query_start"],
+                       r["query"]) for r in session.query(sql)]
+        if not old:
+            return
+        named = "; ".join(b.describe() for b in old)
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"{ws.env.database} did not become quiet within "
+                              f"{format_seconds(limit)}: transaction(s) older than "
+                              f"{format_seconds(seconds)} still open: {named}",
+                              hint="end them, or raise [migrations] lock_timeout")
+        if not announced:
+            ws.console.info(f"waiting for transaction(s) older than {format_seconds(seconds)} "
+                            f"to end: {named}")
+            announced = True
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+
+
+def _up_failed(run: MigrationRun, failed: _Failed, checked: Mapping[Any, bool],
+               attempt: int | None, named: str) -> MigrationError:
+    """The MigrationError of a failed `up`: what was applied before, what remains of it;
+    after lock timeouts (`attempt`), how often it tried and who blocked (exit 5)."""
+    done = [m.version for m, _ in run.done]
+    message = failed.error.message
+    if attempt is not None:
+        message += f" after {attempt + 1} attempt(s); blocked by {named}"
+    error = MigrationError if attempt is None else MigrationLockTimeout
+    return error(
+        message + (f" (applied before it: {len(done)} migration(s), up to "
+                   f"{run.done[-1][0].label})" if done else ""),
+        done, hint=f"{failed.migration.label} was not applied"
+        + ("; nothing of it remains (one transaction)" if checked[failed.migration.version]
+           else "; its completed statements are logged and the next run resumes after them"))
 
 
 def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
@@ -3928,28 +4183,27 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
             run.notes.append("out of order: " + ", ".join(m.label for m in status.out_of_order))
             ws.console.warn(f"applying {len(status.out_of_order)} migration(s) older than the "
                             f"newest applied one: {', '.join(m.label for m in status.out_of_order)}")
-        queue = _MigrationQueue(ws, locked.session, run)
-        try:
-            for migration in run.planned:
-                if checked[migration.version]:
-                    queue.push(migration, migration.up, locked.tracking.record_sql(migration))
-                else:
-                    queue.call(migration, functools.partial(
-                        _apply_statements, ws, locked.session, locked.tracking, migration,
-                        migration_rel(config, migration.up),
-                        migration_statements(migration, "up", config.root)[0],
-                        partial.get(migration.version)))
-            queue.drain()
-        except _Failed as failed:
-            done = [m.version for m, _ in run.done]
-            raise MigrationError(
-                f"{failed.error.message}" + (f" (applied before it: {len(done)} migration(s), "
-                                             f"up to {run.done[-1][0].label})" if done else ""),
-                done, hint=f"{failed.migration.label} was not applied"
-                + ("; nothing of it remains (one transaction)"
-                   if checked[failed.migration.version]
-                   else "; its completed statements are logged and the next run resumes "
-                        "after them")) from None
+        timeout = statement_lock_timeout(config, ws.env)
+        plan = list(run.planned)
+        for attempt in itertools.count():
+            watcher = LockWatcher(ws, int(locked.session.value("SELECT pg_backend_pid()"))) \
+                if timeout else None
+            try:
+                with watcher or contextlib.nullcontext():
+                    _queue_up(ws, locked, run, plan, checked, partial, timeout)
+                break
+            except _Failed as failed:
+                timed_out = failed.error.sqlstate == LOCK_NOT_AVAILABLE
+                blockers = watcher.seen if watcher else ()
+                named = _named(blockers, watcher is not None)
+                if not timed_out or attempt >= config.migrations_lock_retries:
+                    raise _up_failed(run, failed, checked, attempt if timed_out else None,
+                                     named) from None
+                _retry_after_lock_timeout(ws, locked, failed, attempt, blockers, named)
+                status = locked.status(files)
+                pending = {m.version for m in status.pending}
+                plan = [m for m in run.planned if m.version in pending]
+                partial = {p.version: p for p in status.partial}
     return run
 
 
@@ -4078,6 +4332,1145 @@ def migration_sql_preview(migration: Migration, which: str = "up") -> str:
     path = migration.up if which == "up" else migration.down
     assert path is not None
     return normalise_sql(path.read_bytes()).decode("utf-8", "replace")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §8b Migration safety: lint
+# Hazards in migration statements, found before anything runs. A registry of rules (id,
+# level, why, safe alternative, a pure check over one parsed statement and what the lint
+# knows about the target), fed by §4's splitter (through §8's migration files) and by one
+# catalog query through §5.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+LINT_LARGE_ROWS = 100_000   # an UPDATE of this many rows beside DDL holds the DDL's locks long
+LINT_SMALL_BYTES = 1 << 20  # a blocking build or rewrite of a table this small is over at once
+LINT_LEVELS = ("error", "warning")
+
+
+@record(frozen=True)
+class Token:
+    """One SQL token: `word` is what rules compare (an unquoted word upper-cased, '"' for a
+    quoted identifier, "'" for any string, '0' for a number, else the character);
+    `name` is the identifier as PostgreSQL folds it (unquoted lower-cased, quoted exact)."""
+
+    word: str
+    name: str
+
+
+_TOKEN_RE = lazy_re(r"""(?x)
+    (?P<space>\s+) | (?P<line>--[^\n]*) | (?P<block>/\*)
+  | (?P<estr>(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*(?:'|$)) | (?P<str>'(?:[^']|'')*(?:'|$))
+  | (?P<ident>"(?:[^"]|"")*(?:"|$)) | (?P<dollar>\$(?:[^\W\d]\w*)?\$)
+  | (?P<word>[^\W\d][\w$]*) | (?P<num>\d+(?:\.\d*)?) | (?P<op>::|.)""", re.DOTALL)
+
+
+def sql_tokens(text: str) -> tuple[Token, ...]:
+    """Tokens of one statement, comments dropped and strings collapsed (never executed)."""
+    out: list[Token] = []
+    pos, size = 0, len(text)
+    next_token = _TOKEN_RE.match  # bound once: hot
+    while pos < size:
+        match = next_token(text, pos)
+        assert match is not None  # the last alternative matches any character
+        kind, pos = match.lastgroup, match.end()
+        value = match.group()
+        if kind in ("space", "line"):
+            continue
+        if kind == "block":
+            pos = _skip_block_comment(text, pos)
+        elif kind in ("str", "estr"):
+            out.append(Token("'", value))
+        elif kind == "dollar":
+            close = text.find(value, pos)
+            pos = size if close < 0 else close + len(value)
+            out.append(Token("'", text[match.start():pos]))
+        elif kind == "ident":
+            out.append(Token('"', value[1:-1].replace('""', '"')))
+        elif kind == "word":
+            out.append(Token(value.upper(), value.lower()))
+        elif kind == "num":
+            out.append(Token("0", value))
+        else:
+            out.append(Token(value, value))
+    return tuple(out)
+
+
+@record(frozen=True)
+class Allowance:
+    """`-- confiture:allow RULE reason` on one statement."""
+
+    rule: str
+    reason: str
+    line: int
+
+
+def statement_allowances(stmt: Statement, rel: str) -> tuple[Allowance, ...]:
+    """The suppressions written in a statement's comments (the lines above it included).
+    A suppression without a reason is refused: the reason is what reviewers read."""
+    found = []
+    for match in _ALLOW_RE.finditer(stmt.text):
+        line = stmt.line + stmt.text.count("\n", 0, match.start())
+        rule, reason = match.group(1).lower(), match.group(2).strip()
+        if rule not in LINT_RULE_IDS:
+            raise InputError(f"{rel}:{line}: confiture:allow names no lint rule {rule!r}",
+                             hint=_suggest(rule, sorted(LINT_RULE_IDS))
+                             or "see 'confiture.py migrate lint --rules'")
+        if not reason:
+            raise InputError(f"{rel}:{line}: confiture:allow {rule} needs a reason",
+                             hint=f"write '-- confiture:allow {rule} <why this is safe here>'")
+        found.append(Allowance(rule, reason, line))
+    return tuple(found)
+
+
+@record(frozen=True)
+class Parsed:
+    """One statement as the rules see it."""
+
+    file: str
+    stmt: Statement
+    tokens: tuple[Token, ...]
+    words: tuple[str, ...]
+    allowed: tuple[Allowance, ...]
+    line: int          # of its first word (the comments above it are part of its text)
+
+
+_FROM_STDIN = lazy_re(r"\bFROM\s+STDIN\b[^\n]*", re.IGNORECASE)
+_LEADING_COMMENTS = lazy_re(r"(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
+
+
+def parse_statement(stmt: Statement, rel: str) -> Parsed:
+    text = stmt.text
+    if stmt.words[:1] == ("COPY",) and (data := _FROM_STDIN.search(text)):
+        text = text[:data.end()]  # the command, not its data rows
+    tokens = sql_tokens(text) if not stmt.meta else ()
+    while tokens and tokens[-1].word == ";":
+        tokens = tokens[:-1]
+    return Parsed(rel, stmt, tokens, tuple(t.word for t in tokens),
+                  statement_allowances(stmt, rel), first_word_line(stmt))
+
+
+def first_word_line(stmt: Statement) -> int:
+    """The line of a statement's first word (the comments above it belong to its text)."""
+    lead = _LEADING_COMMENTS.match(stmt.text)
+    return stmt.line + (stmt.text.count("\n", 0, lead.end()) if lead else 0)
+
+
+# ── facts about the target, from one catalog query ───────────────────────────────────────
+
+@record(frozen=True)
+class TableFacts:
+    name: str                        # schema.table
+    bytes: int                       # with indexes and TOAST
+    rows: int                        # planner estimate; -1: never analysed
+    columns: Mapping[str, str]       # column → format_type()
+    indexes: tuple[tuple[str, bool, str], ...]        # (name, unique, definition)
+    checks: tuple[tuple[str, bool, str], ...]         # (name, validated, definition)
+
+
+@record(frozen=True)
+class CatalogFacts:
+    server_version: int              # server_version_num
+    search_path: tuple[str, ...]
+    tables: Mapping[str, TableFacts]
+    index_tables: Mapping[str, str]  # schema.index → schema.table
+    timezone: str = ""               # the TimeZone a migration session starts with
+    volatile: frozenset[str] = frozenset()   # VOLATILE functions among the names mentioned
+
+    def table(self, name: str) -> TableFacts | None:
+        """`name` as written (unqualified names resolve through search_path)."""
+        if "." in name:
+            return self.tables.get(name)
+        for schema in self.search_path:
+            if f"{schema}.{name}" in self.tables:
+                return self.tables[f"{schema}.{name}"]
+        return None
+
+    def index_table(self, name: str) -> str | None:
+        if "." in name:
+            return self.index_tables.get(name)
+        return next((self.index_tables[f"{s}.{name}"] for s in self.search_path
+                     if f"{s}.{name}" in self.index_tables), None)
+
+
+def catalog_sql(names: Sequence[str]) -> str:
+    """One read-only query: server version, search_path, and the facts of every table or
+    index whose name the migrations mention (not the whole catalog: production may hold
+    thousands of tables)."""
+    wanted = "ARRAY[" + ", ".join(quote_literal(n) for n in sorted(names)) + "]::text[]"
+    return f"""SELECT json_build_object(
+ 'version', current_setting('server_version_num')::int,
+ 'timezone', current_setting('TimeZone'),
+ 'volatile', (SELECT coalesce(json_agg(DISTINCT p.proname), '[]') FROM pg_proc p
+              WHERE p.provolatile = 'v' AND p.proname = ANY ({wanted})),
+ 'search_path', to_json(current_schemas(false)),
+ 'tables', (SELECT coalesce(json_agg(json_build_object(
+   'name', n.nspname || '.' || c.relname, 'bytes', pg_total_relation_size(c.oid),
+   'rows', c.reltuples::bigint,
+   'columns', (SELECT json_object_agg(a.attname, format_type(a.atttypid, a.atttypmod))
+               FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+               AND NOT a.attisdropped),
+   'indexes', (SELECT json_agg(json_build_array(n.nspname || '.' || i.relname, x.indisunique,
+                                                pg_get_indexdef(x.indexrelid)))
+               FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+               WHERE x.indrelid = c.oid AND x.indisvalid),
+   'checks', (SELECT json_agg(json_build_array(k.conname, k.convalidated,
+                                               pg_get_constraintdef(k.oid)))
+              FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'c'))), '[]')
+   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.relkind IN ('r', 'p', 'm')
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+     AND (c.relname = ANY ({wanted}) OR EXISTS (SELECT 1 FROM pg_index x
+          JOIN pg_class i ON i.oid = x.indexrelid
+          WHERE x.indrelid = c.oid AND i.relname = ANY ({wanted})))))"""
+
+
+def read_catalog(session: Session, names: Sequence[str]) -> CatalogFacts:
+    data = session.value(catalog_sql(names))
+    tables: dict[str, TableFacts] = {}
+    index_tables: dict[str, str] = {}
+    for t in data["tables"]:
+        indexes = tuple((str(i[0]), bool(i[1]), str(i[2])) for i in t["indexes"] or ())
+        tables[t["name"]] = TableFacts(
+            name=t["name"], bytes=int(t["bytes"]), rows=int(t["rows"]),
+            columns=dict(t["columns"] or {}), indexes=indexes,
+            checks=tuple((str(k[0]), bool(k[1]), str(k[2])) for k in t["checks"] or ()))
+        index_tables.update({i[0]: t["name"] for i in indexes})
+    return CatalogFacts(int(data["version"]), tuple(data["search_path"] or ()), tables,
+                        index_tables, str(data["timezone"] or ""),
+                        frozenset(data["volatile"] or ()))
+
+
+def format_count(n: int) -> str:
+    for size, unit in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= size:
+            return f"~{n / size:.0f} {unit}"
+    return f"~{n}"
+
+
+def describe_table(name: str, facts: TableFacts | None) -> str:
+    """'public.events (41.0 GB, ~180 M rows)', or just the name without a target."""
+    if facts is None:
+        return name
+    rows = "rows unknown (never analysed)" if facts.rows < 0 else f"{format_count(facts.rows)} rows"
+    return f"{facts.name} ({format_bytes(facts.bytes)}, {rows})"
+
+
+# ── what the rules know: the statement, its migration, the target ────────────────────────
+
+@record(frozen=True)
+class LintContext:
+    """What a rule may consult besides the statement; built by a pure fold over the
+    statements of one migration (see advance_context)."""
+
+    catalog: CatalogFacts | None
+    transactional: bool
+    tool_lock_timeout: bool            # confiture sets lock_timeout for every statement
+    has_ddl: bool                      # the migration holds DDL somewhere
+    created: frozenset[str] = frozenset()       # tables created earlier in this migration
+    lock_timeout_set: bool = False              # the migration set lock_timeout before
+    locked_before: bool = False                 # an earlier statement locked an existing table
+    not_null_checks: Mapping[str, str] = field(default_factory=dict)  # constraint → table.col
+    proven_not_null: frozenset[str] = frozenset()  # table.col, by a CHECK validated here
+    utc: bool = False           # the session's TimeZone is UTC (the target's, or SET here)
+    volatile: frozenset[str] = frozenset()  # user functions known VOLATILE (target, this run)
+
+    def table(self, name: str) -> TableFacts | None:
+        return self.catalog.table(name) if self.catalog else None
+
+    def existing(self, name: str) -> bool:
+        """Does the table hold data already? Not if this migration created it; not if the
+        target's catalog lacks it (an earlier pending migration creates it)."""
+        if _bare(name) in self.created or name in self.created:
+            return False
+        return self.catalog is None or self.catalog.table(name) is not None
+
+    def describe(self, name: str) -> str:
+        return describe_table(name, self.table(name))
+
+
+def _bare(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _name_at(tokens: Sequence[Token], i: int) -> tuple[str | None, int]:
+    """A possibly qualified name starting at tokens[i] → ('schema.table' or 'table', next)."""
+    parts: list[str] = []
+    while i < len(tokens) and (tokens[i].word == '"' or tokens[i].word[:1].isalpha()
+                               or tokens[i].word[:1] == "_"):
+        parts.append(tokens[i].name)
+        i += 1
+        if i < len(tokens) and tokens[i].word == "." :
+            i += 1
+            continue
+        break
+    return (".".join(parts) if parts else None), i
+
+
+def _skip(words: Sequence[str], i: int, *optional: Sequence[str]) -> int:
+    """Skip optional keyword runs (IF EXISTS, ONLY, …) at position i."""
+    moved = True
+    while moved:
+        moved = False
+        for run in optional:
+            if tuple(words[i:i + len(run)]) == tuple(run):
+                i += len(run)
+                moved = True
+    return i
+
+
+def _split_top(tokens: Sequence[Token], sep: str = ",") -> list[tuple[Token, ...]]:
+    parts: list[tuple[Token, ...]] = []
+    depth, start = 0, 0
+    for i, tok in enumerate(tokens):
+        if tok.word == "(":
+            depth += 1
+        elif tok.word == ")":
+            depth = max(depth - 1, 0)
+        elif tok.word == sep and depth == 0:
+            parts.append(tuple(tokens[start:i]))
+            start = i + 1
+    parts.append(tuple(tokens[start:]))
+    return [p for p in parts if p]
+
+
+@record(frozen=True)
+class AlterTable:
+    table: str
+    actions: tuple[tuple[Token, ...], ...]
+
+
+def alter_table(p: Parsed) -> AlterTable | None:
+    """ALTER TABLE [IF EXISTS] [ONLY] name [*] action, action, …"""
+    if p.words[:2] != ("ALTER", "TABLE"):
+        return None
+    i = _skip(p.words, 2, ("IF", "EXISTS"), ("ONLY",))
+    name, i = _name_at(p.tokens, i)
+    if name is None:
+        return None
+    if i < len(p.words) and p.words[i] == "*":
+        i += 1
+    return AlterTable(name, tuple(_split_top(p.tokens[i:])))
+
+
+def _words(tokens: Sequence[Token]) -> tuple[str, ...]:
+    return tuple(t.word for t in tokens)
+
+
+def _index_of(words: Sequence[str], run: Sequence[str], start: int = 0) -> int:
+    n = len(run)
+    for i in range(start, len(words) - n + 1):
+        if tuple(words[i:i + n]) == tuple(run):
+            return i
+    return -1
+
+
+def created_table(p: Parsed) -> str | None:
+    """CREATE [UNLOGGED|TEMP …] TABLE [IF NOT EXISTS] name (also … AS)."""
+    if not p.words or p.words[0] != "CREATE":
+        return None
+    i = _skip(p.words, 1, ("OR", "REPLACE"), ("GLOBAL",), ("LOCAL",), ("TEMPORARY",),
+              ("TEMP",), ("UNLOGGED",))
+    if p.words[i:i + 1] not in (("TABLE",), ("MATERIALIZED",)):
+        return None
+    i = _skip(p.words, i + 1, ("VIEW",), ("IF", "NOT", "EXISTS"))
+    return _name_at(p.tokens, i)[0]
+
+
+def is_ddl(words: Sequence[str]) -> bool:
+    """DDL whose locks matter to other sessions: on tables that exist (not CREATE TABLE)."""
+    w = tuple(words[:3])
+    return w[:2] in (("ALTER", "TABLE"), ("CREATE", "INDEX"), ("CREATE", "UNIQUE"),
+                     ("CREATE", "TRIGGER"), ("DROP", "TABLE"), ("DROP", "INDEX")) \
+        or w[:1] in (("TRUNCATE",), ("LOCK",), ("CLUSTER",), ("REINDEX",))
+
+
+def locked_table(p: Parsed, ctx: LintContext) -> str | None:
+    """The existing table this statement locks against reads or writes, if any."""
+    w = p.words
+    name: str | None = None
+    if (at := alter_table(p)) is not None:
+        name = at.table
+    elif w[:1] == ("CREATE",) and "INDEX" in w[1:3] and "CONCURRENTLY" not in w[:4]:
+        name = index_target(p)
+    elif w[:2] in (("DROP", "TABLE"), ("TRUNCATE", "TABLE")) or w[:1] == ("TRUNCATE",) \
+            or w[:1] == ("LOCK",):
+        names = listed_names(p)
+        name = names[0] if names else None
+    elif w[:2] == ("DROP", "INDEX") and "CONCURRENTLY" not in w[:3] and ctx.catalog:
+        names = listed_names(p)
+        name = ctx.catalog.index_table(names[0]) if names else None
+    return name if name and ctx.existing(name) else None
+
+
+def listed_names(p: Parsed) -> list[str]:
+    """The names after DROP TABLE / TRUNCATE / LOCK / DROP INDEX … (IF EXISTS, ONLY skipped)."""
+    w = p.words
+    i = 1 + (1 if w[1:2] in (("TABLE",), ("INDEX",)) else 0)
+    i = _skip(w, i, ("CONCURRENTLY",), ("IF", "EXISTS"), ("ONLY",))
+    names = []
+    for part in _split_top(p.tokens[i:]):
+        start = 1 if part and part[0].word == "ONLY" else 0
+        name = _name_at(part, start)[0]
+        if name:
+            names.append(name)
+    return names
+
+
+def index_target(p: Parsed) -> str | None:
+    """CREATE [UNIQUE] INDEX [CONCURRENTLY] [[IF NOT EXISTS] name] ON [ONLY] table"""
+    on = _index_of(p.words, ("ON",))
+    if on < 0:
+        return None
+    return _name_at(p.tokens, _skip(p.words, on + 1, ("ONLY",)))[0]
+
+
+def _not_null_check(tokens: Sequence[Token]) -> str | None:
+    """The column of a `CHECK (col IS NOT NULL)` constraint."""
+    w = _words(tokens)
+    at = _index_of(w, ("CHECK", "("))
+    if at < 0 or tuple(w[at + 3:at + 7]) != ("IS", "NOT", "NULL", ")"):
+        return None
+    return tokens[at + 2].name
+
+
+def _timezone_set(p: Parsed) -> str | None:
+    """The zone of SET [SESSION|LOCAL] timezone = 'X' / SET TIME ZONE 'X'."""
+    w = p.words
+    i = _skip(w, 1, ("SESSION",), ("LOCAL",)) if w[:1] == ("SET",) else 0
+    if i and (w[i:i + 1] == ("TIMEZONE",) or w[i:i + 2] == ("TIME", "ZONE")):
+        value = p.tokens[-1]
+        return value.name.strip("'") if value.word in ("'", '"') or value.word.isalpha() \
+            else None
+    return None
+
+
+def volatile_function_created(p: Parsed) -> str | None:
+    """CREATE [OR REPLACE] FUNCTION name(…) without IMMUTABLE or STABLE (VOLATILE is the
+    default) → its bare name."""
+    w = p.words
+    i = _skip(w, 1, ("OR", "REPLACE")) if w[:1] == ("CREATE",) else 0
+    if not i or w[i:i + 1] != ("FUNCTION",) or "IMMUTABLE" in w or "STABLE" in w:
+        return None
+    name = _name_at(p.tokens, i + 1)[0]
+    return _bare(name) if name else None
+
+
+def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
+    """What the next statement of the migration may assume after this one ran."""
+    w = p.words
+    changes: dict[str, Any] = {}
+    if (made := created_table(p)) is not None:
+        changes["created"] = ctx.created | {made, _bare(made)}
+    if (w[:2] == ("SET", "LOCK_TIMEOUT") or w[:3] == ("SET", "LOCAL", "LOCK_TIMEOUT")
+            or (w[:3] == ("SELECT", "SET_CONFIG", "(") and len(p.tokens) > 3
+                and p.tokens[3].name.strip("'").lower() == "lock_timeout")):
+        changes["lock_timeout_set"] = True
+    if locked_table(p, ctx):
+        changes["locked_before"] = True
+    if (zone := _timezone_set(p)) is not None:
+        changes["utc"] = zone.lower() in _UTC_NAMES
+    if (function := volatile_function_created(p)) is not None:
+        changes["volatile"] = ctx.volatile | {function}
+    if (at := alter_table(p)) is not None:
+        checks = dict(ctx.not_null_checks)
+        proven = set(ctx.proven_not_null)
+        for action in at.actions:
+            aw = _words(action)
+            column = _not_null_check(action)
+            if aw[:2] == ("ADD", "CONSTRAINT") and column and len(action) > 2:
+                checks[action[2].name] = f"{_bare(at.table)}.{column}"
+                if aw[-2:] != ("NOT", "VALID"):
+                    proven.add(f"{_bare(at.table)}.{column}")
+            if aw[:2] == ("VALIDATE", "CONSTRAINT") and len(action) > 2 \
+                    and action[2].name in checks:
+                proven.add(checks[action[2].name])
+        changes["not_null_checks"], changes["proven_not_null"] = checks, frozenset(proven)
+    return evolve(ctx, **changes) if changes else ctx
+
+
+# ── the rules ─────────────────────────────────────────────────────────────────────────────
+
+@record(frozen=True)
+class Hit:
+    """A rule's verdict on one statement: the message, the table it is about, and a level
+    when the target's facts change it (a tiny table makes a blocking build harmless)."""
+
+    message: str
+    table: str | None = None
+    level: str | None = None
+
+
+RuleCheck = Callable[[Parsed, LintContext], Iterable[Hit]]
+
+
+@record(frozen=True)
+class LintRule:
+    id: str
+    level: str        # "error" or "warning"
+    why: str          # one line: what goes wrong in production
+    instead: str      # the safe alternative
+    check: RuleCheck
+    default: bool = True     # False: runs only when [migrations] lint_enable lists it
+    scales: bool = False     # its harm grows with the table: below LINT_SMALL_BYTES, a warning
+
+
+def check_create_index(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    w = p.words
+    if w[:1] == ("CREATE",) and "INDEX" in w[1:3] and "CONCURRENTLY" not in w[:4]:
+        table = index_target(p)
+        if table and ctx.existing(table):
+            yield Hit(f"builds an index on {ctx.describe(table)} and blocks its writes until "
+                      "done", table)
+
+
+def check_drop_index(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if p.words[:2] == ("DROP", "INDEX") and "CONCURRENTLY" not in p.words[:3]:
+        for name in listed_names(p):
+            table = ctx.catalog.index_table(name) if ctx.catalog else None
+            if ctx.catalog is None:
+                yield Hit(f"drops index {name} under an ACCESS EXCLUSIVE lock on its table")
+            elif table is not None:
+                yield Hit(f"drops index {name} under an ACCESS EXCLUSIVE lock on "
+                          f"{ctx.describe(table)}", table)
+
+
+def _alter_actions(p: Parsed, ctx: LintContext) -> Iterator[tuple[str, tuple[Token, ...]]]:
+    at = alter_table(p)
+    if at is not None and ctx.existing(at.table):
+        for action in at.actions:
+            yield at.table, action
+
+
+def check_constraint_not_valid(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        w = _words(action)
+        if w[:1] != ("ADD",) or w[-2:] == ("NOT", "VALID"):
+            continue
+        kind = next((k for k in ("FOREIGN", "REFERENCES", "CHECK") if k in w), None)
+        if kind is None:
+            continue
+        what = "a CHECK constraint" if kind == "CHECK" else "a foreign key"
+        yield Hit(f"adds {what} to {ctx.describe(table)} and scans it to validate, blocking "
+                  "writes meanwhile", table)
+
+
+def check_set_not_null(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        altered = _altered_column(action)
+        if altered is None or _words(action)[-3:] != ("SET", "NOT", "NULL"):
+            continue
+        column = altered[0]
+        if f"{_bare(table)}.{column}" in ctx.proven_not_null:
+            continue
+        facts = ctx.table(table)
+        if facts and (ctx.catalog is None or ctx.catalog.server_version >= 120000) and any(
+                validated and re.fullmatch(rf'CHECK \(\(?"?{re.escape(column)}"? IS NOT NULL\)?\)',
+                                           definition)
+                for _, validated, definition in facts.checks):
+            continue
+        yield Hit(f"SET NOT NULL on {table}.{column} scans {ctx.describe(table)} under an "
+                  "ACCESS EXCLUSIVE lock", table)
+
+
+_TYPE_ALIASES = {"varchar": "character varying", "int": "integer", "int4": "integer",
+                 "int8": "bigint", "int2": "smallint", "decimal": "numeric",
+                 "timestamptz": "timestamp with time zone", "bool": "boolean",
+                 "float8": "double precision", "float4": "real", "char": "character",
+                 "bpchar": "character", "varbit": "bit varying"}
+
+
+def normalise_type(text: str) -> tuple[str, tuple[int, ...]]:
+    """'VARCHAR(20)' → ('character varying', (20,)); as format_type() spells types."""
+    match = re.fullmatch(r"\s*([a-z0-9_ .\"]+?)\s*(?:\(([\d,\s]+)\))?\s*(\[\])?\s*",
+                         text.lower())
+    if not match:
+        return text.lower().strip(), ()
+    base = re.sub(r"\s+", " ", match.group(1).replace('"', "")).removeprefix("pg_catalog.")
+    base = _TYPE_ALIASES.get(base, base)
+    if base == "timestamp":
+        base = "timestamp without time zone"
+    args = tuple(int(a) for a in (match.group(2) or "").replace(" ", "").split(",") if a)
+    return base + (match.group(3) or ""), args
+
+
+_TIMESTAMPS = ("timestamp without time zone", "timestamp with time zone")
+_UTC_NAMES = ("utc", "etc/utc", "gmt", "etc/gmt", "z", "zulu", "uct", "universal")
+
+
+def type_change_rewrites(old: str | None, new: str, utc: bool = False) -> bool | None:
+    """Whether ALTER COLUMN … TYPE new rewrites a column of type old (None: cannot tell).
+    `utc`: the session's TimeZone is UTC, where timestamp ↔ timestamptz is binary compatible
+    (PostgreSQL 12+)."""
+    nb, na = normalise_type(new)
+    if old is None:  # widening varchar/numeric/text is free; without the old type, no verdict
+        return None if nb in ("text", "character varying", "numeric", "bit varying") or (
+            utc and nb in _TIMESTAMPS) else True
+    ob, oa = normalise_type(old)
+    if (ob, oa) == (nb, na) or (utc and ob in _TIMESTAMPS and nb in _TIMESTAMPS and oa == na):
+        return False
+    if ob in ("character varying", "text") and nb in ("character varying", "text"):
+        return bool(na) and (ob == "text" or not oa or na[0] < oa[0])
+    if ob == nb == "numeric":
+        return bool(na) and (not oa or len(na) < 2 or len(oa) < 2 or na[1] != oa[1]
+                             or na[0] < oa[0])
+    if ob == nb == "bit varying":
+        return bool(na) and (not oa or na[0] < oa[0])
+    return not (ob == "cidr" and nb == "inet")
+
+
+def _altered_column(action: Sequence[Token]) -> tuple[str, int] | None:
+    """ALTER [COLUMN] name … → (name, index of what follows the name)."""
+    w = _words(action)
+    if w[:1] != ("ALTER",) or len(action) < 3:
+        return None
+    i = 2 if w[1] == "COLUMN" else 1
+    return action[i].name, i + 1
+
+
+def check_type_change(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        altered = _altered_column(action)
+        if altered is None:
+            continue
+        column, at = altered
+        w = _words(action)
+        at = _skip(w, at, ("SET", "DATA"))
+        if w[at:at + 1] != ("TYPE",):
+            continue
+        stop = next((i for i in range(at + 1, len(w)) if w[i] in ("USING", "COLLATE")), len(w))
+        new = " ".join(t.name for t in action[at + 1:stop]).replace(" ( ", "(").replace(
+            " )", ")").replace(" , ", ",")
+        facts = ctx.table(table)
+        old = facts.columns.get(column) if facts else None
+        using = [t.name for t in action[stop + 1:]] if "USING" in w[stop:stop + 1] else None
+        utc = ctx.utc and (ctx.catalog is None or ctx.catalog.server_version >= 120000)
+        rewrites = True if using not in (None, [column]) else type_change_rewrites(old, new, utc)
+        if rewrites:
+            change = f"from {old} to {new}" if old else f"to {new}"
+            yield Hit(f"changes {table}.{column} {change}: rewrites {ctx.describe(table)} "
+                      "under an ACCESS EXCLUSIVE lock", table)
+
+
+_VOLATILE = {"random", "gen_random_uuid", "uuid_generate_v1", "uuid_generate_v1mc",
+             "uuid_generate_v4", "clock_timestamp", "timeofday", "nextval", "txid_current",
+             "statement_timestamp"}
+_SERIALS = {"SERIAL", "BIGSERIAL", "SMALLSERIAL", "SERIAL2", "SERIAL4", "SERIAL8"}
+
+
+def _added_column(action: Sequence[Token]) -> tuple[str, tuple[Token, ...]] | None:
+    """ADD [COLUMN] [IF NOT EXISTS] name type … → (name, the rest)."""
+    w = _words(action)
+    if w[:1] != ("ADD",) or w[1:2] in (("CONSTRAINT",), ("PRIMARY",), ("UNIQUE",), ("CHECK",),
+                                       ("FOREIGN",), ("EXCLUDE",)):
+        return None
+    i = _skip(w, 1, ("COLUMN",), ("IF", "NOT", "EXISTS"))
+    if i >= len(action):
+        return None
+    return action[i].name, tuple(action[i + 1:])
+
+
+def check_volatile_default(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        added = _added_column(action)
+        if added is None:
+            continue
+        column, rest = added
+        w = _words(rest)
+        why = None
+        if w[:1] and w[0] in _SERIALS:
+            why = f"a {rest[0].name} (nextval) default"
+        elif "GENERATED" in w and w[-1:] == ("STORED",):
+            why = "a stored generated value"
+        elif "DEFAULT" in w:
+            tail = rest[w.index("DEFAULT") + 1:]
+            func = next((t.name for t, n in itertools.pairwise(tail)
+                         if (t.name in _VOLATILE or t.name in ctx.volatile) and n.word == "("),
+                        None)
+            if func:
+                why = f"the volatile default {func}()"
+            elif ctx.catalog and ctx.catalog.server_version < 110000 \
+                    and _words(tail)[:1] != ("NULL",):
+                why = "a default (PostgreSQL < 11 rewrites for any default)"
+        if why:
+            yield Hit(f"adds column {column} with {why}: rewrites {ctx.describe(table)} under "
+                      "an ACCESS EXCLUSIVE lock", table)
+
+
+def _index_columns(definition: str) -> str:
+    match = re.search(r"USING \w+ \((.*)\)", definition)
+    return match.group(1).replace('"', "") if match else ""
+
+
+def check_unique_without_index(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        w = _words(action)
+        if w[:1] != ("ADD",) or "USING" in w:
+            continue
+        kind = "PRIMARY KEY" if _index_of(w, ("PRIMARY", "KEY")) >= 0 else (
+            "UNIQUE" if "UNIQUE" in w else None)
+        if kind is None:
+            continue
+        open_at = _index_of(w, ("(",), _index_of(w, tuple(kind.split())))
+        close_at = _index_of(w, (")",), open_at)
+        columns = ", ".join(t.name for t in action[open_at + 1:close_at] if t.word != ",") \
+            if open_at >= 0 and close_at > open_at else ""
+        facts = ctx.table(table)
+        ready = next((name for name, unique, definition in (facts.indexes if facts else ())
+                      if unique and columns and _index_columns(definition) == columns), None)
+        note = f"; unique index {ready} exists: ADD … {kind} USING INDEX {_bare(ready)}" \
+            if ready else ""
+        yield Hit(f"adds {kind} to {ctx.describe(table)}, building its index under an ACCESS "
+                  f"EXCLUSIVE lock{note}", table)
+
+
+def check_drop_table(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if p.words[:2] == ("DROP", "TABLE"):
+        for name in listed_names(p):
+            if ctx.existing(name):
+                yield Hit(f"drops {ctx.describe(name)} and its data", name)
+
+
+def check_drop_column(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        w = _words(action)
+        if w[:1] == ("DROP",) and w[1:2] not in (("CONSTRAINT",), ("DEFAULT",), ("NOT",),
+                                                  ("EXPRESSION",), ("IDENTITY",)):
+            i = _skip(w, 1, ("COLUMN",), ("IF", "EXISTS"))
+            if i < len(action):
+                yield Hit(f"drops column {action[i].name} of {ctx.describe(table)} and its "
+                          "data", table)
+
+
+def check_truncate(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if p.words[:1] == ("TRUNCATE",):
+        for name in listed_names(p):
+            if ctx.existing(name):
+                yield Hit(f"empties {ctx.describe(name)}", name)
+
+
+def check_rename_table(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        if _words(action)[:2] == ("RENAME", "TO") and len(action) > 2:
+            yield Hit(f"renames table {table} to {action[2].name}: running code still uses "
+                      "the old name", table)
+
+
+def check_rename_column(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for table, action in _alter_actions(p, ctx):
+        w = _words(action)
+        if w[:1] == ("RENAME",) and w[1:2] not in (("TO",), ("CONSTRAINT",)):
+            at = _index_of(w, ("TO",))
+            column = action[2 if w[1] == "COLUMN" else 1].name
+            if at > 0 and at + 1 < len(action):
+                yield Hit(f"renames column {table}.{column} to {action[at + 1].name}: running "
+                          "code still uses the old name", table)
+
+
+def _statement_hit(label: str, needs: Sequence[str], absent: str | None = None) -> RuleCheck:
+    """A rule that fires on a kind of statement (VACUUM FULL, CLUSTER, LOCK, REINDEX)."""
+    verb = label.split()[0]
+
+    def check(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+        head = p.words[:6]
+        if p.words[:1] == (verb,) and all(n in head for n in needs) \
+                and (absent is None or absent not in head):
+            names = listed_names(p) if verb == "LOCK" else []
+            target = next((t for t in (index_target_of_maintenance(p), *names) if t), None)
+            where = f" on {ctx.describe(target)}" if target else ""
+            yield Hit(f"{label}{where} blocks the table's users while it runs", target)
+    return check
+
+
+def index_target_of_maintenance(p: Parsed) -> str | None:
+    """The table named by VACUUM FULL t / CLUSTER t / REINDEX TABLE t."""
+    w = p.words
+    if w[:1] == ("REINDEX",) and w[1:2] == ("TABLE",):
+        return _name_at(p.tokens, _skip(w, 2, ("CONCURRENTLY",)))[0]
+    if w[:1] in (("VACUUM",), ("CLUSTER",)):
+        i = 1
+        if w[1:2] == ("(",):
+            i = w.index(")") + 1 if ")" in w else len(w)
+        i = _skip(w, i, ("FULL",), ("VERBOSE",), ("FREEZE",), ("ANALYZE",))
+        return _name_at(p.tokens, i)[0]
+    return None
+
+
+def check_enum_in_transaction(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if (p.words[:2] == ("ALTER", "TYPE") and _index_of(p.words, ("ADD", "VALUE")) > 0
+            and ctx.transactional and ctx.catalog and ctx.catalog.server_version < 120000):
+        yield Hit(f"ALTER TYPE … ADD VALUE cannot run in a transaction on PostgreSQL "
+                  f"{ctx.catalog.server_version // 10000}")
+
+
+def check_concurrently_in_transaction(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if ctx.transactional and needs_no_transaction(p.words):
+        what = f"{p.words[0]} … CONCURRENTLY" if "CONCURRENTLY" in p.words[:5] else p.words[0]
+        yield Hit(f"{what} cannot run inside the migration's transaction")
+
+
+def check_lock_timeout(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    if ctx.tool_lock_timeout or ctx.lock_timeout_set or ctx.locked_before:
+        return
+    table = locked_table(p, ctx)
+    if table:
+        yield Hit(f"locks {ctx.describe(table)} with no lock_timeout: queued behind one long "
+                  "transaction, it blocks every query after it", table)
+
+
+def check_ddl_with_update(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    w = p.words
+    if not (ctx.transactional and ctx.has_ddl and w[:1] in (("UPDATE",), ("DELETE",))):
+        return
+    i = _skip(w, 1, ("FROM",), ("ONLY",))
+    table = _name_at(p.tokens, i)[0]
+    if table is None or not ctx.existing(table):
+        return
+    facts = ctx.table(table)
+    if facts is not None and facts.rows < LINT_LARGE_ROWS:
+        return
+    yield Hit(f"{w[0]} of {ctx.describe(table)} in the same transaction as DDL: the DDL's "
+              "locks are held until it finishes", table,
+              None if facts is not None else "warning")
+
+
+def _type_rule(test: Callable[[Sequence[str], int], bool], text: str) -> RuleCheck:
+    """A rule on column types, in CREATE TABLE and ALTER TABLE only (not in function
+    signatures or casts elsewhere)."""
+    def check(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+        table = created_table(p) or (at.table if (at := alter_table(p)) else None)
+        if table is not None and any(test(p.words, i) for i in range(len(p.words))):
+            yield Hit(f"{text} in {table}", table)
+    return check
+
+
+def _is_serial(w: Sequence[str], i: int) -> bool:
+    return w[i] in _SERIALS
+
+
+def _is_timestamp(w: Sequence[str], i: int) -> bool:
+    if w[i] != "TIMESTAMP" or (i and w[i - 1] in ("::", "AS", "DEFAULT")):
+        return False
+    j = i + 4 if w[i + 1:i + 2] == ("(",) else i + 1
+    return tuple(w[j:j + 3]) != ("WITH", "TIME", "ZONE")
+
+
+def _is_char(w: Sequence[str], i: int) -> bool:
+    return w[i] in ("CHAR", "CHARACTER", "BPCHAR") and w[i + 1:i + 2] != ("VARYING",)
+
+
+def _is_money(w: Sequence[str], i: int) -> bool:
+    return w[i] == "MONEY"
+
+
+LINT_RULES: tuple[LintRule, ...] = (
+    LintRule("create-index-not-concurrent", "error",
+             "CREATE INDEX blocks writes to the table until the index is built",
+             "CREATE INDEX CONCURRENTLY, in a migration of its own that starts with "
+             "'-- confiture:no-transaction'", check_create_index, scales=True),
+    LintRule("drop-index-not-concurrent", "error",
+             "DROP INDEX takes an ACCESS EXCLUSIVE lock on the table: it waits for every "
+             "running query and blocks all that come after",
+             "DROP INDEX CONCURRENTLY, in a '-- confiture:no-transaction' migration",
+             check_drop_index),
+    LintRule("constraint-not-valid", "error",
+             "adding a FOREIGN KEY or CHECK scans the whole table while writes are blocked",
+             "ADD CONSTRAINT … NOT VALID, then ALTER TABLE … VALIDATE CONSTRAINT in a later "
+             "migration (it does not block writes)", check_constraint_not_valid, scales=True),
+    LintRule("set-not-null", "error",
+             "SET NOT NULL scans the table under an ACCESS EXCLUSIVE lock",
+             "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID; VALIDATE CONSTRAINT c; then "
+             "SET NOT NULL skips the scan (PostgreSQL 12+) and c can be dropped",
+             check_set_not_null, scales=True),
+    LintRule("rewriting-type-change", "error",
+             "changing a column's type rewrites the table and its indexes under an ACCESS "
+             "EXCLUSIVE lock (int→bigint does; varchar widening and varchar→text do not)",
+             "add a new column, backfill it in batches, switch readers, drop the old one",
+             check_type_change, scales=True),
+    LintRule("volatile-default", "error",
+             "ADD COLUMN with a volatile default (random(), gen_random_uuid(), "
+             "clock_timestamp(), serial) rewrites the table under an ACCESS EXCLUSIVE lock",
+             "add the column without a default (or with a constant one), SET DEFAULT, then "
+             "backfill in batches", check_volatile_default, scales=True),
+    LintRule("unique-without-index", "error",
+             "ADD UNIQUE / PRIMARY KEY builds the index while the table is locked",
+             "CREATE UNIQUE INDEX CONCURRENTLY first, then ADD CONSTRAINT … UNIQUE (or "
+             "PRIMARY KEY) USING INDEX", check_unique_without_index, scales=True),
+    LintRule("drop-table", "error", "the table and its data are gone; running code that "
+             "still reads it fails", "stop using the table in a release first; keep a backup",
+             check_drop_table),
+    LintRule("drop-column", "error", "the column's data is gone; running code that still "
+             "names it fails", "stop using the column in a release first, then drop it",
+             check_drop_column),
+    LintRule("truncate", "error", "TRUNCATE deletes every row under an ACCESS EXCLUSIVE lock",
+             "DELETE in batches, or suppress when the data is meant to go",
+             check_truncate),
+    LintRule("rename-table", "error", "running code still uses the old name and fails",
+             "create a view with the old name, or rename in steps across releases",
+             check_rename_table),
+    LintRule("rename-column", "error", "running code still uses the old name and fails",
+             "add the new column, write both, backfill, switch readers, drop the old one",
+             check_rename_column),
+    LintRule("vacuum-full", "error",
+             "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock",
+             "plain VACUUM, or pg_repack outside the migration",
+             _statement_hit("VACUUM FULL", ("FULL",))),
+    LintRule("cluster", "error", "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock",
+             "pg_repack outside the migration", _statement_hit("CLUSTER", ())),
+    LintRule("lock-table", "error", "an explicit LOCK TABLE blocks other sessions for the "
+             "rest of the migration", "rely on the locks the statements take, bounded by "
+             "lock_timeout", _statement_hit("LOCK TABLE", ())),
+    LintRule("reindex-not-concurrent", "error",
+             "REINDEX blocks writes (and reads through the index) while it runs",
+             "REINDEX … CONCURRENTLY (PostgreSQL 12+) in a '-- confiture:no-transaction' "
+             "migration", _statement_hit("REINDEX", (), "CONCURRENTLY")),
+    LintRule("enum-add-value-in-transaction", "error",
+             "before PostgreSQL 12, ALTER TYPE … ADD VALUE fails inside a transaction block",
+             "put it in a '-- confiture:no-transaction' migration", check_enum_in_transaction),
+    LintRule("concurrently-in-transaction", "error",
+             "CONCURRENTLY (and VACUUM) cannot run inside a transaction block; the migration "
+             "would fail", "move it to a migration that starts with "
+             "'-- confiture:no-transaction'", check_concurrently_in_transaction),
+    LintRule("missing-lock-timeout", "warning",
+             "DDL waiting for its lock behind a long transaction blocks every query queued "
+             "after it", "SET lock_timeout = '5s' at the top of the migration, or set "
+             "[migrations] statement_lock_timeout", check_lock_timeout),
+    LintRule("ddl-with-data-update", "error",
+             "a large UPDATE/DELETE in the same transaction as DDL keeps the DDL's locks "
+             "for as long as the data change runs",
+             "move the data change to its own migration (in batches)", check_ddl_with_update),
+    LintRule("prefer-identity", "warning",
+             "serial columns own a separate sequence with its own permissions and dump quirks",
+             "GENERATED BY DEFAULT AS IDENTITY", _type_rule(_is_serial, "serial column")),
+    LintRule("prefer-timestamptz", "warning",
+             "timestamp without time zone loses the offset; comparisons across zones break",
+             "timestamptz", _type_rule(_is_timestamp, "timestamp without time zone"),
+             default=False),
+    LintRule("prefer-text", "warning",
+             "char(n) pads with blanks and is no faster than text",
+             "text (with a CHECK on length if needed)", _type_rule(_is_char, "char(n)"),
+             default=False),
+    LintRule("avoid-money", "warning",
+             "money depends on lc_monetary and rounds to the locale's fraction",
+             "numeric with an explicit scale", _type_rule(_is_money, "money"), default=False),
+)
+LINT_RULE_IDS = {rule.id: rule for rule in LINT_RULES}
+
+
+# ── running the rules (pure) ──────────────────────────────────────────────────────────────
+
+@record(frozen=True)
+class LintUnit:
+    """One file to lint: a migration's up file, or a file named on the command line."""
+
+    label: str          # its path as shown (relative to the project)
+    statements: tuple[Statement, ...]
+    transactional: bool
+
+
+@record(frozen=True)
+class Finding:
+    rule: str
+    level: str
+    file: str
+    line: int
+    message: str
+    table: str | None = None
+    allowed: str | None = None    # the suppression's reason
+
+    def as_json(self) -> dict[str, Any]:
+        rule = LINT_RULE_IDS[self.rule]
+        return {"rule": self.rule, "level": self.level, "file": self.file, "line": self.line,
+                "message": self.message, "table": self.table, "why": rule.why,
+                "instead": rule.instead, "allowed": self.allowed}
+
+
+@record(frozen=True)
+class LintSettings:
+    enabled: frozenset[str]
+    tool_lock_timeout: bool = False
+
+    @staticmethod
+    def of(enable: Sequence[str] = (), disable: Sequence[str] = (),
+           tool_lock_timeout: bool = False) -> LintSettings:
+        for name in (*enable, *disable):
+            if name not in LINT_RULE_IDS:
+                raise ConfigError(f"[migrations] lint_enable/lint_disable: no lint rule {name!r}",
+                                  hint=_suggest(name, sorted(LINT_RULE_IDS)))
+        on = {r.id for r in LINT_RULES if r.default} | set(enable)
+        return LintSettings(frozenset(on - set(disable)), tool_lock_timeout)
+
+
+@record(frozen=True)
+class LintReport:
+    findings: tuple[Finding, ...]
+    files: int
+    statements: int
+    target: str | None           # the env whose catalog was read
+    server_version: int | None
+    note: str | None = None      # why there is no catalog, when there is none
+
+    @property
+    def errors(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.level == "error" and f.allowed is None)
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.level == "warning" and f.allowed is None)
+
+    @property
+    def allowed(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.allowed is not None)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"target": self.target, "server_version": self.server_version,
+                "note": self.note, "files": self.files, "statements": self.statements,
+                "errors": len(self.errors), "warnings": len(self.warnings),
+                "allowed": len(self.allowed), "findings": [f.as_json() for f in self.findings]}
+
+
+def parse_units(units: Sequence[LintUnit]) -> list[list[Parsed]]:
+    return [[parse_statement(s, u.label) for s in u.statements] for u in units]
+
+
+def referenced_names(parsed: Sequence[Sequence[Parsed]]) -> set[str]:
+    """Every identifier the statements mention, bare: the catalog query looks only at these."""
+    return {_bare(t.name) for unit in parsed for p in unit for t in p.tokens
+            if t.word == '"' or t.word[:1].isalpha()}
+
+
+def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
+               catalog: CatalogFacts | None, settings: LintSettings) -> list[Finding]:
+    """Every rule over every statement, in file order. Pure."""
+    rules = [r for r in LINT_RULES if r.id in settings.enabled]
+    findings: list[Finding] = []
+    volatile = catalog.volatile if catalog else frozenset()  # grows with CREATE FUNCTION
+    for unit, statements in zip(units, parsed):
+        ctx = LintContext(catalog=catalog, transactional=unit.transactional,
+                          tool_lock_timeout=settings.tool_lock_timeout,
+                          has_ddl=any(is_ddl(p.words) for p in statements),
+                          utc=catalog is not None and catalog.timezone.lower() in _UTC_NAMES,
+                          volatile=volatile)
+        for p in statements:
+            allowed = {a.rule: a.reason for a in p.allowed}
+            for rule in rules:
+                for hit in rule.check(p, ctx):
+                    facts = ctx.table(hit.table) if hit.table else None
+                    findings.append(Finding(rule.id, _hit_level(rule, hit, ctx), p.file,
+                                            p.line, hit.message,
+                                            facts.name if facts else hit.table,
+                                            allowed.get(rule.id)))
+            ctx = advance_context(ctx, p)
+        volatile = ctx.volatile
+    return findings
+
+
+def _hit_level(rule: LintRule, hit: Hit, ctx: LintContext) -> str:
+    if hit.level:
+        return hit.level
+    facts = ctx.table(hit.table) if hit.table else None
+    if rule.scales and facts is not None and facts.bytes < LINT_SMALL_BYTES:
+        return "warning"  # an ACCESS EXCLUSIVE build of a few pages is over in milliseconds
+    return rule.level
+
+
+def lint_report(units: Sequence[LintUnit], catalog: CatalogFacts | None,
+                settings: LintSettings, target: str | None = None,
+                note: str | None = None) -> LintReport:
+    parsed = parse_units(units)
+    return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
+                      sum(len(u) for u in parsed), target,
+                      catalog.server_version if catalog else None, note)
+
+
+# ── the doing: which files, which target ──────────────────────────────────────────────────
+
+def lint_settings(config: Config, env: Env) -> LintSettings:
+    return LintSettings.of(config.lint_enable, config.lint_disable,
+                           statement_lock_timeout(config, env) is not None)
+
+
+def migration_unit(migration: Migration, root: Path) -> LintUnit:
+    statements, transactional = migration_statements(migration, "up", root)
+    return LintUnit(migration_rel_path(root, migration.up), tuple(statements), transactional)
+
+
+def file_unit(path: Path, root: Path) -> LintUnit:
+    rel = migration_rel_path(root, path.resolve()) if path.is_absolute() else str(path)
+    data = normalise_sql(_read_sql(path, rel))
+    return LintUnit(rel, tuple(split_sql(data.decode("utf-8"))), file_transactional(data))
+
+
+def _lint_on(session: Session, ws: Workspace, units: Sequence[LintUnit],
+             parsed: Sequence[Sequence[Parsed]], settings: LintSettings) -> LintReport:
+    catalog = read_catalog(session, sorted(referenced_names(parsed)))
+    return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
+                      sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
+
+
+def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> LintReport:
+    """Lint `files`, or the env's pending migrations, with the facts of the env's catalog
+    when it can be reached (read-only: one status read and one catalog query). When it
+    cannot, FILES are linted alone and, without FILES, every migration is."""
+    config = ws.config
+    settings = lint_settings(config, ws.env)
+    units = [file_unit(f, config.root) for f in files]
+    parsed = parse_units(units) if files else None
+    note = f"no facts from env {ws.env.name}: not asked to reach it"
+    if reach:
+        try:
+            with open_migration_session(ws) as session:
+                if parsed is None:
+                    units = [migration_unit(m, config.root)
+                             for m in migration_status(ws, session).pending]
+                    parsed = parse_units(units)
+                return _lint_on(session, ws, units, parsed, settings)
+        except ConnectionFailed as exc:
+            note = f"no facts from env {ws.env.name}: {exc.message}"
+    if not files:
+        units = [migration_unit(m, config.root) for m in discover_migrations(config)]
+        parsed = parse_units(units)
+    assert parsed is not None
+    return LintReport(tuple(lint_units(units, parsed, None, settings)), len(units),
+                      sum(len(u) for u in parsed), None, None, note)
+
+
+_EMPTY_DATABASE_SQL = ("SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
+                       "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT "
+                       "IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%')")
+
+
+def lint_gate(ws: Workspace, what: str) -> LintReport | None:
+    """Before deploy / migrate up writes to a protected env: lint its pending migrations
+    against its catalog and refuse (exit 4) on an error that is not allowed. Nothing to
+    gate when the database or its tracking table does not exist yet (a first deploy
+    restores the schema and runs no migration)."""
+    if not ws.env.protected:
+        return None
+    try:
+        with open_migration_session(ws) as session:
+            status = migration_status(ws, session)
+            if not status.pending or (not status.tracking and session.value(_EMPTY_DATABASE_SQL)):
+                return None
+            units = [migration_unit(m, ws.config.root) for m in status.pending]
+            report = _lint_on(session, ws, units, parse_units(units),
+                              lint_settings(ws.config, ws.env))
+    except ConnectionFailed:
+        return None  # the command itself reports (or creates) the missing database
+    refuse_lint_errors(report, what)
+    for finding in report.warnings:
+        ws.console.warn(f"{finding.file}:{finding.line}: {finding.rule}: {finding.message}")
+    return report
+
+
+def refuse_lint_errors(report: LintReport, what: str) -> None:
+    """deploy / migrate up on a protected env: refuse (exit 4) while an error is not allowed."""
+    if report.errors:
+        shown = [f"{f.file}:{f.line} {f.rule}: {f.message}" for f in report.errors[:5]]
+        more = len(report.errors) - len(shown)
+        raise Refused(f"{what} refused: {len(report.errors)} lint error(s): " + "; ".join(shown)
+                      + (f"; and {more} more" if more > 0 else ""),
+                      hint="fix the migration, or allow one statement with a comment above it: "
+                           "'-- confiture:allow RULE reason' (see 'confiture.py migrate lint')")
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -5391,6 +6784,218 @@ def _record_quietly(ws: Workspace, locks: DatabaseLocks, outcome: str, plan: Dep
     except ConfitureError as exc:
         ws.console.warn(f"could not record the deploy in {deploys_table(ws.config)}: "
                         f"{exc.message}")
+
+
+# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
+
+# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
+LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
+              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+              "ExclusiveLock", "AccessExclusiveLock")
+REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
+
+
+def lock_label(mode: str) -> str:
+    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
+
+
+@record()
+class RehearsedStatement:
+    migration: str
+    file: str
+    line: int
+    text: str                   # its first line
+    seconds: float = 0.0
+    lock: str | None = None     # strongest pg_locks mode taken on a relation
+    relation: str | None = None
+    held: float = 0.0           # seconds from the statement's start until that lock went
+    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
+
+    def take(self, mode: str, relation: str) -> None:
+        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
+            self.lock, self.relation = mode, relation
+
+    def as_json(self) -> dict[str, Any]:
+        return {"migration": self.migration, "file": self.file, "line": self.line,
+                "statement": self.text, "ms": round(self.seconds * 1000, 1),
+                "lock": lock_label(self.lock) if self.lock else None,
+                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
+                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
+
+
+@record(frozen=True)
+class Rehearsal:
+    env: str
+    source: str                 # the backup file, or "clone of <db>"
+    server: str                 # where the scratch database lived
+    statements: tuple[RehearsedStatement, ...]
+    seconds: float
+    failed: str | None = None   # the error that stopped the rehearsal
+
+    def as_json(self) -> dict[str, Any]:
+        return {"env": self.env, "source": self.source, "server": self.server,
+                "seconds": round(self.seconds, 3), "failed": self.failed,
+                "statements": [s.as_json() for s in self.statements]}
+
+
+class LockSampler:
+    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session in a
+    thread, credited to the statement running at the time (`current`)."""
+
+    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
+        import threading
+
+        self.ws, self.database, self.pid = ws, database, pid
+        self.current: RehearsedStatement | None = None
+        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-sampler", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with self.ws.client.session(self.database) as session:
+                sql = own_locks_sql(self.pid)
+                while not self._stop.wait(REHEARSAL_SAMPLE):
+                    statement, held = self.current, self.held
+                    for row in session.query(sql):
+                        if statement is not None and (row["mode"], row["relation"]) not in held:
+                            statement.take(row["mode"], row["relation"])
+        except ConfitureError:
+            pass  # the samples add to what each statement's own check saw
+
+
+def own_locks_sql(pid: int | None = None) -> str:
+    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
+    what blocks the application)."""
+    who = "pg_backend_pid()" if pid is None else str(int(pid))
+    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
+            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
+
+
+_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
+                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
+                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                 "AND n.nspname NOT LIKE 'pg\\_%'")
+
+
+def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
+    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
+
+
+def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
+                       stmt: Statement, in_transaction: bool) -> float:
+    """Run one statement, timed; note its locks and the tables it rewrote (a new
+    relfilenode). Returns when it started."""
+    before = _relfiles(session)
+    sampler.current = item
+    started = time.monotonic()
+    try:
+        session.execute(stmt.text)
+    finally:
+        item.seconds = time.monotonic() - started
+        sampler.current = None
+    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
+        for row in session.query(own_locks_sql()):
+            if (row["mode"], row["relation"]) not in sampler.held:
+                item.take(row["mode"], row["relation"])
+                sampler.held |= {(row["mode"], row["relation"])}
+    after = _relfiles(session)
+    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
+                      if name in after and after[name][0] != file]
+    item.held = item.seconds
+    return started
+
+
+def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
+                       migration: Migration) -> list[RehearsedStatement]:
+    statements, transactional = migration_statements(migration, "up", ws.config.root)
+    rel = migration_rel(ws.config, migration.up)
+    done: list[RehearsedStatement] = []
+    starts: list[float] = []
+    sampler.held = frozenset()
+    if transactional:
+        session.execute("BEGIN")
+    for stmt in statements:
+        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
+                                  _strip_comments(stmt.text).strip().split("\n")[0][:120])
+        done.append(item)
+        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+    if transactional:
+        session.execute("COMMIT")
+        committed = time.monotonic()
+        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
+            if item.lock:
+                item.held = committed - start
+    sampler.held = frozenset()
+    return done
+
+
+def rehearsal_source(ws: Workspace) -> Path | None:
+    """A protected env rehearses on its newest verified backup (never dumping production
+    for it); an unprotected one on a fresh copy (None: dump it now)."""
+    if not ws.env.protected:
+        return None
+    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
+    if backup is None:
+        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
+                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
+    check_backup(ws, backup.path)
+    return backup.path
+
+
+def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
+    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
+    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
+    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
+    Timings on another machine are indicative."""
+    import tempfile
+
+    started = time.monotonic()
+    pending = plan_up(migration_status(ws), to)
+    for migration in pending:  # the meta-command guard and transaction checks, as for `up`
+        check_migration_sql(migration, "up", ws.config)
+    source = rehearsal_source(ws)
+    scratch_ws = scratch_workspace(ws)
+    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
+        if source is None:
+            source = create_backup(ws, output=Path(folder) / "copy.dump").path
+        with admin_session(scratch_ws) as admin:
+            scratch = _restore_into_scratch(scratch_ws, admin, source, None, None,
+                                            _stamp() + "r" + os.urandom(2).hex())
+            try:
+                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
+            finally:
+                _drop_database(admin, scratch, force=True)
+    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
+                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
+                     tuple(statements), time.monotonic() - started, failed)
+
+
+def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
+                 ) -> tuple[list[RehearsedStatement], str | None]:
+    done: list[RehearsedStatement] = []
+    with ws.client.session(scratch) as session:
+        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
+        pid = int(session.value("SELECT pg_backend_pid()"))
+        with LockSampler(ws, scratch, pid) as sampler:
+            for migration in pending:
+                ws.console.info(f"rehearsing {migration.label} …")
+                try:
+                    done.extend(rehearse_migration(ws, session, sampler, migration))
+                except SqlError as exc:
+                    return done, f"{migration.label}: {exc.message}"
+    return done, None
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -8576,8 +10181,13 @@ def _backup_protected(app: App, ws: Workspace, action: str) -> None:
 
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
+    if app.args.rehearse:
+        return _report_rehearsal(app, rehearse(ws, _version_arg(app.args.to)))
     if not app.args.dry_run:
+        lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+        if app.args.wait_for_quiet is not None:
+            wait_for_quiet(ws, app.args.wait_for_quiet)
         if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
             _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
@@ -8642,6 +10252,80 @@ def cmd_migrate_repair(app: App) -> int:
     return EXIT_OK
 
 
+def cmd_migrate_lint(app: App) -> int:
+    if app.args.rules:
+        return _print_rules(app)
+    ws = app.workspace()
+    report = lint_env(ws, [Path(f) for f in app.args.files])
+    if report.note:
+        app.console.info(report.note)
+    if app.console.json_mode:
+        app.console.emit({"env": ws.env.name, **report.as_json()})
+    else:
+        for finding in report.findings:
+            _print_finding(app, finding)
+        target = (f"facts from env {report.target} (server {report.server_version})"
+                  if report.target else "no target facts")
+        app.console.result(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s), "
+                           f"{len(report.allowed)} allowed in {report.files} file(s), "
+                           f"{report.statements} statement(s); {target}")
+    if report.errors:
+        raise CheckFailed(f"{len(report.errors)} lint error(s)",
+                          hint="fix them, or allow one statement with a comment above it: "
+                               "'-- confiture:allow RULE reason'")
+    return EXIT_OK
+
+
+def _print_finding(app: App, finding: Finding) -> None:
+    rule = LINT_RULE_IDS[finding.rule]
+    level = f"allowed ({finding.allowed})" if finding.allowed else finding.level
+    app.console.result(f"{finding.file}:{finding.line}: {level} [{finding.rule}] "
+                       f"{finding.message}")
+    if not finding.allowed:
+        app.console.result(f"    why: {rule.why}")
+        app.console.result(f"    instead: {rule.instead}")
+
+
+def _print_rules(app: App) -> int:
+    enabled = lint_settings(app.config, app.env()).enabled
+    for rule in LINT_RULES:
+        state = "" if rule.id in enabled else " (off)"
+        app.console.result(f"{rule.id:<30} {rule.level}{state}\n    why: {rule.why}\n"
+                           f"    instead: {rule.instead}")
+    app.console.emit({"rules": [{"id": r.id, "level": r.level, "enabled": r.id in enabled,
+                                 "why": r.why, "instead": r.instead} for r in LINT_RULES]})
+    return EXIT_OK
+
+
+def _add_wait_for_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-for-quiet", type=float, metavar="SECONDS",
+                   help="do not start while a transaction older than SECONDS is open on the "
+                        "database (gives up after [migrations] lock_timeout, exit 5)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="apply the pending migrations to a scratch copy (newest backup of a "
+                        "protected env), report durations and locks; the env is not changed")
+
+
+def _report_rehearsal(app: App, result: Rehearsal) -> int:
+    out = app.console.result
+    out(f"rehearsal of env {result.env} on {result.source} (scratch server "
+        f"{result.server}): {len(result.statements)} statement(s) in "
+        f"{format_seconds(result.seconds)}")
+    for s in result.statements:
+        lock = f"{lock_label(s.lock)} on {s.relation}, held {format_seconds(s.held)}" \
+            if s.lock else "no table lock"
+        rewrote = "".join(f"; rewrote {t} ({format_count(n)} rows)" for t, n in s.rewritten)
+        out(f"  {s.file}:{s.line}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
+            f"      {s.text}")
+    app.console.info("timings come from the scratch server: on another machine they are "
+                     "indicative; the locks taken are not")
+    app.console.emit(result.as_json())
+    if result.failed:
+        raise PgError(f"the rehearsal failed: {result.failed}",
+                      hint="the env was not changed; fix the migration and rehearse again")
+    return EXIT_OK
+
+
 def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     m = sub.add_parser("migrate", parents=[common], help="incremental migrations (up, down, …)",
                        description="Versioned up/down SQL migrations with checksums, a lock and "
@@ -8661,6 +10345,7 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = msub.add_parser("up", parents=[common], help="apply pending migrations in order")
     p.add_argument("--to", metavar="VERSION", help="stop after this version")
     p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
+    _add_wait_for_quiet(p)
     p.set_defaults(handler=cmd_migrate_up)
 
     p = msub.add_parser("down", parents=[common], help="revert applied migrations, newest first")
@@ -8681,6 +10366,13 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = msub.add_parser("repair", parents=[common],
                         help="accept the current files' checksums (logged)")
     p.set_defaults(handler=cmd_migrate_repair)
+
+    p = msub.add_parser("lint", parents=[common],
+                        help="hazards in pending migrations (or FILES), with the env's table "
+                             "sizes; exit 3 on an error")
+    p.add_argument("files", nargs="*", metavar="FILE", help="lint these files instead")
+    p.add_argument("--rules", action="store_true", help="list the rules and exit")
+    p.set_defaults(handler=cmd_migrate_lint)
 
 
 # ── backup, restore and deploy commands (§9) ──────────────────────────────────────────────
@@ -8782,8 +10474,13 @@ def _ddl_drift(ws: Workspace) -> str | None:
 
 def cmd_deploy(app: App) -> int:
     ws = app.workspace()
+    if app.args.rehearse:
+        return _report_rehearsal(app, rehearse(ws))
     if not app.args.dry_run:
+        lint_gate(ws, f"deploy of protected env {ws.env.name!r}")
         confirm_protected(ws.env, "deploy", app.args.yes, app.console)
+        if app.args.wait_for_quiet is not None:
+            wait_for_quiet(ws, app.args.wait_for_quiet)
     result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
                     drift=_ddl_drift if ws.config.deploy_drift_check else None)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),
@@ -8826,6 +10523,7 @@ def add_backup_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--no-backup", action="store_true",
                    help="skip the backup (refused on protected envs)")
+    _add_wait_for_quiet(p)
     p.set_defaults(handler=cmd_deploy)
 
 

@@ -1,0 +1,150 @@
+"""Rehearsal (deploy --rehearse, migrate up --rehearse): the pending migrations run on a scratch
+copy with pg_locks sampled; the env is not changed and the scratch database is always dropped.
+Checked with psycopg."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from helpers import Cluster, Project
+
+
+def add_migration(project: Project, label: str, up: str) -> None:
+    project.write(f"db/migrations/{label}.up.sql", up)
+    project.write(f"db/migrations/{label}.down.sql", "SELECT 1;\n")
+
+
+def databases(pg: Cluster, project: Project) -> set[str]:
+    return {r[0] for r in pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                                   params=(project.name,))}
+
+
+def column_type(pg: Cluster, db: str) -> str:
+    return str(pg.scalar("SELECT data_type FROM information_schema.columns WHERE table_name = "
+                         "'widgets' AND column_name = 'id'", db=db))
+
+
+def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: Project,
+                                                          cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
+    pg.query("INSERT INTO widgets SELECT i, 'w' || i FROM generate_series(1, 20000) i", db=db)
+    add_migration(project, "001_numeric", "CREATE TABLE side (id int);\n"
+                                          "ALTER TABLE widgets ALTER COLUMN id TYPE numeric;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["failed"] is None and report["source"] == f"a copy of {db}"
+    create, alter = report["statements"]
+    assert alter["file"] == "db/migrations/001_numeric.up.sql" and alter["line"] == 2
+    assert alter["lock"] == "ACCESS EXCLUSIVE" and alter["relation"] == "widgets"
+    assert alter["rewritten"] == [{"table": "widgets", "rows": 20000}]
+    assert alter["ms"] > 0 and alter["held_ms"] >= alter["ms"]
+    assert create["rewritten"] == []
+    # the env is untouched and the scratch copy is gone
+    assert column_type(pg, db) == "bigint"
+    assert not pg.scalar("SELECT to_regclass('side') IS NOT NULL", db=db)
+    assert databases(pg, project) == before
+    text = cli("migrate", "up", "--rehearse", cwd=project.root)
+    assert text.returncode == 0, text.stderr
+    assert "ACCESS EXCLUSIVE on widgets, held" in text.stdout
+    assert "rewrote widgets (~20 k rows)" in text.stdout
+    assert "indicative" in text.stderr
+
+
+def test_rehearsal_of_a_failing_migration_reports_it_and_cleans_up(
+        pg: Cluster, project: Project, cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
+    add_migration(project, "001_bad", "ALTER TABLE widgets ADD COLUMN c int;\n"
+                                      "ALTER TABLE nowhere ADD COLUMN c int;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", cwd=project.root)
+    assert result.returncode == 1
+    assert "001_bad" in result.stderr and "nowhere" in result.stderr
+    assert databases(pg, project) == before
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'c'", db=db) == 0
+
+
+def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, project: Project,
+                                                             cli: Any) -> None:
+    first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    db = project.db("prod")
+    for backup in (project.root / ".confiture/backups/prod").glob("*"):
+        backup.unlink()
+    add_migration(project, "001_color", "ALTER TABLE widgets ADD COLUMN color text "
+                                        "DEFAULT 'red';\n")
+    refused = cli("deploy", "--env", "prod", "--rehearse", cwd=project.root)
+    assert refused.returncode == 4 and "no backup to rehearse on" in refused.stderr
+    assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
+    before = databases(pg, project)
+    result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"].endswith(".dump") and "/backups/prod/" in report["source"]
+    [alter] = report["statements"]
+    assert alter["lock"] == "ACCESS EXCLUSIVE" and alter["relation"] == "widgets"
+    assert databases(pg, project) == before
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'color'", db=db) == 0
+
+
+def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
+    add_migration(project, "001_idx", "-- confiture:no-transaction\n"
+                                      "CREATE INDEX CONCURRENTLY widgets_label ON widgets (label);\n"
+                                      "VACUUM FULL widgets;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    index, vacuum = json.loads(result.stdout)["statements"]
+    assert index["line"] == 2 and vacuum["line"] == 3
+    assert vacuum["rewritten"] == [{"table": "widgets", "rows": 0}]
+    assert databases(pg, project) == before
+    assert not pg.scalar("SELECT to_regclass('widgets_label') IS NOT NULL", db=db)
+
+
+def test_protected_rehearsal_runs_on_the_scratch_server(pg: Cluster, pg_remote: Cluster,
+                                                        project: Project, cli: Any) -> None:
+    # prod lives on the `remote` cluster; the scratch server is default env local's (`pg`)
+    config = project.config_path.read_text()
+    project.config_path.write_text(config.replace(pg.url(project.db("prod")),
+                                                  pg_remote.url(project.db("prod"))))
+    try:
+        first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+        assert first.returncode == 0, first.stderr
+        add_migration(project, "001_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
+        assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
+        on_prod, on_scratch = databases(pg_remote, project), databases(pg, project)
+        result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["server"] != pg_remote.url() and "remote" not in report["server"], report
+        assert report["statements"][0]["lock"] == "ACCESS EXCLUSIVE"
+        assert databases(pg_remote, project) == on_prod
+        assert databases(pg, project) == on_scratch
+        assert pg_remote.scalar("SELECT count(*) FROM information_schema.columns WHERE "
+                                "table_name = 'widgets' AND column_name = 'color'",
+                                db=project.db("prod")) == 0
+    finally:
+        pg_remote.drop_dbs_with_prefix(project.name)
+
+
+def test_rehearsal_refuses_meta_commands_before_copying(pg: Cluster, project: Project,
+                                                       cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    add_migration(project, "001_shell", "\\! touch pwned\nSELECT 1;\n")
+    before = databases(pg, project)
+    result = cli("migrate", "up", "--rehearse", cwd=project.root)
+    assert result.returncode == 4, result.stderr  # refused by the guard, as for `up`
+    assert "001_shell.up.sql:1" in result.stderr
+    assert not (project.root / "pwned").exists()
+    assert databases(pg, project) == before
