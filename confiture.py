@@ -6963,8 +6963,7 @@ def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
 
     started = time.monotonic()
     pending = plan_up(migration_status(ws), to)
-    for migration in pending:  # the meta-command guard and transaction checks, as for `up`
-        check_migration_sql(migration, "up", ws.config)
+    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
     source = rehearsal_source(ws)
     scratch_ws = scratch_workspace(ws)
     with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
