@@ -124,7 +124,16 @@ class PgError(ConfitureError):
 
 
 class ConnectionFailed(PgError):
-    """The server could not be reached or refused the connection."""
+    """The server could not be reached or refused the connection; `reason` says which
+    (SERVER_DOWN, NO_DATABASE, NO_ROLE, AUTH_FAILED, NOT_ALLOWED or OTHER, decided in §5)."""
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "other") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+SERVER_DOWN, NO_DATABASE, NO_ROLE = "server down", "no database", "no role"
+AUTH_FAILED, NOT_ALLOWED, OTHER = "authentication failed", "not allowed", "other"
 
 
 class SqlError(PgError):
@@ -360,6 +369,19 @@ def sha256_bytes(data: bytes, bulk: bool = False) -> str:
 
 
 BULK_HASH_BYTES = 1 << 20
+
+
+def slugify(text: str, ascii_only: bool = False) -> str:
+    """TEXT lowercased, its letters and digits kept (any script), every run of other
+    characters one '_': 'Ajout  élément!' → 'ajout_élément'. With `ascii_only`, accents are
+    folded first ('ü' → 'u') and letters with no ASCII form dropped: for names that prefix
+    database names, which must fit 63 bytes and stay easy to type."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD" if ascii_only else "NFC", text.lower())
+    if ascii_only:
+        text = text.encode("ascii", "ignore").decode()
+    return re.sub(r"[\W_]+", "_", text).strip("_")
 
 
 def quote_ident(name: str) -> str:
@@ -2067,8 +2089,9 @@ def discover_migrations(config: Config) -> list[Migration]:
 # The only section that starts psql, pg_dump and pg_restore. Finds the real binaries, hands
 # connections to children through their environment (never argv), keeps one long-lived psql
 # Session per run for cheap round trips, and turns psql's error output into SqlError with
-# the project file and line. Also advisory locks, and the migrations tracking table behind one
-# narrow interface (TrackingTable) that builds (§7) and migrations (§8) share.
+# the project file and line, and a failed connection into ConnectionFailed saying why. Also
+# advisory locks, and the migrations tracking table behind one narrow interface
+# (TrackingTable) that builds (§7) and migrations (§8) share.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 _PG_WRAPPER = "/usr/share/postgresql-common/pg_wrapper"
@@ -2214,6 +2237,68 @@ def _exact_line(line_map: LineMap | None, end_line: int, context: re.Match[str] 
         if snippet and snippet in line_map.lines[candidate - 1]:
             return candidate
     return end_line
+
+
+# ── why a connection failed ─────────────────────────────────────────────────────────────────
+# psql prints no SQLSTATE for a failed connection, so libpq's message decides: the server is
+# down (or unreachable), or it answered and refused — no such database (3D000), no such role
+# or failed authentication (28000/28P01), no CONNECT privilege (42501). Each wants its own
+# advice; the first pattern that matches wins.
+
+_CONNECT_FAILURES: tuple[tuple[str, str], ...] = (
+    (r'database "([^"]*)" does not exist', NO_DATABASE),
+    (r'role "([^"]*)" does not exist', NO_ROLE),
+    ((r"password authentication failed|no password supplied|authentication failed for user|"
+      r"pg_hba\.conf"), AUTH_FAILED),
+    (r"permission denied for database|does not have CONNECT privilege", NOT_ALLOWED),
+    ((r"Connection refused|No such file or directory|could not translate host name|"
+      r"timeout expired|Network is unreachable|No route to host|"
+      r"the database system is (starting up|shutting down|in recovery mode)|"
+      r"server closed the connection unexpectedly"), SERVER_DOWN),
+)
+_CONNECT_HINTS = {
+    NO_DATABASE: "create it ('confiture.py reset', or 'confiture.py deploy' for a protected "
+                 "env), or fix the database name in the env's url",
+    NO_ROLE: "connect as an existing role: name it in the env's url "
+             "(postgresql://ROLE@HOST/DB) or set PGUSER; a superuser can create it with "
+             "'createuser ROLE'",
+    AUTH_FAILED: "check the password (in the url, PGPASSWORD or ~/.pgpass) and the server's "
+                 "pg_hba.conf",
+    NOT_ALLOWED: "a superuser can GRANT CONNECT ON DATABASE … TO the role",
+    SERVER_DOWN: "is the server running and accepting connections there?",
+}
+
+
+def connection_failure(text: str, where: str) -> ConnectionFailed:
+    """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
+    text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
+    for pattern, reason in _CONNECT_FAILURES:
+        match = re.search(pattern, text)
+        if match is None:
+            continue
+        if reason == NO_DATABASE:
+            return missing_database(match.group(1), where)
+        if reason == NO_ROLE:
+            message = f"role {match.group(1)!r} does not exist on the server ({where})"
+        elif reason == AUTH_FAILED:
+            message = f"authentication failed at {where}: {_fatal_line(text)}"
+        else:
+            message = f"cannot connect to {where}: {_fatal_line(text)}"
+        return ConnectionFailed(message, _CONNECT_HINTS[reason], reason)
+    return ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}", None, OTHER)
+
+
+def missing_database(name: str, where: str) -> ConnectionFailed:
+    """Database NAME does not exist on the server at WHERE (libpq said so, or we looked)."""
+    return ConnectionFailed(f"database {name!r} does not exist ({where})",
+                            _CONNECT_HINTS[NO_DATABASE], NO_DATABASE)
+
+
+def _fatal_line(text: str) -> str:
+    """libpq's message without the 'connection to server … failed:' preamble."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head = re.sub(r"^connection to server .*? failed: ", "", lines[0]) if lines else text
+    return "; ".join([head.removeprefix("FATAL:  "), *lines[1:]])
 
 
 class ScriptStopped(PgError):
@@ -2384,8 +2469,7 @@ class Session:
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
         if "connection to server" in text or "could not connect" in text or not text:
-            raise ConnectionFailed(f"cannot connect to {where}: {text or 'psql exited'}",
-                                   hint="is the server running? (bin/pg-dev start)")
+            raise connection_failure(text, where)
         raise PgError(f"lost the session to {where}: {text}")
 
     # -- statements ------------------------------------------------------------------------
@@ -2611,7 +2695,7 @@ class Client:
         if self.password:
             text = text.replace(self.password, "***")
         where = self.conn.with_params(dbname=dbname).display(self.environ)
-        raise ConnectionFailed(f"cannot connect to {where}: {re.sub(r'^psql: (error: )?', '', text)}")
+        raise connection_failure(text, where)
 
 
 # ── advisory locks: one per name, in whichever database the session is connected to ───────
@@ -2798,7 +2882,7 @@ class TrackingTable:
                 f"table {tracking.display} exists but is not a confiture tracking table "
                 f"(it lacks {', '.join(sorted(_TRACKING_COLUMNS - found))})",
                 hint="set [migrations] table to another name; to adopt a database migrated by "
-                     "another tool, use 'migrate baseline --to VERSION'")
+                     "another tool, use 'confiture.py migrate baseline --to VERSION'")
         tracking.exists, tracking.has_log = bool(found), bool(row["log"])
         tracking.schema_exists = bool(row["schema_exists"])
         tracking.table_type, tracking.log_type = row["table_type"], row["log_type"]
@@ -3075,6 +3159,24 @@ def scratch_workspace(ws: Workspace) -> Workspace:
 def admin_session(ws: Workspace) -> Session:
     """A session on the maintenance database: creating and dropping databases happens here."""
     return ws.client.session(ws.env.maintenance_db)
+
+
+def _database_exists(session: Session, name: str) -> bool:
+    return bool(session.value(
+        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
+
+
+def require_database(ws: Workspace, session: Session | None = None) -> None:
+    """The env's database must exist: checked before expensive work that needs it (a template
+    build, a dump), so a missing database is reported at once. Through an admin `session` on
+    the env's server (one query), else by connecting to the database itself (all a read-only
+    role on a protected env may do; §5 names a missing database as such)."""
+    if session is None:
+        with ws.client.session(ws.env.database) as own:
+            own.value("SELECT 1")
+    elif not _database_exists(session, ws.env.database):
+        where = ws.env.conn.with_params(dbname=ws.env.database).display(ws.client.environ)
+        raise missing_database(ws.env.database, where)
 
 
 def _template_probe(session: Session, name: str) -> dict[str, Any]:
@@ -3354,23 +3456,15 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
         with admin_session(ws) as own:
             return clone_database(ws, target, replace, force, what, own)
     check_clone_target(ws, target)
-    result, probe = ensure_template(ws, session=session)
+    _refuse_clone_target(session, target, replace, force)  # before a template build, and
+    result, probe = ensure_template(ws, session=session)  # again under the lock below
     strategy = clone_strategy(ws.config, probe)
     started = time.monotonic()
     lock = f"database:{target}"
     acquire_lock(session, lock, ws.config.template_lock_timeout, f"{what} of {target}",
                  ws.console.info)
     try:
-        exists = session.value(f"SELECT count(*) FROM pg_database WHERE datname = "
-                               f"{quote_literal(target)}")
-        if exists:
-            if not replace:
-                raise Refused(f"database {target!r} already exists",
-                              hint="pass --replace to drop and recreate it")
-            others = [] if force else lasting_sessions(session, target)
-            if others:
-                raise Refused(f"database {target!r} has {len(others)} other session(s)",
-                              hint="close them, or pass --force to terminate them")
+        if _refuse_clone_target(session, target, replace, force):
             _drop_database(session, target, force=force)
         session.execute(f"CREATE DATABASE {quote_ident(target)} TEMPLATE "
                         f"{quote_ident(result.name)}"
@@ -3378,6 +3472,20 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
     finally:
         release_lock(session, lock)
     return result, time.monotonic() - started
+
+
+def _refuse_clone_target(session: Session, target: str, replace: bool, force: bool) -> bool:
+    """Whether TARGET exists (to be replaced); Refused when it may not be."""
+    if not _database_exists(session, target):
+        return False
+    if not replace:
+        raise Refused(f"database {target!r} already exists",
+                      hint="pass --replace to drop and recreate it")
+    others = [] if force else lasting_sessions(session, target)
+    if others:
+        raise Refused(f"database {target!r} has {len(others)} other session(s)",
+                      hint="close them, or pass --force to terminate them")
+    return True
 
 
 def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResult, float]:
@@ -3418,6 +3526,15 @@ class MigrationError(PgError):
         self.done = tuple(done)
 
 
+class MigrationInterrupted(Interrupted):
+    """Ctrl-C or SIGTERM while a migration ran: which one, and what was applied before it
+    (a deploy names it as the failing step)."""
+
+    def __init__(self, label: str, transactional: bool, done: Sequence[int]) -> None:
+        super().__init__(f"interrupted while applying {label}")
+        self.label, self.transactional, self.done = label, transactional, tuple(done)
+
+
 def migration_rel(config: Config, path: Path | None) -> str:
     if path is None:
         return "(none)"
@@ -3430,7 +3547,7 @@ def migration_rel(config: Config, path: Path | None) -> str:
 def new_migration(config: Config, name: str, now: float | None = None) -> list[Path]:
     """Create <UTC yyyymmddHHMMSS>_<name>.up.sql and .down.sql (or a folder, when the
     project's newest migration is a folder); never overwrites."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    slug = slugify(name)
     if not slug:
         raise ConfigError(f"migration name {name!r} has no letters or digits")
     files = scan_migrations(config.migrations_dir, config.root).migrations
@@ -3846,7 +3963,12 @@ class _MigrationQueue:
     def __init__(self, ws: Workspace, session: Session, run: MigrationRun) -> None:
         self.ws, self.session, self.run = ws, session, run
         self.waiting: list[tuple[Migration, Path, float]] = []
+        self.calling: Migration | None = None  # the one call() runs
         self.mark = time.monotonic()   # when the previous migration finished
+
+    def running(self) -> Migration | None:
+        """The migration the server is working on (an interrupt names it)."""
+        return self.waiting[0][0] if self.waiting else self.calling
 
     def push(self, migration: Migration, path: Path, change: Sequence[str],
              prelude: Sequence[str] = ()) -> None:
@@ -3858,10 +3980,12 @@ class _MigrationQueue:
     def call(self, migration: Migration, fn: Callable[[], None]) -> None:
         self.drain()
         started = time.monotonic()
+        self.calling = migration
         try:
             fn()
         except SqlError as exc:
             raise _Failed(migration, exc) from None
+        self.calling = None
         self._done(migration, started)
 
     def drain(self) -> None:
@@ -3869,7 +3993,7 @@ class _MigrationQueue:
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        migration, path, sent = self.waiting.pop(0)
+        migration, path, sent = self.waiting[0]  # still running() while it is waited for
         try:
             self.session.wait_stop_on_error()
         except ScriptStopped as exc:
@@ -3877,6 +4001,7 @@ class _MigrationQueue:
             raise _Failed(migration, migration_failure(
                 exc.stderr, path, migration_rel(self.ws.config, path),
                 f"{verb} {migration.label}")) from None
+        self.waiting.pop(0)
         self._done(migration, max(sent, self.mark))
 
     def _done(self, migration: Migration, started: float) -> None:
@@ -4081,21 +4206,28 @@ def _retry_after_lock_timeout(ws: Workspace, locked: _Locked, failed: _Failed, a
 def _queue_up(ws: Workspace, locked: _Locked, run: MigrationRun, plan: Sequence[Migration],
               checked: Mapping[Any, bool], partial: Mapping[Any, PartialRun],
               timeout: float | None) -> None:
-    """Run `plan` through a _MigrationQueue on the locked session (raises _Failed)."""
+    """Run `plan` through a _MigrationQueue on the locked session (raises _Failed, or
+    MigrationInterrupted naming the migration an interrupt stopped)."""
     config = ws.config
     queue = _MigrationQueue(ws, locked.session, run)
-    for migration in plan:
-        if checked[migration.version]:
-            queue.push(migration, migration.up,
-                       locked.tracking.record_sql(migration, detail=_applied_detail(migration)),
-                       _lock_timeout_sql(timeout))
-        else:
-            queue.call(migration, functools.partial(
-                _apply_statements, ws, locked.session, locked.tracking, migration,
-                migration_rel(config, migration.up),
-                migration_statements(migration, "up", config.root)[0],
-                partial.get(migration.version), timeout))
-    queue.drain()
+    try:
+        for migration in plan:
+            if checked[migration.version]:
+                queue.push(migration, migration.up, locked.tracking.record_sql(
+                    migration, detail=_applied_detail(migration)), _lock_timeout_sql(timeout))
+            else:
+                queue.call(migration, functools.partial(
+                    _apply_statements, ws, locked.session, locked.tracking, migration,
+                    migration_rel(config, migration.up),
+                    migration_statements(migration, "up", config.root)[0],
+                    partial.get(migration.version), timeout))
+        queue.drain()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        running = queue.running()
+        if running is None:
+            raise
+        raise MigrationInterrupted(running.label, checked[running.version],
+                                   [m.version for m, _ in run.done]) from exc
 
 
 def wait_for_quiet(ws: Workspace, seconds: float, limit: float | None = None,
@@ -4284,7 +4416,8 @@ def verify_migrations(ws: Workspace, session: Session | None = None) -> Migratio
                                                           for r in status.missing]
         raise CheckFailed(f"{problems} applied migration(s) differ from their files: "
                           + ", ".join(names),
-                          hint="restore the files, or accept them with 'migrate repair'")
+                          hint="restore the files, or accept them with "
+                               "'confiture.py migrate repair'")
     return status
 
 
@@ -5838,11 +5971,6 @@ def _pid_alive(text: str) -> bool:
 
 # ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
 
-def _database_exists(session: Session, name: str) -> bool:
-    return bool(session.value(
-        f"SELECT count(*) FROM pg_database WHERE datname = {quote_literal(name)}"))
-
-
 _SIDE_TOKEN = 8  # hex digits of randomness after the stamp
 
 
@@ -6314,6 +6442,7 @@ class MigrationRunFailed(ConfitureError):
                  cause: ConfitureError) -> None:
         super().__init__(cause.message, cause.hint)
         self.name, self.transactional, self.applied = name, transactional, tuple(applied)
+        self.interrupted = isinstance(cause, Interrupted)
 
 
 def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
@@ -6343,6 +6472,10 @@ def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
         failing = next(((label, tx) for version, label, tx in pending if version not in done),
                        ("unknown", False))
         raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
+    except MigrationInterrupted as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
     return [m.label for m, _ in run.done]
 
 
@@ -6715,7 +6848,8 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
     step = f"migration {failed.name}" if failed else (
         "the first deploy" if plan.first_deploy else "verification")
     what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
-    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
+        failed and failed.interrupted)
     error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
     try:
         now = migration_state(ws, locks.target).applied if locks.target else None
@@ -6758,8 +6892,8 @@ def _roll_back(ws: Workspace, admin: Session, locks: DatabaseLocks, plan: Deploy
         if rollback_error.message.startswith(what):
             raise
         raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
-                           hint=(f"restore the backup by hand: confiture.py restore {backup.path} "
-                                 f"--env {ws.env.name}" if backup else None)) from exc
+                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
+                                 f"restore {backup.path}" if backup else None)) from exc
     how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
            f"{replaced}")
     _record_quietly(ws, locks, "rolled_back", plan, backup, [], failed, f"{what}; {how}",
@@ -9125,12 +9259,8 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
             text = text.replace(client.password, "***")
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
-        if f'database "{dbname}" does not exist' in text:
-            raise PgError(f"database {dbname!r} does not exist ({where})",
-                          hint="create it first (reset, clone or deploy)")
         if "connection to server" in text or "could not connect" in text:
-            raise ConnectionFailed(f"cannot connect to {where}: {text}",
-                                   hint="is the server running? (bin/pg-dev start)")
+            raise connection_failure(text, where)
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")
 
@@ -9304,9 +9434,11 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     (template_schema_dump). The live dump runs meanwhile (_LiveDump)."""
     started = time.monotonic()
     scratch = scratch_workspace(ws)  # a protected env's template is built elsewhere
-    live = _LiveDump(ws, privileges)
     tables = tracking_tables(ws.config)
     with admin_session(scratch) as session:
+        # before the template: a missing database is said at once (on the env's own server)
+        require_database(ws, session if scratch is ws else None)
+        live = _LiveDump(ws, privileges)
         try:
             result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
                                             session=session, cached=True)
@@ -9519,7 +9651,9 @@ def _server_facts(ws: Workspace, fileset: FileSet) -> tuple[dict[str, Any], dict
                 f"{quote_literal(ws.env.database)}) AS exists")[0]
             template = None if ws.env.protected else _template_facts(ws, session, fileset)
     except PgError as exc:
-        return ({"reachable": False, "error": exc.message}, {"exists": None},
+        reason = exc.reason if isinstance(exc, ConnectionFailed) else OTHER
+        return ({"reachable": False, "error": exc.message, "hint": exc.hint,
+                 "reason": reason}, {"exists": None},
                 {"name": name, "state": "unknown"})
     if template is None:
         try:
@@ -9591,20 +9725,26 @@ def needs_attention(status: EnvStatus, backup_max_age: float | None) -> list[str
     found = []
     if not status.reachable:
         return [f"server unreachable: {status.server.get('error')}"]
+    # Advice names the safe command; a destructive one only with what it would destroy.
     if not status.db["exists"]:
-        found.append(f"database {status.database} does not exist")
+        found.append(f"database {status.database} does not exist (create it: 'confiture.py "
+                     + ("deploy')" if status.protected else "reset')"))
     if not status.protected and status.template["state"] == "stale":
         found.append("template is stale: the env's files changed since the last build "
-                     "(run reset)")
+                     "(rebuild it: 'confiture.py template'" + (
+                         f"; 'confiture.py reset' would recreate {status.database} from it, "
+                         "replacing the data it holds)" if status.db["exists"] else ")"))
     mig = status.migrations
     for what in ("pending", "changed", "missing", "interrupted"):
         if mig.get(what):
-            found.append(f"{mig[what]} {what} migration(s)")
+            found.append(f"{mig[what]} {what} migration(s)" + (
+                "" if what != "pending" else " (apply them: 'confiture.py "
+                + ("deploy')" if status.protected else "migrate up')")))
     if mig.get("error"):
         found.append(f"migrations: {mig['error']}")
     if status.protected and mig.get("state") == "untracked":
         found.append(f"no migration tracking table {mig.get('table')} "
-                     "(adopt the database with migrate baseline)")
+                     "(adopt the database with 'confiture.py migrate baseline')")
     if status.drift.get("differences"):
         found.append(f"schema drift: {status.drift['differences']} difference(s) from the DDL")
     if status.sync is not None and status.sync.get("ok") is False:
@@ -9635,8 +9775,9 @@ def format_status(status: EnvStatus) -> list[str]:
             text += f" on {git['branch']}" if git["branch"] else " detached"
         row("source", text + ")")
     server = status.server
+    down = server.get("reason", OTHER) in (SERVER_DOWN, OTHER)  # else it answered, and refused
     row("server", f"reachable, PostgreSQL {server['version']}" if server["reachable"]
-        else f"UNREACHABLE: {server.get('error')}")
+        else f"{'UNREACHABLE' if down else 'REFUSED'}: {server.get('error')}")
     if server["reachable"]:
         row("database", f"{status.database}, " + (format_bytes(int(status.db["size"] or 0))
                                                    if status.db["exists"] else "does not exist"))
@@ -9649,8 +9790,12 @@ def format_status(status: EnvStatus) -> list[str]:
     if mig.get("state") == "unknown":
         row("migrations", f"unknown ({mig.get('note') or mig.get('error')})")
     elif mig.get("state") == "untracked":
-        row("migrations", f"untracked (no {mig.get('table')} table: built from DDL; "
-                          f"{mig.get('files')} migration files)")
+        # a build records every migration (how = 'build'), so no table means: no migration
+        # files when it was built, or a database made some other way
+        row("migrations", f"untracked (no {mig.get('table')} table; " + (
+            "the project has no migrations)" if not mig.get("files") else
+            f"{mig.get('files')} migration file(s), none recorded here: adopt the database "
+            "with 'confiture.py migrate baseline')"))
     else:
         row("migrations", f"at {mig.get('current') or 'none'}: " + ", ".join(
             f"{mig.get(k, 0)} {k}" for k in ("applied", "pending", "changed", "missing")
@@ -9826,6 +9971,29 @@ class App:
     def workspace(self, name: str | None = None) -> Workspace:
         return open_workspace(self.env(name), self.console, self.environ)
 
+    def with_options(self, text: str) -> str:
+        """TEXT with every command it names ('confiture.py WORDS', the one way hints name
+        commands) repeating this run's --config and --env, so the advice acts on the same
+        project and env when pasted."""
+        import shlex
+
+        options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in (
+            ("--config", self.args.config), ("--env", self.args.env)) if value)
+        if not options:
+            return text
+        return re.sub(r"\bconfiture\.py(?= [a-z])", lambda _: "confiture.py" + options, text)
+
+
+def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | None:
+    """A hint as the user should read it: a server that is down (connection failure REASON)
+    gets `bin/pg-dev start` only where the project has one, and every command it names
+    repeats the run's options."""
+    if reason == SERVER_DOWN and app is not None:
+        root = app._config.root if app._config is not None else app.cwd
+        if (root / "bin" / "pg-dev").is_file():
+            hint = f"{hint} (the project's dev server: bin/pg-dev start)"
+    return hint if app is None or hint is None else app.with_options(hint)
+
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
                   environ: Mapping[str, str] | None = None,
@@ -9845,7 +10013,13 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
 # ── foundation commands ───────────────────────────────────────────────────────────────────
 
 _INIT_CONFIG = """\
-# confiture.toml — see confiture.toml.example for every key and its default.
+# confiture.toml — written by `confiture.py init`; `python confiture.py --help` lists commands.
+# Each env's url is a libpq URL; what it leaves out comes from PGHOST, PGPORT, PGUSER and
+# PGPASSWORD (or ~/.pgpass). "postgresql:///NAME" means the local server's default socket, as
+# the role named after your OS user: name your server and role, for example
+#   url = "postgresql://app@localhost:5432/NAME"
+# and keep passwords out of this file (${{VAR}} expands from the environment, or use ~/.pgpass).
+# `python confiture.py config check --env local` shows what an env resolves to.
 [project]
 name = "{name}"
 schema = ["db/schema"]
@@ -9866,31 +10040,53 @@ url = "${{PROD_DATABASE_URL}}"
 protected = true
 """
 
-_INIT_FILES = {
-    "db/schema/00_extensions/.keep": "",
+# The folders of a project: each missing one is created (with a .keep, so git keeps it).
+_INIT_FOLDERS = ("db/schema", "db/seeds/common", "db/seeds/dev", "db/seeds/test",
+                 "db/migrations")
+# Example content, only in a brand-new project (no confiture.toml, no db/): re-running init
+# must never bring back an example the user deleted (the next reset would build it).
+_INIT_EXAMPLES = {
     "db/schema/10_tables/10_example.sql":
         "-- Your schema: one object per file, numbered folders give the build order.\n"
         "CREATE TABLE example (\n    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
         "    name text NOT NULL\n);\n",
-    "db/seeds/common/.keep": "",
     "db/seeds/dev/10_example.sql": "INSERT INTO example (name) VALUES ('dev row');\n",
-    "db/seeds/test/.keep": "",
-    "db/migrations/.keep": "",
 }
+
+
+def plan_init(root: Path, name: str) -> tuple[dict[str, str], list[str]]:
+    """Pure but for looking: (files to create → text, existing things kept) for `init` in
+    ROOT. A new project gets the config, the folders and the examples; an existing one only
+    what is missing of the config and the folders."""
+    fresh = not (root / CONFIG_NAME).exists() and not (root / "db").exists()
+    wanted = {CONFIG_NAME: _INIT_CONFIG.format(name=name)}
+    for folder in _INIT_FOLDERS:
+        if fresh and any(rel.startswith(folder + "/") for rel in _INIT_EXAMPLES):
+            continue
+        wanted[f"{folder}/.keep"] = ""
+    if fresh:
+        wanted.update(_INIT_EXAMPLES)
+    create, kept = {}, []
+    for rel, text in wanted.items():
+        parent = (root / rel).parent
+        if rel.endswith("/.keep") and parent.is_dir():
+            kept.append(str(parent.relative_to(root)) + "/")
+        elif (root / rel).exists():
+            kept.append(rel)
+        else:
+            create[rel] = text
+    return create, kept
 
 
 def cmd_init(app: App) -> int:
     root = Path(app.args.dir or ".").resolve()
-    name = re.sub(r"[^a-z0-9_]", "_", root.name.lower())[:MAX_PROJECT_NAME] or "app"
+    name = slugify(root.name, ascii_only=True)[:MAX_PROJECT_NAME].rstrip("_") or "app"
     if not _NAME_RE.match(name):
         name = "db_" + name[:MAX_PROJECT_NAME - 3]
-    files = {CONFIG_NAME: _INIT_CONFIG.format(name=name), **_INIT_FILES}
-    created, kept = [], []
+    files, kept = plan_init(root, name)
+    created = []
     for rel, text in files.items():
         path = root / rel
-        if path.exists():
-            kept.append(rel)
-            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         created.append(rel)
@@ -9909,8 +10105,11 @@ def cmd_init(app: App) -> int:
 
 def cmd_config_check(app: App) -> int:
     config = app.config
-    report = []
-    for name, spec in config.envs.items():
+    # --env limits the check to one env; without it every env must resolve.
+    names = [resolve_env_name(config, app.args.env, {})] if app.args.env else list(config.envs)
+    report, unresolved = [], []
+    for name in names:
+        spec = config.envs[name]
         entry: dict[str, Any] = {"env": name, "protected": spec.protected,
                                  "seeds": list(spec.seeds)}
         try:
@@ -9921,22 +10120,27 @@ def cmd_config_check(app: App) -> int:
             if "is not set" not in exc.message:
                 raise
             entry["url"] = None
-            entry["warning"] = exc.message
+            entry["error"] = f"env {name}: {exc.message}"
+            unresolved.append(entry["error"])
         fileset = scan_env(config, name)
         entry["files"] = len(fileset.files)
         entry["hash"] = fileset.hash
         report.append(entry)
     if app.console.json_mode:
-        app.console.emit({"config": str(config.path), "project": config.project, "envs": report})
-        return EXIT_OK
-    app.console.result(f"{config.path}: ok (project {config.project})")
-    for entry in report:
-        flags = " [protected]" if entry["protected"] else ""
-        seeds = ", ".join(entry["seeds"]) or "no seeds"
-        app.console.result(f"  {entry['env']:<10} {entry['files']:>5} files  {seeds:<20} "
-                           f"{entry['url'] or '(url unresolved)'}{flags}")
-        if "warning" in entry:
-            app.console.warn(entry["warning"])
+        app.console.emit({"config": str(config.path), "project": config.project,
+                          "ok": not unresolved, "envs": report})
+    else:
+        verdict = "ok" if not unresolved else f"{len(unresolved)} env(s) do not resolve"
+        app.console.result(f"{config.path}: {verdict} (project {config.project})")
+        for entry in report:
+            flags = " [protected]" if entry["protected"] else ""
+            seeds = ", ".join(entry["seeds"]) or "no seeds"
+            app.console.result(f"  {entry['env']:<10} {entry['files']:>5} files  {seeds:<20} "
+                               f"{entry['url'] or '(url unresolved)'}{flags}")
+    if unresolved:
+        raise ConfigError("; ".join(unresolved),
+                          hint="export the variable(s), give a default with ${VAR:-default}, "
+                               "or check one env with --env NAME")
     return EXIT_OK
 
 
@@ -9981,10 +10185,14 @@ def cmd_template(app: App) -> int:
         name = template_name(ws.config.project, ws.env.name, fileset.hash)
         with admin_session(ws) as session:
             current = bool(_template_probe(session, name)["is_template"])
+            built = [t for t in list_templates(session, ws.config.project, ws.env.name)
+                     if t.seeds == fileset.seeds]
         app.console.result(name)
         app.console.emit({"template": name, "current": current})
         if not current:
-            raise CheckFailed(f"template {name} is not built (files changed since the last build)",
+            why = (f"the env's files changed since the last build, {built[0].name}" if built
+                   else f"no template of env {ws.env.name} was ever built on this server")
+            raise CheckFailed(f"template {name} is not built ({why})",
                               hint="run 'confiture.py template' to build it")
         return EXIT_OK
     result, _ = ensure_template(ws, rebuild=app.args.rebuild)
@@ -10185,9 +10393,12 @@ def cmd_migrate_up(app: App) -> int:
     if not app.args.dry_run:
         lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
+        # the dry run checks the history and the files (cheap) before the backup (not cheap)
+        planned = ws.env.protected and migrate_up(ws, _version_arg(app.args.to),
+                                                  dry_run=True).planned
         if app.args.wait_for_quiet is not None:
             wait_for_quiet(ws, app.args.wait_for_quiet)
-        if ws.env.protected and plan_up(migration_status(ws), _version_arg(app.args.to)):
+        if planned:
             _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
@@ -10195,13 +10406,18 @@ def cmd_migrate_up(app: App) -> int:
 
 def cmd_migrate_down(app: App) -> int:
     ws = app.workspace()
-    if (app.args.steps is None) == (app.args.to is None):
-        raise ConfigError("migrate down needs exactly one of --steps N or --to VERSION",
-                          hint="e.g. 'migrate down --steps 1'")
+    if app.args.steps is not None and app.args.to is not None:
+        raise ConfigError("migrate down takes --steps N or --to VERSION, not both",
+                          hint="e.g. 'confiture.py migrate down --steps 1'")
+    # neither: one step, the newest applied migration (as dbmate, Rails and golang-migrate do)
+    steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
-        _backup_protected(app, ws, "migrate down")
-    run = migrate_down(ws, steps=app.args.steps, to=_version_arg(app.args.to),
+        # the dry run checks the plan and its down files (cheap) before the backup (not cheap)
+        if ws.env.protected and migrate_down(ws, steps, _version_arg(app.args.to),
+                                             dry_run=True).planned:
+            _backup_protected(app, ws, "migrate down")
+    run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -10347,8 +10563,11 @@ def add_migration_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     _add_wait_for_quiet(p)
     p.set_defaults(handler=cmd_migrate_up)
 
-    p = msub.add_parser("down", parents=[common], help="revert applied migrations, newest first")
-    p.add_argument("--steps", type=int, metavar="N", help="revert the N newest")
+    p = msub.add_parser("down", parents=[common],
+                        help="revert the newest applied migration (--steps N, --to VERSION: more)",
+                        description="Revert applied migrations, newest first. Without --steps "
+                                    "or --to: one step, the newest applied migration.")
+    p.add_argument("--steps", type=int, metavar="N", help="revert the N newest (default: 1)")
     p.add_argument("--to", metavar="VERSION", help="revert everything newer than VERSION (0: all)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and SQL; run nothing")
     p.set_defaults(handler=cmd_migrate_down)
@@ -10399,6 +10618,10 @@ def cmd_backups(app: App) -> int:
         keep = app.args.keep if app.args.keep is not None else app.config.backups_keep
         if keep < 0:
             raise ConfigError("--keep must be 0 or more")
+        doomed = list_backups(folder)[keep:]  # prune_backups deletes these, newest kept
+        if doomed:  # deleting a protected env's backups is a write to it: same rules
+            confirm_protected(env, f"backups prune (deleting {len(doomed)} backup(s))",
+                              app.args.yes, app.console)
         removed = prune_backups(folder, keep)
         dropped: list[str] = []
         ws = open_workspace(env, app.console, app.environ)
@@ -10705,7 +10928,8 @@ def cmd_watch(app: App) -> int:
             changed = f" [{', '.join(event.changed[:3])}" + \
                 (f" +{len(event.changed) - 3} more]" if len(event.changed) > 3 else "]")
         if event.kind == "error":
-            console.error(f"{stamp} {event.message}{changed} (still watching)", event.hint)
+            console.error(f"{stamp} {event.message}{changed} (still watching)",
+                          finish_hint(event.hint, None, app))
         elif event.kind == "reset":
             console.result(f"{stamp} {event.message}{changed}")
             console.out.flush()
@@ -10721,9 +10945,10 @@ def cmd_status(app: App) -> int:
     status = gather_status(ws, drift=app.args.drift)
     app.console.emit({**as_dict(status), "ok": not status.attention})
     for line in format_status(status):
-        app.console.result(line)
+        app.console.result(app.with_options(line))
     if not status.reachable:  # the screen (or JSON) above is the output; the error is its end
-        app.console.error(f"env {ws.env.name}: {status.server.get('error')}")
+        app.console.error(f"env {ws.env.name}: {status.server.get('error')}", finish_hint(
+            status.server.get("hint"), status.server.get("reason"), app))
         return EXIT_FAILED
     return EXIT_CHECK if app.args.check and status.attention else EXIT_OK
 
@@ -10885,6 +11110,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Parse argv, run one command, map errors to messages and exit codes."""
     environ = dict(os.environ if environ is None else environ)
     console = Console()
+    app: App | None = None
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(words).parse_args(words)
@@ -10899,15 +11125,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
         try:
-            return int(args.handler(App(args=args, console=console, environ=environ,
-                                        cwd=Path.cwd())))
+            app = App(args=args, console=console, environ=environ, cwd=Path.cwd())
+            return int(args.handler(app))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
     except ConfitureError as exc:
+        hint = finish_hint(exc.hint, getattr(exc, "reason", None), app)
         if console.json_mode and not console.emitted:  # e.g. --check after the status document
-            console.emit({"error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code})
-        console.error(mask_password_in(exc.message), exc.hint)
+            console.emit({"error": exc.message, "hint": hint, "exit_code": exc.exit_code})
+        console.error(mask_password_in(exc.message), hint)
         return exc.exit_code
     except KeyboardInterrupt:
         console.error("interrupted")

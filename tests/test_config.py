@@ -124,9 +124,9 @@ def test_missing_variable_is_an_error_only_where_used(tmp_path: Path,
     code, _, err = run(tmp_path, "--env", "prod", "template", "--check", capsys=capsys)
     assert code == 2
     assert "PROD_URL_FOR_TEST" in err and "env.prod.url" in err
-    # config check warns about it, names it, and still succeeds
+    # config check is a check: it fails naming the variable and the env (issue 11.13)
     code, out, err = run(tmp_path, "config", "check", capsys=capsys)
-    assert code == 0 and "PROD_URL_FOR_TEST" in err
+    assert code == 2 and "PROD_URL_FOR_TEST" in err and "env prod" in err
 
 
 def test_variable_expansion_and_default() -> None:

@@ -362,7 +362,10 @@ def test_down_reverts_newest_first_and_refuses_without_down_files(
     one = cli("migrate", "down", "--steps", "1", cwd=project.root)
     assert one.returncode == 0, one.stderr
     assert tracked(pg, project) == [(1, "applied"), (2, "applied")] and not exists(pg, project, "c")
-    assert cli("migrate", "down", cwd=project.root).returncode == 2  # neither --steps nor --to
+    # neither --steps nor --to: one step (issue 11.21), here 2_b, which has no down file
+    bare = cli("migrate", "down", cwd=project.root)
+    assert bare.returncode == 4 and "2_b" in bare.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
 
 
 def test_down_stops_at_first_failing_down(pg: Any, project: Any, cli: Any, db: str) -> None:

@@ -210,7 +210,7 @@ def test_status_check_counts_pending_and_changed_migrations(pg: Any, project: An
     project.write("db/migrations/20240201000000_more.up.sql", "CREATE TABLE more (id int);\n")
     code, status = status_json(cli, project, "--check")
     assert code == 3 and status["migrations"]["pending"] == 1
-    assert "1 pending migration(s)" in status["attention"]
+    assert any(a.startswith("1 pending migration(s)") for a in status["attention"])
     assert cli("migrate", "up", cwd=project.root).returncode == 0
     code, status = status_json(cli, project, "--check")
     assert code == 3 and status["migrations"]["applied"] == 2  # the template is stale now
