@@ -172,10 +172,10 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
                             cwd=project.root, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not side_databases(pg, project, "restore"):  # the scratch database exists: restoring
+    while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)",
+                        params=(side_databases(pg, project, "restore"),)):  # pg_restore is at work
         assert proc.poll() is None and time.monotonic() < deadline, "restore ended too soon"
         time.sleep(0.02)
-    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert db_oid(pg, db) == oid and checksums(pg, db) == before

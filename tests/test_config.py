@@ -129,6 +129,33 @@ def test_missing_variable_is_an_error_only_where_used(tmp_path: Path,
     assert code == 2 and "PROD_URL_FOR_TEST" in err and "env prod" in err
 
 
+@pytest.mark.parametrize(("extra", "named"), [
+    ("[backups]\ncompression = 99\n", "backups.compression must be 0–9"),
+    ("[status]\nmax_backup_age = \"soon\"\n", "status.max_backup_age"),
+    ("[sync]\nlock_timeout = \"later\"\n", "sync.lock_timeout"),
+    ("[sync]\ntables = [1]\n", "sync.tables"),
+    ("[sync.rules]\n\"a.b\" = \"scramble\"\n", "[sync].rules 'a.b'"),
+    ("[sync.rules]\n\"a.b.c.d\" = \"keep\"\n", "'a.b.c.d'"),
+    ("[sync.where]\n\"a\" = \"\"\n", "where 'a'"),
+])
+def test_every_value_is_checked_when_the_config_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, named: str) -> None:
+    """Not only the command that uses a value: `config check` and `scan` fail on it too."""
+    make_project(tmp_path, BASE + extra)
+    for argv in (["config", "check"], ["scan"]):
+        code, _, err = run(tmp_path, *argv, capsys=capsys)
+        assert code == 2 and named in err and "Traceback" not in err, (argv, err)
+
+
+def test_schema_folders_expand_the_given_environment(tmp_path: Path) -> None:
+    make_project(tmp_path, BASE.replace('schema = ["db/schema"]', 'schema = ["${SCHEMA_DIR}"]'),
+                 {"db/other/1.sql": "create table o (id int);\n"})
+    config = confiture.load_config(tmp_path / "confiture.toml", {"SCHEMA_DIR": "db/other"})
+    assert config.schema[0].path == (tmp_path / "db/other").resolve()
+    with pytest.raises(confiture.ConfigError, match="SCHEMA_DIR"):
+        confiture.load_config(tmp_path / "confiture.toml", {})
+
+
 def test_variable_expansion_and_default() -> None:
     env = {"HOST": "db.example"}
     assert confiture.expand_vars("postgresql://${HOST}/x", "k", env) == "postgresql://db.example/x"
@@ -175,6 +202,35 @@ def test_global_options_work_after_the_command(tmp_path: Path, capsys: pytest.Ca
     import json
     doc = json.loads(out)
     assert doc["env"] == "prod" and len(doc["files"]) == 1  # prod has no seeds
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        confiture.main([*argv, "--help"], {})
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_commands_by_area_and_every_command_says_what_it_does(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    top = _help(capsys)
+    titles = [title for title, _ in confiture.COMMAND_AREAS]
+    assert [t for t in titles if f"\n{t}:\n" in top] == titles
+    assert "global options (before or after the command):" in top and "exit codes:" in top
+    commands = [line.split()[0] for line in top.splitlines()
+                if line.startswith("  ") and not line.startswith("  confiture.py")
+                and not line.lstrip().startswith("-")]
+    assert {"init", "migrate", "deploy", "sync", "diff", "status"} <= set(commands)
+    for command in commands:
+        words = [command, "status" if command == "migrate" else ""]
+        for argv in ([command], [w for w in words if w]):
+            text = _help(capsys, *argv)
+            description = text.split("\n\n")[1]
+            assert description.strip() and not description.startswith(("options", "positional")), \
+                (argv, text)
+            assert "examples:\n  confiture.py " in text, argv  # its area's examples
+    assert "confiture.py migrate up --dry-run" in _help(capsys, "migrate", "up")
+    assert "confiture.py deploy --env prod --yes" in _help(capsys, "deploy")
 
 
 def test_usage_error_is_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

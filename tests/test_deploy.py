@@ -201,9 +201,13 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=lambda: results.append(cli("deploy", cwd=project.root)))
                for _ in range(2)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.3)
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while not pg.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND classid = %s::oid", params=(LOCK_CLASS,)):  # the first one holds it
+        assert time.monotonic() < deadline, "the first deploy never took its lock"
+        time.sleep(0.02)
+    threads[1].start()
     for thread in threads:
         thread.join()
     codes = sorted(r.returncode for r in results)
@@ -276,6 +280,45 @@ def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Pro
                          "PGPASSFILE": str(passfile)})
         assert third.returncode == 0, third.stderr
         assert pg_remote.scalar("SELECT count(*) FROM confiture_migrations", db=db) == 3
+    finally:
+        pg_remote.drop_dbs_with_prefix(project.name)
+        pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_no_secret_from_the_config_is_written_under_the_state_folder(
+        pg_remote: Cluster, project: Project, cli: Any) -> None:
+    """A password written literally in a 0600 confiture.toml (and a literal sync key) stays
+    there: after config check, scan, migrate, status, diff and backup, no file under .confiture/
+    holds either (the parsed-config cache once copied the whole text into a 0644 file)."""
+    role, password = "secret_" + secrets.token_hex(3), "pw-" + secrets.token_hex(12)
+    key = "key-" + secrets.token_hex(12)
+    db = project.name + "_remote"
+    pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
+        sql.Identifier(role), sql.Literal(password)))
+    try:
+        url = (f"postgresql://{role}:{password}@127.0.0.1:{pg_remote.tcp_port}/{db}"
+               "?sslmode=disable")
+        project.config_path.write_text(project.config_path.read_text()
+                                       + f'\n[env.remote]\nurl = "{url}"\n'
+                                       + f'\n[sync]\nfrom = "remote"\nto = "local"\nkey = "{key}"\n')
+        project.config_path.chmod(0o600)
+        leaked = project.write(".confiture/cache/confiture.toml.json", f'{{"text": "{url}"}}')
+        migration(project, "001_a", "CREATE TABLE a (id int);\n")
+        pg_remote.query(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(db), sql.Identifier(role)))
+        env = {"PGHOST": None, "PGPORT": None, "PGUSER": None}
+        for words in (["config", "check"], ["scan", "--env", "remote"],
+                      ["migrate", "up", "--env", "remote"], ["status", "--env", "remote"],
+                      ["diff", "--env", "remote"], ["backup", "--env", "remote"],
+                      ["sync", "rules"]):
+            done = cli(*words, cwd=project.root, env=env)
+            assert done.returncode in (0, 3), (words, done.stderr)
+        assert not leaked.exists()  # an earlier version's copy is deleted
+        written = [path for path in (project.root / ".confiture").rglob("*") if path.is_file()]
+        assert any(path.suffix == ".dump" for path in written)  # the runs did write there
+        for path in written:
+            data = path.read_bytes()
+            assert password.encode() not in data and key.encode() not in data, path
     finally:
         pg_remote.drop_dbs_with_prefix(project.name)
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -599,6 +599,7 @@ def test_diff_works_when_its_caches_cannot_be_written(pg: Any, project: Any, cli
     folders are made unusable by putting files where they should be)."""
     assert cli("reset", cwd=project.root).returncode == 0
     state = project.root / ".confiture"
+    state.mkdir(exist_ok=True)  # no run creates it before its first cache (no config copy there)
     (state / "drift").write_text("not a folder\n")
     shutil.rmtree(state / "cache", ignore_errors=True)
     (state / "cache").write_text("not a folder either\n")

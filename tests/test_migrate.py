@@ -499,6 +499,12 @@ def _running(pg: Any, db: str, fragment: str) -> bool:
                           "AND query LIKE %s AND state = 'active'", params=(db, f"%{fragment}%")))
 
 
+def _lock_pollers(pg: Any, db: str) -> int:
+    """Sessions whose last query (idle or not: pg_stat_activity keeps it) tried an advisory lock."""
+    return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                          "AND query LIKE '%%pg_try_advisory_lock%%'", params=(db,)))
+
+
 def _sessions(pg: Any, db: str) -> int:
     return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                          "AND application_name = 'confiture'", params=(db,)))
@@ -555,8 +561,9 @@ def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: 
         blocker.execute("SELECT 1")
         holder = _start(project, pg, "migrate", "up")
         _wait_for(lambda: _running(pg, db, "CREATE INDEX CONCURRENTLY"))
+        pollers = _lock_pollers(pg, db)
         waiter = _start(project, pg, "migrate", "up")
-        time.sleep(1.0)  # the waiter polls the lock meanwhile
+        _wait_for(lambda: _lock_pollers(pg, db) > pollers)  # the waiter polls the lock meanwhile
         assert waiter.poll() is None and holder.poll() is None
         blocker.rollback()
     assert holder.wait(timeout=60) == 0, holder.stderr.read()  # type: ignore[union-attr]

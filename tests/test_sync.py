@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -209,6 +210,24 @@ def test_rule_parsing_and_errors() -> None:
     with pytest.raises(confiture.ConfigError) as info:
         confiture.parse_rule("emial", "x")
     assert info.value.hint == "did you mean 'email'?"
+
+
+def test_every_registered_rule_reads_back_what_sync_rules_prints() -> None:
+    """One registry entry per rule: its written form parses, prints back the same, and has an
+    SQL expression for a column it accepts."""
+    samples = {"value": 7, "sql": "upper(x)", "int_range": [1, 5], "shift_days": 3,
+               "name": "last"}
+    text = confiture.Column("c", "text", "text", "S", -1, False, False, False, True)
+    for name, kind in confiture.RULE_KINDS.items():
+        forms: list[Any] = ([name] if kind.bare else []) + \
+            ([{name: samples[name]}] if kind.read_arg else [])
+        assert forms, name
+        for form in forms:
+            rule = confiture.parse_rule(form, "x")
+            assert confiture.parse_rule(tomllib.loads(f"v = {rule.toml()}")["v"],
+                                        "x") == rule, name
+            if confiture.rule_applies(rule, text) is None:
+                assert "::text" in confiture.rule_sql(rule, text, "s.c", "s.h") or name == "keep"
 
 
 def test_most_specific_pattern_wins_and_ties_are_errors() -> None:
