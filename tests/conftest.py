@@ -3,15 +3,19 @@
 - `pg`: session cluster `test` (env CONFITURE_TEST_CLUSTER overrides the name); stopped at the
   end unless CONFITURE_KEEP_CLUSTER=1.
 - `pg_remote`: session cluster `remote`, also listening on 127.0.0.1:<free port> (password auth).
-- `cli(*args, cwd=…)`: runs `python confiture.py ARGS` with the `pg` cluster's PG* variables.
+- `cli(*args, cwd=…)`: runs `python -m confiture ARGS` (cached bytecode) with the `pg`
+  cluster's PG* variables.
 - `project`: a scratch project (db/ layout + confiture.toml) whose databases are dropped afterwards.
+
+Under pytest-xdist (`-n 2`, not a requirement) every worker gets clusters of its own, named
+after the worker id (`test-gw0`, `remote-gw0`, …).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -20,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import confiture`
 
 from helpers import (
-    CONFITURE,
+    CliRunner,
     Cluster,
     Project,
     clean_environ,
+    compile_confiture,
+    confiture_argv,
+    confiture_environ,
     free_tcp_port,
     make_project,
     start_cluster,
@@ -31,9 +38,7 @@ from helpers import (
     write_config,
 )
 
-__all__ = ["Cluster", "Project", "write_config"]
-
-CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+__all__ = ["CliRunner", "Cluster", "Project", "write_config"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,14 +47,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a corpus-sized run (tens of seconds)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def confiture_bytecode() -> None:
+    """confiture.py compiled once for the session's CLI runs (see helpers.confiture_argv)."""
+    compile_confiture()
+
+
 def _keep_clusters() -> bool:
     return os.environ.get("CONFITURE_KEEP_CLUSTER") == "1"
+
+
+def _cluster_name(variable: str, default: str) -> str:
+    """The cluster named by `variable` or `default`; under pytest-xdist one per worker
+    (`test-gw0`, `test-gw1`, …), so parallel workers never share databases, roles or locks."""
+    name = os.environ.get(variable) or default
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"{name}-{worker}" if worker else name
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[Cluster]:
     """The main test cluster (unix socket only)."""
-    name = os.environ.get("CONFITURE_TEST_CLUSTER") or "test"
+    name = _cluster_name("CONFITURE_TEST_CLUSTER", "test")
     cluster = start_cluster(name)
     yield cluster
     if not _keep_clusters():
@@ -59,7 +78,7 @@ def pg() -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def pg_remote() -> Iterator[Cluster]:
     """A second cluster that also listens on TCP 127.0.0.1:<tcp_port> with password auth."""
-    name = os.environ.get("CONFITURE_TEST_REMOTE_CLUSTER") or "remote"
+    name = _cluster_name("CONFITURE_TEST_REMOTE_CLUSTER", "remote")
     cluster = start_cluster(name, env={"PGDEV_LISTEN": "127.0.0.1",
                                        "PGDEV_PORT": str(free_tcp_port())})
     yield cluster
@@ -69,7 +88,8 @@ def pg_remote() -> Iterator[Cluster]:
 
 @pytest.fixture
 def cli(pg: Cluster) -> CliRunner:
-    """run(*args, cwd, env=None, input=None, timeout=120): confiture.py as users run it.
+    """run(*args, cwd, env=None, input=None, timeout=120): `python -m confiture ARGS` as users run
+    it (helpers.confiture_argv: the cached bytecode, not a compile of the file per run).
 
     The environment is os.environ minus PG*/CONFITURE_*, plus the `pg` cluster's PG* variables and
     NO_COLOR=1, plus `env` (a value of None removes the variable). stdin is empty unless `input`.
@@ -85,7 +105,7 @@ def cli(pg: Cluster) -> CliRunner:
             else:
                 full[key] = value
         return subprocess.run(
-            [sys.executable, str(CONFITURE), *map(str, args)], cwd=cwd, env=full, text=True,
+            confiture_argv(*args), cwd=cwd, env=confiture_environ(full), text=True,
             capture_output=True, input=input,
             stdin=subprocess.DEVNULL if input is None else None, timeout=timeout)
     return run

@@ -7,12 +7,18 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from helpers import CONFITURE, Cluster, Project, clean_environ
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+)
 
 PGBIN = os.environ.get("PGBIN") or subprocess.run(
     ["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() \
@@ -71,7 +77,7 @@ def backups_in(project: Project, env: str = "local") -> list[Path]:
     return sorted((project.root / ".confiture/backups" / env).glob("*.dump"))
 
 
-def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -93,7 +99,7 @@ def test_backup_writes_a_verified_dump_and_sidecar(pg: Cluster, project: Project
     assert {p.name for p in path.parent.iterdir()} == {path.name, path.name + ".json"}
 
 
-def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Project, cli: Any) -> None:
+def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -129,7 +135,7 @@ def test_round_trip_restores_identical_schema_and_data(pg: Cluster, project: Pro
 
 
 def test_corrupted_backup_is_refused_before_touching_the_target(pg: Cluster, project: Project,
-                                                                 cli: Any) -> None:
+                                                                 cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -159,7 +165,7 @@ def test_corrupted_backup_is_refused_before_touching_the_target(pg: Cluster, pro
 
 
 def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, project: Project,
-                                                             cli: Any) -> None:
+                                                             cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db, rows=150_000)
@@ -168,8 +174,8 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
     before, oid = checksums(pg, db), db_oid(pg, db)
     env = clean_environ()
     env.update(pg.env)
-    proc = subprocess.Popen([sys.executable, str(CONFITURE), "restore", "latest"],
-                            cwd=project.root, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(confiture_argv("restore", "latest"),
+                            cwd=project.root, env=confiture_environ(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)",
@@ -189,7 +195,7 @@ def test_restore_killed_with_sigkill_leaves_target_unchanged(pg: Cluster, projec
     assert pg.scalar("SELECT count(*) FROM orders", db=db) == 300_000
 
 
-def test_restore_refuses_other_sessions_unless_forced(pg: Cluster, project: Project, cli: Any) -> None:
+def test_restore_refuses_other_sessions_unless_forced(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db)
@@ -213,7 +219,7 @@ def _is_dead(conn: Any) -> bool:
     return False
 
 
-def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: Any) -> None:
+def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db("prod")
     pg.create_db(db)
     fill(pg, db)
@@ -228,7 +234,7 @@ def test_protected_restore_needs_yes(pg: Cluster, project: Project, cli: Any) ->
     assert pg.scalar("SELECT count(*) FROM orders", db=db) == 400
 
 
-def test_backups_list_and_prune(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backups_list_and_prune(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     fill(pg, db, rows=10)
@@ -253,7 +259,7 @@ def test_backups_list_and_prune(pg: Cluster, project: Project, cli: Any) -> None
     assert len([n for n in left if n.endswith(".dump") and n not in ("orphan.dump", "half.dump")]) == 1
 
 
-def test_backup_into_unwritable_folder_fails_clearly(pg: Cluster, project: Project, cli: Any) -> None:
+def test_backup_into_unwritable_folder_fails_clearly(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     project.write("not_a_folder", "a file where the backup folder should be\n")
@@ -276,15 +282,15 @@ def test_disk_full_during_backup_leaves_no_partial_file(pg: Cluster, project: Pr
     def limit_file_size() -> None:  # the dump hits the limit like a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    result = subprocess.run([sys.executable, str(CONFITURE), "backup"], cwd=project.root,
-                            env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
+    result = subprocess.run(confiture_argv("backup"), cwd=project.root,
+                            env=confiture_environ(env), capture_output=True, text=True, preexec_fn=limit_file_size)
     assert result.returncode == 1, result.stderr
     assert "pg_dump" in result.stderr and "Traceback" not in result.stderr
     folder = project.root / ".confiture/backups/local"
     assert list(folder.iterdir()) == []
 
 
-def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project, cli: Any) -> None:
+def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db())
     target = project.write("keep.dump", b"precious")
     result = cli("backup", "-o", str(target), cwd=project.root)
@@ -295,7 +301,7 @@ def test_existing_output_file_is_never_overwritten(pg: Cluster, project: Project
 
 
 def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, project: Project,
-                                                                 cli: Any) -> None:
+                                                                 cli: CliRunner) -> None:
     db = project.db()
     role = project.name + "_owner"
     pg.query(f'CREATE ROLE "{role}" LOGIN NOCREATEDB')
@@ -320,7 +326,7 @@ def test_restore_without_createdb_falls_back_to_one_transaction(pg: Cluster, pro
 
 
 def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, project: Project,
-                                                                  cli: Any) -> None:
+                                                                  cli: CliRunner) -> None:
     """Issue 11.8: a restore killed between CREATE DATABASE and its COMMENT leaves a database
     without a mark; its name alone makes it a leftover (a look-alike of another db is kept)."""
     import confiture
@@ -341,7 +347,7 @@ def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, p
 
 
 def test_two_restores_in_the_same_second_keep_both_replaced_databases(
-        pg: Cluster, project: Project, cli: Any, monkeypatch: Any) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, monkeypatch: Any) -> None:
     import confiture
 
     db = project.db()

@@ -6,17 +6,17 @@ The CLI runs as a subprocess (the `cli` fixture); outcomes are checked with psyc
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import CliRunner, Cluster, Project
-from helpers import CONFITURE, clean_environ
+from helpers import clean_environ, confiture_argv, confiture_environ
 
 # ── 11.13 config check fails on an unresolved ${VAR} ──────────────────────────────────────────
 
@@ -62,7 +62,7 @@ def test_config_check_env_limits_the_check(cli: CliRunner, project: Project, pg:
 
 def _start(project: Project, pg: Cluster, *args: str) -> subprocess.Popen[str]:
     env = {**clean_environ(), **pg.env, "NO_COLOR": "1"}
-    return subprocess.Popen([sys.executable, str(CONFITURE), *args], cwd=project.root, env=env,
+    return subprocess.Popen(confiture_argv(*args), cwd=project.root, env=confiture_environ(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -452,3 +452,19 @@ def test_no_connect_privilege_says_grant(cli: CliRunner, project: Project, pg: C
     finally:
         pg.drop_db(project.db())
         pg.query(f'DROP ROLE "{role}"')
+
+
+def test_a_session_whose_psql_died_before_the_first_write_says_why(tmp_path: Path) -> None:
+    """psql exits at once when no server listens; the first write then meets a broken pipe.
+    The error must still carry psql's reason and the server-down hint, not a bare 'psql exited'
+    (it did whenever psql lost the race with the first write: under load, or with xdist)."""
+    import confiture
+
+    tools = confiture.find_pg_tools()
+    conn = confiture.ConnInfo.parse(f"host={tmp_path} port=1 user=nobody", "test")
+    session = confiture.Client(tools, conn, {"PATH": os.environ.get("PATH", "")}).session("x")
+    session._proc.wait(timeout=30)  # dead before anything is written: the race made certain
+    with pytest.raises(confiture.ConnectionFailed) as caught:
+        session.execute("SELECT 1")
+    assert caught.value.reason == confiture.SERVER_DOWN, caught.value.message
+    assert "server running" in (caught.value.hint or ""), caught.value.hint

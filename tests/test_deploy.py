@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import CONFITURE, Cluster, Project, clean_environ
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+)
 from psycopg import sql
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
@@ -35,7 +42,25 @@ def migration(project: Project, label: str, up: str, no_transaction: bool = Fals
     project.write(f"db/migrations/{label}.down.sql", "SELECT 1;\n")
 
 
-def deployed(pg: Cluster, project: Project, cli: Any, env: str = "local") -> str:
+GATE = 424242  # an advisory lock the test holds to keep a migration running as long as needed
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after a generous `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def waiting_on_gate(pg: Cluster, db: str) -> bool:
+    """Is a session of `db` blocked on the GATE advisory lock?"""
+    return bool(pg.scalar("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                          "WHERE d.datname = %s AND l.locktype = 'advisory' AND NOT l.granted "
+                          "AND l.objid = %s", params=(db, GATE)))
+
+
+def deployed(pg: Cluster, project: Project, cli: CliRunner, env: str = "local") -> str:
     """A database at version 1 with data: first deploy, then rows inserted by the 'app'."""
     migration(project, "001_widgets_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
     project.write("db/schema/10_tables/10_widgets.sql",
@@ -48,7 +73,7 @@ def deployed(pg: Cluster, project: Project, cli: Any, env: str = "local") -> str
 
 
 def test_first_deploy_builds_without_seeds_and_baselines(pg: Cluster, project: Project,
-                                                         cli: Any) -> None:
+                                                         cli: CliRunner) -> None:
     project.write("db/seeds/dev/10_rows.sql", "INSERT INTO widgets VALUES (1, 'seed row');\n")
     migration(project, "001_a", "CREATE TABLE a (id int);\n")
     migration(project, "002_b", "CREATE TABLE b (id int);\n")
@@ -72,7 +97,7 @@ def test_first_deploy_builds_without_seeds_and_baselines(pg: Cluster, project: P
     assert again.returncode == 0 and "0 migration(s)" in again.stdout, again.stdout
 
 
-def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, cli: Any) -> None:
+def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert not pg.db_exists(project.db())
     result = cli("deploy", cwd=project.root)
     assert result.returncode == 0, result.stderr
@@ -80,7 +105,7 @@ def test_first_deploy_creates_a_missing_database(pg: Cluster, project: Project, 
 
 
 def test_deploy_applies_pending_migrations_and_records(pg: Cluster, project: Project,
-                                                       cli: Any) -> None:
+                                                       cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int DEFAULT 1;\n")
     result = cli("deploy", "--json", cwd=project.root)
@@ -95,7 +120,7 @@ def test_deploy_applies_pending_migrations_and_records(pg: Cluster, project: Pro
 
 
 def test_failing_transactional_migration_rolls_back_by_itself(pg: Cluster, project: Project,
-                                                              cli: Any) -> None:
+                                                              cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before, oid = checksums(pg, db), db_oid(pg, db)
     migration(project, "002_broken", "UPDATE widgets SET color = 'blue';\nSELECT 1 / 0;\n")
@@ -112,7 +137,7 @@ def test_failing_transactional_migration_rolls_back_by_itself(pg: Cluster, proje
 
 
 def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, project: Project,
-                                                                cli: Any) -> None:
+                                                                cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before_rows, before_schema = checksums(pg, db), schema_dump(pg, db)
     migration(project, "002_fine", "UPDATE widgets SET color = 'green';\n"
@@ -142,7 +167,7 @@ def test_failure_after_an_applied_migration_restores_the_backup(pg: Cluster, pro
     assert side_databases(pg, project, "restore") == []
 
 
-def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: Any) -> None:
+def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_wipe_colors", "UPDATE widgets SET color = NULL;\n")
@@ -159,7 +184,7 @@ def test_failing_verify_check_rolls_back(pg: Cluster, project: Project, cli: Any
 
 
 def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, project: Project,
-                                                                cli: Any) -> None:
+                                                                cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")
@@ -175,9 +200,15 @@ def test_unwritable_backup_folder_stops_deploy_before_migrating(pg: Cluster, pro
                      "table_name = 'widgets' AND column_name = 'size'", db=db) == 0
 
 
-def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, cli: Any) -> None:
+def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, cli: CliRunner) -> None:
+    # the history starts from widgets without color (the guard replays it before a first deploy)
+    project.write("db/baseline.sql", "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
     db = deployed(pg, project, cli, env="prod")
     migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")
+    project.write("db/schema/10_tables/10_widgets.sql", "CREATE TABLE widgets (id bigint PRIMARY KEY, "
+                  "label text NOT NULL, color text, size int);\n")
     before, backups = checksums(pg, db), sorted((project.root / ".confiture/backups/prod").glob("*"))
     refused = cli("deploy", "--env", "prod", cwd=project.root)
     assert refused.returncode == 4 and "--yes" in refused.stderr
@@ -193,23 +224,22 @@ def test_protected_deploy_needs_yes_and_a_backup(pg: Cluster, project: Project, 
     assert applied(pg, db) == [FIRST, (2, "applied")]
 
 
-def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: Any) -> None:
+def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     project.config_path.write_text(project.config_path.read_text()
                                    + '\n[migrations]\nlock_timeout = "1s"\n')
-    migration(project, "002_slow", "SELECT pg_sleep(3);\n")
+    # the first deploy's migration waits on a lock the test holds, until the second has given up
+    migration(project, "002_slow", f"SELECT pg_advisory_xact_lock({GATE});\n")
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [threading.Thread(target=lambda: results.append(cli("deploy", cwd=project.root)))
                for _ in range(2)]
-    threads[0].start()
-    deadline = time.monotonic() + 60
-    while not pg.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                        "AND classid = %s::oid", params=(LOCK_CLASS,)):  # the first one holds it
-        assert time.monotonic() < deadline, "the first deploy never took its lock"
-        time.sleep(0.02)
-    threads[1].start()
-    for thread in threads:
-        thread.join()
+    with pg.connect(db) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+        threads[0].start()
+        wait_until(lambda: waiting_on_gate(pg, db), "the first deploy to run its migration")
+        threads[1].start()
+        threads[1].join()
+    threads[0].join()
     codes = sorted(r.returncode for r in results)
     assert codes == [0, 5], [r.stderr for r in results]
     loser = next(r for r in results if r.returncode == 5)
@@ -225,7 +255,7 @@ def test_concurrent_deploys_wait_or_exit_5(pg: Cluster, project: Project, cli: A
 
 
 def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Project,
-                                                cli: Any) -> None:
+                                                cli: CliRunner) -> None:
     role, password = "deployer_" + secrets.token_hex(3), "pw-" + secrets.token_hex(12)
     db = project.name + "_remote"
     pg_remote.query(sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
@@ -286,7 +316,7 @@ def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Pro
 
 
 def test_no_secret_from_the_config_is_written_under_the_state_folder(
-        pg_remote: Cluster, project: Project, cli: Any) -> None:
+        pg_remote: Cluster, project: Project, cli: CliRunner) -> None:
     """A password written literally in a 0600 confiture.toml (and a literal sync key) stays
     there: after config check, scan, migrate, status, diff and backup, no file under .confiture/
     holds either (the parsed-config cache once copied the whole text into a 0644 file)."""
@@ -324,14 +354,14 @@ def test_no_secret_from_the_config_is_written_under_the_state_folder(
         pg_remote.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: Any) -> None:
+def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     before = checksums(pg, db)
     migration(project, "002_fine", "UPDATE widgets SET color = 'green';\n")
     migration(project, "003_slow", "SELECT pg_sleep(60);\n")
     env = clean_environ()
     env.update(pg.env, NO_COLOR="1")
-    proc = subprocess.Popen([sys.executable, str(CONFITURE), "deploy"], cwd=project.root, env=env,
+    proc = subprocess.Popen(confiture_argv("deploy"), cwd=project.root, env=confiture_environ(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "
@@ -349,7 +379,7 @@ def test_sigterm_during_deploy_rolls_back(pg: Cluster, project: Project, cli: An
     assert deploys(pg, db)[-1][0] == "rolled_back"
 
 
-def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: Any) -> None:
+def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = deployed(pg, project, cli)
     project.config_path.write_text(project.config_path.read_text()
                                    + "\n[deploy]\ndrift_check = true\n")

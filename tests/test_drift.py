@@ -7,14 +7,20 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import clean_environ
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+)
 from psycopg import sql
 
 import confiture
@@ -249,12 +255,12 @@ DRIFTS = {
 }
 
 
-def write_schema(project: Any) -> None:
+def write_schema(project: Project) -> None:
     for rel, text in SCHEMA.items():
         project.write(rel, text)
 
 
-def diff_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
+def diff_json(cli: CliRunner, project: Project, *args: str) -> tuple[int, dict[str, Any]]:
     result = cli("diff", "--json", *args, cwd=project.root)
     assert "Traceback" not in result.stderr
     assert result.stdout, result.stderr
@@ -262,7 +268,7 @@ def diff_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def rich_project(pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def rich_project(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     """One project with every object kind for all the drift cases: its template (and the
     cached dump of it) is built once; each case resets the database from it."""
     from helpers import make_project
@@ -274,7 +280,7 @@ def rich_project(pg: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.mark.parametrize("kind", list(DRIFTS))
-def test_drift_of_each_object_kind_is_reported(pg: Any, rich_project: Any, cli: Any,
+def test_drift_of_each_object_kind_is_reported(pg: Cluster, rich_project: Project, cli: CliRunner,
                                                kind: str) -> None:
     project = rich_project
     assert cli("reset", "--force", cwd=project.root).returncode == 0
@@ -290,7 +296,7 @@ def test_drift_of_each_object_kind_is_reported(pg: Any, rich_project: Any, cli: 
         assert report["differences"][0]["diff"].startswith("--- ddl")
 
 
-def test_identical_database_has_no_drift_and_output_is_stable(pg: Any, project: Any, cli: Any) -> None:
+def test_identical_database_has_no_drift_and_output_is_stable(pg: Cluster, project: Project, cli: CliRunner) -> None:
     write_schema(project)
     assert cli("reset", cwd=project.root).returncode == 0
     first = cli("diff", cwd=project.root)
@@ -306,7 +312,7 @@ def test_identical_database_has_no_drift_and_output_is_stable(pg: Any, project: 
     assert "3 difference(s): 1 added, 1 missing, 1 changed" in runs[0].stdout
 
 
-def test_privileges_and_owners_only_with_the_flag(pg: Any, project: Any, cli: Any) -> None:
+def test_privileges_and_owners_only_with_the_flag(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     role = project.name + "_reader"
     pg.query(f"CREATE ROLE {role}")
@@ -324,7 +330,7 @@ def test_privileges_and_owners_only_with_the_flag(pg: Any, project: Any, cli: An
         pg.query(f"DROP ROLE {role}")
 
 
-def test_confiture_tracking_tables_are_not_drift(pg: Any, project: Any, cli: Any) -> None:
+def test_confiture_tracking_tables_are_not_drift(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     pg.query("CREATE TABLE confiture_migrations (id serial PRIMARY KEY, version bigint UNIQUE, "
              "checksum text); CREATE INDEX ON confiture_migrations (checksum); "
@@ -334,7 +340,7 @@ def test_confiture_tracking_tables_are_not_drift(pg: Any, project: Any, cli: Any
     assert result.returncode == 0, result.stdout
 
 
-def test_schema_qualified_tracking_table_and_its_schema_are_ignored(pg: Any, project: Any, cli: Any) -> None:
+def test_schema_qualified_tracking_table_and_its_schema_are_ignored(pg: Cluster, project: Project, cli: CliRunner) -> None:
     text = project.config_path.read_text()
     project.config_path.write_text(text + '\n[migrations]\ntable = "ops.schema_log"\n')
     assert cli("reset", cwd=project.root).returncode == 0
@@ -343,7 +349,7 @@ def test_schema_qualified_tracking_table_and_its_schema_are_ignored(pg: Any, pro
     assert cli("diff", cwd=project.root).returncode == 0
 
 
-def test_against_another_env(pg: Any, project: Any, cli: Any) -> None:
+def test_against_another_env(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     template = pg.scalar("SELECT datname FROM pg_database WHERE datistemplate AND "
                          "starts_with(datname, %s)", params=(project.name + "_tpl_local_",))
@@ -363,7 +369,7 @@ def test_against_another_env(pg: Any, project: Any, cli: Any) -> None:
     assert cli("diff", "--against", "nowhere", cwd=project.root).returncode == 2
 
 
-def test_protected_env_is_compared_with_its_schema_only_template(pg: Any, project: Any, cli: Any) -> None:
+def test_protected_env_is_compared_with_its_schema_only_template(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/seeds/dev/10_rows.sql", "INSERT INTO widgets VALUES (1, 'seeded');\n")
     pg.create_db(project.db("prod"))
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)",
@@ -375,7 +381,7 @@ def test_protected_env_is_compared_with_its_schema_only_template(pg: Any, projec
     assert len(names) == 1
 
 
-def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, project: Any, cli: Any) -> None:
+def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     stale = project.name + "_scratch_deadbeef"  # left by a killed run
     pg.create_db(stale)
@@ -400,7 +406,7 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Any, proje
     assert len(dumps) == 1, dumps
 
 
-def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Any, project: Any, cli: Any) -> None:
+def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Cluster, project: Project, cli: CliRunner) -> None:
     """Kept dumps are written without fsync: after a crash one can exist empty or cut short.
     Trusting it would report every object as missing."""
     assert cli("reset", cwd=project.root).returncode == 0
@@ -416,13 +422,13 @@ def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Any, project: Any, cl
         assert "-- PostgreSQL database dump complete" in kept.read_text()  # kept again, whole
 
 
-def _templates(pg: Any, project: Any) -> list[tuple[str, bool, bool]]:
+def _templates(pg: Cluster, project: Project) -> list[tuple[str, bool, bool]]:
     return pg.query("SELECT datname, datistemplate, datallowconn FROM pg_database "
                     "WHERE starts_with(datname, %s) AND datistemplate", params=(project.name,))
 
 
 def test_first_diff_dumps_the_template_itself_and_closes_it_again(
-        pg: Any, project: Any, cli: Any) -> None:
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     code, first = diff_json(cli, project)
     assert code == 0 and first["cached"] is False
@@ -436,17 +442,23 @@ def test_first_diff_dumps_the_template_itself_and_closes_it_again(
     pg.query(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
     with pg.connect(name) as holder:
         holder.execute("SELECT 1")
-        clone = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "clone",
-                                  project.name + "_while_dumping"], cwd=project.root,
-                                 env={**clean_environ(), **pg.env, "NO_COLOR": "1"},
+        clone = subprocess.Popen(confiture_argv("clone", project.name + "_while_dumping"),
+                                 cwd=project.root,
+                                 env=confiture_environ({**clean_environ(), **pg.env,
+                                                        "NO_COLOR": "1"}),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s "
+                            "AND pid <> pg_backend_pid()",
+                            params=(f"CREATE DATABASE%{project.name}_while_dumping%",)):
+            assert clone.poll() is None and time.monotonic() < deadline, clone.communicate()
+            time.sleep(0.02)  # until the clone's CREATE DATABASE waits on the template
     out, err = clone.communicate(timeout=60)
     assert clone.returncode == 0, err
     assert pg.db_exists(project.name + "_while_dumping")
 
 
-def test_missing_database_and_dead_server_are_clear_errors(project: Any, cli: Any, tmp_path: Path) -> None:
+def test_missing_database_and_dead_server_are_clear_errors(project: Project, cli: CliRunner, tmp_path: Path) -> None:
     missing = cli("diff", cwd=project.root)
     assert missing.returncode == 1
     assert project.db("local") in missing.stderr and "does not exist" in missing.stderr
@@ -462,7 +474,7 @@ def test_missing_database_and_dead_server_are_clear_errors(project: Any, cli: An
 
 @pytest.mark.skipif(not (CORPORA / "pagila").is_dir(),
                     reason=f"corpus not found at {CORPORA} (../shared/corpora from the repo)")
-def test_pagila_shows_no_drift_then_exactly_one_change(pg: Any, project: Any, cli: Any) -> None:
+def test_pagila_shows_no_drift_then_exactly_one_change(pg: Cluster, project: Project, cli: CliRunner) -> None:
     schema_file = CORPORA / "pagila" / "pagila-schema.sql"
     for path in (project.root / "db" / "schema").rglob("*.sql"):
         path.unlink()
@@ -490,13 +502,13 @@ needs_migrations = pytest.mark.skipif(not hasattr(confiture, "migrate_up"),
                                       reason="§8 migrations are not in this confiture.py yet")
 
 
-def no_scratch_left(pg: Any, project: Any) -> bool:
+def no_scratch_left(pg: Cluster, project: Project) -> bool:
     return not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
                         params=(project.name + "_scratch_",))
 
 
 @needs_migrations
-def test_diff_migrations_from_an_empty_database(pg: Any, project: Any, cli: Any) -> None:
+def test_diff_migrations_from_an_empty_database(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/migrations/20240101000000_widgets.up.sql",
                   "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
     project.write("db/migrations/20240201000000_index.up.sql",
@@ -517,7 +529,7 @@ def test_diff_migrations_from_an_empty_database(pg: Any, project: Any, cli: Any)
 
 
 @needs_migrations
-def test_diff_migrations_failure_names_the_migration(pg: Any, project: Any, cli: Any) -> None:
+def test_diff_migrations_failure_names_the_migration(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/migrations/20240101000000_bad.up.sql", "ALTER TABLE nowhere ADD COLUMN x int;\n")
     result = cli("diff", "--migrations", cwd=project.root)
     assert result.returncode == 1
@@ -525,7 +537,7 @@ def test_diff_migrations_failure_names_the_migration(pg: Any, project: Any, cli:
     assert no_scratch_left(pg, project)
 
 
-def example_project(pg: Any, project: Any) -> None:
+def example_project(pg: Cluster, project: Project) -> None:
     shutil.copytree(ROOT / "sql", project.root / "sql")
     text = project.config_path.read_text()
     text = text.replace('schema = ["db/schema"]', 'schema = ["sql/schema"]')
@@ -537,7 +549,7 @@ def example_project(pg: Any, project: Any) -> None:
 
 @needs_migrations
 @pytest.mark.skipif(not (ROOT / "sql" / "migrations").is_dir(), reason="no example in sql/")
-def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None:
+def test_diff_migrations_on_the_example(pg: Cluster, project: Project, cli: CliRunner) -> None:
     example_project(pg, project)
     # the example's migrations sit on top of a deployed schema: from nothing they cannot run
     empty = cli("diff", "--migrations", cwd=project.root)
@@ -574,12 +586,12 @@ def test_diff_migrations_on_the_example(pg: Any, project: Any, cli: Any) -> None
 
 
 @needs_migrations
-def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> None:
+def test_interrupted_diff_drops_its_scratch_database(pg: Cluster, project: Project) -> None:
     import signal
 
     project.write("db/migrations/20240101000000_slow.up.sql", "SELECT pg_sleep(60);\n")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "diff", "--migrations"],
-                            cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+    proc = subprocess.Popen(confiture_argv("diff", "--migrations"), cwd=project.root,
+                            env=confiture_environ({**clean_environ(), "NO_COLOR": "1"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not pg.scalar(
@@ -594,7 +606,7 @@ def test_interrupted_diff_drops_its_scratch_database(pg: Any, project: Any) -> N
     assert no_scratch_left(pg, project)
 
 
-def test_diff_works_when_its_caches_cannot_be_written(pg: Any, project: Any, cli: Any) -> None:
+def test_diff_works_when_its_caches_cannot_be_written(pg: Cluster, project: Project, cli: CliRunner) -> None:
     """A read-only or odd state folder costs time, never the run (tests run as root, so the
     folders are made unusable by putting files where they should be)."""
     assert cli("reset", cwd=project.root).returncode == 0
@@ -614,7 +626,7 @@ def test_diff_works_when_its_caches_cannot_be_written(pg: Any, project: Any, cli
 
 
 @pytest.fixture
-def readonly_prod(pg_remote: Any, project: Any) -> Iterator[dict[str, str]]:
+def readonly_prod(pg_remote: Any, project: Project) -> Iterator[dict[str, str]]:
     """The project's prod database on `pg_remote`, reached over TCP by a NOCREATEDB role that
     may only read it; yields the environment that points env.prod there (PROD_URL)."""
     role, password, db = project.name + "_ro", "ro-secret", project.db("prod")
@@ -638,8 +650,8 @@ def _databases(cluster: Any) -> set[str]:
     return {row[0] for row in cluster.query("SELECT datname FROM pg_database")}
 
 
-def test_protected_env_is_inspected_with_a_read_only_role(pg: Any, pg_remote: Any, project: Any,
-                                                          cli: Any, readonly_prod: Any) -> None:
+def test_protected_env_is_inspected_with_a_read_only_role(pg: Cluster, pg_remote: Any, project: Project,
+                                                          cli: CliRunner, readonly_prod: Any) -> None:
     before = _databases(pg_remote)
     result = cli("--env", "prod", "diff", cwd=project.root, env=readonly_prod)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -664,8 +676,8 @@ def test_protected_env_is_inspected_with_a_read_only_role(pg: Any, pg_remote: An
     assert _databases(pg_remote) == before
 
 
-def test_protected_env_without_a_scratch_server_is_refused(pg: Any, pg_remote: Any, project: Any,
-                                                           cli: Any, readonly_prod: Any) -> None:
+def test_protected_env_without_a_scratch_server_is_refused(pg: Cluster, pg_remote: Any, project: Project,
+                                                           cli: CliRunner, readonly_prod: Any) -> None:
     text = project.config_path.read_text()
     project.config_path.write_text(text.replace('default_env = "local"', 'default_env = "prod"'))
     before_remote, before_local = _databases(pg_remote), _databases(pg)

@@ -6,16 +6,19 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+
+from helpers import CliRunner, Cluster, Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_migrate_up_on_protected_env_backs_up_first(pg: Any, project: Any, cli: Any) -> None:
+def test_migrate_up_on_protected_env_backs_up_first(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db("prod"))
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
     pg.query("INSERT INTO widgets VALUES (1, 'precious')", db=project.db("prod"))
     project.write("db/migrations/20240101000000_note.up.sql", "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",  # the DDL agrees (the guard checks it)
+                  "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL, note text);\n")
     refused = cli("--env", "prod", "migrate", "up", cwd=project.root)
     assert refused.returncode == 4
     assert not (project.root / ".confiture" / "backups" / "prod").exists()
@@ -34,14 +37,15 @@ def test_migrate_up_on_protected_env_backs_up_first(pg: Any, project: Any, cli: 
     assert len(list((project.root / ".confiture" / "backups" / "prod").glob("*.json"))) == 1
 
 
-def test_example_project_end_to_end(pg: Any, project: Any, cli: Any) -> None:
+def test_example_project_end_to_end(pg: Cluster, project: Project, cli: CliRunner) -> None:
     """sql/: build, reset, status, a deploy to the protected env, and drift against the DDL."""
     shutil.copytree(ROOT / "sql", project.root / "sql")
     text = project.config_path.read_text()
     for old, new in (('"db/schema"', '"sql/schema"'), ('"db/seeds"', '"sql/seeds"'),
                      ('"db/migrations"', '"sql/migrations"')):
         text = text.replace(old, new)
-    project.config_path.write_text(text)
+    # its migrations start from the schema production had before them (the guard replays them)
+    project.config_path.write_text(text + '\n[migrations]\nbaseline_schema = "sql/baseline.sql"\n')
     assert cli("reset", cwd=project.root).returncode == 0
     assert pg.scalar("SELECT count(*) FROM customers", db=project.db("local")) > 0
     status = cli("migrate", "status", "--check", cwd=project.root)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from helpers import Cluster, Project, unique_project_name, write_config
+from helpers import CliRunner, Cluster, Project, unique_project_name, write_config
 
 import confiture
 
@@ -226,7 +225,7 @@ def add_migration(project: Project, label: str, up: str) -> None:
     project.write(f"db/migrations/{label}.down.sql", "SELECT 1;\n")
 
 
-def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: Any) -> None:
+def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     with pg.connect(db) as conn:
@@ -257,7 +256,7 @@ def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: 
     assert "0 error(s)" in clean.stdout and "1 file(s)" in clean.stdout
 
 
-def test_lint_files_without_a_reachable_target(project: Project, cli: Any) -> None:
+def test_lint_files_without_a_reachable_target(project: Project, cli: CliRunner) -> None:
     add_migration(project, "001_a", "ALTER TABLE widgets ADD COLUMN c int DEFAULT random();\n")
     loose = project.write("loose.sql", "ALTER TABLE widgets ALTER COLUMN c SET NOT NULL;\n")
     # env local's database does not exist: no facts, every migration is linted
@@ -274,7 +273,7 @@ def test_lint_files_without_a_reachable_target(project: Project, cli: Any) -> No
 
 
 def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Project,
-                                                        cli: Any) -> None:
+                                                        cli: CliRunner) -> None:
     first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert first.returncode == 0, first.stderr
     db = project.db("prod")
@@ -290,6 +289,8 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
     assert pg.scalar("SELECT to_regclass('widgets') IS NOT NULL", db=db)
     add_migration(project, "001_drop", "-- confiture:allow drop-table replaced by gadgets\n"
                                        "DROP TABLE widgets;\n")
+    # the DDL agrees with the migrations (the guard checks it before a protected deploy)
+    project.write("db/schema/10_tables/10_widgets.sql", "-- widgets were replaced by gadgets\n")
     allowed = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert allowed.returncode == 0, allowed.stderr
     assert not pg.scalar("SELECT to_regclass('widgets') IS NOT NULL", db=db)
@@ -299,7 +300,7 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
                                    "line": 1}]}
 
 
-def test_unprotected_env_is_not_gated(pg: Cluster, project: Project, cli: Any) -> None:
+def test_unprotected_env_is_not_gated(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     pg.query("CREATE TABLE old (id int)", db=db)

@@ -4,7 +4,6 @@ lock; outcomes are checked with psycopg."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from helpers import CONFITURE, Cluster, Project, clean_environ, write_config
+from helpers import (
+    CliRunner,
+    Cluster,
+    Project,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+    write_config,
+)
 
 import confiture
 
@@ -51,7 +58,7 @@ def start_cli(pg: Cluster, project: Project, *args: str) -> subprocess.Popen[str
     env = clean_environ()
     env.update(pg.env)
     env["NO_COLOR"] = "1"
-    return subprocess.Popen([sys.executable, str(CONFITURE), *args], cwd=project.root, env=env,
+    return subprocess.Popen(confiture_argv(*args), cwd=project.root, env=confiture_environ(env),
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
 
@@ -124,7 +131,7 @@ def test_no_transaction_migration_resumes_at_the_timed_out_statement(
 
 
 def test_retries_exhausted_exit_5_nothing_applied(pg: Cluster, project: Project,
-                                                  cli: Any) -> None:
+                                                  cli: CliRunner) -> None:
     db = setup(pg, project, retries=1)
     add_migration(project, "001_color", "CREATE TABLE side (id int);\n"
                                         "ALTER TABLE widgets ADD COLUMN color text;\n")
@@ -153,13 +160,15 @@ def test_statement_lock_timeout_defaults(tmp_path: Path) -> None:
     assert timeouts_for("[migrations]\nstatement_lock_timeout = 0\n") == (None, None)
 
 
-def test_wait_for_quiet(pg: Cluster, project: Project, cli: Any) -> None:
+def test_wait_for_quiet(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = setup(pg, project)
     project.config_path.write_text(project.config_path.read_text()
                                    + 'lock_timeout = "1s"\n')
     add_migration(project, "001_t", "CREATE TABLE t (id int);\n")
     with holding(pg, db, "SELECT 1"):
-        time.sleep(0.6)
+        wait_for(lambda: pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                   "'blocker-app' AND now() - xact_start > interval '600 ms'"),
+                 "the blocker's transaction to be older than the quiet period")
         waited = cli("migrate", "up", "--wait-for-quiet", "0.5", cwd=project.root)
         assert waited.returncode == 5, waited.stderr
         assert "blocker-app" in waited.stderr and "older than 500 ms" in waited.stderr

@@ -6,12 +6,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import CliRunner, Cluster, Project, confiture_argv, confiture_environ
 
 import confiture
 
@@ -131,7 +131,7 @@ def test_parse_table_name() -> None:
         confiture.parse_table_name("a.b.c")
 
 
-def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(pg: Any) -> None:
+def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(pg: Cluster) -> None:
     """Pipelining: psql may have exited at a failing script before the next one is queued. The
     queueing must not fail on the closed pipe; waiting for the failed script reports its error."""
     conn = confiture.ConnInfo.parse(pg.url())
@@ -146,7 +146,7 @@ def test_a_script_queued_after_psql_stopped_reports_the_failure_that_stopped_it(
     assert session.closed
 
 
-def test_a_queued_script_s_error_is_not_taken_for_the_one_before(pg: Any) -> None:
+def test_a_queued_script_s_error_is_not_taken_for_the_one_before(pg: Cluster) -> None:
     """Pipelining: psql may have failed at the second script (and exited) before the first's
     answer is read; the error text belongs to the second, not to the first's answer."""
     conn = confiture.ConnInfo.parse(pg.url())
@@ -178,35 +178,35 @@ def test_a_pipeline_reads_every_answer_before_raising_and_names_the_failure(pg: 
 
 # ── helpers for the server tests ────────────────────────────────────────────────────────────
 
-def mig(project: Any, name: str, up: str, down: str | None = None) -> None:
+def mig(project: Project, name: str, up: str, down: str | None = None) -> None:
     project.write(f"db/migrations/{name}.up.sql", up)
     if down is not None:
         project.write(f"db/migrations/{name}.down.sql", down)
 
 
-def tracked(pg: Any, project: Any, table: str = "confiture_migrations") -> list[tuple[int, str]]:
+def tracked(pg: Cluster, project: Project, table: str = "confiture_migrations") -> list[tuple[int, str]]:
     if not pg.scalar(f"SELECT to_regclass('{table}') IS NOT NULL", db=project.db()):
         return []
     return [(int(v), how) for v, how in pg.query(f"SELECT version, how FROM {table} ORDER BY version",
                                                  db=project.db())]
 
 
-def exists(pg: Any, project: Any, relation: str) -> bool:
+def exists(pg: Cluster, project: Project, relation: str) -> bool:
     return bool(pg.scalar("SELECT to_regclass(%s) IS NOT NULL", db=project.db(), params=(relation,)))
 
 
 @pytest.fixture
-def db(pg: Any, project: Any) -> str:
+def db(pg: Cluster, project: Project) -> str:
     pg.create_db(project.db())
     return project.db()
 
 
-def add_config(project: Any, text: str) -> None:
+def add_config(project: Project, text: str) -> None:
     with open(project.config_path, "a", encoding="utf-8") as handle:
         handle.write("\n" + text + "\n")
 
 
-def schema_dump(pg: Any, project: Any) -> str:
+def schema_dump(pg: Cluster, project: Project) -> str:
     out = subprocess.run(["pg_dump", "-s", "-d", project.db()], env={**os.environ, **pg.env},
                          capture_output=True, text=True, check=True).stdout
     return "\n".join(l for l in out.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
@@ -214,7 +214,7 @@ def schema_dump(pg: Any, project: Any) -> str:
 
 # ── up: order, layouts, atomicity ───────────────────────────────────────────────────────────
 
-def test_up_applies_both_layouts_in_version_order(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_up_applies_both_layouts_in_version_order(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     project.write("db/migrations/2017-08-31-230457_second/up.sql",
                   "INSERT INTO seen VALUES ('second');\n")
     project.write("db/migrations/2017-08-31-230457_second/down.sql", "DELETE FROM seen WHERE x = 'second';\n")
@@ -234,7 +234,7 @@ def test_up_applies_both_layouts_in_version_order(pg: Any, project: Any, cli: An
     assert again.returncode == 0 and "nothing to apply" in again.stdout
 
 
-def test_failing_statement_leaves_neither_change_nor_row(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_failing_statement_leaves_neither_change_nor_row(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_ok", "CREATE TABLE ok_table (id int);\n")
     mig(project, "2_bad", "CREATE TABLE half (id int);\nINSERT INTO half VALUES (1);\n\n"
                           "SELECT 1 / 0;\nCREATE TABLE never (id int);\n")
@@ -250,7 +250,7 @@ def test_failing_statement_leaves_neither_change_nor_row(pg: Any, project: Any, 
 
 
 def test_transaction_control_and_concurrently_are_refused_before_anything_runs(
-        pg: Any, project: Any, cli: Any, db: str) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_fine", "CREATE TABLE fine (id int);\n")
     mig(project, "2_commits", "BEGIN;\nCREATE TABLE x (id int);\nCOMMIT;\n")
     result = cli("migrate", "up", cwd=project.root)
@@ -262,7 +262,7 @@ def test_transaction_control_and_concurrently_are_refused_before_anything_runs(
     assert "confiture:no-transaction" in result.stderr
 
 
-def test_no_transaction_failure_is_logged_and_resumed(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_no_transaction_failure_is_logged_and_resumed(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_table", "CREATE TABLE dup (x int);\nINSERT INTO dup VALUES (1), (1);\n")
     mig(project, "2_index", "-- confiture:no-transaction\n"
                             "CREATE TABLE side (id int);\n"
@@ -290,7 +290,7 @@ def test_no_transaction_failure_is_logged_and_resumed(pg: Any, project: Any, cli
 
 
 def test_interrupted_no_transaction_run_resumes_after_invalid_index_is_dropped(
-        pg: Any, project: Any, cli: Any, db: str) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     """Simulate a crash mid-CREATE INDEX CONCURRENTLY: progress says 1 of 2 done, an INVALID
     index with the statement's name exists. The next run drops it and resumes."""
     mig(project, "1_t", "CREATE TABLE t (x int);\nINSERT INTO t VALUES (1), (1);\n")
@@ -312,7 +312,7 @@ def test_interrupted_no_transaction_run_resumes_after_invalid_index_is_dropped(
 # ── checksums, missing files, verify and repair ────────────────────────────────────────────
 
 def test_changed_file_blocks_up_until_repair_and_crlf_is_not_a_change(
-        pg: Any, project: Any, cli: Any, db: str) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_a", "CREATE TABLE a (id int);\nCREATE TABLE b (id int);\n")
     assert cli("migrate", "up", cwd=project.root).returncode == 0
     project.write("db/migrations/1_a.up.sql", b"CREATE TABLE a (id int);\r\nCREATE TABLE b (id int);\r\n")
@@ -335,7 +335,7 @@ def test_changed_file_blocks_up_until_repair_and_crlf_is_not_a_change(
     assert log and log[0][0] == "checksum" and len(log[0][1]) == 64
 
 
-def test_missing_file_blocks_up_and_repair_forgets_it(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_missing_file_blocks_up_and_repair_forgets_it(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_a", "CREATE TABLE a (id int);\n")
     assert cli("migrate", "up", cwd=project.root).returncode == 0
     (project.root / "db/migrations/1_a.up.sql").unlink()
@@ -351,7 +351,7 @@ def test_missing_file_blocks_up_and_repair_forgets_it(pg: Any, project: Any, cli
 # ── down ────────────────────────────────────────────────────────────────────────────────────
 
 def test_down_reverts_newest_first_and_refuses_without_down_files(
-        pg: Any, project: Any, cli: Any, db: str) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
     mig(project, "2_b", "CREATE TABLE b (id int);\n")  # no down file
     mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE c;\n")
@@ -368,7 +368,7 @@ def test_down_reverts_newest_first_and_refuses_without_down_files(
     assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
 
 
-def test_down_stops_at_first_failing_down(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_down_stops_at_first_failing_down(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
     mig(project, "2_b", "CREATE TABLE b (id int);\n", "DROP TABLE b;\nDROP TABLE no_such_table;\n")
     mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE c;\n")
@@ -382,7 +382,7 @@ def test_down_stops_at_first_failing_down(pg: Any, project: Any, cli: Any, db: s
 
 # ── dry runs change nothing ─────────────────────────────────────────────────────────────────
 
-def test_dry_runs_leave_the_schema_byte_identical(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_dry_runs_leave_the_schema_byte_identical(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
     before = schema_dump(pg, project)
     dry = cli("migrate", "up", "--dry-run", cwd=project.root)
@@ -402,7 +402,7 @@ def test_dry_runs_leave_the_schema_byte_identical(pg: Any, project: Any, cli: An
 
 # ── baseline, protected envs, new ───────────────────────────────────────────────────────────
 
-def test_baseline_then_up(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_baseline_then_up(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     pg.query("CREATE TABLE a (id int); CREATE TABLE b (id int)", db=db)
     mig(project, "1_a", "CREATE TABLE a (id int);\n")
     mig(project, "2_b", "CREATE TABLE b (id int);\n")
@@ -415,9 +415,11 @@ def test_baseline_then_up(pg: Any, project: Any, cli: Any, db: str) -> None:
     assert tracked(pg, project) == [(1, "baseline"), (2, "baseline"), (3, "applied")]
 
 
-def test_protected_env_needs_yes(pg: Any, project: Any, cli: Any) -> None:
+def test_protected_env_needs_yes(pg: Cluster, project: Project, cli: CliRunner) -> None:
     pg.create_db(project.db("prod"))
     mig(project, "1_a", "CREATE TABLE a (id int);\n")
+    (project.root / "db/schema/10_tables/10_widgets.sql").unlink()  # the DDL agrees (the guard)
+    project.write("db/schema/10_tables/10_a.sql", "CREATE TABLE a (id int);\n")
     refused = cli("migrate", "up", "--env", "prod", cwd=project.root)
     assert refused.returncode == 4 and "--yes" in refused.stderr
     assert cli("migrate", "up", "--env", "prod", "--dry-run", cwd=project.root).returncode == 0
@@ -426,7 +428,7 @@ def test_protected_env_needs_yes(pg: Any, project: Any, cli: Any) -> None:
     assert pg.scalar("SELECT to_regclass('a') IS NOT NULL", db=project.db("prod"))
 
 
-def test_new_creates_timestamped_pair(project: Any, cli: Any) -> None:
+def test_new_creates_timestamped_pair(project: Project, cli: CliRunner) -> None:
     result = cli("migrate", "new", "Add user e-mail", cwd=project.root)
     assert result.returncode == 0, result.stderr
     up, down = result.stdout.split()
@@ -434,7 +436,7 @@ def test_new_creates_timestamped_pair(project: Any, cli: Any) -> None:
     assert down == up.replace(".up.sql", ".down.sql") and (project.root / down).is_file()
 
 
-def test_schema_qualified_tracking_table(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_schema_qualified_tracking_table(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     add_config(project, '[migrations]\ntable = "ops.schema_history"')
     mig(project, "1_a", "SET search_path = '';\nCREATE TABLE public.a (id int);\n")
     mig(project, "2_b", "CREATE TABLE b (id int);\n")
@@ -446,7 +448,7 @@ def test_schema_qualified_tracking_table(pg: Any, project: Any, cli: Any, db: st
 
 # ── locking, concurrency, interruption ──────────────────────────────────────────────────────
 
-def test_lock_timeout_names_the_holder(pg: Any, project: Any, cli: Any, db: str) -> None:
+def test_lock_timeout_names_the_holder(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     add_config(project, '[migrations]\nlock_timeout = "1s"')
     mig(project, "1_a", "CREATE TABLE a (id int);\n")
     with pg.connect(db) as holder:
@@ -460,14 +462,14 @@ def test_lock_timeout_names_the_holder(pg: Any, project: Any, cli: Any, db: str)
 
 
 @pytest.mark.parametrize("runs", [2, 8])
-def test_concurrent_runs_apply_each_migration_once(pg: Any, project: Any, db: str, runs: int,
+def test_concurrent_runs_apply_each_migration_once(pg: Cluster, project: Project, db: str, runs: int,
                                                    tmp_path: Path) -> None:
     mig(project, "1_hits", "CREATE TABLE hits (version int);\nINSERT INTO hits VALUES (1);\n")
     for v in range(2, 7):
         mig(project, f"{v}_hit", f"INSERT INTO hits VALUES ({v});\nSELECT pg_sleep(0.05);\n")
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "migrate", "up"],
-                              cwd=project.root, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(confiture_argv("migrate", "up"),
+                              cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(runs)]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
     assert all(code == 0 for code, _ in results), results
@@ -480,11 +482,11 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE_"))}
 
 
-def _start(project: Any, pg: Any, *args: str) -> subprocess.Popen[str]:
+def _start(project: Project, pg: Cluster, *args: str) -> subprocess.Popen[str]:
     env = {**_clean_env(), **pg.env, "NO_COLOR": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), *args], cwd=project.root,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(confiture_argv(*args), cwd=project.root,
+                            env=confiture_environ(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for(predicate: Any, timeout: float = 30) -> None:
@@ -494,23 +496,23 @@ def _wait_for(predicate: Any, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def _running(pg: Any, db: str, fragment: str) -> bool:
+def _running(pg: Cluster, db: str, fragment: str) -> bool:
     return bool(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                           "AND query LIKE %s AND state = 'active'", params=(db, f"%{fragment}%")))
 
 
-def _lock_pollers(pg: Any, db: str) -> int:
+def _lock_pollers(pg: Cluster, db: str) -> int:
     """Sessions whose last query (idle or not: pg_stat_activity keeps it) tried an advisory lock."""
     return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                           "AND query LIKE '%%pg_try_advisory_lock%%'", params=(db,)))
 
 
-def _sessions(pg: Any, db: str) -> int:
+def _sessions(pg: Cluster, db: str) -> int:
     return int(pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                          "AND application_name = 'confiture'", params=(db,)))
 
 
-def test_killed_client_leaves_nothing_half_recorded(pg: Any, project: Any, db: str) -> None:
+def test_killed_client_leaves_nothing_half_recorded(pg: Cluster, project: Project, db: str) -> None:
     mig(project, "1_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(1.5);\n"
                            "CREATE TABLE slow_two (id int);\n")
     proc = _start(project, pg, "migrate", "up")
@@ -523,7 +525,7 @@ def test_killed_client_leaves_nothing_half_recorded(pg: Any, project: Any, db: s
     assert pg.scalar(f"SELECT pg_try_advisory_lock({LOCK_SQL})", db=db)
 
 
-def test_sigterm_rolls_back_the_running_migration(pg: Any, project: Any, db: str) -> None:
+def test_sigterm_rolls_back_the_running_migration(pg: Cluster, project: Project, db: str) -> None:
     mig(project, "1_fast", "CREATE TABLE fast (id int);\n")
     mig(project, "2_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(30);\n")
     proc = _start(project, pg, "migrate", "up")
@@ -535,7 +537,7 @@ def test_sigterm_rolls_back_the_running_migration(pg: Any, project: Any, db: str
     assert exists(pg, project, "fast") and not exists(pg, project, "slow_one")
 
 
-def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Any, project: Any,
+def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Cluster, project: Project,
                                                                    db: str) -> None:
     """psql is handed the next migration while one runs; stopping the run must not let it run."""
     mig(project, "1_slow", "CREATE TABLE slow_one (id int);\nSELECT pg_sleep(30);\n")
@@ -551,7 +553,8 @@ def test_sigterm_runs_nothing_queued_behind_the_running_migration(pg: Any, proje
     assert not exists(pg, project, "queued_too")
 
 
-def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: Any, db: str) -> None:
+def test_waiting_run_does_not_block_create_index_concurrently(pg: Cluster, project: Project,
+                                                              db: str) -> None:
     add_config(project, '[migrations]\nlock_timeout = "60s"')
     mig(project, "1_big", "CREATE TABLE big (x int);\nINSERT INTO big SELECT generate_series(1, 1000);\n")
     mig(project, "2_cic", "-- confiture:no-transaction\nCREATE INDEX CONCURRENTLY big_x ON big (x);\n")
@@ -576,7 +579,7 @@ def test_waiting_run_does_not_block_create_index_concurrently(pg: Any, project: 
 
 # ── real world: 233 Diesel migrations from Lemmy ────────────────────────────────────────────
 
-def test_lemmy_migrations_up_and_down_to_the_upstream_bug(pg: Any, project: Any, cli: Any,
+def test_lemmy_migrations_up_and_down_to_the_upstream_bug(pg: Cluster, project: Project, cli: CliRunner,
                                                           db: str) -> None:
     if not LEMMY.is_dir():
         pytest.skip(f"corpus not found at {LEMMY} (shared/corpora beside the checkout)")
@@ -614,7 +617,7 @@ def test_versions_are_exact_integers_of_any_length(tmp_path: Path) -> None:
         confiture.parse_version("١٢")  # Arabic-Indic digits are not a version
 
 
-def _popx_history(project: Any, count: int) -> list[int]:
+def _popx_history(project: Project, count: int) -> list[int]:
     """`count` migrations with 20-digit versions (popx style), flat and folder layouts, some
     run without a transaction, some empty; each up records its version in `seen`."""
     versions = []
@@ -640,7 +643,7 @@ def _popx_history(project: Any, count: int) -> list[int]:
     return versions
 
 
-def test_a_300_migration_popx_history_goes_up_down_and_up_again(pg: Any, project: Any, cli: Any,
+def test_a_300_migration_popx_history_goes_up_down_and_up_again(pg: Cluster, project: Project, cli: CliRunner,
                                                                 db: str) -> None:
     versions = _popx_history(project, 300)
     # one shorter version: numeric order puts it first, text order would put it last
@@ -683,7 +686,7 @@ CREATE TABLE confiture_migrations_log (
 
 
 def test_tracking_table_of_an_earlier_version_is_read_as_is_and_upgraded_by_up(
-        pg: Any, project: Any, cli: Any, db: str) -> None:
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
     mig(project, "20240101000000_first", "CREATE TABLE first (id int);\n", "DROP TABLE first;\n")
     first = confiture.scan_migrations(project.root / "db" / "migrations").migrations[0]
     pg.query(_OLD_TRACKING_DDL, db=db)

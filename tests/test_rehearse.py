@@ -4,9 +4,8 @@ Checked with psycopg."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from helpers import Cluster, Project
+from helpers import CliRunner, Cluster, Project
 
 
 def add_migration(project: Project, label: str, up: str) -> None:
@@ -25,7 +24,7 @@ def column_type(pg: Cluster, db: str) -> str:
 
 
 def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: Project,
-                                                          cli: Any) -> None:
+                                                          cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
@@ -55,7 +54,7 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
 
 
 def test_rehearsal_of_a_failing_migration_reports_it_and_cleans_up(
-        pg: Cluster, project: Project, cli: Any) -> None:
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
@@ -71,7 +70,7 @@ def test_rehearsal_of_a_failing_migration_reports_it_and_cleans_up(
 
 
 def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, project: Project,
-                                                             cli: Any) -> None:
+                                                             cli: CliRunner) -> None:
     first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert first.returncode == 0, first.stderr
     db = project.db("prod")
@@ -94,7 +93,7 @@ def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, projec
                      "'widgets' AND column_name = 'color'", db=db) == 0
 
 
-def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, cli: Any) -> None:
+def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
@@ -112,7 +111,7 @@ def test_rehearsal_of_a_no_transaction_migration(pg: Cluster, project: Project, 
 
 
 def test_protected_rehearsal_runs_on_the_scratch_server(pg: Cluster, pg_remote: Cluster,
-                                                        project: Project, cli: Any) -> None:
+                                                        project: Project, cli: CliRunner) -> None:
     # prod lives on the `remote` cluster; the scratch server is default env local's (`pg`)
     config = project.config_path.read_text()
     project.config_path.write_text(config.replace(pg.url(project.db("prod")),
@@ -138,7 +137,7 @@ def test_protected_rehearsal_runs_on_the_scratch_server(pg: Cluster, pg_remote: 
 
 
 def test_rehearsal_refuses_meta_commands_before_copying(pg: Cluster, project: Project,
-                                                       cli: Any) -> None:
+                                                       cli: CliRunner) -> None:
     db = project.db()
     pg.create_db(db)
     add_migration(project, "001_shell", "\\! touch pwned\nSELECT 1;\n")

@@ -7,9 +7,9 @@ opt in. The CLI runs as a subprocess; psycopg and the file system are the oracle
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import CliRunner, Cluster, Project
 
 import confiture
 
@@ -91,14 +91,14 @@ def _marker(tmp_path: Path) -> Path:
     return tmp_path / "pwned"
 
 
-def _tables(pg: Any, db: str) -> list[str]:
+def _tables(pg: Cluster, db: str) -> list[str]:
     if not pg.db_exists(db):
         return []
     return [r[0] for r in pg.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
                                    "ORDER BY 1", db=db)]
 
 
-def test_schema_and_seed_files_are_refused_before_the_build(pg: Any, project: Any, cli: Any,
+def test_schema_and_seed_files_are_refused_before_the_build(pg: Cluster, project: Project, cli: CliRunner,
                                                             tmp_path: Path) -> None:
     marker = _marker(tmp_path)
     project.write("db/schema/20_evil.sql", f"CREATE TABLE evil (id int);\n\\! touch {marker}\n")
@@ -116,7 +116,7 @@ def test_schema_and_seed_files_are_refused_before_the_build(pg: Any, project: An
     assert not marker.exists() and not pg.db_exists(project.db())
 
 
-def test_seeds_may_copy_a_project_file_and_use_variables(pg: Any, project: Any, cli: Any) -> None:
+def test_seeds_may_copy_a_project_file_and_use_variables(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/seeds/dev/data/widgets.csv", "1,one\n2,two\n")
     project.write("db/seeds/dev/10_rows.sql",
                   "\\set label '''three'''\n"
@@ -129,7 +129,7 @@ def test_seeds_may_copy_a_project_file_and_use_variables(pg: Any, project: Any, 
 
 
 @pytest.mark.parametrize("no_transaction", [False, True])
-def test_migrations_are_refused_before_anything_runs(pg: Any, project: Any, cli: Any,
+def test_migrations_are_refused_before_anything_runs(pg: Cluster, project: Project, cli: CliRunner,
                                                      tmp_path: Path, no_transaction: bool) -> None:
     marker = _marker(tmp_path)
     head = "-- confiture:no-transaction\n" if no_transaction else ""
@@ -145,7 +145,7 @@ def test_migrations_are_refused_before_anything_runs(pg: Any, project: Any, cli:
     assert "fine" not in tables and "evil" not in tables, tables
 
 
-def test_down_migrations_are_refused_before_anything_runs(pg: Any, project: Any, cli: Any,
+def test_down_migrations_are_refused_before_anything_runs(pg: Cluster, project: Project, cli: CliRunner,
                                                           tmp_path: Path) -> None:
     marker = _marker(tmp_path)
     assert cli("reset", cwd=project.root).returncode == 0
@@ -159,8 +159,9 @@ def test_down_migrations_are_refused_before_anything_runs(pg: Any, project: Any,
     assert marker.exists() and "t" in _tables(pg, project.db())
 
 
-def test_every_down_of_a_run_is_checked_before_the_first_runs(pg: Any, project: Any,
-                                                               cli: Any, tmp_path: Path) -> None:
+def test_every_down_of_a_run_is_checked_before_the_first_runs(pg: Cluster, project: Project,
+                                                               cli: CliRunner,
+                                                               tmp_path: Path) -> None:
     """The guard is built once per run and applied to every file: a refused down behind a
     harmless one stops the run before either runs; an \\ir of a project file is allowed."""
     marker = _marker(tmp_path)
@@ -182,7 +183,7 @@ def test_every_down_of_a_run_is_checked_before_the_first_runs(pg: Any, project: 
     assert not {"t", "u"} & set(_tables(pg, project.db()))
 
 
-def test_deploy_verify_checks_are_refused_before_anything_runs(pg: Any, project: Any, cli: Any,
+def test_deploy_verify_checks_are_refused_before_anything_runs(pg: Cluster, project: Project, cli: CliRunner,
                                                                tmp_path: Path) -> None:
     marker = _marker(tmp_path)
     project.write("db/migrations/1_t.up.sql", "CREATE TABLE t (id int);\n")
@@ -193,7 +194,7 @@ def test_deploy_verify_checks_are_refused_before_anything_runs(pg: Any, project:
     assert not marker.exists() and "t" not in _tables(pg, project.db())
 
 
-def test_a_project_may_opt_in(pg: Any, project: Any, cli: Any, tmp_path: Path) -> None:
+def test_a_project_may_opt_in(pg: Cluster, project: Project, cli: CliRunner, tmp_path: Path) -> None:
     marker = _marker(tmp_path)
     project.write("db/seeds/dev/10_rows.sql", f"\\! touch {marker}\n")
     project.config_path.write_text(project.config_path.read_text().replace(

@@ -8,10 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import CONFITURE, Cluster
+from helpers import CONFITURE, CliRunner, Cluster, Project
 
 import confiture
 
@@ -108,7 +107,7 @@ def test_checksum_cache_is_used_only_while_files_are_unchanged(tmp_path: Path) -
 
 
 def test_migrate_status_sees_a_changed_migration_through_the_cache(
-        project: Any, cli: Any, pg: Cluster) -> None:
+        project: Project, cli: CliRunner, pg: Cluster) -> None:
     project.write("db/migrations/1_a.up.sql", "CREATE TABLE a (id int);\n")
     pg.query(f'CREATE DATABASE "{project.db("local")}"')
     assert cli("migrate", "up", cwd=project.root).returncode == 0
@@ -126,7 +125,7 @@ def test_migrate_status_sees_a_changed_migration_through_the_cache(
 
 # ── file-set scan cache (template names for diff and status) ──────────────────────────────
 
-def _scan_env(project: Any, age_s: float | None = 10) -> confiture.FileSet:
+def _scan_env(project: Project, age_s: float | None = 10) -> confiture.FileSet:
     config = confiture.load_config(project.config_path)
     cache = None
     if age_s is not None:
@@ -135,7 +134,7 @@ def _scan_env(project: Any, age_s: float | None = 10) -> confiture.FileSet:
     return confiture.scan_env(config, "local", cache=cache)
 
 
-def test_scan_cache_is_used_only_while_files_are_unchanged(project: Any) -> None:
+def test_scan_cache_is_used_only_while_files_are_unchanged(project: Project) -> None:
     path = project.root / "db/schema/10_tables/10_widgets.sql"
     truth = _scan_env(project, None)
     assert _scan_env(project) == truth
@@ -162,7 +161,7 @@ def test_scan_cache_is_used_only_while_files_are_unchanged(project: Any) -> None
 
 
 def test_diff_and_status_name_the_template_from_the_scan_cache_but_build_from_the_files(
-        project: Any, cli: Any, pg: Cluster) -> None:
+        project: Project, cli: CliRunner, pg: Cluster) -> None:
     path = project.root / "db/schema/10_tables/10_widgets.sql"
     assert cli("reset", cwd=project.root).returncode == 0
     truth = _scan_env(project)  # primes the cache as if the file were old

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import CliRunner, Cluster, Project
 
 import confiture
 
 GIT = shutil.which("git")
 
 
-def status_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]]:
+def status_json(cli: CliRunner, project: Project, *args: str) -> tuple[int, dict[str, Any]]:
     result = cli("status", "--json", *args, cwd=project.root)
     assert "Traceback" not in result.stderr
     return result.returncode, json.loads(result.stdout)
@@ -26,7 +27,7 @@ def status_json(cli: Any, project: Any, *args: str) -> tuple[int, dict[str, Any]
 # ── status ──────────────────────────────────────────────────────────────────────────────────
 
 
-def test_status_of_a_fresh_env_then_a_healthy_one(pg: Any, project: Any, cli: Any) -> None:
+def test_status_of_a_fresh_env_then_a_healthy_one(pg: Cluster, project: Project, cli: CliRunner) -> None:
     code, status = status_json(cli, project, "--check")
     assert code == 3
     assert status["server"]["reachable"] is True and status["db"]["exists"] is False
@@ -46,7 +47,7 @@ def test_status_of_a_fresh_env_then_a_healthy_one(pg: Any, project: Any, cli: An
     assert "attention  none" in text.stdout
 
 
-def test_status_check_flags_stale_template_and_drift(pg: Any, project: Any, cli: Any) -> None:
+def test_status_check_flags_stale_template_and_drift(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     pg.query("ALTER TABLE widgets ADD COLUMN extra int", db=project.db("local"))
     assert cli("status", "--check", cwd=project.root).returncode == 0  # drift not checked
@@ -59,7 +60,7 @@ def test_status_check_flags_stale_template_and_drift(pg: Any, project: Any, cli:
     assert any("stale" in item for item in status["attention"])
 
 
-def test_status_reads_backups_and_sync_reports(pg: Any, project: Any, cli: Any) -> None:
+def test_status_reads_backups_and_sync_reports(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("reset", cwd=project.root).returncode == 0
     folder = project.root / ".confiture" / "backups" / "local"
     folder.mkdir(parents=True)
@@ -95,7 +96,7 @@ def test_status_reads_backups_and_sync_reports(pg: Any, project: Any, cli: Any) 
     assert code == 0 and status["sync"]["ok"] is True
 
 
-def test_status_of_a_dead_server_is_clear(project: Any, cli: Any, tmp_path: Path) -> None:
+def test_status_of_a_dead_server_is_clear(project: Project, cli: CliRunner, tmp_path: Path) -> None:
     text = re.sub(r'(\[env\.local\]\nurl = )"[^"]*"',
                   r'\1"postgresql:///nowhere?host=%s&port=1"' % tmp_path,
                   project.config_path.read_text())
@@ -128,7 +129,7 @@ def make_core_checkout(where: Path) -> Path:
     return core
 
 
-def use_core_source(project: Any, core: Path, root: Path | None = None) -> None:
+def use_core_source(project: Project, core: Path, root: Path | None = None) -> None:
     root = root or project.root
     rel = os.path.relpath(core / "db", root)
     config = root / "confiture.toml"
@@ -140,7 +141,7 @@ def use_core_source(project: Any, core: Path, root: Path | None = None) -> None:
 
 
 @pytest.mark.skipif(GIT is None, reason="git is not installed")
-def test_sources_build_in_order_and_show_their_git_commit(pg: Any, project: Any, cli: Any,
+def test_sources_build_in_order_and_show_their_git_commit(pg: Cluster, project: Project, cli: CliRunner,
                                                           tmp_path: Path) -> None:
     core = make_core_checkout(tmp_path / "repos")
     git("init", "-q", "-b", "main", cwd=core)
@@ -179,7 +180,7 @@ def test_sources_build_in_order_and_show_their_git_commit(pg: Any, project: Any,
     assert detached is not None and detached.branch is None and detached.commit
 
 
-def test_hash_is_the_same_from_two_checkout_locations(project: Any, cli: Any,
+def test_hash_is_the_same_from_two_checkout_locations(project: Project, cli: CliRunner,
                                                       tmp_path: Path) -> None:
     core = make_core_checkout(tmp_path / "repos")
     use_core_source(project, core)
@@ -201,7 +202,7 @@ def test_hash_is_the_same_from_two_checkout_locations(project: Any, cli: Any,
 
 @pytest.mark.skipif(not hasattr(confiture, "migrate_up"),
                     reason="§8 migrations are not in this confiture.py yet")
-def test_status_check_counts_pending_and_changed_migrations(pg: Any, project: Any, cli: Any) -> None:
+def test_status_check_counts_pending_and_changed_migrations(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/migrations/20240101000000_gizmos.up.sql", "CREATE TABLE gizmos (id int);\n")
     assert cli("reset", cwd=project.root).returncode == 0
     code, status = status_json(cli, project, "--check")

@@ -24,7 +24,16 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from helpers import CONFITURE, ROOT, Cluster, clean_environ, write_config
+from helpers import (
+    CONFITURE,
+    ROOT,
+    Cluster,
+    build_template,
+    clean_environ,
+    confiture_argv,
+    confiture_environ,
+    write_config,
+)
 from psycopg import sql
 
 import confiture
@@ -150,31 +159,39 @@ key = "${{CONFITURE_SYNC_KEY}}"
             ) -> subprocess.CompletedProcess[str]:
         full = clean_environ()
         full.update({"NO_COLOR": "1", "CONFITURE_SYNC_KEY": KEY, **(env or {})})
-        return subprocess.run([sys.executable, str(CONFITURE), *args], cwd=self.root, env=full,
+        return subprocess.run(confiture_argv(*args), cwd=self.root, env=confiture_environ(full),
                               text=True, capture_output=True, stdin=subprocess.DEVNULL,
                               timeout=timeout)
 
     def popen(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         full = clean_environ()
         full.update({"NO_COLOR": "1", "CONFITURE_SYNC_KEY": KEY, **(env or {})})
-        return subprocess.Popen(list(argv), cwd=self.root, env=full, text=True,
+        return subprocess.Popen(list(argv), cwd=self.root, env=confiture_environ(full), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL)
 
 
+@pytest.fixture(scope="module")
+def sync_templates(pg: Cluster, pg_remote: Cluster) -> Iterator[tuple[str, str]]:
+    """(source template on `pg`: SCHEMA + DATA, target template on `pg_remote`: SCHEMA), built
+    once; every `sp` clones its two databases from them."""
+    source = build_template(pg, "sync_src", SCHEMA, DATA)
+    target = build_template(pg_remote, "sync_dst", SCHEMA)
+    yield source, target
+    pg.drop_db(source)
+    pg_remote.drop_db(target)
+
+
 @pytest.fixture
-def sp(tmp_path: Path, pg: Cluster, pg_remote: Cluster) -> Iterator[SyncProject]:
-    """Source database (schema + data) on `pg`, target database (schema only) on `pg_remote`."""
+def sp(tmp_path: Path, pg: Cluster, pg_remote: Cluster,
+       sync_templates: tuple[str, str]) -> Iterator[SyncProject]:
+    """Source database (schema + data) on `pg`, target database (schema only) on `pg_remote`,
+    each a clone of its template (sync_templates)."""
     name = "s_" + secrets.token_hex(4)
     project = SyncProject(root=tmp_path, name=name, source=pg, target=pg_remote,
                           src_db=f"{name}_src", dst_db=f"{name}_dst")
-    pg.create_db(project.src_db)
-    pg_remote.create_db(project.dst_db)
-    with pg.connect(project.src_db) as conn:
-        conn.execute(SCHEMA)
-        conn.execute(DATA)
-    with pg_remote.connect(project.dst_db) as conn:
-        conn.execute(SCHEMA)
+    pg.create_db(project.src_db, template=sync_templates[0])
+    pg_remote.create_db(project.dst_db, template=sync_templates[1])
     project.config()
     yield project
     pg.drop_db(project.src_db)
@@ -502,7 +519,7 @@ def test_key_never_reaches_query_text_activity_or_log(sp: SyncProject) -> None:
     inner, outer = confiture.hmac_pads(KEY.encode())
     sp.source.query(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(
         sql.Identifier(sp.src_db)))
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync")
+    proc = sp.popen(*confiture_argv("sync"))
     seen: list[str] = []
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")
@@ -532,7 +549,7 @@ def test_killed_mid_sync_leaves_the_target_unchanged(sp: SyncProject, how: int) 
                             '"users.code" = { sql = "slow(s.code)" }'))
     tmp = sp.root / "tmp"  # where the run keeps its named pipes (issue 11.12)
     tmp.mkdir()
-    proc = sp.popen(sys.executable, str(CONFITURE), "sync", env={"TMPDIR": str(tmp)})
+    proc = sp.popen(*confiture_argv("sync"), env={"TMPDIR": str(tmp)})
     try:
         wait_for(lambda: loading(sp, "users"), what="the users COPY")  # orders is loaded by now
     finally:

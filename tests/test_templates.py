@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import CliRunner, Cluster, Project, confiture_argv, confiture_environ
 
 import confiture
 
@@ -18,17 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPORA = ROOT.parent / "shared" / "corpora"
 
 
-def project_name(project: Any) -> str:
+def project_name(project: Project) -> str:
     return confiture.load_config(project.config_path).project
 
 
-def templates_of(pg: Any, project: Any) -> list[tuple[str, bool, bool]]:
+def templates_of(pg: Cluster, project: Project) -> list[tuple[str, bool, bool]]:
     return pg.query("SELECT datname, datistemplate, datallowconn FROM pg_database "
                     "WHERE starts_with(datname, %s) ORDER BY datname",
                     params=(project_name(project) + "_tpl_",))
 
 
-def test_template_is_built_once_and_published_atomically(pg: Any, project: Any, cli: Any) -> None:
+def test_template_is_built_once_and_published_atomically(pg: Cluster, project: Project, cli: CliRunner) -> None:
     first = cli("template", cwd=project.root)
     assert first.returncode == 0, first.stderr
     name = first.stdout.strip()
@@ -44,7 +43,7 @@ def test_template_is_built_once_and_published_atomically(pg: Any, project: Any, 
     assert pg.scalar("SELECT oid FROM pg_database WHERE datname = %s", params=(name,)) == oid
 
 
-def test_template_check_reports_staleness(pg: Any, project: Any, cli: Any) -> None:
+def test_template_check_reports_staleness(pg: Cluster, project: Project, cli: CliRunner) -> None:
     assert cli("template", "--check", cwd=project.root).returncode == 3
     assert cli("template", cwd=project.root).returncode == 0
     assert cli("template", "--check", cwd=project.root).returncode == 0
@@ -53,7 +52,7 @@ def test_template_check_reports_staleness(pg: Any, project: Any, cli: Any) -> No
     assert stale.returncode == 3 and "not built" in stale.stderr
 
 
-def test_sql_error_names_file_and_exact_line_and_leaves_nothing(pg: Any, project: Any, cli: Any) -> None:
+def test_sql_error_names_file_and_exact_line_and_leaves_nothing(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/schema/20_broken/10_bad.sql",
                   "CREATE TABLE fine (id int);\n\nCREATE TABLE broken (\n  id int,\n"
                   "  x nosuchtype\n);\n")
@@ -65,7 +64,7 @@ def test_sql_error_names_file_and_exact_line_and_leaves_nothing(pg: Any, project
     assert templates_of(pg, project) == []  # neither the template nor its _tmp
 
 
-def test_file_without_final_semicolon_or_newline(pg: Any, project: Any, cli: Any) -> None:
+def test_file_without_final_semicolon_or_newline(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/schema/20_x/1.sql", "CREATE TABLE no_semicolon (id int)")
     project.write("db/schema/20_x/2.sql", "CREATE TABLE after_it (id int);")
     assert cli("clone", project_name(project) + "_c", cwd=project.root).returncode == 0
@@ -74,7 +73,7 @@ def test_file_without_final_semicolon_or_newline(pg: Any, project: Any, cli: Any
     assert {"no_semicolon", "after_it"} <= tables
 
 
-def test_search_path_emptied_by_one_file_does_not_break_the_next(pg: Any, project: Any, cli: Any) -> None:
+def test_search_path_emptied_by_one_file_does_not_break_the_next(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/schema/20_x/1.sql",
                   "SELECT pg_catalog.set_config('search_path', '', false);\n"
                   "CREATE TABLE public.qualified (id int);\n")
@@ -83,7 +82,7 @@ def test_search_path_emptied_by_one_file_does_not_break_the_next(pg: Any, projec
     assert result.returncode == 0, result.stderr
 
 
-def test_clone_copies_schema_and_seeds(pg: Any, project: Any, cli: Any) -> None:
+def test_clone_copies_schema_and_seeds(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/schema/10_tables/50_items.sql",
                   "CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL);\n")
     project.write("db/seeds/common/10_items.sql",
@@ -99,7 +98,7 @@ def test_clone_copies_schema_and_seeds(pg: Any, project: Any, cli: Any) -> None:
     assert cli("clone", target, "--replace", cwd=project.root).returncode == 0
 
 
-def test_hostile_database_names_are_quoted(pg: Any, project: Any, cli: Any) -> None:
+def test_hostile_database_names_are_quoted(pg: Cluster, project: Project, cli: CliRunner) -> None:
     hostile = project_name(project) + "\"; DROP DATABASE postgres; --'"
     result = cli("clone", hostile, cwd=project.root)
     assert result.returncode == 0, result.stderr
@@ -111,7 +110,7 @@ def test_hostile_database_names_are_quoted(pg: Any, project: Any, cli: Any) -> N
         assert cli("clone", system, "--replace", cwd=project.root).returncode == 4
 
 
-def test_reset_recreates_and_respects_other_sessions(pg: Any, project: Any, cli: Any) -> None:
+def test_reset_recreates_and_respects_other_sessions(pg: Cluster, project: Project, cli: CliRunner) -> None:
     database = project_name(project) + "_local"
     assert cli("reset", cwd=project.root).returncode == 0
     with pg.connect(database) as conn:
@@ -123,7 +122,7 @@ def test_reset_recreates_and_respects_other_sessions(pg: Any, project: Any, cli:
     assert pg.scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'", db=database) == 0
 
 
-def test_reset_force_terminates_other_sessions(pg: Any, project: Any, cli: Any) -> None:
+def test_reset_force_terminates_other_sessions(pg: Cluster, project: Project, cli: CliRunner) -> None:
     database = project_name(project) + "_local"
     assert cli("reset", cwd=project.root).returncode == 0
     conn = pg.connect(database)
@@ -137,7 +136,7 @@ def test_reset_force_terminates_other_sessions(pg: Any, project: Any, cli: Any) 
             pass
 
 
-def test_reset_and_clone_refused_on_protected_env(pg: Any, project: Any, cli: Any) -> None:
+def test_reset_and_clone_refused_on_protected_env(pg: Cluster, project: Project, cli: CliRunner) -> None:
     result = cli("--env", "prod", "reset", cwd=project.root)
     assert result.returncode == 4 and "protected" in result.stderr
     assert not pg.db_exists(project_name(project) + "_prod")
@@ -145,7 +144,7 @@ def test_reset_and_clone_refused_on_protected_env(pg: Any, project: Any, cli: An
     assert over.returncode == 4 and "protected environment 'prod'" in over.stderr
 
 
-def test_dead_server_is_a_clear_error(project: Any, cli: Any, tmp_path: Path) -> None:
+def test_dead_server_is_a_clear_error(project: Project, cli: CliRunner, tmp_path: Path) -> None:
     text = project.config_path.read_text()
     import re
     text = re.sub(r'(\[env\.local\]\nurl = )"[^"]*"', r'\1"postgresql:///nowhere?host=%s&port=1"' % tmp_path, text)
@@ -155,12 +154,12 @@ def test_dead_server_is_a_clear_error(project: Any, cli: Any, tmp_path: Path) ->
     assert "cannot connect" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_concurrent_resets_build_once_and_both_succeed(pg: Any, project: Any, cli: Any) -> None:
+def test_concurrent_resets_build_once_and_both_succeed(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/seeds/dev/90_slow.sql", "SELECT pg_sleep(0.5);\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
     env.update(pg.env, NO_COLOR="1")
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "reset"],
-                              cwd=project.root, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(confiture_argv("reset"),
+                              cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -170,12 +169,12 @@ def test_concurrent_resets_build_once_and_both_succeed(pg: Any, project: Any, cl
     assert len(templates_of(pg, project)) == 1
 
 
-def test_killed_build_leaves_no_template_and_next_run_recovers(pg: Any, project: Any) -> None:
+def test_killed_build_leaves_no_template_and_next_run_recovers(pg: Cluster, project: Project) -> None:
     project.write("db/seeds/dev/90_slow.sql", "SELECT pg_sleep(30);\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
     env.update(pg.env)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "template"],
-                            cwd=project.root, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(confiture_argv("template"),
+                            cwd=project.root, env=confiture_environ(env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(n.endswith("_tmp") for n, _, _ in templates_of(pg, project)):
@@ -185,14 +184,14 @@ def test_killed_build_leaves_no_template_and_next_run_recovers(pg: Any, project:
     assert not [n for n, is_tpl, _ in templates_of(pg, project) if is_tpl]
     project.write("db/seeds/dev/90_slow.sql", "SELECT 1;\n")
     env.update(NO_COLOR="1")
-    done = subprocess.run([sys.executable, str(ROOT / "confiture.py"), "template"],
-                          cwd=project.root, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(confiture_argv("template"),
+                          cwd=project.root, env=confiture_environ(env), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     names = [n for n, _, _ in templates_of(pg, project)]
     assert len(names) == 1 and not names[0].endswith("_tmp")
 
 
-def test_templates_list_and_prune(pg: Any, project: Any, cli: Any) -> None:
+def test_templates_list_and_prune(pg: Cluster, project: Project, cli: CliRunner) -> None:
     for i in range(3):
         project.write("db/schema/10_tables/99_v.sql", f"CREATE TABLE v{i} (id int);\n")
         assert cli("template", cwd=project.root).returncode == 0
@@ -205,13 +204,13 @@ def test_templates_list_and_prune(pg: Any, project: Any, cli: Any) -> None:
     assert [n for n, _, _ in templates_of(pg, project)] == [newest]
 
 
-def current_template(project: Any) -> str:
+def current_template(project: Project) -> str:
     config = confiture.load_config(project.config_path)
     return confiture.template_name(config.project, "local", confiture.scan_env(config, "local").hash)
 
 
-def test_prune_keeps_the_current_template_whatever_the_clock_says(pg: Any, project: Any,
-                                                                  cli: Any) -> None:
+def test_prune_keeps_the_current_template_whatever_the_clock_says(pg: Cluster, project: Project,
+                                                                  cli: CliRunner) -> None:
     """Issue 11.5: builds within one second (same built_at) are ordered by their publishing
     transaction, and a template that matches the env's files is never pruned."""
     project.write("db/schema/10_tables/99_v.sql", "CREATE TABLE v (id int);\n")
@@ -245,7 +244,7 @@ def test_prune_keeps_the_current_template_whatever_the_clock_says(pg: Any, proje
     assert [n for n, _, _ in templates_of(pg, project)] == [second], newer
 
 
-def test_keep_setting_prunes_after_build(pg: Any, project: Any, cli: Any) -> None:
+def test_keep_setting_prunes_after_build(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.config_path.write_text(project.config_path.read_text() + "\n[templates]\nkeep = 1\n")
     for i in range(2):
         project.write("db/schema/10_tables/99_v.sql", f"CREATE TABLE w{i} (id int);\n")
@@ -254,7 +253,7 @@ def test_keep_setting_prunes_after_build(pg: Any, project: Any, cli: Any) -> Non
 
 
 @pytest.mark.skipif(not (CORPORA / "pagila").is_dir(), reason="shared/corpora/pagila not present")
-def test_pagila_builds_into_a_template_and_clones(pg: Any, project: Any, cli: Any) -> None:
+def test_pagila_builds_into_a_template_and_clones(pg: Cluster, project: Project, cli: CliRunner) -> None:
     schema = project.root / "db" / "schema"
     for path in schema.rglob("*.sql"):
         path.unlink()
@@ -274,7 +273,7 @@ def test_pagila_builds_into_a_template_and_clones(pg: Any, project: Any, cli: An
                      "WHERE c.relname = 'payment'", db=target) == 7
 
 
-def test_library_use_many_clones_over_one_session(pg: Any, project: Any) -> None:
+def test_library_use_many_clones_over_one_session(pg: Cluster, project: Project) -> None:
     """The pgtestdb-style path: a test suite imports confiture and clones per test."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
     environ.update(pg.env)
@@ -290,7 +289,7 @@ def test_library_use_many_clones_over_one_session(pg: Any, project: Any) -> None
         confiture.clone_database(ws, names[1])
 
 
-def test_library_build_records_migrations_as_the_cli_does(pg: Any, project: Any) -> None:
+def test_library_build_records_migrations_as_the_cli_does(pg: Cluster, project: Project) -> None:
     """A caller of ensure_template through open_workspace (no CLI wiring) gets the template's
     migration records too: a clone of it has them, how='build'."""
     project.write("db/migrations/20150100000001000000_networks.up.sql", "SELECT 1;\n")
@@ -305,7 +304,7 @@ def test_library_build_records_migrations_as_the_cli_does(pg: Any, project: Any)
         (20150100000001000000, "networks", "build")]
 
 
-def test_database_built_from_ddl_has_every_migration_recorded(pg: Any, project: Any, cli: Any) -> None:
+def test_database_built_from_ddl_has_every_migration_recorded(pg: Cluster, project: Project, cli: CliRunner) -> None:
     """The DDL is where the migrations lead: reset records them (how='build'), so a new
     migration can be applied to a dev database without losing its data."""
     project.write("db/migrations/20240101000000_widgets_note.up.sql",

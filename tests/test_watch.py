@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from helpers import CliRunner, Cluster, Project, confiture_argv, confiture_environ
 
 import confiture
 
@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class Watcher:
     """`confiture.py watch` in the background, its output collected line by line."""
 
-    def __init__(self, project: Any, *args: str) -> None:
+    def __init__(self, project: Project, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CONFITURE"))}
         env["NO_COLOR"] = "1"
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "watch", *args],
-                                     cwd=project.root, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(confiture_argv("watch", *args),
+                                     cwd=project.root, env=confiture_environ(env), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
@@ -55,7 +55,7 @@ class Watcher:
         return self.proc.wait(timeout=60)
 
 
-def tables(pg: Any, db: str) -> set[str]:
+def tables(pg: Cluster, db: str) -> set[str]:
     """Tables of `db`, or none while watch is between dropping and recreating it."""
     try:
         return {r[0] for r in pg.query("SELECT tablename FROM pg_tables "
@@ -64,7 +64,7 @@ def tables(pg: Any, db: str) -> set[str]:
         return set()
 
 
-def test_watch_rebuilds_on_change_and_survives_a_broken_file(pg: Any, project: Any) -> None:
+def test_watch_rebuilds_on_change_and_survives_a_broken_file(pg: Cluster, project: Project) -> None:
     db = project.db("local")
     watcher = Watcher(project, "--interval", "0.1")
     try:
@@ -88,14 +88,14 @@ def test_watch_rebuilds_on_change_and_survives_a_broken_file(pg: Any, project: A
     assert not any("Traceback" in l for l in watcher.err)
 
 
-def test_watch_stops_cleanly_on_sigterm(pg: Any, project: Any) -> None:
+def test_watch_stops_cleanly_on_sigterm(pg: Cluster, project: Project) -> None:
     watcher = Watcher(project, "--interval", "0.2")
     watcher.wait_for("watching", lambda: any("watching" in l for l in watcher.err))
     assert watcher.stop(signal.SIGTERM) == 0
     assert not any("Traceback" in l for l in watcher.err)
 
 
-def test_watch_is_refused_on_a_protected_env(project: Any, cli: Any) -> None:
+def test_watch_is_refused_on_a_protected_env(project: Project, cli: CliRunner) -> None:
     result = cli("--env", "prod", "watch", cwd=project.root)
     assert result.returncode == 4 and "protected" in result.stderr
 

@@ -1,0 +1,802 @@
+"""Derived migrations (§11 schema model and planner, §13 migrate generate / diff --sql).
+
+Pure planner tests build models by hand (no server). Round trips read real databases with the
+model, apply each plan to a copy and check zero difference both ways. The CLI tests run
+`migrate generate` and `diff --sql` as users do; outcomes are checked with psycopg."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import clean_environ
+
+import confiture
+from confiture import DbObject, SchemaModel, plan_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
+                            ROOT.parent.parent / "shared" / "corpora") if p.is_dir()),
+               ROOT.parent / "shared" / "corpora")
+
+
+# ── hand-built models ───────────────────────────────────────────────────────────────────────
+
+def model(*objects: DbObject) -> SchemaModel:
+    return SchemaModel(objects={o.key: o for o in objects})
+
+
+def table(name: str, depends: Sequence[str] = (), **facts: Any) -> DbObject:
+    base = {"relkind": "r", "persistence": "p", "rls": False, "force_rls": False,
+            "options": None, "partition_by": None, "bound": None, "parents": None}
+    return DbObject(kind="table", key=f"table public.{name}", schema="public", name=name,
+                    parent="", facts={**base, **facts}, depends=frozenset(depends))
+
+
+def column(tbl: str, name: str, type_: str = "integer", depends: Sequence[str] = (),
+           **facts: Any) -> DbObject:
+    base = {"type": type_, "notnull": False, "identity": "", "generated": "",
+            "expression": None, "collation": None}
+    return DbObject(kind="column", key=f"column public.{tbl}.{name}", schema="public", name=name,
+                    parent=f"table public.{tbl}", facts={**base, **facts},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def default(tbl: str, name: str, expr: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="default", key=f"default public.{tbl}.{name}", schema="public",
+                    name=name, parent=f"table public.{tbl}", facts={"expr": expr},
+                    depends=frozenset([f"table public.{tbl}", f"column public.{tbl}.{name}",
+                                       *depends]))
+
+
+def constraint(tbl: str, name: str, definition: str, type_: str = "c",
+               depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="constraint", key=f"constraint {name} on public.{tbl}", schema="public",
+                    name=name, parent=f"table public.{tbl}",
+                    facts={"type": type_, "def": definition},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def index(tbl: str, name: str, definition: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="index", key=f"index public.{name}", schema="public", name=name,
+                    parent=f"table public.{tbl}", facts={"def": definition},
+                    depends=frozenset([f"table public.{tbl}", *depends]))
+
+
+def view(name: str, definition: str, depends: Sequence[str] = ()) -> DbObject:
+    return DbObject(kind="view", key=f"view public.{name}", schema="public", name=name,
+                    parent="", facts={"relkind": "v", "def": definition, "options": None},
+                    depends=frozenset(depends))
+
+
+def function(signature: str, body: str, result: str = "integer") -> DbObject:
+    name = signature.split("(")[0]
+    return DbObject(kind="function", key=f"function public.{signature}", schema="public",
+                    name=name, parent="", facts={"prokind": "f", "result": result,
+                                                 "def": f"CREATE OR REPLACE FUNCTION public."
+                                                        f"{signature} {body}"})
+
+
+def sequence(name: str, owned_by: str | None = None) -> DbObject:
+    facts = {"type": "integer", "start": "1", "increment": "1", "min": "1",
+             "max": "2147483647", "cache": "1", "cycle": False, "owned_by": owned_by}
+    return DbObject(kind="sequence", key=f"sequence public.{name}", schema="public", name=name,
+                    parent="", facts=facts)
+
+
+def enum(name: str, *labels: str) -> DbObject:
+    facts = {"type": "e", "labels": list(labels), "attributes": None, "base": None,
+             "default": None, "notnull": False, "checks": None, "range": None}
+    return DbObject(kind="type", key=f"type public.{name}", schema="public", name=name,
+                    parent="", facts=facts)
+
+
+def sqls(plan: confiture.SchemaPlan) -> list[str]:
+    return [s.sql for s in plan.statements]
+
+
+def position(plan: confiture.SchemaPlan, fragment: str) -> int:
+    found = [i for i, s in enumerate(sqls(plan)) if fragment in s]
+    assert len(found) == 1, (fragment, sqls(plan))
+    return found[0]
+
+
+# ── the planner on pure models ──────────────────────────────────────────────────────────────
+
+def test_equal_models_plan_nothing() -> None:
+    one = model(table("t"), column("t", "id"))
+    plan = plan_schema(one, one)
+    assert plan.statements == () and plan.unsupported == () and plan.script() == ""
+
+
+def test_new_table_with_serial_column_creates_sequence_first_and_owns_it_last() -> None:
+    new = model(sequence("t_id_seq", owned_by="public.t.id"), table("t"),
+                column("t", "id", notnull=True),
+                default("t", "id", "nextval('public.t_id_seq'::regclass)",
+                        depends=["sequence public.t_id_seq"]),
+                column("t", "name", "text"))
+    plan = plan_schema(model(), new)
+    assert position(plan, "CREATE SEQUENCE public.t_id_seq") < position(plan, "CREATE TABLE")
+    create = sqls(plan)[position(plan, "CREATE TABLE")]
+    assert "id integer DEFAULT nextval('public.t_id_seq'::regclass) NOT NULL" in create
+    assert "name text" in create
+    assert sqls(plan)[-1] == "ALTER SEQUENCE public.t_id_seq OWNED BY public.t.id"
+    assert not plan.destructive
+    # and back: the table goes; the sequence it owns goes with it (IF EXISTS)
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.t", "DROP SEQUENCE IF EXISTS public.t_id_seq"]
+    assert [s.destructive for s in back.statements] == [True, True]
+
+
+def test_foreign_key_between_tables_created_in_the_same_plan() -> None:
+    pk = constraint("a", "a_pkey", "PRIMARY KEY (id)", "p")
+    fk = constraint("b", "b_a_fkey", "FOREIGN KEY (a_id) REFERENCES public.a(id)", "f",
+                    depends=[pk.key, "table public.a", "column public.a.id"])
+    new = model(table("b"), column("b", "a_id"), fk, table("a"), column("a", "id"), pk)
+    plan = plan_schema(model(), new)
+    assert position(plan, "CREATE TABLE public.a") < position(plan, "ADD CONSTRAINT a_pkey")
+    assert position(plan, "ADD CONSTRAINT a_pkey") < position(plan, "ADD CONSTRAINT b_a_fkey")
+    assert position(plan, "CREATE TABLE public.b") < position(plan, "ADD CONSTRAINT b_a_fkey")
+    # dropping both: the foreign key goes with its table, before the table it references
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.b", "DROP TABLE public.a"]
+
+
+def test_view_over_view_over_a_column_whose_type_changes() -> None:
+    def schema(type_: str) -> SchemaModel:
+        return model(table("t"), column("t", "x", type_),
+                     view("v1", "SELECT t.x FROM public.t;", ["table public.t", "column public.t.x"]),
+                     view("v2", "SELECT v1.x FROM public.v1;", ["view public.v1"]))
+    plan = plan_schema(schema("integer"), schema("bigint"))
+    assert sqls(plan) == [
+        "DROP VIEW public.v2", "DROP VIEW public.v1",
+        "ALTER TABLE public.t ALTER COLUMN x TYPE bigint",
+        "CREATE VIEW public.v1 AS\nSELECT t.x FROM public.t",
+        "CREATE VIEW public.v2 AS\nSELECT v1.x FROM public.v1"]
+    assert not plan.destructive  # integer → bigint keeps every value
+    narrowing = plan_schema(schema("bigint"), schema("integer"))
+    assert "ALTER TABLE public.t ALTER COLUMN x TYPE integer USING x::integer" in sqls(narrowing)
+    assert [s.sql for s in narrowing.destructive] == [
+        "ALTER TABLE public.t ALTER COLUMN x TYPE integer USING x::integer"]
+
+
+def test_partitioned_table_with_partitions_and_an_index() -> None:
+    parent = table("m", partition_by="RANGE (at)")
+    part = table("m_2024", depends=["table public.m"], parents=["public.m"],
+                 bound="FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    idx = index("m", "m_at_idx", "CREATE INDEX m_at_idx ON ONLY public.m USING btree (at)",
+                ["column public.m.at"])
+    new = model(part, parent, column("m", "at", "date", notnull=True), idx)
+    plan = plan_schema(model(), new)
+    assert sqls(plan) == [
+        'CREATE TABLE public.m (\n    at date NOT NULL\n) PARTITION BY RANGE (at)',
+        ("CREATE TABLE public.m_2024 PARTITION OF public.m FOR VALUES FROM ('2024-01-01') "
+        "TO ('2025-01-01')"),
+        "CREATE INDEX m_at_idx ON public.m USING btree (at)"]  # without ONLY: partitions too
+    back = plan_schema(new, model())
+    assert sqls(back) == ["DROP TABLE public.m_2024", "DROP TABLE public.m"]
+
+
+def test_function_used_by_a_default_and_a_check_changes_signature() -> None:
+    def schema(signature: str, call: str) -> SchemaModel:
+        f = function(signature, "RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+        return model(f, table("t"), column("t", "a"),
+                     default("t", "a", call, [f.key]),
+                     constraint("t", "t_a_check", f"CHECK ({call} > 0)", depends=[f.key]))
+    plan = plan_schema(schema("f(x integer)", "public.f(1)"),
+                       schema("f(x integer, y integer)", "public.f(1, 2)"))
+    assert position(plan, "DROP CONSTRAINT t_a_check") < position(plan, "DROP FUNCTION")
+    # the default changes in place, letting go of the old function before it is dropped
+    assert position(plan, "SET DEFAULT public.f(1, 2)") < \
+        position(plan, "DROP FUNCTION public.f(x integer)")
+    assert position(plan, "FUNCTION public.f(x integer, y integer)") < \
+        position(plan, "SET DEFAULT public.f(1, 2)")
+    assert position(plan, "FUNCTION public.f(x integer, y integer)") < \
+        position(plan, "ADD CONSTRAINT t_a_check")
+    assert plan.script().startswith("SET check_function_bodies = false;\n")
+
+
+def test_function_body_change_is_replaced_in_place() -> None:
+    old = model(function("f()", "RETURNS integer AS 'SELECT 1'"),
+                view("v", "SELECT public.f();", ["function public.f()"]))
+    new = model(function("f()", "RETURNS integer AS 'SELECT 2'"),
+                view("v", "SELECT public.f();", ["function public.f()"]))
+    assert sqls(plan_schema(old, new)) == [
+        "CREATE OR REPLACE FUNCTION public.f() RETURNS integer AS 'SELECT 2'"]
+    # a new result type cannot be replaced in place: the view over it goes and comes back
+    other = model(function("f()", "RETURNS bigint AS 'SELECT 2'", result="bigint"),
+                  view("v", "SELECT public.f();", ["function public.f()"]))
+    assert sqls(plan_schema(old, other)) == [
+        "DROP VIEW public.v", "DROP FUNCTION public.f()",
+        "CREATE OR REPLACE FUNCTION public.f() RETURNS bigint AS 'SELECT 2'",
+        "CREATE VIEW public.v AS\nSELECT public.f()"]
+
+
+def test_enum_labels_added_in_place_or_swapped_when_removed() -> None:
+    add = plan_schema(model(enum("mood", "sad", "happy")),
+                      model(enum("mood", "meh", "sad", "ok", "happy", "glad")))
+    assert sqls(add) == ["ALTER TYPE public.mood ADD VALUE 'meh' BEFORE 'sad'",
+                         "ALTER TYPE public.mood ADD VALUE 'ok' AFTER 'sad'",
+                         "ALTER TYPE public.mood ADD VALUE 'glad' AFTER 'happy'"]
+    def schema(*labels: str) -> SchemaModel:
+        return model(enum("mood", *labels), table("t"),
+                     column("t", "m", "public.mood", depends=["type public.mood"]),
+                     default("t", "m", "'sad'::public.mood", ["type public.mood"]))
+    swap = plan_schema(schema("sad", "happy", "ok"), schema("sad", "happy"))
+    assert sqls(swap) == [
+        "ALTER TABLE public.t ALTER COLUMN m DROP DEFAULT",
+        "ALTER TYPE public.mood RENAME TO mood__old",
+        "CREATE TYPE public.mood AS ENUM ('sad', 'happy')",
+        "ALTER TABLE public.t ALTER COLUMN m TYPE public.mood USING m::text::public.mood",
+        "DROP TYPE public.mood__old",
+        "ALTER TABLE public.t ALTER COLUMN m SET DEFAULT 'sad'::public.mood"]
+    assert swap.destructive  # rows holding 'ok' cannot convert
+
+
+def test_drops_are_destructive_and_look_alike_pairs_are_suggested_as_renames() -> None:
+    old = model(table("t"), column("t", "id"), column("t", "label", "text"))
+    new = model(table("t"), column("t", "id"), column("t", "title", "text"))
+    plan = plan_schema(old, new)
+    assert sqls(plan) == ["ALTER TABLE public.t DROP COLUMN label",
+                          "ALTER TABLE public.t ADD COLUMN title text"]
+    assert [s.sql for s in plan.destructive] == ["ALTER TABLE public.t DROP COLUMN label"]
+    assert plan.suggestions == ("--rename column:public.t.label=title",)
+    renamed = plan_schema(old, new, [confiture.parse_rename("column:t.label=title")])
+    assert sqls(renamed) == ["ALTER TABLE public.t RENAME COLUMN label TO title"]
+    tables = plan_schema(model(table("a"), column("a", "id")), model(table("b"), column("b", "id")))
+    assert tables.suggestions == ("--rename table:public.a=b",)
+    moved = plan_schema(model(table("a"), column("a", "id"), constraint("a", "a_pkey",
+                                                                        "PRIMARY KEY (id)", "p")),
+                        model(table("b"), column("b", "id"), constraint("b", "a_pkey",
+                                                                        "PRIMARY KEY (id)", "p")),
+                        [confiture.parse_rename("table:a=b")])
+    assert sqls(moved) == ["ALTER TABLE public.a RENAME TO b"]
+
+
+def test_rename_hints_are_checked() -> None:
+    for bad in ("table:a", "view:a=b", "column:a=b", "table:a.b.c=d"):
+        with pytest.raises(confiture.ConfigError):
+            confiture.parse_rename(bad)
+    plan = plan_schema(model(), model(), [confiture.parse_rename("table:nothere=x")])
+    assert plan.unsupported == ("--rename: no table public.nothere in the migrated schema",)
+
+
+def test_in_place_alterations_of_columns_tables_constraints_and_comments() -> None:
+    old = model(table("t"), column("t", "a", "character varying(10)"), column("t", "b"),
+                constraint("t", "t_b_check", "CHECK ((b > 0)) NOT VALID"),
+                sequence("s"))
+    new = model(table("t", rls=True, options=["fillfactor=70"]),
+                column("t", "a", "character varying(20)", notnull=True),
+                column("t", "b", identity="d"),
+                constraint("t", "t_b_check", "CHECK ((b > 0))"),
+                confiture.evolve(sequence("s"), facts={**sequence("s").facts, "increment": "5"},
+                                 comment="counts"))
+    assert sqls(plan_schema(old, new)) == [
+        "ALTER SEQUENCE public.s INCREMENT BY 5",
+        "COMMENT ON SEQUENCE public.s IS 'counts'",
+        "ALTER TABLE public.t ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE public.t SET (fillfactor=70)",
+        "ALTER TABLE public.t ALTER COLUMN a TYPE character varying(20)",
+        "ALTER TABLE public.t ALTER COLUMN a SET NOT NULL",
+        "ALTER TABLE public.t ALTER COLUMN b ADD GENERATED BY DEFAULT AS IDENTITY",
+        "ALTER TABLE public.t VALIDATE CONSTRAINT t_b_check"]
+
+
+def test_a_column_over_a_type_that_must_be_recreated_is_not_expressed() -> None:
+    def schema(subtype: str) -> SchemaModel:
+        facts = {"type": "r", "labels": None, "attributes": None, "base": None, "default": None,
+                 "notnull": False, "checks": None,
+                 "range": {"subtype": subtype, "canonical": None, "subdiff": None}}
+        rng = DbObject(kind="type", key="type public.r", schema="public", name="r", parent="",
+                       facts=facts)
+        return model(rng, table("t"), column("t", "span", "public.r", depends=[rng.key]))
+    plan = plan_schema(schema("integer"), schema("numeric"))
+    assert plan.unsupported == (
+        "column public.t.span: depends on type public.r, which must be dropped and created again",)
+
+
+def test_widening_type_changes() -> None:
+    assert confiture.widening("integer", "bigint")
+    assert confiture.widening("character varying(10)", "character varying(20)")
+    assert confiture.widening("character varying(10)", "text")
+    assert confiture.widening("numeric(10,2)", "numeric(12,2)")
+    assert not confiture.widening("numeric(10,2)", "numeric(10,3)")
+    assert not confiture.widening("bigint", "integer")
+    assert not confiture.widening("text", "character varying(10)")
+
+
+# ── round trips on a real server: plan, apply, compare (both ways) ─────────────────────────
+
+def read_model(pg: Any, db: str) -> SchemaModel:
+    env = {**os.environ, **pg.env}
+    with confiture.Session(confiture.find_pg_tools(env), confiture.ConnInfo(params=()), db,
+                           env) as session:
+        return confiture.read_schema_model(session)
+
+
+@pytest.fixture
+def roundtrip(pg: Any, project: Any) -> Iterator[Any]:
+    """roundtrip(before_sql, after_sql): plan before → after and after → before, apply each
+    to a copy, and return both plans once each leaves zero difference."""
+    def run(before: str, after: str) -> tuple[confiture.SchemaPlan, confiture.SchemaPlan]:
+        names = [f"{project.name}_{x}" for x in ("before", "after", "work")]
+        for name, text in zip(names, (before, after, before)):
+            pg.drop_db(name)
+            pg.create_db(name)
+            if text.strip():
+                pg.query(text, db=name)
+        old, new = read_model(pg, names[0]), read_model(pg, names[1])
+        up, down = plan_schema(old, new), plan_schema(new, old)
+        assert up.unsupported == () and down.unsupported == ()
+        for plan, db, target in ((up, names[2], new), (down, names[1], old)):
+            if plan.statements:
+                pg.query(plan.script(), db=db)
+            assert confiture.compare_models(target, read_model(pg, db)) == [], plan.script()
+        return up, down
+    yield run
+
+
+ROUND_TRIPS = {
+    "columns": (
+        ("CREATE TABLE t (id serial PRIMARY KEY, a varchar(10) NOT NULL DEFAULT 'x', b int,"
+        " c text COLLATE \"C\", d int GENERATED ALWAYS AS (b * 2) STORED, e text);"),
+        ("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, a text,"
+        " b bigint NOT NULL DEFAULT 0, c text, d int GENERATED ALWAYS AS (b * 3) STORED,"
+        " f jsonb DEFAULT '{}'::jsonb NOT NULL);")),
+    "constraints": (
+        ("CREATE TABLE p (id int PRIMARY KEY, code text UNIQUE);"
+        "CREATE TABLE c (id int, p_id int REFERENCES p, n int CHECK (n > 0));"),
+        ("CREATE EXTENSION IF NOT EXISTS btree_gist;"
+        "CREATE TABLE p (id int PRIMARY KEY, code text, UNIQUE (code, id));"
+        "CREATE TABLE c (id int PRIMARY KEY, p_id int REFERENCES p ON DELETE CASCADE"
+        " DEFERRABLE INITIALLY DEFERRED, n int, during tstzrange,"
+        " EXCLUDE USING gist (id WITH =, during WITH &&));"
+        "ALTER TABLE c ADD CONSTRAINT n_positive CHECK (n > 0) NOT VALID;")),
+    "indexes": (
+        "CREATE TABLE t (a int, b text, c jsonb); CREATE INDEX t_a ON t (a);",
+        ("CREATE TABLE t (a int, b text, c jsonb); CREATE UNIQUE INDEX t_a ON t (a) INCLUDE (b);"
+        "CREATE INDEX t_lower ON t (lower(b)) WHERE a > 0; CREATE INDEX t_c ON t USING gin (c);"
+        "CREATE INDEX t_b ON t (b text_pattern_ops DESC NULLS LAST);")),
+    "views": (
+        ("CREATE TABLE t (a int, b int); CREATE VIEW v AS SELECT a FROM t;"
+        "CREATE VIEW w AS SELECT a FROM v;"),
+        ("CREATE TABLE t (a bigint, b int); CREATE VIEW v WITH (security_barrier) AS"
+        " SELECT a, b FROM t; CREATE VIEW w AS SELECT a FROM v;"
+        "CREATE MATERIALIZED VIEW m AS SELECT a, count(*) FROM t GROUP BY a;"
+        "CREATE UNIQUE INDEX m_a ON m (a);")),
+    "routines and triggers": (
+        ("CREATE TABLE t (a int, touched timestamptz);"
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN NEW.touched := now(); RETURN NEW; END$$;"
+        "CREATE TRIGGER t_touch BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION touch();"),
+        ("CREATE TABLE t (a int, touched timestamptz);"
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
+        " SET search_path = pg_catalog AS $$BEGIN NEW.touched := clock_timestamp(); RETURN NEW;"
+        " END$$;"
+        "CREATE TRIGGER t_touch BEFORE INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION touch();"
+        "CREATE CONSTRAINT TRIGGER t_check AFTER INSERT ON t DEFERRABLE FOR EACH ROW"
+        " EXECUTE FUNCTION touch(); ALTER TABLE t DISABLE TRIGGER t_check;"
+        "CREATE PROCEDURE p(x int) LANGUAGE sql AS $$ SELECT x $$;"
+        "CREATE FUNCTION add(a int, b int DEFAULT 1) RETURNS int IMMUTABLE STRICT"
+        " LANGUAGE sql RETURN a + b;")),
+    "policies": (
+        "CREATE TABLE t (owner text, body text);",
+        ("CREATE TABLE t (owner text, body text); ALTER TABLE t ENABLE ROW LEVEL SECURITY;"
+        "ALTER TABLE t FORCE ROW LEVEL SECURITY;"
+        "CREATE POLICY mine ON t FOR SELECT TO PUBLIC USING (owner = current_user);"
+        "CREATE POLICY strict ON t AS RESTRICTIVE FOR INSERT WITH CHECK (body <> '');")),
+    "types": (
+        ("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE TYPE pair AS (a int, b text);"
+        "CREATE DOMAIN pos AS int CHECK (VALUE > 0);"
+        "CREATE TABLE t (m mood DEFAULT 'ok', ms mood[], p pair, n pos);"
+        "CREATE VIEW v AS SELECT m FROM t WHERE m <> 'sad';"),
+        ("CREATE TYPE mood AS ENUM ('sad', 'happy', 'glad'); CREATE TYPE pair AS (a int, c date);"
+        "CREATE DOMAIN pos AS int DEFAULT 1 NOT NULL CHECK (VALUE > 0) CHECK (VALUE < 100);"
+        "CREATE TYPE span AS RANGE (subtype = date);"
+        "CREATE TABLE t (m mood DEFAULT 'glad', ms mood[], p pair, n pos, s span);"
+        "CREATE VIEW v AS SELECT m FROM t WHERE m <> 'sad';")),
+    "partitions and inheritance": (
+        "CREATE TABLE parent (id int, note text); CREATE TABLE child (extra int) INHERITS (parent);",
+        ("CREATE TABLE parent (id int, note text); CREATE TABLE child (extra int) INHERITS (parent);"
+        "CREATE TABLE m (at date NOT NULL, v int) PARTITION BY RANGE (at);"
+        "CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')"
+        " PARTITION BY LIST (v);"
+        "CREATE TABLE m_2024_1 PARTITION OF m_2024 FOR VALUES IN (1);"
+        "CREATE TABLE m_rest PARTITION OF m DEFAULT; CREATE INDEX m_at ON m (at);"
+        "ALTER TABLE m ADD PRIMARY KEY (at, v);")),
+    "schemas, sequences, comments, storage": (
+        "CREATE SEQUENCE s; CREATE TABLE t (id int DEFAULT nextval('s'));",
+        ("CREATE SCHEMA app; COMMENT ON SCHEMA app IS 'the app';"
+        "CREATE SEQUENCE app.s AS bigint INCREMENT BY 10 START 100 CYCLE;"
+        "CREATE SEQUENCE s; CREATE TABLE t (id int DEFAULT nextval('s')) WITH (fillfactor = 80);"
+        "CREATE UNLOGGED TABLE app.cache (k text PRIMARY KEY);"
+        "COMMENT ON TABLE t IS 'things'; COMMENT ON COLUMN t.id IS 'its id';"
+        "CREATE STATISTICS app.st ON k, length(k) FROM app.cache;"
+        "CREATE RULE no_delete AS ON DELETE TO t DO INSTEAD NOTHING;"
+        "CREATE FUNCTION first_agg(anyelement, anyelement) RETURNS anyelement IMMUTABLE"
+        " LANGUAGE sql AS 'SELECT $1';"
+        "CREATE AGGREGATE first(anyelement) (SFUNC = first_agg, STYPE = anyelement);")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+def test_round_trip_on_a_real_server(roundtrip: Any, case: str) -> None:
+    before, after = ROUND_TRIPS[case]
+    up, down = roundtrip(before, after)
+    assert up.statements and down.statements
+    # and from nothing, and back to nothing
+    roundtrip("", after)
+
+
+def test_column_type_change_under_views_and_a_policy_keeps_the_data(pg: Any, project: Any,
+                                                                     roundtrip: Any) -> None:
+    before = ("CREATE TABLE t (x int, y text); CREATE VIEW v1 AS SELECT x FROM t;"
+              "CREATE VIEW v2 AS SELECT x FROM v1; ALTER TABLE t ENABLE ROW LEVEL SECURITY;"
+              "CREATE POLICY p ON t USING (x > 0); INSERT INTO t VALUES (1, 'a'), (2, 'b');")
+    after = before.replace("x int", "x bigint").replace("INSERT INTO t VALUES (1, 'a'), (2, 'b');", "")
+    up, _ = roundtrip(before, after)
+    assert [s.sql.split(" AS")[0] for s in up.statements][:3] == [
+        "DROP POLICY p ON public.t", "DROP VIEW public.v2", "DROP VIEW public.v1"]
+    work = f"{project.name}_work"
+    assert pg.query("SELECT x, y FROM t ORDER BY x", db=work) == [(1, "a"), (2, "b")]
+    assert pg.scalar("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                     "WHERE attrelid = 't'::regclass AND attname = 'x'", db=work) == "bigint"
+
+
+def test_pagila_from_an_empty_database_and_back(roundtrip: Any) -> None:
+    schema = CORPORA / "pagila" / "pagila-schema.sql"
+    if not schema.is_file():
+        pytest.skip(f"corpus not found at {schema}")
+    text = "\n".join(line for line in schema.read_text().splitlines()
+                     if not line.startswith("\\"))
+    up, down = roundtrip("", text)
+    assert len(up.statements) > 100
+    assert {s.sql.split()[0] for s in down.statements} == {"DROP"}
+
+
+# ── migrate generate and diff --sql, as users run them ─────────────────────────────────────
+
+def no_scratch_left(pg: Any, project: Any) -> bool:
+    return not pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))
+
+
+def migration_files(project: Any) -> list[str]:
+    return sorted(p.name for p in (project.root / "db/migrations").glob("*.sql"))
+
+
+WIDGETS_V1 = "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL\n);\n"
+
+
+def history(project: Any) -> None:
+    """One migration that creates the DDL's widgets table."""
+    project.write("db/migrations/20240101000000_widgets.up.sql", WIDGETS_V1)
+    project.write("db/migrations/20240101000000_widgets.down.sql", "DROP TABLE widgets;\n")
+
+
+def test_generate_writes_a_proved_pair_that_migrate_up_applies(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    history(project)
+    nothing = cli("migrate", "generate", "noop", cwd=project.root)
+    assert nothing.returncode == 0, nothing.stderr
+    assert "nothing to generate" in nothing.stdout
+    assert migration_files(project) == ["20240101000000_widgets.down.sql",
+                                        "20240101000000_widgets.up.sql"]
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    color text DEFAULT 'red' NOT NULL\n);\n"
+                  "CREATE INDEX widgets_color ON widgets (color);\n"
+                  "CREATE TABLE tags (widget_id bigint REFERENCES widgets, tag text);\n")
+    result = cli("migrate", "generate", "add color and tags", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    written = [line for line in result.stdout.splitlines() if line.endswith(".sql")]
+    assert len(written) == 2 and written[0].endswith("_add_color_and_tags.up.sql")
+    up = (project.root / written[0]).read_text()
+    assert "ALTER TABLE public.widgets ADD COLUMN color text DEFAULT 'red'::text NOT NULL;" in up
+    assert up.index("CREATE TABLE public.tags") < up.index("FOREIGN KEY (widget_id)")
+    assert "DROP TABLE public.tags;" in (project.root / written[1]).read_text()
+    assert no_scratch_left(pg, project)
+    # the migrations now build what the DDL builds; a database at the old version catches up
+    check = cli("diff", "--migrations", cwd=project.root)
+    assert check.returncode == 0, check.stdout + check.stderr
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "INSERT INTO widgets VALUES (1, 'one');", db=db)
+    assert cli("migrate", "baseline", "--to", "20240101000000", cwd=project.root).returncode == 0
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    assert pg.query("SELECT id, color FROM widgets", db=db) == [(1, "red")]
+    assert cli("migrate", "down", "--steps", "1", cwd=project.root).returncode == 0
+    assert pg.scalar("SELECT to_regclass('tags') IS NULL", db=db)
+    again = cli("migrate", "generate", "again", cwd=project.root)
+    assert "nothing to generate" in again.stdout
+
+
+def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, project: Any,
+                                                                 cli: Any) -> None:
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL\n);\n")
+    refused = cli("migrate", "generate", "retitle", cwd=project.root)
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "DROP COLUMN label" in refused.stderr
+    assert "--rename column:public.widgets.label=title" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert len(migration_files(project)) == 2
+    renamed = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=title",
+                  cwd=project.root)
+    assert renamed.returncode == 0, renamed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "ALTER TABLE public.widgets RENAME COLUMN label TO title;" in up
+    assert "DROP" not in up
+    down = next((project.root / "db/migrations").glob("*_retitle.down.sql")).read_text()
+    assert "RENAME COLUMN title TO label" in down
+    for path in (project.root / "db/migrations").glob("*_retitle.*"):
+        path.unlink()
+    allowed = cli("migrate", "generate", "retitle", "--allow-destructive", cwd=project.root)
+    assert allowed.returncode == 0, allowed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN label;" in up
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_writes_nothing_when_the_proof_fails(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    # a conversion no plan can know: integer codes become an enum's labels
+    project.write("db/migrations/20240102000000_state.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN state smallint;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TYPE state AS ENUM ('new', 'done');\n"
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    state state\n);\n")
+    result = cli("migrate", "generate", "state", "--allow-destructive", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "fails on a scratch copy" in result.stderr and "state" in result.stderr
+    assert "migrate new" in result.stderr and "Traceback" not in result.stderr
+    assert len(migration_files(project)) == 3
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_names_what_it_cannot_express(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    project.write("db/migrations/20240102000000_span.up.sql",
+                  "CREATE TYPE span AS RANGE (subtype = int4);\n"
+                  "ALTER TABLE widgets ADD COLUMN s span;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TYPE span AS RANGE (subtype = int8);\n"
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    s span\n);\n")
+    result = cli("migrate", "generate", "span", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cannot express: column public.widgets.s: depends on type public.span" in result.stderr
+    assert len(migration_files(project)) == 3
+    assert no_scratch_left(pg, project)
+
+
+def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "ALTER TABLE widgets ADD COLUMN stray int;", db=db)
+    result = cli("migrate", "generate", "tidy", "--from-env", "local", "--allow-destructive",
+                 cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    up = next((project.root / "db/migrations").glob("*_tidy.up.sql")).read_text()
+    assert "DROP COLUMN stray" in up and "env local" in up
+    assert pg.scalar("SELECT count(*) FROM pg_attribute WHERE attrelid = 'widgets'::regclass "
+                     "AND attname = 'stray'", db=db) == 1  # read-only
+    both = cli("migrate", "generate", "x", "--from-env", "local", "--base", "local",
+               cwd=project.root)
+    assert both.returncode == 2 and "--base" in both.stderr
+
+
+def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE widgets (id integer PRIMARY KEY, label text, junk int);"
+             "CREATE VIEW named AS SELECT id, label FROM widgets;", db=db)
+    result = cli("diff", "--sql", cwd=project.root)
+    assert result.returncode == 3, result.stderr
+    assert "ALTER TABLE public.widgets ALTER COLUMN id TYPE bigint;" in result.stdout
+    assert "DROP VIEW public.named;" in result.stdout
+    pg.query(result.stdout, db=db)
+    clean = cli("diff", "--sql", cwd=project.root)
+    assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
+    assert cli("diff", cwd=project.root).returncode == 0
+    wrong = cli("diff", "--sql", "--migrations", cwd=project.root)
+    assert wrong.returncode == 2 and "migrate generate" in wrong.stderr
+
+
+# ── fidelity on a real history: every step of Lemmy's 233 migrations ───────────────────────
+
+LEMMY = CORPORA / "lemmy-0.19.20" / "migrations"
+
+
+def psql_file(pg: Any, db: str, path: Path) -> None:
+    """Run a migration as psql -f does (autocommit statements: some need no transaction)."""
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(path)],
+                   env={**os.environ, **pg.env}, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_fidelity_on_lemmy_history(pg: Any, project: Any) -> None:
+    """For each migration: plan from the schema before it to the schema after it, apply the
+    plan to a database that tracks the history through plans only, compare. A failed step
+    re-syncs the tracking database from the replayed one."""
+    if not LEMMY.is_dir():
+        pytest.skip(f"corpus not found at {LEMMY}")
+    replayed, planned = f"{project.name}_replayed", f"{project.name}_planned"
+    pg.create_db(replayed)
+    pg.create_db(planned)
+    env = {**os.environ, **pg.env}
+    tools, conn = confiture.find_pg_tools(env), confiture.ConnInfo(params=())
+    sessions = {db: confiture.Session(tools, conn, db, env) for db in (replayed, planned)}
+    try:
+        before = confiture.read_schema_model(sessions[replayed])
+        failures: list[str] = []
+        steps = sorted(p for p in LEMMY.iterdir() if (p / "up.sql").is_file())
+        for step in steps:
+            psql_file(pg, replayed, step / "up.sql")
+            after = confiture.read_schema_model(sessions[replayed])
+            plan = plan_schema(before, after)
+            problem = "; ".join(plan.unsupported)
+            if not problem and plan.statements:
+                try:
+                    sessions[planned].execute(plan.script())
+                except confiture.SqlError as exc:
+                    problem = exc.message
+            if not problem:
+                left = confiture.compare_models(after,
+                                                confiture.read_schema_model(sessions[planned]))
+                problem = ", ".join(left[:3])
+            if problem:
+                failures.append(f"{step.name}: {problem}")
+                for session in sessions.values():
+                    session.close()
+                pg.drop_db(planned)
+                pg.create_db(planned, template=replayed)
+                sessions = {db: confiture.Session(tools, conn, db, env)
+                            for db in (replayed, planned)}
+            before = after
+    finally:
+        for session in sessions.values():
+            session.close()
+    share = 1 - len(failures) / len(steps)
+    print(f"lemmy: {len(steps) - len(failures)}/{len(steps)} steps reproduced ({share:.1%})")
+    print("\n".join(failures))
+    assert len(steps) == 233
+    assert share >= 0.95, failures
+
+
+def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
+        pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    CONSTRAINT label_short CHECK (length(label) < 100)\n);\n"
+                  "CREATE INDEX widgets_label ON widgets (label);\n"
+                  "CREATE TABLE tags (id int PRIMARY KEY, widget_id bigint REFERENCES widgets);\n"
+                  "CREATE INDEX tags_widget ON tags (widget_id);\n")
+    result = cli("migrate", "generate", "label index", "--online", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    folder = project.root / "db/migrations"
+    first = next(folder.glob("*_label_index.up.sql")).read_text()
+    second = next(folder.glob("*_label_index_concurrently.up.sql")).read_text()
+    assert "ADD CONSTRAINT label_short CHECK ((length(label) < 100)) NOT VALID;" in first
+    assert "CREATE INDEX tags_widget ON public.tags" in first  # a new table needs no care
+    assert "widgets_label" not in first
+    assert second.startswith("-- confiture:no-transaction\n")
+    assert "CREATE INDEX CONCURRENTLY widgets_label ON public.widgets" in second
+    assert "ALTER TABLE public.widgets VALIDATE CONSTRAINT label_short;" in second
+    assert "DROP INDEX CONCURRENTLY public.widgets_label;" in \
+        next(folder.glob("*_label_index_concurrently.down.sql")).read_text()
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1, db=db)
+    assert cli("migrate", "baseline", "--to", "20240101000000", cwd=project.root).returncode == 0
+    up = cli("migrate", "up", cwd=project.root)
+    assert up.returncode == 0, up.stderr
+    assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'widgets_label'::regclass",
+                     db=db)
+    assert pg.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'label_short'", db=db)
+    assert cli("diff", cwd=project.root).returncode == 0
+
+
+# ── the guard: a protected env is written only when the result equals the DDL's schema ────
+
+def test_guard_refuses_a_deploy_whose_migrations_disagree_with_the_ddl(
+        pg: Any, project: Any, cli: Any) -> None:
+    history(project)
+    first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert first.returncode == 0, first.stderr
+    assert "consistent with the DDL after migrations (1 applied to an empty database)" in \
+        first.stderr
+    db = project.db("prod")
+    # a migration whose object the DDL lacks: refused before anything is written
+    project.write("db/migrations/20240102000000_sizes.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN size int;\n")
+    backups = sorted((project.root / ".confiture/backups/prod").glob("*"))
+    for command in (["deploy"], ["migrate", "up"]):
+        refused = cli(*command, "--env", "prod", "--yes", cwd=project.root)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "would not match the DDL" in refused.stderr
+        assert "+ column public.widgets.size" in refused.stderr
+        assert "migrate generate" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted((project.root / ".confiture/backups/prod").glob("*")) == backups
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'size'", db=db) == 0
+    assert no_scratch_left(pg, project)
+    # the DDL catches up: the deploy goes through; an unprotected env is never checked
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    size integer\n"))
+    ok = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert ok.returncode == 0, ok.stderr
+    assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                     "'widgets' AND column_name = 'size'", db=db) == 1
+
+
+def test_guard_on_a_first_deploy_needs_a_replayable_history(pg: Any, project: Any,
+                                                             cli: Any) -> None:
+    # the history starts from a schema that existed before it
+    project.write("db/migrations/20240102000000_color.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN color text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    color text\n"))
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "do not replay from an empty database" in refused.stderr
+    assert 'baseline_schema = "db/baseline.sql"' in refused.stderr
+    assert not pg.db_exists(project.db("prod"))
+    project.write("db/baseline.sql", WIDGETS_V1)
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    ok = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert ok.returncode == 0, ok.stderr
+    assert "applied to baseline baseline.sql" in ok.stderr
+    # the verdict is kept while nothing it depends on changes
+    ws = confiture.workspace_for(project.config_path, env="prod",
+                                 environ={**os.environ, **pg.env})
+    pg.drop_db(project.db("prod"))
+    assert confiture.check_consistency(ws).cached
+    project.write("db/schema/10_tables/20_more.sql", "CREATE TABLE more (id int);\n")
+    verdict = confiture.check_consistency(ws)
+    assert not verdict.cached and verdict.differences == (
+        "- column public.more.id", "- table public.more")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + "\n[deploy]\nrequire_consistent = false\n")
+    unchecked = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "consistent with the DDL" not in unchecked.stderr
+
+
+def test_interrupted_generate_drops_every_scratch_database(pg: Any, project: Any) -> None:
+    """Ctrl-C while the plan is proved (two scratch databases at once: the replayed one and
+    its copy): exit 130, nothing written, nothing left."""
+    history(project)
+    project.write("db/schema/20_slow.sql",  # slow only where the proof applies it
+                  "CREATE MATERIALIZED VIEW slow AS SELECT CASE WHEN current_database() "
+                  "LIKE '%\\_scratch\\_%' THEN pg_sleep(60)::text END AS x;\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "confiture.py"), "migrate", "generate",
+                             "slow"], cwd=project.root, env={**clean_environ(), "NO_COLOR": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not pg.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+            "AND query LIKE '%%pg_sleep%%' AND pid <> pg_backend_pid()",
+            params=(project.name + "_scratch_",)):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    assert len(pg.query("SELECT datname FROM pg_database WHERE starts_with(datname, %s)",
+                        params=(project.name + "_scratch_",))) == 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert no_scratch_left(pg, project)
+    assert len(migration_files(project)) == 2
