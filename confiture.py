@@ -2352,6 +2352,25 @@ def _copy_unescape(field: str) -> str:
     return re.sub(r"\\(.)", lambda m: _COPY_ESCAPES.get(m.group(1), m.group(1)), field)
 
 
+def json_rows_sql(sql: str) -> str:
+    """A SELECT wrapped so that its rows come back as one JSON array (json_rows reads it)."""
+    return f"SELECT coalesce(json_agg(q), '[]') FROM ({sql.strip().rstrip(';')}) q"
+
+
+def json_rows(lines: Sequence[str]) -> list[dict[str, Any]]:
+    return json.loads("\n".join(lines)) if lines else []
+
+
+def copy_rows_sql(sql: str) -> str:
+    """A SELECT as COPY text rows (copy_rows reads them)."""
+    return f"COPY ({sql.strip().rstrip(';')}) TO STDOUT"
+
+
+def copy_rows(lines: Sequence[str]) -> list[list[str | None]]:
+    return [[None if f == "\\N" else _copy_unescape(f) if "\\" in f else f
+             for f in line.split("\t")] for line in lines]
+
+
 def psql_batch(statements: Sequence[str]) -> str:
     """Statements as one psql input that reaches the server as one Query message (one round
     trip instead of one per statement): psql's `\\;` joins them. Each ends with ';'."""
@@ -2590,18 +2609,33 @@ class Session:
             message += " (" + "; ".join(details) + ")"
         return SqlError(message, sqlstate=sqlstate)
 
+    def pipeline(self, statements: Sequence[str]) -> list[list[str]]:
+        """Run independent statements in one round trip: all are sent before any answer is
+        read (psql runs them in order). Their output lines, in order. Every answer is read
+        before a failure is raised (the session stays in step); as stderr cannot be told
+        apart between answers read ahead, the error carries all of it."""
+        for sql in statements:
+            self.submit(sql.strip().removesuffix(";") + ";")
+        answers, stderr, failure = [], [], None
+        for left in range(len(statements) - 1, -1, -1):
+            lines, sqlstate, failed, err = self._read_frame(None, ahead=left > 0)
+            answers.append(lines)
+            stderr.append(err)
+            if failed and failure is None:
+                failure = sqlstate
+        self.last_stderr = "".join(stderr)
+        if failure is not None:
+            raise self._sql_error(self.last_stderr, failure)
+        return answers
+
     def query(self, sql: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """Rows of a SELECT as dicts (through json_agg: safe for any value)."""
-        body = sql.strip().rstrip(";")
-        lines = self.execute(f"SELECT coalesce(json_agg(q), '[]') FROM ({body}) q", timeout)
-        return json.loads("\n".join(lines)) if lines else []
+        return json_rows(self.execute(json_rows_sql(sql), timeout))
 
     def rows(self, sql: str) -> list[list[str | None]]:
         """Rows of a SELECT as lists of text (None for NULL), through COPY's text format:
         several times cheaper than json_agg for thousands of rows, and as safe."""
-        lines = self.execute(f"COPY ({sql.strip().rstrip(';')}) TO STDOUT")
-        return [[None if f == "\\N" else _copy_unescape(f) if "\\" in f else f
-                 for f in line.split("\t")] for line in lines]
+        return copy_rows(self.execute(copy_rows_sql(sql)))
 
     def value(self, sql: str) -> Any:
         rows = self.query(sql)
@@ -2820,8 +2854,12 @@ def acquire_lock(session: Session, name: str, timeout: float, what: str,
         delay = min(delay * 1.5, 0.5)
 
 
+def release_lock_sql(name: str) -> str:
+    return f"SELECT pg_advisory_unlock({lock_key_sql(name)});"
+
+
 def release_lock(session: Session, name: str) -> None:
-    session.execute(f"SELECT pg_advisory_unlock({lock_key_sql(name)})")
+    session.execute(release_lock_sql(name))
 
 
 # ── the env's databases: workspace, admin session, existence, properties, sessions ──────
@@ -2981,12 +3019,15 @@ def _json_literal(value: Mapping[str, Any]) -> str:
 class TrackingTable:
     """The tracking table and its log in the database `session` is connected to,
     schema-qualified and quoted. `exists`/`has_log`: what resolve() found (ensure() makes
-    both true)."""
+    both true); `schema_exists` and the `version` column types (`table_type`, `log_type`)
+    are what ensure() needs to know, read by resolve() in the same round trip."""
 
     def __init__(self, session: Session, schema: str, table: str, exists: bool = True,
-                 has_log: bool = True) -> None:
+                 has_log: bool = True, schema_exists: bool = True,
+                 table_type: str | None = None, log_type: str | None = None) -> None:
         self.session, self.schema, self.table = session, schema, table
         self.exists, self.has_log = exists, has_log
+        self.schema_exists, self.table_type, self.log_type = schema_exists, table_type, log_type
 
     @property
     def qualified(self) -> str:
@@ -3003,8 +3044,8 @@ class TrackingTable:
     @classmethod
     def resolve(cls, session: Session, configured: str) -> TrackingTable:
         """Qualify the configured table (unqualified: where search_path finds it, else the
-        current schema); find whether it exists with our columns, and its log. One round
-        trip; nothing is created."""
+        current schema); find whether it exists with our columns, its log, and what ensure()
+        needs. One round trip; nothing is created."""
         schema, table = parse_table_name(configured)
         where = quote_literal(schema) if schema is not None else (
             "coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n "
@@ -3012,13 +3053,18 @@ class TrackingTable:
             f"{quote_literal(quote_ident(table))})), current_schema())")
         relation = ("FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                     "WHERE n.nspname = s.schema AND c.relname = ")
+        attributes = ("FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN "
+                      "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = s.schema "
+                      "AND a.attnum > 0 AND NOT a.attisdropped AND c.relname = ")
         row = session.query(
             f"SELECT s.schema, (SELECT coalesce(json_agg(a.attname::text), '[]') "
-            f"FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n "
-            f"ON n.oid = c.relnamespace WHERE n.nspname = s.schema AND c.relname = "
-            f"{quote_literal(table)} AND a.attnum > 0 AND NOT a.attisdropped) AS columns, "
-            f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log "
-            f"FROM (SELECT {where} AS schema) s")[0]
+            f"{attributes}{quote_literal(table)}) AS columns, "
+            f"EXISTS (SELECT 1 {relation}{quote_literal(table + '_log')}) AS log, "
+            "EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = s.schema) AS schema_exists, "
+            + ", ".join(f"(SELECT format_type(a.atttypid, a.atttypmod) {attributes}"
+                        f"{quote_literal(name)} AND a.attname = 'version') AS {alias}"
+                        for name, alias in ((table, "table_type"), (table + "_log", "log_type")))
+            + f" FROM (SELECT {where} AS schema) s")[0]
         if not row["schema"]:
             raise ConfigError("search_path names no existing schema for the tracking table",
                               hint="qualify [migrations] table, e.g. "
@@ -3032,28 +3078,20 @@ class TrackingTable:
                 hint="set [migrations] table to another name; to adopt a database migrated by "
                      "another tool, use 'confiture.py migrate baseline --to VERSION'")
         tracking.exists, tracking.has_log = bool(found), bool(row["log"])
+        tracking.schema_exists = bool(row["schema_exists"])
+        tracking.table_type, tracking.log_type = row["table_type"], row["log_type"]
         return tracking
 
     def ensure(self) -> None:
         """Create what is missing of the schema, the table and its log (the caller holds the
-        migration lock), and upgrade tables of earlier versions in place (_upgrade_sql), in
-        one transaction. Existing objects are otherwise left alone: CREATE SCHEMA IF NOT
-        EXISTS alone would need the CREATE privilege on the database even when it exists."""
-        def version_type(relation: str) -> str:
-            return (f"(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE "
-                    f"a.attrelid = to_regclass({quote_literal(relation)}) AND "
-                    "a.attname = 'version' AND NOT a.attisdropped)")
-
-        row = self.session.query(
-            f"SELECT to_regnamespace({quote_literal(quote_ident(self.schema))}) IS NULL "
-            f"AS schema, to_regclass({quote_literal(self.qualified)}) IS NULL AS tbl,"
-            f" to_regclass({quote_literal(self.log_table)}) IS NULL AS log,"
-            f" {version_type(self.qualified)} AS tbl_version,"
-            f" {version_type(self.log_table)} AS log_version")[0]
+        migration lock, and resolved the table under it), and upgrade tables of earlier
+        versions in place (_upgrade_sql), in one transaction; no round trip when nothing is
+        missing. Existing objects are otherwise left alone: CREATE SCHEMA IF NOT EXISTS alone
+        would need the CREATE privilege on the database even when it exists."""
         sql = []
-        if row["schema"]:
+        if not self.schema_exists:
             sql.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)};")
-        if row["tbl"]:
+        if not self.exists:
             sql.append(
                 f"CREATE TABLE IF NOT EXISTS {self.qualified} (\n"
                 f"  version {VERSION_TYPE} PRIMARY KEY,\n  name text NOT NULL,\n"
@@ -3062,7 +3100,7 @@ class TrackingTable:
                 "  applied_by text NOT NULL DEFAULT current_user,\n"
                 "  duration_ms integer NOT NULL DEFAULT 0,\n"
                 "  how text NOT NULL DEFAULT 'applied');")
-        if row["log"]:
+        if not self.has_log:
             sql.append(
                 f"CREATE TABLE IF NOT EXISTS {self.log_table} (\n"
                 "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
@@ -3070,10 +3108,11 @@ class TrackingTable:
                 "  by text NOT NULL DEFAULT current_user,\n"
                 f"  event text NOT NULL,\n  version {VERSION_TYPE},\n  name text,\n"
                 "  checksum text,\n  detail jsonb);")
-        sql += self._upgrade_sql(row["tbl_version"], row["log_version"])
+        sql += self._upgrade_sql(self.table_type, self.log_type)
         if sql:
             self.session.transaction("\n".join(sql))
-        self.exists = self.has_log = True
+        self.exists = self.has_log = self.schema_exists = True
+        self.table_type = self.log_type = VERSION_TYPE
 
     def _upgrade_sql(self, table_type: str | None, log_type: str | None) -> list[str]:
         """Tables made before versions could exceed bigint have `version bigint`: widen them
@@ -3084,19 +3123,21 @@ class TrackingTable:
                 if found is not None and found != VERSION_TYPE]
 
     def read(self) -> tuple[list[AppliedRow], list[PartialRun]]:
-        """Applied rows in version order, and interrupted no-transaction runs (two round trips;
-        none without the table)."""
+        """Applied rows in version order, and interrupted no-transaction runs (one round
+        trip; none without the table)."""
         if not self.exists:
             return [], []
-        rows = self.session.rows(
+        applied_sql = copy_rows_sql(
             "SELECT version, name, checksum, to_char(applied_at, 'YYYY-MM-DD HH24:MI:SS TZ'), "
             f"applied_by, duration_ms, how FROM {self.qualified} ORDER BY version")
+        rows, *partial = self.session.pipeline(
+            [applied_sql, self._partial_sql()] if self.has_log else [applied_sql])
         applied = [AppliedRow(int(r[0] or 0), r[1] or "", r[2] or "", r[3] or "", r[4] or "",
-                              int(r[5] or 0), r[6] or "") for r in rows]
-        return applied, self._read_partial() if self.has_log else []
+                              int(r[5] or 0), r[6] or "") for r in copy_rows(rows)]
+        return applied, self._partial_runs(partial[0]) if partial else []
 
-    def _read_partial(self) -> list[PartialRun]:
-        found = self.session.value(
+    def _partial_sql(self) -> str:
+        return (
             "SELECT coalesce(json_agg(p ORDER BY p.version), '[]') FROM ("
             "SELECT DISTINCT ON (l.version) l.version, l.name, l.checksum, l.event, l.detail, "
             "to_char(l.at, 'YYYY-MM-DD HH24:MI:SS') AS at "
@@ -3104,8 +3145,12 @@ class TrackingTable:
             f"(SELECT 1 FROM {self.qualified} t WHERE t.version = l.version) "
             "ORDER BY l.version, l.id DESC) p "
             f"WHERE p.event IN ({', '.join(quote_literal(e) for e in _PARTIAL_EVENTS)})")
+
+    @staticmethod
+    def _partial_runs(lines: Sequence[str]) -> list[PartialRun]:
+        found = json.loads("\n".join(lines)) if lines else []
         partial = []
-        for p in found or []:
+        for p in found:
             detail = p.get("detail") or {}
             partial.append(PartialRun(version=int(p["version"]), name=p["name"] or "",
                                       checksum=p["checksum"] or "",
@@ -3687,7 +3732,17 @@ def _may_be_refused(text: str) -> bool:
     return "\\" in text or bool(_REFUSAL_WORDS.search(text))
 
 
-def check_migration_sql(migration: Migration, which: str, config: Config) -> bool:
+def check_migrations_sql(migrations: Sequence[Migration], which: str, config: Config
+                         ) -> dict[int, bool]:
+    """check_migration_sql for each of a run's migrations, before any runs: version → whether
+    it runs in a transaction. The guard is the same for all (its roots are resolved once:
+    per file, that was ~5 realpath calls, most of a 200-migration down's Python time)."""
+    guard = sql_guard(config)
+    return {m.version: check_migration_sql(m, which, config, guard) for m in migrations}
+
+
+def check_migration_sql(migration: Migration, which: str, config: Config,
+                        guard: SqlGuard | None = None) -> bool:
     """Refuse, before anything runs, SQL that would break the one-transaction guarantee or
     reach the machine that runs the tool (§4 guard_sql). Returns whether the file runs in a
     transaction."""
@@ -3696,7 +3751,7 @@ def check_migration_sql(migration: Migration, which: str, config: Config) -> boo
     path = migration.up if which == "up" else migration.down
     rel = migration_rel_path(config.root, path)
     assert path is not None
-    guard_sql(statements, path, rel, sql_guard(config))
+    guard_sql(statements, path, rel, guard or sql_guard(config))
     for stmt in statements:
         if stmt.meta:
             continue
@@ -3971,7 +4026,10 @@ class _Locked:
             self.session.cancel()
         elif self.lock and not self.session.closed:
             try:
-                release_lock(self.session, MIGRATION_LOCK)
+                if self.own:  # closing waits for psql to exit, after it ran the unlock
+                    self.session.submit(release_lock_sql(MIGRATION_LOCK))
+                else:
+                    release_lock(self.session, MIGRATION_LOCK)
             except PgError:
                 pass  # the lock goes with the session anyway
         if self.own:
@@ -4353,14 +4411,13 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
             status = _status_with(session, ws, files)[0]
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
-        for m in run.planned:
-            check_migration_sql(m, "up", config)
+        check_migrations_sql(run.planned, "up", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
-        checked = {m.version: check_migration_sql(m, "up", config) for m in run.planned}
+        checked = check_migrations_sql(run.planned, "up", config)
         partial = {p.version: p for p in status.partial}
         for stale in set(partial) - {m.version for m in run.planned}:
             ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
@@ -4408,13 +4465,12 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
         else:
             status = _status_with(session, ws, files)[0]
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
-        for m in run.planned:
-            check_migration_sql(m, "down", config)
+        check_migrations_sql(run.planned, "down", config)
         return run
     with _Locked(ws, session, lock) as locked:
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
-        checked = {m.version: check_migration_sql(m, "down", config) for m in run.planned}
+        checked = check_migrations_sql(run.planned, "down", config)
         queue = _MigrationQueue(ws, locked.session, run)
         try:
             for migration in run.planned:
@@ -7112,8 +7168,7 @@ def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
 
     started = time.monotonic()
     pending = plan_up(migration_status(ws), to)
-    for migration in pending:  # the meta-command guard and transaction checks, as for `up`
-        check_migration_sql(migration, "up", ws.config)
+    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
     source = rehearsal_source(ws)
     scratch_ws = scratch_workspace(ws)
     with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:

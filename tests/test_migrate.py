@@ -161,6 +161,21 @@ def test_a_queued_script_s_error_is_not_taken_for_the_one_before(pg: Cluster) ->
     assert "division by zero" in stopped.value.stderr
 
 
+def test_a_pipeline_reads_every_answer_before_raising_and_names_the_failure(pg: Any) -> None:
+    """Session.pipeline sends independent statements in one round trip: their answers come
+    back in order; a failing one is raised only after every answer was read, with its error
+    text, and the session stays usable."""
+    conn = confiture.ConnInfo.parse(pg.url())
+    with confiture.Session(confiture.find_pg_tools(), conn, "postgres") as session:
+        assert session.pipeline(["SELECT 1", "SELECT 'two';", "COPY (SELECT 3, NULL) TO STDOUT"]) \
+            == [["1"], ["two"], ["3\t\\N"]]
+        for failing in (["SELECT 1 / 0", "SELECT 2"], ["SELECT 2", "SELECT 1 / 0"]):
+            with pytest.raises(confiture.SqlError) as error:
+                session.pipeline(failing)
+            assert "division by zero" in error.value.message and error.value.sqlstate == "22012"
+            assert session.value("SELECT 41 + 1") == 42  # in step: the next answer is its own
+
+
 # ── helpers for the server tests ────────────────────────────────────────────────────────────
 
 def mig(project: Project, name: str, up: str, down: str | None = None) -> None:

@@ -159,6 +159,30 @@ def test_down_migrations_are_refused_before_anything_runs(pg: Cluster, project: 
     assert marker.exists() and "t" in _tables(pg, project.db())
 
 
+def test_every_down_of_a_run_is_checked_before_the_first_runs(pg: Cluster, project: Project,
+                                                               cli: CliRunner,
+                                                               tmp_path: Path) -> None:
+    """The guard is built once per run and applied to every file: a refused down behind a
+    harmless one stops the run before either runs; an \\ir of a project file is allowed."""
+    marker = _marker(tmp_path)
+    assert cli("reset", cwd=project.root).returncode == 0
+    project.write("db/migrations/shared/drop_t.sql", "DROP TABLE t;\n")
+    for version, name in ((1, "t"), (2, "u")):
+        project.write(f"db/migrations/{version}_{name}.up.sql", f"CREATE TABLE {name} (id int);\n")
+    project.write("db/migrations/1_t.down.sql", f"DROP TABLE IF EXISTS u;\n\\! rm -f {marker}\n")
+    project.write("db/migrations/2_u.down.sql", "\\ir shared/drop_t.sql\nDROP TABLE u;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    marker.write_text("still here\n")
+    result = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert result.returncode == 4, result.stderr
+    assert "migrations/1_t.down.sql:2: \\! runs" in result.stderr
+    assert marker.exists() and {"t", "u"} <= set(_tables(pg, project.db()))
+    project.write("db/migrations/1_t.down.sql", "DROP TABLE IF EXISTS t;\n")
+    result = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert not {"t", "u"} & set(_tables(pg, project.db()))
+
+
 def test_deploy_verify_checks_are_refused_before_anything_runs(pg: Cluster, project: Project, cli: CliRunner,
                                                                tmp_path: Path) -> None:
     marker = _marker(tmp_path)
