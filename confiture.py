@@ -2971,6 +2971,38 @@ def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (
         time.sleep(0.05)
 
 
+class SessionSampler:
+    """Calls sample(session) every `interval` seconds, in a daemon thread with a session of its
+    own, between __enter__ and __exit__ (lock watchers of §8 and §9). A failing sampling session
+    ends the sampling quietly: samples only add to what the caller sees for itself."""
+
+    def __init__(self, open_session: Callable[[], Session], interval: float, name: str) -> None:
+        import threading
+
+        self._open, self.interval = open_session, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self, session: Session) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            with self._open() as session:
+                while not self._stop.wait(self.interval):
+                    self.sample(session)
+        except ConfitureError:
+            pass
+
+
 # ── the migrations tracking table (dbmate's Driver shape) ───────────────────────────────────
 # One narrow interface over `<schema>.<table>` and its append-only log `<table>_log`: resolve,
 # ensure, read, record, forget, log. Migrations (§8) and builds (§7) reach the table only
@@ -4255,37 +4287,21 @@ def blockers_sql(pid: int) -> str:
             f"FROM pg_stat_activity WHERE pid = ANY (pg_blocking_pids({int(pid)})) ORDER BY pid")
 
 
-class LockWatcher:
-    """Samples, from a second session in a thread, who blocks the migration's session: once
-    lock_timeout fires the wait is over and pg_blocking_pids() has nothing left to say."""
+class LockWatcher(SessionSampler):
+    """Samples, from a second session, who blocks the migration's session: once lock_timeout
+    fires the wait is over and pg_blocking_pids() has nothing left to say. Naming the blocker is
+    a courtesy; the migration's own outcome decides."""
 
     def __init__(self, ws: Workspace, pid: int, interval: float = 0.05) -> None:
-        import threading
-
-        self.ws, self.pid, self.interval = ws, pid, interval
+        super().__init__(lambda: open_migration_session(ws), interval, "lock-watcher")
+        self.pid, self._sql = pid, blockers_sql(pid)
         self.seen: tuple[Blocker, ...] = ()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lock-watcher", daemon=True)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            with open_migration_session(self.ws) as session:
-                sql = blockers_sql(self.pid)
-                while not self._stop.wait(self.interval):
-                    rows = session.query(sql)
-                    if rows:
-                        self.seen = tuple(Blocker(int(r["pid"]), r["application"], r["state"],
-                                                  r["query_start"], r["query"]) for r in rows)
-        except ConfitureError:
-            pass  # naming the blocker is a courtesy; the migration's own outcome decides
+    def sample(self, session: Session) -> None:
+        rows = session.query(self._sql)
+        if rows:
+            self.seen = tuple(Blocker(int(r["pid"]), r["application"], r["state"],
+                                      r["query_start"], r["query"]) for r in rows)
 
 
 def _named(blockers: Sequence[Blocker], watched: bool) -> str:
@@ -7044,38 +7060,22 @@ class Rehearsal:
                 "statements": [s.as_json() for s in self.statements]}
 
 
-class LockSampler:
-    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session in a
-    thread, credited to the statement running at the time (`current`)."""
+class LockSampler(SessionSampler):
+    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session, credited
+    to the statement running at the time (`current`); the samples add to what each statement's
+    own check saw."""
 
     def __init__(self, ws: Workspace, database: str, pid: int) -> None:
-        import threading
-
-        self.ws, self.database, self.pid = ws, database, pid
+        super().__init__(lambda: ws.client.session(database), REHEARSAL_SAMPLE, "lock-sampler")
+        self.pid, self._sql = pid, own_locks_sql(pid)
         self.current: RehearsedStatement | None = None
         self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lock-sampler", daemon=True)
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            with self.ws.client.session(self.database) as session:
-                sql = own_locks_sql(self.pid)
-                while not self._stop.wait(REHEARSAL_SAMPLE):
-                    statement, held = self.current, self.held
-                    for row in session.query(sql):
-                        if statement is not None and (row["mode"], row["relation"]) not in held:
-                            statement.take(row["mode"], row["relation"])
-        except ConfitureError:
-            pass  # the samples add to what each statement's own check saw
+    def sample(self, session: Session) -> None:
+        statement, held = self.current, self.held
+        for row in session.query(self._sql):
+            if statement is not None and (row["mode"], row["relation"]) not in held:
+                statement.take(row["mode"], row["relation"])
 
 
 def own_locks_sql(pid: int | None = None) -> str:
