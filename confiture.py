@@ -4801,8 +4801,18 @@ def catalog_sql(names: Sequence[str]) -> str:
           WHERE x.indrelid = c.oid AND i.relname = ANY ({wanted})))))"""
 
 
-def read_catalog(session: Session, names: Sequence[str]) -> CatalogFacts:
-    data = session.value(catalog_sql(names))
+def read_catalog(session: Session, names: Iterable[str]) -> CatalogFacts:
+    return request_catalog(session, names)()
+
+
+def request_catalog(session: Session, names: Iterable[str]) -> Callable[[], CatalogFacts]:
+    """Send the catalog query now; the function returned reads its answer, so the server
+    works while the caller goes on (lint_on parses meanwhile)."""
+    session.submit(json_rows_sql(catalog_sql(sorted(names))) + ";")
+    return lambda: catalog_facts(next(iter(json_rows(session.collect())[0].values())))
+
+
+def catalog_facts(data: Mapping[str, Any]) -> CatalogFacts:
     tables: dict[str, TableFacts] = {}
     index_tables: dict[str, str] = {}
     for t in data["tables"]:
@@ -5609,6 +5619,21 @@ def referenced_names(parsed: Sequence[Sequence[Parsed]]) -> set[str]:
             if t.word == '"' or t.word[:1].isalpha()}
 
 
+_NAME_OR_WORD = re.compile(r'"((?:[^"]|"")*)"|([^\W\d][\w$]*)')
+
+
+def mentioned_names(units: Sequence[LintUnit]) -> set[str]:
+    """Every word and quoted name in the units' text, comments and strings included: almost
+    always a superset of referenced_names, found without parsing (a quote inside a string
+    can hide a quoted name: lint_on then asks again)."""
+    found: set[str] = set()
+    for unit in units:
+        for stmt in unit.statements:
+            found.update(_bare(quoted.replace('""', '"')) if quoted else word.lower()
+                         for quoted, word in _NAME_OR_WORD.findall(stmt.text))
+    return found
+
+
 def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                catalog: CatalogFacts | None, settings: LintSettings) -> list[Finding]:
     """Every rule over every statement, in file order. Pure."""
@@ -5671,9 +5696,16 @@ def file_unit(path: Path, root: Path) -> LintUnit:
     return LintUnit(rel, tuple(split_sql(data.decode("utf-8"))), file_transactional(data))
 
 
-def _lint_on(session: Session, ws: Workspace, units: Sequence[LintUnit],
-             parsed: Sequence[Sequence[Parsed]], settings: LintSettings) -> LintReport:
-    catalog = read_catalog(session, sorted(referenced_names(parsed)))
+def lint_on(session: Session, ws: Workspace, units: Sequence[LintUnit],
+            settings: LintSettings) -> LintReport:
+    """Lint with the facts of the session's database. The catalog query goes out before the
+    statements are parsed and is answered meanwhile (the parse is most of the lint's time)."""
+    asked = mentioned_names(units)
+    answer = request_catalog(session, asked)
+    parsed = parse_units(units)
+    catalog = answer()
+    if not (names := referenced_names(parsed)) <= asked:
+        catalog = read_catalog(session, names)
     return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
                       sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
 
@@ -5684,23 +5716,21 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
     cannot, FILES are linted alone and, without FILES, every migration is."""
     config = ws.config
     settings = lint_settings(config, ws.env)
-    units = [file_unit(f, config.root) for f in files]
-    parsed = parse_units(units) if files else None
     note = f"no facts from env {ws.env.name}: not asked to reach it"
     if reach:
         try:
-            with open_migration_session(ws) as session:
-                if parsed is None:
-                    units = [migration_unit(m, config.root)
-                             for m in migration_status(ws, session).pending]
-                    parsed = parse_units(units)
-                return _lint_on(session, ws, units, parsed, settings)
+            with open_migration_session(ws) as session:  # psql connects while files are read
+                if files:
+                    units = [file_unit(f, config.root) for f in files]
+                else:  # pending versions only: the checksums of the scan cache will do
+                    pending = migration_status(ws, session, cached=True).pending
+                    units = [migration_unit(m, config.root) for m in pending]
+                return lint_on(session, ws, units, settings)
         except ConnectionFailed as exc:
             note = f"no facts from env {ws.env.name}: {exc.message}"
-    if not files:
-        units = [migration_unit(m, config.root) for m in discover_migrations(config)]
-        parsed = parse_units(units)
-    assert parsed is not None
+    units = [file_unit(f, config.root) for f in files] or [
+        migration_unit(m, config.root) for m in discover_migrations(config)]
+    parsed = parse_units(units)
     return LintReport(tuple(lint_units(units, parsed, None, settings)), len(units),
                       sum(len(u) for u in parsed), None, None, note)
 
@@ -5723,8 +5753,7 @@ def lint_gate(ws: Workspace, what: str) -> LintReport | None:
             if not status.pending or (not status.tracking and session.value(_EMPTY_DATABASE_SQL)):
                 return None
             units = [migration_unit(m, ws.config.root) for m in status.pending]
-            report = _lint_on(session, ws, units, parse_units(units),
-                              lint_settings(ws.config, ws.env))
+            report = lint_on(session, ws, units, lint_settings(ws.config, ws.env))
     except ConnectionFailed:
         return None  # the command itself reports (or creates) the missing database
     refuse_lint_errors(report, what)

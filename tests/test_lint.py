@@ -198,6 +198,23 @@ def test_rules_off_by_default_and_settings() -> None:
                                                        tool))
 
 
+def test_catalog_query_sent_before_parsing_still_finds_hidden_quoted_names(
+        pg: Cluster, target: confiture.Workspace) -> None:
+    """lint_on asks for the words of the raw text before parsing; a stray quote in a comment
+    hides the quoted name "Big T" from that guess, so the names the parse found are asked
+    again and the finding still gives the table's size."""
+    with pg.connect(target.env.database) as conn:
+        conn.execute('CREATE TABLE IF NOT EXISTS "Big T" (a int);'
+                     'INSERT INTO "Big T" SELECT generate_series(1, 50000); ANALYZE "Big T"')
+    sql = '-- the "odd one\nCREATE INDEX big_a ON "Big T" (a);'
+    unit = confiture.LintUnit("m.sql", tuple(confiture.split_sql(sql)), True)
+    assert "Big T" not in confiture.mentioned_names([unit])
+    with confiture.open_migration_session(target) as session:
+        report = confiture.lint_on(session, target, [unit], ALL_RULES)
+    [finding] = [f for f in report.findings if f.rule == "create-index-not-concurrent"]
+    assert finding.table == "public.Big T" and "~50 k rows" in finding.message
+
+
 def test_statements_in_strings_comments_and_bodies_do_not_fire() -> None:
     sql = ("COMMENT ON TABLE events IS 'DROP TABLE events; TRUNCATE events';\n"
            "-- DROP TABLE events;\n/* TRUNCATE events; */\n"
