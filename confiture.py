@@ -1059,10 +1059,26 @@ def _one_of(*choices: str) -> Callable[[Any, str], object]:
     return check
 
 
+# The ids of §8b's lint rules (LINT_RULES; tests/test_lint.py checks that both agree). They
+# are named here because the config names them: a misspelt id in lint_enable / lint_disable
+# is refused when the config loads, not found out when a deploy's lint runs.
+LINT_RULE_NAMES = (
+    "create-index-not-concurrent", "drop-index-not-concurrent", "constraint-not-valid",
+    "set-not-null", "rewriting-type-change", "volatile-default", "unique-without-index",
+    "drop-table", "drop-column", "truncate", "rename-table", "rename-column", "vacuum-full",
+    "cluster", "lock-table", "reindex-not-concurrent", "enum-add-value-in-transaction",
+    "concurrently-in-transaction", "missing-lock-timeout", "ddl-with-data-update",
+    "prefer-identity", "prefer-timestamptz", "prefer-text", "avoid-money", "unknown-allow")
+
+
 def _rule_ids(value: Any, key: str) -> None:
-    """Lint rule ids are checked against the rules by §8b when the lint runs."""
     if not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key} must be a list of lint rule ids")
+    for name in value:
+        if name not in LINT_RULE_NAMES:
+            raise ConfigError(f"{key}: no lint rule {name!r}",
+                              hint=suggest(name, LINT_RULE_NAMES)
+                              or "see 'confiture.py migrate lint --rules'")
 
 
 # Values with a range or a grammar (CONFIG_KEYS checks their types): (section, key) → a check
@@ -4665,15 +4681,12 @@ class Allowance:
 
 def statement_allowances(stmt: Statement, rel: str) -> tuple[Allowance, ...]:
     """The suppressions written in a statement's comments (the lines above it included).
-    A suppression without a reason is refused: the reason is what reviewers read."""
+    A suppression without a reason is refused: the reason is what reviewers read. One that
+    names no rule is kept: the rule unknown-allow reports it with the other findings."""
     found = []
     for match in ALLOW_RE.finditer(stmt.text):
         line = stmt.line + stmt.text.count("\n", 0, match.start())
         rule, reason = match.group(1).lower(), match.group(2).strip()
-        if rule not in LINT_RULE_IDS:
-            raise InputError(f"{rel}:{line}: confiture:allow names no lint rule {rule!r}",
-                             hint=suggest(rule, sorted(LINT_RULE_IDS))
-                             or "see 'confiture.py migrate lint --rules'")
         if not reason:
             raise InputError(f"{rel}:{line}: confiture:allow {rule} needs a reason",
                              hint=f"write '-- confiture:allow {rule} <why this is safe here>'")
@@ -5079,6 +5092,7 @@ class Hit:
     message: str
     table: str | None = None
     level: str | None = None
+    line: int | None = None     # when not the statement's first line (a comment above it)
 
 
 RuleCheck = Callable[[Parsed, LintContext], Iterable[Hit]]
@@ -5347,6 +5361,15 @@ def check_rename_column(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
                           "code still uses the old name", table)
 
 
+def check_unknown_allow(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
+    for allowance in p.allowed:
+        if allowance.rule not in LINT_RULE_IDS:
+            close = suggest(allowance.rule, sorted(LINT_RULE_IDS))
+            yield Hit(f"confiture:allow names no lint rule {allowance.rule!r}"
+                      + (f" ({close})" if close else "") + ": it silences nothing",
+                      line=allowance.line)
+
+
 def _statement_hit(label: str, needs: Sequence[str], absent: str | None = None) -> RuleCheck:
     """A rule that fires on a kind of statement (VACUUM FULL, CLUSTER, LOCK, REINDEX)."""
     verb = label.split()[0]
@@ -5533,6 +5556,10 @@ LINT_RULES: tuple[LintRule, ...] = (
     LintRule("avoid-money", "warning",
              "money depends on lc_monetary and rounds to the locale's fraction",
              "numeric with an explicit scale", _type_rule(_is_money, "money"), default=False),
+    LintRule("unknown-allow", "error",
+             "a '-- confiture:allow' that names no rule (a typo?) silences nothing: the finding "
+             "it was written for still stands, or was never there",
+             "name a rule listed by 'confiture.py migrate lint --rules'", check_unknown_allow),
 )
 LINT_RULE_IDS = {rule.id: rule for rule in LINT_RULES}
 
@@ -5652,7 +5679,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                 for hit in rule.check(p, ctx):
                     facts = ctx.table(hit.table) if hit.table else None
                     findings.append(Finding(rule.id, _hit_level(rule, hit, ctx), p.file,
-                                            p.line, hit.message,
+                                            hit.line or p.line, hit.message,
                                             facts.name if facts else hit.table,
                                             allowed.get(rule.id)))
             ctx = advance_context(ctx, p)
