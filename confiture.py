@@ -6348,13 +6348,20 @@ def _check_digest(path: Path, expected: str) -> None:
                           f"{expected[:16]}… recorded in its sidecar; refusing to restore it")
 
 
+# pg_restore on a server other than the backup's: the roles that own the objects or hold
+# grants, the tablespaces and the subscription's publisher belong to the other server.
+FOREIGN_SERVER_RESTORE = ("--no-owner", "--no-privileges", "--no-tablespaces",
+                          "--no-subscriptions")
+
+
 def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
-                          props: Mapping[str, Any] | None, stamp: str) -> str:
+                          props: Mapping[str, Any] | None, stamp: str,
+                          options: Sequence[str] = ()) -> str:
     """Create a scratch database like the target and pg_restore the backup into it; the
     sha256 and the archive's table of contents are checked meanwhile (the target is not
     touched before the swap). A backup whose sha256 matches its sidecar is the file that
     passed pg_restore --list when it was taken: it is not listed again. Returns the scratch
-    database's name."""
+    database's name. `options`: more for pg_restore (FOREIGN_SERVER_RESTORE)."""
 
     target = ws.env.database
     scratch = _side_name(target, "restore", stamp)
@@ -6364,8 +6371,8 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     try:
         admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
                       f"{quote_literal(json.dumps(mark))}")
-        argv = [*pg_restore_argv(ws.client.tools, ws.env.conn, scratch, "--exit-on-error"),
-                str(path)]
+        argv = [*pg_restore_argv(ws.client.tools, ws.env.conn, scratch, "--exit-on-error",
+                                 *options), str(path)]
         with scratch_file() as errfile:
             proc = ws.client.spawn(argv, scratch, stderr=errfile)
             try:
@@ -7231,7 +7238,9 @@ def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
     """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
     a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
     pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
-    Timings on another machine are indicative."""
+    Timings on another machine are indicative. On a scratch server other than the env's, the
+    copy is restored without owners, grants and tablespaces (FOREIGN_SERVER_RESTORE): the
+    env's roles need not exist there, and nothing is created outside the scratch database."""
     import tempfile
 
     started = time.monotonic()
@@ -7243,8 +7252,10 @@ def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
         if source is None:
             source = create_backup(ws, output=Path(folder) / "copy.dump").path
         with admin_session(scratch_ws) as admin:
+            elsewhere = scratch_ws is not ws  # a protected env's copy goes to another server
             scratch = _restore_into_scratch(scratch_ws, admin, source, None, None,
-                                            _stamp() + "r" + os.urandom(2).hex())
+                                            _stamp() + "r" + os.urandom(2).hex(),
+                                            FOREIGN_SERVER_RESTORE if elsewhere else ())
             try:
                 statements, failed = _rehearse_on(scratch_ws, scratch, pending)
             finally:

@@ -147,3 +147,47 @@ def test_rehearsal_refuses_meta_commands_before_copying(pg: Cluster, project: Pr
     assert "001_shell.up.sql:1" in result.stderr
     assert not (project.root / "pwned").exists()
     assert databases(pg, project) == before
+
+
+def test_rehearsal_on_another_server_without_the_envs_roles(pg: Cluster, pg_remote: Cluster,
+                                                            project: Project,
+                                                            cli: CliRunner) -> None:
+    """prod (on `remote`) has its tables owned by and granted to roles the scratch server
+    (`pg`) does not have: the copy is restored without owners and grants, the rehearsal
+    measures the migration, and no role is created on the scratch server."""
+    owner, reader = f"{project.name}_owner", f"{project.name}_reader"
+    config = project.config_path.read_text()
+    project.config_path.write_text(config.replace(pg.url(project.db("prod")),
+                                                  pg_remote.url(project.db("prod"))))
+    db = project.db("prod")
+    try:
+        first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+        assert first.returncode == 0, first.stderr
+        pg_remote.query(f'CREATE ROLE "{owner}" NOLOGIN; CREATE ROLE "{reader}" NOLOGIN')
+        pg_remote.query(f'ALTER TABLE widgets OWNER TO "{owner}"; '
+                        f'GRANT SELECT ON widgets TO "{reader}"', db=db)
+        assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
+        add_migration(project, "001_color", "ALTER TABLE widgets ADD COLUMN color text "
+                                            "DEFAULT 'red';\n")
+        roles_before = pg.scalar("SELECT count(*) FROM pg_roles")
+        on_scratch = databases(pg, project)
+        result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["failed"] is None
+        [alter] = report["statements"]
+        assert alter["lock"] == "ACCESS EXCLUSIVE" and alter["relation"] == "widgets"
+        assert not pg.scalar("SELECT count(*) FROM pg_roles WHERE rolname IN (%s, %s)",
+                             params=(owner, reader))
+        assert pg.scalar("SELECT count(*) FROM pg_roles") == roles_before
+        assert databases(pg, project) == on_scratch
+        # prod keeps its owner, its grant and its columns
+        assert pg_remote.scalar("SELECT tableowner FROM pg_tables WHERE tablename = 'widgets'",
+                                db=db) == owner
+        assert pg_remote.scalar("SELECT has_table_privilege(%s, 'widgets', 'SELECT')",
+                                db=db, params=(reader,))
+        assert pg_remote.scalar("SELECT count(*) FROM information_schema.columns WHERE "
+                                "table_name = 'widgets' AND column_name = 'color'", db=db) == 0
+    finally:
+        pg_remote.drop_dbs_with_prefix(project.name)
+        pg_remote.query(f'DROP ROLE IF EXISTS "{owner}"; DROP ROLE IF EXISTS "{reader}"')
