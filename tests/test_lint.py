@@ -268,6 +268,10 @@ def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: 
     assert finding["rule"] == "create-index-not-concurrent"
     assert finding["file"] == "db/migrations/001_index.up.sql" and finding["line"] == 1
     assert finding["table"] == "public.events" and "~120 k rows" in finding["message"]
+    # the size is the server's, read independently (the table is only read: it has not moved)
+    size = pg.scalar("SELECT pg_total_relation_size('events')", db=db)
+    assert size > 4 << 20 and f"public.events ({confiture.format_bytes(size)}, " in \
+        finding["message"]
     assert "CONCURRENTLY" in finding["instead"]
     text = cli("migrate", "lint", cwd=project.root)
     assert text.returncode == 3
