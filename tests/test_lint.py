@@ -385,3 +385,33 @@ def test_user_functions_are_volatile_unless_declared(pg: Cluster,
         facts = confiture.read_catalog(session, ["events", "make_token"])
     assert "volatile-default" in rules_of(lint(add, facts))
     assert "volatile-default" not in rules_of(lint(add, None))
+
+
+def test_parse_cache_is_keyed_by_checksum_and_code(pg: Cluster, project: Project) -> None:
+    """The second lint of an unchanged migration reads its tokens from the parse cache (shown
+    by poisoning the cache: the finding then names what the cache says); a changed file, or
+    a cache written by another version of confiture, is parsed afresh."""
+    db = project.db()
+    pg.create_db(db)
+    pg.query("CREATE TABLE events (id int); CREATE TABLE gadgets (id int)", db=db)
+    add_migration(project, "001_drop", "DROP TABLE events;\n")
+    ws = confiture.workspace_for(project.config_path, env="local")
+
+    def dropped() -> list[str | None]:
+        return [f.table for f in confiture.lint_env(ws).findings if f.rule == "drop-table"]
+
+    assert dropped() == ["public.events"]
+    path = project.root / ".confiture/cache/lint.json"
+    cache = json.loads(path.read_text())
+    [(checksum, entry)] = cache["files"].items()
+    migration = confiture.discover_migrations(ws.config)[0]
+    assert checksum == migration.checksum
+    poisoned = json.dumps({**cache, "files": {checksum: json.loads(
+        json.dumps(entry).replace('"events"', '"gadgets"'))}})
+    path.write_text(poisoned)
+    assert dropped() == ["public.gadgets"]      # read from the cache, not from the file
+    path.write_text(poisoned.replace(cache["code"], "another confiture"))
+    assert dropped() == ["public.events"]       # another version's cache is not read
+    path.write_text(poisoned)
+    add_migration(project, "001_drop", "DROP TABLE events; -- changed\n")
+    assert dropped() == ["public.events"]       # a changed file is a new key
