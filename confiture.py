@@ -4954,12 +4954,17 @@ def _words(tokens: Sequence[Token]) -> tuple[str, ...]:
     return tuple(t.word for t in tokens)
 
 
-def _index_of(words: Sequence[str], run: Sequence[str], start: int = 0) -> int:
-    n = len(run)
-    for i in range(start, len(words) - n + 1):
-        if tuple(words[i:i + n]) == tuple(run):
-            return i
-    return -1
+def _index_of(words: tuple[str, ...], run: tuple[str, ...], start: int = 0) -> int:
+    """Where the words `run` start in `words`, from `start` on; -1 if nowhere."""
+    i = max(start, 0)
+    try:
+        while True:
+            i = words.index(run[0], i)  # a C scan: this runs for every action of every rule
+            if words[i:i + len(run)] == run:
+                return i
+            i += 1
+    except ValueError:
+        return -1
 
 
 def created_table(tokens: Sequence[Token], words: Sequence[str]) -> str | None:
@@ -5657,7 +5662,8 @@ def parse_units(units: Sequence[LintUnit], cache: ParseCache | None = None
 
 def referenced_names(parsed: Sequence[Sequence[Parsed]]) -> set[str]:
     """Every identifier the statements mention, bare: the catalog query looks only at these."""
-    return {_bare(t.name) for unit in parsed for p in unit for t in p.tokens
+    return {_bare(t.name) if t.word == '"' else t.name  # only a quoted name holds a '.'
+            for unit in parsed for p in unit for t in p.tokens
             if t.word == '"' or t.word[:1].isalpha()}
 
 
