@@ -5068,7 +5068,7 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
             or (w[:3] == ("SELECT", "SET_CONFIG", "(") and len(p.tokens) > 3
                 and p.tokens[3].name.strip("'").lower() == "lock_timeout")):
         changes["lock_timeout_set"] = True
-    if locked_table(p, ctx):
+    if not ctx.locked_before and locked_table(p, ctx):
         changes["locked_before"] = True
     if (zone := _timezone_set(p)) is not None:
         changes["utc"] = zone.lower() in _UTC_NAMES
@@ -5087,8 +5087,9 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
             if aw[:2] == ("VALIDATE", "CONSTRAINT") and len(aw) > 2 \
                     and tokens[2].name in checks:
                 proven.add(checks[tokens[2].name])
-        changes["not_null_checks"], changes["proven_not_null"] = checks, frozenset(proven)
-    return evolve(ctx, **changes) if changes else ctx
+        if checks != ctx.not_null_checks or proven != ctx.proven_not_null:
+            changes["not_null_checks"], changes["proven_not_null"] = checks, frozenset(proven)
+    return evolve(ctx, **changes) if changes else ctx  # a copy only when something changed
 
 
 # ── the rules ─────────────────────────────────────────────────────────────────────────────
