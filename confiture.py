@@ -5117,6 +5117,7 @@ class LintRule:
     check: RuleCheck
     default: bool = True     # False: runs only when [migrations] lint_enable lists it
     scales: bool = False     # its harm grows with the table: below LINT_SMALL_BYTES, a warning
+    reads: tuple[str, ...] = ()  # the first words of the statements it checks; (): all
 
 
 def check_create_index(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
@@ -5480,92 +5481,116 @@ LINT_RULES: tuple[LintRule, ...] = (
     LintRule("create-index-not-concurrent", "error",
              "CREATE INDEX blocks writes to the table until the index is built",
              "CREATE INDEX CONCURRENTLY, in a migration of its own that starts with "
-             "'-- confiture:no-transaction'", check_create_index, scales=True),
+             "'-- confiture:no-transaction'", check_create_index, scales=True,
+             reads=("CREATE",)),
     LintRule("drop-index-not-concurrent", "error",
              "DROP INDEX takes an ACCESS EXCLUSIVE lock on the table: it waits for every "
              "running query and blocks all that come after",
              "DROP INDEX CONCURRENTLY, in a '-- confiture:no-transaction' migration",
-             check_drop_index),
+             check_drop_index,
+             reads=("DROP",)),
     LintRule("constraint-not-valid", "error",
              "adding a FOREIGN KEY or CHECK scans the whole table while writes are blocked",
              "ADD CONSTRAINT … NOT VALID, then ALTER TABLE … VALIDATE CONSTRAINT in a later "
-             "migration (it does not block writes)", check_constraint_not_valid, scales=True),
+             "migration (it does not block writes)", check_constraint_not_valid, scales=True,
+             reads=("ALTER",)),
     LintRule("set-not-null", "error",
              "SET NOT NULL scans the table under an ACCESS EXCLUSIVE lock",
              "ADD CONSTRAINT c CHECK (col IS NOT NULL) NOT VALID; VALIDATE CONSTRAINT c; then "
              "SET NOT NULL skips the scan (PostgreSQL 12+) and c can be dropped",
-             check_set_not_null, scales=True),
+             check_set_not_null, scales=True,
+             reads=("ALTER",)),
     LintRule("rewriting-type-change", "error",
              "changing a column's type rewrites the table and its indexes under an ACCESS "
              "EXCLUSIVE lock (int→bigint does; varchar widening and varchar→text do not)",
              "add a new column, backfill it in batches, switch readers, drop the old one",
-             check_type_change, scales=True),
+             check_type_change, scales=True,
+             reads=("ALTER",)),
     LintRule("volatile-default", "error",
              "ADD COLUMN with a volatile default (random(), gen_random_uuid(), "
              "clock_timestamp(), serial) rewrites the table under an ACCESS EXCLUSIVE lock",
              "add the column without a default (or with a constant one), SET DEFAULT, then "
-             "backfill in batches", check_volatile_default, scales=True),
+             "backfill in batches", check_volatile_default, scales=True,
+             reads=("ALTER",)),
     LintRule("unique-without-index", "error",
              "ADD UNIQUE / PRIMARY KEY builds the index while the table is locked",
              "CREATE UNIQUE INDEX CONCURRENTLY first, then ADD CONSTRAINT … UNIQUE (or "
-             "PRIMARY KEY) USING INDEX", check_unique_without_index, scales=True),
+             "PRIMARY KEY) USING INDEX", check_unique_without_index, scales=True,
+             reads=("ALTER",)),
     LintRule("drop-table", "error", "the table and its data are gone; running code that "
              "still reads it fails", "stop using the table in a release first; keep a backup",
-             check_drop_table),
+             check_drop_table,
+             reads=("DROP",)),
     LintRule("drop-column", "error", "the column's data is gone; running code that still "
              "names it fails", "stop using the column in a release first, then drop it",
-             check_drop_column),
+             check_drop_column,
+             reads=("ALTER",)),
     LintRule("truncate", "error", "TRUNCATE deletes every row under an ACCESS EXCLUSIVE lock",
              "DELETE in batches, or suppress when the data is meant to go",
-             check_truncate),
+             check_truncate,
+             reads=("TRUNCATE",)),
     LintRule("rename-table", "error", "running code still uses the old name and fails",
              "create a view with the old name, or rename in steps across releases",
-             check_rename_table),
+             check_rename_table,
+             reads=("ALTER",)),
     LintRule("rename-column", "error", "running code still uses the old name and fails",
              "add the new column, write both, backfill, switch readers, drop the old one",
-             check_rename_column),
+             check_rename_column,
+             reads=("ALTER",)),
     LintRule("vacuum-full", "error",
              "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock",
              "plain VACUUM, or pg_repack outside the migration",
-             _statement_hit("VACUUM FULL", ("FULL",))),
+             _statement_hit("VACUUM FULL", ("FULL",)),
+             reads=("VACUUM",)),
     LintRule("cluster", "error", "CLUSTER rewrites the table under an ACCESS EXCLUSIVE lock",
-             "pg_repack outside the migration", _statement_hit("CLUSTER", ())),
+             "pg_repack outside the migration", _statement_hit("CLUSTER", ()),
+             reads=("CLUSTER",)),
     LintRule("lock-table", "error", "an explicit LOCK TABLE blocks other sessions for the "
              "rest of the migration", "rely on the locks the statements take, bounded by "
-             "lock_timeout", _statement_hit("LOCK TABLE", ())),
+             "lock_timeout", _statement_hit("LOCK TABLE", ()),
+             reads=("LOCK",)),
     LintRule("reindex-not-concurrent", "error",
              "REINDEX blocks writes (and reads through the index) while it runs",
              "REINDEX … CONCURRENTLY (PostgreSQL 12+) in a '-- confiture:no-transaction' "
-             "migration", _statement_hit("REINDEX", (), "CONCURRENTLY")),
+             "migration", _statement_hit("REINDEX", (), "CONCURRENTLY"),
+             reads=("REINDEX",)),
     LintRule("enum-add-value-in-transaction", "error",
              "before PostgreSQL 12, ALTER TYPE … ADD VALUE fails inside a transaction block",
-             "put it in a '-- confiture:no-transaction' migration", check_enum_in_transaction),
+             "put it in a '-- confiture:no-transaction' migration", check_enum_in_transaction,
+             reads=("ALTER",)),
     LintRule("concurrently-in-transaction", "error",
              "CONCURRENTLY (and VACUUM) cannot run inside a transaction block; the migration "
              "would fail", "move it to a migration that starts with "
-             "'-- confiture:no-transaction'", check_concurrently_in_transaction),
+             "'-- confiture:no-transaction'", check_concurrently_in_transaction,
+             reads=("VACUUM", "CREATE", "DROP", "REINDEX", "ALTER")),
     LintRule("missing-lock-timeout", "warning",
              "DDL waiting for its lock behind a long transaction blocks every query queued "
              "after it", "SET lock_timeout = '5s' at the top of the migration, or set "
-             "[migrations] statement_lock_timeout", check_lock_timeout),
+             "[migrations] statement_lock_timeout", check_lock_timeout,
+             reads=("ALTER", "CREATE", "DROP", "TRUNCATE", "LOCK")),
     LintRule("ddl-with-data-update", "error",
              "a large UPDATE/DELETE in the same transaction as DDL keeps the DDL's locks "
              "for as long as the data change runs",
-             "move the data change to its own migration (in batches)", check_ddl_with_update),
+             "move the data change to its own migration (in batches)", check_ddl_with_update,
+             reads=("UPDATE", "DELETE")),
     LintRule("prefer-identity", "warning",
              "serial columns own a separate sequence with its own permissions and dump quirks",
-             "GENERATED BY DEFAULT AS IDENTITY", _type_rule(_is_serial, "serial column")),
+             "GENERATED BY DEFAULT AS IDENTITY", _type_rule(_is_serial, "serial column"),
+             reads=("CREATE", "ALTER")),
     LintRule("prefer-timestamptz", "warning",
              "timestamp without time zone loses the offset; comparisons across zones break",
              "timestamptz", _type_rule(_is_timestamp, "timestamp without time zone"),
-             default=False),
+             default=False,
+             reads=("CREATE", "ALTER")),
     LintRule("prefer-text", "warning",
              "char(n) pads with blanks and is no faster than text",
              "text (with a CHECK on length if needed)", _type_rule(_is_char, "char(n)"),
-             default=False),
+             default=False,
+             reads=("CREATE", "ALTER")),
     LintRule("avoid-money", "warning",
              "money depends on lc_monetary and rounds to the locale's fraction",
-             "numeric with an explicit scale", _type_rule(_is_money, "money"), default=False),
+             "numeric with an explicit scale", _type_rule(_is_money, "money"), default=False,
+             reads=("CREATE", "ALTER")),
     LintRule("unknown-allow", "error",
              "a '-- confiture:allow' that names no rule (a typo?) silences nothing: the finding "
              "it was written for still stands, or was never there",
@@ -5687,6 +5712,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                catalog: CatalogFacts | None, settings: LintSettings) -> list[Finding]:
     """Every rule over every statement, in file order. Pure."""
     rules = [r for r in LINT_RULES if r.id in settings.enabled]
+    by_verb: dict[str, list[LintRule]] = {}   # a statement meets only the rules that read it
     findings: list[Finding] = []
     volatile = catalog.volatile if catalog else frozenset()  # grows with CREATE FUNCTION
     for unit, statements in zip(units, parsed):
@@ -5697,7 +5723,10 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                           volatile=volatile)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
-            for rule in rules:
+            verb = p.words[0] if p.words else ""
+            if verb not in by_verb:
+                by_verb[verb] = [r for r in rules if not r.reads or verb in r.reads]
+            for rule in by_verb[verb]:
                 for hit in rule.check(p, ctx):
                     facts = ctx.table(hit.table) if hit.table else None
                     findings.append(Finding(rule.id, _hit_level(rule, hit, ctx), p.file,
