@@ -5797,10 +5797,14 @@ class ParseCache:
         entry = self.entries.get(checksum)
         if entry is None:
             return None
+        try:
+            parsed = tuple(parsed_statement(label, tuple(map(Token, flat[0::2], flat[1::2])),
+                                            tuple(Allowance(*a) for a in allowed), line)
+                           for line, allowed, flat in entry)
+        except (TypeError, ValueError, AttributeError):
+            return None  # a damaged entry: the file is parsed again
         self.used[checksum] = entry
-        return tuple(parsed_statement(label, tuple(map(Token, flat[0::2], flat[1::2])),
-                                      tuple(Allowance(*a) for a in allowed), line)
-                     for line, allowed, flat in entry)
+        return parsed
 
     def keep(self, unit: LintUnit, parsed: Sequence[Parsed]) -> None:
         if unit.checksum is not None:

@@ -412,6 +412,8 @@ def test_parse_cache_is_keyed_by_checksum_and_code(pg: Cluster, project: Project
     assert dropped() == ["public.gadgets"]      # read from the cache, not from the file
     path.write_text(poisoned.replace(cache["code"], "another confiture"))
     assert dropped() == ["public.events"]       # another version's cache is not read
+    path.write_text(json.dumps({**cache, "files": {checksum: [[1, "x", 3]]}}))
+    assert dropped() == ["public.events"]       # a damaged entry is parsed afresh
     path.write_text(poisoned)
     add_migration(project, "001_drop", "DROP TABLE events; -- changed\n")
     assert dropped() == ["public.events"]       # a changed file is a new key
