@@ -5699,7 +5699,8 @@ _NAME_OR_WORD = re.compile(r'"((?:[^"]|"")*)"|([^\W\d][\w$]*)')
 def mentioned_names(units: Sequence[LintUnit]) -> set[str]:
     """Every word and quoted name in the units' text, comments and strings included: almost
     always a superset of referenced_names, found without parsing (a quote inside a string
-    can hide a quoted name: lint_on then asks again)."""
+    can hide a quoted name: lint_on then asks again). Units from the parse cache give their
+    exact names."""
     found = referenced_names([u.parsed for u in units if u.parsed is not None])
     for unit in units:
         for stmt in unit.statements:
