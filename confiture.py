@@ -22,17 +22,19 @@ only the sections above it.
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
   §8  Migrations                status, plans, up/down under the lock, one transaction each;
-                                bounded lock waits with retry
+                                bounded lock waits with retry; the env's database as a
+                                deploy finds it
   §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
-  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback,
-                                rehearsal of pending migrations on a scratch copy
+  §9  Backups and restore       verified pg_dump backups, swap-in restore
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Schema model and planner  the catalog read into records (one JSON round trip); pure
                                 plans that turn one model into another, in dependency order
   §12 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
   §13 Derived migrations        migrate generate (planned, proved on scratch databases),
                                 diff --sql, the guard before a protected env is written
-  §14 Command line              argparse → values → core calls → output and exit codes
+  §14 Deploy                    backup, migrate, verify (drift included), record, or roll back;
+                                rehearsal of pending migrations on a scratch copy
+  §15 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
 them into messages and exit codes. Nothing runs at import time.
@@ -2973,7 +2975,7 @@ def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (
 
 class SessionSampler:
     """Calls sample(session) every `interval` seconds, in a daemon thread with a session of its
-    own, between __enter__ and __exit__ (lock watchers of §8 and §9). A failing sampling session
+    own, between __enter__ and __exit__ (lock watchers of §8 and §14). A failing sampling session
     ends the sampling quietly: samples only add to what the caller sees for itself."""
 
     def __init__(self, open_session: Callable[[], Session], interval: float, name: str) -> None:
@@ -4593,6 +4595,105 @@ def migration_sql_preview(migration: Migration, which: str = "up") -> str:
     return normalise_sql(path.read_bytes()).decode("utf-8", "replace")
 
 
+# ── the env's migration state, and the tables confiture keeps ─────────────────────────────
+
+@record(frozen=True)
+class MigrationState:
+    applied: tuple[int, ...]                       # versions recorded, ascending
+    pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
+    problems: tuple[str, ...]                      # changed / missing applied migrations
+    partial: tuple[str, ...]                       # interrupted no-transaction migrations
+
+    @property
+    def version(self) -> str | None:
+        return str(self.applied[-1]) if self.applied else None
+
+
+def migration_state(ws: Workspace, session: Session) -> MigrationState:
+    status = migration_status(ws, session)
+    problems = [f"{migration_rel(ws.config, m.up)} changed since it was applied"
+                for m, _ in status.changed]
+    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
+    return MigrationState(
+        applied=tuple(r.version for r in status.applied),
+        pending=tuple((m.version, m.label, m.transactional) for m in status.pending),
+        problems=tuple(problems), partial=tuple(f"{p.version}_{p.name}" for p in status.partial))
+
+
+def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
+    """True when the connected database holds no user objects (schemas besides public,
+    relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
+    that do not count."""
+    ignore = ", ".join(quote_literal(n) for n in keep) or "''"
+    user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+               "AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
+    count = session.value(
+        f"SELECT (SELECT count(*) FROM pg_namespace n WHERE {user_ns} "
+        "AND n.nspname <> 'public')"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        f"   AND c.relname NOT IN ({ignore}))"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
+        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
+        "    AND d.deptype IN ('a', 'i')))"
+        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        f"   WHERE {user_ns})"
+        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+        f"   WHERE {user_ns} AND t.typrelid = 0 AND t.typelem = 0)"
+        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
+    return int(count) == 0
+
+
+@record(frozen=True)
+class TargetState:
+    """The env's database as a deploy finds it, read-only: whether it exists, whether it is
+    empty (then a deploy is a first deploy), its migrations (None when it is missing or
+    empty) and the labels a deploy would apply (every migration on a first deploy)."""
+
+    exists: bool
+    empty: bool
+    migrations: MigrationState | None
+    pending: tuple[str, ...]
+
+    @property
+    def first_deploy(self) -> bool:
+        return not self.exists or self.empty
+
+
+def inspect_target(ws: Workspace, session: Session | None = None) -> TargetState:
+    """Read the env's database, on `session` when the caller holds one on it."""
+    if session is None:
+        with admin_session(ws) as admin:
+            if not database_exists(admin, ws.env.database):
+                return _target_state(ws, False, None)
+        with ws.client.session(ws.env.database) as own:
+            return inspect_target(ws, own)
+    empty = database_is_empty(session, [ws.config.deploys_table.split(".")[-1]])
+    return _target_state(ws, True, None if empty else migration_state(ws, session))
+
+
+def _target_state(ws: Workspace, exists: bool, state: MigrationState | None) -> TargetState:
+    pending = (tuple(m.label for m in discover_migrations(ws.config)) if state is None
+               else tuple(label for _, label, _ in state.pending))
+    return TargetState(exists, state is None, state, pending)
+
+
+def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
+    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
+    table and its log, §14's deploys table. They are never copied by sync, listed as rules or
+    treated as user data. Schema None: the name is unqualified in the config, so the table is
+    wherever search_path put it, and the name is ours in every schema."""
+    schema, table = parse_table_name(config.migrations_table)
+    deploy_schema, deploy_table = parse_table_name(config.deploys_table)
+    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
+
+
+def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
+    return (schema, name) in own or (None, name) in own
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §8b Migration safety: lint
 # Hazards in migration statements, found before anything runs. A registry of rules (id,
@@ -5733,11 +5834,11 @@ def refuse_lint_errors(report: LintReport, what: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §9 Backups, restore, deploy
+# §9 Backups and restore
 # backup: pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then
 # published dump first and JSON sidecar last: only a dump with a complete sidecar is a backup.
 # restore: verify first, restore into a scratch database, swap names (the replaced one is kept).
-# deploy: confirm → lock → backup → migrate or first deploy → verify → record, or roll back.
+# Deploy (§14) and rehearsal build on the scratch restore and the swap below.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 BACKUP_SUFFIX = ".dump"
@@ -5749,10 +5850,6 @@ _OBJECT_IN_USE = "55006"
 
 class BackupError(PgError):
     """A backup could not be written, read back or verified (exit 1)."""
-
-
-class DeployFailed(ConfitureError):
-    """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
 
 
 @record(frozen=True)
@@ -5855,7 +5952,7 @@ def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
     return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
 
 
-def _stamp(when: float | None = None) -> str:
+def utc_stamp(when: float | None = None) -> str:
     return time.strftime(_STAMP, time.gmtime(when))
 
 
@@ -5896,7 +5993,7 @@ def _tool_failure(what: str, returncode: int, stderr: str, password: str | None)
     return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
 
 
-def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
+def wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
                progress: Path | None = None) -> None:
     """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
     show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
@@ -5930,11 +6027,22 @@ def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what:
 def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
                errfile: Any) -> subprocess.Popen[bytes]:
     """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
-    _wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
+    wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
     and lists it (see create_backup), which saves most of the sync's time."""
     argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
                         "--no-sync", "-f", str(path))
     return ws.client.spawn(argv, dbname, stderr=errfile)
+
+
+def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
+    """The newest applied migration version (None without a tracking table). A backup must
+    not fail over the migration files, so their problems only cost the version."""
+    try:
+        current = migration_status(ws, session).current
+    except (InputError, ConfigError) as exc:
+        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
+        return None
+    return None if current is None else str(current)
 
 
 def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
@@ -5995,7 +6103,7 @@ def create_backup(ws: Workspace, output: Path | None = None,
         raise Refused(f"{output} already exists; a backup never overwrites a file",
                       hint="choose another -o FILE, or leave -o out to use the backup folder")
     _prepare_folder(folder)
-    stamp = _stamp()
+    stamp = utc_stamp()
     tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
     side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
     published: Path | None = None
@@ -6008,7 +6116,7 @@ def create_backup(ws: Workspace, output: Path | None = None,
                 proc.kill()
                 proc.wait()
                 raise
-            _wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
+            wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
         synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
         digests: list[str] = []
         try:
@@ -6079,11 +6187,11 @@ _SIDE_TOKEN = 8  # hex digits of randomness after the stamp
 
 def _side_head(database: str, kind: str) -> str:
     """The database part of a side name, shortened so that the whole name fits 63 bytes."""
-    room = MAX_IDENT_BYTES - len(f"_{kind}_{_stamp(0).lower()}_") - _SIDE_TOKEN
+    room = MAX_IDENT_BYTES - len(f"_{kind}_{utc_stamp(0).lower()}_") - _SIDE_TOKEN
     return database.encode()[:room].decode("utf-8", "ignore")
 
 
-def _side_name(database: str, kind: str, stamp: str) -> str:
+def side_name(database: str, kind: str, stamp: str) -> str:
     """<db>_<kind>_<stamp>_<random>: the stamp is for humans (one-second steps, so two runs in
     one second would collide without the random part); the pattern makes a scratch database
     recognisable from the moment it exists, before its comment is written (_side_pattern)."""
@@ -6093,7 +6201,7 @@ def _side_name(database: str, kind: str, stamp: str) -> str:
 
 
 def _side_pattern(database: str, kinds: Sequence[str]) -> re.Pattern[str]:
-    """The names _side_name gives to `database`'s side databases of these kinds (fullmatch)."""
+    """The names side_name gives to `database`'s side databases of these kinds (fullmatch)."""
     tail = r"_\d{8}t\d{6}z_[0-9a-f]{" + str(_SIDE_TOKEN) + "}"
     return re.compile("|".join(f"{re.escape(_side_head(database, kind))}_{kind}{tail}"
                                for kind in kinds))
@@ -6123,7 +6231,7 @@ def replaced_databases(session: Session, database: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda m: str(m.get("at", "")), reverse=True)
 
 
-def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
+def drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
     """Drop half-restored scratch databases of `database` left by killed runs: marked ones,
     and ones killed before their mark was written, known by their name alone. Call with the
     database lock held, so no live restore or deploy of it can own one."""
@@ -6192,32 +6300,6 @@ def can_create_databases(session: Session) -> bool:
         "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"))
 
 
-def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
-    """True when the connected database holds no user objects (schemas besides public,
-    relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
-    that do not count."""
-    ignore = ", ".join(quote_literal(n) for n in keep) or "''"
-    user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
-               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
-               "AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
-    count = session.value(
-        f"SELECT (SELECT count(*) FROM pg_namespace n WHERE {user_ns} "
-        "AND n.nspname <> 'public')"
-        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
-        f"   AND c.relname NOT IN ({ignore}))"
-        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
-        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
-        "    AND d.deptype IN ('a', 'i')))"
-        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        f"   WHERE {user_ns})"
-        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-        f"   WHERE {user_ns} AND t.typrelid = 0 AND t.typelem = 0)"
-        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
-    return int(count) == 0
-
-
 # ── restore ─────────────────────────────────────────────────────────────────────────────────
 
 @record(frozen=True)
@@ -6280,7 +6362,7 @@ def _check_digest(path: Path, expected: str) -> None:
                           f"{expected[:16]}… recorded in its sidecar; refusing to restore it")
 
 
-def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
+def restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
                           props: Mapping[str, Any] | None, stamp: str) -> str:
     """Create a scratch database like the target and pg_restore the backup into it; the
     sha256 and the archive's table of contents are checked meanwhile (the target is not
@@ -6289,7 +6371,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     database's name."""
 
     target = ws.env.database
-    scratch = _side_name(target, "restore", stamp)
+    scratch = side_name(target, "restore", stamp)
     mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": target,
             "env": ws.env.name, "backup": str(path), "at": utc_now()}
     admin.execute(f"CREATE DATABASE {quote_ident(scratch)}{_create_options(props)}")
@@ -6309,7 +6391,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
                 proc.kill()
                 proc.wait()
                 raise
-            _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
+            wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
         _copy_settings(admin, scratch, props)
     except BaseException:
         drop_database(admin, scratch, force=True)
@@ -6317,13 +6399,13 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     return scratch
 
 
-def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, Any] | None,
+def swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, Any] | None,
              force: bool, backup: Path, stamp: str) -> str | None:
     """Rename target → <db>_replaced_<stamp> and scratch → target in one statement (names
     and comments change together or not at all). Other sessions on the target are refused,
     or terminated with `force`. Returns the replaced database's name (None if none)."""
     target = ws.env.database
-    replaced = _side_name(target, "replaced", stamp) if props is not None else None
+    replaced = side_name(target, "replaced", stamp) if props is not None else None
     comment = props["comment"] if props is not None else None
     statements = []
     if replaced is not None:
@@ -6379,13 +6461,13 @@ def _restore_in_place(ws: Workspace, path: Path) -> None:
                 psql.stdin.close()
             except BrokenPipeError:
                 pass
-        _wait_tool(ws, psql, psql_err, f"in-place restore of {path.name}")
-        _wait_tool(ws, source, restore_err, f"pg_restore of {path.name}")
+        wait_tool(ws, psql, psql_err, f"in-place restore of {path.name}")
+        wait_tool(ws, source, restore_err, f"pg_restore of {path.name}")
 
 
 class DatabaseLocks:
     """The locks a restore or deploy holds: `database:<db>` in the maintenance database (the
-    same lock clone/reset take; held across the swap) and MIGRATE_LOCK inside the target, the
+    same lock clone/reset take; held across the swap) and MIGRATION_LOCK inside the target, the
     lock `migrate` runs take. The second needs a session on the target, so it is released for
     the instant of a swap, while the first keeps other deploys and restores out."""
 
@@ -6407,7 +6489,7 @@ class DatabaseLocks:
     def lock_target(self) -> Session:
         session = self.ws.client.session(self.ws.env.database)
         try:
-            acquire_lock(session, MIGRATE_LOCK, self.ws.config.migrations_lock_timeout,
+            acquire_lock(session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
                          f"the migration lock of {self.ws.env.database}", self.ws.console.info)
         except BaseException:
             session.close()
@@ -6439,7 +6521,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
         locks = DatabaseLocks(ws, admin)
         locks.lock_database()
         try:
-            _drop_scratch_leftovers(ws, admin, ws.env.database)
+            drop_scratch_leftovers(ws, admin, ws.env.database)
             exists = database_exists(admin, ws.env.database)
             if exists:
                 locks.lock_target()
@@ -6463,14 +6545,14 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                 _restore_in_place(ws, path)
                 return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
                                      time.monotonic() - started, safety.path)
-            stamp = _stamp()
+            stamp = utc_stamp()
             props = database_properties(admin, ws.env.database)
             ws.console.info(f"restoring {path.name} into a new database …")
-            scratch = _restore_into_scratch(
+            scratch = restore_into_scratch(
                 ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
             try:
                 locks.unlock_target()
-                replaced = _swap_in(ws, admin, scratch, props, force, path, stamp)
+                replaced = swap_in(ws, admin, scratch, props, force, path, stamp)
             except BaseException:
                 drop_database(admin, scratch, force=True)
                 raise
@@ -6491,7 +6573,7 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
         elif not locks.try_lock_database():
             return dropped  # a restore or deploy is running: its scratch database is no leftover
         try:
-            dropped += _drop_scratch_leftovers(ws, admin, ws.env.database)
+            dropped += drop_scratch_leftovers(ws, admin, ws.env.database)
             doomed = replaced_databases(admin, ws.env.database)[keep:] if keep is not None else []
             for meta in doomed:
                 drop_database(admin, meta["datname"], force=False)
@@ -6500,706 +6582,6 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
             locks.close()
     return dropped
 
-
-# ── what deploy needs from §8 migrations (thin adapters: the one place that follows §8's API) ──
-
-MIGRATE_LOCK = MIGRATION_LOCK  # deploy and restore hold the lock `migrate` runs take
-
-
-@record(frozen=True)
-class MigrationState:
-    applied: tuple[int, ...]                       # versions recorded, ascending
-    pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
-    problems: tuple[str, ...]                      # changed / missing applied migrations
-    partial: tuple[str, ...]                       # interrupted no-transaction migrations
-
-    @property
-    def version(self) -> str | None:
-        return str(self.applied[-1]) if self.applied else None
-
-
-class MigrationRunFailed(ConfitureError):
-    """A migration failed during a deploy: which one, whether it ran in a transaction, and
-    what this run had applied before it."""
-
-    def __init__(self, name: str, transactional: bool, applied: Sequence[str],
-                 cause: ConfitureError) -> None:
-        super().__init__(cause.message, cause.hint)
-        self.name, self.transactional, self.applied = name, transactional, tuple(applied)
-        self.interrupted = isinstance(cause, Interrupted)
-
-
-def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
-    return [(m.version, m.label, m.transactional) for m in discover_migrations(ws.config)]
-
-
-def migration_state(ws: Workspace, session: Session) -> MigrationState:
-    status = migration_status(ws, session)
-    problems = [f"{migration_rel(ws.config, m.up)} changed since it was applied"
-                for m, _ in status.changed]
-    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
-    return MigrationState(
-        applied=tuple(r.version for r in status.applied),
-        pending=tuple((m.version, m.label, m.transactional) for m in status.pending),
-        problems=tuple(problems), partial=tuple(f"{p.version}_{p.name}" for p in status.partial))
-
-
-def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
-    """migrate up on a session of its own, without taking the lock: the caller holds it on
-    `session`, which must survive a failure (§8 ends the session a migration failed on)."""
-    pending = migration_state(ws, session).pending
-    try:
-        run = migrate_up(ws, lock=False)
-    except MigrationError as exc:
-        done = set(exc.done)
-        applied = [label for version, label, _ in pending if version in done]
-        failing = next(((label, tx) for version, label, tx in pending if version not in done),
-                       ("unknown", False))
-        raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
-    except MigrationInterrupted as exc:
-        done = set(exc.done)
-        applied = [label for version, label, _ in pending if version in done]
-        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
-    return [m.label for m, _ in run.done]
-
-
-def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
-    """Record every migration as applied; a template built with them recorded (how='build')
-    brought its rows along, so usually nothing is left to baseline. Returns all labels."""
-    migrations = discover_migrations(ws.config)
-    if migrations:
-        baseline_migrations(ws, migrations[-1].version, lock=False)
-    return [m.label for m in migrations]
-
-
-def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
-    """The newest applied migration version (None without a tracking table). A backup must
-    not fail over the migration files, so their problems only cost the version."""
-    try:
-        current = migration_status(ws, session).current
-    except (InputError, ConfigError) as exc:
-        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
-        return None
-    return None if current is None else str(current)
-
-
-# ── deploy ─────────────────────────────────────────────────────────────────────────────────
-
-@record(frozen=True)
-class DeployPlan:
-    """What a deploy will do, decided before anything changes (printed by --dry-run)."""
-
-    env: str
-    database: str
-    server: str
-    protected: bool
-    exists: bool
-    first_deploy: bool
-    backup: bool
-    backup_folder: str
-    from_version: str | None
-    to_version: str | None
-    pending: tuple[str, ...]
-    verify: tuple[str, ...]
-    problems: tuple[str, ...]
-    drift_check: bool = False
-
-    @property
-    def nothing_to_do(self) -> bool:
-        return self.exists and not self.first_deploy and not self.pending
-
-
-@record()
-class DeployResult:
-    plan: DeployPlan
-    outcome: str                     # "ok", "dry-run"
-    applied: list[str]
-    backup: Backup | None
-    seconds: float
-
-
-def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
-    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
-    table and its log, §9's deploys table. They are never copied by sync, listed as rules or
-    treated as user data. Schema None: the name is unqualified in the config, so the table is
-    wherever search_path put it, and the name is ours in every schema."""
-    schema, table = parse_table_name(config.migrations_table)
-    deploy_schema, deploy_table = parse_table_name(config.deploys_table)
-    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
-
-
-def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
-    return (schema, name) in own or (None, name) in own
-
-
-def verify_files(config: Config) -> list[Path]:
-    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
-    deploy plan lists them, so a refused one stops a deploy before anything runs."""
-    folder = config.deploy_verify
-    if not folder.is_dir():
-        return []
-    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
-                   key=lambda p: natural_key(p.name))
-    guard = sql_guard(config)
-    for path in found:
-        rel = migration_rel_path(config.root, path)
-        guard_sql(split_sql(read_sql_file(path, rel).decode("utf-8")), path, rel, guard)
-    return found
-
-
-def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty: bool,
-                no_backup: bool) -> DeployPlan:
-    """Pure: the deploy's steps from the target's state (None when it does not exist yet)."""
-    first = not exists or empty
-    migrations = discover_deploy_migrations(ws)
-    to_version = str(migrations[-1][0]) if migrations else None
-    problems: tuple[str, ...] = ()
-    if first:
-        pending: tuple[str, ...] = tuple(name for _, name, _ in migrations)
-        from_version = None
-    else:
-        assert state is not None
-        pending = tuple(name for _, name, _ in state.pending)
-        from_version = str(state.applied[-1]) if state.applied else None
-        problems = state.problems
-    try:
-        rel = ws.config.deploy_verify.relative_to(ws.config.root).as_posix()
-    except ValueError:
-        rel = str(ws.config.deploy_verify)
-    return DeployPlan(
-        env=ws.env.name, database=ws.env.database, server=ws.env.conn.display(ws.client.environ),
-        protected=ws.env.protected, exists=exists, first_deploy=first,
-        backup=exists and not no_backup,
-        backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
-        from_version=from_version, to_version=to_version, pending=pending,
-        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems,
-        drift_check=ws.config.deploy_drift_check)
-
-
-def describe_plan(plan: DeployPlan) -> list[str]:
-    lines = [f"deploy env {plan.env} → {plan.database} on {plan.server}"
-             + (" [protected]" if plan.protected else "")]
-    if not plan.exists:
-        lines.append("  create the database (it does not exist)")
-    lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
-                 "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
-    if plan.first_deploy:
-        lines.append("  first deploy: build the env's template without seeds, dump it, restore "
-                     f"it, baseline {len(plan.pending)} migration(s) up to "
-                     f"{plan.to_version or '-'}")
-    elif plan.pending:
-        lines.append(f"  apply {len(plan.pending)} migration(s), "
-                     f"{plan.from_version or 'none'} → {plan.to_version}:")
-        lines.extend(f"    {name}" for name in plan.pending)
-    else:
-        lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
-    for problem in plan.problems:
-        lines.append(f"  blocked: {problem}")
-    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify)
-                 + (", no drift from the DDL" if plan.drift_check else ""))
-    lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
-    return lines
-
-
-def run_verify_checks(ws: Workspace, dbname: str) -> None:
-    """Run each verify file read-only: every statement must return no rows or `true`."""
-    for path in verify_files(ws.config):
-        try:
-            rel = path.relative_to(ws.config.root).as_posix()
-        except ValueError:
-            rel = str(path)
-        script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
-        argv = psql_script_argv(ws.client.tools, ws.env.conn, tuples_only=True)
-        proc = ws.client.run(argv, dbname, input=script.encode())
-        if proc.returncode != 0:
-            raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
-                                    LineMap(((2, rel, 1),)), ws.client.password)
-        rows = [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
-        if any(line != "t" for line in rows):
-            shown = "; ".join(rows[:3]) + (" …" if len(rows) > 3 else "")
-            raise CheckFailed(f"verify check {rel} failed: it returned {shown}",
-                              hint="a check passes when it returns no rows or a single true")
-
-
-@record()
-class DeployRun:
-    """One deploy under way: what its rollback and its row in the deploys table need."""
-
-    ws: Workspace
-    admin: Session
-    locks: DatabaseLocks
-    plan: DeployPlan
-    backup: Backup | None
-    created: bool          # the deploy created the database (a first deploy into nothing)
-    started: float         # time.monotonic() at the start
-    started_at: str        # UTC, for the deploys table
-
-
-def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: str | None,
-                  applied: Sequence[str], failed: str | None = None,
-                  message: str | None = None) -> None:
-    """Append a row to the deploys table (created on first use)."""
-    ws, plan, backup = run.ws, run.plan, run.backup
-    started_at, seconds = run.started_at, time.monotonic() - run.started
-    import getpass
-    import socket
-
-    try:
-        who = f"{getpass.getuser()}@{socket.gethostname()}"
-    except (OSError, KeyError):
-        who = f"uid {os.getuid()}@{socket.gethostname()}"
-    table = qualified_name(ws.config.deploys_table)
-
-    def lit(value: str | None) -> str:
-        return "NULL" if value is None else quote_literal(value)
-
-    session.execute(
-        f"CREATE TABLE IF NOT EXISTS {table} (\n"
-        "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
-        "  started_at timestamptz NOT NULL,\n"
-        "  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
-        "  duration_ms bigint NOT NULL,\n"
-        "  env text NOT NULL,\n"
-        "  deployed_by text NOT NULL,\n"
-        "  db_user text NOT NULL DEFAULT current_user,\n"
-        "  from_version text,\n"
-        "  to_version text,\n"
-        "  applied text[] NOT NULL DEFAULT '{}',\n"
-        "  backup_file text,\n"
-        "  backup_sha256 text,\n"
-        "  outcome text NOT NULL CHECK (outcome IN ('ok', 'rolled_back', 'failed')),\n"
-        "  failed_migration text,\n"
-        "  message text,\n"
-        "  tool_version text NOT NULL)")
-    array = "ARRAY[" + ", ".join(quote_literal(a) for a in applied) + "]::text[]"
-    session.execute(
-        f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
-        "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
-        f"tool_version) VALUES ({quote_literal(started_at)}, {int(seconds * 1000)}, "
-        f"{quote_literal(ws.env.name)}, {quote_literal(who)}, {lit(plan.from_version)}, "
-        f"{lit(to_version)}, {array}, {lit(str(backup.path) if backup else None)}, "
-        f"{lit(backup.sha256 if backup else None)}, {quote_literal(outcome)}, {lit(failed)}, "
-        f"{lit(mask_password_in(message) if message else None)}, {quote_literal(__version__)})")
-
-
-def _first_deploy(ws: Workspace, admin: Session) -> None:
-    """Empty target: build the env's template without seeds, clone it to a scratch database
-    (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
-    the target, so it either gets the whole schema or stays empty."""
-
-    result, probe = ensure_template(ws, seeds=False, session=admin)
-    scratch = _side_name(ws.env.database, "build", _stamp())
-    strategy = clone_strategy(ws.config, probe)
-    admin.execute(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE {quote_ident(result.name)}"
-                  + (f" STRATEGY {strategy}" if strategy else ""))
-    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": ws.env.database,
-            "env": ws.env.name, "at": utc_now()}
-    try:
-        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
-                      f"{quote_literal(json.dumps(mark))}")
-        with scratch_file() as dump_err, scratch_file() as restore_err:
-            dump = ws.client.spawn(
-                pg_dump_argv(ws.client.tools, ws.env.conn, scratch, "-Fc", "-Z0"),
-                scratch, stdout=subprocess.PIPE, stderr=dump_err)
-            try:
-                restore = ws.client.spawn(
-                    pg_restore_argv(ws.client.tools, ws.env.conn, ws.env.database,
-                                    "--single-transaction", "--exit-on-error"),
-                    ws.env.database, stdin=dump.stdout, stderr=restore_err)
-            finally:
-                assert dump.stdout is not None
-                dump.stdout.close()
-            try:
-                _wait_tool(ws, restore, restore_err, f"pg_restore into {ws.env.database}")
-            finally:
-                if restore.returncode != 0:
-                    dump.kill()
-                _wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
-    finally:
-        drop_database(admin, scratch, force=True)
-
-
-def inspect_deploy(ws: Workspace, no_backup: bool = False,
-                   session: Session | None = None) -> DeployPlan:
-    """The plan for the env as it is now, read-only (what --dry-run prints)."""
-    if session is None:
-        with admin_session(ws) as admin:
-            if not database_exists(admin, ws.env.database):
-                return plan_deploy(ws, None, False, True, no_backup)
-        with ws.client.session(ws.env.database) as own:
-            return inspect_deploy(ws, no_backup, own)
-    empty = database_is_empty(session, [ws.config.deploys_table.split(".")[-1]])
-    state = None if empty else migration_state(ws, session)
-    return plan_deploy(ws, state, True, empty, no_backup)
-
-
-DriftCheck = Callable[[Workspace], "str | None"]  # differences from the DDL, None when none
-
-
-def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
-           drift: DriftCheck | None = None) -> DeployResult:
-    """Bring the env's database to the current version, safely: lock → backup → first deploy
-    or pending migrations → verify → record. Any failure after the backup is rolled back
-    (a transactional migration by itself, anything else by restoring the backup) and raised
-    as DeployFailed naming the failing step and the backup. The caller confirms first, and
-    passes `drift` (§12, wired by §14) when [deploy] drift_check asks for it."""
-    if no_backup and ws.env.protected:
-        raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
-                      hint="a backup is always taken before anything writes to it")
-    started, started_at = time.monotonic(), utc_now()
-    if dry_run:
-        return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
-                            time.monotonic() - started)
-    with admin_session(ws) as admin:
-        locks = DatabaseLocks(ws, admin)
-        locks.lock_database()
-        try:
-            _drop_scratch_leftovers(ws, admin, ws.env.database)
-            created = not database_exists(admin, ws.env.database)
-            if created:
-                ws.console.info(f"creating database {ws.env.database}")
-                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
-            try:
-                session = locks.lock_target()
-                plan = inspect_deploy(ws, no_backup, session)
-                if created:
-                    plan = evolve(plan, exists=False, backup=False)
-                if plan.problems:
-                    raise CheckFailed("deploy refused before changing anything: "
-                                  + "; ".join(plan.problems),
-                                  hint="restore the files, or run 'confiture.py migrate repair'")
-                backup = None
-                if plan.backup and not plan.nothing_to_do:
-                    ws.console.info(f"backing up {ws.env.database} …")
-                    try:
-                        backup = create_backup(ws, session=session)
-                    except BackupError as exc:
-                        raise BackupError("deploy stopped before changing anything: the backup "
-                                          f"failed: {exc.message}", exc.hint) from exc
-                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
-            except BaseException:
-                if created:
-                    locks.unlock_target()
-                    drop_database(admin, ws.env.database, force=True)
-                raise
-            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
-                                                started, started_at), drift)
-        finally:
-            locks.close()
-    return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
-
-
-def _execute_deploy(run: DeployRun, drift: DriftCheck | None) -> list[str]:
-    ws, admin, locks, plan = run.ws, run.admin, run.locks, run.plan
-    assert locks.target is not None
-    session = locks.target
-    before = () if plan.first_deploy else migration_state(ws, session).applied
-    applied: list[str] = []
-    changed = False
-    failed: MigrationRunFailed | None = None
-    try:
-        if plan.first_deploy:
-            ws.console.info("first deploy: restoring the env's schema into the empty database …")
-            _first_deploy(ws, admin)
-            changed = True
-            applied = baseline_all_migrations(ws, session)
-        elif plan.pending:
-            applied = apply_pending_migrations(ws, session)
-        state = migration_state(ws, session)
-        if state.pending or state.problems or state.partial:
-            raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
-                [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
-                 *(f"{n} partly applied" for n in state.partial)]))
-        run_verify_checks(ws, ws.env.database)
-        problem = drift(ws) if drift is not None else None
-        if problem:
-            raise CheckFailed(f"drift check: {problem}")
-    except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
-        if isinstance(exc, MigrationRunFailed):
-            failed = exc
-            applied = list(exc.applied)
-        _roll_back(run, before, changed, failed, exc)
-    try:
-        to_version = migration_state(ws, session).version
-        record_deploy(session, run, "ok", to_version, applied)
-    except ConfitureError as exc:  # the deploy itself succeeded and stays
-        ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
-                        f"{exc.message}")
-    return applied
-
-
-def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
-               failed: MigrationRunFailed | None, exc: BaseException) -> NoReturn:
-    """Put the database back as it was before the deploy, check it, record it, and raise."""
-    ws, admin, locks, plan, backup = run.ws, run.admin, run.locks, run.plan, run.backup
-    cause = exc.message if isinstance(exc, ConfitureError) else (
-        "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
-    step = f"migration {failed.name}" if failed else (
-        "the first deploy" if plan.first_deploy else "verification")
-    what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
-    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
-        failed and failed.interrupted)
-    error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
-    try:
-        now = migration_state(ws, locks.target).applied if locks.target else None
-    except ConfitureError:
-        now = None
-    partial = failed is not None and not failed.transactional
-    if not (run.created or changed or partial or now != before):
-        how = ("the failing migration rolled back by itself" if failed else
-               "nothing had changed") + "; the database is as it was"
-        _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
-        raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
-    outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
-    try:
-        if run.created:
-            locks.unlock_target()
-            drop_database(admin, ws.env.database, force=True)
-            outcome = error_type(f"{what}; the database it had created was dropped again")
-            raise outcome
-        if backup is None:
-            _record_quietly(run, "failed", failed, f"{what}; no backup (--no-backup)")
-            outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
-                                 f"database is left at version {_version_text(now)}")
-            raise outcome
-        ws.console.warn(f"{what}")
-        ws.console.warn(f"rolling back: restoring {backup.path} …")
-        stamp = _stamp()
-        props = database_properties(admin, ws.env.database)
-        scratch = _restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
-        try:
-            locks.unlock_target()
-            replaced = _swap_in(ws, admin, scratch, props, True, backup.path, stamp)
-        except BaseException:
-            drop_database(admin, scratch, force=True)
-            raise
-        session = locks.lock_target()
-        after = migration_state(ws, session).applied
-        if after != before:
-            outcome = DeployFailed(f"{what}; the restored database is at version "
-                                   f"{_version_text(after)}, expected {_version_text(before)}")
-            raise outcome
-    except ConfitureError as rollback_error:
-        if rollback_error is outcome:
-            raise
-        raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
-                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
-                                 f"restore {backup.path}" if backup else None)) from exc
-    how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
-           f"{replaced}")
-    _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
-    raise error_type(f"{what}; {how}")
-
-
-def _version_text(applied: Sequence[int] | None) -> str:
-    return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
-
-
-def _record_quietly(run: DeployRun, outcome: str, failed: MigrationRunFailed | None,
-                    message: str) -> None:
-    """Record a failed deploy; a failure to record must not hide the deploy's own error."""
-    try:
-        session = run.locks.target or run.locks.lock_target()
-        record_deploy(session, run, outcome, run.plan.from_version, [],
-                      failed.name if failed else None, message)
-    except ConfitureError as exc:
-        run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
-                        f"{exc.message}")
-
-
-# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
-
-# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
-LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
-              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
-              "ExclusiveLock", "AccessExclusiveLock")
-REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
-
-
-def lock_label(mode: str) -> str:
-    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
-
-
-@record()
-class RehearsedStatement:
-    migration: str
-    file: str
-    line: int
-    text: str                   # its first line
-    seconds: float = 0.0
-    lock: str | None = None     # strongest pg_locks mode taken on a relation
-    relation: str | None = None
-    held: float = 0.0           # seconds from the statement's start until that lock went
-    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
-
-    def take(self, mode: str, relation: str) -> None:
-        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
-            self.lock, self.relation = mode, relation
-
-    def as_json(self) -> dict[str, Any]:
-        return {"migration": self.migration, "file": self.file, "line": self.line,
-                "statement": self.text, "ms": round(self.seconds * 1000, 1),
-                "lock": lock_label(self.lock) if self.lock else None,
-                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
-                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
-
-
-@record(frozen=True)
-class Rehearsal:
-    env: str
-    source: str                 # the backup file, or "clone of <db>"
-    server: str                 # where the scratch database lived
-    statements: tuple[RehearsedStatement, ...]
-    seconds: float
-    failed: str | None = None   # the error that stopped the rehearsal
-
-    def as_json(self) -> dict[str, Any]:
-        return {"env": self.env, "source": self.source, "server": self.server,
-                "seconds": round(self.seconds, 3), "failed": self.failed,
-                "statements": [s.as_json() for s in self.statements]}
-
-
-class LockSampler(SessionSampler):
-    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session, credited
-    to the statement running at the time (`current`); the samples add to what each statement's
-    own check saw."""
-
-    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
-        super().__init__(lambda: ws.client.session(database), REHEARSAL_SAMPLE, "lock-sampler")
-        self.pid, self._sql = pid, own_locks_sql(pid)
-        self.current: RehearsedStatement | None = None
-        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
-
-    def sample(self, session: Session) -> None:
-        statement, held = self.current, self.held
-        for row in session.query(self._sql):
-            if statement is not None and (row["mode"], row["relation"]) not in held:
-                statement.take(row["mode"], row["relation"])
-
-
-def own_locks_sql(pid: int | None = None) -> str:
-    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
-    what blocks the application)."""
-    who = "pg_backend_pid()" if pid is None else str(int(pid))
-    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
-            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
-            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
-
-
-_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
-                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
-                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
-                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                 "AND n.nspname NOT LIKE 'pg\\_%'")
-
-
-def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
-    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
-
-
-def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
-                       stmt: Statement, in_transaction: bool) -> float:
-    """Run one statement, timed; note its locks and the tables it rewrote (a new
-    relfilenode). Returns when it started."""
-    before = _relfiles(session)
-    sampler.current = item
-    started = time.monotonic()
-    try:
-        session.execute(stmt.text)
-    finally:
-        item.seconds = time.monotonic() - started
-        sampler.current = None
-    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
-        for row in session.query(own_locks_sql()):
-            if (row["mode"], row["relation"]) not in sampler.held:
-                item.take(row["mode"], row["relation"])
-                sampler.held |= {(row["mode"], row["relation"])}
-    after = _relfiles(session)
-    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
-                      if name in after and after[name][0] != file]
-    item.held = item.seconds
-    return started
-
-
-def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
-                       migration: Migration) -> list[RehearsedStatement]:
-    statements, transactional = migration_statements(migration, "up", ws.config.root)
-    rel = migration_rel(ws.config, migration.up)
-    done: list[RehearsedStatement] = []
-    starts: list[float] = []
-    sampler.held = frozenset()
-    if transactional:
-        session.execute("BEGIN")
-    for stmt in statements:
-        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
-                                  strip_comments(stmt.text).strip().split("\n")[0][:120])
-        done.append(item)
-        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
-    if transactional:
-        session.execute("COMMIT")
-        committed = time.monotonic()
-        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
-            if item.lock:
-                item.held = committed - start
-    sampler.held = frozenset()
-    return done
-
-
-def rehearsal_source(ws: Workspace) -> Path | None:
-    """A protected env rehearses on its newest verified backup (never dumping production
-    for it); an unprotected one on a fresh copy (None: dump it now)."""
-    if not ws.env.protected:
-        return None
-    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
-    if backup is None:
-        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
-                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
-    check_backup(ws, backup.path)
-    return backup.path
-
-
-def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
-    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
-    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
-    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
-    Timings on another machine are indicative."""
-    import tempfile
-
-    started = time.monotonic()
-    pending = plan_up(migration_status(ws), to)
-    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
-    source = rehearsal_source(ws)
-    scratch_ws = scratch_workspace(ws)
-    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
-        if source is None:
-            source = create_backup(ws, output=Path(folder) / "copy.dump").path
-        with admin_session(scratch_ws) as admin:
-            scratch = _restore_into_scratch(scratch_ws, admin, source, None, None,
-                                            _stamp() + "r" + os.urandom(2).hex())
-            try:
-                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
-            finally:
-                drop_database(admin, scratch, force=True)
-    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
-                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
-                     tuple(statements), time.monotonic() - started, failed)
-
-
-def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
-                 ) -> tuple[list[RehearsedStatement], str | None]:
-    done: list[RehearsedStatement] = []
-    with ws.client.session(scratch) as session:
-        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
-        pid = int(session.value("SELECT pg_backend_pid()"))
-        with LockSampler(ws, scratch, pid) as sampler:
-            for migration in pending:
-                ws.console.info(f"rehearsing {migration.label} …")
-                try:
-                    done.extend(rehearse_migration(ws, session, sampler, migration))
-                except SqlError as exc:
-                    return done, f"{migration.label}: {exc.message}"
-    return done, None
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -10426,7 +9808,7 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 # migrations table comes from [migrations] table; the others live beside it (or in public).
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
-    table and its log, §9's deploy record ([deploy] table)."""
+    table and its log, §14's deploy record ([deploy] table)."""
     qualifier, _ = parse_table_name(config.migrations_table)
     found = set()
     for schema, table in own_tables(config):  # unqualified: the tracking table's schema
@@ -11722,8 +11104,8 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     (or, for a first deploy, the migrations from an empty database or the configured
     baseline_schema) replayed on a scratch database of the scratch server, compared with the
     DDL's schema. A positive verdict is kept, keyed by consistency_key()."""
-    plan = inspect_deploy(ws)
-    first = deploying and (not plan.exists or plan.first_deploy)
+    target = inspect_target(ws)
+    first = deploying and target.first_deploy
     if first and not scan_migrations(ws.config.migrations_dir, ws.config.root).migrations:
         return Consistency(differences=(), start="a build from the DDL (no migrations)")
     side = FromSide(baseline=ws.config.migrations_baseline) if first else FromSide(base=ws)
@@ -11731,7 +11113,7 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.{int(first)}.json"
     try:
         if json.loads(cache.read_text(encoding="utf-8")).get("key") == key:
-            return Consistency(differences=(), start=side.describe(len(plan.pending)),
+            return Consistency(differences=(), start=side.describe(len(target.pending)),
                                cached=True)
     except (OSError, ValueError, AttributeError):
         pass
@@ -11797,7 +11179,656 @@ def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §14 Command line
+# §14 Deploy
+# deploy: confirm → lock → backup → migrate or first deploy → verify (migrations clean, the
+# verify checks, [deploy] drift_check through §12's diff) → record, or roll back by restoring
+# the backup (§9). It sits after drift and derived migrations so it calls them directly.
+# rehearsal: the pending migrations on a scratch copy of the env, locks sampled.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+class DeployFailed(ConfitureError):
+    """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
+
+
+class MigrationRunFailed(ConfitureError):
+    """A migration failed during a deploy: which one, whether it ran in a transaction, and
+    what this run had applied before it."""
+
+    def __init__(self, name: str, transactional: bool, applied: Sequence[str],
+                 cause: ConfitureError) -> None:
+        super().__init__(cause.message, cause.hint)
+        self.name, self.transactional, self.applied = name, transactional, tuple(applied)
+        self.interrupted = isinstance(cause, Interrupted)
+
+
+def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
+    """migrate up on a session of its own, without taking the lock: the caller holds it on
+    `session`, which must survive a failure (§8 ends the session a migration failed on)."""
+    pending = migration_state(ws, session).pending
+    try:
+        run = migrate_up(ws, lock=False)
+    except MigrationError as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        failing = next(((label, tx) for version, label, tx in pending if version not in done),
+                       ("unknown", False))
+        raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
+    except MigrationInterrupted as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
+    return [m.label for m, _ in run.done]
+
+
+def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
+    """Record every migration as applied; a template built with them recorded (how='build')
+    brought its rows along, so usually nothing is left to baseline. Returns all labels."""
+    migrations = discover_migrations(ws.config)
+    if migrations:
+        baseline_migrations(ws, migrations[-1].version, lock=False)
+    return [m.label for m in migrations]
+
+
+# ── the plan ───────────────────────────────────────────────────────────────────────────────
+
+@record(frozen=True)
+class DeployPlan:
+    """What a deploy will do, decided before anything changes (printed by --dry-run)."""
+
+    env: str
+    database: str
+    server: str
+    protected: bool
+    exists: bool
+    first_deploy: bool
+    backup: bool
+    backup_folder: str
+    from_version: str | None
+    to_version: str | None
+    pending: tuple[str, ...]
+    verify: tuple[str, ...]
+    problems: tuple[str, ...]
+    drift_check: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.exists and not self.first_deploy and not self.pending
+
+
+@record()
+class DeployResult:
+    plan: DeployPlan
+    outcome: str                     # "ok", "dry-run"
+    applied: list[str]
+    backup: Backup | None
+    seconds: float
+
+
+def verify_files(config: Config) -> list[Path]:
+    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
+    deploy plan lists them, so a refused one stops a deploy before anything runs."""
+    folder = config.deploy_verify
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    guard = sql_guard(config)
+    for path in found:
+        rel = migration_rel_path(config.root, path)
+        guard_sql(split_sql(read_sql_file(path, rel).decode("utf-8")), path, rel, guard)
+    return found
+
+
+def plan_deploy(ws: Workspace, target: TargetState, no_backup: bool) -> DeployPlan:
+    """The deploy's steps from the target's state (§8 inspect_target)."""
+    migrations = discover_migrations(ws.config)
+    to_version = str(migrations[-1].version) if migrations else None
+    state = target.migrations
+    from_version = state.version if state is not None else None
+    problems = state.problems if state is not None else ()
+    try:
+        rel = ws.config.deploy_verify.relative_to(ws.config.root).as_posix()
+    except ValueError:
+        rel = str(ws.config.deploy_verify)
+    return DeployPlan(
+        env=ws.env.name, database=ws.env.database, server=ws.env.conn.display(ws.client.environ),
+        protected=ws.env.protected, exists=target.exists, first_deploy=target.first_deploy,
+        backup=target.exists and not no_backup,
+        backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
+        from_version=from_version, to_version=to_version, pending=target.pending,
+        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems,
+        drift_check=ws.config.deploy_drift_check)
+
+
+def inspect_deploy(ws: Workspace, no_backup: bool = False,
+                   session: Session | None = None) -> DeployPlan:
+    """The plan for the env as it is now, read-only (what --dry-run prints)."""
+    return plan_deploy(ws, inspect_target(ws, session), no_backup)
+
+
+def describe_plan(plan: DeployPlan) -> list[str]:
+    lines = [f"deploy env {plan.env} → {plan.database} on {plan.server}"
+             + (" [protected]" if plan.protected else "")]
+    if not plan.exists:
+        lines.append("  create the database (it does not exist)")
+    lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
+                 "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
+    if plan.first_deploy:
+        lines.append("  first deploy: build the env's template without seeds, dump it, restore "
+                     f"it, baseline {len(plan.pending)} migration(s) up to "
+                     f"{plan.to_version or '-'}")
+    elif plan.pending:
+        lines.append(f"  apply {len(plan.pending)} migration(s), "
+                     f"{plan.from_version or 'none'} → {plan.to_version}:")
+        lines.extend(f"    {name}" for name in plan.pending)
+    else:
+        lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
+    for problem in plan.problems:
+        lines.append(f"  blocked: {problem}")
+    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify)
+                 + (", no drift from the DDL" if plan.drift_check else ""))
+    lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
+    return lines
+
+
+@record()
+class DeployRun:
+    """One deploy under way: what its rollback and its row in the deploys table need."""
+
+    ws: Workspace
+    admin: Session
+    locks: DatabaseLocks
+    plan: DeployPlan
+    backup: Backup | None
+    created: bool          # the deploy created the database (a first deploy into nothing)
+    started: float         # time.monotonic() at the start
+    started_at: str        # UTC, for the deploys table
+
+
+def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: str | None,
+                  applied: Sequence[str], failed: str | None = None,
+                  message: str | None = None) -> None:
+    """Append a row to the deploys table (created on first use)."""
+    ws, plan, backup = run.ws, run.plan, run.backup
+    started_at, seconds = run.started_at, time.monotonic() - run.started
+    import getpass
+    import socket
+
+    try:
+        who = f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):
+        who = f"uid {os.getuid()}@{socket.gethostname()}"
+    table = qualified_name(ws.config.deploys_table)
+
+    def lit(value: str | None) -> str:
+        return "NULL" if value is None else quote_literal(value)
+
+    session.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (\n"
+        "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  started_at timestamptz NOT NULL,\n"
+        "  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+        "  duration_ms bigint NOT NULL,\n"
+        "  env text NOT NULL,\n"
+        "  deployed_by text NOT NULL,\n"
+        "  db_user text NOT NULL DEFAULT current_user,\n"
+        "  from_version text,\n"
+        "  to_version text,\n"
+        "  applied text[] NOT NULL DEFAULT '{}',\n"
+        "  backup_file text,\n"
+        "  backup_sha256 text,\n"
+        "  outcome text NOT NULL CHECK (outcome IN ('ok', 'rolled_back', 'failed')),\n"
+        "  failed_migration text,\n"
+        "  message text,\n"
+        "  tool_version text NOT NULL)")
+    array = "ARRAY[" + ", ".join(quote_literal(a) for a in applied) + "]::text[]"
+    session.execute(
+        f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
+        "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
+        f"tool_version) VALUES ({quote_literal(started_at)}, {int(seconds * 1000)}, "
+        f"{quote_literal(ws.env.name)}, {quote_literal(who)}, {lit(plan.from_version)}, "
+        f"{lit(to_version)}, {array}, {lit(str(backup.path) if backup else None)}, "
+        f"{lit(backup.sha256 if backup else None)}, {quote_literal(outcome)}, {lit(failed)}, "
+        f"{lit(mask_password_in(message) if message else None)}, {quote_literal(__version__)})")
+
+
+def _first_deploy(ws: Workspace, admin: Session) -> None:
+    """Empty target: build the env's template without seeds, clone it to a scratch database
+    (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
+    the target, so it either gets the whole schema or stays empty."""
+
+    result, probe = ensure_template(ws, seeds=False, session=admin)
+    scratch = side_name(ws.env.database, "build", utc_stamp())
+    strategy = clone_strategy(ws.config, probe)
+    admin.execute(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE {quote_ident(result.name)}"
+                  + (f" STRATEGY {strategy}" if strategy else ""))
+    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": ws.env.database,
+            "env": ws.env.name, "at": utc_now()}
+    try:
+        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
+                      f"{quote_literal(json.dumps(mark))}")
+        with scratch_file() as dump_err, scratch_file() as restore_err:
+            dump = ws.client.spawn(
+                pg_dump_argv(ws.client.tools, ws.env.conn, scratch, "-Fc", "-Z0"),
+                scratch, stdout=subprocess.PIPE, stderr=dump_err)
+            try:
+                restore = ws.client.spawn(
+                    pg_restore_argv(ws.client.tools, ws.env.conn, ws.env.database,
+                                    "--single-transaction", "--exit-on-error"),
+                    ws.env.database, stdin=dump.stdout, stderr=restore_err)
+            finally:
+                assert dump.stdout is not None
+                dump.stdout.close()
+            try:
+                wait_tool(ws, restore, restore_err, f"pg_restore into {ws.env.database}")
+            finally:
+                if restore.returncode != 0:
+                    dump.kill()
+                wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
+    finally:
+        drop_database(admin, scratch, force=True)
+
+
+# ── the run ────────────────────────────────────────────────────────────────────────────────
+
+def run_verify_checks(ws: Workspace, dbname: str) -> None:
+    """Run each verify file read-only: every statement must return no rows or `true`."""
+    for path in verify_files(ws.config):
+        try:
+            rel = path.relative_to(ws.config.root).as_posix()
+        except ValueError:
+            rel = str(path)
+        script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
+        argv = psql_script_argv(ws.client.tools, ws.env.conn, tuples_only=True)
+        proc = ws.client.run(argv, dbname, input=script.encode())
+        if proc.returncode != 0:
+            raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
+                                    LineMap(((2, rel, 1),)), ws.client.password)
+        rows = [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
+        if any(line != "t" for line in rows):
+            shown = "; ".join(rows[:3]) + (" …" if len(rows) > 3 else "")
+            raise CheckFailed(f"verify check {rel} failed: it returned {shown}",
+                              hint="a check passes when it returns no rows or a single true")
+
+
+def ddl_drift(ws: Workspace) -> str | None:
+    """§12's comparison with the DDL, as deploy's optional verify step ([deploy] drift_check):
+    the differences in one line, None when there are none."""
+    report = diff_against_ddl(ws)
+    if not report.differences:
+        return None
+    shown = [d.label for d in report.differences[:5]]
+    more = len(report.differences) - len(shown)
+    return (f"{len(report.differences)} difference(s) from the DDL: " + ", ".join(shown)
+            + (f" and {more} more" if more > 0 else ""))
+
+
+def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> DeployResult:
+    """Bring the env's database to the current version, safely: lock → backup → first deploy
+    or pending migrations → verify → record. Any failure after the backup is rolled back
+    (a transactional migration by itself, anything else by restoring the backup) and raised
+    as DeployFailed naming the failing step and the backup. The caller confirms first."""
+    if no_backup and ws.env.protected:
+        raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
+                      hint="a backup is always taken before anything writes to it")
+    started, started_at = time.monotonic(), utc_now()
+    if dry_run:
+        return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
+                            time.monotonic() - started)
+    with admin_session(ws) as admin:
+        locks = DatabaseLocks(ws, admin)
+        locks.lock_database()
+        try:
+            drop_scratch_leftovers(ws, admin, ws.env.database)
+            created = not database_exists(admin, ws.env.database)
+            if created:
+                ws.console.info(f"creating database {ws.env.database}")
+                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
+            try:
+                session = locks.lock_target()
+                plan = inspect_deploy(ws, no_backup, session)
+                if created:
+                    plan = evolve(plan, exists=False, backup=False)
+                if plan.problems:
+                    raise CheckFailed("deploy refused before changing anything: "
+                                  + "; ".join(plan.problems),
+                                  hint="restore the files, or run 'confiture.py migrate repair'")
+                backup = None
+                if plan.backup and not plan.nothing_to_do:
+                    ws.console.info(f"backing up {ws.env.database} …")
+                    try:
+                        backup = create_backup(ws, session=session)
+                    except BackupError as exc:
+                        raise BackupError("deploy stopped before changing anything: the backup "
+                                          f"failed: {exc.message}", exc.hint) from exc
+                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
+            except BaseException:
+                if created:
+                    locks.unlock_target()
+                    drop_database(admin, ws.env.database, force=True)
+                raise
+            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
+                                                started, started_at))
+        finally:
+            locks.close()
+    return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
+
+
+def _execute_deploy(run: DeployRun) -> list[str]:
+    ws, admin, locks, plan = run.ws, run.admin, run.locks, run.plan
+    assert locks.target is not None
+    session = locks.target
+    before = () if plan.first_deploy else migration_state(ws, session).applied
+    applied: list[str] = []
+    changed = False
+    failed: MigrationRunFailed | None = None
+    try:
+        if plan.first_deploy:
+            ws.console.info("first deploy: restoring the env's schema into the empty database …")
+            _first_deploy(ws, admin)
+            changed = True
+            applied = baseline_all_migrations(ws, session)
+        elif plan.pending:
+            applied = apply_pending_migrations(ws, session)
+        state = migration_state(ws, session)
+        if state.pending or state.problems or state.partial:
+            raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
+                [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
+                 *(f"{n} partly applied" for n in state.partial)]))
+        run_verify_checks(ws, ws.env.database)
+        problem = ddl_drift(ws) if ws.config.deploy_drift_check else None
+        if problem:
+            raise CheckFailed(f"drift check: {problem}")
+    except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
+        if isinstance(exc, MigrationRunFailed):
+            failed = exc
+            applied = list(exc.applied)
+        _roll_back(run, before, changed, failed, exc)
+    try:
+        to_version = migration_state(ws, session).version
+        record_deploy(session, run, "ok", to_version, applied)
+    except ConfitureError as exc:  # the deploy itself succeeded and stays
+        ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
+                        f"{exc.message}")
+    return applied
+
+
+def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
+               failed: MigrationRunFailed | None, exc: BaseException) -> NoReturn:
+    """Put the database back as it was before the deploy, check it, record it, and raise."""
+    ws, admin, locks, plan, backup = run.ws, run.admin, run.locks, run.plan, run.backup
+    cause = exc.message if isinstance(exc, ConfitureError) else (
+        "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+    step = f"migration {failed.name}" if failed else (
+        "the first deploy" if plan.first_deploy else "verification")
+    what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
+        failed and failed.interrupted)
+    error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
+    try:
+        now = migration_state(ws, locks.target).applied if locks.target else None
+    except ConfitureError:
+        now = None
+    partial = failed is not None and not failed.transactional
+    if not (run.created or changed or partial or now != before):
+        how = ("the failing migration rolled back by itself" if failed else
+               "nothing had changed") + "; the database is as it was"
+        _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
+        raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
+    outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
+    try:
+        if run.created:
+            locks.unlock_target()
+            drop_database(admin, ws.env.database, force=True)
+            outcome = error_type(f"{what}; the database it had created was dropped again")
+            raise outcome
+        if backup is None:
+            _record_quietly(run, "failed", failed, f"{what}; no backup (--no-backup)")
+            outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
+                                 f"database is left at version {_version_text(now)}")
+            raise outcome
+        ws.console.warn(f"{what}")
+        ws.console.warn(f"rolling back: restoring {backup.path} …")
+        stamp = utc_stamp()
+        props = database_properties(admin, ws.env.database)
+        scratch = restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
+        try:
+            locks.unlock_target()
+            replaced = swap_in(ws, admin, scratch, props, True, backup.path, stamp)
+        except BaseException:
+            drop_database(admin, scratch, force=True)
+            raise
+        session = locks.lock_target()
+        after = migration_state(ws, session).applied
+        if after != before:
+            outcome = DeployFailed(f"{what}; the restored database is at version "
+                                   f"{_version_text(after)}, expected {_version_text(before)}")
+            raise outcome
+    except ConfitureError as rollback_error:
+        if rollback_error is outcome:
+            raise
+        raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
+                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
+                                 f"restore {backup.path}" if backup else None)) from exc
+    how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
+           f"{replaced}")
+    _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
+    raise error_type(f"{what}; {how}")
+
+
+def _version_text(applied: Sequence[int] | None) -> str:
+    return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
+
+
+def _record_quietly(run: DeployRun, outcome: str, failed: MigrationRunFailed | None,
+                    message: str) -> None:
+    """Record a failed deploy; a failure to record must not hide the deploy's own error."""
+    try:
+        session = run.locks.target or run.locks.lock_target()
+        record_deploy(session, run, outcome, run.plan.from_version, [],
+                      failed.name if failed else None, message)
+    except ConfitureError as exc:
+        run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
+                        f"{exc.message}")
+
+
+# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
+
+# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
+LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
+              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+              "ExclusiveLock", "AccessExclusiveLock")
+REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
+
+
+def lock_label(mode: str) -> str:
+    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
+
+
+@record()
+class RehearsedStatement:
+    migration: str
+    file: str
+    line: int
+    text: str                   # its first line
+    seconds: float = 0.0
+    lock: str | None = None     # strongest pg_locks mode taken on a relation
+    relation: str | None = None
+    held: float = 0.0           # seconds from the statement's start until that lock went
+    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
+
+    def take(self, mode: str, relation: str) -> None:
+        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
+            self.lock, self.relation = mode, relation
+
+    def as_json(self) -> dict[str, Any]:
+        return {"migration": self.migration, "file": self.file, "line": self.line,
+                "statement": self.text, "ms": round(self.seconds * 1000, 1),
+                "lock": lock_label(self.lock) if self.lock else None,
+                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
+                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
+
+
+@record(frozen=True)
+class Rehearsal:
+    env: str
+    source: str                 # the backup file, or "clone of <db>"
+    server: str                 # where the scratch database lived
+    statements: tuple[RehearsedStatement, ...]
+    seconds: float
+    failed: str | None = None   # the error that stopped the rehearsal
+
+    def as_json(self) -> dict[str, Any]:
+        return {"env": self.env, "source": self.source, "server": self.server,
+                "seconds": round(self.seconds, 3), "failed": self.failed,
+                "statements": [s.as_json() for s in self.statements]}
+
+
+class LockSampler(SessionSampler):
+    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session, credited
+    to the statement running at the time (`current`); the samples add to what each statement's
+    own check saw."""
+
+    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
+        super().__init__(lambda: ws.client.session(database), REHEARSAL_SAMPLE, "lock-sampler")
+        self.pid, self._sql = pid, own_locks_sql(pid)
+        self.current: RehearsedStatement | None = None
+        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
+
+    def sample(self, session: Session) -> None:
+        statement, held = self.current, self.held
+        for row in session.query(self._sql):
+            if statement is not None and (row["mode"], row["relation"]) not in held:
+                statement.take(row["mode"], row["relation"])
+
+
+def own_locks_sql(pid: int | None = None) -> str:
+    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
+    what blocks the application)."""
+    who = "pg_backend_pid()" if pid is None else str(int(pid))
+    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
+            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
+
+
+_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
+                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
+                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                 "AND n.nspname NOT LIKE 'pg\\_%'")
+
+
+def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
+    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
+
+
+def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
+                       stmt: Statement, in_transaction: bool) -> float:
+    """Run one statement, timed; note its locks and the tables it rewrote (a new
+    relfilenode). Returns when it started."""
+    before = _relfiles(session)
+    sampler.current = item
+    started = time.monotonic()
+    try:
+        session.execute(stmt.text)
+    finally:
+        item.seconds = time.monotonic() - started
+        sampler.current = None
+    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
+        for row in session.query(own_locks_sql()):
+            if (row["mode"], row["relation"]) not in sampler.held:
+                item.take(row["mode"], row["relation"])
+                sampler.held |= {(row["mode"], row["relation"])}
+    after = _relfiles(session)
+    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
+                      if name in after and after[name][0] != file]
+    item.held = item.seconds
+    return started
+
+
+def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
+                       migration: Migration) -> list[RehearsedStatement]:
+    statements, transactional = migration_statements(migration, "up", ws.config.root)
+    rel = migration_rel(ws.config, migration.up)
+    done: list[RehearsedStatement] = []
+    starts: list[float] = []
+    sampler.held = frozenset()
+    if transactional:
+        session.execute("BEGIN")
+    for stmt in statements:
+        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
+                                  strip_comments(stmt.text).strip().split("\n")[0][:120])
+        done.append(item)
+        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+    if transactional:
+        session.execute("COMMIT")
+        committed = time.monotonic()
+        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
+            if item.lock:
+                item.held = committed - start
+    sampler.held = frozenset()
+    return done
+
+
+def rehearsal_source(ws: Workspace) -> Path | None:
+    """A protected env rehearses on its newest verified backup (never dumping production
+    for it); an unprotected one on a fresh copy (None: dump it now)."""
+    if not ws.env.protected:
+        return None
+    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
+    if backup is None:
+        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
+                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
+    check_backup(ws, backup.path)
+    return backup.path
+
+
+def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
+    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
+    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
+    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
+    Timings on another machine are indicative."""
+    import tempfile
+
+    started = time.monotonic()
+    pending = plan_up(migration_status(ws), to)
+    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
+    source = rehearsal_source(ws)
+    scratch_ws = scratch_workspace(ws)
+    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
+        if source is None:
+            source = create_backup(ws, output=Path(folder) / "copy.dump").path
+        with admin_session(scratch_ws) as admin:
+            scratch = restore_into_scratch(scratch_ws, admin, source, None, None,
+                                            utc_stamp() + "r" + os.urandom(2).hex())
+            try:
+                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
+            finally:
+                drop_database(admin, scratch, force=True)
+    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
+                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
+                     tuple(statements), time.monotonic() - started, failed)
+
+
+def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
+                 ) -> tuple[list[RehearsedStatement], str | None]:
+    done: list[RehearsedStatement] = []
+    with ws.client.session(scratch) as session:
+        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
+        pid = int(session.value("SELECT pg_backend_pid()"))
+        with LockSampler(ws, scratch, pid) as sampler:
+            for migration in pending:
+                ws.console.info(f"rehearsing {migration.label} …")
+                try:
+                    done.extend(rehearse_migration(ws, session, sampler, migration))
+                except SqlError as exc:
+                    return done, f"{migration.label}: {exc.message}"
+    return done, None
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §15 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -12512,7 +12543,7 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
     p.set_defaults(handler=cmd_migrate_lint)
 
 
-# ── backup, restore and deploy commands (§9) ──────────────────────────────────────────────
+# ── backup, restore and deploy commands (§9, §14) ───────────────────────────────────────
 
 
 def _backup_document(backup: Backup) -> dict[str, Any]:
@@ -12602,17 +12633,6 @@ def cmd_restore(app: App) -> int:
     return EXIT_OK
 
 
-def _ddl_drift(ws: Workspace) -> str | None:
-    """§12's comparison with the DDL, as deploy's optional verify step."""
-    report = diff_against_ddl(ws)
-    if not report.differences:
-        return None
-    shown = [d.label for d in report.differences[:5]]
-    more = len(report.differences) - len(shown)
-    return (f"{len(report.differences)} difference(s) from the DDL: " + ", ".join(shown)
-            + (f" and {more} more" if more > 0 else ""))
-
-
 def cmd_deploy(app: App) -> int:
     ws = app.workspace()
     if app.args.rehearse:
@@ -12623,8 +12643,7 @@ def cmd_deploy(app: App) -> int:
         _report_guard(app, guard_consistency(ws, "deploy"))
         if app.args.wait_for_quiet is not None:
             wait_for_quiet(ws, app.args.wait_for_quiet)
-    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
-                    drift=_ddl_drift if ws.config.deploy_drift_check else None)
+    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),
                 "applied": result.applied,
                 "backup": str(result.backup.path) if result.backup else None,
