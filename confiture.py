@@ -11343,21 +11343,37 @@ class DeployRun:
     created: bool          # the deploy created the database (a first deploy into nothing)
     started: float         # time.monotonic() at the start
     started_at: str        # UTC, for the deploys table
+    # how far it got, for the rollback
+    before: tuple[int, ...] = ()                 # versions applied before the deploy
+    changed: bool = False                        # the first deploy wrote the schema
+    failed: MigrationRunFailed | None = None     # the migration that failed, if one did
 
 
-def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: str | None,
-                  applied: Sequence[str], failed: str | None = None,
-                  message: str | None = None) -> None:
-    """Append a row to the deploys table (created on first use)."""
-    ws, plan, backup = run.ws, run.plan, run.backup
-    started_at, seconds = run.started_at, time.monotonic() - run.started
+@record(frozen=True)
+class DeployRow:
+    """How a deploy ended, as its row in the deploys table records it."""
+
+    outcome: str                     # 'ok', 'rolled_back', 'failed'
+    to_version: str | None
+    applied: tuple[str, ...] = ()
+    failed: str | None = None        # the failing migration's label
+    message: str | None = None
+
+
+def _deployer() -> str:
     import getpass
     import socket
 
     try:
-        who = f"{getpass.getuser()}@{socket.gethostname()}"
+        return f"{getpass.getuser()}@{socket.gethostname()}"
     except (OSError, KeyError):
-        who = f"uid {os.getuid()}@{socket.gethostname()}"
+        return f"uid {os.getuid()}@{socket.gethostname()}"
+
+
+def record_deploy(session: Session, run: DeployRun, row: DeployRow) -> None:
+    """Append a row to the deploys table (created on first use)."""
+    ws, plan, backup = run.ws, run.plan, run.backup
+    seconds = time.monotonic() - run.started
     table = qualified_name(ws.config.deploys_table)
 
     def lit(value: str | None) -> str:
@@ -11381,15 +11397,17 @@ def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: st
         "  failed_migration text,\n"
         "  message text,\n"
         "  tool_version text NOT NULL)")
-    array = "ARRAY[" + ", ".join(quote_literal(a) for a in applied) + "]::text[]"
+    array = "ARRAY[" + ", ".join(quote_literal(a) for a in row.applied) + "]::text[]"
+    message = mask_password_in(row.message) if row.message else None
     session.execute(
         f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
         "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
-        f"tool_version) VALUES ({quote_literal(started_at)}, {int(seconds * 1000)}, "
-        f"{quote_literal(ws.env.name)}, {quote_literal(who)}, {lit(plan.from_version)}, "
-        f"{lit(to_version)}, {array}, {lit(str(backup.path) if backup else None)}, "
-        f"{lit(backup.sha256 if backup else None)}, {quote_literal(outcome)}, {lit(failed)}, "
-        f"{lit(mask_password_in(message) if message else None)}, {quote_literal(__version__)})")
+        f"tool_version) VALUES ({quote_literal(run.started_at)}, {int(seconds * 1000)}, "
+        f"{quote_literal(ws.env.name)}, {quote_literal(_deployer())}, "
+        f"{lit(plan.from_version)}, {lit(row.to_version)}, {array}, "
+        f"{lit(str(backup.path) if backup else None)}, "
+        f"{lit(backup.sha256 if backup else None)}, {quote_literal(row.outcome)}, "
+        f"{lit(row.failed)}, {lit(message)}, {quote_literal(__version__)})")
 
 
 def _first_deploy(ws: Workspace, admin: Session) -> None:
@@ -11515,65 +11533,75 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
 
 
 def _execute_deploy(run: DeployRun) -> list[str]:
-    ws, admin, locks, plan = run.ws, run.admin, run.locks, run.plan
+    ws, locks, plan = run.ws, run.locks, run.plan
     assert locks.target is not None
     session = locks.target
-    before = () if plan.first_deploy else migration_state(ws, session).applied
+    run.before = () if plan.first_deploy else migration_state(ws, session).applied
     applied: list[str] = []
-    changed = False
-    failed: MigrationRunFailed | None = None
     try:
-        if plan.first_deploy:
-            ws.console.info("first deploy: restoring the env's schema into the empty database …")
-            _first_deploy(ws, admin)
-            changed = True
-            applied = baseline_all_migrations(ws, session)
-        elif plan.pending:
-            applied = apply_pending_migrations(ws, session)
-        state = migration_state(ws, session)
-        if state.pending or state.problems or state.partial:
-            raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
-                [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
-                 *(f"{n} partly applied" for n in state.partial)]))
-        run_verify_checks(ws, ws.env.database)
-        problem = ddl_drift(ws) if ws.config.deploy_drift_check else None
-        if problem:
-            raise CheckFailed(f"drift check: {problem}")
+        applied = _migrate_and_verify(run, session)
     except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
         if isinstance(exc, MigrationRunFailed):
-            failed = exc
-            applied = list(exc.applied)
-        _roll_back(run, before, changed, failed, exc)
+            run.failed = exc
+        _roll_back(run, exc)
     try:
         to_version = migration_state(ws, session).version
-        record_deploy(session, run, "ok", to_version, applied)
+        record_deploy(session, run, DeployRow("ok", to_version, tuple(applied)))
     except ConfitureError as exc:  # the deploy itself succeeded and stays
         ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
                         f"{exc.message}")
     return applied
 
 
-def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
-               failed: MigrationRunFailed | None, exc: BaseException) -> NoReturn:
-    """Put the database back as it was before the deploy, check it, record it, and raise."""
-    ws, admin, locks, plan, backup = run.ws, run.admin, run.locks, run.plan, run.backup
+def _migrate_and_verify(run: DeployRun, session: Session) -> list[str]:
+    """The deploy's writes and its checks; the labels it applied."""
+    ws, plan = run.ws, run.plan
+    applied: list[str] = []
+    if plan.first_deploy:
+        ws.console.info("first deploy: restoring the env's schema into the empty database …")
+        _first_deploy(ws, run.admin)
+        run.changed = True
+        applied = baseline_all_migrations(ws, session)
+    elif plan.pending:
+        applied = apply_pending_migrations(ws, session)
+    state = migration_state(ws, session)
+    if state.pending or state.problems or state.partial:
+        raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
+            [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
+             *(f"{n} partly applied" for n in state.partial)]))
+    run_verify_checks(ws, ws.env.database)
+    problem = ddl_drift(ws) if ws.config.deploy_drift_check else None
+    if problem:
+        raise CheckFailed(f"drift check: {problem}")
+    return applied
+
+
+def _failure(run: DeployRun, exc: BaseException) -> tuple[str, type[ConfitureError]]:
+    """What failed, in words, and the error a failed deploy raises (Interrupted for Ctrl-C)."""
+    failed = run.failed
     cause = exc.message if isinstance(exc, ConfitureError) else (
         "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
     step = f"migration {failed.name}" if failed else (
-        "the first deploy" if plan.first_deploy else "verification")
-    what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
+        "the first deploy" if run.plan.first_deploy else "verification")
     interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
         failed and failed.interrupted)
-    error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
+    return (f"deploy of env {run.ws.env.name!r} failed at {step}: {cause}",
+            Interrupted if interrupted else DeployFailed)
+
+
+def _roll_back(run: DeployRun, exc: BaseException) -> NoReturn:
+    """Put the database back as it was before the deploy, check it, record it, and raise."""
+    ws, admin, locks, backup, failed = run.ws, run.admin, run.locks, run.backup, run.failed
+    what, error_type = _failure(run, exc)
     try:
         now = migration_state(ws, locks.target).applied if locks.target else None
     except ConfitureError:
         now = None
     partial = failed is not None and not failed.transactional
-    if not (run.created or changed or partial or now != before):
+    if not (run.created or run.changed or partial or now != run.before):
         how = ("the failing migration rolled back by itself" if failed else
                "nothing had changed") + "; the database is as it was"
-        _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
+        _record_quietly(run, "rolled_back", f"{what}; {how}")
         raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
     outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
     try:
@@ -11583,26 +11611,17 @@ def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
             outcome = error_type(f"{what}; the database it had created was dropped again")
             raise outcome
         if backup is None:
-            _record_quietly(run, "failed", failed, f"{what}; no backup (--no-backup)")
+            _record_quietly(run, "failed", f"{what}; no backup (--no-backup)")
             outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
                                  f"database is left at version {_version_text(now)}")
             raise outcome
         ws.console.warn(f"{what}")
-        ws.console.warn(f"rolling back: restoring {backup.path} …")
-        stamp = utc_stamp()
-        props = database_properties(admin, ws.env.database)
-        scratch = restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
-        try:
-            locks.unlock_target()
-            replaced = swap_in(ws, admin, scratch, props, True, backup.path, stamp)
-        except BaseException:
-            drop_database(admin, scratch, force=True)
-            raise
-        session = locks.lock_target()
-        after = migration_state(ws, session).applied
-        if after != before:
+        replaced = _restore_for_rollback(run, backup)
+        after = migration_state(ws, locks.lock_target()).applied
+        if after != run.before:
             outcome = DeployFailed(f"{what}; the restored database is at version "
-                                   f"{_version_text(after)}, expected {_version_text(before)}")
+                                   f"{_version_text(after)}, expected "
+                                   f"{_version_text(run.before)}")
             raise outcome
     except ConfitureError as rollback_error:
         if rollback_error is outcome:
@@ -11612,24 +11631,39 @@ def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
                                  f"restore {backup.path}" if backup else None)) from exc
     how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
            f"{replaced}")
-    _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
+    _record_quietly(run, "rolled_back", f"{what}; {how}")
     raise error_type(f"{what}; {how}")
+
+
+def _restore_for_rollback(run: DeployRun, backup: Backup) -> str | None:
+    """Swap the backup in for the failed database (kept under the returned name)."""
+    ws, admin = run.ws, run.admin
+    ws.console.warn(f"rolling back: restoring {backup.path} …")
+    stamp = utc_stamp()
+    props = database_properties(admin, ws.env.database)
+    scratch = restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
+    try:
+        run.locks.unlock_target()
+        return swap_in(ws, admin, scratch, props, True, backup.path, stamp)
+    except BaseException:
+        drop_database(admin, scratch, force=True)
+        raise
 
 
 def _version_text(applied: Sequence[int] | None) -> str:
     return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
 
 
-def _record_quietly(run: DeployRun, outcome: str, failed: MigrationRunFailed | None,
-                    message: str) -> None:
+def _record_quietly(run: DeployRun, outcome: str, message: str) -> None:
     """Record a failed deploy; a failure to record must not hide the deploy's own error."""
+    failed = run.failed.name if run.failed else None
     try:
         session = run.locks.target or run.locks.lock_target()
-        record_deploy(session, run, outcome, run.plan.from_version, [],
-                      failed.name if failed else None, message)
+        record_deploy(session, run, DeployRow(outcome, run.plan.from_version, (), failed,
+                                              message))
     except ConfitureError as exc:
         run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
-                        f"{exc.message}")
+                            f"{exc.message}")
 
 
 # ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
