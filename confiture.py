@@ -21,11 +21,13 @@ only the sections above it.
                                 sections share; the migrations tracking table (TrackingTable)
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
+  §7b Backups                   verified pg_dump backups (sidecar last), list, prune
   §8  Migrations                status, plans, up/down under the lock, one transaction each;
                                 bounded lock waits with retry; the env's database as a
                                 deploy finds it
   §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
-  §9  Backups and restore       verified pg_dump backups, swap-in restore
+  §9  Restore                   swap-in restore from a verified backup; scratch and replaced
+                                copies of the env's database
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Schema model and planner  the catalog read into records (one JSON round trip); pure
                                 plans that turn one model into another, in dependency order
@@ -2788,6 +2790,7 @@ def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[s
 # ── advisory locks: one per name, in whichever database the session is connected to ───────
 
 LOCK_CLASS = 1668247142  # 'conf' as int4: the first key of every confiture advisory lock
+MIGRATION_LOCK = "migrate"  # taken by migrate runs, deploy and restore (one writer at a time)
 
 
 def query_error(session: Session, query: str) -> SqlError | None:
@@ -3636,6 +3639,352 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
+# §7b Backups
+# pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then published
+# dump first and JSON sidecar last: only a dump with a complete sidecar is a backup. Backups
+# sit below migrations (§8) because a migration run on a protected env takes one itself,
+# under its lock, once it knows something will run; restore (§9) builds on them.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+BACKUP_SUFFIX = ".dump"
+SIDECAR_SUFFIX = ".json"
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+class BackupError(PgError):
+    """A backup could not be written, read back or verified (exit 1)."""
+
+
+@record(frozen=True)
+class Backup:
+    """A complete backup: the dump file and what its sidecar records."""
+
+    path: Path
+    sha256: str
+    size: int
+    created_at: str
+    server_version: str
+    migration_version: str | None
+    tool_version: str
+    env: str
+    database: str
+    compression: int
+    seconds: float
+
+    def sidecar(self) -> dict[str, Any]:
+        return {"file": self.path.name, "sha256": self.sha256, "size": self.size,
+                "created_at": self.created_at, "server_version": self.server_version,
+                "migration_version": self.migration_version, "tool_version": self.tool_version,
+                "env": self.env, "database": self.database, "format": "custom",
+                "compression": self.compression, "seconds": round(self.seconds, 3),
+                "complete": True}
+
+
+def qualified_name(name: str) -> str:
+    """'schema.table' or 'table' → quoted identifiers."""
+    return ".".join(quote_ident(part) for part in name.split("."))
+
+
+def sidecar_path(dump: Path) -> Path:
+    return dump.with_name(dump.name + SIDECAR_SUFFIX)
+
+
+def backup_folder(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Path:
+    """The env's `backups` folder, else <[backups] dir>/<env>, relative to the project root."""
+    spec = config.envs[env_name]
+    if spec.backups:
+        return config.root / expand_vars(spec.backups, f"env.{env_name}.backups", environ)
+    return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
+
+
+def read_sidecar(dump: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_backup(dump: Path) -> Backup | None:
+    """The backup `dump` is, or None unless its sidecar is complete and the size matches."""
+    data = read_sidecar(dump)
+    try:
+        size = dump.stat().st_size
+    except OSError:
+        return None
+    if (data is None or data.get("complete") is not True or data.get("size") != size
+            or not isinstance(data.get("sha256"), str)):
+        return None
+    version = data.get("migration_version")
+    return Backup(path=dump, sha256=data["sha256"], size=size,
+                  created_at=str(data.get("created_at", "")),
+                  server_version=str(data.get("server_version", "")),
+                  migration_version=None if version is None else str(version),
+                  tool_version=str(data.get("tool_version", "")), env=str(data.get("env", "")),
+                  database=str(data.get("database", "")),
+                  compression=int(data.get("compression", -1)),
+                  seconds=float(data.get("seconds", 0.0)))
+
+
+def list_backups(folder: Path) -> list[Backup]:
+    """The complete backups in `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [b for p in folder.glob("*" + BACKUP_SUFFIX) if (b := read_backup(p))]
+    found.sort(key=lambda b: (b.created_at, natural_key(b.path.name)), reverse=True)
+    return found
+
+
+def newest_backup(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Backup | None:
+    """The env's newest complete backup (what `restore latest` and `status` use)."""
+    backups = list_backups(backup_folder(config, env_name, environ))
+    return backups[0] if backups else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
+    return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
+
+
+def utc_stamp(when: float | None = None) -> str:
+    return time.strftime(_STAMP, time.gmtime(when))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create the backup folder, or say clearly why it cannot hold a backup."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder"
+                          ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackupError(f"backup folder {folder} is not writable",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder")
+
+
+def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
+    text = stderr.strip()
+    text = mask_password_in(text, password)
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
+        return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
+    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", line) for line in text.splitlines()]
+    return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
+
+
+def wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
+               progress: Path | None = None) -> None:
+    """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
+    show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
+    try:
+        while show:
+            try:
+                proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if show and progress is not None and progress.exists():
+                    ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
+                    ws.console.err.flush()
+        proc.wait()  # blocking: no polling latency when there is no progress to show
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if show:
+            ws.console.err.write("\r\033[K")
+    if proc.returncode != 0:
+        errfile.seek(0)
+        stderr = errfile.read().decode("utf-8", "replace")
+        raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
+
+
+def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
+               errfile: Any) -> subprocess.Popen[bytes]:
+    """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
+    wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
+    and lists it (see create_backup), which saves most of the sync's time."""
+    argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
+                        "--no-sync", "-f", str(path))
+    return ws.client.spawn(argv, dbname, stderr=errfile)
+
+
+def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
+    """The newest applied migration version, read from the tracking table (None without
+    one). A backup must not fail over the tracking table, so its problems only cost the
+    version."""
+    try:
+        applied, _ = TrackingTable.resolve(session, ws.config.migrations_table).read()
+    except ConfigError as exc:
+        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
+        return None
+    return str(applied[-1].version) if applied else None
+
+
+def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
+    """(server version, applied migration version) for the sidecar."""
+    if session is None:
+        with ws.client.session(ws.env.database) as own:
+            return _backup_facts(ws, own)
+    version = str(session.value("SELECT current_setting('server_version')"))
+    return version, _sidecar_migration_version(ws, session)
+
+
+def check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
+    """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
+    with scratch_file() as errfile:
+        proc = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "--list", str(path)), None,
+                               stderr=errfile)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            code = proc.wait()
+        if code != 0:
+            errfile.seek(0)
+            raise BackupError(f"{path} is not a readable pg_dump archive: "
+                              + _tool_failure("pg_restore --list", code,
+                                              errfile.read().decode("utf-8", "replace"), None))
+
+
+def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
+    """Rename tmp to final; with `exclusive`, fail with FileExistsError instead of replacing."""
+    if not exclusive:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)  # atomic create-if-absent: two backups in one second never clash
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(str(final)) from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
+# Over 60 lines: the dump, its read-back, hashing and syncing run at once, and one try/finally
+# must remove every partial file on any failure; split, the cleanup would be spread out.
+def create_backup(ws: Workspace, output: Path | None = None,
+                  session: Session | None = None) -> Backup:
+    """Back up the env's database into its backup folder (or `output`). The dump is written
+    under a temporary name, read back and hashed, then published with its sidecar; on any
+    failure nothing is left behind and BackupError says why."""
+
+    started = time.monotonic()
+    compression = ws.config.backups_compression
+    folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
+    if output is not None and (output.exists() or sidecar_path(output).exists()):
+        raise Refused(f"{output} already exists; a backup never overwrites a file",
+                      hint="choose another -o FILE, or leave -o out to use the backup folder")
+    _prepare_folder(folder)
+    stamp = utc_stamp()
+    tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
+    side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
+    published: Path | None = None
+    try:
+        with scratch_file() as errfile:
+            proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
+            try:
+                server_version, migration_version = _backup_facts(ws, session)  # meanwhile
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
+        synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
+        digests: list[str] = []
+        try:
+            check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
+        finally:
+            synced.wait()
+        synced.result()
+        digest, size = digests[0], tmp.stat().st_size
+        for seq in range(1000):
+            final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
+            backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
+                            server_version=server_version, migration_version=migration_version,
+                            tool_version=__version__, env=ws.env.name, database=ws.env.database,
+                            compression=compression, seconds=time.monotonic() - started)
+            side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
+            try:
+                _publish(tmp, final, exclusive=True)
+            except FileExistsError:
+                if output is not None:
+                    raise Refused(f"{output} already exists; a backup never overwrites a "
+                                  "file") from None
+                continue
+            published = final
+            os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
+            published = None
+            _fsync_dir(folder)
+            return backup
+        raise BackupError(f"cannot find a free backup name in {folder}")
+    except OSError as exc:
+        raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
+                          hint="check the free space and permissions of the backup folder"
+                          ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        if published is not None:
+            published.unlink(missing_ok=True)
+
+
+def prune_backups(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` backups (sidecar first, so a crash leaves at most an
+    unlisted dump), and leftovers: temporary files of dead runs, dumps without a sidecar."""
+    removed: list[Path] = []
+    for backup in list_backups(folder)[keep:]:
+        sidecar_path(backup.path).unlink(missing_ok=True)
+        backup.path.unlink(missing_ok=True)
+        removed.append(backup.path)
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        stale = now - path.stat().st_mtime > 3600 if path.exists() else False
+        parts = path.name.split(".")  # .<stamp>.<pid>.dump.tmp
+        leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
+                    and not pid_alive(parts[2] if len(parts) >= 4 else ""))
+        orphan = path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale
+        if leftover or orphan:
+            path.unlink(missing_ok=True)
+            sidecar_path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
 # §8 Migrations
 # Versioned up/down SQL files (§4 finds them: flat V_name.up.sql or Diesel folders V_name/up.sql)
 # applied through one psql Session under the per-database "migrate" advisory lock, recorded
@@ -3643,7 +3992,6 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 # their progress logged, so an interrupted one resumes where it stopped. Planning is pure.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
-MIGRATION_LOCK = "migrate"
 # '-- confiture:allow RULE reason': a lint finding accepted for one statement (§8b checks
 # the rule; the applied row's log records what was allowed)
 ALLOW_RE = re.compile(r"--[ \t]*confiture:allow\b[ \t]*([\w-]*)[ \t]*([^\n]*)", re.IGNORECASE)
@@ -5834,350 +6182,13 @@ def refuse_lint_errors(report: LintReport, what: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §9 Backups and restore
-# backup: pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then
-# published dump first and JSON sidecar last: only a dump with a complete sidecar is a backup.
+# §9 Restore
 # restore: verify first, restore into a scratch database, swap names (the replaced one is kept).
 # Deploy (§14) and rehearsal build on the scratch restore and the swap below.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
-BACKUP_SUFFIX = ".dump"
-SIDECAR_SUFFIX = ".json"
 DB_MARK = "confiture-restore"  # JSON comment of scratch and replaced databases
-_STAMP = "%Y%m%dT%H%M%SZ"
 _OBJECT_IN_USE = "55006"
-
-
-class BackupError(PgError):
-    """A backup could not be written, read back or verified (exit 1)."""
-
-
-@record(frozen=True)
-class Backup:
-    """A complete backup: the dump file and what its sidecar records."""
-
-    path: Path
-    sha256: str
-    size: int
-    created_at: str
-    server_version: str
-    migration_version: str | None
-    tool_version: str
-    env: str
-    database: str
-    compression: int
-    seconds: float
-
-    def sidecar(self) -> dict[str, Any]:
-        return {"file": self.path.name, "sha256": self.sha256, "size": self.size,
-                "created_at": self.created_at, "server_version": self.server_version,
-                "migration_version": self.migration_version, "tool_version": self.tool_version,
-                "env": self.env, "database": self.database, "format": "custom",
-                "compression": self.compression, "seconds": round(self.seconds, 3),
-                "complete": True}
-
-
-def qualified_name(name: str) -> str:
-    """'schema.table' or 'table' → quoted identifiers."""
-    return ".".join(quote_ident(part) for part in name.split("."))
-
-
-def sidecar_path(dump: Path) -> Path:
-    return dump.with_name(dump.name + SIDECAR_SUFFIX)
-
-
-def backup_folder(config: Config, env_name: str,
-                  environ: Mapping[str, str] = os.environ) -> Path:
-    """The env's `backups` folder, else <[backups] dir>/<env>, relative to the project root."""
-    spec = config.envs[env_name]
-    if spec.backups:
-        return config.root / expand_vars(spec.backups, f"env.{env_name}.backups", environ)
-    return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
-
-
-def _read_sidecar(dump: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_backup(dump: Path) -> Backup | None:
-    """The backup `dump` is, or None unless its sidecar is complete and the size matches."""
-    data = _read_sidecar(dump)
-    try:
-        size = dump.stat().st_size
-    except OSError:
-        return None
-    if (data is None or data.get("complete") is not True or data.get("size") != size
-            or not isinstance(data.get("sha256"), str)):
-        return None
-    version = data.get("migration_version")
-    return Backup(path=dump, sha256=data["sha256"], size=size,
-                  created_at=str(data.get("created_at", "")),
-                  server_version=str(data.get("server_version", "")),
-                  migration_version=None if version is None else str(version),
-                  tool_version=str(data.get("tool_version", "")), env=str(data.get("env", "")),
-                  database=str(data.get("database", "")),
-                  compression=int(data.get("compression", -1)),
-                  seconds=float(data.get("seconds", 0.0)))
-
-
-def list_backups(folder: Path) -> list[Backup]:
-    """The complete backups in `folder`, newest first."""
-    if not folder.is_dir():
-        return []
-    found = [b for p in folder.glob("*" + BACKUP_SUFFIX) if (b := read_backup(p))]
-    found.sort(key=lambda b: (b.created_at, natural_key(b.path.name)), reverse=True)
-    return found
-
-
-def newest_backup(config: Config, env_name: str,
-                  environ: Mapping[str, str] = os.environ) -> Backup | None:
-    """The env's newest complete backup (what `restore latest` and `status` use)."""
-    backups = list_backups(backup_folder(config, env_name, environ))
-    return backups[0] if backups else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
-    return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
-
-
-def utc_stamp(when: float | None = None) -> str:
-    return time.strftime(_STAMP, time.gmtime(when))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _prepare_folder(folder: Path) -> None:
-    """Create the backup folder, or say clearly why it cannot hold a backup."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
-                          hint="set env.<name>.backups or [backups] dir to a writable folder"
-                          ) from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BackupError(f"backup folder {folder} is not writable",
-                          hint="set env.<name>.backups or [backups] dir to a writable folder")
-
-
-def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
-    text = stderr.strip()
-    text = mask_password_in(text, password)
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
-        return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
-    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", line) for line in text.splitlines()]
-    return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
-
-
-def wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
-               progress: Path | None = None) -> None:
-    """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
-    show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
-    try:
-        while show:
-            try:
-                proc.wait(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                if show and progress is not None and progress.exists():
-                    ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
-                    ws.console.err.flush()
-        proc.wait()  # blocking: no polling latency when there is no progress to show
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
-    finally:
-        if show:
-            ws.console.err.write("\r\033[K")
-    if proc.returncode != 0:
-        errfile.seek(0)
-        stderr = errfile.read().decode("utf-8", "replace")
-        raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
-
-
-def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
-               errfile: Any) -> subprocess.Popen[bytes]:
-    """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
-    wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
-    and lists it (see create_backup), which saves most of the sync's time."""
-    argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
-                        "--no-sync", "-f", str(path))
-    return ws.client.spawn(argv, dbname, stderr=errfile)
-
-
-def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
-    """The newest applied migration version (None without a tracking table). A backup must
-    not fail over the migration files, so their problems only cost the version."""
-    try:
-        current = migration_status(ws, session).current
-    except (InputError, ConfigError) as exc:
-        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
-        return None
-    return None if current is None else str(current)
-
-
-def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
-    """(server version, applied migration version) for the sidecar."""
-    if session is None:
-        with ws.client.session(ws.env.database) as own:
-            return _backup_facts(ws, own)
-    version = str(session.value("SELECT current_setting('server_version')"))
-    return version, _sidecar_migration_version(ws, session)
-
-
-def _check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
-    """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
-    with scratch_file() as errfile:
-        proc = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "--list", str(path)), None,
-                               stderr=errfile)
-        try:
-            if meanwhile is not None:
-                meanwhile()
-        finally:
-            code = proc.wait()
-        if code != 0:
-            errfile.seek(0)
-            raise BackupError(f"{path} is not a readable pg_dump archive: "
-                              + _tool_failure("pg_restore --list", code,
-                                              errfile.read().decode("utf-8", "replace"), None))
-
-
-def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
-    """Rename tmp to final; with `exclusive`, fail with FileExistsError instead of replacing."""
-    if not exclusive:
-        os.replace(tmp, final)
-        return
-    try:
-        os.link(tmp, final)  # atomic create-if-absent: two backups in one second never clash
-    except FileExistsError:
-        raise
-    except OSError:
-        if final.exists():
-            raise FileExistsError(str(final)) from None
-        os.replace(tmp, final)
-        return
-    tmp.unlink()
-
-
-# Over 60 lines: the dump, its read-back, hashing and syncing run at once, and one try/finally
-# must remove every partial file on any failure; split, the cleanup would be spread out.
-def create_backup(ws: Workspace, output: Path | None = None,
-                  session: Session | None = None) -> Backup:
-    """Back up the env's database into its backup folder (or `output`). The dump is written
-    under a temporary name, read back and hashed, then published with its sidecar; on any
-    failure nothing is left behind and BackupError says why."""
-
-    started = time.monotonic()
-    compression = ws.config.backups_compression
-    folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
-    if output is not None and (output.exists() or sidecar_path(output).exists()):
-        raise Refused(f"{output} already exists; a backup never overwrites a file",
-                      hint="choose another -o FILE, or leave -o out to use the backup folder")
-    _prepare_folder(folder)
-    stamp = utc_stamp()
-    tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
-    side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
-    published: Path | None = None
-    try:
-        with scratch_file() as errfile:
-            proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
-            try:
-                server_version, migration_version = _backup_facts(ws, session)  # meanwhile
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
-        synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
-        digests: list[str] = []
-        try:
-            _check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
-        finally:
-            synced.wait()
-        synced.result()
-        digest, size = digests[0], tmp.stat().st_size
-        for seq in range(1000):
-            final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
-            backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
-                            server_version=server_version, migration_version=migration_version,
-                            tool_version=__version__, env=ws.env.name, database=ws.env.database,
-                            compression=compression, seconds=time.monotonic() - started)
-            side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
-            try:
-                _publish(tmp, final, exclusive=True)
-            except FileExistsError:
-                if output is not None:
-                    raise Refused(f"{output} already exists; a backup never overwrites a "
-                                  "file") from None
-                continue
-            published = final
-            os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
-            published = None
-            _fsync_dir(folder)
-            return backup
-        raise BackupError(f"cannot find a free backup name in {folder}")
-    except OSError as exc:
-        raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
-                          hint="check the free space and permissions of the backup folder"
-                          ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
-        if published is not None:
-            published.unlink(missing_ok=True)
-
-
-def prune_backups(folder: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` backups (sidecar first, so a crash leaves at most an
-    unlisted dump), and leftovers: temporary files of dead runs, dumps without a sidecar."""
-    removed: list[Path] = []
-    for backup in list_backups(folder)[keep:]:
-        sidecar_path(backup.path).unlink(missing_ok=True)
-        backup.path.unlink(missing_ok=True)
-        removed.append(backup.path)
-    if not folder.is_dir():
-        return removed
-    now = time.time()
-    for path in folder.iterdir():
-        stale = now - path.stat().st_mtime > 3600 if path.exists() else False
-        parts = path.name.split(".")  # .<stamp>.<pid>.dump.tmp
-        leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
-                    and not pid_alive(parts[2] if len(parts) >= 4 else ""))
-        orphan = path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale
-        if leftover or orphan:
-            path.unlink(missing_ok=True)
-            sidecar_path(path).unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 # ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
@@ -6334,7 +6345,7 @@ def check_backup(ws: Workspace, path: Path, digest: bool = True,
     """Refuse a backup that is not intact, before any database is touched: its sidecar must
     be complete and match size and (with `digest`) sha256, and pg_restore must read it.
     Returns the sidecar (None for a bare pg_dump file, which is accepted with a warning)."""
-    meta = _read_sidecar(path)
+    meta = read_sidecar(path)
     if sidecar_path(path).exists():
         if meta is None or meta.get("complete") is not True:
             raise BackupError(f"{path}: its sidecar {sidecar_path(path).name} is unreadable "
@@ -6348,7 +6359,7 @@ def check_backup(ws: Workspace, path: Path, digest: bool = True,
     else:
         ws.console.warn(f"{path} has no sidecar: its integrity cannot be verified")
     if listing:
-        _check_listing(ws, path)
+        check_listing(ws, path)
     if meta and meta.get("env") not in (None, ws.env.name):
         ws.console.warn(f"{path.name} is a backup of env {meta.get('env')!r}, restoring into "
                         f"env {ws.env.name!r}")
@@ -6386,7 +6397,7 @@ def restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: st
                 if expected is not None:  # the very bytes that passed pg_restore --list
                     _check_digest(path, expected)   # when the backup was taken
                 else:
-                    _check_listing(ws, path)
+                    check_listing(ws, path)
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -6538,7 +6549,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                                 "one transaction instead of into a new database")
                 if meta is not None:
                     _check_digest(path, str(meta.get("sha256")))
-                _check_listing(ws, path)
+                check_listing(ws, path)
                 # nothing keeps the overwritten state in this mode: back it up first
                 safety = create_backup(ws, session=locks.target)
                 ws.console.info(f"backed up the current state first: {safety.path}")
@@ -10510,7 +10521,7 @@ def migrations_summary(ws: Workspace) -> dict[str, Any]:
 
 
 def latest_backup(config: Config, env: Env) -> dict[str, Any] | None:
-    """The env's newest complete backup (§9 decides what counts), as status shows it."""
+    """The env's newest complete backup (§7b decides what counts), as status shows it."""
     backup = newest_backup(config, env.name)
     if backup is None:
         return None
@@ -12577,7 +12588,7 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
     p.set_defaults(handler=cmd_migrate_lint)
 
 
-# ── backup, restore and deploy commands (§9, §14) ───────────────────────────────────────
+# ── backup, restore and deploy commands (§7b, §9, §14) ─────────────────────────────────────
 
 
 def _backup_document(backup: Backup) -> dict[str, Any]:
