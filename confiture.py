@@ -4349,6 +4349,7 @@ class MigrationRun:
     done: list[tuple[Migration, float]] = field(default_factory=list)
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    backup: Backup | None = None     # taken first, on a protected env (back_up_protected)
 
     def as_json(self) -> dict[str, Any]:
         return {"direction": self.direction, "dry_run": self.dry_run,
@@ -4759,13 +4760,25 @@ def _up_failed(run: MigrationRun, failed: _Failed, checked: Mapping[Any, bool],
            else "; its completed statements are logged and the next run resumes after them"))
 
 
+def back_up_protected(ws: Workspace, locked: _Locked, run: MigrationRun, backup: bool) -> None:
+    """SPEC §5: a backup is taken before anything writes to a protected environment: by the
+    run itself, under its lock, once its plan is known and not empty (`backup` False: the
+    caller took one, as deploy does, or the run writes a scratch copy)."""
+    if backup and ws.env.protected and run.planned:
+        run.backup = create_backup(ws, session=locked.session)
+        ws.console.info(f"backed up {ws.env.database} before migrate {run.direction}: "
+                        f"{run.backup.path}")
+
+
 def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
-               session: Session | None = None, lock: bool = True) -> MigrationRun:
+               session: Session | None = None, lock: bool = True,
+               backup: bool = True) -> MigrationRun:
     """Apply pending migrations in version order. Under the migration lock unless lock=False
-    (the caller already holds it on another session). Refuses (exit 3) while an applied
-    migration changed or vanished. After a failed migration psql has exited: the session is
-    closed, the failed migration left nothing behind (or, without a transaction, logged how
-    far it got), and MigrationError says which ones were applied before it."""
+    (the caller already holds it on another session); a protected env is backed up first
+    (back_up_protected). Refuses (exit 3) while an applied migration changed or vanished.
+    After a failed migration psql has exited: the session is closed, the failed migration
+    left nothing behind (or, without a transaction, logged how far it got), and
+    MigrationError says which ones were applied before it."""
     config = ws.config
     files = scan_migrations(config.migrations_dir, config.root)
     run = MigrationRun("up", dry_run=dry_run)
@@ -4784,6 +4797,7 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
         checked = check_migrations_sql(run.planned, "up", config)
+        back_up_protected(ws, locked, run, backup)
         partial = {p.version: p for p in status.partial}
         for stale in set(partial) - {m.version for m in run.planned}:
             ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
@@ -4817,10 +4831,11 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
 
 def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
                  dry_run: bool = False, session: Session | None = None,
-                 lock: bool = True) -> MigrationRun:
+                 lock: bool = True, backup: bool = True) -> MigrationRun:
     """Revert applied migrations newest first, each with the removal of its tracking row in
-    one transaction. Refused up front when a needed down file is missing; stops at the first
-    failing down (MigrationError lists what was reverted before it)."""
+    one transaction; a protected env is backed up first (back_up_protected). Refused up front
+    when a needed down file is missing; stops at the first failing down (MigrationError
+    lists what was reverted before it)."""
     config = ws.config
     files = scan_migrations(config.migrations_dir, config.root)
     run = MigrationRun("down", dry_run=dry_run)
@@ -4837,6 +4852,7 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
         checked = check_migrations_sql(run.planned, "down", config)
+        back_up_protected(ws, locked, run, backup)
         queue = _MigrationQueue(ws, locked.session, run)
         try:
             for migration in run.planned:
@@ -10493,7 +10509,7 @@ def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = 
     with open_migration_session(scratch) as session:
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)
-        return len(migrate_up(scratch, session=session).done)
+        return len(migrate_up(scratch, session=session, backup=False).done)
 
 
 def applied_migration_version(ws: Workspace) -> int | None:
@@ -11217,7 +11233,7 @@ def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
     `session`, which must survive a failure (§8 ends the session a migration failed on)."""
     pending = migration_state(ws, session).pending
     try:
-        run = migrate_up(ws, lock=False)
+        run = migrate_up(ws, lock=False, backup=False)  # deploy took its own
     except MigrationError as exc:
         done = set(exc.done)
         applied = [label for version, label, _ in pending if version in done]
@@ -12344,13 +12360,6 @@ def _print_status(app: App, status: MigrationStatus) -> None:
             f"{p.at}{'; ' + p.error if p.error else ''})")
 
 
-def _backup_protected(app: App, ws: Workspace, action: str) -> None:
-    """SPEC §5: a backup is taken before anything writes to a protected environment."""
-    if ws.env.protected:
-        backup = create_backup(ws)
-        app.console.info(f"backed up {ws.env.database} before {action}: {backup.path}")
-
-
 def _report_guard(app: App, verdict: Consistency | None) -> None:
     if verdict is not None:
         app.console.info(f"consistent with the DDL after {verdict.start}"
@@ -12364,16 +12373,14 @@ def cmd_migrate_up(app: App) -> int:
     if not app.args.dry_run:
         lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
         confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
-        # the dry run checks the history and the files (cheap) before the guard's replay and
-        # the backup (not cheap)
+        # the dry run checks the history and the files (cheap) before the guard's replay (not
+        # cheap); the run backs a protected env up itself, under its lock
         planned = ws.env.protected and migrate_up(ws, _version_arg(app.args.to),
                                                   dry_run=True).planned
         if planned and app.args.to is None:
             _report_guard(app, guard_consistency(ws, "migrate up"))
         if app.args.wait_for_quiet is not None:
             wait_for_quiet(ws, app.args.wait_for_quiet)
-        if planned:
-            _backup_protected(app, ws, "migrate up")
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -12387,10 +12394,6 @@ def cmd_migrate_down(app: App) -> int:
     steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
     if not app.args.dry_run:
         confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
-        # the dry run checks the plan and its down files (cheap) before the backup (not cheap)
-        if ws.env.protected and migrate_down(ws, steps, _version_arg(app.args.to),
-                                             dry_run=True).planned:
-            _backup_protected(app, ws, "migrate down")
     run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
