@@ -11206,10 +11206,12 @@ def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §14 Deploy
-# deploy: confirm → lock → backup → migrate or first deploy → verify (migrations clean, the
-# verify checks, [deploy] drift_check through §12's diff) → record, or roll back by restoring
-# the backup (§9). It sits after drift and derived migrations so it calls them directly.
+# §14 The guard and deploy
+# the guard: every precondition of a destructive run in one table, checked cheapest first;
+# a failure names the precondition and its override (git-filter-repo's sanity_check).
+# deploy: lock → backup → migrate or first deploy → verify (migrations clean, the verify
+# checks, [deploy] drift_check through §12's diff) → record, or roll back by restoring the
+# backup (§9). It sits after drift and derived migrations so it calls them directly.
 # rehearsal: the pending migrations on a scratch copy of the env, locks sampled.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -11474,6 +11476,156 @@ def _first_deploy(ws: Workspace, admin: Session) -> None:
         drop_database(admin, scratch, force=True)
 
 
+# ── the guard: every precondition of a destructive run, cheapest first ──────────────────
+
+WRITES_MIGRATIONS = frozenset({"migrate up", "deploy"})  # runs that apply pending migrations
+
+
+def refuse_no_backup(env: Env, no_backup: bool) -> None:
+    """A protected env is always backed up before anything writes to it (SPEC §5)."""
+    if no_backup and env.protected:
+        raise Refused(f"--no-backup is refused on protected environment {env.name!r}",
+                      hint="a backup is always taken before anything writes to it")
+
+
+def refuse_deploy_problems(plan: DeployPlan) -> None:
+    """A deploy changes nothing while an applied migration changed or vanished (exit 3)."""
+    if plan.problems:
+        raise CheckFailed("deploy refused before changing anything: " + "; ".join(plan.problems),
+                          hint="restore the files, or run 'confiture.py migrate repair'")
+
+
+@record(frozen=True)
+class GuardRequest:
+    """A destructive run as the user asked for it: what its preconditions look at."""
+
+    kind: str                        # 'migrate up', 'deploy', 'restore' … (what applies)
+    env: Env
+    console: Console
+    ws: Workspace | None = None      # None: only the confirmation applies (backups prune)
+    action: str = ""                 # the run in messages; default: kind
+    yes: bool = False
+    dry_run: bool = False            # a dry run changes nothing: no precondition applies
+    to: int | None = None            # migrate up --to
+    no_backup: bool = False
+    quiet: float | None = None       # --wait-for-quiet SECONDS
+
+    @property
+    def workspace(self) -> Workspace:
+        assert self.ws is not None, f"{self.kind}: the guard needs a workspace"
+        return self.ws
+
+    @property
+    def writes_migrations(self) -> bool:
+        return self.kind in WRITES_MIGRATIONS and self.env.protected
+
+
+@record()
+class GuardState:
+    """What the checks learn on the way: whether anything will run, the guard's verdict."""
+
+    request: GuardRequest
+    planned: bool = True
+    verdict: Consistency | None = None
+
+
+@record(frozen=True)
+class Precondition:
+    """One check before a destructive run: when it applies, the check, the errors that mean
+    'refused by this precondition' (others, such as a server down, pass through as they are)
+    and how to override or satisfy it."""
+
+    name: str
+    applies: Callable[[GuardRequest], bool]
+    check: Callable[[GuardState], None]
+    refusals: tuple[type[ConfitureError], ...]
+    override: str
+
+
+class PreconditionFailed(ConfitureError):
+    """A precondition refused a destructive run; its exit code is the refusal's own."""
+
+    def __init__(self, precondition: Precondition, cause: ConfitureError) -> None:
+        super().__init__(f"precondition {precondition.name!r} failed: {cause.message}",
+                         "; ".join(filter(None, [cause.hint,
+                                                 f"override: {precondition.override}"])))
+        self.exit_code = cause.exit_code
+        self.precondition, self.cause = precondition.name, cause
+
+
+def _check_history(state: GuardState) -> None:
+    """The applied migrations against their files, and the plan (cheap: files and the
+    tracking table) — before the guard's replay, so a changed file is named as such."""
+    request = state.request
+    if request.kind == "deploy":
+        plan = inspect_deploy(request.workspace, request.no_backup)
+        refuse_deploy_problems(plan)
+        state.planned = not plan.nothing_to_do
+    else:
+        state.planned = bool(migrate_up(request.workspace, request.to, dry_run=True).planned)
+
+
+def _check_lint(state: GuardState) -> None:
+    request = state.request
+    what = ("deploy of" if request.kind == "deploy" else f"{request.kind} on")
+    lint_gate(request.workspace, f"{what} protected env {request.env.name!r}")
+
+
+def _check_confirmation(state: GuardState) -> None:
+    request = state.request
+    confirm_protected(request.env, request.action or request.kind, request.yes, request.console)
+
+
+def _check_consistency(state: GuardState) -> None:
+    """The scratch replay (not cheap): only when migrations will run, and not for a partial
+    `migrate up --to` (the DDL describes the whole history)."""
+    request = state.request
+    if request.kind == "migrate up" and (not state.planned or request.to is not None):
+        return
+    state.verdict = guard_consistency(request.workspace, request.kind)
+
+
+def _wait_quiet(state: GuardState) -> None:
+    assert state.request.quiet is not None
+    wait_for_quiet(state.request.workspace, state.request.quiet)
+
+
+# the table, cheapest first: a refusal costs as little as possible, the prompt comes after
+# every check that reads only files and catalogs, and the replay and the wait come last
+PRECONDITIONS = (
+    Precondition("no-backup", lambda r: r.kind == "deploy" and r.no_backup and r.env.protected,
+                 lambda state: refuse_no_backup(state.request.env, state.request.no_backup),
+                 (Refused,), "none: leave out --no-backup (a protected env is always backed up)"),
+    Precondition("history", lambda r: r.writes_migrations, _check_history, (CheckFailed,),
+                 "restore the changed files, or accept them with 'confiture.py migrate repair'"),
+    Precondition("lint", lambda r: r.writes_migrations, _check_lint, (Refused,),
+                 "'-- confiture:allow RULE reason' on the statement, or [lint] disable"),
+    Precondition("confirmation", lambda r: r.env.protected, _check_confirmation, (Refused,),
+                 "--yes, and on a terminal the env's name typed back"),
+    Precondition("consistency", lambda r: r.writes_migrations, _check_consistency,
+                 (CheckFailed,), "[deploy] require_consistent = false"),
+    Precondition("quiet", lambda r: r.kind in WRITES_MIGRATIONS and r.quiet is not None,
+                 _wait_quiet, (LockTimeout,),
+                 "end the old transactions, or raise [migrations] lock_timeout"),
+)
+
+
+def guard(request: GuardRequest) -> GuardState:
+    """Check every precondition of a destructive run that applies, cheapest first; raise
+    PreconditionFailed naming the first that refuses and its override. A dry run skips them."""
+    state = GuardState(request)
+    if request.dry_run:
+        return state
+    for precondition in PRECONDITIONS:
+        if not precondition.applies(request):
+            continue
+        try:
+            precondition.check(state)
+        except precondition.refusals as exc:
+            raise PreconditionFailed(precondition, exc) from exc
+    return state
+
+
 # ── the run ────────────────────────────────────────────────────────────────────────────────
 
 def run_verify_checks(ws: Workspace, dbname: str) -> None:
@@ -11513,9 +11665,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
     or pending migrations → verify → record. Any failure after the backup is rolled back
     (a transactional migration by itself, anything else by restoring the backup) and raised
     as DeployFailed naming the failing step and the backup. The caller confirms first."""
-    if no_backup and ws.env.protected:
-        raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
-                      hint="a backup is always taken before anything writes to it")
+    refuse_no_backup(ws.env, no_backup)
     started, started_at = time.monotonic(), utc_now()
     if dry_run:
         return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
@@ -11534,10 +11684,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
                 plan = inspect_deploy(ws, no_backup, session)
                 if created:
                     plan = evolve(plan, exists=False, backup=False)
-                if plan.problems:
-                    raise CheckFailed("deploy refused before changing anything: "
-                                  + "; ".join(plan.problems),
-                                  hint="restore the files, or run 'confiture.py migrate repair'")
+                refuse_deploy_problems(plan)
                 backup = None
                 if plan.backup and not plan.nothing_to_do:
                     ws.console.info(f"backing up {ws.env.database} …")
@@ -12360,27 +12507,26 @@ def _print_status(app: App, status: MigrationStatus) -> None:
             f"{p.at}{'; ' + p.error if p.error else ''})")
 
 
-def _report_guard(app: App, verdict: Consistency | None) -> None:
-    if verdict is not None:
-        app.console.info(f"consistent with the DDL after {verdict.start}"
-                         + (" (kept verdict)" if verdict.cached else ""))
+def _guard(app: App, kind: str, ws: Workspace | None = None, env: Env | None = None,
+           **asked: Any) -> GuardState:
+    """§14's guard for this command: --yes, --dry-run and --wait-for-quiet as given."""
+    args = vars(app.args)
+    env = env or (ws.env if ws is not None else app.env())
+    state = guard(GuardRequest(kind, env, app.console, ws, yes=args.get("yes", False),
+                               dry_run=args.get("dry_run", False),
+                               quiet=args.get("wait_for_quiet"), **asked))
+    if state.verdict is not None:
+        app.console.info(f"consistent with the DDL after {state.verdict.start}"
+                         + (" (kept verdict)" if state.verdict.cached else ""))
+    return state
 
 
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
     if app.args.rehearse:
         return _report_rehearsal(app, rehearse(ws, _version_arg(app.args.to)))
-    if not app.args.dry_run:
-        lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
-        confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
-        # the dry run checks the history and the files (cheap) before the guard's replay (not
-        # cheap); the run backs a protected env up itself, under its lock
-        planned = ws.env.protected and migrate_up(ws, _version_arg(app.args.to),
-                                                  dry_run=True).planned
-        if planned and app.args.to is None:
-            _report_guard(app, guard_consistency(ws, "migrate up"))
-        if app.args.wait_for_quiet is not None:
-            wait_for_quiet(ws, app.args.wait_for_quiet)
+    _guard(app, "migrate up", ws, to=_version_arg(app.args.to))
+    # a protected env is backed up by the run itself, under its lock
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -12392,8 +12538,7 @@ def cmd_migrate_down(app: App) -> int:
                           hint="e.g. 'confiture.py migrate down --steps 1'")
     # neither: one step, the newest applied migration (as dbmate, Rails and golang-migrate do)
     steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
-    if not app.args.dry_run:
-        confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
+    _guard(app, "migrate down", ws)
     run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
@@ -12416,7 +12561,7 @@ def cmd_migrate_verify(app: App) -> int:
 
 def cmd_migrate_baseline(app: App) -> int:
     ws = app.workspace()
-    confirm_protected(ws.env, "migrate baseline", app.args.yes, app.console)
+    _guard(app, "migrate baseline", ws)
     recorded = baseline_migrations(ws, parse_version(app.args.to))
     app.console.result(f"recorded {len(recorded)} migration(s) as applied without running them"
                        + (f", up to {recorded[-1].label}" if recorded else ""))
@@ -12426,7 +12571,7 @@ def cmd_migrate_baseline(app: App) -> int:
 
 def cmd_migrate_repair(app: App) -> int:
     ws = app.workspace()
-    confirm_protected(ws.env, "migrate repair", app.args.yes, app.console)
+    _guard(app, "migrate repair", ws)
     result = repair_migrations(ws)
     for m, row in result.accepted:
         app.console.result(f"accepted {m.label}: checksum {row.checksum[:12]} → {m.checksum[:12]}")
@@ -12618,13 +12763,13 @@ def cmd_backups(app: App) -> int:
             raise ConfigError("--keep must be 0 or more")
         doomed = list_backups(folder)[keep:]  # prune_backups deletes these, newest kept
         if doomed:  # deleting a protected env's backups is a write to it: same rules
-            confirm_protected(env, f"backups prune (deleting {len(doomed)} backup(s))",
-                              app.args.yes, app.console)
+            _guard(app, "backups prune", env=env,
+                   action=f"backups prune (deleting {len(doomed)} backup(s))")
         removed = prune_backups(folder, keep)
         dropped: list[str] = []
         ws = open_workspace(env, app.console, app.environ)
         if app.args.replaced is not None:
-            confirm_protected(env, "dropping replaced databases of", app.args.yes, app.console)
+            _guard(app, "backups prune --replaced", ws, action="dropping replaced databases of")
             dropped = drop_replaced(ws, app.args.replaced)
         else:
             try:
@@ -12665,8 +12810,7 @@ def cmd_backups(app: App) -> int:
 def cmd_restore(app: App) -> int:
     ws = app.workspace()
     path = resolve_backup(ws.config, ws.env.name, app.args.file, app.environ)
-    confirm_protected(ws.env, f"restore of {path.name} into {ws.env.database}", app.args.yes,
-                      app.console)
+    _guard(app, "restore", ws, action=f"restore of {path.name} into {ws.env.database}")
     result = restore_backup(ws, path, force=app.args.force)
     app.console.result(ws.env.database)
     app.console.info(f"restored {path.name} into {ws.env.database} in "
@@ -12685,12 +12829,7 @@ def cmd_deploy(app: App) -> int:
     ws = app.workspace()
     if app.args.rehearse:
         return _report_rehearsal(app, rehearse(ws))
-    if not app.args.dry_run:
-        lint_gate(ws, f"deploy of protected env {ws.env.name!r}")
-        confirm_protected(ws.env, "deploy", app.args.yes, app.console)
-        _report_guard(app, guard_consistency(ws, "deploy"))
-        if app.args.wait_for_quiet is not None:
-            wait_for_quiet(ws, app.args.wait_for_quiet)
+    _guard(app, "deploy", ws, no_backup=app.args.no_backup)
     result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),
                 "applied": result.applied,
