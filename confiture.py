@@ -1941,7 +1941,6 @@ def sql_guard(config: Config, cwd: Path | None = None) -> SqlGuard:
 
 # ── migration files: versioned up/down SQL, checksums (pure filesystem work) ─────────────
 
-NO_TRANSACTION_RE = re.compile(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
 _VERSION_RE = re.compile(r"^(\d[\d-]*)(?:_(.*))?$")
 _FLAT_RE = re.compile(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
 _MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
@@ -2898,6 +2897,12 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     if not ws.env.protected:
         return ws
     server = scratch_server(ws.config, ws.env.name, ws.client.environ)
+    if server.conn.server_identity(ws.client.environ) == \
+            ws.env.conn.server_identity(ws.client.environ):
+        ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
+                        f"{server.conn.display(ws.client.environ)}) is the env's own server: "
+                        "scratch databases will be created on it; set [project] scratch_url "
+                        "to another server to keep them off it")
     env = evolve(ws.env, conn=server.conn,
                  spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
     return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
@@ -12494,22 +12499,30 @@ def _print_status(app: App, status: MigrationStatus) -> None:
     out(f"{len(status.applied)} applied, {len(status.pending)} pending"
         + (f"; at {latest.version} {latest.name}" if latest else "")
         + ("" if status.tracking else f" (no tracking table {status.table} yet)"))
+    w = max([16, *(len(str(v)) for v in status_versions(status))])  # 20-digit versions too
     if app.console.verbose:
         for row in status.applied:
-            out(f"  applied   {row.version:<16} {row.name:<36} {row.applied_at}  "
+            out(f"  applied   {row.version:<{w}} {row.name:<36} {row.applied_at}  "
                 f"{row.duration_ms} ms{f'  ({row.how})' if row.how != 'applied' else ''}")
     older = {m.version for m in status.out_of_order}
     for m in status.pending:
-        out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<16} {m.name}"
-            + ("  [no transaction]" if not m.transactional else ""))
+        out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<{w}} "
+            f"{m.name}" + ("  [no transaction]" if not m.transactional else ""))
     for m, row in status.changed:
-        out(f"  changed      {m.version:<16} {m.name}  (recorded {row.checksum[:12]}, "
+        out(f"  changed      {m.version:<{w}} {m.name}  (recorded {row.checksum[:12]}, "
             f"file {m.checksum[:12]})")
     for row in status.missing:
-        out(f"  missing      {row.version:<16} {row.name}  (applied {row.applied_at}, file gone)")
+        out(f"  missing      {row.version:<{w}} {row.name}  (applied {row.applied_at}, file gone)")
     for p in status.partial:
-        out(f"  interrupted  {p.version:<16} {p.name}  ({p.done} of {p.total} statements ran, "
+        out(f"  interrupted  {p.version:<{w}} {p.name}  ({p.done} of {p.total} statements ran, "
             f"{p.at}{'; ' + p.error if p.error else ''})")
+
+
+def status_versions(status: MigrationStatus) -> list[int]:
+    """Every version a status listing shows (its column is as wide as the longest)."""
+    return [*(r.version for r in status.applied), *(m.version for m in status.pending),
+            *(m.version for m, _ in status.changed), *(r.version for r in status.missing),
+            *(p.version for p in status.partial)]
 
 
 def _guard(app: App, kind: str, ws: Workspace | None = None, env: Env | None = None,
@@ -12766,8 +12779,8 @@ def cmd_backups(app: App) -> int:
     folder = backup_folder(app.config, env.name, app.environ)
     if app.args.action == "prune":
         keep = app.args.keep if app.args.keep is not None else app.config.backups_keep
-        if keep < 0:
-            raise ConfigError("--keep must be 0 or more")
+        if keep < 1:  # as [backups] keep is checked at load: a prune keeps the newest
+            raise ConfigError(f"--keep must be at least 1, not {keep}")
         doomed = list_backups(folder)[keep:]  # prune_backups deletes these, newest kept
         if doomed:  # deleting a protected env's backups is a write to it: same rules
             _guard(app, "backups prune", env=env,

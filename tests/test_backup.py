@@ -363,3 +363,14 @@ def test_two_restores_in_the_same_second_keep_both_replaced_databases(
     assert first.replaced and second.replaced and first.replaced != second.replaced
     assert len(side_databases(pg, project, "replaced")) == 2
     assert pg.scalar("SELECT count(*) FROM customers", db=db) == 10
+
+
+def test_backups_prune_refuses_keep_below_one(pg: Cluster, project: Project,
+                                              cli: CliRunner) -> None:
+    """As [backups] keep is checked at load (at least 1), so is --keep: prune keeps the newest."""
+    pg.create_db(project.db())
+    assert cli("backup", cwd=project.root).returncode == 0
+    refused = cli("backups", "prune", "--keep", "0", cwd=project.root)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--keep must be at least 1, not 0" in refused.stderr
+    assert len(list((project.root / ".confiture/backups/local").glob("*.dump"))) == 1

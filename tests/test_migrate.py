@@ -750,3 +750,14 @@ def test_a_library_migrate_up_on_a_protected_env_backs_up_under_the_lock(
     down = confiture.migrate_down(ws, steps=1)
     assert down.backup is not None and down.backup.migration_version == "1"
     assert pg.scalar("SELECT to_regclass('public.a_71') IS NULL", db=project.db("prod"))
+
+
+def test_status_columns_stay_aligned_with_20_digit_versions(cli: CliRunner, project: Project,
+                                                            db: str) -> None:
+    mig(project, "20240101000000_short", "CREATE TABLE s (id int);\n")
+    mig(project, "20150100000002000000_long", "CREATE TABLE l (id int);\n")
+    result = cli("migrate", "status", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith("pending")]
+    assert len(rows) == 2, result.stdout
+    assert rows[0].index("short") == rows[1].index("long"), result.stdout
