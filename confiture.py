@@ -11670,7 +11670,8 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
     """Bring the env's database to the current version, safely: lock → backup → first deploy
     or pending migrations → verify → record. Any failure after the backup is rolled back
     (a transactional migration by itself, anything else by restoring the backup) and raised
-    as DeployFailed naming the failing step and the backup. The caller confirms first."""
+    as DeployFailed naming the failing step and the backup. The caller runs the guard first
+    (guard(), as `confiture.py deploy` does)."""
     refuse_no_backup(ws.env, no_backup)
     started, started_at = time.monotonic(), utc_now()
     if dry_run:
