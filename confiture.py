@@ -2899,10 +2899,10 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     server = scratch_server(ws.config, ws.env.name, ws.client.environ)
     if server.conn.server_identity(ws.client.environ) == \
             ws.env.conn.server_identity(ws.client.environ):
+        host, port = server.conn.server_identity(ws.client.environ)
         ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
-                        f"{server.conn.display(ws.client.environ)}) is the env's own server: "
-                        "scratch databases will be created on it; set [project] scratch_url "
-                        "to another server to keep them off it")
+                        f"{host}:{port}) is the env's own server: scratch databases will be "
+                        "created on it; set [project] scratch_url to another server")
     env = evolve(ws.env, conn=server.conn,
                  spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
     return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
@@ -11552,9 +11552,10 @@ class PreconditionFailed(ConfitureError):
     """A precondition refused a destructive run; its exit code is the refusal's own."""
 
     def __init__(self, precondition: Precondition, cause: ConfitureError) -> None:
-        super().__init__(f"precondition {precondition.name!r} failed: {cause.message}",
-                         "; ".join(filter(None, [cause.hint,
-                                                 f"override: {precondition.override}"])))
+        override = f"override: {precondition.override}"
+        hint = cause.hint if cause.hint and precondition.override in cause.hint else \
+            "; ".join(filter(None, [cause.hint, override]))  # said once, not twice
+        super().__init__(f"precondition {precondition.name!r} failed: {cause.message}", hint)
         self.exit_code = cause.exit_code
         self.precondition, self.cause = precondition.name, cause
 
@@ -12046,7 +12047,7 @@ def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
 # §15 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
-# ~1,330 lines, one area after another (foundation, migrate, backups and deploy, sync,
+# ~1,350 lines, one area after another (foundation, migrate, backups and deploy, sync,
 # drift), each its handlers and then its parser builder; a split would put the parser
 # classes (Commands, _Parser), which every builder uses, above the handlers, away from the
 # parser and main that they serve — kept whole while the start-up work changes them.

@@ -418,7 +418,7 @@ def test_protected_deploy_checks_the_history_before_the_guards_replay(
     refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)  # now the replay refuses
     assert refused.returncode == 3 and "precondition 'consistency'" in refused.stderr
     assert "would not match the DDL" in refused.stderr
-    assert "override: [deploy] require_consistent = false" in refused.stderr
+    assert "[deploy] require_consistent = false" in refused.stderr  # the override, said once
     unconfirmed = cli("deploy", "--env", "prod", cwd=project.root)
     assert unconfirmed.returncode == 4 and "precondition 'confirmation'" in unconfirmed.stderr
     assert "override: --yes" in unconfirmed.stderr
