@@ -137,10 +137,12 @@ def _contenders(work: Path, transport: str, pg: dict[str, str], dbmate: Path | N
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("PG", "CONFITURE_", "PYTHON")) and k != "DATABASE_URL"}
     if transport == "tcp":
-        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}"
+        # the same connection for all three: host, password, and no SSL negotiation (dbmate's
+        # URL needs sslmode=disable against a server without SSL; psql would otherwise ask first)
+        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"
         dbmate_url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"
         psql_env = {**base, "PGHOST": "127.0.0.1", "PGPORT": port, "PGUSER": "postgres",
-                    "PGPASSWORD": PASSWORD, "PGDATABASE": DB}
+                    "PGPASSWORD": PASSWORD, "PGDATABASE": DB, "PGSSLMODE": "disable"}
     else:
         url = f"postgresql://postgres@/{DB}?host={host}&port={port}"
         dbmate_url = f"postgres://postgres@/{DB}?socket={host}&port={port}"
