@@ -1,7 +1,7 @@
 """Migrations against dbmate and raw psql (issue 15): the same generated migrations, one run.
 
 Contenders, run round-robin within each round (A/B/C/…, so load swings hit all alike), over TCP
-(127.0.0.1, password) and over the unix socket of a throwaway cluster of our own:
+(127.0.0.1, password, SSL off for all) and over the unix socket of a throwaway cluster of ours:
 - raw psql: one `psql -f` of every migration wrapped in BEGIN/COMMIT (the floor);
 - dbmate (the Go binary from the npm registry, installed under .confiture/bench-tools/);
   `down` is one `dbmate rollback` per migration (dbmate reverts one per call);
