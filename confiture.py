@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -3622,8 +3623,10 @@ def clone_database(ws: Workspace, target: str, replace: bool = False, force: boo
         with admin_session(ws) as own:
             return clone_database(ws, target, replace, force, what, own)
     check_clone_target(ws, target)
+    # Files scanned before the first question to the server: psql connects meanwhile.
+    fileset = scan_env(ws.config, ws.env.name)
     _refuse_clone_target(session, target, replace, force)  # before a template build, and
-    result, probe = ensure_template(ws, session=session)  # again under the lock below
+    result, probe = ensure_template(ws, fileset=fileset, session=session)  # again below
     strategy = clone_strategy(ws.config, probe)
     started = time.monotonic()
     lock = f"database:{target}"
@@ -6406,10 +6409,9 @@ def _side_head(database: str, kind: str) -> str:
 def side_name(database: str, kind: str, stamp: str) -> str:
     """<db>_<kind>_<stamp>_<random>: the stamp is for humans (one-second steps, so two runs in
     one second would collide without the random part); the pattern makes a scratch database
-    recognisable from the moment it exists, before its comment is written (_side_pattern)."""
-    import secrets
-
-    return f"{_side_head(database, kind)}_{kind}_{stamp.lower()}_{secrets.token_hex(_SIDE_TOKEN // 2)}"
+    recognisable from the moment it exists, before its comment is written (_side_pattern).
+    os.urandom, as secrets.token_hex does, without importing secrets (~3 ms: random, hmac)."""
+    return f"{_side_head(database, kind)}_{kind}_{stamp.lower()}_{os.urandom(_SIDE_TOKEN // 2).hex()}"
 
 
 def _side_pattern(database: str, kinds: Sequence[str]) -> re.Pattern[str]:
@@ -12880,9 +12882,8 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
                        description="Versioned up/down SQL migrations with checksums, a lock and "
                                    "one transaction per migration.")
     m.set_defaults(handler=cmd_migrate_status, check=False)
-    msub = Commands(m.add_subparsers(dest="migrate_command", metavar="ACTION",
-                                     parser_class=_Parser), None, listed=True)
-    msub.begin_area(sub.area, sub.examples)
+    msub = sub.nested(m.add_subparsers(dest="migrate_command", metavar="ACTION",
+                                       parser_class=_Parser))
 
     p = msub.add_parser("new", parents=[common], help="create <UTC timestamp>_NAME up/down files")
     p.add_argument("name", help="what the migration does, e.g. add_user_email")
@@ -13447,10 +13448,23 @@ class Commands:
     area (`listing`). With `only`, it builds only the parser of the command being run:
     argparse construction of ~40 subcommands costs tens of milliseconds on every call."""
 
-    def __init__(self, real: Any, only: str | None, listed: bool = False) -> None:
+    def __init__(self, real: Any, only: str | None, listed: bool = False,
+                 action: str | None = None) -> None:
         self.real, self.only, self.listed, self.matched = real, only, listed, False
+        self.action = action  # the word after `only`: the action to build in nested()
         self.area, self.examples = "", ""
         self.listing: list[tuple[str, str, str]] = []  # (area, command, help)
+        self.levels = [self]  # this level and those nested() made below it
+
+    def nested(self, real: Any) -> Commands:
+        """The action level under the command being added (`migrate up`): restricted to
+        `action` when this level is restricted, so `migrate status` builds 1 parser of ~10."""
+        running = self.only is not None and not isinstance(real, _Inert)
+        level = Commands(real, self.action if running else None, listed=True)
+        level.begin_area(self.area, self.examples)
+        if running:
+            self.levels.append(level)
+        return level
 
     def begin_area(self, title: str, examples: str) -> None:
         self.area, self.examples = title, examples
@@ -13478,38 +13492,44 @@ class Commands:
         return "\n".join(parts) + "\n" + EXIT_CODES
 
 
-def _command_word(argv: Sequence[str]) -> str | None:
-    """The command in argv (first word that is not a global option or its value)."""
-    skip = False
+def _command_words(argv: Sequence[str]) -> list[str]:
+    """The command in argv and the word after it, e.g. ['migrate', 'up'] (words that are not
+    global options or their values; none after '--')."""
+    skip, words = False, []
     for word in argv:
         if skip:
             skip = False
         elif word in ("--config", "--env"):
             skip = True
         elif word == "--":
-            return None
+            break
         elif not word.startswith("-"):
-            return word
-    return None
+            words.append(word)
+            if len(words) == 2:
+                break
+    return words
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The CLI parser; with argv, only the named command's sub-parser is built."""
-    only = _command_word(argv) if argv is not None else None
+    """The CLI parser; with argv, only the named command's sub-parser is built (and of an
+    action level, only the named action's)."""
+    only, action = ([*_command_words(argv), None, None][:2] if argv is not None
+                    else (None, None))
     parser = _Parser(prog="confiture.py", parents=[_global_options(False)],
                      usage="confiture.py [global options] COMMAND [options]",
                      description="The whole PostgreSQL database workflow in one file.")
     parser.add_argument("--version", action="version", version=f"confiture.py {__version__}")
     common = _global_options(True)
     sub = Commands(parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
-                                         prog="confiture.py", parser_class=_Parser), only)
+                                         prog="confiture.py", parser_class=_Parser), only,
+                   action=action)
     adders = (add_foundation_commands, add_migration_commands, add_backup_commands,
               add_sync_commands, add_drift_commands)
     for (title, examples), add in zip(COMMAND_AREAS, adders, strict=True):
         sub.begin_area(title, examples)
         add(sub, common)
-    if only is not None and not sub.matched:
-        return build_parser()  # unknown command: the full parser names the valid ones
+    if only is not None and not all(level.matched for level in sub.levels):
+        return build_parser()  # unknown command or action: the full parser names the valid ones
     parser.epilog = sub.epilog()
     return parser
 
@@ -13558,6 +13578,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def run_cli() -> NoReturn:
     """main() as a process: exit with its code. Output that cannot be flushed (a reader that
     went away, `confiture.py … | head`) makes a failed run, never a traceback at exit."""
+    # What the import made lives as long as the process: frozen, the collector never walks
+    # it again, neither during the run nor in the full collection of the interpreter's
+    # teardown (~15 ms at best, 70 ms+ on a loaded machine: README *Start-up*). Teardown is
+    # otherwise the same: atexit handlers run, buffers are flushed.
+    gc.freeze()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:
