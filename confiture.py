@@ -27,12 +27,14 @@ only the sections above it.
   §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback,
                                 rehearsal of pending migrations on a scratch copy
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
-  §11 Schema model and planner  the catalog read into records (one JSON round trip); pure
-                                plans that turn one model into another, in dependency order
-  §12 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
-  §13 Derived migrations        migrate generate (planned, proved on scratch databases),
+  §11 Schema model              the catalog read into records (one JSON round trip), each
+                                object with its dependencies from pg_depend
+  §12 Schema planner            pure plans that turn one model into another, in dependency
+                                order; each kind's create, drop and alter; online variants
+  §13 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
+  §14 Derived migrations        migrate generate (planned, proved on scratch databases),
                                 diff --sql, the guard before a protected env is written
-  §14 Command line              argparse → values → core calls → output and exit codes
+  §15 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
 them into messages and exit codes. Nothing runs at import time.
@@ -876,7 +878,7 @@ class Config:
     sync: SyncConfig
     envs: Mapping[str, EnvConfig]
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
-    deploy_require_consistent: bool = True   # §13's guard before a protected env is written
+    deploy_require_consistent: bool = True   # §14's guard before a protected env is written
     migrations_baseline: Path | None = None  # the schema the first migration starts from
     psql_meta_commands: str = "safe"  # "all": SQL files may reach the client (§4 guard_sql)
     # None: unset, i.e. 5 s on protected envs and none elsewhere (see statement_lock_timeout)
@@ -6842,7 +6844,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
     or pending migrations → verify → record. Any failure after the backup is rolled back
     (a transactional migration by itself, anything else by restoring the backup) and raised
     as DeployFailed naming the failing step and the backup. The caller confirms first, and
-    passes `drift` (§12, wired by §14) when [deploy] drift_check asks for it."""
+    passes `drift` (§13, wired by §15) when [deploy] drift_check asks for it."""
     if no_backup and ws.env.protected:
         raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
                       hint="a backup is always taken before anything writes to it")
@@ -8900,11 +8902,10 @@ def _drop_staging(session: Session, staged: Staging) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §11 Schema model and planner
+# §11 Schema model
 # Reads a database's schema from the catalog (one psql round trip of JSON) into plain records,
 # one per object, keyed by kind and qualified name, with their dependencies from pg_depend.
-# Planning is pure: plan_schema(from, to) orders the DDL that turns one model into the other.
-# Each object kind is one registry entry (its query, how to create, drop and alter it).
+# Each kind of object is one registry entry: its catalog query and how a row becomes objects.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 @record(frozen=True)
@@ -8944,37 +8945,6 @@ class SchemaModel:
                     found.append(child)
                     todo.append(child)
         return found
-
-
-@record(frozen=True)
-class PlannedStatement:
-    """One DDL statement of a plan, for the object `key`."""
-
-    sql: str
-    key: str
-    destructive: bool = False
-    transactional: bool = True
-
-
-@record(frozen=True)
-class SchemaPlan:
-    statements: tuple[PlannedStatement, ...]
-    unsupported: tuple[str, ...] = ()   # objects the plan cannot express, with the reason
-    suggestions: tuple[str, ...] = ()   # drop+add pairs that look like renames
-
-    @property
-    def destructive(self) -> list[PlannedStatement]:
-        return [s for s in self.statements if s.destructive]
-
-    def script(self) -> str:
-        """The statements as one SQL script (check_function_bodies off, as pg_dump does: a SQL
-        function may name a table that the same plan creates later)."""
-        if not self.statements:
-            return ""
-        head = "SET check_function_bodies = false;\n" if any(
-            s.sql.startswith("CREATE OR REPLACE FUNCTION") or
-            s.sql.startswith("CREATE OR REPLACE PROCEDURE") for s in self.statements) else ""
-        return head + "".join(f"{s.sql.rstrip().rstrip(';')};\n" for s in self.statements)
 
 
 # ── reading the catalog ───────────────────────────────────────────────────────────────────
@@ -9213,7 +9183,7 @@ def read_schema_model(session: Session,
     with an empty search_path so that every name in a definition is schema-qualified."""
     where = _excluded_tables(excluded)
     parts = [f"'{name}', (SELECT coalesce(json_agg(q), '[]') FROM ({kind.query(where)}) q)"
-             for name, kind in OBJECT_KINDS.items() if kind.query is not None]
+             for name, kind in CATALOG_KINDS.items()]
     parts.append(f"'depends', (SELECT coalesce(json_agg(q), '[]') FROM ({_DEPENDS_SQL}) q)")
     session.execute("SELECT set_config('search_path', '', false)")
     lines = session.execute(f"SELECT json_build_object({', '.join(parts)})")
@@ -9224,7 +9194,7 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
     """Pure: the catalog's JSON rows → objects, with pg_depend turned into keys."""
     objects: dict[str, DbObject] = {}
     by_oid: dict[tuple[str, int, int], str] = {}
-    for name, kind in OBJECT_KINDS.items():
+    for name, kind in CATALOG_KINDS.items():
         for row in rows.get(name, []):
             for obj, oids in kind.read(row):
                 objects[obj.key] = obj
@@ -9255,7 +9225,7 @@ def _owned_sequence(objects: Mapping[str, DbObject], source: str, target: str) -
         and target.startswith("column ")
 
 
-# ── object kinds: how each is read, created, dropped and altered ──────────────────────────
+# ── reading each kind of object ───────────────────────────────────────────────────────────────────────────────────────
 
 def _row_object(kind: str, row: Mapping[str, Any], key_name: str, facts: Mapping[str, Any],
                 parent: str = "") -> DbObject:
@@ -9264,13 +9234,13 @@ def _row_object(kind: str, row: Mapping[str, Any], key_name: str, facts: Mapping
                     parent=parent, facts=facts, comment=row.get("comment"))
 
 
-def _qname(schema: str, name: str) -> str:
+def qname(schema: str, name: str) -> str:
     """Names arrive quoted as needed (the catalog queries apply quote_ident)."""
     return f"{schema}.{name}" if schema else name
 
 
 def _table_key(row: Mapping[str, Any]) -> str:
-    return f"table {_qname(row['schema'], row['table'])}"
+    return f"table {qname(row['schema'], row['table'])}"
 
 
 Read = list[tuple[DbObject, list[tuple[str, int, int]]]]
@@ -9290,21 +9260,21 @@ def _read_extension(row: Mapping[str, Any]) -> Read:
 def _read_type(row: Mapping[str, Any]) -> Read:
     facts = {k: row[k] for k in ("type", "labels", "attributes", "base", "default", "notnull",
                                  "checks", "range")}
-    obj = _row_object("type", row, _qname(row["schema"], row["name"]), facts)
+    obj = _row_object("type", row, qname(row["schema"], row["name"]), facts)
     return [(obj, [("pg_type", row["oid"], 0), ("pg_type", row["array_oid"], 0)])]
 
 
 def _read_sequence(row: Mapping[str, Any]) -> Read:
     facts = {k: row[k] for k in ("type", "start", "increment", "min", "max", "cache", "cycle",
                                  "owned_by")}
-    obj = _row_object("sequence", row, _qname(row["schema"], row["name"]), facts)
+    obj = _row_object("sequence", row, qname(row["schema"], row["name"]), facts)
     return [(obj, [("pg_class", row["oid"], 0)])]
 
 
 def _read_table(row: Mapping[str, Any]) -> Read:
     facts = {k: row[k] for k in ("relkind", "persistence", "rls", "force_rls", "options",
                                  "partition_by", "bound", "parents")}
-    obj = _row_object("table", row, _qname(row["schema"], row["name"]), facts)
+    obj = _row_object("table", row, qname(row["schema"], row["name"]), facts)
     return [(obj, [("pg_class", row["oid"], 0), ("pg_type", row["type_oid"], 0)])]
 
 
@@ -9314,7 +9284,7 @@ def _read_column(row: Mapping[str, Any]) -> Read:
     if not row["local"] or row["partition"]:
         return []
     table = _table_key(row)
-    name = f"{_qname(row['schema'], row['table'])}.{row['name']}"
+    name = f"{qname(row['schema'], row['table'])}.{row['name']}"
     facts = {k: row[k] for k in ("type", "notnull", "identity", "generated", "expression",
                                  "collation")}
     column = DbObject(kind="column", key=f"column {name}", schema=row["schema"], name=row["name"],
@@ -9328,7 +9298,7 @@ def _read_column(row: Mapping[str, Any]) -> Read:
 
 
 def _read_constraint(row: Mapping[str, Any]) -> Read:
-    name = f"{row['name']} on {_qname(row['schema'], row['table'])}"
+    name = f"{row['name']} on {qname(row['schema'], row['table'])}"
     obj = _row_object("constraint", row, name, {"type": row["type"], "def": row["def"]},
                       _table_key(row))
     oids = [("pg_constraint", row["oid"], 0)]
@@ -9338,14 +9308,14 @@ def _read_constraint(row: Mapping[str, Any]) -> Read:
 
 
 def _read_index(row: Mapping[str, Any]) -> Read:
-    obj = _row_object("index", row, _qname(row["schema"], row["name"]), {"def": row["def"]},
+    obj = _row_object("index", row, qname(row["schema"], row["name"]), {"def": row["def"]},
                       f"{'view' if row['table_kind'] == 'm' else 'table'} "
-                      f"{_qname(row['schema'], row['table'])}")
+                      f"{qname(row['schema'], row['table'])}")
     return [(obj, [("pg_class", row["oid"], 0)])]
 
 
 def _read_view(row: Mapping[str, Any]) -> Read:
-    obj = _row_object("view", row, _qname(row["schema"], row["name"]),
+    obj = _row_object("view", row, qname(row["schema"], row["name"]),
                       {"relkind": row["relkind"], "def": row["def"], "options": row["options"]})
     oids = [("pg_class", row["oid"], 0), ("pg_type", row["type_oid"], 0)]
     if row["rule_oid"]:
@@ -9354,31 +9324,97 @@ def _read_view(row: Mapping[str, Any]) -> Read:
 
 
 def _read_function(row: Mapping[str, Any]) -> Read:
-    name = f"{_qname(row['schema'], row['name'])}({row['args']})"
+    name = f"{qname(row['schema'], row['name'])}({row['args']})"
     obj = _row_object("function", row, name, {k: row[k] for k in ("prokind", "result", "def")})
     return [(obj, [("pg_proc", row["oid"], 0)])]
 
 
 def _read_trigger(row: Mapping[str, Any]) -> Read:
-    name = f"{row['name']} on {_qname(row['schema'], row['table'])}"
+    name = f"{row['name']} on {qname(row['schema'], row['table'])}"
     obj = _row_object("trigger", row, name, {"def": row["def"], "enabled": row["enabled"]},
                       _table_key(row))
     return [(obj, [("pg_trigger", row["oid"], 0)])]
 
 
 def _read_policy(row: Mapping[str, Any]) -> Read:
-    name = f"{row['name']} on {_qname(row['schema'], row['table'])}"
+    name = f"{row['name']} on {qname(row['schema'], row['table'])}"
     facts = {k: row[k] for k in ("cmd", "permissive", "roles", "using", "check")}
     obj = _row_object("policy", row, name, facts, _table_key(row))
     return [(obj, [("pg_policy", row["oid"], 0)])]
 
 
 def _read_other(row: Mapping[str, Any]) -> Read:
-    name = f"{row['type']} {_qname(row['schema'], row['name'])}"
+    name = f"{row['type']} {qname(row['schema'], row['name'])}"
     obj = _row_object("other", row, name, {k: row[k] for k in ("type", "def", "drop")})
     catalog = {"rule": "pg_rewrite", "statistics": "pg_statistic_ext", "aggregate": "pg_proc",
                "foreign table": "pg_class", "event trigger": "pg_event_trigger"}[row["type"]]
     return [(obj, [(catalog, row["oid"], 0)])]
+
+
+@record(frozen=True)
+class CatalogKind:
+    """How one kind of object is read: its catalog query (given the excluded tables' condition)
+    and how one of its rows becomes objects (with the catalog oids that name them)."""
+
+    query: Callable[[str], str]
+    read: Callable[[Mapping[str, Any]], Read]
+
+
+# Read in this order (a default is read with its column); the planner's OBJECT_KINDS (§12)
+# says how each kind is created, dropped and altered.
+CATALOG_KINDS: dict[str, CatalogKind] = {
+    "schema": CatalogKind(_query_schemas, _read_schema),
+    "extension": CatalogKind(_query_extensions, _read_extension),
+    "type": CatalogKind(_query_types, _read_type),
+    "sequence": CatalogKind(_query_sequences, _read_sequence),
+    "function": CatalogKind(_query_functions, _read_function),
+    "table": CatalogKind(_query_tables, _read_table),
+    "column": CatalogKind(_query_columns, _read_column),
+    "constraint": CatalogKind(_query_constraints, _read_constraint),
+    "index": CatalogKind(_query_indexes, _read_index),
+    "view": CatalogKind(_query_views, _read_view),
+    "trigger": CatalogKind(_query_triggers, _read_trigger),
+    "policy": CatalogKind(_query_policies, _read_policy),
+    "other": CatalogKind(_query_others, _read_other),
+}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §12 Schema planner
+# Pure: plan_schema(from, to) orders the DDL that turns one model (§11) into the other:
+# creates in dependency order, drops in reverse, alters in place where PostgreSQL can.
+# Each object kind is one registry entry (how to create, drop and alter it).
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+@record(frozen=True)
+class PlannedStatement:
+    """One DDL statement of a plan, for the object `key`."""
+
+    sql: str
+    key: str
+    destructive: bool = False
+    transactional: bool = True
+
+
+@record(frozen=True)
+class SchemaPlan:
+    statements: tuple[PlannedStatement, ...]
+    unsupported: tuple[str, ...] = ()   # objects the plan cannot express, with the reason
+    suggestions: tuple[str, ...] = ()   # drop+add pairs that look like renames
+
+    @property
+    def destructive(self) -> list[PlannedStatement]:
+        return [s for s in self.statements if s.destructive]
+
+    def script(self) -> str:
+        """The statements as one SQL script (check_function_bodies off, as pg_dump does: a SQL
+        function may name a table that the same plan creates later)."""
+        if not self.statements:
+            return ""
+        head = "SET check_function_bodies = false;\n" if any(
+            s.sql.startswith("CREATE OR REPLACE FUNCTION") or
+            s.sql.startswith("CREATE OR REPLACE PROCEDURE") for s in self.statements) else ""
+        return head + "".join(f"{s.sql.rstrip().rstrip(';')};\n" for s in self.statements)
 
 
 def ident(obj: DbObject) -> str:
@@ -9812,13 +9848,11 @@ def _comment_word(word: str) -> Callable[[DbObject], str]:
 
 @record(frozen=True)
 class ObjectKind:
-    """One kind of schema object: how it is read (`query`, `read`), created, dropped and
-    altered in place (`alter` returns None when it must be dropped and created again).
-    `rank` orders independent creations; `keeps_data`: replacing it loses rows."""
+    """One kind of schema object: how it is created, dropped and altered in place (`alter`
+    returns None when it must be dropped and created again). `rank` orders independent
+    creations; `keeps_data`: replacing it loses rows."""
 
     rank: int
-    query: Callable[[str], str] | None
-    read: Callable[[Mapping[str, Any]], Read]
     create: Callable[[DbObject, SchemaModel], list[str] | None]
     drop: Callable[[DbObject], list[str] | None]
     alter: Callable[[DbObject, DbObject], Alteration | None]
@@ -9828,37 +9862,30 @@ class ObjectKind:
 
 
 OBJECT_KINDS: dict[str, ObjectKind] = {
-    "schema": ObjectKind(0, _query_schemas, _read_schema, _create_schema,
-                         lambda o: [f"DROP SCHEMA {ident(o)}"], lambda o, n: _NO_CHANGE,
-                         _comment_word("SCHEMA")),
-    "extension": ObjectKind(1, _query_extensions, _read_extension, _create_extension,
-                            lambda o: [f"DROP EXTENSION {ident(o)}"], _alter_extension,
-                            _comment_word("EXTENSION")),
-    "type": ObjectKind(2, _query_types, _read_type, _create_type, _drop_type, _alter_type,
+    "schema": ObjectKind(0, _create_schema, lambda o: [f"DROP SCHEMA {ident(o)}"],
+                         lambda o, n: _NO_CHANGE, _comment_word("SCHEMA")),
+    "extension": ObjectKind(1, _create_extension, lambda o: [f"DROP EXTENSION {ident(o)}"],
+                            _alter_extension, _comment_word("EXTENSION")),
+    "type": ObjectKind(2, _create_type, _drop_type, _alter_type,
                        lambda o: f"{'DOMAIN' if o.facts['type'] == 'd' else 'TYPE'} {ident(o)}"),
-    "sequence": ObjectKind(3, _query_sequences, _read_sequence, _create_sequence, _drop_sequence,
-                           _alter_sequence, _comment_word("SEQUENCE"), keeps_data=True,
-                           late=_late_sequence),
-    "function": ObjectKind(4, _query_functions, _read_function, _create_function, _drop_function,
-                           _alter_function, lambda o: f"{_routine_word(o)} {ident(o)}"),
-    "table": ObjectKind(5, _query_tables, _read_table, _create_table, _drop_table, _alter_table,
-                        _comment_word("TABLE"), keeps_data=True),
-    "column": ObjectKind(6, _query_columns, _read_column, _create_column, _drop_column,
-                         _alter_column, _comment_word("COLUMN"), keeps_data=True),
-    "default": ObjectKind(7, None, lambda row: [],  # read with its column
-                          _create_default, _drop_default, _alter_default, None),
-    "constraint": ObjectKind(8, _query_constraints, _read_constraint, _create_constraint,
-                             _drop_constraint, _alter_constraint, _comment_word("CONSTRAINT")),
-    "index": ObjectKind(9, _query_indexes, _read_index, _create_index, _drop_index,
-                        _cannot_alter, _comment_word("INDEX")),
-    "view": ObjectKind(10, _query_views, _read_view, _create_view, _drop_view, _cannot_alter,
+    "sequence": ObjectKind(3, _create_sequence, _drop_sequence, _alter_sequence,
+                           _comment_word("SEQUENCE"), keeps_data=True, late=_late_sequence),
+    "function": ObjectKind(4, _create_function, _drop_function, _alter_function,
+                           lambda o: f"{_routine_word(o)} {ident(o)}"),
+    "table": ObjectKind(5, _create_table, _drop_table, _alter_table, _comment_word("TABLE"),
+                        keeps_data=True),
+    "column": ObjectKind(6, _create_column, _drop_column, _alter_column, _comment_word("COLUMN"),
+                         keeps_data=True),
+    "default": ObjectKind(7, _create_default, _drop_default, _alter_default, None),
+    "constraint": ObjectKind(8, _create_constraint, _drop_constraint, _alter_constraint,
+                             _comment_word("CONSTRAINT")),
+    "index": ObjectKind(9, _create_index, _drop_index, _cannot_alter, _comment_word("INDEX")),
+    "view": ObjectKind(10, _create_view, _drop_view, _cannot_alter,
                        lambda o: f"{_view_word(o)} {ident(o)}"),
-    "trigger": ObjectKind(11, _query_triggers, _read_trigger, _create_trigger, _drop_trigger,
-                          _alter_trigger, _comment_word("TRIGGER")),
-    "policy": ObjectKind(12, _query_policies, _read_policy, _create_policy, _drop_policy,
-                         _cannot_alter, _comment_word("POLICY")),
-    "other": ObjectKind(13, _query_others, _read_other, _create_other, _drop_other,
-                        _cannot_alter, None),
+    "trigger": ObjectKind(11, _create_trigger, _drop_trigger, _alter_trigger,
+                          _comment_word("TRIGGER")),
+    "policy": ObjectKind(12, _create_policy, _drop_policy, _cannot_alter, _comment_word("POLICY")),
+    "other": ObjectKind(13, _create_other, _drop_other, _cannot_alter, None),
 }
 
 
@@ -9891,10 +9918,10 @@ def parse_rename(text: str) -> Rename:
     new = _hint_name(new)
     if kind == "table" and 1 <= len(parts) <= 2 and new and all(parts):
         schema, name = (["public"] + parts)[-2:]
-        return Rename("table", f"table {_qname(schema, name)}", f"table {_qname(schema, new)}")
+        return Rename("table", f"table {qname(schema, name)}", f"table {qname(schema, new)}")
     if kind == "column" and 2 <= len(parts) <= 3 and new and all(parts):
         schema, table, name = (["public"] + parts)[-3:]
-        qualified = _qname(schema, table)
+        qualified = qname(schema, table)
         return Rename("column", f"column {qualified}.{name}", f"column {qualified}.{new}")
     raise ConfigError(f"--rename {text!r}: expected table:OLD=NEW or column:TABLE.OLD=NEW")
 
@@ -10303,7 +10330,7 @@ def concurrently(plan: SchemaPlan) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §12 Drift, watch, status
+# §13 Drift, watch, status
 # Drift: two `pg_dump --schema-only` runs at once, split into objects by pg_dump's own headers,
 # noise stripped, compared object by object (confiture's tracking tables ignored, in one list).
 # Watch: stat-polls the env's folders and resets its database on change. Status: a read-only
@@ -11494,7 +11521,7 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §13 Derived migrations
+# §14 Derived migrations
 # `migrate generate`: the schema the migrations produce (replayed on a scratch database) and
 # the schema the DDL builds (the env's template) are read as models (§11); the planned up and
 # down are applied to scratch copies and written only when both reproduce their target
@@ -11797,7 +11824,7 @@ def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §14 Command line
+# §15 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -12012,7 +12039,7 @@ def cmd_config_check(app: App) -> int:
 def cmd_scan(app: App) -> int:
     name = app.env_name()
     fileset = scan_env(app.config, name, seeds=not app.args.schema_only)
-    sources = describe_sources(app.config, fileset)  # §12: each source and its git commit
+    sources = describe_sources(app.config, fileset)  # §13: each source and its git commit
     for source in sources:
         app.console.info(f"source {source.describe(app.config.root)}")
     if app.console.json_mode:
@@ -12603,7 +12630,7 @@ def cmd_restore(app: App) -> int:
 
 
 def _ddl_drift(ws: Workspace) -> str | None:
-    """§12's comparison with the DDL, as deploy's optional verify step."""
+    """§13's comparison with the DDL, as deploy's optional verify step."""
     report = diff_against_ddl(ws)
     if not report.differences:
         return None
@@ -12785,7 +12812,7 @@ def add_sync_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_schema_to_schema)
 
 
-# ── drift, watch and status commands (§12) ────────────────────────────────────────────────
+# ── drift, watch and status commands (§13) ────────────────────────────────────────────────
 
 
 def format_drift(report: DriftReport, console: Console) -> list[str]:
