@@ -9041,7 +9041,9 @@ SELECT c.oid, c.reltype AS type_oid, quote_ident(n.nspname) AS schema,
   CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS bound,
   (SELECT json_agg(quote_ident(pn.nspname) || '.' || quote_ident(p.relname) ORDER BY i.inhseqno)
     FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-    JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid) AS parents
+    JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid) AS parents,
+  (SELECT json_agg(quote_ident(a.attname) ORDER BY a.attnum) FROM pg_attribute a
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns
 {_relations("'r', 'p'", excluded)}"""
 
 
@@ -9272,8 +9274,10 @@ def _read_sequence(row: Mapping[str, Any]) -> Read:
 
 
 def _read_table(row: Mapping[str, Any]) -> Read:
+    """A table; `columns` is its column order, inherited ones included (what SELECT * and
+    COPY without a column list see): it is compared, as pg_dump's CREATE TABLE shows it."""
     facts = {k: row[k] for k in ("relkind", "persistence", "rls", "force_rls", "options",
-                                 "partition_by", "bound", "parents")}
+                                 "partition_by", "bound", "parents", "columns")}
     obj = _row_object("table", row, qname(row["schema"], row["name"]), facts)
     return [(obj, [("pg_class", row["oid"], 0), ("pg_type", row["type_oid"], 0)])]
 
@@ -9967,7 +9971,12 @@ def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
     if key == rename.new or (rename.kind == "column" and key == "default " +
                              rename.new.split(" ", 1)[1]):
         name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
-    return evolve(obj, key=key, name=name,
+    facts = obj.facts
+    if rename.kind == "column" and obj.kind == "table" and facts.get("columns") and \
+            rename.old.rsplit(".", 1)[0] == f"column {ident(obj)}":
+        before, after = rename.old.rsplit(".", 1)[1], rename.new.rsplit(".", 1)[1]
+        facts = {**facts, "columns": [after if c == before else c for c in facts["columns"]]}
+    return evolve(obj, key=key, name=name, facts=facts,
                   parent=_renamed_key(obj.parent, rename.old, rename.new) if obj.parent else "",
                   depends=frozenset(_renamed_key(d, rename.old, rename.new) for d in obj.depends))
 
@@ -10208,10 +10217,12 @@ _PHASE = {"drop": 0, "alter": 1, "create": 1}
 
 def _order(actions: Mapping[tuple[str, str], list[PlannedStatement]],
            after: Mapping[tuple[str, str], set[tuple[str, str]]],
-           model_kind: Callable[[str, str], str]) -> tuple[list[tuple[str, str]], list[str]]:
+           model_kind: Callable[[str, str], str],
+           tiebreak: Callable[[str, str], str] = lambda verb, key: key
+           ) -> tuple[list[tuple[str, str]], list[str]]:
     """Topological order; among ready actions: drops first (dependents before what they
-    need: reverse rank), then creations by kind rank and key. Returns the order and, on a
-    cycle, the keys it could not place."""
+    need: reverse rank), then creations by kind rank and `tiebreak` (the key by default).
+    Returns the order and, on a cycle, the keys it could not place."""
     import heapq
 
     waiting = {node: set(deps) for node, deps in after.items()}
@@ -10222,7 +10233,7 @@ def _order(actions: Mapping[tuple[str, str], list[PlannedStatement]],
 
     def priority(node: tuple[str, str]) -> tuple[int, int, str]:
         rank = OBJECT_KINDS[model_kind(*node)].rank
-        return (_PHASE[node[0]], -rank if node[0] == "drop" else rank, node[1])
+        return (_PHASE[node[0]], -rank if node[0] == "drop" else rank, tiebreak(*node))
 
     ready = [(priority(n), n) for n, deps in waiting.items() if not deps]
     heapq.heapify(ready)
@@ -10249,12 +10260,45 @@ def plan_schema(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename] = 
     def kind_of(verb: str, key: str) -> str:
         return (old if verb == "drop" else new).objects[key].kind
 
-    order, stuck = _order(actions, after, kind_of)
+    position = {key: index for index, key in enumerate(new.objects)}
+
+    def tiebreak(verb: str, key: str) -> str:
+        """New columns of a table are added in the table's order (ADD COLUMN appends)."""
+        obj = new.objects.get(key) if verb == "create" else None
+        if obj is not None and obj.kind == "column":
+            return f"{obj.parent}\x00{position[key]:09d}"
+        return key
+
+    order, stuck = _order(actions, after, kind_of, tiebreak)
     statements = renaming + [s for node in order for s in actions[node]]
     statements += _late_statements(old, new, planner.released)
-    unsupported = planner.problems + [f"{key}: in a dependency cycle" for key in stuck]
+    unsupported = planner.problems + [f"{key}: in a dependency cycle" for key in stuck] + \
+        column_order_problems(old, new, planner.created())
     return SchemaPlan(statements=tuple(statements), unsupported=tuple(sorted(set(unsupported))),
                       suggestions=tuple(suggest_renames(old, new)))
+
+
+def column_order_problems(old: SchemaModel, new: SchemaModel, created: set[str]) -> list[str]:
+    """Tables whose column order the plan cannot reach. PostgreSQL adds a column at the end
+    (and a column created again goes there too); it cannot move one. The order matters to
+    SELECT * and to COPY without a column list, so a different order is a difference."""
+    problems = []
+    for key, table in new.objects.items():
+        before = old.objects.get(key)
+        if table.kind != "table" or before is None or key in created:
+            continue
+        want, have = table.facts.get("columns"), before.facts.get("columns")
+        if want is None or have is None or want == have:
+            continue
+        kept = [c for c in have if c in want and f"column {ident(table)}.{c}" not in created]
+        reached = kept + [c for c in want if c not in kept]
+        if reached != want:
+            at = next(i for i, (a, b) in enumerate(zip(reached, want, strict=True)) if a != b)
+            problems.append(f"{key}: column order: the DDL has {', '.join(want[at:at + 3])} "
+                            f"where the plan gives {', '.join(reached[at:at + 3])} (PostgreSQL "
+                            "adds columns at the end and cannot move one: put new columns "
+                            "last in the DDL, or rebuild the table by hand)")
+    return problems
 
 
 def _late_statements(old: SchemaModel, new: SchemaModel, released: set[str]

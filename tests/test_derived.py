@@ -301,6 +301,30 @@ def test_a_column_over_a_type_that_must_be_recreated_is_not_expressed() -> None:
         "column public.t.span: depends on type public.r, which must be dropped and created again",)
 
 
+def test_column_order_is_part_of_the_schema() -> None:
+    """New columns are added in the table's order; an order ADD COLUMN cannot reach (a
+    column in the middle) is named, not silently planned; a rename keeps the order."""
+    old = model(table("t", columns=["id", "b"]), column("t", "id"), column("t", "b"))
+    tail = model(table("t", columns=["id", "b", "z", "a"]), column("t", "id"),
+                 column("t", "b"), column("t", "z"), column("t", "a"))
+    plan = plan_schema(old, tail)
+    assert sqls(plan) == ["ALTER TABLE public.t ADD COLUMN z integer",
+                          "ALTER TABLE public.t ADD COLUMN a integer"]
+    assert plan.unsupported == ()
+    middle = model(table("t", columns=["id", "a", "b"]), column("t", "id"), column("t", "a"),
+                   column("t", "b"))
+    plan = plan_schema(old, middle)
+    assert plan.unsupported == (
+        "table public.t: column order: the DDL has a, b where the plan gives b, a (PostgreSQL "
+        "adds columns at the end and cannot move one: put new columns last in the DDL, or "
+        "rebuild the table by hand)",)
+    renamed = model(table("t", columns=["id", "c"]), column("t", "id"), column("t", "c"))
+    plan = plan_schema(old, renamed, [confiture.parse_rename("column:t.b=c")])
+    assert sqls(plan) == ["ALTER TABLE public.t RENAME COLUMN b TO c"]
+    assert plan.unsupported == ()
+    assert confiture.compare_models(middle, old) == ["- column public.t.a", "~ table public.t"]
+
+
 def test_widening_type_changes() -> None:
     assert confiture.widening("integer", "bigint")
     assert confiture.widening("character varying(10)", "character varying(20)")
