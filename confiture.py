@@ -11306,24 +11306,26 @@ def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
 def read_drift_cache(path: Path) -> str | None:
     """A kept dump or catalog, if whole: caches are written without fsync, and after a crash
     a file can exist with none or part of its data; pg_dump's closing comment proves a dump
-    complete, a catalog's JSON must parse."""
+    complete, a catalog's last line is the sha256 of the rest (~1 ms to check; parsing the
+    JSON to prove it whole cost ~15 ms for 200 tables)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     if path.suffix == ".json":
-        try:
-            return text if isinstance(json.loads(text), dict) else None
-        except ValueError:
-            return None
+        body, _, digest = text.rstrip("\n").rpartition("\n")
+        return body if body and sha256_bytes(body.encode()) == digest else None
     return text if "\n-- PostgreSQL database dump complete\n" in text[-500:] else None
 
 
 def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> None:
     """Keep the dump; drop this env's older dumps of the same variant. Best effort: a cache
     that cannot be written only costs time."""
+    data = text.encode("utf-8")
+    if path.suffix == ".json":
+        data += f"\n{sha256_bytes(data)}\n".encode()
     try:
-        write_atomic(path, text.encode("utf-8"))
+        write_atomic(path, data)
     except InputError:
         return
     variant = path.name.split(".")[-3]
@@ -11360,13 +11362,20 @@ def template_schema_dump(ws: Workspace, session: Session, result: TemplateResult
 
 def template_model(ws: Workspace, session: Session, result: TemplateResult,
                    probe: Mapping[str, Any]) -> tuple[SchemaModel, bool]:
-    """(schema model of a template, from cache?): its catalog's JSON is kept like a dump
-    (drift_cache_path, variant 'model'); the first time it is read in place (_in_template),
-    or from a scratch clone by a role that does not own the template."""
+    """(schema model of a template, from cache?): see template_catalog."""
+    text, cached = template_catalog(ws, session, result, probe)
+    return model_of(ws, text), cached
+
+
+def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
+                     probe: Mapping[str, Any]) -> tuple[str, bool]:
+    """(catalog JSON of a template, from cache?): kept like a dump (drift_cache_path, variant
+    'model'); the first time it is read in place (_in_template), or from a scratch clone by
+    a role that does not own the template."""
     cache = drift_cache_path(ws, result.name, probe, "model")
     text = read_drift_cache(cache)
     if text is not None:
-        return model_of(ws, text), True
+        return text, True
     drop_stale_scratch(ws, session)
     try:
         text = _in_template(ws, session, result.name,
@@ -11378,7 +11387,7 @@ def template_model(ws: Workspace, session: Session, result: TemplateResult,
                              clone_strategy(ws.config, probe)) as scratch:
             text = read_catalog_text(ws, scratch)
     write_drift_cache(cache, text, ws.env.name, ws.config.project)
-    return model_of(ws, text), False
+    return text, False
 
 
 def _in_template(ws: Workspace, session: Session, name: str, work: Callable[[], _T]) -> _T:
@@ -11410,17 +11419,28 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     scratch = scratch_workspace(ws)  # a protected env's template is built elsewhere
     with admin_session(scratch) as session:
         require_database(ws, session if scratch is ws else None)
-        live = Background(lambda: read_database_model(ws, ws.env.database))
+        live = Background(lambda: read_catalog_text(ws, ws.env.database))
         try:
             result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
                                             session=session, cached=True)
-            expected, cached = template_model(scratch, session, result, probe)
+            expected, cached = template_catalog(scratch, session, result, probe)
         finally:
             live.wait()
-    diffs = compare_model_objects(expected, live.result(), _template_label(result),
-                                  f"{ws.env.database} (env {ws.env.name})")
-    return DriftReport(f"{ws.env.database} (env {ws.env.name})", _template_label(result),
-                       "the DDL", tuple(diffs), time.monotonic() - started, cached)
+    label = f"{ws.env.database} (env {ws.env.name})"
+    diffs = compare_catalogs(ws, expected, live.result(), _template_label(result), label)
+    return DriftReport(label, _template_label(result), "the DDL", tuple(diffs),
+                       time.monotonic() - started, cached)
+
+
+def compare_catalogs(ws: Workspace, expected: str, actual: str, expected_label: str,
+                     actual_label: str) -> list[Difference]:
+    """Two catalogs' JSON compared as models. The same text (a database cloned from its
+    template and not changed since: same oids, same rows) has no differences: ~100 ms of
+    parsing and model building saved for 200 tables."""
+    if expected == actual:
+        return []
+    return compare_model_objects(model_of(ws, expected), model_of(ws, actual), expected_label,
+                                 actual_label)
 
 
 def _dump_diff_against_ddl(ws: Workspace, privileges: bool = True) -> DriftReport:
@@ -11489,12 +11509,12 @@ def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) 
     started = time.monotonic()
     if not privileges:
         actual, expected = run_concurrently([
-            lambda: read_database_model(ws, ws.env.database),
-            lambda: read_database_model(other, other.env.database)])
+            lambda: read_catalog_text(ws, ws.env.database),
+            lambda: read_catalog_text(other, other.env.database)])
         label = f"{ws.env.database} (env {ws.env.name})"
         reference = f"{other.env.database} (env {other.env.name})"
         return DriftReport(label, reference, f"env {other.env.name}",
-                           tuple(compare_model_objects(expected, actual, reference, label)),
+                           tuple(compare_catalogs(ws, expected, actual, reference, label)),
                            time.monotonic() - started)
     actual_text, expected_text = run_concurrently([
         lambda: dump_schema(ws.client, ws.env.database, privileges),
