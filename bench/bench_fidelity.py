@@ -77,9 +77,9 @@ def run(ctx: Bench) -> list[Row]:
         return []
     total, failures = _steps(ctx, LEMMY)
     share = (total - len(failures)) / total
-    kinds = "; ".join(sorted({f.split(": ", 1)[1].split(" ", 2)[0] + " "
-                              + ("column order" if "column order" in f else "other")
-                              for f in failures}))
+    order = sum(1 for f in failures if "column order" in f)
+    note = f"failures: {order} column order (tables rebuilt by hand), " \
+        f"{len(failures) - order} other"
     return [Row(f"migrate generate's planner on Lemmy's {total} migrations: steps reproduced "
-                f"({total - len(failures)}/{total})", share, 1.0, "≥ 0.95×",
-                f"failures: {kinds or 'none'}", unit="share")]
+                f"({total - len(failures)}/{total})", share, 1.0, "≥ 0.95×", note,
+                unit="share")]

@@ -647,6 +647,21 @@ def test_generate_names_what_it_cannot_express(pg: Any, project: Any, cli: Any) 
     assert "cannot express: column public.widgets.s: depends on type public.span" in result.stderr
     assert len(migration_files(project)) == 3
     assert no_scratch_left(pg, project)
+    # kinds the model knows by name only are listed, never planned
+    project.write("db/schema/10_tables/10_widgets.sql", WIDGETS_V1 +
+                  "CREATE TYPE span AS RANGE (subtype = int4);\n"
+                  "ALTER TABLE widgets ADD COLUMN s span;\n"
+                  "CREATE FUNCTION no_drops() RETURNS event_trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN NULL; END $$;\n"
+                  "CREATE EVENT TRIGGER no_drops ON sql_drop EXECUTE FUNCTION no_drops();\n"
+                  'CREATE COLLATION bytewise FROM "C";\n')
+    result = cli("migrate", "generate", "guards", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "other event trigger no_drops: cannot be created by a plan (event trigger)" in \
+        result.stderr
+    assert "other collation public.bytewise: cannot be created by a plan (collation)" in \
+        result.stderr
+    assert len(migration_files(project)) == 3
 
 
 def test_generate_names_a_column_order_it_cannot_reach_and_starts_from_the_baseline(
