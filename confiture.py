@@ -31,10 +31,12 @@ only the sections above it.
                                 object with its dependencies from pg_depend
   §12 Schema planner            pure plans that turn one model into another, in dependency
                                 order; each kind's create, drop and alter; online variants
-  §13 Drift, watch, status      schema diff (pg_dump, object by object), watch, status
-  §14 Derived migrations        migrate generate (planned, proved on scratch databases),
+  §13 Drift                     schema diff on the models, object by object (pg_dump for
+                                --privileges); the template's catalog cached
+  §14 Status and watch          the env at a glance; reset on file changes
+  §15 Derived migrations        migrate generate (planned, proved on scratch databases),
                                 diff --sql, the guard before a protected env is written
-  §15 Command line              argparse → values → core calls → output and exit codes
+  §16 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
 them into messages and exit codes. Nothing runs at import time.
@@ -878,7 +880,7 @@ class Config:
     sync: SyncConfig
     envs: Mapping[str, EnvConfig]
     scratch_url: str | None = None  # unexpanded, like env urls; see scratch_server()
-    deploy_require_consistent: bool = True   # §14's guard before a protected env is written
+    deploy_require_consistent: bool = True   # §15's guard before a protected env is written
     migrations_baseline: Path | None = None  # the schema the first migration starts from
     psql_meta_commands: str = "safe"  # "all": SQL files may reach the client (§4 guard_sql)
     # None: unset, i.e. 5 s on protected envs and none elsewhere (see statement_lock_timeout)
@@ -6844,7 +6846,7 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
     or pending migrations → verify → record. Any failure after the backup is rolled back
     (a transactional migration by itself, anything else by restoring the backup) and raised
     as DeployFailed naming the failing step and the backup. The caller confirms first, and
-    passes `drift` (§13, wired by §15) when [deploy] drift_check asks for it."""
+    passes `drift` (§13, wired by §16) when [deploy] drift_check asks for it."""
     if no_backup and ws.env.protected:
         raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
                       hint="a backup is always taken before anything writes to it")
@@ -9276,7 +9278,7 @@ def _owned_sequence(objects: Mapping[str, DbObject], source: str, target: str) -
         and target.startswith("column ")
 
 
-# ── reading each kind of object ───────────────────────────────────────────────────────────────────────────────────────
+# ── reading each kind of object ───────────────────────────────────────────────────────────
 
 def _row_object(kind: str, row: Mapping[str, Any], key_name: str, facts: Mapping[str, Any],
                 parent: str = "") -> DbObject:
@@ -10479,11 +10481,10 @@ def concurrently(plan: SchemaPlan) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §13 Drift, watch, status
-# Drift: both schemas read at once as §11 models (or, with --privileges, as `pg_dump -s` split
-# by its own headers), compared object by object; confiture's tracking tables are ignored.
-# Watch: stat-polls the env's folders and resets its database on change. Status: a read-only
-# look at one env. Schema sources report their git commits (read from .git, no git needed).
+# §13 Drift
+# Both schemas read at once as §11 models (or, with --privileges, as `pg_dump -s` split by its
+# own headers), compared object by object; confiture's tracking tables are ignored. Schema
+# sources report their git commits (read from .git, no git needed).
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 # ── schema sources and their checkouts (multi-repo) ───────────────────────────────────────
@@ -11164,7 +11165,7 @@ def compare_model_objects(expected: SchemaModel, actual: SchemaModel,
     return sorted(found, key=lambda d: (d.schema, d.name, d.type))
 
 
-# ── schema models and dumps: run (thin) ──────────────────────────────────────────────────────────────
+# ── schema models and dumps: run (thin) ───────────────────────────────────────────────────
 
 
 def read_catalog_text(ws: Workspace, dbname: str) -> str:
@@ -11598,6 +11599,12 @@ def migrations_summary(ws: Workspace) -> dict[str, Any]:
             "missing": len(status.missing), "interrupted": len(status.partial)}
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §14 Status and watch
+# Status: a read-only look at one env (database, migrations, template, backups, sync, drift).
+# Watch: stat-polls the env's folders and resets its database on change.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
 # ── status ────────────────────────────────────────────────────────────────────────────────
 
 
@@ -11968,7 +11975,7 @@ def rebuild_once(ws: Workspace, changed: tuple[str, ...], force: bool,
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §14 Derived migrations
+# §15 Derived migrations
 # `migrate generate`: the schema the migrations produce (replayed on a scratch database) and
 # the schema the DDL builds (the env's template) are read as models (§11); the planned up and
 # down are applied to scratch copies and written only when both reproduce their target
@@ -12265,7 +12272,7 @@ def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §15 Command line
+# §16 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -13254,7 +13261,7 @@ def add_sync_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=cmd_schema_to_schema)
 
 
-# ── drift, watch and status commands (§13) ────────────────────────────────────────────────
+# ── drift, status and watch commands (§13, §14) ───────────────────────────────────────────
 
 
 def format_drift(report: DriftReport, console: Console) -> list[str]:

@@ -1,4 +1,4 @@
-"""Derived migrations (§11 schema model, §12 planner, §14 migrate generate / diff --sql).
+"""Derived migrations (§11 schema model, §12 planner, §15 migrate generate / diff --sql).
 
 Pure planner tests build models by hand (no server). Round trips read real databases with the
 model, apply each plan to a copy and check zero difference both ways. The CLI tests run
