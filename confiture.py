@@ -12254,21 +12254,26 @@ def guard_consistency(ws: Workspace, action: str) -> Consistency | None:
 
 
 def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
-    """The plan that turns the env's database into its reference: the DDL's schema, or
-    another env's database."""
+    """The plan that turns the env's database into its reference: the DDL's schema (its
+    template's catalog, §13 template_catalog), or another env's database. The same catalog
+    text plans nothing without being parsed (see compare_catalogs)."""
     if against is not None:  # two servers' catalogs at once
         actual, expected = run_concurrently([
-            lambda: read_database_model(ws, ws.env.database),
-            lambda: read_database_model(against, against.env.database)])
-        return plan_schema(actual, expected)
-    live = Background(lambda: read_database_model(ws, ws.env.database))
-    scratch = scratch_workspace(ws)
-    try:
-        with admin_session(scratch) as session:
-            expected, _ = ddl_model(scratch, session)
-    finally:
-        live.wait()
-    return plan_schema(live.result(), expected)
+            lambda: read_catalog_text(ws, ws.env.database),
+            lambda: read_catalog_text(against, against.env.database)])
+    else:
+        live = Background(lambda: read_catalog_text(ws, ws.env.database))
+        scratch = scratch_workspace(ws)
+        try:
+            with admin_session(scratch) as session:
+                result, probe = ensure_template(scratch, seeds=False, session=session)
+                expected = template_catalog(scratch, session, result, probe)[0]
+        finally:
+            live.wait()
+        actual = live.result()
+    if actual == expected:
+        return SchemaPlan(statements=())
+    return plan_schema(model_of(ws, actual), model_of(ws, expected))
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════

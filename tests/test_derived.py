@@ -725,6 +725,14 @@ def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: 
     clean = cli("diff", "--sql", cwd=project.root)
     assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
     assert cli("diff", cwd=project.root).returncode == 0
+    # against another env: a copy of this database needs nothing, one missing a column needs it
+    pg.create_db(project.db("prod"), template=db)
+    same = cli("diff", "--sql", "--against", "prod", cwd=project.root)
+    assert same.returncode == 0 and same.stdout == "", same.stdout + same.stderr
+    pg.query("ALTER TABLE widgets DROP COLUMN label", db=project.db("prod"))
+    other = cli("diff", "--sql", "--against", "prod", cwd=project.root)
+    assert other.returncode == 3, other.stdout + other.stderr
+    assert "ALTER TABLE public.widgets DROP COLUMN label;" in other.stdout
     wrong = cli("diff", "--sql", "--migrations", cwd=project.root)
     assert wrong.returncode == 2 and "migrate generate" in wrong.stderr
 
