@@ -21,11 +21,13 @@ only the sections above it.
                                 sections share; the migrations tracking table (TrackingTable)
   §6  Build                     concatenated, deterministic SQL for an environment
   §7  Templates and clones      hashed template databases, clone, reset, prune
+  §7b Backups                   verified pg_dump backups (sidecar last), list, prune
   §8  Migrations                status, plans, up/down under the lock, one transaction each;
-                                bounded lock waits with retry
+                                bounded lock waits with retry; the env's database as a
+                                deploy finds it
   §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
-  §9  Backups, restore, deploy  verified pg_dump backups, swap-in restore, deploy with rollback,
-                                rehearsal of pending migrations on a scratch copy
+  §9  Restore                   swap-in restore from a verified backup; scratch and replaced
+                                copies of the env's database
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
   §11 Schema model              the catalog read into records (one JSON round trip), each
                                 object with its dependencies from pg_depend
@@ -36,7 +38,10 @@ only the sections above it.
   §14 Status and watch          the env at a glance; reset on file changes
   §15 Derived migrations        migrate generate (planned, proved on scratch databases),
                                 diff --sql, the guard before a protected env is written
-  §16 Command line              argparse → values → core calls → output and exit codes
+  §16 The guard and deploy      every precondition of a destructive run, in one table; deploy:
+                                backup, migrate, verify (drift included), record, or roll back;
+                                rehearsal of pending migrations on a scratch copy
+  §17 Command line              argparse → values → core calls → output and exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
 them into messages and exit codes. Nothing runs at import time.
@@ -1940,7 +1945,6 @@ def sql_guard(config: Config, cwd: Path | None = None) -> SqlGuard:
 
 # ── migration files: versioned up/down SQL, checksums (pure filesystem work) ─────────────
 
-NO_TRANSACTION_RE = re.compile(r"^[ \t]*--[ \t]*confiture:no-transaction\b", re.IGNORECASE)
 _VERSION_RE = re.compile(r"^(\d[\d-]*)(?:_(.*))?$")
 _FLAT_RE = re.compile(r"^(\d[\d-]*(?:_.*)?)\.(up|down)\.sql$")
 _MIGRATION_FOLDER_FILES = {"up.sql", "down.sql", "metadata.toml"}
@@ -2790,6 +2794,7 @@ def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[s
 # ── advisory locks: one per name, in whichever database the session is connected to ───────
 
 LOCK_CLASS = 1668247142  # 'conf' as int4: the first key of every confiture advisory lock
+MIGRATION_LOCK = "migrate"  # taken by migrate runs, deploy and restore (one writer at a time)
 
 
 def query_error(session: Session, query: str) -> SqlError | None:
@@ -2896,6 +2901,12 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     if not ws.env.protected:
         return ws
     server = scratch_server(ws.config, ws.env.name, ws.client.environ)
+    if server.conn.server_identity(ws.client.environ) == \
+            ws.env.conn.server_identity(ws.client.environ):
+        host, port = server.conn.server_identity(ws.client.environ)
+        ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
+                        f"{host}:{port}) is the env's own server: scratch databases will be "
+                        "created on it; set [project] scratch_url to another server")
     env = evolve(ws.env, conn=server.conn,
                  spec=evolve(ws.env.spec, maintenance_db=server.maintenance_db))
     return evolve(ws, env=env, client=Client(ws.client.tools, server.conn, ws.client.environ))
@@ -2977,7 +2988,7 @@ def lasting_sessions(session: Session, database: str, exclude: Sequence[int] = (
 
 class SessionSampler:
     """Calls sample(session) every `interval` seconds, in a daemon thread with a session of its
-    own, between __enter__ and __exit__ (lock watchers of §8 and §9). A failing sampling session
+    own, between __enter__ and __exit__ (lock watchers of §8 and §16). A failing sampling session
     ends the sampling quietly: samples only add to what the caller sees for itself."""
 
     def __init__(self, open_session: Callable[[], Session], interval: float, name: str) -> None:
@@ -3638,6 +3649,352 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
+# §7b Backups
+# pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then published
+# dump first and JSON sidecar last: only a dump with a complete sidecar is a backup. Backups
+# sit below migrations (§8) because a migration run on a protected env takes one itself,
+# under its lock, once it knows something will run; restore (§9) builds on them.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+BACKUP_SUFFIX = ".dump"
+SIDECAR_SUFFIX = ".json"
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+class BackupError(PgError):
+    """A backup could not be written, read back or verified (exit 1)."""
+
+
+@record(frozen=True)
+class Backup:
+    """A complete backup: the dump file and what its sidecar records."""
+
+    path: Path
+    sha256: str
+    size: int
+    created_at: str
+    server_version: str
+    migration_version: str | None
+    tool_version: str
+    env: str
+    database: str
+    compression: int
+    seconds: float
+
+    def sidecar(self) -> dict[str, Any]:
+        return {"file": self.path.name, "sha256": self.sha256, "size": self.size,
+                "created_at": self.created_at, "server_version": self.server_version,
+                "migration_version": self.migration_version, "tool_version": self.tool_version,
+                "env": self.env, "database": self.database, "format": "custom",
+                "compression": self.compression, "seconds": round(self.seconds, 3),
+                "complete": True}
+
+
+def qualified_name(name: str) -> str:
+    """'schema.table' or 'table' → quoted identifiers."""
+    return ".".join(quote_ident(part) for part in name.split("."))
+
+
+def sidecar_path(dump: Path) -> Path:
+    return dump.with_name(dump.name + SIDECAR_SUFFIX)
+
+
+def backup_folder(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Path:
+    """The env's `backups` folder, else <[backups] dir>/<env>, relative to the project root."""
+    spec = config.envs[env_name]
+    if spec.backups:
+        return config.root / expand_vars(spec.backups, f"env.{env_name}.backups", environ)
+    return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
+
+
+def read_sidecar(dump: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_backup(dump: Path) -> Backup | None:
+    """The backup `dump` is, or None unless its sidecar is complete and the size matches."""
+    data = read_sidecar(dump)
+    try:
+        size = dump.stat().st_size
+    except OSError:
+        return None
+    if (data is None or data.get("complete") is not True or data.get("size") != size
+            or not isinstance(data.get("sha256"), str)):
+        return None
+    version = data.get("migration_version")
+    return Backup(path=dump, sha256=data["sha256"], size=size,
+                  created_at=str(data.get("created_at", "")),
+                  server_version=str(data.get("server_version", "")),
+                  migration_version=None if version is None else str(version),
+                  tool_version=str(data.get("tool_version", "")), env=str(data.get("env", "")),
+                  database=str(data.get("database", "")),
+                  compression=int(data.get("compression", -1)),
+                  seconds=float(data.get("seconds", 0.0)))
+
+
+def list_backups(folder: Path) -> list[Backup]:
+    """The complete backups in `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [b for p in folder.glob("*" + BACKUP_SUFFIX) if (b := read_backup(p))]
+    found.sort(key=lambda b: (b.created_at, natural_key(b.path.name)), reverse=True)
+    return found
+
+
+def newest_backup(config: Config, env_name: str,
+                  environ: Mapping[str, str] = os.environ) -> Backup | None:
+    """The env's newest complete backup (what `restore latest` and `status` use)."""
+    backups = list_backups(backup_folder(config, env_name, environ))
+    return backups[0] if backups else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
+    return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
+
+
+def utc_stamp(when: float | None = None) -> str:
+    return time.strftime(_STAMP, time.gmtime(when))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Create the backup folder, or say clearly why it cannot hold a backup."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder"
+                          ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackupError(f"backup folder {folder} is not writable",
+                          hint="set env.<name>.backups or [backups] dir to a writable folder")
+
+
+def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
+    text = stderr.strip()
+    text = mask_password_in(text, password)
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
+        return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
+    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", line) for line in text.splitlines()]
+    return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
+
+
+def wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
+               progress: Path | None = None) -> None:
+    """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
+    show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
+    try:
+        while show:
+            try:
+                proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if show and progress is not None and progress.exists():
+                    ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
+                    ws.console.err.flush()
+        proc.wait()  # blocking: no polling latency when there is no progress to show
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if show:
+            ws.console.err.write("\r\033[K")
+    if proc.returncode != 0:
+        errfile.seek(0)
+        stderr = errfile.read().decode("utf-8", "replace")
+        raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
+
+
+def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
+               errfile: Any) -> subprocess.Popen[bytes]:
+    """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
+    wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
+    and lists it (see create_backup), which saves most of the sync's time."""
+    argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
+                        "--no-sync", "-f", str(path))
+    return ws.client.spawn(argv, dbname, stderr=errfile)
+
+
+def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
+    """The newest applied migration version, read from the tracking table (None without
+    one). A backup must not fail over the tracking table, so its problems only cost the
+    version."""
+    try:
+        applied, _ = TrackingTable.resolve(session, ws.config.migrations_table).read()
+    except ConfigError as exc:
+        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
+        return None
+    return str(applied[-1].version) if applied else None
+
+
+def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
+    """(server version, applied migration version) for the sidecar."""
+    if session is None:
+        with ws.client.session(ws.env.database) as own:
+            return _backup_facts(ws, own)
+    version = str(session.value("SELECT current_setting('server_version')"))
+    return version, _sidecar_migration_version(ws, session)
+
+
+def check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
+    """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
+    with scratch_file() as errfile:
+        proc = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "--list", str(path)), None,
+                               stderr=errfile)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            code = proc.wait()
+        if code != 0:
+            errfile.seek(0)
+            raise BackupError(f"{path} is not a readable pg_dump archive: "
+                              + _tool_failure("pg_restore --list", code,
+                                              errfile.read().decode("utf-8", "replace"), None))
+
+
+def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
+    """Rename tmp to final; with `exclusive`, fail with FileExistsError instead of replacing."""
+    if not exclusive:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)  # atomic create-if-absent: two backups in one second never clash
+    except FileExistsError:
+        raise
+    except OSError:
+        if final.exists():
+            raise FileExistsError(str(final)) from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
+# Over 60 lines: the dump, its read-back, hashing and syncing run at once, and one try/finally
+# must remove every partial file on any failure; split, the cleanup would be spread out.
+def create_backup(ws: Workspace, output: Path | None = None,
+                  session: Session | None = None) -> Backup:
+    """Back up the env's database into its backup folder (or `output`). The dump is written
+    under a temporary name, read back and hashed, then published with its sidecar; on any
+    failure nothing is left behind and BackupError says why."""
+
+    started = time.monotonic()
+    compression = ws.config.backups_compression
+    folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
+    if output is not None and (output.exists() or sidecar_path(output).exists()):
+        raise Refused(f"{output} already exists; a backup never overwrites a file",
+                      hint="choose another -o FILE, or leave -o out to use the backup folder")
+    _prepare_folder(folder)
+    stamp = utc_stamp()
+    tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
+    side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
+    published: Path | None = None
+    try:
+        with scratch_file() as errfile:
+            proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
+            try:
+                server_version, migration_version = _backup_facts(ws, session)  # meanwhile
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
+        synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
+        digests: list[str] = []
+        try:
+            check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
+        finally:
+            synced.wait()
+        synced.result()
+        digest, size = digests[0], tmp.stat().st_size
+        for seq in range(1000):
+            final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
+            backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
+                            server_version=server_version, migration_version=migration_version,
+                            tool_version=__version__, env=ws.env.name, database=ws.env.database,
+                            compression=compression, seconds=time.monotonic() - started)
+            side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
+            try:
+                _publish(tmp, final, exclusive=True)
+            except FileExistsError:
+                if output is not None:
+                    raise Refused(f"{output} already exists; a backup never overwrites a "
+                                  "file") from None
+                continue
+            published = final
+            os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
+            published = None
+            _fsync_dir(folder)
+            return backup
+        raise BackupError(f"cannot find a free backup name in {folder}")
+    except OSError as exc:
+        raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
+                          hint="check the free space and permissions of the backup folder"
+                          ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        if published is not None:
+            published.unlink(missing_ok=True)
+
+
+def prune_backups(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` backups (sidecar first, so a crash leaves at most an
+    unlisted dump), and leftovers: temporary files of dead runs, dumps without a sidecar."""
+    removed: list[Path] = []
+    for backup in list_backups(folder)[keep:]:
+        sidecar_path(backup.path).unlink(missing_ok=True)
+        backup.path.unlink(missing_ok=True)
+        removed.append(backup.path)
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        stale = now - path.stat().st_mtime > 3600 if path.exists() else False
+        parts = path.name.split(".")  # .<stamp>.<pid>.dump.tmp
+        leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
+                    and not pid_alive(parts[2] if len(parts) >= 4 else ""))
+        orphan = path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale
+        if leftover or orphan:
+            path.unlink(missing_ok=True)
+            sidecar_path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
 # §8 Migrations
 # Versioned up/down SQL files (§4 finds them: flat V_name.up.sql or Diesel folders V_name/up.sql)
 # applied through one psql Session under the per-database "migrate" advisory lock, recorded
@@ -3645,7 +4002,6 @@ def reset_env_database(ws: Workspace, force: bool = False) -> tuple[TemplateResu
 # their progress logged, so an interrupted one resumes where it stopped. Planning is pure.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
-MIGRATION_LOCK = "migrate"
 # '-- confiture:allow RULE reason': a lint finding accepted for one statement (§8b checks
 # the rule; the applied row's log records what was allowed)
 ALLOW_RE = re.compile(r"--[ \t]*confiture:allow\b[ \t]*([\w-]*)[ \t]*([^\n]*)", re.IGNORECASE)
@@ -4003,6 +4359,7 @@ class MigrationRun:
     done: list[tuple[Migration, float]] = field(default_factory=list)
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    backup: Backup | None = None     # taken first, on a protected env (back_up_protected)
 
     def as_json(self) -> dict[str, Any]:
         return {"direction": self.direction, "dry_run": self.dry_run,
@@ -4413,13 +4770,25 @@ def _up_failed(run: MigrationRun, failed: _Failed, checked: Mapping[Any, bool],
            else "; its completed statements are logged and the next run resumes after them"))
 
 
+def back_up_protected(ws: Workspace, locked: _Locked, run: MigrationRun, backup: bool) -> None:
+    """SPEC §5: a backup is taken before anything writes to a protected environment: by the
+    run itself, under its lock, once its plan is known and not empty (`backup` False: the
+    caller took one, as deploy does, or the run writes a scratch copy)."""
+    if backup and ws.env.protected and run.planned:
+        run.backup = create_backup(ws, session=locked.session)
+        ws.console.info(f"backed up {ws.env.database} before migrate {run.direction}: "
+                        f"{run.backup.path}")
+
+
 def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
-               session: Session | None = None, lock: bool = True) -> MigrationRun:
+               session: Session | None = None, lock: bool = True,
+               backup: bool = True) -> MigrationRun:
     """Apply pending migrations in version order. Under the migration lock unless lock=False
-    (the caller already holds it on another session). Refuses (exit 3) while an applied
-    migration changed or vanished. After a failed migration psql has exited: the session is
-    closed, the failed migration left nothing behind (or, without a transaction, logged how
-    far it got), and MigrationError says which ones were applied before it."""
+    (the caller already holds it on another session); a protected env is backed up first
+    (back_up_protected). Refuses (exit 3) while an applied migration changed or vanished.
+    After a failed migration psql has exited: the session is closed, the failed migration
+    left nothing behind (or, without a transaction, logged how far it got), and
+    MigrationError says which ones were applied before it."""
     config = ws.config
     files = scan_migrations(config.migrations_dir, config.root)
     run = MigrationRun("up", dry_run=dry_run)
@@ -4438,6 +4807,7 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
         refuse_unclean_history(status, config)
         run.planned = plan_up(status, to)
         checked = check_migrations_sql(run.planned, "up", config)
+        back_up_protected(ws, locked, run, backup)
         partial = {p.version: p for p in status.partial}
         for stale in set(partial) - {m.version for m in run.planned}:
             ws.console.warn(f"migration {stale} was interrupted earlier but is not in this plan")
@@ -4471,10 +4841,11 @@ def migrate_up(ws: Workspace, to: int | None = None, dry_run: bool = False,
 
 def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
                  dry_run: bool = False, session: Session | None = None,
-                 lock: bool = True) -> MigrationRun:
+                 lock: bool = True, backup: bool = True) -> MigrationRun:
     """Revert applied migrations newest first, each with the removal of its tracking row in
-    one transaction. Refused up front when a needed down file is missing; stops at the first
-    failing down (MigrationError lists what was reverted before it)."""
+    one transaction; a protected env is backed up first (back_up_protected). Refused up front
+    when a needed down file is missing; stops at the first failing down (MigrationError
+    lists what was reverted before it)."""
     config = ws.config
     files = scan_migrations(config.migrations_dir, config.root)
     run = MigrationRun("down", dry_run=dry_run)
@@ -4491,6 +4862,7 @@ def migrate_down(ws: Workspace, steps: int | None = None, to: int | None = None,
         status = locked.status(files)
         run.planned = [m for _, m in plan_down(status, config, steps, to)]
         checked = check_migrations_sql(run.planned, "down", config)
+        back_up_protected(ws, locked, run, backup)
         queue = _MigrationQueue(ws, locked.session, run)
         try:
             for migration in run.planned:
@@ -4595,6 +4967,105 @@ def migration_sql_preview(migration: Migration, which: str = "up") -> str:
     path = migration.up if which == "up" else migration.down
     assert path is not None
     return normalise_sql(path.read_bytes()).decode("utf-8", "replace")
+
+
+# ── the env's migration state, and the tables confiture keeps ─────────────────────────────
+
+@record(frozen=True)
+class MigrationState:
+    applied: tuple[int, ...]                       # versions recorded, ascending
+    pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
+    problems: tuple[str, ...]                      # changed / missing applied migrations
+    partial: tuple[str, ...]                       # interrupted no-transaction migrations
+
+    @property
+    def version(self) -> str | None:
+        return str(self.applied[-1]) if self.applied else None
+
+
+def migration_state(ws: Workspace, session: Session) -> MigrationState:
+    status = migration_status(ws, session)
+    problems = [f"{migration_rel(ws.config, m.up)} changed since it was applied"
+                for m, _ in status.changed]
+    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
+    return MigrationState(
+        applied=tuple(r.version for r in status.applied),
+        pending=tuple((m.version, m.label, m.transactional) for m in status.pending),
+        problems=tuple(problems), partial=tuple(f"{p.version}_{p.name}" for p in status.partial))
+
+
+def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
+    """True when the connected database holds no user objects (schemas besides public,
+    relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
+    that do not count."""
+    ignore = ", ".join(quote_literal(n) for n in keep) or "''"
+    user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
+               "AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
+    count = session.value(
+        f"SELECT (SELECT count(*) FROM pg_namespace n WHERE {user_ns} "
+        "AND n.nspname <> 'public')"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        f"   AND c.relname NOT IN ({ignore}))"
+        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
+        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
+        "    AND d.deptype IN ('a', 'i')))"
+        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        f"   WHERE {user_ns})"
+        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+        f"   WHERE {user_ns} AND t.typrelid = 0 AND t.typelem = 0)"
+        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
+    return int(count) == 0
+
+
+@record(frozen=True)
+class TargetState:
+    """The env's database as a deploy finds it, read-only: whether it exists, whether it is
+    empty (then a deploy is a first deploy), its migrations (None when it is missing or
+    empty) and the labels a deploy would apply (every migration on a first deploy)."""
+
+    exists: bool
+    empty: bool
+    migrations: MigrationState | None
+    pending: tuple[str, ...]
+
+    @property
+    def first_deploy(self) -> bool:
+        return not self.exists or self.empty
+
+
+def inspect_target(ws: Workspace, session: Session | None = None) -> TargetState:
+    """Read the env's database, on `session` when the caller holds one on it."""
+    if session is None:
+        with admin_session(ws) as admin:
+            if not database_exists(admin, ws.env.database):
+                return _target_state(ws, False, None)
+        with ws.client.session(ws.env.database) as own:
+            return inspect_target(ws, own)
+    empty = database_is_empty(session, [ws.config.deploys_table.split(".")[-1]])
+    return _target_state(ws, True, None if empty else migration_state(ws, session))
+
+
+def _target_state(ws: Workspace, exists: bool, state: MigrationState | None) -> TargetState:
+    pending = (tuple(m.label for m in discover_migrations(ws.config)) if state is None
+               else tuple(label for _, label, _ in state.pending))
+    return TargetState(exists, state is None, state, pending)
+
+
+def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
+    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
+    table and its log, §16's deploys table. They are never copied by sync, listed as rules or
+    treated as user data. Schema None: the name is unqualified in the config, so the table is
+    wherever search_path put it, and the name is ours in every schema."""
+    schema, table = parse_table_name(config.migrations_table)
+    deploy_schema, deploy_table = parse_table_name(config.deploys_table)
+    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
+
+
+def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
+    return (schema, name) in own or (None, name) in own
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -5737,343 +6208,13 @@ def refuse_lint_errors(report: LintReport, what: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §9 Backups, restore, deploy
-# backup: pg_dump -Fc under a temporary name, read back (pg_restore --list) and hashed, then
-# published dump first and JSON sidecar last: only a dump with a complete sidecar is a backup.
+# §9 Restore
 # restore: verify first, restore into a scratch database, swap names (the replaced one is kept).
-# deploy: confirm → lock → backup → migrate or first deploy → verify → record, or roll back.
+# Deploy (§16) and rehearsal build on the scratch restore and the swap below.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
-BACKUP_SUFFIX = ".dump"
-SIDECAR_SUFFIX = ".json"
 DB_MARK = "confiture-restore"  # JSON comment of scratch and replaced databases
-_STAMP = "%Y%m%dT%H%M%SZ"
 _OBJECT_IN_USE = "55006"
-
-
-class BackupError(PgError):
-    """A backup could not be written, read back or verified (exit 1)."""
-
-
-class DeployFailed(ConfitureError):
-    """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
-
-
-@record(frozen=True)
-class Backup:
-    """A complete backup: the dump file and what its sidecar records."""
-
-    path: Path
-    sha256: str
-    size: int
-    created_at: str
-    server_version: str
-    migration_version: str | None
-    tool_version: str
-    env: str
-    database: str
-    compression: int
-    seconds: float
-
-    def sidecar(self) -> dict[str, Any]:
-        return {"file": self.path.name, "sha256": self.sha256, "size": self.size,
-                "created_at": self.created_at, "server_version": self.server_version,
-                "migration_version": self.migration_version, "tool_version": self.tool_version,
-                "env": self.env, "database": self.database, "format": "custom",
-                "compression": self.compression, "seconds": round(self.seconds, 3),
-                "complete": True}
-
-
-def qualified_name(name: str) -> str:
-    """'schema.table' or 'table' → quoted identifiers."""
-    return ".".join(quote_ident(part) for part in name.split("."))
-
-
-def sidecar_path(dump: Path) -> Path:
-    return dump.with_name(dump.name + SIDECAR_SUFFIX)
-
-
-def backup_folder(config: Config, env_name: str,
-                  environ: Mapping[str, str] = os.environ) -> Path:
-    """The env's `backups` folder, else <[backups] dir>/<env>, relative to the project root."""
-    spec = config.envs[env_name]
-    if spec.backups:
-        return config.root / expand_vars(spec.backups, f"env.{env_name}.backups", environ)
-    return config.root / expand_vars(config.backups_dir, "backups.dir", environ) / env_name
-
-
-def _read_sidecar(dump: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(sidecar_path(dump).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_backup(dump: Path) -> Backup | None:
-    """The backup `dump` is, or None unless its sidecar is complete and the size matches."""
-    data = _read_sidecar(dump)
-    try:
-        size = dump.stat().st_size
-    except OSError:
-        return None
-    if (data is None or data.get("complete") is not True or data.get("size") != size
-            or not isinstance(data.get("sha256"), str)):
-        return None
-    version = data.get("migration_version")
-    return Backup(path=dump, sha256=data["sha256"], size=size,
-                  created_at=str(data.get("created_at", "")),
-                  server_version=str(data.get("server_version", "")),
-                  migration_version=None if version is None else str(version),
-                  tool_version=str(data.get("tool_version", "")), env=str(data.get("env", "")),
-                  database=str(data.get("database", "")),
-                  compression=int(data.get("compression", -1)),
-                  seconds=float(data.get("seconds", 0.0)))
-
-
-def list_backups(folder: Path) -> list[Backup]:
-    """The complete backups in `folder`, newest first."""
-    if not folder.is_dir():
-        return []
-    found = [b for p in folder.glob("*" + BACKUP_SUFFIX) if (b := read_backup(p))]
-    found.sort(key=lambda b: (b.created_at, natural_key(b.path.name)), reverse=True)
-    return found
-
-
-def newest_backup(config: Config, env_name: str,
-                  environ: Mapping[str, str] = os.environ) -> Backup | None:
-    """The env's newest complete backup (what `restore latest` and `status` use)."""
-    backups = list_backups(backup_folder(config, env_name, environ))
-    return backups[0] if backups else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def backup_filename(project: str, env: str, stamp: str, seq: int = 0) -> str:
-    return f"{project}_{env}_{stamp}{f'_{seq + 1}' if seq else ''}{BACKUP_SUFFIX}"
-
-
-def _stamp(when: float | None = None) -> str:
-    return time.strftime(_STAMP, time.gmtime(when))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _prepare_folder(folder: Path) -> None:
-    """Create the backup folder, or say clearly why it cannot hold a backup."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BackupError(f"cannot create backup folder {folder}: {exc.strerror}",
-                          hint="set env.<name>.backups or [backups] dir to a writable folder"
-                          ) from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BackupError(f"backup folder {folder} is not writable",
-                          hint="set env.<name>.backups or [backups] dir to a writable folder")
-
-
-def _tool_failure(what: str, returncode: int, stderr: str, password: str | None) -> str:
-    text = stderr.strip()
-    text = mask_password_in(text, password)
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        why = " (file size limit: the disk or quota is full)" if name == "SIGXFSZ" else ""
-        return f"{what} was killed by {name}{why}" + (f": {text}" if text else "")
-    lines = [re.sub(r"^(pg_dump|pg_restore): (error: )?", "", line) for line in text.splitlines()]
-    return f"{what} failed: " + ("; ".join(x for x in lines[:3] if x) or f"exit {returncode}")
-
-
-def _wait_tool(ws: Workspace, proc: subprocess.Popen[bytes], errfile: Any, what: str,
-               progress: Path | None = None) -> None:
-    """Wait for a dump/restore, showing the output size on a terminal; stop it on interrupt."""
-    show = progress is not None and ws.console.is_terminal() and not ws.console.quiet
-    try:
-        while show:
-            try:
-                proc.wait(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                if show and progress is not None and progress.exists():
-                    ws.console.err.write(f"\r{what}: {format_bytes(progress.stat().st_size)} …  ")
-                    ws.console.err.flush()
-        proc.wait()  # blocking: no polling latency when there is no progress to show
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
-    finally:
-        if show:
-            ws.console.err.write("\r\033[K")
-    if proc.returncode != 0:
-        errfile.seek(0)
-        stderr = errfile.read().decode("utf-8", "replace")
-        raise BackupError(_tool_failure(what, proc.returncode, stderr, ws.client.password))
-
-
-def start_dump(ws: Workspace, dbname: str, path: Path, compression: int,
-               errfile: Any) -> subprocess.Popen[bytes]:
-    """Start pg_dump -Fc of one database of the env's server into `path`; wait for it with
-    _wait_tool. The file is not synced to disk (--no-sync): the caller syncs it while it hashes
-    and lists it (see create_backup), which saves most of the sync's time."""
-    argv = pg_dump_argv(ws.client.tools, ws.env.conn, dbname, "-Fc", f"-Z{compression}",
-                        "--no-sync", "-f", str(path))
-    return ws.client.spawn(argv, dbname, stderr=errfile)
-
-
-def _backup_facts(ws: Workspace, session: Session | None) -> tuple[str, str | None]:
-    """(server version, applied migration version) for the sidecar."""
-    if session is None:
-        with ws.client.session(ws.env.database) as own:
-            return _backup_facts(ws, own)
-    version = str(session.value("SELECT current_setting('server_version')"))
-    return version, _sidecar_migration_version(ws, session)
-
-
-def _check_listing(ws: Workspace, path: Path, meanwhile: Callable[[], None] | None = None) -> None:
-    """pg_restore must read the archive's table of contents; `meanwhile` runs while it does."""
-    with scratch_file() as errfile:
-        proc = ws.client.spawn(pg_restore_argv(ws.client.tools, ws.env.conn, None, "--list", str(path)), None,
-                               stderr=errfile)
-        try:
-            if meanwhile is not None:
-                meanwhile()
-        finally:
-            code = proc.wait()
-        if code != 0:
-            errfile.seek(0)
-            raise BackupError(f"{path} is not a readable pg_dump archive: "
-                              + _tool_failure("pg_restore --list", code,
-                                              errfile.read().decode("utf-8", "replace"), None))
-
-
-def _publish(tmp: Path, final: Path, exclusive: bool) -> None:
-    """Rename tmp to final; with `exclusive`, fail with FileExistsError instead of replacing."""
-    if not exclusive:
-        os.replace(tmp, final)
-        return
-    try:
-        os.link(tmp, final)  # atomic create-if-absent: two backups in one second never clash
-    except FileExistsError:
-        raise
-    except OSError:
-        if final.exists():
-            raise FileExistsError(str(final)) from None
-        os.replace(tmp, final)
-        return
-    tmp.unlink()
-
-
-# Over 60 lines: the dump, its read-back, hashing and syncing run at once, and one try/finally
-# must remove every partial file on any failure; split, the cleanup would be spread out.
-def create_backup(ws: Workspace, output: Path | None = None,
-                  session: Session | None = None) -> Backup:
-    """Back up the env's database into its backup folder (or `output`). The dump is written
-    under a temporary name, read back and hashed, then published with its sidecar; on any
-    failure nothing is left behind and BackupError says why."""
-
-    started = time.monotonic()
-    compression = ws.config.backups_compression
-    folder = output.parent if output else backup_folder(ws.config, ws.env.name, ws.client.environ)
-    if output is not None and (output.exists() or sidecar_path(output).exists()):
-        raise Refused(f"{output} already exists; a backup never overwrites a file",
-                      hint="choose another -o FILE, or leave -o out to use the backup folder")
-    _prepare_folder(folder)
-    stamp = _stamp()
-    tmp = folder / f".{stamp}.{os.getpid()}.dump.tmp"
-    side_tmp = folder / f".{stamp}.{os.getpid()}.json.tmp"
-    published: Path | None = None
-    try:
-        with scratch_file() as errfile:
-            proc = start_dump(ws, ws.env.database, tmp, compression, errfile)
-            try:
-                server_version, migration_version = _backup_facts(ws, session)  # meanwhile
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
-            _wait_tool(ws, proc, errfile, f"pg_dump of {ws.env.database}", progress=tmp)
-        synced = Background(lambda: fsync_file(tmp))  # the disk works while we hash and list
-        digests: list[str] = []
-        try:
-            _check_listing(ws, tmp, meanwhile=lambda: digests.append(sha256_file(tmp)))
-        finally:
-            synced.wait()
-        synced.result()
-        digest, size = digests[0], tmp.stat().st_size
-        for seq in range(1000):
-            final = output or folder / backup_filename(ws.config.project, ws.env.name, stamp, seq)
-            backup = Backup(path=final, sha256=digest, size=size, created_at=utc_now(),
-                            server_version=server_version, migration_version=migration_version,
-                            tool_version=__version__, env=ws.env.name, database=ws.env.database,
-                            compression=compression, seconds=time.monotonic() - started)
-            side_tmp.write_text(json.dumps(backup.sidecar(), indent=2) + "\n", encoding="utf-8")
-            try:
-                _publish(tmp, final, exclusive=True)
-            except FileExistsError:
-                if output is not None:
-                    raise Refused(f"{output} already exists; a backup never overwrites a "
-                                  "file") from None
-                continue
-            published = final
-            os.replace(side_tmp, sidecar_path(final))  # the sidecar last: now it is a backup
-            published = None
-            _fsync_dir(folder)
-            return backup
-        raise BackupError(f"cannot find a free backup name in {folder}")
-    except OSError as exc:
-        raise BackupError(f"cannot write the backup in {folder}: {exc.strerror}",
-                          hint="check the free space and permissions of the backup folder"
-                          ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
-        if published is not None:
-            published.unlink(missing_ok=True)
-
-
-def prune_backups(folder: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` backups (sidecar first, so a crash leaves at most an
-    unlisted dump), and leftovers: temporary files of dead runs, dumps without a sidecar."""
-    removed: list[Path] = []
-    for backup in list_backups(folder)[keep:]:
-        sidecar_path(backup.path).unlink(missing_ok=True)
-        backup.path.unlink(missing_ok=True)
-        removed.append(backup.path)
-    if not folder.is_dir():
-        return removed
-    now = time.time()
-    for path in folder.iterdir():
-        stale = now - path.stat().st_mtime > 3600 if path.exists() else False
-        parts = path.name.split(".")  # .<stamp>.<pid>.dump.tmp
-        leftover = (path.name.startswith(".") and path.name.endswith(".tmp")
-                    and not pid_alive(parts[2] if len(parts) >= 4 else ""))
-        orphan = path.suffix == BACKUP_SUFFIX and read_backup(path) is None and stale
-        if leftover or orphan:
-            path.unlink(missing_ok=True)
-            sidecar_path(path).unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 # ── the env's database: existence, emptiness, properties, scratch and replaced copies ──────
@@ -6083,11 +6224,11 @@ _SIDE_TOKEN = 8  # hex digits of randomness after the stamp
 
 def _side_head(database: str, kind: str) -> str:
     """The database part of a side name, shortened so that the whole name fits 63 bytes."""
-    room = MAX_IDENT_BYTES - len(f"_{kind}_{_stamp(0).lower()}_") - _SIDE_TOKEN
+    room = MAX_IDENT_BYTES - len(f"_{kind}_{utc_stamp(0).lower()}_") - _SIDE_TOKEN
     return database.encode()[:room].decode("utf-8", "ignore")
 
 
-def _side_name(database: str, kind: str, stamp: str) -> str:
+def side_name(database: str, kind: str, stamp: str) -> str:
     """<db>_<kind>_<stamp>_<random>: the stamp is for humans (one-second steps, so two runs in
     one second would collide without the random part); the pattern makes a scratch database
     recognisable from the moment it exists, before its comment is written (_side_pattern)."""
@@ -6097,7 +6238,7 @@ def _side_name(database: str, kind: str, stamp: str) -> str:
 
 
 def _side_pattern(database: str, kinds: Sequence[str]) -> re.Pattern[str]:
-    """The names _side_name gives to `database`'s side databases of these kinds (fullmatch)."""
+    """The names side_name gives to `database`'s side databases of these kinds (fullmatch)."""
     tail = r"_\d{8}t\d{6}z_[0-9a-f]{" + str(_SIDE_TOKEN) + "}"
     return re.compile("|".join(f"{re.escape(_side_head(database, kind))}_{kind}{tail}"
                                for kind in kinds))
@@ -6127,7 +6268,7 @@ def replaced_databases(session: Session, database: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda m: str(m.get("at", "")), reverse=True)
 
 
-def _drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
+def drop_scratch_leftovers(ws: Workspace, session: Session, database: str) -> list[str]:
     """Drop half-restored scratch databases of `database` left by killed runs: marked ones,
     and ones killed before their mark was written, known by their name alone. Call with the
     database lock held, so no live restore or deploy of it can own one."""
@@ -6196,32 +6337,6 @@ def can_create_databases(session: Session) -> bool:
         "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"))
 
 
-def database_is_empty(session: Session, keep: Sequence[str] = ()) -> bool:
-    """True when the connected database holds no user objects (schemas besides public,
-    relations, routines, types, extensions besides plpgsql). `keep` names tables of ours
-    that do not count."""
-    ignore = ", ".join(quote_literal(n) for n in keep) or "''"
-    user_ns = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
-               "AND n.nspname NOT LIKE 'pg\\_temp\\_%' "
-               "AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'")
-    count = session.value(
-        f"SELECT (SELECT count(*) FROM pg_namespace n WHERE {user_ns} "
-        "AND n.nspname <> 'public')"
-        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"   WHERE {user_ns} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
-        f"   AND c.relname NOT IN ({ignore}))"
-        " + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"   WHERE {user_ns} AND c.relkind = 'S' AND NOT EXISTS (SELECT 1 FROM pg_depend d "
-        "    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid "
-        "    AND d.deptype IN ('a', 'i')))"
-        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        f"   WHERE {user_ns})"
-        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-        f"   WHERE {user_ns} AND t.typrelid = 0 AND t.typelem = 0)"
-        " + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')")
-    return int(count) == 0
-
-
 # ── restore ─────────────────────────────────────────────────────────────────────────────────
 
 @record(frozen=True)
@@ -6256,7 +6371,7 @@ def check_backup(ws: Workspace, path: Path, digest: bool = True,
     """Refuse a backup that is not intact, before any database is touched: its sidecar must
     be complete and match size and (with `digest`) sha256, and pg_restore must read it.
     Returns the sidecar (None for a bare pg_dump file, which is accepted with a warning)."""
-    meta = _read_sidecar(path)
+    meta = read_sidecar(path)
     if sidecar_path(path).exists():
         if meta is None or meta.get("complete") is not True:
             raise BackupError(f"{path}: its sidecar {sidecar_path(path).name} is unreadable "
@@ -6270,7 +6385,7 @@ def check_backup(ws: Workspace, path: Path, digest: bool = True,
     else:
         ws.console.warn(f"{path} has no sidecar: its integrity cannot be verified")
     if listing:
-        _check_listing(ws, path)
+        check_listing(ws, path)
     if meta and meta.get("env") not in (None, ws.env.name):
         ws.console.warn(f"{path.name} is a backup of env {meta.get('env')!r}, restoring into "
                         f"env {ws.env.name!r}")
@@ -6284,7 +6399,7 @@ def _check_digest(path: Path, expected: str) -> None:
                           f"{expected[:16]}… recorded in its sidecar; refusing to restore it")
 
 
-def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
+def restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: str | None,
                           props: Mapping[str, Any] | None, stamp: str) -> str:
     """Create a scratch database like the target and pg_restore the backup into it; the
     sha256 and the archive's table of contents are checked meanwhile (the target is not
@@ -6293,7 +6408,7 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     database's name."""
 
     target = ws.env.database
-    scratch = _side_name(target, "restore", stamp)
+    scratch = side_name(target, "restore", stamp)
     mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": target,
             "env": ws.env.name, "backup": str(path), "at": utc_now()}
     admin.execute(f"CREATE DATABASE {quote_ident(scratch)}{_create_options(props)}")
@@ -6308,12 +6423,12 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
                 if expected is not None:  # the very bytes that passed pg_restore --list
                     _check_digest(path, expected)   # when the backup was taken
                 else:
-                    _check_listing(ws, path)
+                    check_listing(ws, path)
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
-            _wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
+            wait_tool(ws, proc, errfile, f"pg_restore of {path.name}")
         _copy_settings(admin, scratch, props)
     except BaseException:
         drop_database(admin, scratch, force=True)
@@ -6321,13 +6436,13 @@ def _restore_into_scratch(ws: Workspace, admin: Session, path: Path, expected: s
     return scratch
 
 
-def _swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, Any] | None,
+def swap_in(ws: Workspace, admin: Session, scratch: str, props: Mapping[str, Any] | None,
              force: bool, backup: Path, stamp: str) -> str | None:
     """Rename target → <db>_replaced_<stamp> and scratch → target in one statement (names
     and comments change together or not at all). Other sessions on the target are refused,
     or terminated with `force`. Returns the replaced database's name (None if none)."""
     target = ws.env.database
-    replaced = _side_name(target, "replaced", stamp) if props is not None else None
+    replaced = side_name(target, "replaced", stamp) if props is not None else None
     comment = props["comment"] if props is not None else None
     statements = []
     if replaced is not None:
@@ -6383,13 +6498,13 @@ def _restore_in_place(ws: Workspace, path: Path) -> None:
                 psql.stdin.close()
             except BrokenPipeError:
                 pass
-        _wait_tool(ws, psql, psql_err, f"in-place restore of {path.name}")
-        _wait_tool(ws, source, restore_err, f"pg_restore of {path.name}")
+        wait_tool(ws, psql, psql_err, f"in-place restore of {path.name}")
+        wait_tool(ws, source, restore_err, f"pg_restore of {path.name}")
 
 
 class DatabaseLocks:
     """The locks a restore or deploy holds: `database:<db>` in the maintenance database (the
-    same lock clone/reset take; held across the swap) and MIGRATE_LOCK inside the target, the
+    same lock clone/reset take; held across the swap) and MIGRATION_LOCK inside the target, the
     lock `migrate` runs take. The second needs a session on the target, so it is released for
     the instant of a swap, while the first keeps other deploys and restores out."""
 
@@ -6411,7 +6526,7 @@ class DatabaseLocks:
     def lock_target(self) -> Session:
         session = self.ws.client.session(self.ws.env.database)
         try:
-            acquire_lock(session, MIGRATE_LOCK, self.ws.config.migrations_lock_timeout,
+            acquire_lock(session, MIGRATION_LOCK, self.ws.config.migrations_lock_timeout,
                          f"the migration lock of {self.ws.env.database}", self.ws.console.info)
         except BaseException:
             session.close()
@@ -6443,7 +6558,7 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
         locks = DatabaseLocks(ws, admin)
         locks.lock_database()
         try:
-            _drop_scratch_leftovers(ws, admin, ws.env.database)
+            drop_scratch_leftovers(ws, admin, ws.env.database)
             exists = database_exists(admin, ws.env.database)
             if exists:
                 locks.lock_target()
@@ -6460,21 +6575,21 @@ def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreRes
                                 "one transaction instead of into a new database")
                 if meta is not None:
                     _check_digest(path, str(meta.get("sha256")))
-                _check_listing(ws, path)
+                check_listing(ws, path)
                 # nothing keeps the overwritten state in this mode: back it up first
                 safety = create_backup(ws, session=locks.target)
                 ws.console.info(f"backed up the current state first: {safety.path}")
                 _restore_in_place(ws, path)
                 return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
                                      time.monotonic() - started, safety.path)
-            stamp = _stamp()
+            stamp = utc_stamp()
             props = database_properties(admin, ws.env.database)
             ws.console.info(f"restoring {path.name} into a new database …")
-            scratch = _restore_into_scratch(
+            scratch = restore_into_scratch(
                 ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
             try:
                 locks.unlock_target()
-                replaced = _swap_in(ws, admin, scratch, props, force, path, stamp)
+                replaced = swap_in(ws, admin, scratch, props, force, path, stamp)
             except BaseException:
                 drop_database(admin, scratch, force=True)
                 raise
@@ -6495,7 +6610,7 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
         elif not locks.try_lock_database():
             return dropped  # a restore or deploy is running: its scratch database is no leftover
         try:
-            dropped += _drop_scratch_leftovers(ws, admin, ws.env.database)
+            dropped += drop_scratch_leftovers(ws, admin, ws.env.database)
             doomed = replaced_databases(admin, ws.env.database)[keep:] if keep is not None else []
             for meta in doomed:
                 drop_database(admin, meta["datname"], force=False)
@@ -6504,706 +6619,6 @@ def drop_replaced(ws: Workspace, keep: int | None = None) -> list[str]:
             locks.close()
     return dropped
 
-
-# ── what deploy needs from §8 migrations (thin adapters: the one place that follows §8's API) ──
-
-MIGRATE_LOCK = MIGRATION_LOCK  # deploy and restore hold the lock `migrate` runs take
-
-
-@record(frozen=True)
-class MigrationState:
-    applied: tuple[int, ...]                       # versions recorded, ascending
-    pending: tuple[tuple[int, str, bool], ...]     # (version, label, transactional)
-    problems: tuple[str, ...]                      # changed / missing applied migrations
-    partial: tuple[str, ...]                       # interrupted no-transaction migrations
-
-    @property
-    def version(self) -> str | None:
-        return str(self.applied[-1]) if self.applied else None
-
-
-class MigrationRunFailed(ConfitureError):
-    """A migration failed during a deploy: which one, whether it ran in a transaction, and
-    what this run had applied before it."""
-
-    def __init__(self, name: str, transactional: bool, applied: Sequence[str],
-                 cause: ConfitureError) -> None:
-        super().__init__(cause.message, cause.hint)
-        self.name, self.transactional, self.applied = name, transactional, tuple(applied)
-        self.interrupted = isinstance(cause, Interrupted)
-
-
-def discover_deploy_migrations(ws: Workspace) -> list[tuple[int, str, bool]]:
-    return [(m.version, m.label, m.transactional) for m in discover_migrations(ws.config)]
-
-
-def migration_state(ws: Workspace, session: Session) -> MigrationState:
-    status = migration_status(ws, session)
-    problems = [f"{migration_rel(ws.config, m.up)} changed since it was applied"
-                for m, _ in status.changed]
-    problems += [f"{r.version}_{r.name} was applied but its file is gone" for r in status.missing]
-    return MigrationState(
-        applied=tuple(r.version for r in status.applied),
-        pending=tuple((m.version, m.label, m.transactional) for m in status.pending),
-        problems=tuple(problems), partial=tuple(f"{p.version}_{p.name}" for p in status.partial))
-
-
-def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
-    """migrate up on a session of its own, without taking the lock: the caller holds it on
-    `session`, which must survive a failure (§8 ends the session a migration failed on)."""
-    pending = migration_state(ws, session).pending
-    try:
-        run = migrate_up(ws, lock=False)
-    except MigrationError as exc:
-        done = set(exc.done)
-        applied = [label for version, label, _ in pending if version in done]
-        failing = next(((label, tx) for version, label, tx in pending if version not in done),
-                       ("unknown", False))
-        raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
-    except MigrationInterrupted as exc:
-        done = set(exc.done)
-        applied = [label for version, label, _ in pending if version in done]
-        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
-    return [m.label for m, _ in run.done]
-
-
-def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
-    """Record every migration as applied; a template built with them recorded (how='build')
-    brought its rows along, so usually nothing is left to baseline. Returns all labels."""
-    migrations = discover_migrations(ws.config)
-    if migrations:
-        baseline_migrations(ws, migrations[-1].version, lock=False)
-    return [m.label for m in migrations]
-
-
-def _sidecar_migration_version(ws: Workspace, session: Session) -> str | None:
-    """The newest applied migration version (None without a tracking table). A backup must
-    not fail over the migration files, so their problems only cost the version."""
-    try:
-        current = migration_status(ws, session).current
-    except (InputError, ConfigError) as exc:
-        ws.console.warn(f"migration version not recorded in the backup: {exc.message}")
-        return None
-    return None if current is None else str(current)
-
-
-# ── deploy ─────────────────────────────────────────────────────────────────────────────────
-
-@record(frozen=True)
-class DeployPlan:
-    """What a deploy will do, decided before anything changes (printed by --dry-run)."""
-
-    env: str
-    database: str
-    server: str
-    protected: bool
-    exists: bool
-    first_deploy: bool
-    backup: bool
-    backup_folder: str
-    from_version: str | None
-    to_version: str | None
-    pending: tuple[str, ...]
-    verify: tuple[str, ...]
-    problems: tuple[str, ...]
-    drift_check: bool = False
-
-    @property
-    def nothing_to_do(self) -> bool:
-        return self.exists and not self.first_deploy and not self.pending
-
-
-@record()
-class DeployResult:
-    plan: DeployPlan
-    outcome: str                     # "ok", "dry-run"
-    applied: list[str]
-    backup: Backup | None
-    seconds: float
-
-
-def own_tables(config: Config) -> frozenset[tuple[str | None, str]]:
-    """Every table confiture keeps in a project database, as (schema, name): §8's tracking
-    table and its log, §9's deploys table. They are never copied by sync, listed as rules or
-    treated as user data. Schema None: the name is unqualified in the config, so the table is
-    wherever search_path put it, and the name is ours in every schema."""
-    schema, table = parse_table_name(config.migrations_table)
-    deploy_schema, deploy_table = parse_table_name(config.deploys_table)
-    return frozenset({(schema, table), (schema, table + "_log"), (deploy_schema, deploy_table)})
-
-
-def is_own_table(own: frozenset[tuple[str | None, str]], schema: str, name: str) -> bool:
-    return (schema, name) in own or (None, name) in own
-
-
-def verify_files(config: Config) -> list[Path]:
-    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
-    deploy plan lists them, so a refused one stops a deploy before anything runs."""
-    folder = config.deploy_verify
-    if not folder.is_dir():
-        return []
-    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
-                   key=lambda p: natural_key(p.name))
-    guard = sql_guard(config)
-    for path in found:
-        rel = migration_rel_path(config.root, path)
-        guard_sql(split_sql(read_sql_file(path, rel).decode("utf-8")), path, rel, guard)
-    return found
-
-
-def plan_deploy(ws: Workspace, state: MigrationState | None, exists: bool, empty: bool,
-                no_backup: bool) -> DeployPlan:
-    """Pure: the deploy's steps from the target's state (None when it does not exist yet)."""
-    first = not exists or empty
-    migrations = discover_deploy_migrations(ws)
-    to_version = str(migrations[-1][0]) if migrations else None
-    problems: tuple[str, ...] = ()
-    if first:
-        pending: tuple[str, ...] = tuple(name for _, name, _ in migrations)
-        from_version = None
-    else:
-        assert state is not None
-        pending = tuple(name for _, name, _ in state.pending)
-        from_version = str(state.applied[-1]) if state.applied else None
-        problems = state.problems
-    try:
-        rel = ws.config.deploy_verify.relative_to(ws.config.root).as_posix()
-    except ValueError:
-        rel = str(ws.config.deploy_verify)
-    return DeployPlan(
-        env=ws.env.name, database=ws.env.database, server=ws.env.conn.display(ws.client.environ),
-        protected=ws.env.protected, exists=exists, first_deploy=first,
-        backup=exists and not no_backup,
-        backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
-        from_version=from_version, to_version=to_version, pending=pending,
-        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems,
-        drift_check=ws.config.deploy_drift_check)
-
-
-def describe_plan(plan: DeployPlan) -> list[str]:
-    lines = [f"deploy env {plan.env} → {plan.database} on {plan.server}"
-             + (" [protected]" if plan.protected else "")]
-    if not plan.exists:
-        lines.append("  create the database (it does not exist)")
-    lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
-                 "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
-    if plan.first_deploy:
-        lines.append("  first deploy: build the env's template without seeds, dump it, restore "
-                     f"it, baseline {len(plan.pending)} migration(s) up to "
-                     f"{plan.to_version or '-'}")
-    elif plan.pending:
-        lines.append(f"  apply {len(plan.pending)} migration(s), "
-                     f"{plan.from_version or 'none'} → {plan.to_version}:")
-        lines.extend(f"    {name}" for name in plan.pending)
-    else:
-        lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
-    for problem in plan.problems:
-        lines.append(f"  blocked: {problem}")
-    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify)
-                 + (", no drift from the DDL" if plan.drift_check else ""))
-    lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
-    return lines
-
-
-def run_verify_checks(ws: Workspace, dbname: str) -> None:
-    """Run each verify file read-only: every statement must return no rows or `true`."""
-    for path in verify_files(ws.config):
-        try:
-            rel = path.relative_to(ws.config.root).as_posix()
-        except ValueError:
-            rel = str(path)
-        script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
-        argv = psql_script_argv(ws.client.tools, ws.env.conn, tuples_only=True)
-        proc = ws.client.run(argv, dbname, input=script.encode())
-        if proc.returncode != 0:
-            raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
-                                    LineMap(((2, rel, 1),)), ws.client.password)
-        rows = [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
-        if any(line != "t" for line in rows):
-            shown = "; ".join(rows[:3]) + (" …" if len(rows) > 3 else "")
-            raise CheckFailed(f"verify check {rel} failed: it returned {shown}",
-                              hint="a check passes when it returns no rows or a single true")
-
-
-@record()
-class DeployRun:
-    """One deploy under way: what its rollback and its row in the deploys table need."""
-
-    ws: Workspace
-    admin: Session
-    locks: DatabaseLocks
-    plan: DeployPlan
-    backup: Backup | None
-    created: bool          # the deploy created the database (a first deploy into nothing)
-    started: float         # time.monotonic() at the start
-    started_at: str        # UTC, for the deploys table
-
-
-def record_deploy(session: Session, run: DeployRun, outcome: str, to_version: str | None,
-                  applied: Sequence[str], failed: str | None = None,
-                  message: str | None = None) -> None:
-    """Append a row to the deploys table (created on first use)."""
-    ws, plan, backup = run.ws, run.plan, run.backup
-    started_at, seconds = run.started_at, time.monotonic() - run.started
-    import getpass
-    import socket
-
-    try:
-        who = f"{getpass.getuser()}@{socket.gethostname()}"
-    except (OSError, KeyError):
-        who = f"uid {os.getuid()}@{socket.gethostname()}"
-    table = qualified_name(ws.config.deploys_table)
-
-    def lit(value: str | None) -> str:
-        return "NULL" if value is None else quote_literal(value)
-
-    session.execute(
-        f"CREATE TABLE IF NOT EXISTS {table} (\n"
-        "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
-        "  started_at timestamptz NOT NULL,\n"
-        "  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
-        "  duration_ms bigint NOT NULL,\n"
-        "  env text NOT NULL,\n"
-        "  deployed_by text NOT NULL,\n"
-        "  db_user text NOT NULL DEFAULT current_user,\n"
-        "  from_version text,\n"
-        "  to_version text,\n"
-        "  applied text[] NOT NULL DEFAULT '{}',\n"
-        "  backup_file text,\n"
-        "  backup_sha256 text,\n"
-        "  outcome text NOT NULL CHECK (outcome IN ('ok', 'rolled_back', 'failed')),\n"
-        "  failed_migration text,\n"
-        "  message text,\n"
-        "  tool_version text NOT NULL)")
-    array = "ARRAY[" + ", ".join(quote_literal(a) for a in applied) + "]::text[]"
-    session.execute(
-        f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
-        "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
-        f"tool_version) VALUES ({quote_literal(started_at)}, {int(seconds * 1000)}, "
-        f"{quote_literal(ws.env.name)}, {quote_literal(who)}, {lit(plan.from_version)}, "
-        f"{lit(to_version)}, {array}, {lit(str(backup.path) if backup else None)}, "
-        f"{lit(backup.sha256 if backup else None)}, {quote_literal(outcome)}, {lit(failed)}, "
-        f"{lit(mask_password_in(message) if message else None)}, {quote_literal(__version__)})")
-
-
-def _first_deploy(ws: Workspace, admin: Session) -> None:
-    """Empty target: build the env's template without seeds, clone it to a scratch database
-    (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
-    the target, so it either gets the whole schema or stays empty."""
-
-    result, probe = ensure_template(ws, seeds=False, session=admin)
-    scratch = _side_name(ws.env.database, "build", _stamp())
-    strategy = clone_strategy(ws.config, probe)
-    admin.execute(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE {quote_ident(result.name)}"
-                  + (f" STRATEGY {strategy}" if strategy else ""))
-    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": ws.env.database,
-            "env": ws.env.name, "at": utc_now()}
-    try:
-        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
-                      f"{quote_literal(json.dumps(mark))}")
-        with scratch_file() as dump_err, scratch_file() as restore_err:
-            dump = ws.client.spawn(
-                pg_dump_argv(ws.client.tools, ws.env.conn, scratch, "-Fc", "-Z0"),
-                scratch, stdout=subprocess.PIPE, stderr=dump_err)
-            try:
-                restore = ws.client.spawn(
-                    pg_restore_argv(ws.client.tools, ws.env.conn, ws.env.database,
-                                    "--single-transaction", "--exit-on-error"),
-                    ws.env.database, stdin=dump.stdout, stderr=restore_err)
-            finally:
-                assert dump.stdout is not None
-                dump.stdout.close()
-            try:
-                _wait_tool(ws, restore, restore_err, f"pg_restore into {ws.env.database}")
-            finally:
-                if restore.returncode != 0:
-                    dump.kill()
-                _wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
-    finally:
-        drop_database(admin, scratch, force=True)
-
-
-def inspect_deploy(ws: Workspace, no_backup: bool = False,
-                   session: Session | None = None) -> DeployPlan:
-    """The plan for the env as it is now, read-only (what --dry-run prints)."""
-    if session is None:
-        with admin_session(ws) as admin:
-            if not database_exists(admin, ws.env.database):
-                return plan_deploy(ws, None, False, True, no_backup)
-        with ws.client.session(ws.env.database) as own:
-            return inspect_deploy(ws, no_backup, own)
-    empty = database_is_empty(session, [ws.config.deploys_table.split(".")[-1]])
-    state = None if empty else migration_state(ws, session)
-    return plan_deploy(ws, state, True, empty, no_backup)
-
-
-DriftCheck = Callable[[Workspace], "str | None"]  # differences from the DDL, None when none
-
-
-def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False,
-           drift: DriftCheck | None = None) -> DeployResult:
-    """Bring the env's database to the current version, safely: lock → backup → first deploy
-    or pending migrations → verify → record. Any failure after the backup is rolled back
-    (a transactional migration by itself, anything else by restoring the backup) and raised
-    as DeployFailed naming the failing step and the backup. The caller confirms first, and
-    passes `drift` (§13, wired by §16) when [deploy] drift_check asks for it."""
-    if no_backup and ws.env.protected:
-        raise Refused(f"--no-backup is refused on protected environment {ws.env.name!r}",
-                      hint="a backup is always taken before anything writes to it")
-    started, started_at = time.monotonic(), utc_now()
-    if dry_run:
-        return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
-                            time.monotonic() - started)
-    with admin_session(ws) as admin:
-        locks = DatabaseLocks(ws, admin)
-        locks.lock_database()
-        try:
-            _drop_scratch_leftovers(ws, admin, ws.env.database)
-            created = not database_exists(admin, ws.env.database)
-            if created:
-                ws.console.info(f"creating database {ws.env.database}")
-                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
-            try:
-                session = locks.lock_target()
-                plan = inspect_deploy(ws, no_backup, session)
-                if created:
-                    plan = evolve(plan, exists=False, backup=False)
-                if plan.problems:
-                    raise CheckFailed("deploy refused before changing anything: "
-                                  + "; ".join(plan.problems),
-                                  hint="restore the files, or run 'confiture.py migrate repair'")
-                backup = None
-                if plan.backup and not plan.nothing_to_do:
-                    ws.console.info(f"backing up {ws.env.database} …")
-                    try:
-                        backup = create_backup(ws, session=session)
-                    except BackupError as exc:
-                        raise BackupError("deploy stopped before changing anything: the backup "
-                                          f"failed: {exc.message}", exc.hint) from exc
-                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
-            except BaseException:
-                if created:
-                    locks.unlock_target()
-                    drop_database(admin, ws.env.database, force=True)
-                raise
-            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
-                                                started, started_at), drift)
-        finally:
-            locks.close()
-    return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
-
-
-def _execute_deploy(run: DeployRun, drift: DriftCheck | None) -> list[str]:
-    ws, admin, locks, plan = run.ws, run.admin, run.locks, run.plan
-    assert locks.target is not None
-    session = locks.target
-    before = () if plan.first_deploy else migration_state(ws, session).applied
-    applied: list[str] = []
-    changed = False
-    failed: MigrationRunFailed | None = None
-    try:
-        if plan.first_deploy:
-            ws.console.info("first deploy: restoring the env's schema into the empty database …")
-            _first_deploy(ws, admin)
-            changed = True
-            applied = baseline_all_migrations(ws, session)
-        elif plan.pending:
-            applied = apply_pending_migrations(ws, session)
-        state = migration_state(ws, session)
-        if state.pending or state.problems or state.partial:
-            raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
-                [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
-                 *(f"{n} partly applied" for n in state.partial)]))
-        run_verify_checks(ws, ws.env.database)
-        problem = drift(ws) if drift is not None else None
-        if problem:
-            raise CheckFailed(f"drift check: {problem}")
-    except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
-        if isinstance(exc, MigrationRunFailed):
-            failed = exc
-            applied = list(exc.applied)
-        _roll_back(run, before, changed, failed, exc)
-    try:
-        to_version = migration_state(ws, session).version
-        record_deploy(session, run, "ok", to_version, applied)
-    except ConfitureError as exc:  # the deploy itself succeeded and stays
-        ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
-                        f"{exc.message}")
-    return applied
-
-
-def _roll_back(run: DeployRun, before: tuple[int, ...], changed: bool,
-               failed: MigrationRunFailed | None, exc: BaseException) -> NoReturn:
-    """Put the database back as it was before the deploy, check it, record it, and raise."""
-    ws, admin, locks, plan, backup = run.ws, run.admin, run.locks, run.plan, run.backup
-    cause = exc.message if isinstance(exc, ConfitureError) else (
-        "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
-    step = f"migration {failed.name}" if failed else (
-        "the first deploy" if plan.first_deploy else "verification")
-    what = f"deploy of env {ws.env.name!r} failed at {step}: {cause}"
-    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
-        failed and failed.interrupted)
-    error_type: type[ConfitureError] = Interrupted if interrupted else DeployFailed
-    try:
-        now = migration_state(ws, locks.target).applied if locks.target else None
-    except ConfitureError:
-        now = None
-    partial = failed is not None and not failed.transactional
-    if not (run.created or changed or partial or now != before):
-        how = ("the failing migration rolled back by itself" if failed else
-               "nothing had changed") + "; the database is as it was"
-        _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
-        raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
-    outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
-    try:
-        if run.created:
-            locks.unlock_target()
-            drop_database(admin, ws.env.database, force=True)
-            outcome = error_type(f"{what}; the database it had created was dropped again")
-            raise outcome
-        if backup is None:
-            _record_quietly(run, "failed", failed, f"{what}; no backup (--no-backup)")
-            outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
-                                 f"database is left at version {_version_text(now)}")
-            raise outcome
-        ws.console.warn(f"{what}")
-        ws.console.warn(f"rolling back: restoring {backup.path} …")
-        stamp = _stamp()
-        props = database_properties(admin, ws.env.database)
-        scratch = _restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
-        try:
-            locks.unlock_target()
-            replaced = _swap_in(ws, admin, scratch, props, True, backup.path, stamp)
-        except BaseException:
-            drop_database(admin, scratch, force=True)
-            raise
-        session = locks.lock_target()
-        after = migration_state(ws, session).applied
-        if after != before:
-            outcome = DeployFailed(f"{what}; the restored database is at version "
-                                   f"{_version_text(after)}, expected {_version_text(before)}")
-            raise outcome
-    except ConfitureError as rollback_error:
-        if rollback_error is outcome:
-            raise
-        raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
-                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
-                                 f"restore {backup.path}" if backup else None)) from exc
-    how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
-           f"{replaced}")
-    _record_quietly(run, "rolled_back", failed, f"{what}; {how}")
-    raise error_type(f"{what}; {how}")
-
-
-def _version_text(applied: Sequence[int] | None) -> str:
-    return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
-
-
-def _record_quietly(run: DeployRun, outcome: str, failed: MigrationRunFailed | None,
-                    message: str) -> None:
-    """Record a failed deploy; a failure to record must not hide the deploy's own error."""
-    try:
-        session = run.locks.target or run.locks.lock_target()
-        record_deploy(session, run, outcome, run.plan.from_version, [],
-                      failed.name if failed else None, message)
-    except ConfitureError as exc:
-        run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
-                        f"{exc.message}")
-
-
-# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
-
-# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
-LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
-              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
-              "ExclusiveLock", "AccessExclusiveLock")
-REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
-
-
-def lock_label(mode: str) -> str:
-    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
-
-
-@record()
-class RehearsedStatement:
-    migration: str
-    file: str
-    line: int
-    text: str                   # its first line
-    seconds: float = 0.0
-    lock: str | None = None     # strongest pg_locks mode taken on a relation
-    relation: str | None = None
-    held: float = 0.0           # seconds from the statement's start until that lock went
-    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
-
-    def take(self, mode: str, relation: str) -> None:
-        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
-            self.lock, self.relation = mode, relation
-
-    def as_json(self) -> dict[str, Any]:
-        return {"migration": self.migration, "file": self.file, "line": self.line,
-                "statement": self.text, "ms": round(self.seconds * 1000, 1),
-                "lock": lock_label(self.lock) if self.lock else None,
-                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
-                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
-
-
-@record(frozen=True)
-class Rehearsal:
-    env: str
-    source: str                 # the backup file, or "clone of <db>"
-    server: str                 # where the scratch database lived
-    statements: tuple[RehearsedStatement, ...]
-    seconds: float
-    failed: str | None = None   # the error that stopped the rehearsal
-
-    def as_json(self) -> dict[str, Any]:
-        return {"env": self.env, "source": self.source, "server": self.server,
-                "seconds": round(self.seconds, 3), "failed": self.failed,
-                "statements": [s.as_json() for s in self.statements]}
-
-
-class LockSampler(SessionSampler):
-    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session, credited
-    to the statement running at the time (`current`); the samples add to what each statement's
-    own check saw."""
-
-    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
-        super().__init__(lambda: ws.client.session(database), REHEARSAL_SAMPLE, "lock-sampler")
-        self.pid, self._sql = pid, own_locks_sql(pid)
-        self.current: RehearsedStatement | None = None
-        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
-
-    def sample(self, session: Session) -> None:
-        statement, held = self.current, self.held
-        for row in session.query(self._sql):
-            if statement is not None and (row["mode"], row["relation"]) not in held:
-                statement.take(row["mode"], row["relation"])
-
-
-def own_locks_sql(pid: int | None = None) -> str:
-    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
-    what blocks the application)."""
-    who = "pg_backend_pid()" if pid is None else str(int(pid))
-    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
-            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
-            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
-
-
-_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
-                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
-                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
-                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                 "AND n.nspname NOT LIKE 'pg\\_%'")
-
-
-def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
-    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
-
-
-def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
-                       stmt: Statement, in_transaction: bool) -> float:
-    """Run one statement, timed; note its locks and the tables it rewrote (a new
-    relfilenode). Returns when it started."""
-    before = _relfiles(session)
-    sampler.current = item
-    started = time.monotonic()
-    try:
-        session.execute(stmt.text)
-    finally:
-        item.seconds = time.monotonic() - started
-        sampler.current = None
-    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
-        for row in session.query(own_locks_sql()):
-            if (row["mode"], row["relation"]) not in sampler.held:
-                item.take(row["mode"], row["relation"])
-                sampler.held |= {(row["mode"], row["relation"])}
-    after = _relfiles(session)
-    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
-                      if name in after and after[name][0] != file]
-    item.held = item.seconds
-    return started
-
-
-def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
-                       migration: Migration) -> list[RehearsedStatement]:
-    statements, transactional = migration_statements(migration, "up", ws.config.root)
-    rel = migration_rel(ws.config, migration.up)
-    done: list[RehearsedStatement] = []
-    starts: list[float] = []
-    sampler.held = frozenset()
-    if transactional:
-        session.execute("BEGIN")
-    for stmt in statements:
-        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
-                                  strip_comments(stmt.text).strip().split("\n")[0][:120])
-        done.append(item)
-        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
-    if transactional:
-        session.execute("COMMIT")
-        committed = time.monotonic()
-        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
-            if item.lock:
-                item.held = committed - start
-    sampler.held = frozenset()
-    return done
-
-
-def rehearsal_source(ws: Workspace) -> Path | None:
-    """A protected env rehearses on its newest verified backup (never dumping production
-    for it); an unprotected one on a fresh copy (None: dump it now)."""
-    if not ws.env.protected:
-        return None
-    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
-    if backup is None:
-        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
-                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
-    check_backup(ws, backup.path)
-    return backup.path
-
-
-def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
-    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
-    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
-    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
-    Timings on another machine are indicative."""
-    import tempfile
-
-    started = time.monotonic()
-    pending = plan_up(migration_status(ws), to)
-    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
-    source = rehearsal_source(ws)
-    scratch_ws = scratch_workspace(ws)
-    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
-        if source is None:
-            source = create_backup(ws, output=Path(folder) / "copy.dump").path
-        with admin_session(scratch_ws) as admin:
-            scratch = _restore_into_scratch(scratch_ws, admin, source, None, None,
-                                            _stamp() + "r" + os.urandom(2).hex())
-            try:
-                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
-            finally:
-                drop_database(admin, scratch, force=True)
-    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
-                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
-                     tuple(statements), time.monotonic() - started, failed)
-
-
-def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
-                 ) -> tuple[list[RehearsedStatement], str | None]:
-    done: list[RehearsedStatement] = []
-    with ws.client.session(scratch) as session:
-        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
-        pid = int(session.value("SELECT pg_backend_pid()"))
-        with LockSampler(ws, scratch, pid) as sampler:
-            for migration in pending:
-                ws.console.info(f"rehearsing {migration.label} …")
-                try:
-                    done.extend(rehearse_migration(ws, session, sampler, migration))
-                except SqlError as exc:
-                    return done, f"{migration.label}: {exc.message}"
-    return done, None
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -10603,7 +10018,7 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
 # migrations table comes from [migrations] table; the others live beside it (or in public).
 def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     """(schema, table) of every table confiture keeps in a project database: §8's tracking
-    table and its log, §9's deploy record ([deploy] table)."""
+    table and its log, §16's deploy record ([deploy] table)."""
     qualifier, _ = parse_table_name(config.migrations_table)
     found = set()
     for schema, table in own_tables(config):  # unqualified: the tracking table's schema
@@ -11575,7 +10990,7 @@ def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = 
     with open_migration_session(scratch) as session:
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)
-        return len(migrate_up(scratch, session=session).done)
+        return len(migrate_up(scratch, session=session, backup=False).done)
 
 
 def applied_migration_version(ws: Workspace) -> int | None:
@@ -11609,7 +11024,7 @@ def migrations_summary(ws: Workspace) -> dict[str, Any]:
 
 
 def latest_backup(config: Config, env: Env) -> dict[str, Any] | None:
-    """The env's newest complete backup (§9 decides what counts), as status shows it."""
+    """The env's newest complete backup (§7b decides what counts), as status shows it."""
     backup = newest_backup(config, env.name)
     if backup is None:
         return None
@@ -12197,8 +11612,8 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     (or, for a first deploy, the migrations from an empty database or the configured
     baseline_schema) replayed on a scratch database of the scratch server, compared with the
     DDL's schema. A positive verdict is kept, keyed by consistency_key()."""
-    plan = inspect_deploy(ws)
-    first = deploying and (not plan.exists or plan.first_deploy)
+    target = inspect_target(ws)
+    first = deploying and target.first_deploy
     if first and not scan_migrations(ws.config.migrations_dir, ws.config.root).migrations:
         return Consistency(differences=(), start="a build from the DDL (no migrations)")
     side = FromSide(baseline=ws.config.migrations_baseline) if first else FromSide(base=ws)
@@ -12206,7 +11621,7 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
     cache = ws.config.state_dir / "consistency" / f"{ws.env.name}.{int(first)}.json"
     try:
         if json.loads(cache.read_text(encoding="utf-8")).get("key") == key:
-            return Consistency(differences=(), start=side.describe(len(plan.pending)),
+            return Consistency(differences=(), start=side.describe(len(target.pending)),
                                cached=True)
     except (OSError, ValueError, AttributeError):
         pass
@@ -12277,9 +11692,845 @@ def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §16 Command line
+# §16 The guard and deploy
+# the guard: every precondition of a destructive run in one table, checked cheapest first;
+# a failure names the precondition and its override (git-filter-repo's sanity_check).
+# deploy: lock → backup → migrate or first deploy → verify (migrations clean, the verify
+# checks, [deploy] drift_check through §13's diff) → record, or roll back by restoring the
+# backup (§9). It sits after drift and derived migrations so it calls them directly.
+# rehearsal: the pending migrations on a scratch copy of the env, locks sampled.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+class DeployFailed(ConfitureError):
+    """A deploy failed; the message says what was rolled back and where the backup is (exit 1)."""
+
+
+class MigrationRunFailed(ConfitureError):
+    """A migration failed during a deploy: which one, whether it ran in a transaction, and
+    what this run had applied before it."""
+
+    def __init__(self, name: str, transactional: bool, applied: Sequence[str],
+                 cause: ConfitureError) -> None:
+        super().__init__(cause.message, cause.hint)
+        self.name, self.transactional, self.applied = name, transactional, tuple(applied)
+        self.interrupted = isinstance(cause, Interrupted)
+
+
+def apply_pending_migrations(ws: Workspace, session: Session) -> list[str]:
+    """migrate up on a session of its own, without taking the lock: the caller holds it on
+    `session`, which must survive a failure (§8 ends the session a migration failed on)."""
+    pending = migration_state(ws, session).pending
+    try:
+        run = migrate_up(ws, lock=False, backup=False)  # deploy took its own
+    except MigrationError as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        failing = next(((label, tx) for version, label, tx in pending if version not in done),
+                       ("unknown", False))
+        raise MigrationRunFailed(failing[0], failing[1], applied, exc) from exc
+    except MigrationInterrupted as exc:
+        done = set(exc.done)
+        applied = [label for version, label, _ in pending if version in done]
+        raise MigrationRunFailed(exc.label, exc.transactional, applied, exc) from exc
+    return [m.label for m, _ in run.done]
+
+
+def baseline_all_migrations(ws: Workspace, session: Session) -> list[str]:
+    """Record every migration as applied; a template built with them recorded (how='build')
+    brought its rows along, so usually nothing is left to baseline. Returns all labels."""
+    migrations = discover_migrations(ws.config)
+    if migrations:
+        baseline_migrations(ws, migrations[-1].version, lock=False)
+    return [m.label for m in migrations]
+
+
+# ── the plan ───────────────────────────────────────────────────────────────────────────────
+
+@record(frozen=True)
+class DeployPlan:
+    """What a deploy will do, decided before anything changes (printed by --dry-run)."""
+
+    env: str
+    database: str
+    server: str
+    protected: bool
+    exists: bool
+    first_deploy: bool
+    backup: bool
+    backup_folder: str
+    from_version: str | None
+    to_version: str | None
+    pending: tuple[str, ...]
+    verify: tuple[str, ...]
+    problems: tuple[str, ...]
+    drift_check: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.exists and not self.first_deploy and not self.pending
+
+
+@record()
+class DeployResult:
+    plan: DeployPlan
+    outcome: str                     # "ok", "dry-run"
+    applied: list[str]
+    backup: Backup | None
+    seconds: float
+
+
+def verify_files(config: Config) -> list[Path]:
+    """The verify checks in order, each through the meta-command guard (§4 guard_sql): the
+    deploy plan lists them, so a refused one stops a deploy before anything runs."""
+    folder = config.deploy_verify
+    if not folder.is_dir():
+        return []
+    found = sorted((p for p in folder.glob("*.sql") if not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    guard = sql_guard(config)
+    for path in found:
+        rel = migration_rel_path(config.root, path)
+        guard_sql(split_sql(read_sql_file(path, rel).decode("utf-8")), path, rel, guard)
+    return found
+
+
+def plan_deploy(ws: Workspace, target: TargetState, no_backup: bool) -> DeployPlan:
+    """The deploy's steps from the target's state (§8 inspect_target)."""
+    migrations = discover_migrations(ws.config)
+    to_version = str(migrations[-1].version) if migrations else None
+    state = target.migrations
+    from_version = state.version if state is not None else None
+    problems = state.problems if state is not None else ()
+    try:
+        rel = ws.config.deploy_verify.relative_to(ws.config.root).as_posix()
+    except ValueError:
+        rel = str(ws.config.deploy_verify)
+    return DeployPlan(
+        env=ws.env.name, database=ws.env.database, server=ws.env.conn.display(ws.client.environ),
+        protected=ws.env.protected, exists=target.exists, first_deploy=target.first_deploy,
+        backup=target.exists and not no_backup,
+        backup_folder=str(backup_folder(ws.config, ws.env.name, ws.client.environ)),
+        from_version=from_version, to_version=to_version, pending=target.pending,
+        verify=tuple(f"{rel}/{p.name}" for p in verify_files(ws.config)), problems=problems,
+        drift_check=ws.config.deploy_drift_check)
+
+
+def inspect_deploy(ws: Workspace, no_backup: bool = False,
+                   session: Session | None = None) -> DeployPlan:
+    """The plan for the env as it is now, read-only (what --dry-run prints)."""
+    return plan_deploy(ws, inspect_target(ws, session), no_backup)
+
+
+def describe_plan(plan: DeployPlan) -> list[str]:
+    lines = [f"deploy env {plan.env} → {plan.database} on {plan.server}"
+             + (" [protected]" if plan.protected else "")]
+    if not plan.exists:
+        lines.append("  create the database (it does not exist)")
+    lines.append(f"  backup into {plan.backup_folder}" if plan.backup else
+                 "  no backup" + (" (nothing to back up)" if not plan.exists else " (--no-backup)"))
+    if plan.first_deploy:
+        lines.append("  first deploy: build the env's template without seeds, dump it, restore "
+                     f"it, baseline {len(plan.pending)} migration(s) up to "
+                     f"{plan.to_version or '-'}")
+    elif plan.pending:
+        lines.append(f"  apply {len(plan.pending)} migration(s), "
+                     f"{plan.from_version or 'none'} → {plan.to_version}:")
+        lines.extend(f"    {name}" for name in plan.pending)
+    else:
+        lines.append(f"  nothing to apply (at version {plan.from_version or 'none'})")
+    for problem in plan.problems:
+        lines.append(f"  blocked: {problem}")
+    lines.append("  verify: migrations clean" + "".join(f", {v}" for v in plan.verify)
+                 + (", no drift from the DDL" if plan.drift_check else ""))
+    lines.append("  record the deploy; on failure, roll back (restore the backup if needed)")
+    return lines
+
+
+@record()
+class DeployRun:
+    """One deploy under way: what its rollback and its row in the deploys table need."""
+
+    ws: Workspace
+    admin: Session
+    locks: DatabaseLocks
+    plan: DeployPlan
+    backup: Backup | None
+    created: bool          # the deploy created the database (a first deploy into nothing)
+    started: float         # time.monotonic() at the start
+    started_at: str        # UTC, for the deploys table
+    # how far it got, for the rollback
+    before: tuple[int, ...] = ()                 # versions applied before the deploy
+    changed: bool = False                        # the first deploy wrote the schema
+    failed: MigrationRunFailed | None = None     # the migration that failed, if one did
+
+
+@record(frozen=True)
+class DeployRow:
+    """How a deploy ended, as its row in the deploys table records it."""
+
+    outcome: str                     # 'ok', 'rolled_back', 'failed'
+    to_version: str | None
+    applied: tuple[str, ...] = ()
+    failed: str | None = None        # the failing migration's label
+    message: str | None = None
+
+
+def _deployer() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}@{socket.gethostname()}"
+
+
+def record_deploy(session: Session, run: DeployRun, row: DeployRow) -> None:
+    """Append a row to the deploys table (created on first use)."""
+    ws, plan, backup = run.ws, run.plan, run.backup
+    seconds = time.monotonic() - run.started
+    table = qualified_name(ws.config.deploys_table)
+
+    def lit(value: str | None) -> str:
+        return "NULL" if value is None else quote_literal(value)
+
+    session.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} (\n"
+        "  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+        "  started_at timestamptz NOT NULL,\n"
+        "  finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),\n"
+        "  duration_ms bigint NOT NULL,\n"
+        "  env text NOT NULL,\n"
+        "  deployed_by text NOT NULL,\n"
+        "  db_user text NOT NULL DEFAULT current_user,\n"
+        "  from_version text,\n"
+        "  to_version text,\n"
+        "  applied text[] NOT NULL DEFAULT '{}',\n"
+        "  backup_file text,\n"
+        "  backup_sha256 text,\n"
+        "  outcome text NOT NULL CHECK (outcome IN ('ok', 'rolled_back', 'failed')),\n"
+        "  failed_migration text,\n"
+        "  message text,\n"
+        "  tool_version text NOT NULL)")
+    array = "ARRAY[" + ", ".join(quote_literal(a) for a in row.applied) + "]::text[]"
+    message = mask_password_in(row.message) if row.message else None
+    session.execute(
+        f"INSERT INTO {table} (started_at, duration_ms, env, deployed_by, from_version, "
+        "to_version, applied, backup_file, backup_sha256, outcome, failed_migration, message, "
+        f"tool_version) VALUES ({quote_literal(run.started_at)}, {int(seconds * 1000)}, "
+        f"{quote_literal(ws.env.name)}, {quote_literal(_deployer())}, "
+        f"{lit(plan.from_version)}, {lit(row.to_version)}, {array}, "
+        f"{lit(str(backup.path) if backup else None)}, "
+        f"{lit(backup.sha256 if backup else None)}, {quote_literal(row.outcome)}, "
+        f"{lit(row.failed)}, {lit(message)}, {quote_literal(__version__)})")
+
+
+def _first_deploy(ws: Workspace, admin: Session) -> None:
+    """Empty target: build the env's template without seeds, clone it to a scratch database
+    (templates refuse connections), and stream pg_dump | pg_restore --single-transaction into
+    the target, so it either gets the whole schema or stays empty."""
+
+    result, probe = ensure_template(ws, seeds=False, session=admin)
+    scratch = side_name(ws.env.database, "build", utc_stamp())
+    strategy = clone_strategy(ws.config, probe)
+    admin.execute(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE {quote_ident(result.name)}"
+                  + (f" STRATEGY {strategy}" if strategy else ""))
+    mark = {"mark": DB_MARK, "kind": "scratch", "name": scratch, "database": ws.env.database,
+            "env": ws.env.name, "at": utc_now()}
+    try:
+        admin.execute(f"COMMENT ON DATABASE {quote_ident(scratch)} IS "
+                      f"{quote_literal(json.dumps(mark))}")
+        with scratch_file() as dump_err, scratch_file() as restore_err:
+            dump = ws.client.spawn(
+                pg_dump_argv(ws.client.tools, ws.env.conn, scratch, "-Fc", "-Z0"),
+                scratch, stdout=subprocess.PIPE, stderr=dump_err)
+            try:
+                restore = ws.client.spawn(
+                    pg_restore_argv(ws.client.tools, ws.env.conn, ws.env.database,
+                                    "--single-transaction", "--exit-on-error"),
+                    ws.env.database, stdin=dump.stdout, stderr=restore_err)
+            finally:
+                assert dump.stdout is not None
+                dump.stdout.close()
+            try:
+                wait_tool(ws, restore, restore_err, f"pg_restore into {ws.env.database}")
+            finally:
+                if restore.returncode != 0:
+                    dump.kill()
+                wait_tool(ws, dump, dump_err, f"pg_dump of template {result.name}")
+    finally:
+        drop_database(admin, scratch, force=True)
+
+
+# ── the guard: every precondition of a destructive run, cheapest first ──────────────────
+
+WRITES_MIGRATIONS = frozenset({"migrate up", "deploy"})  # runs that apply pending migrations
+
+
+def refuse_no_backup(env: Env, no_backup: bool) -> None:
+    """A protected env is always backed up before anything writes to it (SPEC §5)."""
+    if no_backup and env.protected:
+        raise Refused(f"--no-backup is refused on protected environment {env.name!r}",
+                      hint="a backup is always taken before anything writes to it")
+
+
+def refuse_deploy_problems(plan: DeployPlan) -> None:
+    """A deploy changes nothing while an applied migration changed or vanished (exit 3)."""
+    if plan.problems:
+        raise CheckFailed("deploy refused before changing anything: " + "; ".join(plan.problems),
+                          hint="restore the files, or run 'confiture.py migrate repair'")
+
+
+@record(frozen=True)
+class GuardRequest:
+    """A destructive run as the user asked for it: what its preconditions look at."""
+
+    kind: str                        # 'migrate up', 'deploy', 'restore' … (what applies)
+    env: Env
+    console: Console
+    ws: Workspace | None = None      # None: only the confirmation applies (backups prune)
+    action: str = ""                 # the run in messages; default: kind
+    yes: bool = False
+    dry_run: bool = False            # a dry run changes nothing: no precondition applies
+    to: int | None = None            # migrate up --to
+    no_backup: bool = False
+    quiet: float | None = None       # --wait-for-quiet SECONDS
+
+    @property
+    def workspace(self) -> Workspace:
+        assert self.ws is not None, f"{self.kind}: the guard needs a workspace"
+        return self.ws
+
+    @property
+    def writes_migrations(self) -> bool:
+        return self.kind in WRITES_MIGRATIONS and self.env.protected
+
+
+@record()
+class GuardState:
+    """What the checks learn on the way: whether anything will run, the guard's verdict."""
+
+    request: GuardRequest
+    planned: bool = True
+    verdict: Consistency | None = None
+
+
+@record(frozen=True)
+class Precondition:
+    """One check before a destructive run: when it applies, the check, the errors that mean
+    'refused by this precondition' (others, such as a server down, pass through as they are)
+    and how to override or satisfy it."""
+
+    name: str
+    applies: Callable[[GuardRequest], bool]
+    check: Callable[[GuardState], None]
+    refusals: tuple[type[ConfitureError], ...]
+    override: str
+
+
+class PreconditionFailed(ConfitureError):
+    """A precondition refused a destructive run; its exit code is the refusal's own."""
+
+    def __init__(self, precondition: Precondition, cause: ConfitureError) -> None:
+        override = f"override: {precondition.override}"
+        hint = cause.hint if cause.hint and precondition.override in cause.hint else \
+            "; ".join(filter(None, [cause.hint, override]))  # said once, not twice
+        super().__init__(f"precondition {precondition.name!r} failed: {cause.message}", hint)
+        self.exit_code = cause.exit_code
+        self.precondition, self.cause = precondition.name, cause
+
+
+def _check_history(state: GuardState) -> None:
+    """The applied migrations against their files, and the plan (cheap: files and the
+    tracking table) — before the guard's replay, so a changed file is named as such."""
+    request = state.request
+    if request.kind == "deploy":
+        plan = inspect_deploy(request.workspace, request.no_backup)
+        refuse_deploy_problems(plan)
+        state.planned = not plan.nothing_to_do
+    else:
+        state.planned = bool(migrate_up(request.workspace, request.to, dry_run=True).planned)
+
+
+def _check_lint(state: GuardState) -> None:
+    request = state.request
+    what = ("deploy of" if request.kind == "deploy" else f"{request.kind} on")
+    lint_gate(request.workspace, f"{what} protected env {request.env.name!r}")
+
+
+def _check_confirmation(state: GuardState) -> None:
+    request = state.request
+    confirm_protected(request.env, request.action or request.kind, request.yes, request.console)
+
+
+def _check_consistency(state: GuardState) -> None:
+    """The scratch replay (not cheap): only when migrations will run, and not for a partial
+    `migrate up --to` (the DDL describes the whole history)."""
+    request = state.request
+    if request.kind == "migrate up" and (not state.planned or request.to is not None):
+        return
+    state.verdict = guard_consistency(request.workspace, request.kind)
+
+
+def _wait_quiet(state: GuardState) -> None:
+    assert state.request.quiet is not None
+    wait_for_quiet(state.request.workspace, state.request.quiet)
+
+
+# the table, cheapest first: a refusal costs as little as possible, the prompt comes after
+# every check that reads only files and catalogs, and the replay and the wait come last
+PRECONDITIONS = (
+    Precondition("no-backup", lambda r: r.kind == "deploy" and r.no_backup and r.env.protected,
+                 lambda state: refuse_no_backup(state.request.env, state.request.no_backup),
+                 (Refused,), "none: leave out --no-backup (a protected env is always backed up)"),
+    Precondition("history", lambda r: r.writes_migrations, _check_history, (CheckFailed,),
+                 "restore the changed files, or accept them with 'confiture.py migrate repair'"),
+    Precondition("lint", lambda r: r.writes_migrations, _check_lint, (Refused,),
+                 "'-- confiture:allow RULE reason' on the statement, or [lint] disable"),
+    Precondition("confirmation", lambda r: r.env.protected, _check_confirmation, (Refused,),
+                 "--yes, and on a terminal the env's name typed back"),
+    Precondition("consistency", lambda r: r.writes_migrations, _check_consistency,
+                 (CheckFailed,), "[deploy] require_consistent = false"),
+    Precondition("quiet", lambda r: r.kind in WRITES_MIGRATIONS and r.quiet is not None,
+                 _wait_quiet, (LockTimeout,),
+                 "end the old transactions, or raise [migrations] lock_timeout"),
+)
+
+
+def guard(request: GuardRequest) -> GuardState:
+    """Check every precondition of a destructive run that applies, cheapest first; raise
+    PreconditionFailed naming the first that refuses and its override. A dry run skips them."""
+    state = GuardState(request)
+    if request.dry_run:
+        return state
+    for precondition in PRECONDITIONS:
+        if not precondition.applies(request):
+            continue
+        try:
+            precondition.check(state)
+        except precondition.refusals as exc:
+            raise PreconditionFailed(precondition, exc) from exc
+    return state
+
+
+# ── the run ────────────────────────────────────────────────────────────────────────────────
+
+def run_verify_checks(ws: Workspace, dbname: str) -> None:
+    """Run each verify file read-only: every statement must return no rows or `true`."""
+    for path in verify_files(ws.config):
+        try:
+            rel = path.relative_to(ws.config.root).as_posix()
+        except ValueError:
+            rel = str(path)
+        script = "SET TRANSACTION READ ONLY;\n" + path.read_text(encoding="utf-8")
+        argv = psql_script_argv(ws.client.tools, ws.env.conn, tuples_only=True)
+        proc = ws.client.run(argv, dbname, input=script.encode())
+        if proc.returncode != 0:
+            raise parse_psql_errors(proc.stderr.decode("utf-8", "replace"),
+                                    LineMap(((2, rel, 1),)), ws.client.password)
+        rows = [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
+        if any(line != "t" for line in rows):
+            shown = "; ".join(rows[:3]) + (" …" if len(rows) > 3 else "")
+            raise CheckFailed(f"verify check {rel} failed: it returned {shown}",
+                              hint="a check passes when it returns no rows or a single true")
+
+
+def ddl_drift(ws: Workspace) -> str | None:
+    """§13's comparison with the DDL, as deploy's optional verify step ([deploy] drift_check):
+    the differences in one line, None when there are none."""
+    report = diff_against_ddl(ws)
+    if not report.differences:
+        return None
+    shown = [d.label for d in report.differences[:5]]
+    more = len(report.differences) - len(shown)
+    return (f"{len(report.differences)} difference(s) from the DDL: " + ", ".join(shown)
+            + (f" and {more} more" if more > 0 else ""))
+
+
+def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> DeployResult:
+    """Bring the env's database to the current version, safely: lock → backup → first deploy
+    or pending migrations → verify → record. Any failure after the backup is rolled back
+    (a transactional migration by itself, anything else by restoring the backup) and raised
+    as DeployFailed naming the failing step and the backup. The caller runs the guard first
+    (guard(), as `confiture.py deploy` does)."""
+    refuse_no_backup(ws.env, no_backup)
+    started, started_at = time.monotonic(), utc_now()
+    if dry_run:
+        return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
+                            time.monotonic() - started)
+    with admin_session(ws) as admin:
+        locks = DatabaseLocks(ws, admin)
+        locks.lock_database()
+        try:
+            drop_scratch_leftovers(ws, admin, ws.env.database)
+            created = not database_exists(admin, ws.env.database)
+            if created:
+                ws.console.info(f"creating database {ws.env.database}")
+                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
+            try:
+                session = locks.lock_target()
+                plan = inspect_deploy(ws, no_backup, session)
+                if created:
+                    plan = evolve(plan, exists=False, backup=False)
+                refuse_deploy_problems(plan)
+                backup = None
+                if plan.backup and not plan.nothing_to_do:
+                    ws.console.info(f"backing up {ws.env.database} …")
+                    try:
+                        backup = create_backup(ws, session=session)
+                    except BackupError as exc:
+                        raise BackupError("deploy stopped before changing anything: the backup "
+                                          f"failed: {exc.message}", exc.hint) from exc
+                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
+            except BaseException:
+                if created:
+                    locks.unlock_target()
+                    drop_database(admin, ws.env.database, force=True)
+                raise
+            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
+                                                started, started_at))
+        finally:
+            locks.close()
+    return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
+
+
+def _execute_deploy(run: DeployRun) -> list[str]:
+    ws, locks, plan = run.ws, run.locks, run.plan
+    assert locks.target is not None
+    session = locks.target
+    run.before = () if plan.first_deploy else migration_state(ws, session).applied
+    applied: list[str] = []
+    try:
+        applied = _migrate_and_verify(run, session)
+    except BaseException as exc:  # noqa: BLE001 — any failure, Ctrl-C included, is rolled back
+        if isinstance(exc, MigrationRunFailed):
+            run.failed = exc
+        _roll_back(run, exc)
+    try:
+        to_version = migration_state(ws, session).version
+        record_deploy(session, run, DeployRow("ok", to_version, tuple(applied)))
+    except ConfitureError as exc:  # the deploy itself succeeded and stays
+        ws.console.warn(f"deployed, but could not record it in {ws.config.deploys_table}: "
+                        f"{exc.message}")
+    return applied
+
+
+def _migrate_and_verify(run: DeployRun, session: Session) -> list[str]:
+    """The deploy's writes and its checks; the labels it applied."""
+    ws, plan = run.ws, run.plan
+    applied: list[str] = []
+    if plan.first_deploy:
+        ws.console.info("first deploy: restoring the env's schema into the empty database …")
+        _first_deploy(ws, run.admin)
+        run.changed = True
+        applied = baseline_all_migrations(ws, session)
+    elif plan.pending:
+        applied = apply_pending_migrations(ws, session)
+    state = migration_state(ws, session)
+    if state.pending or state.problems or state.partial:
+        raise CheckFailed("migrations are not clean after the deploy: " + "; ".join(
+            [*state.problems, *(f"{n} pending" for _, n, _ in state.pending),
+             *(f"{n} partly applied" for n in state.partial)]))
+    run_verify_checks(ws, ws.env.database)
+    problem = ddl_drift(ws) if ws.config.deploy_drift_check else None
+    if problem:
+        raise CheckFailed(f"drift check: {problem}")
+    return applied
+
+
+def _failure(run: DeployRun, exc: BaseException) -> tuple[str, type[ConfitureError]]:
+    """What failed, in words, and the error a failed deploy raises (Interrupted for Ctrl-C)."""
+    failed = run.failed
+    cause = exc.message if isinstance(exc, ConfitureError) else (
+        "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+    step = f"migration {failed.name}" if failed else (
+        "the first deploy" if run.plan.first_deploy else "verification")
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted)) or bool(
+        failed and failed.interrupted)
+    return (f"deploy of env {run.ws.env.name!r} failed at {step}: {cause}",
+            Interrupted if interrupted else DeployFailed)
+
+
+def _roll_back(run: DeployRun, exc: BaseException) -> NoReturn:
+    """Put the database back as it was before the deploy, check it, record it, and raise."""
+    ws, admin, locks, backup, failed = run.ws, run.admin, run.locks, run.backup, run.failed
+    what, error_type = _failure(run, exc)
+    try:
+        now = migration_state(ws, locks.target).applied if locks.target else None
+    except ConfitureError:
+        now = None
+    partial = failed is not None and not failed.transactional
+    if not (run.created or run.changed or partial or now != run.before):
+        how = ("the failing migration rolled back by itself" if failed else
+               "nothing had changed") + "; the database is as it was"
+        _record_quietly(run, "rolled_back", f"{what}; {how}")
+        raise error_type(f"{what}; {how}" + (f" (backup: {backup.path})" if backup else ""))
+    outcome: ConfitureError | None = None  # raised below on purpose: not a rollback failure
+    try:
+        if run.created:
+            locks.unlock_target()
+            drop_database(admin, ws.env.database, force=True)
+            outcome = error_type(f"{what}; the database it had created was dropped again")
+            raise outcome
+        if backup is None:
+            _record_quietly(run, "failed", f"{what}; no backup (--no-backup)")
+            outcome = error_type(f"{what}; there is no backup to restore (--no-backup): the "
+                                 f"database is left at version {_version_text(now)}")
+            raise outcome
+        ws.console.warn(f"{what}")
+        replaced = _restore_for_rollback(run, backup)
+        after = migration_state(ws, locks.lock_target()).applied
+        if after != run.before:
+            outcome = DeployFailed(f"{what}; the restored database is at version "
+                                   f"{_version_text(after)}, expected "
+                                   f"{_version_text(run.before)}")
+            raise outcome
+    except ConfitureError as rollback_error:
+        if rollback_error is outcome:
+            raise
+        raise DeployFailed(f"{what}; the ROLLBACK FAILED too: {rollback_error.message}",
+                           hint=(f"restore the backup by hand: confiture.py --env {ws.env.name} "
+                                 f"restore {backup.path}" if backup else None)) from exc
+    how = (f"rolled back by restoring {backup.path}; the failed state is kept as database "
+           f"{replaced}")
+    _record_quietly(run, "rolled_back", f"{what}; {how}")
+    raise error_type(f"{what}; {how}")
+
+
+def _restore_for_rollback(run: DeployRun, backup: Backup) -> str | None:
+    """Swap the backup in for the failed database (kept under the returned name)."""
+    ws, admin = run.ws, run.admin
+    ws.console.warn(f"rolling back: restoring {backup.path} …")
+    stamp = utc_stamp()
+    props = database_properties(admin, ws.env.database)
+    scratch = restore_into_scratch(ws, admin, backup.path, backup.sha256, props, stamp)
+    try:
+        run.locks.unlock_target()
+        return swap_in(ws, admin, scratch, props, True, backup.path, stamp)
+    except BaseException:
+        drop_database(admin, scratch, force=True)
+        raise
+
+
+def _version_text(applied: Sequence[int] | None) -> str:
+    return "unknown" if applied is None else (str(applied[-1]) if applied else "none")
+
+
+def _record_quietly(run: DeployRun, outcome: str, message: str) -> None:
+    """Record a failed deploy; a failure to record must not hide the deploy's own error."""
+    failed = run.failed.name if run.failed else None
+    try:
+        session = run.locks.target or run.locks.lock_target()
+        record_deploy(session, run, DeployRow(outcome, run.plan.from_version, (), failed,
+                                              message))
+    except ConfitureError as exc:
+        run.ws.console.warn(f"could not record the deploy in {run.ws.config.deploys_table}: "
+                            f"{exc.message}")
+
+
+# ── rehearsal: the pending migrations on a scratch copy, locks sampled ───────────────────
+
+# pg_locks modes, weakest first; shown as PostgreSQL's docs name them
+LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock",
+              "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+              "ExclusiveLock", "AccessExclusiveLock")
+REHEARSAL_SAMPLE = 0.05   # seconds between pg_locks samples
+
+
+def lock_label(mode: str) -> str:
+    """'AccessExclusiveLock' → 'ACCESS EXCLUSIVE'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
+
+
+@record()
+class RehearsedStatement:
+    migration: str
+    file: str
+    line: int
+    text: str                   # its first line
+    seconds: float = 0.0
+    lock: str | None = None     # strongest pg_locks mode taken on a relation
+    relation: str | None = None
+    held: float = 0.0           # seconds from the statement's start until that lock went
+    rewritten: list[tuple[str, int]] = field(default_factory=list)  # (table, rows)
+
+    def take(self, mode: str, relation: str) -> None:
+        if self.lock is None or LOCK_MODES.index(mode) > LOCK_MODES.index(self.lock):
+            self.lock, self.relation = mode, relation
+
+    def as_json(self) -> dict[str, Any]:
+        return {"migration": self.migration, "file": self.file, "line": self.line,
+                "statement": self.text, "ms": round(self.seconds * 1000, 1),
+                "lock": lock_label(self.lock) if self.lock else None,
+                "relation": self.relation, "held_ms": round(self.held * 1000, 1),
+                "rewritten": [{"table": t, "rows": n} for t, n in self.rewritten]}
+
+
+@record(frozen=True)
+class Rehearsal:
+    env: str
+    source: str                 # the backup file, or "clone of <db>"
+    server: str                 # where the scratch database lived
+    statements: tuple[RehearsedStatement, ...]
+    seconds: float
+    failed: str | None = None   # the error that stopped the rehearsal
+
+    def as_json(self) -> dict[str, Any]:
+        return {"env": self.env, "source": self.source, "server": self.server,
+                "seconds": round(self.seconds, 3), "failed": self.failed,
+                "statements": [s.as_json() for s in self.statements]}
+
+
+class LockSampler(SessionSampler):
+    """pg_locks of one backend every REHEARSAL_SAMPLE seconds, from a second session, credited
+    to the statement running at the time (`current`); the samples add to what each statement's
+    own check saw."""
+
+    def __init__(self, ws: Workspace, database: str, pid: int) -> None:
+        super().__init__(lambda: ws.client.session(database), REHEARSAL_SAMPLE, "lock-sampler")
+        self.pid, self._sql = pid, own_locks_sql(pid)
+        self.current: RehearsedStatement | None = None
+        self.held: frozenset[tuple[str, str]] = frozenset()  # taken by earlier statements
+
+    def sample(self, session: Session) -> None:
+        statement, held = self.current, self.held
+        for row in session.query(self._sql):
+            if statement is not None and (row["mode"], row["relation"]) not in held:
+                statement.take(row["mode"], row["relation"])
+
+
+def own_locks_sql(pid: int | None = None) -> str:
+    """Granted locks of a backend on tables (indexes and catalogs left out: a table lock is
+    what blocks the application)."""
+    who = "pg_backend_pid()" if pid is None else str(int(pid))
+    return ("SELECT l.mode, l.relation::regclass::text AS relation FROM pg_locks l "
+            "JOIN pg_class c ON c.oid = l.relation WHERE l.locktype = 'relation' AND l.granted "
+            f"AND l.pid = {who} AND c.relkind IN ('r', 'p', 'm') AND l.relation >= 16384")
+
+
+_RELFILES_SQL = ("SELECT c.oid::regclass::text AS name, c.relfilenode AS file, "
+                 "greatest(c.reltuples, 0)::bigint AS rows FROM pg_class c "
+                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'm') "
+                 "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                 "AND n.nspname NOT LIKE 'pg\\_%'")
+
+
+def _relfiles(session: Session) -> dict[str, tuple[int, int]]:
+    return {r["name"]: (int(r["file"]), int(r["rows"])) for r in session.query(_RELFILES_SQL)}
+
+
+def rehearse_statement(session: Session, sampler: LockSampler, item: RehearsedStatement,
+                       stmt: Statement, in_transaction: bool) -> float:
+    """Run one statement, timed; note its locks and the tables it rewrote (a new
+    relfilenode). Returns when it started."""
+    before = _relfiles(session)
+    sampler.current = item
+    started = time.monotonic()
+    try:
+        session.execute(stmt.text)
+    finally:
+        item.seconds = time.monotonic() - started
+        sampler.current = None
+    if in_transaction:  # locks stay until COMMIT: this list is exact, not sampled
+        for row in session.query(own_locks_sql()):
+            if (row["mode"], row["relation"]) not in sampler.held:
+                item.take(row["mode"], row["relation"])
+                sampler.held |= {(row["mode"], row["relation"])}
+    after = _relfiles(session)
+    item.rewritten = [(name, rows) for name, (file, rows) in before.items()
+                      if name in after and after[name][0] != file]
+    item.held = item.seconds
+    return started
+
+
+def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
+                       migration: Migration) -> list[RehearsedStatement]:
+    statements, transactional = migration_statements(migration, "up", ws.config.root)
+    rel = migration_rel(ws.config, migration.up)
+    done: list[RehearsedStatement] = []
+    starts: list[float] = []
+    sampler.held = frozenset()
+    if transactional:
+        session.execute("BEGIN")
+    for stmt in statements:
+        item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
+                                  strip_comments(stmt.text).strip().split("\n")[0][:120])
+        done.append(item)
+        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+    if transactional:
+        session.execute("COMMIT")
+        committed = time.monotonic()
+        for item, start in zip(done, starts):  # a lock first taken here was held until COMMIT
+            if item.lock:
+                item.held = committed - start
+    sampler.held = frozenset()
+    return done
+
+
+def rehearsal_source(ws: Workspace) -> Path | None:
+    """A protected env rehearses on its newest verified backup (never dumping production
+    for it); an unprotected one on a fresh copy (None: dump it now)."""
+    if not ws.env.protected:
+        return None
+    backup = newest_backup(ws.config, ws.env.name, ws.client.environ)
+    if backup is None:
+        raise Refused(f"env {ws.env.name!r} has no backup to rehearse on",
+                      hint=f"take one with 'confiture.py backup --env {ws.env.name}'")
+    check_backup(ws, backup.path)
+    return backup.path
+
+
+def rehearse(ws: Workspace, to: int | None = None) -> Rehearsal:
+    """Apply the env's pending migrations to a scratch copy (its newest verified backup, or
+    a fresh dump of an unprotected env), on the scratch server for a protected env, sampling
+    pg_locks meanwhile; the env itself is only read. The scratch database is always dropped.
+    Timings on another machine are indicative."""
+    import tempfile
+
+    started = time.monotonic()
+    pending = plan_up(migration_status(ws), to)
+    check_migrations_sql(pending, "up", ws.config)  # the guard and transaction checks, as `up`
+    source = rehearsal_source(ws)
+    scratch_ws = scratch_workspace(ws)
+    with tempfile.TemporaryDirectory(prefix="confiture-rehearse-") as folder:
+        if source is None:
+            source = create_backup(ws, output=Path(folder) / "copy.dump").path
+        with admin_session(scratch_ws) as admin:
+            scratch = restore_into_scratch(scratch_ws, admin, source, None, None,
+                                            utc_stamp() + "r" + os.urandom(2).hex())
+            try:
+                statements, failed = _rehearse_on(scratch_ws, scratch, pending)
+            finally:
+                drop_database(admin, scratch, force=True)
+    return Rehearsal(ws.env.name, str(source) if ws.env.protected else
+                     f"a copy of {ws.env.database}", scratch_ws.env.conn.display(),
+                     tuple(statements), time.monotonic() - started, failed)
+
+
+def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
+                 ) -> tuple[list[RehearsedStatement], str | None]:
+    done: list[RehearsedStatement] = []
+    with ws.client.session(scratch) as session:
+        session.execute("ANALYZE")  # row estimates for 'rows rewritten'
+        pid = int(session.value("SELECT pg_backend_pid()"))
+        with LockSampler(ws, scratch, pid) as sampler:
+            for migration in pending:
+                ws.console.info(f"rehearsing {migration.label} …")
+                try:
+                    done.extend(rehearse_migration(ws, session, sampler, migration))
+                except SqlError as exc:
+                    return done, f"{migration.label}: {exc.message}"
+    return done, None
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §17 Command line
 # argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
 # main() is the only place that turns ConfitureError into a message and an exit code.
+# ~1,350 lines, one area after another (foundation, migrate, backups and deploy, sync,
+# drift), each its handlers and then its parser builder; a split would put the parser
+# classes (Commands, _Parser), which every builder uses, above the handlers, away from the
+# parser and main that they serve — kept whole while the start-up work changes them.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -12731,54 +12982,52 @@ def _print_status(app: App, status: MigrationStatus) -> None:
     out(f"{len(status.applied)} applied, {len(status.pending)} pending"
         + (f"; at {latest.version} {latest.name}" if latest else "")
         + ("" if status.tracking else f" (no tracking table {status.table} yet)"))
+    w = max([16, *(len(str(v)) for v in status_versions(status))])  # 20-digit versions too
     if app.console.verbose:
         for row in status.applied:
-            out(f"  applied   {row.version:<16} {row.name:<36} {row.applied_at}  "
+            out(f"  applied   {row.version:<{w}} {row.name:<36} {row.applied_at}  "
                 f"{row.duration_ms} ms{f'  ({row.how})' if row.how != 'applied' else ''}")
     older = {m.version for m in status.out_of_order}
     for m in status.pending:
-        out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<16} {m.name}"
-            + ("  [no transaction]" if not m.transactional else ""))
+        out(f"  {'out-of-order' if m.version in older else 'pending':<12} {m.version:<{w}} "
+            f"{m.name}" + ("  [no transaction]" if not m.transactional else ""))
     for m, row in status.changed:
-        out(f"  changed      {m.version:<16} {m.name}  (recorded {row.checksum[:12]}, "
+        out(f"  changed      {m.version:<{w}} {m.name}  (recorded {row.checksum[:12]}, "
             f"file {m.checksum[:12]})")
     for row in status.missing:
-        out(f"  missing      {row.version:<16} {row.name}  (applied {row.applied_at}, file gone)")
+        out(f"  missing      {row.version:<{w}} {row.name}  (applied {row.applied_at}, file gone)")
     for p in status.partial:
-        out(f"  interrupted  {p.version:<16} {p.name}  ({p.done} of {p.total} statements ran, "
+        out(f"  interrupted  {p.version:<{w}} {p.name}  ({p.done} of {p.total} statements ran, "
             f"{p.at}{'; ' + p.error if p.error else ''})")
 
 
-def _backup_protected(app: App, ws: Workspace, action: str) -> None:
-    """SPEC §5: a backup is taken before anything writes to a protected environment."""
-    if ws.env.protected:
-        backup = create_backup(ws)
-        app.console.info(f"backed up {ws.env.database} before {action}: {backup.path}")
+def status_versions(status: MigrationStatus) -> list[int]:
+    """Every version a status listing shows (its column is as wide as the longest)."""
+    return [*(r.version for r in status.applied), *(m.version for m in status.pending),
+            *(m.version for m, _ in status.changed), *(r.version for r in status.missing),
+            *(p.version for p in status.partial)]
 
 
-def _report_guard(app: App, verdict: Consistency | None) -> None:
-    if verdict is not None:
-        app.console.info(f"consistent with the DDL after {verdict.start}"
-                         + (" (kept verdict)" if verdict.cached else ""))
+def _guard(app: App, kind: str, ws: Workspace | None = None, env: Env | None = None,
+           **asked: Any) -> GuardState:
+    """§16's guard for this command: --yes, --dry-run and --wait-for-quiet as given."""
+    args = vars(app.args)
+    env = env or (ws.env if ws is not None else app.env())
+    state = guard(GuardRequest(kind, env, app.console, ws, yes=args.get("yes", False),
+                               dry_run=args.get("dry_run", False),
+                               quiet=args.get("wait_for_quiet"), **asked))
+    if state.verdict is not None:
+        app.console.info(f"consistent with the DDL after {state.verdict.start}"
+                         + (" (kept verdict)" if state.verdict.cached else ""))
+    return state
 
 
 def cmd_migrate_up(app: App) -> int:
     ws = app.workspace()
     if app.args.rehearse:
         return _report_rehearsal(app, rehearse(ws, _version_arg(app.args.to)))
-    if not app.args.dry_run:
-        lint_gate(ws, f"migrate up on protected env {ws.env.name!r}")
-        confirm_protected(ws.env, "migrate up", app.args.yes, app.console)
-        # the dry run checks the history and the files (cheap) before the guard's replay and
-        # the backup (not cheap)
-        planned = ws.env.protected and migrate_up(ws, _version_arg(app.args.to),
-                                                  dry_run=True).planned
-        if planned and app.args.to is None:
-            _report_guard(app, guard_consistency(ws, "migrate up"))
-        if app.args.wait_for_quiet is not None:
-            wait_for_quiet(ws, app.args.wait_for_quiet)
-        if planned:
-            _backup_protected(app, ws, "migrate up")
+    _guard(app, "migrate up", ws, to=_version_arg(app.args.to))
+    # a protected env is backed up by the run itself, under its lock
     run = migrate_up(ws, to=_version_arg(app.args.to), dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
 
@@ -12790,12 +13039,7 @@ def cmd_migrate_down(app: App) -> int:
                           hint="e.g. 'confiture.py migrate down --steps 1'")
     # neither: one step, the newest applied migration (as dbmate, Rails and golang-migrate do)
     steps = 1 if app.args.steps is None and app.args.to is None else app.args.steps
-    if not app.args.dry_run:
-        confirm_protected(ws.env, "migrate down", app.args.yes, app.console)
-        # the dry run checks the plan and its down files (cheap) before the backup (not cheap)
-        if ws.env.protected and migrate_down(ws, steps, _version_arg(app.args.to),
-                                             dry_run=True).planned:
-            _backup_protected(app, ws, "migrate down")
+    _guard(app, "migrate down", ws)
     run = migrate_down(ws, steps=steps, to=_version_arg(app.args.to),
                        dry_run=app.args.dry_run)
     return _report_run(app, ws, run)
@@ -12818,7 +13062,7 @@ def cmd_migrate_verify(app: App) -> int:
 
 def cmd_migrate_baseline(app: App) -> int:
     ws = app.workspace()
-    confirm_protected(ws.env, "migrate baseline", app.args.yes, app.console)
+    _guard(app, "migrate baseline", ws)
     recorded = baseline_migrations(ws, parse_version(app.args.to))
     app.console.result(f"recorded {len(recorded)} migration(s) as applied without running them"
                        + (f", up to {recorded[-1].label}" if recorded else ""))
@@ -12828,7 +13072,7 @@ def cmd_migrate_baseline(app: App) -> int:
 
 def cmd_migrate_repair(app: App) -> int:
     ws = app.workspace()
-    confirm_protected(ws.env, "migrate repair", app.args.yes, app.console)
+    _guard(app, "migrate repair", ws)
     result = repair_migrations(ws)
     for m, row in result.accepted:
         app.console.result(f"accepted {m.label}: checksum {row.checksum[:12]} → {m.checksum[:12]}")
@@ -12920,6 +13164,8 @@ def _report_rehearsal(app: App, result: Rehearsal) -> int:
     return EXIT_OK
 
 
+# Over 60 lines: one parser per migrate action, in the order --help lists them; a table of
+# dicts would hide argparse's own vocabulary.
 def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> None:
     m = sub.add_parser("migrate", parents=[common], help="incremental migrations (up, down, …)",
                        description="Versioned up/down SQL migrations with checksums, a lock and "
@@ -12993,7 +13239,7 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
     p.set_defaults(handler=cmd_migrate_lint)
 
 
-# ── backup, restore and deploy commands (§9) ──────────────────────────────────────────────
+# ── backup, restore and deploy commands (§7b, §9, §16) ─────────────────────────────────────
 
 
 def _backup_document(backup: Backup) -> dict[str, Any]:
@@ -13016,17 +13262,17 @@ def cmd_backups(app: App) -> int:
     folder = backup_folder(app.config, env.name, app.environ)
     if app.args.action == "prune":
         keep = app.args.keep if app.args.keep is not None else app.config.backups_keep
-        if keep < 0:
-            raise ConfigError("--keep must be 0 or more")
+        if keep < 1:  # as [backups] keep is checked at load: a prune keeps the newest
+            raise ConfigError(f"--keep must be at least 1, not {keep}")
         doomed = list_backups(folder)[keep:]  # prune_backups deletes these, newest kept
         if doomed:  # deleting a protected env's backups is a write to it: same rules
-            confirm_protected(env, f"backups prune (deleting {len(doomed)} backup(s))",
-                              app.args.yes, app.console)
+            _guard(app, "backups prune", env=env,
+                   action=f"backups prune (deleting {len(doomed)} backup(s))")
         removed = prune_backups(folder, keep)
         dropped: list[str] = []
         ws = open_workspace(env, app.console, app.environ)
         if app.args.replaced is not None:
-            confirm_protected(env, "dropping replaced databases of", app.args.yes, app.console)
+            _guard(app, "backups prune --replaced", ws, action="dropping replaced databases of")
             dropped = drop_replaced(ws, app.args.replaced)
         else:
             try:
@@ -13067,8 +13313,7 @@ def cmd_backups(app: App) -> int:
 def cmd_restore(app: App) -> int:
     ws = app.workspace()
     path = resolve_backup(ws.config, ws.env.name, app.args.file, app.environ)
-    confirm_protected(ws.env, f"restore of {path.name} into {ws.env.database}", app.args.yes,
-                      app.console)
+    _guard(app, "restore", ws, action=f"restore of {path.name} into {ws.env.database}")
     result = restore_backup(ws, path, force=app.args.force)
     app.console.result(ws.env.database)
     app.console.info(f"restored {path.name} into {ws.env.database} in "
@@ -13083,29 +13328,12 @@ def cmd_restore(app: App) -> int:
     return EXIT_OK
 
 
-def _ddl_drift(ws: Workspace) -> str | None:
-    """§13's comparison with the DDL, as deploy's optional verify step."""
-    report = diff_against_ddl(ws)
-    if not report.differences:
-        return None
-    shown = [d.label for d in report.differences[:5]]
-    more = len(report.differences) - len(shown)
-    return (f"{len(report.differences)} difference(s) from the DDL: " + ", ".join(shown)
-            + (f" and {more} more" if more > 0 else ""))
-
-
 def cmd_deploy(app: App) -> int:
     ws = app.workspace()
     if app.args.rehearse:
         return _report_rehearsal(app, rehearse(ws))
-    if not app.args.dry_run:
-        lint_gate(ws, f"deploy of protected env {ws.env.name!r}")
-        confirm_protected(ws.env, "deploy", app.args.yes, app.console)
-        _report_guard(app, guard_consistency(ws, "deploy"))
-        if app.args.wait_for_quiet is not None:
-            wait_for_quiet(ws, app.args.wait_for_quiet)
-    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run,
-                    drift=_ddl_drift if ws.config.deploy_drift_check else None)
+    _guard(app, "deploy", ws, no_backup=app.args.no_backup)
+    result = deploy(ws, no_backup=app.args.no_backup, dry_run=app.args.dry_run)
     document = {"outcome": result.outcome, "plan": as_dict(result.plan),
                 "applied": result.applied,
                 "backup": str(result.backup.path) if result.backup else None,

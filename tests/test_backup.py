@@ -334,8 +334,8 @@ def test_unmarked_scratch_database_of_a_killed_restore_is_dropped(pg: Cluster, p
     db = project.db()
     pg.create_db(db)
     fill(pg, db, rows=10)
-    leftover = confiture._side_name(db, "restore", confiture._stamp())
-    other = confiture._side_name(db + "x", "restore", confiture._stamp())
+    leftover = confiture.side_name(db, "restore", confiture.utc_stamp())
+    other = confiture.side_name(db + "x", "restore", confiture.utc_stamp())
     pg.create_db(leftover)
     pg.create_db(other)
     try:
@@ -354,7 +354,7 @@ def test_two_restores_in_the_same_second_keep_both_replaced_databases(
     pg.create_db(db)
     fill(pg, db, rows=10)
     assert cli("backup", cwd=project.root).returncode == 0
-    monkeypatch.setattr(confiture, "_stamp", lambda when=None: "20260101T000000Z")
+    monkeypatch.setattr(confiture, "utc_stamp", lambda when=None: "20260101T000000Z")
     ws = confiture.workspace_for(project.config_path, env="local", environ={**clean_environ(),
                                                                           **pg.env})
     backup = backups_in(project)[0]
@@ -363,3 +363,14 @@ def test_two_restores_in_the_same_second_keep_both_replaced_databases(
     assert first.replaced and second.replaced and first.replaced != second.replaced
     assert len(side_databases(pg, project, "replaced")) == 2
     assert pg.scalar("SELECT count(*) FROM customers", db=db) == 10
+
+
+def test_backups_prune_refuses_keep_below_one(pg: Cluster, project: Project,
+                                              cli: CliRunner) -> None:
+    """As [backups] keep is checked at load (at least 1), so is --keep: prune keeps the newest."""
+    pg.create_db(project.db())
+    assert cli("backup", cwd=project.root).returncode == 0
+    refused = cli("backups", "prune", "--keep", "0", cwd=project.root)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--keep must be at least 1, not 0" in refused.stderr
+    assert len(list((project.root / ".confiture/backups/local").glob("*.dump"))) == 1

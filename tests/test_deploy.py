@@ -393,3 +393,60 @@ def test_drift_check_after_deploy(pg: Cluster, project: Project, cli: CliRunner)
     ok = cli("deploy", cwd=project.root)
     assert ok.returncode == 0, ok.stderr
     assert applied(pg, db) == [FIRST, (2, "applied")]
+
+
+def test_protected_deploy_checks_the_history_before_the_guards_replay(
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
+    """The guard's preconditions run cheapest first: a changed applied migration is named
+    (precondition 'history') before the consistency replay, which would refuse too."""
+    project.write("db/baseline.sql", "CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL);\n")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    db = deployed(pg, project, cli, env="prod")
+    migration(project, "001_widgets_color", "ALTER TABLE widgets ADD COLUMN colour text;\n")
+    migration(project, "002_sizes", "ALTER TABLE widgets ADD COLUMN size int;\n")  # not in the DDL
+    before = checksums(pg, db)
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert refused.returncode == 3, refused.stderr
+    assert "precondition 'history'" in refused.stderr
+    assert "001_widgets_color" in refused.stderr and "would not match the DDL" not in refused.stderr
+    assert "override: restore the changed files" in refused.stderr
+    assert checksums(pg, db) == before and applied(pg, db) == [FIRST]
+    unconfirmed = cli("deploy", "--env", "prod", cwd=project.root)  # history first, here too
+    assert unconfirmed.returncode == 3 and "precondition 'history'" in unconfirmed.stderr
+    migration(project, "001_widgets_color", "ALTER TABLE widgets ADD COLUMN color text;\n")
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)  # now the replay refuses
+    assert refused.returncode == 3 and "precondition 'consistency'" in refused.stderr
+    assert "would not match the DDL" in refused.stderr
+    assert "[deploy] require_consistent = false" in refused.stderr  # the override, said once
+    unconfirmed = cli("deploy", "--env", "prod", cwd=project.root)
+    assert unconfirmed.returncode == 4 and "precondition 'confirmation'" in unconfirmed.stderr
+    assert "override: --yes" in unconfirmed.stderr
+
+
+def test_the_guard_refuses_no_backup_before_reaching_the_server(tmp_path: Path) -> None:
+    """The cheapest precondition first: --no-backup on a protected env is refused before
+    anything connects (the env's server does not even exist)."""
+    import io
+
+    import confiture
+
+    (tmp_path / "db/schema").mkdir(parents=True)
+    (tmp_path / "confiture.toml").write_text(
+        '[project]\nname = "g"\nschema = ["db/schema"]\ndefault_env = "prod"\n\n'
+        '[env.prod]\nurl = "postgresql://nobody@127.0.0.1:9/g_prod"\nprotected = true\n')
+    config = confiture.load_config(tmp_path / "confiture.toml", {})
+    env = confiture.resolve_env(config, "prod", {})
+    console = confiture.Console(stderr=io.StringIO())
+    ws = confiture.open_workspace(env, console, confiture_environ({}))
+    request = confiture.GuardRequest("deploy", env, console, ws, yes=True, no_backup=True)
+    try:
+        confiture.guard(request)
+    except confiture.PreconditionFailed as exc:
+        assert exc.precondition == "no-backup" and exc.exit_code == 4
+        assert "--no-backup" in exc.message and "override" in (exc.hint or "")
+    else:
+        raise AssertionError("the guard let --no-backup through on a protected env")
+    # a dry run checks nothing
+    assert confiture.guard(confiture.GuardRequest("deploy", env, console, ws, dry_run=True,
+                                                  no_backup=True)).planned

@@ -715,6 +715,7 @@ def test_protected_env_without_a_scratch_server_is_refused(pg: Cluster, pg_remot
     result = cli("--env", "prod", "diff", cwd=project.root,
                  env={**readonly_prod, "SCRATCH_URL": pg.url()})
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "is the env's own server" not in result.stderr  # another server: no warning
     assert _databases(pg_remote) == before_remote
     assert any(n.startswith(project.name + "_tpl_prod_") for n in _databases(pg))
     # a malformed scratch_url is a configuration error at load, naming the key
@@ -722,3 +723,15 @@ def test_protected_env_without_a_scratch_server_is_refused(pg: Cluster, pg_remot
         '"${SCRATCH_URL}"', '"mysql://x"'))
     result = cli("config", "check", cwd=project.root, env=readonly_prod)
     assert result.returncode == 2 and "project.scratch_url" in result.stderr, result.stderr
+
+
+def test_a_scratch_server_that_is_the_protected_envs_own_is_warned_about(
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
+    """default_env's server is prod's own here: diff still works, and says where its scratch
+    databases go."""
+    pg.create_db(project.db("prod"))
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
+    result = cli("--env", "prod", "diff", cwd=project.root)
+    assert result.returncode in (0, 3), result.stdout + result.stderr
+    assert "warning: the scratch server of protected env 'prod' (env.local" in result.stderr
+    assert "is the env's own server" in result.stderr and "scratch_url" in result.stderr

@@ -188,3 +188,19 @@ def test_the_check_fails_when_the_layering_is_broken() -> None:
     repaired = (SYNTHETIC.replace("return top_level()", "return 2")
                 .replace("_helper() + ", "").replace("os.execvp(argv[0], argv)", "pass"))
     assert layering_violations(repaired) == []
+
+
+def unused_constants(source: str, readers: str = "") -> list[str]:
+    """Module-level CONSTANTS that neither the module nor `readers` (the tests) read."""
+    tree = ast.parse(source)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return [name for node in tree.body for name in defined_names(node)
+            if re.fullmatch(r"_?[A-Z][A-Z0-9_]*", name) and name not in read
+            and not re.search(rf"\b{name}\b", readers)]
+
+
+def test_no_constant_is_dead() -> None:
+    tests = "".join(p.read_text(encoding="utf-8") for p in SOURCE.parent.glob("tests/*.py")
+                    if p.name != "test_layering.py")
+    assert unused_constants(SOURCE.read_text(encoding="utf-8"), tests) == []
+    assert unused_constants("USED = 1\nDEAD = 2\nprint(USED)\n") == ["DEAD"]

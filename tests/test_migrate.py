@@ -1,6 +1,7 @@
 """Migrations (§8) against a real server; outcomes checked with psycopg, not the tool's output."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -714,3 +715,49 @@ def test_tracking_table_of_an_earlier_version_is_read_as_is_and_upgraded_by_up(
     assert pg.query("SELECT event, version FROM confiture_migrations_log ORDER BY id", db=db)[0] == (
         "applied", 20240101000000)
     assert exists(pg, project, "popx")
+
+
+def _library_workspace(project: Project, env: str) -> confiture.Workspace:
+    config = confiture.load_config(project.config_path)
+    environ = confiture_environ(os.environ)
+    return confiture.open_workspace(confiture.resolve_env(config, env, environ),
+                                    confiture.Console(stderr=io.StringIO()), environ)
+
+
+def test_a_library_migrate_up_on_a_protected_env_backs_up_under_the_lock(
+        project: Project, pg: Cluster) -> None:
+    """The backup of a protected env is the run's own (SPEC §5): taken by migrate_up/down
+    called as a library, after the migration lock is held, only when something will run."""
+    pg.create_db(project.db("prod"))
+    project.write("db/migrations/001_a.up.sql", "CREATE TABLE a_71 (id int);\n")
+    project.write("db/migrations/001_a.down.sql", "DROP TABLE a_71;\n")
+    folder = project.root / ".confiture/backups/prod"
+    # another session holds the migration lock: the run gives up before any backup
+    project.write("confiture.toml", project.config_path.read_text(encoding="utf-8")
+                  + '\n[migrations]\nlock_timeout = "300ms"\n')
+    ws = _library_workspace(project, "prod")
+    with pg.connect(project.db("prod")) as holder:
+        holder.execute("SELECT pg_advisory_lock(1668247142, hashtext('migrate'))")
+        with pytest.raises(confiture.LockTimeout):
+            confiture.migrate_up(ws)
+    assert not list(folder.glob("*.dump"))
+    run = confiture.migrate_up(ws)
+    assert run.backup is not None and [m.label for m, _ in run.done] == ["001_a"]
+    sidecar = json.loads(confiture.sidecar_path(run.backup.path).read_text(encoding="utf-8"))
+    assert sidecar["migration_version"] is None  # taken before the migration ran
+    assert confiture.migrate_up(ws).backup is None  # nothing planned: no backup
+    assert len(list(folder.glob("*.dump"))) == 1
+    down = confiture.migrate_down(ws, steps=1)
+    assert down.backup is not None and down.backup.migration_version == "1"
+    assert pg.scalar("SELECT to_regclass('public.a_71') IS NULL", db=project.db("prod"))
+
+
+def test_status_columns_stay_aligned_with_20_digit_versions(cli: CliRunner, project: Project,
+                                                            db: str) -> None:
+    mig(project, "20240101000000_short", "CREATE TABLE s (id int);\n")
+    mig(project, "20150100000002000000_long", "CREATE TABLE l (id int);\n")
+    result = cli("migrate", "status", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith("pending")]
+    assert len(rows) == 2, result.stdout
+    assert rows[0].index("short") == rows[1].index("long"), result.stdout
