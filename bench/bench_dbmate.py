@@ -1,7 +1,7 @@
 """Migrations against dbmate and raw psql (issue 15): the same generated migrations, one run.
 
 Contenders, run round-robin within each round (A/B/C/…, so load swings hit all alike), over TCP
-(127.0.0.1, password) and over the unix socket of a throwaway cluster of our own:
+(127.0.0.1, password, SSL off for all) and over the unix socket of a throwaway cluster of ours:
 - raw psql: one `psql -f` of every migration wrapped in BEGIN/COMMIT (the floor);
 - dbmate (the Go binary from the npm registry, installed under .confiture/bench-tools/);
   `down` is one `dbmate rollback` per migration (dbmate reverts one per call);
@@ -137,10 +137,12 @@ def _contenders(work: Path, transport: str, pg: dict[str, str], dbmate: Path | N
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("PG", "CONFITURE_", "PYTHON")) and k != "DATABASE_URL"}
     if transport == "tcp":
-        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}"
+        # the same connection for all three: host, password, and no SSL negotiation (dbmate's
+        # URL needs sslmode=disable against a server without SSL; psql would otherwise ask first)
+        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"
         dbmate_url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"
         psql_env = {**base, "PGHOST": "127.0.0.1", "PGPORT": port, "PGUSER": "postgres",
-                    "PGPASSWORD": PASSWORD, "PGDATABASE": DB}
+                    "PGPASSWORD": PASSWORD, "PGDATABASE": DB, "PGSSLMODE": "disable"}
     else:
         url = f"postgresql://postgres@/{DB}?host={host}&port={port}"
         dbmate_url = f"postgres://postgres@/{DB}?socket={host}&port={port}"

@@ -5,6 +5,7 @@ users see them) or call the core functions directly where that is clearer.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -231,6 +232,34 @@ def test_help_lists_commands_by_area_and_every_command_says_what_it_does(
             assert "examples:\n  confiture.py " in text, argv  # its area's examples
     assert "confiture.py migrate up --dry-run" in _help(capsys, "migrate", "up")
     assert "confiture.py deploy --env prod --yes" in _help(capsys, "deploy")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_a_migrate_action_builds_only_its_parser_and_parses_as_the_full_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Start-up: `migrate up` builds the parser of `up` alone, not of every migrate action;
+    what it parses is what the full parser parses, and a mistyped action still names them all."""
+    full = confiture.build_parser()
+    actions = sorted(_subparsers(_subparsers(full)["migrate"]))
+    assert {"status", "up", "down", "new"} <= set(actions)
+    for argv in (["migrate", "up", "--to", "7", "--dry-run"], ["--env", "x", "migrate", "status",
+                                                                  "--check"],
+                 ["migrate", "new", "add_thing"], ["migrate"], ["-q", "migrate", "down", "--to", "0"]):
+        built = confiture.build_parser(argv)
+        levels = _subparsers(_subparsers(built)["migrate"])
+        assert sorted(levels) == ([argv[argv.index("migrate") + 1]] if argv[-1] != "migrate"
+                                else actions), argv
+        assert vars(built.parse_args(argv)) == vars(full.parse_args(argv)), argv
+    assert sorted(_subparsers(_subparsers(confiture.build_parser(["migrate", "sttaus"]))
+                              ["migrate"])) == actions
+    assert confiture.main(["migrate", "sttaus"], {}) == confiture.EXIT_USAGE
+    assert "invalid choice: 'sttaus' (choose from 'new'" in capsys.readouterr().err
+    # a command's argument that happens to be an action name does not restrict anything
+    assert vars(confiture.build_parser(["clone", "up"]).parse_args(["clone", "up"]))["name"] == "up"
 
 
 def test_usage_error_is_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
