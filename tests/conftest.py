@@ -7,8 +7,8 @@
   cluster's PG* variables.
 - `project`: a scratch project (db/ layout + confiture.toml) whose databases are dropped afterwards.
 
-Under pytest-xdist (`-n 2`, not a requirement) every worker gets clusters of its own, named
-after the worker id (`test-gw0`, `remote-gw0`, …).
+Under pytest-xdist (`make test` runs `-n 2`; `PYTEST_WORKERS=0` runs in-process) every worker gets
+clusters of its own, named after the worker id (`test-gw0`, `remote-gw0`, …).
 """
 from __future__ import annotations
 
