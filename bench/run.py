@@ -32,7 +32,8 @@ class Row:
     floor: float
     target: str          # e.g. "≤ 1.3×" or "≥ 0.9×"
     note: str = ""
-    unit: str = "s"      # "s": ratio = ours/floor; "rows/s": ratio = ours/floor as throughput
+    unit: str = "s"      # "s": ratio = ours/floor; "rows/s": ratio = ours/floor as throughput;
+    #                      "share": a fraction (ours) of a whole (floor 1.0)
 
     @property
     def ratio(self) -> float:
@@ -135,6 +136,7 @@ class Bench:
 
 def _format(r: Row) -> str:
     fmt = (lambda v: f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s") if r.unit == "s" \
+        else (lambda v: f"{v:.1%}") if r.unit == "share" \
         else (lambda v: f"{v / 1000:,.0f} k {r.unit}")
     return (f"| {r.what} | {fmt(r.ours)} | {fmt(r.floor)} | {r.ratio:.2f}× | {r.target} | "
             f"{ {True: 'yes', False: 'no', None: '—'}[r.met()]} |" + (f" {r.note} |" if r.note else ""))

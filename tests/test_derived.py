@@ -1,4 +1,4 @@
-"""Derived migrations (§11 schema model and planner, §13 migrate generate / diff --sql).
+"""Derived migrations (§11 schema model, §12 planner, §15 migrate generate / diff --sql).
 
 Pure planner tests build models by hand (no server). Round trips read real databases with the
 model, apply each plan to a copy and check zero difference both ways. The CLI tests run
@@ -301,6 +301,77 @@ def test_a_column_over_a_type_that_must_be_recreated_is_not_expressed() -> None:
         "column public.t.span: depends on type public.r, which must be dropped and created again",)
 
 
+def test_column_order_is_part_of_the_schema() -> None:
+    """New columns are added in the table's order; an order ADD COLUMN cannot reach (a
+    column in the middle) is named, not silently planned; a rename keeps the order."""
+    old = model(table("t", columns=["id", "b"]), column("t", "id"), column("t", "b"))
+    tail = model(table("t", columns=["id", "b", "z", "a"]), column("t", "id"),
+                 column("t", "b"), column("t", "z"), column("t", "a"))
+    plan = plan_schema(old, tail)
+    assert sqls(plan) == ["ALTER TABLE public.t ADD COLUMN z integer",
+                          "ALTER TABLE public.t ADD COLUMN a integer"]
+    assert plan.unsupported == ()
+    middle = model(table("t", columns=["id", "a", "b"]), column("t", "id"), column("t", "a"),
+                   column("t", "b"))
+    plan = plan_schema(old, middle)
+    assert plan.unsupported == (
+        "table public.t: column order: the DDL has a, b where the plan gives b, a (PostgreSQL "
+        "adds columns at the end and cannot move one: put new columns last in the DDL, or "
+        "rebuild the table by hand)",)
+    renamed = model(table("t", columns=["id", "c"]), column("t", "id"), column("t", "c"))
+    plan = plan_schema(old, renamed, [confiture.parse_rename("column:t.b=c")])
+    assert sqls(plan) == ["ALTER TABLE public.t RENAME COLUMN b TO c"]
+    assert plan.unsupported == ()
+    assert confiture.compare_models(middle, old) == ["- column public.t.a", "~ table public.t"]
+
+
+def test_model_diff_reports_objects_with_column_level_detail() -> None:
+    """diff on models: columns, defaults and checks are reported on their table with
+    column-level detail; other objects on their own, labelled as pg_dump names them."""
+    ddl = model(table("t", columns=["id", "name"]), column("t", "id"),
+                column("t", "name", "text", notnull=True), default("t", "name", "'anon'::text"),
+                constraint("t", "t_name_check", "CHECK ((name <> ''::text))"),
+                constraint("t", "t_fk", "FOREIGN KEY (id) REFERENCES public.t(id)", "f"),
+                index("t", "t_name", "CREATE INDEX t_name ON public.t USING btree (name)"))
+    live = model(table("t", columns=["name", "id", "email"]), column("t", "id", "bigint"),
+                 column("t", "name", "text", notnull=True),
+                 default("t", "name", "'nobody'::text"), column("t", "email", "text"),
+                 confiture.evolve(index("t", "t_name", "CREATE INDEX t_name ON public.t "
+                                                       "USING btree (name)"), comment="by name"),
+                 view("v", " SELECT 1;"))
+    found = {d.label: d for d in confiture.compare_model_objects(ddl, live)}
+    assert sorted((d.change, label) for label, d in found.items()) == [
+        ("added", "view public.v"), ("changed", "index public.t_name"),
+        ("changed", "table public.t"), ("missing", "fk constraint t_fk on public.t")]
+    assert found["table public.t"].summary == (
+        "column email added (text)", "column id: type integer → bigint",
+        "column name: default 'anon'::text → 'nobody'::text", "column order differs",
+        "constraint t_name_check missing")
+    assert found["index public.t_name"].summary == ("comment changed",)
+    assert found["table public.t"].diff.startswith("--- ddl\n+++ database\n")
+    assert "-    id integer," in found["table public.t"].diff
+    as_json = found["fk constraint t_fk on public.t"].as_json()
+    assert (as_json["type"], as_json["schema"], as_json["name"]) == ("FK CONSTRAINT", "public",
+                                                                      "t t_fk")
+    assert confiture.compare_model_objects(ddl, ddl) == []
+
+
+def test_online_set_not_null_goes_through_a_validated_check() -> None:
+    old = model(table("t"), column("t", "id"), column("t", "c"))
+    new = model(table("t"), column("t", "id"), column("t", "c", notnull=True))
+    [(up1, down1), (up2, down2)] = confiture.plan_stages(old, new, [], online=True)
+    assert sqls(up1) == ["ALTER TABLE public.t ADD CONSTRAINT t_c_not_null "
+                         "CHECK ((c IS NOT NULL)) NOT VALID"]
+    assert sqls(up2) == ["ALTER TABLE public.t VALIDATE CONSTRAINT t_c_not_null",
+                         "ALTER TABLE public.t ALTER COLUMN c SET NOT NULL",
+                         "ALTER TABLE public.t DROP CONSTRAINT t_c_not_null"]
+    assert not any(s.transactional for s in up2.statements)
+    assert sqls(down2)[0] == "ALTER TABLE public.t ALTER COLUMN c DROP NOT NULL"
+    assert sqls(down1) == ["ALTER TABLE public.t DROP CONSTRAINT t_c_not_null"]
+    assert confiture.plan_stages(old, new, [], online=False)[0][0].statements[0].sql == \
+        "ALTER TABLE public.t ALTER COLUMN c SET NOT NULL"
+
+
 def test_widening_type_changes() -> None:
     assert confiture.widening("integer", "bigint")
     assert confiture.widening("character varying(10)", "character varying(20)")
@@ -576,6 +647,51 @@ def test_generate_names_what_it_cannot_express(pg: Any, project: Any, cli: Any) 
     assert "cannot express: column public.widgets.s: depends on type public.span" in result.stderr
     assert len(migration_files(project)) == 3
     assert no_scratch_left(pg, project)
+    # kinds the model knows by name only are listed, never planned
+    project.write("db/schema/10_tables/10_widgets.sql", WIDGETS_V1 +
+                  "CREATE TYPE span AS RANGE (subtype = int4);\n"
+                  "ALTER TABLE widgets ADD COLUMN s span;\n"
+                  "CREATE FUNCTION no_drops() RETURNS event_trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN NULL; END $$;\n"
+                  "CREATE EVENT TRIGGER no_drops ON sql_drop EXECUTE FUNCTION no_drops();\n"
+                  'CREATE COLLATION bytewise FROM "C";\n')
+    result = cli("migrate", "generate", "guards", cwd=project.root)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "other event trigger no_drops: cannot be created by a plan (event trigger)" in \
+        result.stderr
+    assert "other collation public.bytewise: cannot be created by a plan (collation)" in \
+        result.stderr
+    assert len(migration_files(project)) == 3
+
+
+def test_generate_names_a_column_order_it_cannot_reach_and_starts_from_the_baseline(
+        pg: Any, project: Any, cli: Any) -> None:
+    """A history that starts from [migrations] baseline_schema is replayed from it; a new
+    column between existing ones is refused (exit 3, nothing written), one at the end is not."""
+    project.write("db/baseline.sql", WIDGETS_V1)
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/migrations/20240102000000_note.down.sql",
+                  "ALTER TABLE widgets DROP COLUMN note;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    size int,\n    note text\n);\n")
+    refused = cli("migrate", "generate", "size", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "table public.widgets: column order: the DDL has size, note where the plan gives " \
+        "note, size" in refused.stderr
+    assert len(migration_files(project)) == 2
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    note text,\n    size int\n);\n")
+    result = cli("migrate", "generate", "size", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "applied to baseline baseline.sql" in result.stdout + result.stderr
+    up = next((project.root / "db/migrations").glob("*_size.up.sql")).read_text()
+    assert "ALTER TABLE public.widgets ADD COLUMN size integer;" in up
+    assert no_scratch_left(pg, project)
 
 
 def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
@@ -609,6 +725,14 @@ def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: 
     clean = cli("diff", "--sql", cwd=project.root)
     assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
     assert cli("diff", cwd=project.root).returncode == 0
+    # against another env: a copy of this database needs nothing, one missing a column needs it
+    pg.create_db(project.db("prod"), template=db)
+    same = cli("diff", "--sql", "--against", "prod", cwd=project.root)
+    assert same.returncode == 0 and same.stdout == "", same.stdout + same.stderr
+    pg.query("ALTER TABLE widgets DROP COLUMN label", db=project.db("prod"))
+    other = cli("diff", "--sql", "--against", "prod", cwd=project.root)
+    assert other.returncode == 3, other.stdout + other.stderr
+    assert "ALTER TABLE public.widgets DROP COLUMN label;" in other.stdout
     wrong = cli("diff", "--sql", "--migrations", cwd=project.root)
     assert wrong.returncode == 2 and "migrate generate" in wrong.stderr
 
@@ -677,8 +801,13 @@ def test_fidelity_on_lemmy_history(pg: Any, project: Any) -> None:
 def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
         pg: Any, project: Any, cli: Any) -> None:
     history(project)
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/migrations/20240102000000_note.down.sql",
+                  "ALTER TABLE widgets DROP COLUMN note;\n")
     project.write("db/schema/10_tables/10_widgets.sql",
                   "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL,\n"
+                  "    note text NOT NULL,\n"
                   "    CONSTRAINT label_short CHECK (length(label) < 100)\n);\n"
                   "CREATE INDEX widgets_label ON widgets (label);\n"
                   "CREATE TABLE tags (id int PRIMARY KEY, widget_id bigint REFERENCES widgets);\n"
@@ -694,6 +823,14 @@ def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
     assert second.startswith("-- confiture:no-transaction\n")
     assert "CREATE INDEX CONCURRENTLY widgets_label ON public.widgets" in second
     assert "ALTER TABLE public.widgets VALIDATE CONSTRAINT label_short;" in second
+    # SET NOT NULL through a validated check: no scan under an exclusive lock
+    assert "ADD CONSTRAINT widgets_note_not_null CHECK ((note IS NOT NULL)) NOT VALID;" in first
+    assert "SET NOT NULL" not in first
+    steps = ["ALTER TABLE public.widgets VALIDATE CONSTRAINT widgets_note_not_null;",
+             "ALTER TABLE public.widgets ALTER COLUMN note SET NOT NULL;",
+             "ALTER TABLE public.widgets DROP CONSTRAINT widgets_note_not_null;"]
+    at = [second.index(step) for step in steps]
+    assert at == sorted(at), second
     assert "DROP INDEX CONCURRENTLY public.widgets_label;" in \
         next(folder.glob("*_label_index_concurrently.down.sql")).read_text()
     db = project.db()
@@ -705,6 +842,10 @@ def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
     assert pg.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'widgets_label'::regclass",
                      db=db)
     assert pg.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'label_short'", db=db)
+    assert pg.scalar("SELECT attnotnull FROM pg_attribute WHERE attrelid = 'widgets'::regclass "
+                     "AND attname = 'note'", db=db)
+    assert not pg.query("SELECT 1 FROM pg_constraint WHERE conname = 'widgets_note_not_null'",
+                        db=db)
     assert cli("diff", cwd=project.root).returncode == 0
 
 

@@ -252,6 +252,13 @@ DRIFTS = {
                             "missing", "fk constraint people_widget_id_fkey on public.people", None),
     "new check constraint": ("ALTER TABLE widgets ADD CONSTRAINT label_set CHECK (label <> '')",
                              "changed", "table public.widgets", "constraint label_set added"),
+    "new collation": ('CREATE COLLATION bytewise FROM "C"', "added", "collation public.bytewise",
+                      None),
+    "new text search configuration": ("CREATE TEXT SEARCH CONFIGURATION simple_en (COPY = english)",
+                                      "added", "text search configuration public.simple_en", None),
+    "changed column type": ("ALTER TABLE widgets ALTER COLUMN label TYPE varchar(200)", "changed",
+                            "table public.widgets",
+                            "column label: type text → character varying(200)"),
 }
 
 
@@ -402,22 +409,35 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Cluster, p
                                                             sql.Literal(comment)))
     code, third = diff_json(cli, project)
     assert code == 0 and third["cached"] is False, (code, third)
-    dumps = list((project.root / ".confiture" / "drift").glob("*.sql"))
-    assert len(dumps) == 1, dumps
+    kept = list((project.root / ".confiture" / "drift").glob("*.model.*.json"))
+    assert len(kept) == 1, kept
+    # diff --privileges compares dumps (grants are not in the model): kept apart, likewise
+    for cached in (False, True):
+        code, report = diff_json(cli, project, "--privileges")
+        assert code == 0 and report["cached"] is cached, (code, report)
+    assert len(list((project.root / ".confiture" / "drift").glob("*.privileges.*.sql"))) == 1
 
 
 def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Cluster, project: Project, cli: CliRunner) -> None:
-    """Kept dumps are written without fsync: after a crash one can exist empty or cut short.
-    Trusting it would report every object as missing."""
+    """Kept catalogs and dumps are written without fsync: after a crash one can exist empty
+    or cut short. Trusting it would report every object as missing."""
     assert cli("reset", cwd=project.root).returncode == 0
     code, first = diff_json(cli, project)
     assert code == 0 and first["cached"] is False, (code, first)
-    [kept] = (project.root / ".confiture" / "drift").glob("*.sql")
+    [kept] = (project.root / ".confiture" / "drift").glob("*.model.*.json")
+    whole = kept.read_text()
+    for damaged in ("", whole[: len(whole) // 2], whole[:-2], whole.replace('"', "'", 1)):
+        kept.write_text(damaged)
+        code, report = diff_json(cli, project)
+        assert code == 0 and report["cached"] is False, (len(damaged), code, report)
+        assert kept.read_text() == whole  # kept again, whole
+    code, first = diff_json(cli, project, "--privileges")
+    [kept] = (project.root / ".confiture" / "drift").glob("*.privileges.*.sql")
     whole = kept.read_text()
     cut = whole.rindex("-- PostgreSQL database dump complete")
     for damaged in ("", whole[: len(whole) // 2], whole[:cut]):
         kept.write_text(damaged)
-        code, report = diff_json(cli, project)
+        code, report = diff_json(cli, project, "--privileges")
         assert code == 0 and report["cached"] is False, (len(damaged), code, report)
         assert "-- PostgreSQL database dump complete" in kept.read_text()  # kept again, whole
 
