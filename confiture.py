@@ -41,7 +41,10 @@ only the sections above it.
   §16 The guard and deploy      every precondition of a destructive run, in one table; deploy:
                                 backup, migrate, verify (drift included), record, or roll back;
                                 rehearsal of pending migrations on a scratch copy
-  §17 Command line              argparse → values → core calls → output and exit codes
+  §17 Command-line plumbing     App (one run's options, console, configuration), hints,
+                                workspace_for; the argparse classes, global options, areas
+  §18 Commands                  argparse → values → core calls → output, area by area;
+                                build_parser, and main(): errors → messages, exit codes
 
 Core functions take values and raise ConfitureError subclasses; only ``main(argv)`` turns
 them into messages and exit codes. Nothing runs at import time.
@@ -12716,13 +12719,12 @@ def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# §17 Command line
-# argparse → values → one core call → output. cmd_<name> handlers are a few lines each;
-# main() is the only place that turns ConfitureError into a message and an exit code.
-# ~1,350 lines, one area after another (foundation, migrate, backups and deploy, sync,
-# drift), each its handlers and then its parser builder; a split would put the parser
-# classes (Commands, _Parser), which every builder uses, above the handlers, away from the
-# parser and main that they serve — kept whole while the start-up work changes them.
+# §17 Command-line plumbing
+# What every command area shares: App (one run's options and console, the configuration
+# loaded on first use), hints finished for the user, the library entry point workspace_for,
+# and the argparse classes §18's parser builders use: Commands builds only the parser of the
+# command being run, CliParser turns a usage error into a ConfigError; with them the global
+# options and each command area's examples.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -12799,6 +12801,160 @@ def workspace_for(config: str | Path | None = None, env: str | None = None,
     env_spec = resolve_env(cfg, resolve_env_name(cfg, env, environ), environ)
     return open_workspace(env_spec, console or Console(quiet=True), environ)
 
+
+# ── the parser's classes ──────────────────────────────────────────────────────────────────
+
+# The command areas in the order of the sections (and of `confiture.py --help`), each with a
+# few examples shown under the area in --help and in every one of its commands' --help.
+COMMAND_AREAS: tuple[tuple[str, str], ...] = (
+    ("build, templates and clones", """\
+  confiture.py init                      scaffold confiture.toml and db/
+  confiture.py scan --env test           files and hashes of the test environment
+  confiture.py template                  build (or reuse) the env's template database
+  confiture.py clone ci_run_42           a fresh database in tens of milliseconds
+  confiture.py reset                     make db-reset: recreate the env's database"""),
+    ("migrations", """\
+  confiture.py migrate new add_user_email        db/migrations/<stamp>_add_user_email.*.sql
+  confiture.py migrate up --dry-run              the plan and SQL, nothing run
+  confiture.py migrate status --check            exit 3 unless everything is applied
+  confiture.py migrate down --steps 1            revert the newest migration"""),
+    ("backups, restore and deploy", """\
+  confiture.py backup --env staging              a verified pg_dump with its sidecar
+  confiture.py restore latest --env staging      swap the newest backup in
+  confiture.py deploy --env prod --yes           back up, migrate, verify; roll back on failure"""),
+    ("anonymized sync", """\
+  confiture.py sync rules > rules.toml           a complete [sync.rules] block to review
+  confiture.py sync --dry-run                    plan and check the [sync] copy, write nothing
+  confiture.py sync --from prod --to staging     copy with personal data rewritten"""),
+    ("drift, watch and status", """\
+  confiture.py diff --env staging                what differs from the DDL (exit 3 if any)
+  confiture.py watch                             rebuild and reset on every file change
+  confiture.py status --json                     the env at a glance, as one document"""),
+)
+
+EXIT_CODES = """\
+exit codes: 0 ok, 1 failed, 2 usage/config, 3 differences found, 4 refused by a safety rule,
+5 lock not released in time, 130 interrupted
+"""
+
+
+def global_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command (the sub-parser copy must not reset them)."""
+    default = argparse.SUPPRESS if suppress else None
+    p = CliParser(add_help=False)
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--config", metavar="PATH", default=default, help="confiture.toml to use")
+    g.add_argument("--env", metavar="NAME", default=default, help="environment")
+    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="print one JSON document on stdout")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   default=argparse.SUPPRESS if suppress else False, help="less output")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   default=argparse.SUPPRESS if suppress else False, help="more output")
+    g.add_argument("--yes", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="confirm operations on protected environments")
+    return p
+
+
+class _Width:
+    """Help formatting without argparse's `import shutil` (which loads the compression modules)
+    on every add_argument: the terminal width the same way shutil.get_terminal_size finds it."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(
+                    sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
+            except (ValueError, OSError):
+                width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)  # type: ignore[call-arg]
+
+
+class _Formatter(_Width, argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions; text with line breaks (the examples epilogs) is kept
+    as written, as RawDescriptionHelpFormatter keeps it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class CliParser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}", hint=f"see '{self.prog} --help'")
+
+
+class _Inert:
+    """Stands in for the parsers of commands not being run: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Inert]:
+        return lambda *args, **kwargs: self
+
+
+class Commands:
+    """Adds the parsers of one command level. Each command's one-line `help` is also its
+    --help description, and its area's examples its epilog; the top level lists commands by
+    area (`listing`). With `only`, it builds only the parser of the command being run:
+    argparse construction of ~40 subcommands costs tens of milliseconds on every call."""
+
+    def __init__(self, real: Any, only: str | None, listed: bool = False,
+                 action: str | None = None) -> None:
+        self.real, self.only, self.listed, self.matched = real, only, listed, False
+        self.action = action  # the word after `only`: the action to build in nested()
+        self.area, self.examples = "", ""
+        self.listing: list[tuple[str, str, str]] = []  # (area, command, help)
+        self.levels = [self]  # this level and those nested() made below it
+
+    def nested(self, real: Any) -> Commands:
+        """The action level under the command being added (`migrate up`): restricted to
+        `action` when this level is restricted, so `migrate status` builds 1 parser of ~10."""
+        running = self.only is not None and not isinstance(real, _Inert)
+        level = Commands(real, self.action if running else None, listed=True)
+        level.begin_area(self.area, self.examples)
+        if running:
+            self.levels.append(level)
+        return level
+
+    def begin_area(self, title: str, examples: str) -> None:
+        self.area, self.examples = title, examples
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        summary = kwargs.get("help", "")
+        self.listing.append((self.area, name, summary))
+        if self.only is not None and name != self.only:
+            return _Inert()
+        self.matched = True
+        kwargs.setdefault("description", summary[:1].upper() + summary[1:] + ".")
+        if self.examples:
+            kwargs.setdefault("epilog", f"examples:\n{self.examples}\n")
+        if not self.listed:
+            kwargs.pop("help", None)  # listed by area in the top-level epilog instead
+        return self.real.add_parser(name, **kwargs)
+
+    def epilog(self) -> str:
+        """Commands by area, each area with its examples, then the exit codes."""
+        parts = []
+        for title, examples in COMMAND_AREAS:
+            rows = [f"  {name:<18} {summary}" for area, name, summary in self.listing
+                    if area == title]
+            parts.append(f"{title}:\n" + "\n".join(rows) + f"\n\n{examples}\n")
+        return "\n".join(parts) + "\n" + EXIT_CODES
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §18 Commands
+# argparse → values → one core call → output, one area after another (foundation, migrate,
+# backups and deploy, sync, drift): each area's cmd_<name> handlers, a few lines each, then
+# its parser builder. Last, build_parser and main(), the only place that turns a
+# ConfitureError into a message and an exit code.
+# ════════════════════════════════════════════════════════════════════════════════════════════
 
 # ── foundation commands ───────────────────────────────────────────────────────────────────
 
@@ -13364,7 +13520,7 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
                                    "one transaction per migration.")
     m.set_defaults(handler=cmd_migrate_status, check=False)
     msub = sub.nested(m.add_subparsers(dest="migrate_command", metavar="ACTION",
-                                       parser_class=_Parser))
+                                       parser_class=CliParser))
 
     p = msub.add_parser("new", parents=[common], help="create <UTC timestamp>_NAME up/down files")
     p.add_argument("name", help="what the migration does, e.g. add_user_email")
@@ -13829,149 +13985,6 @@ def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # ── parser and main ───────────────────────────────────────────────────────────────────────
 
-# The command areas in the order of the sections (and of `confiture.py --help`), each with a
-# few examples shown under the area in --help and in every one of its commands' --help.
-COMMAND_AREAS: tuple[tuple[str, str], ...] = (
-    ("build, templates and clones", """\
-  confiture.py init                      scaffold confiture.toml and db/
-  confiture.py scan --env test           files and hashes of the test environment
-  confiture.py template                  build (or reuse) the env's template database
-  confiture.py clone ci_run_42           a fresh database in tens of milliseconds
-  confiture.py reset                     make db-reset: recreate the env's database"""),
-    ("migrations", """\
-  confiture.py migrate new add_user_email        db/migrations/<stamp>_add_user_email.*.sql
-  confiture.py migrate up --dry-run              the plan and SQL, nothing run
-  confiture.py migrate status --check            exit 3 unless everything is applied
-  confiture.py migrate down --steps 1            revert the newest migration"""),
-    ("backups, restore and deploy", """\
-  confiture.py backup --env staging              a verified pg_dump with its sidecar
-  confiture.py restore latest --env staging      swap the newest backup in
-  confiture.py deploy --env prod --yes           back up, migrate, verify; roll back on failure"""),
-    ("anonymized sync", """\
-  confiture.py sync rules > rules.toml           a complete [sync.rules] block to review
-  confiture.py sync --dry-run                    plan and check the [sync] copy, write nothing
-  confiture.py sync --from prod --to staging     copy with personal data rewritten"""),
-    ("drift, watch and status", """\
-  confiture.py diff --env staging                what differs from the DDL (exit 3 if any)
-  confiture.py watch                             rebuild and reset on every file change
-  confiture.py status --json                     the env at a glance, as one document"""),
-)
-
-EXIT_CODES = """\
-exit codes: 0 ok, 1 failed, 2 usage/config, 3 differences found, 4 refused by a safety rule,
-5 lock not released in time, 130 interrupted
-"""
-
-
-def _global_options(suppress: bool) -> argparse.ArgumentParser:
-    """Options accepted before or after the command (the sub-parser copy must not reset them)."""
-    default = argparse.SUPPRESS if suppress else None
-    p = _Parser(add_help=False)
-    g = p.add_argument_group("global options (before or after the command)")
-    g.add_argument("--config", metavar="PATH", default=default, help="confiture.toml to use")
-    g.add_argument("--env", metavar="NAME", default=default, help="environment")
-    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                   help="print one JSON document on stdout")
-    g.add_argument("-q", "--quiet", action="store_true",
-                   default=argparse.SUPPRESS if suppress else False, help="less output")
-    g.add_argument("-v", "--verbose", action="store_true",
-                   default=argparse.SUPPRESS if suppress else False, help="more output")
-    g.add_argument("--yes", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                   help="confirm operations on protected environments")
-    return p
-
-
-class _Width:
-    """Help formatting without argparse's `import shutil` (which loads the compression modules)
-    on every add_argument: the terminal width the same way shutil.get_terminal_size finds it."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        if width is None:
-            try:
-                width = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(
-                    sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
-            except (ValueError, OSError):
-                width = 80
-            width -= 2
-        super().__init__(prog, indent_increment, max_help_position, width)  # type: ignore[call-arg]
-
-
-class _Formatter(_Width, argparse.HelpFormatter):
-    """Wraps one-paragraph descriptions; text with line breaks (the examples epilogs) is kept
-    as written, as RawDescriptionHelpFormatter keeps it."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if "\n" in text:
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.prog}: {message}", hint=f"see '{self.prog} --help'")
-
-
-class _Inert:
-    """Stands in for the parsers of commands not being run: every call is a no-op."""
-
-    def __getattr__(self, name: str) -> Callable[..., _Inert]:
-        return lambda *args, **kwargs: self
-
-
-class Commands:
-    """Adds the parsers of one command level. Each command's one-line `help` is also its
-    --help description, and its area's examples its epilog; the top level lists commands by
-    area (`listing`). With `only`, it builds only the parser of the command being run:
-    argparse construction of ~40 subcommands costs tens of milliseconds on every call."""
-
-    def __init__(self, real: Any, only: str | None, listed: bool = False,
-                 action: str | None = None) -> None:
-        self.real, self.only, self.listed, self.matched = real, only, listed, False
-        self.action = action  # the word after `only`: the action to build in nested()
-        self.area, self.examples = "", ""
-        self.listing: list[tuple[str, str, str]] = []  # (area, command, help)
-        self.levels = [self]  # this level and those nested() made below it
-
-    def nested(self, real: Any) -> Commands:
-        """The action level under the command being added (`migrate up`): restricted to
-        `action` when this level is restricted, so `migrate status` builds 1 parser of ~10."""
-        running = self.only is not None and not isinstance(real, _Inert)
-        level = Commands(real, self.action if running else None, listed=True)
-        level.begin_area(self.area, self.examples)
-        if running:
-            self.levels.append(level)
-        return level
-
-    def begin_area(self, title: str, examples: str) -> None:
-        self.area, self.examples = title, examples
-
-    def add_parser(self, name: str, **kwargs: Any) -> Any:
-        summary = kwargs.get("help", "")
-        self.listing.append((self.area, name, summary))
-        if self.only is not None and name != self.only:
-            return _Inert()
-        self.matched = True
-        kwargs.setdefault("description", summary[:1].upper() + summary[1:] + ".")
-        if self.examples:
-            kwargs.setdefault("epilog", f"examples:\n{self.examples}\n")
-        if not self.listed:
-            kwargs.pop("help", None)  # listed by area in the top-level epilog instead
-        return self.real.add_parser(name, **kwargs)
-
-    def epilog(self) -> str:
-        """Commands by area, each area with its examples, then the exit codes."""
-        parts = []
-        for title, examples in COMMAND_AREAS:
-            rows = [f"  {name:<18} {summary}" for area, name, summary in self.listing
-                    if area == title]
-            parts.append(f"{title}:\n" + "\n".join(rows) + f"\n\n{examples}\n")
-        return "\n".join(parts) + "\n" + EXIT_CODES
-
 
 def _command_words(argv: Sequence[str]) -> list[str]:
     """The command in argv and the word after it, e.g. ['migrate', 'up'] (words that are not
@@ -13996,13 +14009,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     action level, only the named action's)."""
     only, action = ([*_command_words(argv), None, None][:2] if argv is not None
                     else (None, None))
-    parser = _Parser(prog="confiture.py", parents=[_global_options(False)],
+    parser = CliParser(prog="confiture.py", parents=[global_options(False)],
                      usage="confiture.py [global options] COMMAND [options]",
                      description="The whole PostgreSQL database workflow in one file.")
     parser.add_argument("--version", action="version", version=f"confiture.py {__version__}")
-    common = _global_options(True)
+    common = global_options(True)
     sub = Commands(parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
-                                         prog="confiture.py", parser_class=_Parser), only,
+                                         prog="confiture.py", parser_class=CliParser), only,
                    action=action)
     adders = (add_foundation_commands, add_migration_commands, add_backup_commands,
               add_sync_commands, add_drift_commands)
