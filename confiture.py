@@ -6739,53 +6739,61 @@ class DatabaseLocks:
             pass
 
 
+@contextlib.contextmanager
+def locked_database(ws: Workspace, admin: Session) -> Iterator[DatabaseLocks]:
+    """The env's database under the deploy/restore lock, with the scratch leftovers of killed
+    runs dropped first; every lock is released on the way out. Restore and deploy both run
+    inside it, so they exclude each other the same way."""
+    locks = DatabaseLocks(ws, admin)
+    locks.lock_database()
+    try:
+        drop_scratch_leftovers(ws, admin, ws.env.database)
+        yield locks
+    finally:
+        locks.close()
+
+
 def restore_backup(ws: Workspace, path: Path, force: bool = False) -> RestoreResult:
     """Restore a backup into the env's database so that a failed or interrupted restore
     leaves it exactly as it was: into a scratch database, then an atomic swap of names (the
     previous database is kept). Without CREATEDB: one transaction, in place."""
     started = time.monotonic()
     meta = check_backup(ws, path, digest=False, listing=False)  # the rest runs meanwhile
-    with admin_session(ws) as admin:
-        locks = DatabaseLocks(ws, admin)
-        locks.lock_database()
+    with admin_session(ws) as admin, locked_database(ws, admin) as locks:
+        exists = database_exists(admin, ws.env.database)
+        if exists:
+            locks.lock_target()
+            others = lasting_sessions(admin, ws.env.database, [locks.target_pid])
+            if others and not force:
+                raise Refused(f"database {ws.env.database!r} has {len(others)} other "
+                              "session(s); nothing was restored",
+                              hint="close them, or pass --force to terminate them")
+        if not can_create_databases(admin):
+            if not exists:
+                raise PgError(f"database {ws.env.database!r} does not exist and this role "
+                              "cannot create databases (no CREATEDB)")
+            ws.console.warn("this role has no CREATEDB privilege: restoring in place in "
+                            "one transaction instead of into a new database")
+            if meta is not None:
+                _check_digest(path, str(meta.get("sha256")))
+            check_listing(ws, path)
+            # nothing keeps the overwritten state in this mode: back it up first
+            safety = create_backup(ws, session=locks.target)
+            ws.console.info(f"backed up the current state first: {safety.path}")
+            _restore_in_place(ws, path)
+            return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
+                                 time.monotonic() - started, safety.path)
+        stamp = utc_stamp()
+        props = database_properties(admin, ws.env.database)
+        ws.console.info(f"restoring {path.name} into a new database …")
+        scratch = restore_into_scratch(
+            ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
         try:
-            drop_scratch_leftovers(ws, admin, ws.env.database)
-            exists = database_exists(admin, ws.env.database)
-            if exists:
-                locks.lock_target()
-                others = lasting_sessions(admin, ws.env.database, [locks.target_pid])
-                if others and not force:
-                    raise Refused(f"database {ws.env.database!r} has {len(others)} other "
-                                  "session(s); nothing was restored",
-                                  hint="close them, or pass --force to terminate them")
-            if not can_create_databases(admin):
-                if not exists:
-                    raise PgError(f"database {ws.env.database!r} does not exist and this role "
-                                  "cannot create databases (no CREATEDB)")
-                ws.console.warn("this role has no CREATEDB privilege: restoring in place in "
-                                "one transaction instead of into a new database")
-                if meta is not None:
-                    _check_digest(path, str(meta.get("sha256")))
-                check_listing(ws, path)
-                # nothing keeps the overwritten state in this mode: back it up first
-                safety = create_backup(ws, session=locks.target)
-                ws.console.info(f"backed up the current state first: {safety.path}")
-                _restore_in_place(ws, path)
-                return RestoreResult(path, ws.env.database, "in-place", None, meta is not None,
-                                     time.monotonic() - started, safety.path)
-            stamp = utc_stamp()
-            props = database_properties(admin, ws.env.database)
-            ws.console.info(f"restoring {path.name} into a new database …")
-            scratch = restore_into_scratch(
-                ws, admin, path, None if meta is None else str(meta.get("sha256")), props, stamp)
-            try:
-                locks.unlock_target()
-                replaced = swap_in(ws, admin, scratch, props, force, path, stamp)
-            except BaseException:
-                drop_database(admin, scratch, force=True)
-                raise
-        finally:
-            locks.close()
+            locks.unlock_target()
+            replaced = swap_in(ws, admin, scratch, props, force, path, stamp)
+        except BaseException:
+            drop_database(admin, scratch, force=True)
+            raise
     return RestoreResult(path, ws.env.database, "swap", replaced, meta is not None,
                          time.monotonic() - started)
 
@@ -12350,39 +12358,33 @@ def deploy(ws: Workspace, no_backup: bool = False, dry_run: bool = False) -> Dep
     if dry_run:
         return DeployResult(inspect_deploy(ws, no_backup), "dry-run", [], None,
                             time.monotonic() - started)
-    with admin_session(ws) as admin:
-        locks = DatabaseLocks(ws, admin)
-        locks.lock_database()
+    with admin_session(ws) as admin, locked_database(ws, admin) as locks:
+        created = not database_exists(admin, ws.env.database)
+        if created:
+            ws.console.info(f"creating database {ws.env.database}")
+            admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
         try:
-            drop_scratch_leftovers(ws, admin, ws.env.database)
-            created = not database_exists(admin, ws.env.database)
+            session = locks.lock_target()
+            plan = inspect_deploy(ws, no_backup, session)
             if created:
-                ws.console.info(f"creating database {ws.env.database}")
-                admin.execute(f"CREATE DATABASE {quote_ident(ws.env.database)}")
-            try:
-                session = locks.lock_target()
-                plan = inspect_deploy(ws, no_backup, session)
-                if created:
-                    plan = evolve(plan, exists=False, backup=False)
-                refuse_deploy_problems(plan)
-                backup = None
-                if plan.backup and not plan.nothing_to_do:
-                    ws.console.info(f"backing up {ws.env.database} …")
-                    try:
-                        backup = create_backup(ws, session=session)
-                    except BackupError as exc:
-                        raise BackupError("deploy stopped before changing anything: the backup "
-                                          f"failed: {exc.message}", exc.hint) from exc
-                    ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
-            except BaseException:
-                if created:
-                    locks.unlock_target()
-                    drop_database(admin, ws.env.database, force=True)
-                raise
-            applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
-                                                started, started_at))
-        finally:
-            locks.close()
+                plan = evolve(plan, exists=False, backup=False)
+            refuse_deploy_problems(plan)
+            backup = None
+            if plan.backup and not plan.nothing_to_do:
+                ws.console.info(f"backing up {ws.env.database} …")
+                try:
+                    backup = create_backup(ws, session=session)
+                except BackupError as exc:
+                    raise BackupError("deploy stopped before changing anything: the backup "
+                                      f"failed: {exc.message}", exc.hint) from exc
+                ws.console.info(f"backup {backup.path} ({format_bytes(backup.size)})")
+        except BaseException:
+            if created:
+                locks.unlock_target()
+                drop_database(admin, ws.env.database, force=True)
+            raise
+        applied = _execute_deploy(DeployRun(ws, admin, locks, plan, backup, created,
+                                            started, started_at))
     return DeployResult(plan, "ok", applied, backup, time.monotonic() - started)
 
 
