@@ -26,6 +26,8 @@ only the sections above it.
                                 bounded lock waits with retry; the env's database as a
                                 deploy finds it
   §8b Migration safety: lint    hazard rules per statement, with the target's table sizes
+  §8c Running the lint          the env's pending migrations (or FILES) through the rules,
+                                with its catalog's facts; the parse cache; the deploy gate
   §9  Restore                   swap-in restore from a verified backup; scratch and replaced
                                 copies of the env's database
   §10 Anonymized sync           keyed rules as SQL, streamed COPY, schema-to-schema
@@ -5365,7 +5367,7 @@ class LintContext:
     def existing(self, name: str) -> bool:
         """Does the table hold data already? Not if this migration created it; not if the
         target's catalog lacks it (an earlier pending migration creates it)."""
-        if _bare(name) in self.created or name in self.created:
+        if bare_name(name) in self.created or name in self.created:
             return False
         return self.catalog is None or self.catalog.table(name) is not None
 
@@ -5373,7 +5375,8 @@ class LintContext:
         return describe_table(name, self.table(name))
 
 
-def _bare(name: str) -> str:
+def bare_name(name: str) -> str:
+    """A name without its schema: public.events → events."""
     return name.rsplit(".", 1)[-1]
 
 
@@ -5536,7 +5539,7 @@ def volatile_function_created(p: Parsed) -> str | None:
     if not i or w[i:i + 1] != ("FUNCTION",) or "IMMUTABLE" in w or "STABLE" in w:
         return None
     name = _name_at(p.tokens, i + 1)[0]
-    return _bare(name) if name else None
+    return bare_name(name) if name else None
 
 
 def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
@@ -5544,7 +5547,7 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
     w = p.words
     changes: dict[str, Any] = {}
     if (made := p.created) is not None:
-        changes["created"] = ctx.created | {made, _bare(made)}
+        changes["created"] = ctx.created | {made, bare_name(made)}
     if (w[:2] == ("SET", "LOCK_TIMEOUT") or w[:3] == ("SET", "LOCAL", "LOCK_TIMEOUT")
             or (w[:3] == ("SELECT", "SET_CONFIG", "(") and len(p.tokens) > 3
                 and p.tokens[3].name.strip("'").lower() == "lock_timeout")):
@@ -5552,7 +5555,7 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
     if not ctx.locked_before and locked_table(p, ctx):
         changes["locked_before"] = True
     if (zone := _timezone_set(p)) is not None:
-        changes["utc"] = zone.lower() in _UTC_NAMES
+        changes["utc"] = zone.lower() in UTC_NAMES
     if (function := volatile_function_created(p)) is not None:
         changes["volatile"] = ctx.volatile | {function}
     if (at := p.alter) is not None:
@@ -5562,9 +5565,9 @@ def advance_context(ctx: LintContext, p: Parsed) -> LintContext:
             aw, tokens = action.words, action.tokens
             column = _not_null_check(action)
             if aw[:2] == ("ADD", "CONSTRAINT") and column and len(aw) > 2:
-                checks[tokens[2].name] = f"{_bare(at.table)}.{column}"
+                checks[tokens[2].name] = f"{bare_name(at.table)}.{column}"
                 if aw[-2:] != ("NOT", "VALID"):
-                    proven.add(f"{_bare(at.table)}.{column}")
+                    proven.add(f"{bare_name(at.table)}.{column}")
             if aw[:2] == ("VALIDATE", "CONSTRAINT") and len(aw) > 2 \
                     and tokens[2].name in checks:
                 proven.add(checks[tokens[2].name])
@@ -5647,7 +5650,7 @@ def check_set_not_null(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
         if altered is None or action.words[-3:] != ("SET", "NOT", "NULL"):
             continue
         column = altered[0]
-        if f"{_bare(table)}.{column}" in ctx.proven_not_null:
+        if f"{bare_name(table)}.{column}" in ctx.proven_not_null:
             continue
         facts = ctx.table(table)
         if facts and (ctx.catalog is None or ctx.catalog.server_version >= 120000) and any(
@@ -5681,7 +5684,7 @@ def normalise_type(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 _TIMESTAMPS = ("timestamp without time zone", "timestamp with time zone")
-_UTC_NAMES = ("utc", "etc/utc", "gmt", "etc/gmt", "z", "zulu", "uct", "universal")
+UTC_NAMES = ("utc", "etc/utc", "gmt", "etc/gmt", "z", "zulu", "uct", "universal")
 
 
 def type_change_rewrites(old: str | None, new: str, utc: bool = False) -> bool | None:
@@ -5804,7 +5807,7 @@ def check_unique_without_index(p: Parsed, ctx: LintContext) -> Iterable[Hit]:
         facts = ctx.table(table)
         ready = next((name for name, unique, definition in (facts.indexes if facts else ())
                       if unique and columns and _index_columns(definition) == columns), None)
-        note = f"; unique index {ready} exists: ADD … {kind} USING INDEX {_bare(ready)}" \
+        note = f"; unique index {ready} exists: ADD … {kind} USING INDEX {bare_name(ready)}" \
             if ready else ""
         yield Hit(f"adds {kind} to {ctx.describe(table)}, building its index under an ACCESS "
                   f"EXCLUSIVE lock{note}", table)
@@ -6080,6 +6083,13 @@ LINT_RULES: tuple[LintRule, ...] = (
 LINT_RULE_IDS = {rule.id: rule for rule in LINT_RULES}
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# §8c Running the lint
+# The rules of §8b over the files to lint: which files (the env's pending migrations, or those
+# named), the facts of the env's catalog through §5 (asked once, early), the parse cache,
+# findings and the report, and the gate deploy / migrate up pass on a protected env.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
 # ── running the rules (pure) ──────────────────────────────────────────────────────────────
 
 @record(frozen=True)
@@ -6169,7 +6179,7 @@ def parse_units(units: Sequence[LintUnit], cache: ParseCache | None = None
 
 def referenced_names(parsed: Sequence[Sequence[Parsed]]) -> set[str]:
     """Every identifier the statements mention, bare: the catalog query looks only at these."""
-    return {_bare(t.name) if t.word == '"' else t.name  # only a quoted name holds a '.'
+    return {bare_name(t.name) if t.word == '"' else t.name  # only a quoted name holds a '.'
             for unit in parsed for p in unit for t in p.tokens
             if t.word == '"' or t.word[:1].isalpha()}
 
@@ -6185,7 +6195,7 @@ def mentioned_names(units: Sequence[LintUnit]) -> set[str]:
     found = referenced_names([u.parsed for u in units if u.parsed is not None])
     for unit in units:
         for stmt in unit.statements:
-            found.update(_bare(quoted.replace('""', '"')) if quoted else word.lower()
+            found.update(bare_name(quoted.replace('""', '"')) if quoted else word.lower()
                          for quoted, word in _NAME_OR_WORD.findall(stmt.text))
     return found
 
@@ -6201,7 +6211,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
         ctx = LintContext(catalog=catalog, transactional=unit.transactional,
                           tool_lock_timeout=settings.tool_lock_timeout,
                           has_ddl=any(is_ddl(p.words) for p in statements),
-                          utc=catalog is not None and catalog.timezone.lower() in _UTC_NAMES,
+                          utc=catalog is not None and catalog.timezone.lower() in UTC_NAMES,
                           volatile=volatile)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
