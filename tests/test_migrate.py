@@ -476,6 +476,23 @@ def test_schema_qualified_tracking_table(pg: Cluster, project: Project, cli: Cli
     assert exists(pg, project, "public.b")  # migration 1's SET did not leak into migration 2
 
 
+def test_settings_do_not_leak_between_downs_of_either_kind(pg: Cluster, project: Project, cli: CliRunner,
+                                                          db: str) -> None:
+    """A transactional script resets the settings before its COMMIT, so the next one starts
+    clean without a reset of its own; after a no-transaction migration (its SETs stay in the
+    session) the next one resets first."""
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    mig(project, "2_b", "-- confiture:no-transaction\nCREATE TABLE b (id int);\n",
+        "-- confiture:no-transaction\nSET search_path = '';\nDROP TABLE public.b;\n")
+    mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE d;\nSET search_path = '';\nDROP TABLE public.c;\n")
+    mig(project, "4_d", "CREATE TABLE d (id int);\n", "SELECT 1;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    result = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert tracked(pg, project) == []
+    assert not any(exists(pg, project, f"public.{t}") for t in "abcd")
+
+
 # ── locking, concurrency, interruption ──────────────────────────────────────────────────────
 
 def test_lock_timeout_names_the_holder(pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
