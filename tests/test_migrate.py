@@ -485,7 +485,7 @@ def test_settings_do_not_leak_between_downs_of_either_kind(pg: Cluster, project:
     mig(project, "2_b", "-- confiture:no-transaction\nCREATE TABLE b (id int);\n",
         "-- confiture:no-transaction\nSET search_path = '';\nDROP TABLE public.b;\n")
     mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE d;\nSET search_path = '';\nDROP TABLE public.c;\n")
-    mig(project, "4_d", "CREATE TABLE d (id int);\n", "SELECT 1;\n")
+    mig(project, "4_d", "CREATE TABLE d (id int);\n", "SET search_path = '';\nSELECT 1;\n")
     assert cli("migrate", "up", cwd=project.root).returncode == 0
     result = cli("migrate", "down", "--to", "0", cwd=project.root)
     assert result.returncode == 0, result.stderr
