@@ -8536,12 +8536,19 @@ class DbObject:
 class SchemaModel:
     objects: Mapping[str, DbObject]
 
-    def dependents(self, key: str) -> list[str]:
-        """Keys of the objects that need `key`, directly or through others (nearest first)."""
+    @functools.cached_property
+    def users(self) -> dict[str, list[str]]:
+        """Key → the keys of the objects that need it directly (built once: a model is never
+        changed after it is made; cached_property writes past the frozen record's setattr)."""
         direct: dict[str, list[str]] = {}
         for obj in self.objects.values():
             for dep in obj.depends:
                 direct.setdefault(dep, []).append(obj.key)
+        return direct
+
+    def dependents(self, key: str) -> list[str]:
+        """Keys of the objects that need `key`, directly or through others (nearest first)."""
+        direct = self.users
         found: list[str] = []
         todo = [key]
         while todo:
@@ -9718,10 +9725,7 @@ class _Planner:
     def _close_replacements(self) -> None:
         """Dependents of what is replaced (or of a column whose type changes) go too."""
         a, b = self.old.objects, self.new.objects
-        direct: dict[str, list[str]] = {}
-        for obj in a.values():
-            for dep in obj.depends:
-                direct.setdefault(dep, []).append(obj.key)
+        direct = self.old.users
         todo = sorted(self.replaced | {k for k in a if k not in b} |
                       {k for k, alt in self.alters.items() if alt.disturbs})
         while todo:
@@ -9841,10 +9845,7 @@ class _Planner:
             if node is not None and before is not None and node != before:
                 after[node].add(before)
 
-        users: dict[str, list[str]] = {}
-        for obj in a.values():
-            for dep in obj.depends:
-                users.setdefault(dep, []).append(obj.key)
+        users = self.old.users
         for node in actions:
             verb, key = node
             if verb in ("create", "alter"):

@@ -356,6 +356,15 @@ def test_model_diff_reports_objects_with_column_level_detail() -> None:
     assert confiture.compare_model_objects(ddl, ddl) == []
 
 
+def test_dependents_index_is_built_once() -> None:
+    m = model(table("t"), column("t", "a"), view("v", " SELECT a", ["column public.t.a"]),
+              view("w", " SELECT a", ["view public.v"]))
+    assert m.users is m.users
+    assert m.dependents("table public.t") == ["column public.t.a", "view public.v",
+                                              "view public.w"]
+    assert m.dependents("view public.w") == []
+
+
 def test_online_set_not_null_goes_through_a_validated_check() -> None:
     old = model(table("t"), column("t", "id"), column("t", "c"))
     new = model(table("t"), column("t", "id"), column("t", "c", notnull=True))
