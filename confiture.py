@@ -10957,11 +10957,12 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
                     base: Workspace | None = None) -> DriftReport:
     """Prove that migrations and DDL agree: apply every pending migration to a scratch
     database and compare it with the env's schema-only DDL build. The scratch database starts
-    empty (histories that build everything from nothing) or, with `base`, as a schema copy of
-    that env's database with its applied migrations recorded (a preview of deploying there).
-    Both are built on the env's scratch server (scratch_workspace)."""
+    empty (histories that build everything from nothing), from [migrations] baseline_schema
+    when it is set (histories that start from an existing schema), or, with `base`, as a
+    schema copy of that env's database with its applied migrations recorded (a preview of
+    deploying there). Both are built on the env's scratch server (scratch_workspace)."""
     started = time.monotonic()
-    side = FromSide(base=base)
+    side = FromSide(base=base, baseline=ws.config.migrations_baseline)
     ws = scratch_workspace(ws)
     with admin_session(ws) as session:
         result, probe = ensure_template(ws, seeds=False, session=session)
@@ -10973,7 +10974,7 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
     if base is not None:
         start = f"env {base.env.name} at {applied_migration_version(base) or 'no migration'}"
     else:
-        start = "empty"
+        start = side.origin() if side.baseline is not None else "empty"
     label = f"migrations ({applied} applied to {start})"
     return DriftReport(label, _template_label(result), "the DDL", tuple(
         compare_model_objects(expected, actual, _template_label(result), label)),

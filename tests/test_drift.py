@@ -404,6 +404,35 @@ def test_diff_migrations_failure_names_the_migration(pg: Cluster, project: Proje
     assert no_scratch_left(pg, project)
 
 
+def test_diff_migrations_starts_from_the_baseline_schema(pg: Cluster, project: Project,
+                                                         cli: CliRunner) -> None:
+    """A history that starts from an existing schema ([migrations] baseline_schema) is replayed
+    from it, as migrate generate and the guard do; without it the replay cannot start."""
+    widgets = "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL"
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql", widgets + ",\n    note text\n);\n")
+    failed = cli("diff", "--migrations", cwd=project.root)
+    assert failed.returncode == 1 and "20240102000000_note.up.sql" in failed.stderr
+    project.write("db/baseline.sql", widgets + "\n);\n")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 0, report
+    assert "migrations (1 applied to baseline baseline.sql)" == report["actual"]
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  widgets + ",\n    note text,\n    size int\n);\n")
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 3
+    assert report["differences"][0]["summary"] == ["column size missing (integer)"]
+    # --base still starts from the env's own schema (which holds the baseline already)
+    pg.create_db(project.db())
+    pg.query(widgets + ");", db=project.db())
+    code, report = diff_json(cli, project, "--migrations", "--base", "local")
+    assert code == 3 and "applied to env local at no migration" in report["actual"], report
+    assert no_scratch_left(pg, project)
+
+
 def example_project(pg: Cluster, project: Project) -> None:
     shutil.copytree(ROOT / "sql", project.root / "sql")
     text = project.config_path.read_text()
