@@ -2800,11 +2800,14 @@ def pg_restore_argv(tools: PgTools, conn: ConnInfo, dbname: str | None,
 
 
 def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[str]:
-    """pg_dump for comparing schemas. Owners, grants and tablespaces only with `privileges`;
-    subscriptions never (their connection strings may hold passwords)."""
-    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8"]
+    """pg_dump of a schema to copy into a scratch database (§13 FromSide). Owners and grants
+    only with `privileges`; tablespaces never (the scratch server need not have them, and the
+    schema model does not compare them); subscriptions never (their connection strings may
+    hold passwords)."""
+    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8",
+            "--no-tablespaces"]
     if not privileges:
-        argv += ["--no-owner", "--no-privileges", "--no-tablespaces"]
+        argv += ["--no-owner", "--no-privileges"]
     return argv + conn.argv_conninfo()
 
 
@@ -8840,6 +8843,14 @@ def _acl_columns(what: str, owner: str, acl: str, base: str | None) -> str:
             f"{_acl_entries(default, owner) if base else 'NULL'} AS base, '{what}' AS what")
 
 
+# acldefault's object codes: 's' for a sequence, 'r' for other relations; default privileges
+# in a schema start from nothing, global ones from the role's acldefault
+_RELATION_ACLDEFAULT = ("acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::\"char\", "
+                        "c.relowner)")
+_DEFAULT_ACLDEFAULT = ("CASE WHEN d.defaclnamespace = 0 THEN acldefault((CASE d.defaclobjtype "
+                       "WHEN 'S' THEN 's' ELSE d.defaclobjtype END)::\"char\", d.defaclrole) END")
+
+
 def _query_grants(excluded: str) -> str:
     relation = ("CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' "
                 "WHEN 'm' THEN 'view' ELSE 'table' END")
@@ -8849,7 +8860,7 @@ SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.rel
     WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND c.relkind = 'S'
       AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS linked,
   {_acl_columns('relation', 'c.relowner', 'c.relacl',
-                "acldefault(CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END, c.relowner)")}
+                _RELATION_ACLDEFAULT)}
 {_relations("'r', 'p', 'v', 'm', 'S'", excluded)}
 UNION ALL
 SELECT c.relkind, quote_ident(n.nspname), quote_ident(c.relname), NULL, quote_ident(a.attname),
@@ -8872,9 +8883,7 @@ SELECT 'n', '', quote_ident(n.nspname), NULL, NULL, 'schema', false,
 FROM pg_namespace n WHERE {_user_ns()}
 UNION ALL
 SELECT d.defaclobjtype, coalesce(quote_ident(n.nspname), ''), '', NULL, NULL, 'default', false,
-  {_acl_columns('default', 'd.defaclrole', 'd.defaclacl',
-                "CASE WHEN d.defaclnamespace = 0 THEN acldefault(CASE d.defaclobjtype "
-                "WHEN 'S' THEN 's' ELSE d.defaclobjtype END, d.defaclrole) END")}
+  {_acl_columns('default', 'd.defaclrole', 'd.defaclacl', _DEFAULT_ACLDEFAULT)}
 FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace"""
 
 
