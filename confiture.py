@@ -8952,10 +8952,10 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
         if obj.depends:  # set by the reader (an object's grants need its owner set first)
             needs |= obj.depends & objects.keys()
         if needs:
-            # a direct call: evolve() costs ~15 µs an object, 50 ms for 3,000 objects
-            objects[key] = DbObject(kind=obj.kind, key=key, schema=obj.schema, name=obj.name,
-                                    parent=obj.parent, facts=obj.facts, comment=obj.comment,
-                                    depends=frozenset(needs))
+            # set on the record the reader just made, which nothing else holds yet: a second
+            # DbObject per object (evolve() ~15 µs, a direct call ~3 µs) cost ~10 ms a side
+            # for 200 tables in diff --sql's profile
+            object.__setattr__(obj, "depends", frozenset(needs))
     return SchemaModel(objects=objects)
 
 
