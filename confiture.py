@@ -8935,7 +8935,7 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
                 objects[obj.key] = obj
                 for oid in oids:
                     by_oid.setdefault(oid, obj.key)
-    for key in [k for k, o in objects.items() if o.kind in _HANGERS_ON and o.parent
+    for key in [k for k, o in objects.items() if o.kind in HANGERS_ON and o.parent
                 and o.parent not in objects]:
         del objects[key]  # an owner or grants of something the model does not hold
     depends: dict[str, set[str]] = {}
@@ -8959,7 +8959,7 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
     return SchemaModel(objects=objects)
 
 
-_HANGERS_ON = frozenset({"owner", "acl"})  # kinds that exist only on another object
+HANGERS_ON = frozenset({"owner", "acl"})  # kinds that exist only on another object
 
 
 def _owned_sequence(objects: Mapping[str, DbObject], source: str, target: str) -> bool:
@@ -9650,7 +9650,7 @@ def _drop_other(obj: DbObject) -> list[str] | None:
     return [obj.facts["drop"]] if obj.facts["drop"] else None
 
 
-def _create_owner(obj: DbObject, model: SchemaModel) -> list[str]:
+def create_owner(obj: DbObject, model: SchemaModel) -> list[str]:
     return [f"ALTER {obj.facts['alter']} OWNER TO {obj.facts['owner']}"]
 
 
@@ -9661,7 +9661,7 @@ def _alter_owner(old: DbObject, new: DbObject) -> Alteration | None:
     if old.facts["owner"] == new.facts["owner"] or (old.facts.get("linked") and
                                                     new.facts.get("linked")):
         return _NO_CHANGE
-    return Alteration(tuple(_create_owner(new, SchemaModel(objects={}))))
+    return Alteration(tuple(create_owner(new, SchemaModel(objects={}))))
 
 
 def _acl_statements(facts: Mapping[str, Any], before: Sequence[str], after: Sequence[str]
@@ -9761,7 +9761,7 @@ OBJECT_KINDS: dict[str, ObjectKind] = {
     "policy": ObjectKind(12, _create_policy, _drop_policy, _cannot_alter, _comment_word("POLICY")),
     "other": ObjectKind(13, _create_other, _drop_other, _cannot_alter, None),
     # with --privileges only (§11 _read_grants): set once the object exists, in place after
-    "owner": ObjectKind(14, _create_owner, lambda o: [], _alter_owner, None),
+    "owner": ObjectKind(14, create_owner, lambda o: [], _alter_owner, None),
     "acl": ObjectKind(15, _create_acl, _drop_acl, _alter_acl, None),
 }
 
@@ -10494,7 +10494,7 @@ def drop_tracking_leftovers(model: SchemaModel, tables: frozenset[tuple[str, str
         return model
     gone = owned | {f"schema {name}" for name in lonely}
     return SchemaModel(objects={k: o for k, o in model.objects.items() if k not in gone
-                                and not (o.kind in _HANGERS_ON and o.parent in gone)})
+                                and not (o.kind in HANGERS_ON and o.parent in gone)})
 
 
 def _catalog_ident(name: str) -> str:
@@ -10556,7 +10556,7 @@ def unit_body(head: DbObject, model: SchemaModel) -> str:
             lines.append(f"COMMENT ON {target(obj)} IS {quote_literal(obj.comment)}")
     owner = model.objects.get(f"owner {head.key}")
     if owner is not None:  # with --privileges: pg_dump writes it with the object
-        lines += _create_owner(owner, model)
+        lines += create_owner(owner, model)
     return "\n".join(f"{line.rstrip().rstrip(';')};" for line in lines if line)
 
 
