@@ -379,6 +379,35 @@ def test_down_stops_at_first_failing_down(pg: Cluster, project: Project, cli: Cl
     assert "2_b.down.sql:2" in result.stderr and "reverted 1 migration(s)" in result.stderr
     assert tracked(pg, project) == [(1, "applied"), (2, "applied")]
     assert exists(pg, project, "b") and not exists(pg, project, "c")
+    # the failed down took its log row with it: only 3_c's revert is logged
+    log = pg.query("SELECT event, version FROM confiture_migrations_log "
+                   "WHERE event = 'reverted' ORDER BY id", db=db)
+    assert [(event, int(version)) for event, version in log] == [("reverted", 3)]
+
+
+def test_down_refuses_unreadable_down_files_and_bad_scans_before_anything_runs(
+        pg: Cluster, project: Project, cli: CliRunner, db: str) -> None:
+    """Every planned down file is read and checked before the first one runs; the scan (now
+    done while psql connects, inside the locked run) still refuses cleanly and frees the lock."""
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    mig(project, "2_b", "CREATE TABLE b (id int);\n", "DROP TABLE b;\n")
+    mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE c;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    (project.root / "db/migrations/1_a.down.sql").write_bytes(b"DROP TABLE a; -- caf\xe9\n")
+    refused = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert refused.returncode == 2 and "1_a.down.sql:1: not valid UTF-8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied"), (3, "applied")]
+    assert exists(pg, project, "c")
+    assert not pg.query("SELECT 1 FROM confiture_migrations_log WHERE event = 'reverted'", db=db)
+    mig(project, "3_dup", "SELECT 1;\n")
+    twice = cli("migrate", "down", "--steps", "1", cwd=project.root)
+    assert twice.returncode == 2 and "two migrations have version 3" in twice.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied"), (3, "applied")]
+    (project.root / "db/migrations/3_dup.up.sql").unlink()
+    one = cli("migrate", "down", "--steps", "1", cwd=project.root)  # no lock was left behind
+    assert one.returncode == 0, one.stderr
+    assert tracked(pg, project) == [(1, "applied"), (2, "applied")] and not exists(pg, project, "c")
 
 
 # ── dry runs change nothing ─────────────────────────────────────────────────────────────────
@@ -445,6 +474,23 @@ def test_schema_qualified_tracking_table(pg: Cluster, project: Project, cli: Cli
     assert result.returncode == 0, result.stderr
     assert tracked(pg, project, "ops.schema_history") == [(1, "applied"), (2, "applied")]
     assert exists(pg, project, "public.b")  # migration 1's SET did not leak into migration 2
+
+
+def test_settings_do_not_leak_between_downs_of_either_kind(pg: Cluster, project: Project, cli: CliRunner,
+                                                          db: str) -> None:
+    """A transactional script resets the settings before its COMMIT, so the next one starts
+    clean without a reset of its own; after a no-transaction migration (its SETs stay in the
+    session) the next one resets first."""
+    mig(project, "1_a", "CREATE TABLE a (id int);\n", "DROP TABLE a;\n")
+    mig(project, "2_b", "-- confiture:no-transaction\nCREATE TABLE b (id int);\n",
+        "-- confiture:no-transaction\nSET search_path = '';\nDROP TABLE public.b;\n")
+    mig(project, "3_c", "CREATE TABLE c (id int);\n", "DROP TABLE d;\nSET search_path = '';\nDROP TABLE public.c;\n")
+    mig(project, "4_d", "CREATE TABLE d (id int);\n", "SET search_path = '';\nSELECT 1;\n")
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    result = cli("migrate", "down", "--to", "0", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert tracked(pg, project) == []
+    assert not any(exists(pg, project, f"public.{t}") for t in "abcd")
 
 
 # ── locking, concurrency, interruption ──────────────────────────────────────────────────────
