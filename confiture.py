@@ -35,8 +35,8 @@ only the sections above it.
                                 object with its dependencies from pg_depend
   §12 Schema planner            pure plans that turn one model into another, in dependency
                                 order; each kind's create, drop and alter; online variants
-  §13 Drift                     schema diff on the models, object by object (pg_dump for
-                                --privileges); the template's catalog cached
+  §13 Drift                     schema diff on the models, object by object (owners and
+                                grants with --privileges); the template's catalog cached
   §14 Status and watch          the env at a glance; reset on file changes
   §15 Derived migrations        migrate generate (planned, proved on scratch databases),
                                 diff --sql, the guard before a protected env is written
@@ -2810,11 +2810,14 @@ def pg_restore_argv(tools: PgTools, conn: ConnInfo, dbname: str | None,
 
 
 def dump_schema_argv(tools: PgTools, conn: ConnInfo, privileges: bool) -> list[str]:
-    """pg_dump for comparing schemas. Owners, grants and tablespaces only with `privileges`;
-    subscriptions never (their connection strings may hold passwords)."""
-    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8"]
+    """pg_dump of a schema to copy into a scratch database (§13 FromSide). Owners and grants
+    only with `privileges`; tablespaces never (the scratch server need not have them, and the
+    schema model does not compare them); subscriptions never (their connection strings may
+    hold passwords)."""
+    argv = [tools.pg_dump, "--schema-only", "--no-subscriptions", "--encoding=UTF8",
+            "--no-tablespaces"]
     if not privileges:
-        argv += ["--no-owner", "--no-privileges", "--no-tablespaces"]
+        argv += ["--no-owner", "--no-privileges"]
     return argv + conn.argv_conninfo()
 
 
@@ -8592,12 +8595,19 @@ class DbObject:
 class SchemaModel:
     objects: Mapping[str, DbObject]
 
-    def dependents(self, key: str) -> list[str]:
-        """Keys of the objects that need `key`, directly or through others (nearest first)."""
+    @functools.cached_property
+    def users(self) -> dict[str, list[str]]:
+        """Key → the keys of the objects that need it directly (built once: a model is never
+        changed after it is made; cached_property writes past the frozen record's setattr)."""
         direct: dict[str, list[str]] = {}
         for obj in self.objects.values():
             for dep in obj.depends:
                 direct.setdefault(dep, []).append(obj.key)
+        return direct
+
+    def dependents(self, key: str) -> list[str]:
+        """Keys of the objects that need `key`, directly or through others (nearest first)."""
+        direct = self.users
         found: list[str] = []
         todo = [key]
         while todo:
@@ -8868,6 +8878,72 @@ SELECT s.oid, 'server', '', quote_ident(s.srvname),
 FROM pg_foreign_server s WHERE {_not_extension('pg_foreign_server', 's.oid')}"""
 
 
+# ── owners and grants (read only with --privileges) ──────────────────────────────────────
+# Each object's owner and its effective ACL (a NULL acl is its acldefault), one entry
+# "grantee=PRIVILEGE" ("*" when grantable) per privilege, the owner written "(owner)": an
+# ALTER … OWNER TO carries the owner's entries to the new owner, so entries relative to the
+# owner survive it. `base` is what the object has with no GRANT at all (acldefault; empty for
+# a column and for default privileges in a schema). Grantors are not compared.
+
+def _acl_entries(acl: str, owner: str) -> str:
+    return (f"(SELECT json_agg(CASE WHEN x.grantee = {owner} THEN '(owner)' "
+            "WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(x.grantee)) END "
+            "|| '=' || x.privilege_type || CASE WHEN x.is_grantable THEN '*' ELSE '' END) "
+            f"FROM aclexplode({acl}) x)")
+
+
+def _acl_columns(what: str, owner: str, acl: str, base: str | None) -> str:
+    """owner, acl and base columns of one grants row (`acl` NULL means acldefault)."""
+    default = base or "NULL"
+    return (f"quote_ident(pg_get_userbyid({owner})) AS owner, "
+            f"{_acl_entries(f'coalesce({acl}, {default})', owner)} AS acl, "
+            f"{_acl_entries(default, owner) if base else 'NULL'} AS base, '{what}' AS what")
+
+
+# acldefault's object codes: 's' for a sequence, 'r' for other relations; default privileges
+# in a schema start from nothing, global ones from the role's acldefault
+_RELATION_ACLDEFAULT = ("acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::\"char\", "
+                        "c.relowner)")
+_DEFAULT_ACLDEFAULT = ("CASE WHEN d.defaclnamespace = 0 THEN acldefault((CASE d.defaclobjtype "
+                       "WHEN 'S' THEN 's' ELSE d.defaclobjtype END)::\"char\", d.defaclrole) END")
+
+
+def _query_grants(excluded: str) -> str:
+    relation = ("CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' "
+                "WHEN 'm' THEN 'view' ELSE 'table' END")
+    return f"""
+SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.relname) AS name,
+  NULL AS args, NULL AS column, {relation} AS kind, EXISTS (SELECT 1 FROM pg_depend d
+    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND c.relkind = 'S'
+      AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS linked,
+  {_acl_columns('relation', 'c.relowner', 'c.relacl',
+                _RELATION_ACLDEFAULT)}
+{_relations("'r', 'p', 'v', 'm', 'S'", excluded)}
+UNION ALL
+SELECT c.relkind, quote_ident(n.nspname), quote_ident(c.relname), NULL, quote_ident(a.attname),
+  'column', false, {_acl_columns('column', 'c.relowner', 'a.attacl', None)}
+{_relations("'r', 'p', 'v', 'm'", excluded, _COLUMN_JOINS, " AND a.attacl IS NOT NULL")}
+UNION ALL
+SELECT p.prokind, quote_ident(n.nspname), quote_ident(p.proname),
+  pg_get_function_identity_arguments(p.oid), NULL, 'function', false,
+  {_acl_columns('function', 'p.proowner', 'p.proacl', "acldefault('f', p.proowner)")}
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prokind IN ('f', 'p') AND {_user_ns()}
+UNION ALL
+SELECT t.typtype, quote_ident(n.nspname), quote_ident(t.typname), NULL, NULL, 'type', false,
+  {_acl_columns('type', 't.typowner', 't.typacl', "acldefault('T', t.typowner)")}
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE {_user_ns()} AND t.typtype IN ('e', 'c', 'd', 'r')
+UNION ALL
+SELECT 'n', '', quote_ident(n.nspname), NULL, NULL, 'schema', false,
+  {_acl_columns('schema', 'n.nspowner', 'n.nspacl', "acldefault('n', n.nspowner)")}
+FROM pg_namespace n WHERE {_user_ns()}
+UNION ALL
+SELECT d.defaclobjtype, coalesce(quote_ident(n.nspname), ''), '', NULL, NULL, 'default', false,
+  {_acl_columns('default', 'd.defaclrole', 'd.defaclacl', _DEFAULT_ACLDEFAULT)}
+FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace"""
+
+
 _DEPENDS_SQL = """
 SELECT d.classid::regclass::text AS c, d.objid AS o, d.objsubid AS s,
   d.refclassid::regclass::text AS rc, d.refobjid AS ro, d.refobjsubid AS rs
@@ -8881,26 +8957,29 @@ def _excluded_tables(excluded: frozenset[tuple[str, str]]) -> str:
     return f" AND (n.nspname, c.relname) NOT IN ({pairs})"
 
 
-def read_schema_model(session: Session,
-                      excluded: frozenset[tuple[str, str]] = frozenset()) -> SchemaModel:
+def read_schema_model(session: Session, excluded: frozenset[tuple[str, str]] = frozenset(),
+                      privileges: bool = False) -> SchemaModel:
     """The schema of the session's database (see catalog_json)."""
-    return model_from_catalog(json.loads(catalog_json(session, excluded)))
+    return model_from_catalog(json.loads(catalog_json(session, excluded, privileges)))
 
 
-def model_catalog_sql(excluded: frozenset[tuple[str, str]] = frozenset()) -> str:
-    """The one statement that returns every kind's rows as one JSON object."""
+def model_catalog_sql(excluded: frozenset[tuple[str, str]] = frozenset(),
+                      privileges: bool = False) -> str:
+    """The one statement that returns every kind's rows as one JSON object (owners and
+    grants only with `privileges`)."""
     where = _excluded_tables(excluded)
     parts = [f"'{name}', (SELECT coalesce(json_agg(q), '[]') FROM ({kind.query(where)}) q)"
-             for name, kind in CATALOG_KINDS.items()]
+             for name, kind in CATALOG_KINDS.items() if privileges or not kind.privileges]
     parts.append(f"'depends', (SELECT coalesce(json_agg(q), '[]') FROM ({_DEPENDS_SQL}) q)")
     return f"SELECT json_build_object({', '.join(parts)})"
 
 
-def catalog_json(session: Session, excluded: frozenset[tuple[str, str]] = frozenset()) -> str:
+def catalog_json(session: Session, excluded: frozenset[tuple[str, str]] = frozenset(),
+                 privileges: bool = False) -> str:
     """The model_catalog_sql() rows of the session's database as JSON text, read with an empty
     search_path so that every name in a definition is schema-qualified."""
     session.execute("SELECT set_config('search_path', '', false)")
-    return "\n".join(session.execute(model_catalog_sql(excluded)))
+    return "\n".join(session.execute(model_catalog_sql(excluded, privileges)))
 
 
 def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
@@ -8913,6 +8992,9 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
                 objects[obj.key] = obj
                 for oid in oids:
                     by_oid.setdefault(oid, obj.key)
+    for key in [k for k, o in objects.items() if o.kind in HANGERS_ON and o.parent
+                and o.parent not in objects]:
+        del objects[key]  # an owner or grants of something the model does not hold
     depends: dict[str, set[str]] = {}
     for dep in rows.get("depends", []):
         source = by_oid.get((dep["c"], dep["o"], dep["s"])) or by_oid.get((dep["c"], dep["o"], 0))
@@ -8921,13 +9003,20 @@ def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
         if source and target and source != target and not _owned_sequence(objects, source, target):
             depends.setdefault(source, set()).add(target)
     for key, obj in objects.items():
-        needs = depends.get(key, set()) | ({obj.parent} if obj.parent in objects else set())
+        needs = depends.get(key, set())
+        if obj.parent in objects:
+            needs.add(obj.parent)
+        if obj.depends:  # set by the reader (an object's grants need its owner set first)
+            needs |= obj.depends & objects.keys()
         if needs:
-            # a direct call: evolve() costs ~15 µs an object, 50 ms for 3,000 objects
-            objects[key] = DbObject(kind=obj.kind, key=key, schema=obj.schema, name=obj.name,
-                                    parent=obj.parent, facts=obj.facts, comment=obj.comment,
-                                    depends=frozenset(needs))
+            # set on the record the reader just made, which nothing else holds yet: a second
+            # DbObject per object (evolve() ~15 µs, a direct call ~3 µs) cost ~10 ms a side
+            # for 200 tables in diff --sql's profile
+            object.__setattr__(obj, "depends", frozenset(needs))
     return SchemaModel(objects=objects)
+
+
+HANGERS_ON = frozenset({"owner", "acl"})  # kinds that exist only on another object
 
 
 def _owned_sequence(objects: Mapping[str, DbObject], source: str, target: str) -> bool:
@@ -9058,6 +9147,61 @@ def _read_policy(row: Mapping[str, Any]) -> Read:
     return [(obj, [("pg_policy", row["oid"], 0)])]
 
 
+_DEFAULT_ACL_OBJECTS = {"r": "TABLES", "S": "SEQUENCES", "f": "FUNCTIONS", "T": "TYPES",
+                        "n": "SCHEMAS"}
+_RELATION_WORDS = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
+                   "S": "SEQUENCE"}
+
+
+def _read_grants(row: Mapping[str, Any]) -> Read:
+    """An object's owner and ACL, as two objects ('owner table public.t', 'acl table
+    public.t') that hang off it: the owner is reported with the object, the grants apart
+    (as pg_dump's ACL entries). An object the model does not hold (an extension's, a table's
+    row type) drops them again (model_from_catalog)."""
+    schema, name, code = row["schema"], row["name"], row["relkind"]
+    acl = sorted(row["acl"] or [])
+    base = sorted(row["base"] or [])
+    if row["what"] == "default":
+        role = row["owner"]  # quote_ident'ed by the query, as every name
+        where = f" IN SCHEMA {schema}" if schema else ""
+        label = f"default privileges for role {row['owner']}{where.lower()} on " \
+            f"{_DEFAULT_ACL_OBJECTS[code].lower()}"
+        facts = {"prefix": f"ALTER DEFAULT PRIVILEGES FOR ROLE {role}{where} ",
+                 "on": _DEFAULT_ACL_OBJECTS[code], "columns": "", "owner": row["owner"],
+                 "acl": acl, "base": base}
+        obj = DbObject(kind="acl", key=f"acl {label}", schema=schema, name=label,
+                       parent=f"schema {schema}" if schema else "", facts=facts)
+        return [(obj, [])]
+    target = f"{row['kind']} {qname(schema, name)}"
+    if row["args"] is not None:
+        target += f"({row['args']})"
+    word = {"relation": _RELATION_WORDS.get(code, "TABLE"),
+            "function": "PROCEDURE" if code == "p" else "FUNCTION",
+            "type": "DOMAIN" if code == "d" else "TYPE"}.get(row["what"], "SCHEMA")
+    grant_word = ("SEQUENCE" if code == "S" else "TABLE") if row["what"] == "relation" else word
+    on = f"{grant_word} {ident_of(target)}"
+    if row["what"] == "column":
+        target = f"column {qname(schema, name)}.{row['column']}"
+        on = f"TABLE {qname(schema, name)}"
+    found: Read = []
+    if row["what"] != "column":
+        owner = DbObject(kind="owner", key=f"owner {target}", schema=schema, name=name,
+                         parent=target, facts={"alter": f"{word} {ident_of(target)}",
+                                               "owner": row["owner"],
+                                               "linked": bool(row.get("linked"))})
+        found.append((owner, []))
+    facts = {"prefix": "", "on": on, "columns": f" ({row['column']})" if row["column"] else "",
+             "owner": row["owner"], "acl": acl, "base": base}
+    grants = DbObject(kind="acl", key=f"acl {target}", schema=schema, name=name, parent=target,
+                      facts=facts, depends=frozenset({f"owner {target}"} if found else ()))
+    return [*found, (grants, [])]
+
+
+def ident_of(key: str) -> str:
+    """A key's name part: 'public.f(integer)' of 'function public.f(integer)'."""
+    return key.split(" ", 1)[1]
+
+
 _OTHER_CATALOGS = {"rule": "pg_rewrite", "statistics": "pg_statistic_ext", "aggregate": "pg_proc",
                    "foreign table": "pg_class", "event trigger": "pg_event_trigger",
                    "collation": "pg_collation", "operator": "pg_operator", "cast": "pg_cast",
@@ -9081,6 +9225,7 @@ class CatalogKind:
 
     query: Callable[[str], str]
     read: Callable[[Mapping[str, Any]], Read]
+    privileges: bool = False  # read only with --privileges (owners and grants)
 
 
 # Read in this order (a default is read with its column); the planner's OBJECT_KINDS (§12)
@@ -9099,6 +9244,7 @@ CATALOG_KINDS: dict[str, CatalogKind] = {
     "trigger": CatalogKind(_query_triggers, _read_trigger),
     "policy": CatalogKind(_query_policies, _read_policy),
     "other": CatalogKind(_query_others, _read_other),
+    "grants": CatalogKind(_query_grants, _read_grants, privileges=True),
 }
 
 
@@ -9561,6 +9707,68 @@ def _drop_other(obj: DbObject) -> list[str] | None:
     return [obj.facts["drop"]] if obj.facts["drop"] else None
 
 
+def create_owner(obj: DbObject, model: SchemaModel) -> list[str]:
+    return [f"ALTER {obj.facts['alter']} OWNER TO {obj.facts['owner']}"]
+
+
+def _alter_owner(old: DbObject, new: DbObject) -> Alteration | None:
+    """A sequence linked to a column (serial, OWNED BY) follows its table's owner: PostgreSQL
+    refuses to change it alone, and ALTER TABLE … OWNER TO carries it. (A sequence a plan
+    creates is linked only at its end, after owners are set: its OWNER TO runs.)"""
+    if old.facts["owner"] == new.facts["owner"] or (old.facts.get("linked") and
+                                                    new.facts.get("linked")):
+        return _NO_CHANGE
+    return Alteration(tuple(create_owner(new, SchemaModel(objects={}))))
+
+
+def _acl_statements(facts: Mapping[str, Any], before: Sequence[str], after: Sequence[str]
+                    ) -> list[str]:
+    """GRANT and REVOKE that take ACL entries `before` to `after` (see _query_grants); the
+    owner's entries are granted to the owner by name."""
+    def parse(entries: Sequence[str]) -> dict[tuple[str, str], bool]:
+        out = {}
+        for entry in entries:
+            grantee, _, privilege = entry.rpartition("=")
+            out[(grantee, privilege.rstrip("*"))] = privilege.endswith("*")
+        return out
+
+    old, new = parse(before), parse(after)
+    head, columns = facts["prefix"], facts["columns"]
+    out = []
+
+    def who(grantee: str) -> str:
+        return facts["owner"] if grantee == "(owner)" else grantee
+
+    for (grantee, privilege), grantable in sorted(old.items()):
+        if (grantee, privilege) not in new:
+            out.append(f"{head}REVOKE {privilege}{columns} ON {facts['on']} FROM {who(grantee)}")
+        elif grantable and not new[(grantee, privilege)]:
+            out.append(f"{head}REVOKE GRANT OPTION FOR {privilege}{columns} ON {facts['on']} "
+                       f"FROM {who(grantee)}")
+    for (grantee, privilege), grantable in sorted(new.items()):
+        if old.get((grantee, privilege)) is None or (grantable and not old[(grantee, privilege)]):
+            out.append(f"{head}GRANT {privilege}{columns} ON {facts['on']} TO {who(grantee)}"
+                       + (" WITH GRANT OPTION" if grantable else ""))
+    return out
+
+
+def _create_acl(obj: DbObject, model: SchemaModel) -> list[str]:
+    """From what a new object has (its acldefault, after its owner is set) to its ACL."""
+    return _acl_statements(obj.facts, obj.facts["base"] or [], obj.facts["acl"] or [])
+
+
+def _drop_acl(obj: DbObject) -> list[str]:
+    """Back to the object's acldefault (a column's grants, default privileges)."""
+    return _acl_statements(obj.facts, obj.facts["acl"] or [], obj.facts["base"] or [])
+
+
+def _alter_acl(old: DbObject, new: DbObject) -> Alteration | None:
+    """Entries relative to the owner: an owner change (planned before, §11 depends) carries
+    them over, so only the difference is granted or revoked."""
+    return Alteration(tuple(_acl_statements(new.facts, old.facts["acl"] or [],
+                                            new.facts["acl"] or [])))
+
+
 def _cannot_alter(old: DbObject, new: DbObject) -> Alteration | None:
     return None
 
@@ -9609,6 +9817,9 @@ OBJECT_KINDS: dict[str, ObjectKind] = {
                           _comment_word("TRIGGER")),
     "policy": ObjectKind(12, _create_policy, _drop_policy, _cannot_alter, _comment_word("POLICY")),
     "other": ObjectKind(13, _create_other, _drop_other, _cannot_alter, None),
+    # with --privileges only (§11 _read_grants): set once the object exists, in place after
+    "owner": ObjectKind(14, create_owner, lambda o: [], _alter_owner, None),
+    "acl": ObjectKind(15, _create_acl, _drop_acl, _alter_acl, None),
 }
 
 
@@ -9653,6 +9864,8 @@ def _renamed_key(key: str, old: str, new: str) -> str:
     """The key of an object after its table or column was renamed."""
     old_name, new_name = old.split(" ", 1)[1], new.split(" ", 1)[1]
     kind, _, rest = key.partition(" ")
+    if kind in ("owner", "acl") and " " in rest:  # 'acl table public.t': its object's key
+        return f"{kind} {_renamed_key(rest, old, new)}"
     if rest == old_name:
         return f"{kind} {new_name}"
     if rest.startswith(old_name + "."):
@@ -9757,6 +9970,10 @@ class _Planner:
             self.alters.setdefault(column, Alteration((), disturbs=_DISTURBED_KINDS))
             self.swaps.setdefault(new.key, []).append(column)
         out.append(f"DROP TYPE {aside}")
+        for hanger in (f"owner {new.key}", f"acl {new.key}"):  # the new type has the defaults
+            if hanger in b:
+                create = OBJECT_KINDS[b[hanger].kind].create(b[hanger], self.new) or []
+                self.alters[hanger] = Alteration(tuple(create))
         removed = set(old.facts["labels"] or []) - set(new.facts["labels"] or [])
         return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed))
 
@@ -9775,10 +9992,7 @@ class _Planner:
     def _close_replacements(self) -> None:
         """Dependents of what is replaced (or of a column whose type changes) go too."""
         a, b = self.old.objects, self.new.objects
-        direct: dict[str, list[str]] = {}
-        for obj in a.values():
-            for dep in obj.depends:
-                direct.setdefault(dep, []).append(obj.key)
+        direct = self.old.users
         todo = sorted(self.replaced | {k for k in a if k not in b} |
                       {k for k, alt in self.alters.items() if alt.disturbs})
         while todo:
@@ -9898,10 +10112,7 @@ class _Planner:
             if node is not None and before is not None and node != before:
                 after[node].add(before)
 
-        users: dict[str, list[str]] = {}
-        for obj in a.values():
-            for dep in obj.depends:
-                users.setdefault(dep, []).append(obj.key)
+        users = self.old.users
         for node in actions:
             verb, key = node
             if verb in ("create", "alter"):
@@ -10142,8 +10353,8 @@ def concurrently(plan: SchemaPlan) -> SchemaPlan:
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # §13 Drift
-# Both schemas read at once as §11 models (or, with --privileges, as `pg_dump -s` split by its
-# own headers), compared object by object; confiture's tracking tables are ignored. Schema
+# Both schemas read at once as §11 models (owners and grants too with --privileges), compared
+# object by object; confiture's tracking tables are ignored. Schema
 # sources report their git commits (read from .git, no git needed).
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -10257,7 +10468,7 @@ def describe_sources(config: Config, fileset: FileSet | None = None) -> list[Sou
     return infos
 
 
-# ── schema dumps: parse, filter, compare (pure) ───────────────────────────────────────────
+# ── confiture's own tables ────────────────────────────────────────────────────────────────
 
 # Tables confiture itself writes into a project's databases. They are never drift. The
 # migrations table comes from [migrations] table; the others live beside it (or in public).
@@ -10272,124 +10483,6 @@ def tracking_tables(config: Config) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
-_DUMP_HEADER = re.compile(r"^--\n-- Name: (?P<name>.*); Type: (?P<type>[A-Z][A-Z ]*); "
-                          r"Schema: (?P<schema>.*); Owner: (?P<owner>.*)\n--\n", re.MULTILINE)
-_DUMP_END = "\n--\n-- PostgreSQL database dump complete\n--\n"
-_DUMP_PLACEMENT = re.compile(r"^SET (default_tablespace|default_table_access_method) = (.*);$")
-_PLACEMENT_DEFAULTS = {"default_tablespace": "''", "default_table_access_method": "heap"}
-_PLACED_TYPES = {"TABLE", "INDEX", "MATERIALIZED VIEW", "CONSTRAINT"}
-_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
-_BLANK_RUN = re.compile(r"\n{3,}")
-
-
-@record(frozen=True)
-class SchemaObject:
-    """One object of a schema dump, as pg_dump names it ('users id' is a column default)."""
-
-    type: str
-    schema: str  # "" for objects outside schemas (schemas, extensions, their comments)
-    name: str
-    body: str
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.schema, self.name, self.type
-
-
-def parse_schema_dump(text: str) -> dict[tuple[str, str, str], SchemaObject]:
-    """Split `pg_dump --schema-only` output into objects by its '-- Name: …; Type: …' headers,
-    dropping what varies between runs and versions: the SET preamble, \\restrict lines, the
-    version comments, trailing spaces and blank runs. Non-default tablespace/access method
-    settings (written before an object's header) are kept with the objects they apply to.
-    Owners count only through the dump's own OWNER TO statements (present when pg_dump runs
-    without --no-owner), not the headers' 'Owner:' of every dependent object."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n")
-    end = text.find(_DUMP_END)
-    if end >= 0:
-        text = text[:end + 1]
-    if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):  # rare: ~5 ms of regex
-        text = _TRAILING_SPACE.sub("", text)
-    headers = list(_DUMP_HEADER.finditer(text))
-    placement = dict(_PLACEMENT_DEFAULTS)
-    found: dict[tuple[str, str, str], SchemaObject] = {}
-    for index, header in enumerate(headers):
-        stop = headers[index + 1].start() if index + 1 < len(headers) else len(text)
-        chunk = text[header.end():stop]
-        prefix = ""
-        if header["type"] in _PLACED_TYPES:
-            prefix = "".join(f"SET {k} = {v};\n" for k, v in placement.items()
-                             if v != _PLACEMENT_DEFAULTS[k])
-        if "SET default_" in chunk or "restrict " in chunk:  # rare: line by line
-            kept = []
-            for line in chunk.split("\n"):
-                setting = _DUMP_PLACEMENT.match(line)
-                if setting:  # applies to the objects that follow
-                    placement[setting.group(1)] = setting.group(2)
-                elif not line.startswith(("\\restrict ", "\\unrestrict ")):
-                    kept.append(line)
-            chunk = "\n".join(kept)
-        body = (prefix + chunk).strip("\n")
-        if "\n\n\n" in body:  # blank runs inside an object (between objects: stripped above)
-            body = _BLANK_RUN.sub("\n\n", body)
-        schema = "" if header["schema"] == "-" else header["schema"]
-        obj = SchemaObject(header["type"], schema, header["name"], body)
-        if obj.key in found:  # pg_dump does not repeat names, but never lose a body
-            obj = evolve(obj, body=found[obj.key].body + "\n\n" + obj.body)
-        found[obj.key] = obj
-    return found
-
-
-def _dump_ident(name: str) -> list[str]:
-    """The spellings pg_dump may use for a name (it quotes only when needed)."""
-    quoted = quote_ident(name)
-    return [name, quoted] if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else [quoted]
-
-
-def _first_statement(body: str) -> str:
-    if not body.startswith(("SET ", "-- ")):
-        return body.split("\n", 1)[0]
-    for line in body.split("\n"):
-        if line and not line.startswith(("SET ", "-- ")):
-            return line
-    return ""
-
-
-def drop_tracking_objects(objects: Mapping[tuple[str, str, str], SchemaObject],
-                          tables: frozenset[tuple[str, str]]
-                          ) -> dict[tuple[str, str, str], SchemaObject]:
-    """Leave out confiture's tracking tables and everything that hangs off them (defaults,
-    constraints, indexes, triggers, owned sequences, comments, grants), and their schema when
-    nothing else lives in it. An object belongs to a table when its first statement names it:
-    pg_dump always writes the owning table there (CREATE/ALTER TABLE, ON …, OWNED BY …)."""
-    if not tables:
-        return dict(objects)
-    names = {table for _, table in tables}
-    pattern = re.compile("|".join(
-        r"(?<![\w\"$.])" + re.escape(f"{s}.{t}") + r"(?![\w\"$])"
-        for schema, table in sorted(tables)
-        for s in _dump_ident(schema) for t in _dump_ident(table)))
-    kept: dict[tuple[str, str, str], SchemaObject] = {}
-    owned: set[tuple[str, str]] = set()
-    for key, obj in objects.items():
-        if obj.type == "TABLE" and (obj.schema, obj.name) in tables:
-            continue
-        head = _first_statement(obj.body)
-        if any(name in head for name in names) and pattern.search(head):
-            if obj.type == "SEQUENCE OWNED BY":
-                owned.add((obj.schema, obj.name))
-            continue
-        kept[key] = obj
-    kept = {k: o for k, o in kept.items()
-            if not (o.type == "SEQUENCE" and (o.schema, o.name) in owned)}
-    used = {o.schema for o in kept.values()}
-    lonely = {schema for schema, _ in tables if schema != "public" and schema not in used}
-    return {k: o for k, o in kept.items()
-            if not (o.type == "SCHEMA" and o.name in lonely)
-            and not (o.type in ("COMMENT", "ACL") and o.name.startswith("SCHEMA ")
-                     and o.name[7:] in lonely)}
-
-
 @record(frozen=True)
 class Difference:
     """One object that differs. 'added': only in the database being checked; 'missing': only
@@ -10401,193 +10494,16 @@ class Difference:
     name: str
     summary: tuple[str, ...]
     diff: str
-    label_text: str = ""  # set by the model diff (names as SQL writes them)
+    label_text: str = ""  # names as SQL writes them: 'index public.users_email'
 
     @property
     def label(self) -> str:
-        return self.label_text or describe_object(self.type, self.schema, self.name)
+        return self.label_text
 
     def as_json(self) -> dict[str, Any]:
         return {"change": self.change, "object": self.label, "type": self.type,
                 "schema": self.schema, "name": self.name, "summary": list(self.summary),
                 "diff": self.diff}
-
-
-def describe_object(type_: str, schema: str, name: str) -> str:
-    """Human name of a dumped object: 'index public.users_email', 'trigger t on public.users'."""
-    kind = type_.lower()
-    prefix = f"{schema}." if schema else ""
-    if type_ == "DEFAULT":
-        table, _, column = name.partition(" ")
-        return f"default of column {prefix}{table}.{column}"
-    if type_ in ("CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "POLICY", "RULE"):
-        table, _, sub = name.partition(" ")
-        return f"{kind} {sub} on {prefix}{table}"
-    if type_ in ("ROW SECURITY", "TABLE ATTACH", "INDEX ATTACH"):
-        return f"{kind} {prefix}{name}"
-    if type_ in ("COMMENT", "ACL", "SECURITY LABEL"):
-        what, _, rest = name.partition(" ")
-        return f"{kind} on {what.lower()} {prefix if what != 'SCHEMA' else ''}{rest}".rstrip()
-    return f"{kind} {prefix}{name}"
-
-
-def compare_schemas(expected: Mapping[tuple[str, str, str], SchemaObject],
-                    actual: Mapping[tuple[str, str, str], SchemaObject],
-                    expected_label: str = "ddl", actual_label: str = "database"
-                    ) -> list[Difference]:
-    """Object-by-object comparison, sorted by schema, name and type (stable across runs).
-    The comment or grants of an object that is added or missing as a whole are folded into
-    it rather than reported on their own."""
-    import difflib
-
-    found: list[Difference] = []
-    for key in sorted(set(expected) | set(actual)):
-        old, new = expected.get(key), actual.get(key)
-        if old is not None and new is not None and old.body == new.body:
-            continue
-        change = "added" if old is None else "missing" if new is None else "changed"
-        obj = old or new
-        assert obj is not None
-        diff = "\n".join(difflib.unified_diff(old.body.split("\n") if old else [],
-                                              new.body.split("\n") if new else [],
-                                              expected_label, actual_label, lineterm="", n=3))
-        summary = summarize_change(obj.type, old.body if old else None, new.body if new else None)
-        found.append(Difference(change, obj.type, obj.schema, obj.name, tuple(summary), diff))
-    return _fold_attachments(found)
-
-
-_ATTACHMENTS = {"COMMENT": "comment", "ACL": "grants", "SECURITY LABEL": "security label"}
-
-
-def _fold_attachments(found: list[Difference]) -> list[Difference]:
-    wholes = {(d.change, d.schema, d.type, d.name): i for i, d in enumerate(found)
-              if d.change != "changed" and d.type not in _ATTACHMENTS}
-    types = sorted({d.type for d in found}, key=len, reverse=True)
-    extra: dict[int, list[str]] = {}
-    kept = []
-    for diff in found:
-        target = None
-        if diff.type in _ATTACHMENTS and diff.change != "changed":
-            kind = next((t for t in types if diff.name.startswith(t + " ")), None)
-            if kind:
-                target = wholes.get((diff.change, diff.schema, kind, diff.name[len(kind) + 1:]))
-        if target is None:
-            kept.append(diff)
-        else:
-            extra.setdefault(target, []).append(f"with its {_ATTACHMENTS[diff.type]}")
-    return [evolve(d, summary=d.summary + tuple(extra[found.index(d)]))
-            if found.index(d) in extra else d for d in kept]
-
-
-def summarize_change(type_: str, old: str | None, new: str | None) -> list[str]:
-    """Column-level detail for tables and column defaults; nothing for other objects (their
-    unified diff says it all)."""
-    if old is None or new is None:
-        return []
-    if type_ == "TABLE":
-        return summarize_table(old, new)
-    if type_ == "DEFAULT":
-        return [f"default {_default_expr(old)} → {_default_expr(new)}"]
-    return []
-
-
-def _default_expr(body: str) -> str:
-    match = re.search(r" SET DEFAULT (.*);\s*$", body, re.DOTALL)
-    return match.group(1) if match else "?"
-
-
-@record(frozen=True)
-class TableShape:
-    columns: tuple[tuple[str, str], ...]      # (name, definition) in order
-    constraints: tuple[tuple[str, str], ...]  # inline CHECK constraints
-    options: str                              # PARTITION BY, INHERITS, WITH (…)
-
-
-def parse_table(body: str) -> TableShape:
-    """Columns, inline constraints and options of a CREATE TABLE as pg_dump writes it: one
-    column per line indented by four spaces, the closing ')' at the start of a line."""
-    lines = [l for l in body.split("\n") if not l.startswith("SET ")]
-    start = next((i for i, l in enumerate(lines) if l.startswith("CREATE") and l.endswith("(")),
-                 None)
-    if start is None:
-        return TableShape((), (), "")
-    entries: list[str] = []
-    index = start + 1
-    while index < len(lines) and not lines[index].startswith(")"):
-        line = lines[index]
-        if line.startswith("    ") and not line.startswith("     ") or not entries:
-            entries.append(line.strip())
-        else:
-            entries[-1] += "\n" + line
-        index += 1
-    columns, constraints = [], []
-    for entry in entries:
-        entry = entry.rstrip(",")
-        if entry.startswith("CONSTRAINT "):
-            name, definition = _split_ident(entry[len("CONSTRAINT "):])
-            constraints.append((name, definition))
-        elif entry:
-            columns.append(_split_ident(entry))
-    options = "\n".join(l for l in lines[index:] if not l.startswith("ALTER "))
-    return TableShape(tuple(columns), tuple(constraints), options.strip())
-
-
-def _split_ident(text: str) -> tuple[str, str]:
-    """('name', rest) of 'name rest' where name may be double-quoted."""
-    match = re.match(r'("(?:[^"]|"")*"|\S+)\s*(.*)', text, re.DOTALL)
-    assert match is not None
-    return match.group(1), match.group(2)
-
-
-def column_attributes(definition: str) -> dict[str, str]:
-    """type, collation, default/generated and not-null of a dumped column definition."""
-    text, attrs = definition, {"not null": "no"}
-    if text.endswith(" NOT NULL"):
-        attrs["not null"], text = "yes", text[:-len(" NOT NULL")]
-    for word, attr in ((" GENERATED ALWAYS AS ", "generated"), (" DEFAULT ", "default")):
-        at = text.find(word)
-        if at >= 0:
-            attrs[attr], text = text[at + len(word):], text[:at]
-            break
-    at = text.find(" COLLATE ")
-    if at >= 0:
-        attrs["collation"], text = text[at + len(" COLLATE "):], text[:at]
-    attrs["type"] = text
-    return attrs
-
-
-def summarize_table(old: str, new: str) -> list[str]:
-    """'column email: default 'a'::text → 'b'::text', 'column x added', … ('added' = only in
-    the database being checked, as for objects)."""
-    before, after = parse_table(old), parse_table(new)
-    lines: list[str] = []
-    old_cols, new_cols = dict(before.columns), dict(after.columns)
-    for name, definition in after.columns:
-        if name not in old_cols:
-            lines.append(f"column {name} added ({definition})")
-    for name, definition in before.columns:
-        if name not in new_cols:
-            lines.append(f"column {name} missing ({definition})")
-        elif new_cols[name] != definition:
-            a, b = column_attributes(definition), column_attributes(new_cols[name])
-            for attr in ("type", "collation", "default", "generated", "not null"):
-                if a.get(attr) != b.get(attr):
-                    lines.append(f"column {name}: {attr} {a.get(attr, 'none')} → "
-                                 f"{b.get(attr, 'none')}")
-    common = [n for n, _ in before.columns if n in new_cols]
-    if common != [n for n, _ in after.columns if n in old_cols]:
-        lines.append("column order differs")
-    old_checks, new_checks = dict(before.constraints), dict(after.constraints)
-    for name in sorted(set(old_checks) | set(new_checks)):
-        if name not in old_checks:
-            lines.append(f"constraint {name} added")
-        elif name not in new_checks:
-            lines.append(f"constraint {name} missing")
-        elif old_checks[name] != new_checks[name]:
-            lines.append(f"constraint {name} changed")
-    if before.options != after.options:
-        lines.append("table options differ (partitioning, inheritance or storage)")
-    return lines
 
 
 @record(frozen=True)
@@ -10600,7 +10516,7 @@ class DriftReport:
     reference: str  # short name of `expected` for messages: "the DDL", "env staging"
     differences: tuple[Difference, ...]
     seconds: float = 0.0
-    cached: bool = False  # the DDL's dump came from the cache (see drift_cache_path)
+    cached: bool = False  # the DDL's catalog came from the cache (see drift_cache_path)
 
     def counts(self) -> dict[str, int]:
         return {change: sum(1 for d in self.differences if d.change == change)
@@ -10611,39 +10527,6 @@ class DriftReport:
                 "identical": not self.differences, "counts": self.counts(),
                 "differences": [d.as_json() for d in self.differences],
                 "seconds": round(self.seconds, 3), "cached": self.cached}
-
-
-SchemaObjects = dict[tuple[str, str, str], SchemaObject]
-
-
-def prepare_dump(text: str, tables: frozenset[tuple[str, str]]) -> SchemaObjects:
-    """A schema dump as comparable objects, confiture's own tables left out."""
-    return drop_tracking_objects(parse_schema_dump(text), tables)
-
-
-def _unrestricted(text: str) -> str:
-    """A dump without pg_dump's \\restrict / \\unrestrict lines (their key is random)."""
-    for word in ("\n\\restrict ", "\n\\unrestrict "):
-        start = text.find(word)
-        while start >= 0:
-            end = text.find("\n", start + 1)
-            text = text[:start] + (text[end:] if end >= 0 else "\n")
-            start = text.find(word, start + 1)
-    return text
-
-
-def compare_dumps(expected: str | SchemaObjects, actual: str | SchemaObjects,
-                  tables: frozenset[tuple[str, str]], expected_label: str, actual_label: str,
-                  reference: str = "the DDL") -> DriftReport:
-    """Parse (unless already prepared), filter and compare two schema dumps. Two dumps that
-    are the same text but for \\restrict keys have no differences: parsing is skipped."""
-    if isinstance(expected, str) and isinstance(actual, str) \
-            and _unrestricted(expected) == _unrestricted(actual):
-        return DriftReport(actual_label, expected_label, reference, ())
-    before = prepare_dump(expected, tables) if isinstance(expected, str) else expected
-    after = prepare_dump(actual, tables) if isinstance(actual, str) else actual
-    diffs = compare_schemas(before, after, expected_label, actual_label)
-    return DriftReport(actual_label, expected_label, reference, tuple(diffs))
 
 
 # ── schema models: compare object by object (pure) ────────────────────────────────────────
@@ -10661,12 +10544,14 @@ def drop_tracking_leftovers(model: SchemaModel, tables: frozenset[tuple[str, str
     names = {f"{_catalog_ident(schema)}.{_catalog_ident(table)}" for schema, table in tables}
     owned = {k for k, o in model.objects.items() if o.kind == "sequence" and
              str(o.facts.get("owned_by") or "").rsplit(".", 1)[0] in names}
-    used = {o.schema for k, o in model.objects.items() if o.kind != "schema" and k not in owned}
+    used = {o.schema for k, o in model.objects.items() if o.kind != "schema" and k not in owned
+            and o.parent not in owned}
     lonely = {_catalog_ident(schema) for schema, _ in tables if schema != "public"} - used
     if not owned and not lonely:
         return model
-    return SchemaModel(objects={k: o for k, o in model.objects.items() if k not in owned
-                                and not (o.kind == "schema" and o.name in lonely)})
+    gone = owned | {f"schema {name}" for name in lonely}
+    return SchemaModel(objects={k: o for k, o in model.objects.items() if k not in gone
+                                and not (o.kind in HANGERS_ON and o.parent in gone)})
 
 
 def _catalog_ident(name: str) -> str:
@@ -10678,14 +10563,15 @@ def _catalog_ident(name: str) -> str:
 def diff_unit(obj: DbObject) -> str:
     """The key a difference in `obj` is reported on: columns, defaults and check
     constraints on their table (pg_dump writes them into its CREATE TABLE), the rest alone."""
-    if obj.kind in ("column", "default") or (obj.kind == "constraint" and
-                                             obj.facts.get("type") == "c"):
+    if obj.kind in ("column", "default", "owner") or (obj.kind == "constraint" and
+                                                      obj.facts.get("type") == "c"):
         return obj.parent
     return obj.key
 
 
 _DIFF_TYPES = {"schema": "SCHEMA", "extension": "EXTENSION", "sequence": "SEQUENCE",
-               "table": "TABLE", "index": "INDEX", "trigger": "TRIGGER", "policy": "POLICY"}
+               "table": "TABLE", "index": "INDEX", "trigger": "TRIGGER", "policy": "POLICY",
+               "acl": "ACL"}
 
 
 def diff_type(obj: DbObject) -> str:
@@ -10725,6 +10611,9 @@ def unit_body(head: DbObject, model: SchemaModel) -> str:
         target = OBJECT_KINDS[obj.kind].comment_on
         if target is not None and obj.comment is not None:
             lines.append(f"COMMENT ON {target(obj)} IS {quote_literal(obj.comment)}")
+    owner = model.objects.get(f"owner {head.key}")
+    if owner is not None:  # with --privileges: pg_dump writes it with the object
+        lines += create_owner(owner, model)
     return "\n".join(f"{line.rstrip().rstrip(';')};" for line in lines if line)
 
 
@@ -10788,6 +10677,41 @@ def _rls(facts: Mapping[str, Any]) -> str:
     return "forced" if facts.get("force_rls") else "on" if facts.get("rls") else "off"
 
 
+def _fold_grants(units: Mapping[str, None], e: Mapping[str, DbObject],
+                 a: Mapping[str, DbObject]) -> dict[str, str]:
+    """acl unit → the unit it is folded into: the grants of an object that is added or
+    missing as a whole go with it ('with its grants'), as the dump diff did."""
+    folded = {}
+    for unit in units:
+        obj = e.get(unit) or a[unit]
+        if obj.kind != "acl" or not obj.parent or (unit in e) == (unit in a):
+            continue
+        owner = (e if unit in e else a).get(obj.parent)
+        host = diff_unit(owner) if owner is not None else ""
+        if host in units and (host in e) != (host in a):
+            folded[unit] = host
+    return folded
+
+
+def _owner_change(unit: str, e: Mapping[str, DbObject], a: Mapping[str, DbObject]) -> list[str]:
+    before, after = e.get(f"owner {unit}"), a.get(f"owner {unit}")
+    if before is None or after is None or before.facts["owner"] == after.facts["owner"]:
+        return []
+    return [f"owner {before.facts['owner']} → {after.facts['owner']}"]
+
+
+def _acl_change(old: DbObject, new: DbObject) -> list[str]:
+    """'granted SELECT to reader', 'revoked EXECUTE from PUBLIC' (granted = only in the
+    database checked, as 'added')."""
+    if old.kind != "acl":
+        return []
+    before, after = set(old.facts["acl"] or []), set(new.facts["acl"] or [])
+    return [f"granted {e.rpartition('=')[2]} to {e.rpartition('=')[0]}"
+            for e in sorted(after - before)] + \
+        [f"revoked {e.rpartition('=')[2]} from {e.rpartition('=')[0]}"
+         for e in sorted(before - after)]
+
+
 def compare_model_objects(expected: SchemaModel, actual: SchemaModel,
                           expected_label: str = "ddl", actual_label: str = "database"
                           ) -> list[Difference]:
@@ -10800,12 +10724,16 @@ def compare_model_objects(expected: SchemaModel, actual: SchemaModel,
     for key in e.keys() | a.keys():
         if key not in e or key not in a or not e[key].same_as(a[key]):
             units[diff_unit(e.get(key) or a[key])] = None
+    folded = _fold_grants(units, e, a)
     found = []
     for unit in units:
         old, new = e.get(unit), a.get(unit)
         head = old or new
         assert head is not None
         change = "added" if old is None else "missing" if new is None else "changed"
+        if unit in folded or (old is not None and new is not None and head.kind == "acl" and
+                              {**old.facts, "owner": ""} == {**new.facts, "owner": ""}):
+            continue  # an owner's change is reported on its object (the entries follow it)
         before = unit_body(old, expected) if old is not None else ""
         after = unit_body(new, actual) if new is not None else ""
         diff = "\n".join(difflib.unified_diff(before.split("\n") if old else [],
@@ -10815,34 +10743,42 @@ def compare_model_objects(expected: SchemaModel, actual: SchemaModel,
             summary = summarize_table_change(old, new, expected, actual) \
                 if head.kind == "table" else ([] if old.comment == new.comment
                                               else ["comment changed"])
+            summary += _owner_change(unit, e, a) + _acl_change(old, new)
         else:
             summary = ["with its comment"] if head.comment is not None else []
+            summary += ["with its grants"] if unit in folded.values() else []
         name = f"{head.parent.rsplit('.', 1)[-1]} {head.name}" \
-            if head.kind in ("constraint", "trigger", "policy") else \
-            ident(head).removeprefix(f"{head.schema}." if head.schema else "")
+            if head.kind in ("constraint", "trigger", "policy") else head.name \
+            if head.kind == "acl" else ident(head).removeprefix(f"{head.schema}." if head.schema
+                                                                else "")
+        label = diff_label(head)
+        if head.kind == "acl":
+            on = e.get(head.parent) or a.get(head.parent)
+            label = f"acl on {diff_label(on) if on is not None else head.name}"
         found.append(Difference(change, diff_type(head), head.schema, name, tuple(summary),
-                                diff, label_text=diff_label(head)))
+                                diff, label_text=label))
     return sorted(found, key=lambda d: (d.schema, d.name, d.type))
 
 
-# ── schema models and dumps: run (thin) ───────────────────────────────────────────────────
+# ── schema models: run (thin) ─────────────────────────────────────────────────────────
 
 
-def read_catalog_text(ws: Workspace, dbname: str) -> str:
+def read_catalog_text(ws: Workspace, dbname: str, privileges: bool = False) -> str:
     """The catalog's JSON of one database of the workspace's server (§11), confiture's own
-    tables left out: what a model is made of, and what the drift cache keeps."""
+    tables left out (owners and grants only with `privileges`): what a model is made of, and
+    what the drift cache keeps."""
     with ws.client.session(dbname) as session:
-        return catalog_json(session, tracking_tables(ws.config))
+        return catalog_json(session, tracking_tables(ws.config), privileges)
 
 
 def model_of(ws: Workspace, text: str) -> SchemaModel:
     return drop_tracking_leftovers(model_from_catalog(json.loads(text)), tracking_tables(ws.config))
 
 
-def read_database_model(ws: Workspace, dbname: str) -> SchemaModel:
+def read_database_model(ws: Workspace, dbname: str, privileges: bool = False) -> SchemaModel:
     """The schema model of one database of the workspace's server, confiture's own tables
     (and their schema when nothing else lives there) left out."""
-    return model_of(ws, read_catalog_text(ws, dbname))
+    return model_of(ws, read_catalog_text(ws, dbname, privileges))
 
 
 def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
@@ -10934,14 +10870,10 @@ def _template_label(result: TemplateResult) -> str:
 DRIFT_CACHE_FORMAT = 1
 
 
-def _dump_variant(privileges: bool) -> str:
-    return "privileges" if privileges else "schema"
-
-
 def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
                      variant: str) -> Path:
-    """Where the schema dump (variant 'schema' or 'privileges') or the catalog's JSON
-    ('model') of a template is kept. A published template never changes, so it is reusable
+    """Where the catalog's JSON of a template is kept (variant 'model', or 'privileges' with
+    owners and grants). A published template never changes, so it is reusable
     while the template (name, database oid and build time: a rebuild within the same second
     as the build it replaces differs by its oid), the server and the pg_dump binary stay the
     same; all of them are in the file name's key (and, for a model, the catalog query)."""
@@ -10954,37 +10886,33 @@ def drift_cache_path(ws: Workspace, template: str, probe: Mapping[str, Any],
         tool = (ws.client.tools.pg_dump, binary.st_size, binary.st_mtime_ns)
     except OSError:
         tool = (ws.client.tools.pg_dump, 0, 0)
-    query = sha256_bytes(model_catalog_sql(tracking_tables(ws.config)).encode()) \
-        if variant == "model" else ""  # a kept model is that query's output
+    # a kept model is that query's output
+    query = sha256_bytes(model_catalog_sql(tracking_tables(ws.config),
+                                           variant == "privileges").encode())
     key = json.dumps([DRIFT_CACHE_FORMAT, template, probe.get("oid"), built_at,
                       probe.get("version"), ws.env.conn.server_identity(ws.client.environ), tool,
                       variant, query])
-    suffix = "json" if variant == "model" else "sql"
     return ws.config.state_dir / "drift" / \
-        f"{template}.{variant}.{sha256_bytes(key.encode())[:16]}.{suffix}"
+        f"{template}.{variant}.{sha256_bytes(key.encode())[:16]}.json"
 
 
 def read_drift_cache(path: Path) -> str | None:
-    """A kept dump or catalog, if whole: caches are written without fsync, and after a crash
-    a file can exist with none or part of its data; pg_dump's closing comment proves a dump
-    complete, a catalog's last line is the sha256 of the rest (~1 ms to check; parsing the
-    JSON to prove it whole cost ~15 ms for 200 tables)."""
+    """A kept catalog, if whole: caches are written without fsync, and after a crash a file
+    can exist with none or part of its data; its last line is the sha256 of the rest (~1 ms
+    to check; parsing the JSON to prove it whole cost ~15 ms for 200 tables)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    if path.suffix == ".json":
-        body, _, digest = text.rstrip("\n").rpartition("\n")
-        return body if body and sha256_bytes(body.encode()) == digest else None
-    return text if "\n-- PostgreSQL database dump complete\n" in text[-500:] else None
+    body, _, digest = text.rstrip("\n").rpartition("\n")
+    return body if body and sha256_bytes(body.encode()) == digest else None
 
 
 def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> None:
-    """Keep the dump; drop this env's older dumps of the same variant. Best effort: a cache
-    that cannot be written only costs time."""
+    """Keep the catalog, its sha256 last; drop this env's older ones of the same variant.
+    Best effort: a cache that cannot be written only costs time."""
     data = text.encode("utf-8")
-    if path.suffix == ".json":
-        data += f"\n{sha256_bytes(data)}\n".encode()
+    data += f"\n{sha256_bytes(data)}\n".encode()
     try:
         write_atomic(path, data)
     except InputError:
@@ -10995,58 +10923,33 @@ def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> Non
             old.unlink(missing_ok=True)
 
 
-def template_schema_dump(ws: Workspace, session: Session, result: TemplateResult,
-                         probe: Mapping[str, Any], privileges: bool,
-                         before_dump: Callable[[], object] = lambda: None) -> tuple[str, bool]:
-    """(schema dump of a template, from cache?). The first time, the template is dumped in
-    place (see _dump_template_in_place); a role that does not own it dumps a scratch clone.
-    `before_dump` runs just before a dump is taken (diff starts its live dump there)."""
-    cache = drift_cache_path(ws, result.name, probe, _dump_variant(privileges))
-    text = read_drift_cache(cache)
-    if text is not None:
-        return text, True
-    drop_stale_scratch(ws, session)  # killed `diff --migrations` runs leave them
-    try:
-        text = _in_template(ws, session, result.name,
-                            lambda: (before_dump(), dump_schema(ws.client, result.name,
-                                                                privileges))[1])
-    except SqlError as exc:
-        if exc.sqlstate != "42501":  # insufficient_privilege: not the template's owner
-            raise
-        with ScratchDatabase(ws, session, result.name,
-                             clone_strategy(ws.config, probe)) as scratch:
-            before_dump()
-            text = dump_schema(ws.client, scratch, privileges)
-    write_drift_cache(cache, text, ws.env.name, ws.config.project)
-    return text, False
-
-
 def template_model(ws: Workspace, session: Session, result: TemplateResult,
-                   probe: Mapping[str, Any]) -> tuple[SchemaModel, bool]:
+                   probe: Mapping[str, Any], privileges: bool = False
+                   ) -> tuple[SchemaModel, bool]:
     """(schema model of a template, from cache?): see template_catalog."""
-    text, cached = template_catalog(ws, session, result, probe)
+    text, cached = template_catalog(ws, session, result, probe, privileges)
     return model_of(ws, text), cached
 
 
 def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
-                     probe: Mapping[str, Any]) -> tuple[str, bool]:
-    """(catalog JSON of a template, from cache?): kept like a dump (drift_cache_path, variant
-    'model'); the first time it is read in place (_in_template), or from a scratch clone by
-    a role that does not own the template."""
-    cache = drift_cache_path(ws, result.name, probe, "model")
+                     probe: Mapping[str, Any], privileges: bool = False) -> tuple[str, bool]:
+    """(catalog JSON of a template, from cache?): kept (drift_cache_path, variant 'model', or
+    'privileges' with owners and grants); the first time it is read in place (_in_template),
+    or from a scratch clone by a role that does not own the template."""
+    cache = drift_cache_path(ws, result.name, probe, "privileges" if privileges else "model")
     text = read_drift_cache(cache)
     if text is not None:
         return text, True
     drop_stale_scratch(ws, session)
     try:
         text = _in_template(ws, session, result.name,
-                            lambda: read_catalog_text(ws, result.name))
+                            lambda: read_catalog_text(ws, result.name, privileges))
     except SqlError as exc:
         if exc.sqlstate != "42501":  # insufficient_privilege: not the template's owner
             raise
         with ScratchDatabase(ws, session, result.name,
                              clone_strategy(ws.config, probe)) as scratch:
-            text = read_catalog_text(ws, scratch)
+            text = read_catalog_text(ws, scratch, privileges)
     write_drift_cache(cache, text, ws.env.name, ws.config.project)
     return text, False
 
@@ -11072,19 +10975,17 @@ def _in_template(ws: Workspace, session: Session, name: str, work: Callable[[], 
 def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     """The env's live database against the schema its files build, as models: the env's
     template is made current and its model read from the cache or, the first time after a
-    build, in place (template_model); the live catalog is read meanwhile. With privileges
-    (grants are not in the model) both are compared as dumps (_dump_diff_against_ddl)."""
-    if privileges:
-        return _dump_diff_against_ddl(ws)
+    build, in place (template_model); the live catalog is read meanwhile. With privileges,
+    owners and grants are read and compared too."""
     started = time.monotonic()
     scratch = scratch_workspace(ws)  # a protected env's template is built elsewhere
     with admin_session(scratch) as session:
         require_database(ws, session if scratch is ws else None)
-        live = Background(lambda: read_catalog_text(ws, ws.env.database))
+        live = Background(lambda: read_catalog_text(ws, ws.env.database, privileges))
         try:
             result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
                                             session=session, cached=True)
-            expected, cached = template_catalog(scratch, session, result, probe)
+            expected, cached = template_catalog(scratch, session, result, probe, privileges)
         finally:
             live.wait()
     label = f"{ws.env.database} (env {ws.env.name})"
@@ -11104,125 +11005,46 @@ def compare_catalogs(ws: Workspace, expected: str, actual: str, expected_label: 
                                  actual_label)
 
 
-def _dump_diff_against_ddl(ws: Workspace, privileges: bool = True) -> DriftReport:
-    """diff --privileges against the DDL: both schemas as pg_dump writes them, grants
-    included (template_schema_dump; the live dump runs meanwhile, _LiveDump)."""
-    started = time.monotonic()
-    scratch = scratch_workspace(ws)  # a protected env's template is built elsewhere
-    tables = tracking_tables(ws.config)
-    with admin_session(scratch) as session:
-        # before the template: a missing database is said at once (on the env's own server)
-        require_database(ws, session if scratch is ws else None)
-        live = _LiveDump(ws, privileges)
-        try:
-            result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
-                                            session=session, cached=True)
-            expected_text, cached = template_schema_dump(scratch, session, result, probe,
-                                                         privileges, before_dump=live.start)
-        except BaseException:
-            live.abandon()
-            raise
-    actual_text = live.result()
-    report = compare_dumps(expected_text, actual_text, tables,
-                           _template_label(result), f"{ws.env.database} (env {ws.env.name})")
-    return evolve(report, seconds=time.monotonic() - started, cached=cached)
-
-
-class _LiveDump:
-    """diff's dump of the env's live database, in a thread. It does not depend on the
-    template, so it starts at once when the template's dump is probably cached (the usual run:
-    it is then the only dump). On a first run after a build it starts with the template's own
-    dump instead: started earlier, it competes for the two cores with the session's connection
-    and the file scan that the template's dump waits for, and ends no sooner than that dump."""
-
-    def __init__(self, ws: Workspace, privileges: bool) -> None:
-        self.ws, self.privileges = ws, privileges
-        self.job: Background | None = None
-        variant = "privileges" if privileges else "schema"
-        prefix = template_prefix(ws.config.project, ws.env.name)
-        try:
-            cached = any(n.startswith(prefix) and f".{variant}." in n
-                         for n in os.listdir(ws.config.state_dir / "drift"))
-        except OSError:
-            cached = False
-        if cached:
-            self.start()
-
-    def start(self) -> None:
-        if self.job is None:
-            self.job = Background(
-                lambda: dump_schema(self.ws.client, self.ws.env.database, self.privileges))
-
-    def result(self) -> str:
-        self.start()
-        assert self.job is not None
-        return str(self.job.result())
-
-    def abandon(self) -> None:
-        """Wait for a started dump (its pg_dump must not outlive the command), ignoring it."""
-        if self.job is not None:
-            self.job.wait()
-
-
 def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) -> DriftReport:
     """The env's live database against another env's live database: both catalogs read at
-    once, compared as models (as dumps with privileges)."""
+    once, compared as models (owners and grants too with `privileges`)."""
     started = time.monotonic()
-    if not privileges:
-        actual, expected = run_concurrently([
-            lambda: read_catalog_text(ws, ws.env.database),
-            lambda: read_catalog_text(other, other.env.database)])
-        label = f"{ws.env.database} (env {ws.env.name})"
-        reference = f"{other.env.database} (env {other.env.name})"
-        return DriftReport(label, reference, f"env {other.env.name}",
-                           tuple(compare_catalogs(ws, expected, actual, reference, label)),
-                           time.monotonic() - started)
-    actual_text, expected_text = run_concurrently([
-        lambda: dump_schema(ws.client, ws.env.database, privileges),
-        lambda: dump_schema(other.client, other.env.database, privileges)])
-    report = compare_dumps(expected_text, actual_text, tracking_tables(ws.config),
-                           f"{other.env.database} (env {other.env.name})",
-                           f"{ws.env.database} (env {ws.env.name})", f"env {other.env.name}")
-    return evolve(report, seconds=time.monotonic() - started)
+    actual, expected = run_concurrently([
+        lambda: read_catalog_text(ws, ws.env.database, privileges),
+        lambda: read_catalog_text(other, other.env.database, privileges)])
+    label = f"{ws.env.database} (env {ws.env.name})"
+    reference = f"{other.env.database} (env {other.env.name})"
+    return DriftReport(label, reference, f"env {other.env.name}",
+                       tuple(compare_catalogs(ws, expected, actual, reference, label)),
+                       time.monotonic() - started)
 
 
 def diff_migrations(ws: Workspace, privileges: bool = False,
                     base: Workspace | None = None) -> DriftReport:
     """Prove that migrations and DDL agree: apply every pending migration to a scratch
     database and compare it with the env's schema-only DDL build. The scratch database starts
-    empty (histories that build everything from nothing) or, with `base`, as a schema copy of
-    that env's database with its applied migrations recorded (a preview of deploying there).
-    Both are built on the env's scratch server (scratch_workspace)."""
+    empty (histories that build everything from nothing), from [migrations] baseline_schema
+    when it is set (histories that start from an existing schema), or, with `base`, as a
+    schema copy of that env's database with its applied migrations recorded (a preview of
+    deploying there). Both are built on the env's scratch server (scratch_workspace)."""
     started = time.monotonic()
+    side = FromSide(base=base, baseline=ws.config.migrations_baseline)
     ws = scratch_workspace(ws)
-    base_dump = base_version = None
-    if base is not None:
-        base_dump = Background(lambda: dump_schema(base.client, base.env.database, False))
-        base_version = applied_migration_version(base)
     with admin_session(ws) as session:
         result, probe = ensure_template(ws, seeds=False, session=session)
-        if privileges:
-            expected: str | SchemaModel = template_schema_dump(ws, session, result, probe,
-                                                               privileges)[0]
-        else:
-            expected = template_model(ws, session, result, probe)[0]
+        expected = template_model(ws, session, result, probe, privileges)[0]
         with ScratchDatabase(ws, session, "template0", clone_strategy(ws.config, probe)) \
                 as migrated_db:
-            if base_dump is not None:
-                ws.client.run_script(base_dump.result(), migrated_db)
-            applied = apply_all_migrations(ws, migrated_db, base_version)
-            actual: str | SchemaModel = dump_schema(ws.client, migrated_db, privileges) \
-                if privileges else read_database_model(ws, migrated_db)
-    start = f"env {base.env.name} at {base_version or 'no migration'}" if base else "empty"
-    label = f"migrations ({applied} applied to {start})"
-    if isinstance(expected, SchemaModel) and isinstance(actual, SchemaModel):
-        report = DriftReport(label, _template_label(result), "the DDL", tuple(
-            compare_model_objects(expected, actual, _template_label(result), label)))
+            applied = side.fill(ws, migrated_db, privileges)
+            actual = read_database_model(ws, migrated_db, privileges)
+    if base is not None:
+        start = f"env {base.env.name} at {applied_migration_version(base) or 'no migration'}"
     else:
-        assert isinstance(expected, str) and isinstance(actual, str)
-        report = compare_dumps(expected, actual, tracking_tables(ws.config),
-                               _template_label(result), label)
-    return evolve(report, seconds=time.monotonic() - started)
+        start = side.origin() if side.baseline is not None else "empty"
+    label = f"migrations ({applied} applied to {start})"
+    return DriftReport(label, _template_label(result), "the DDL", tuple(
+        compare_model_objects(expected, actual, _template_label(result), label)),
+        time.monotonic() - started)
 
 
 # ── integration with §8 migrations ────────────────────────────────────────────────────────
@@ -11236,6 +11058,47 @@ def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = 
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)
         return len(migrate_up(scratch, session=session, backup=False).done)
+
+
+@record(frozen=True)
+class FromSide:
+    """Where a replay starts (diff --migrations, migrate generate, the guard): the migrations
+    replayed on an empty database, on the configured baseline schema, or on a schema copy of
+    `base` with its applied ones recorded; or (generate) a live env's schema as is."""
+
+    base: Workspace | None = None
+    live: Workspace | None = None
+    baseline: Path | None = None   # a schema file the history starts from
+
+    def origin(self) -> str:
+        return f"env {self.base.env.name}'s schema" if self.base is not None else \
+            f"baseline {self.baseline.name}" if self.baseline is not None else \
+            "an empty database"
+
+    def describe(self, applied: int) -> str:
+        if self.live is not None:
+            return f"env {self.live.env.name} ({self.live.env.database})"
+        return f"migrations ({applied} applied to {self.origin()})"
+
+    def fill(self, ws: Workspace, dbname: str, privileges: bool = False) -> int:
+        """Build the `from` schema in the scratch database `dbname` (an env's schema with its
+        owners and grants with `privileges`); return how many migrations ran."""
+        source = self.live or self.base
+        if source is not None:
+            ws.client.run_script(dump_schema(source.client, source.env.database, privileges),
+                                 dbname)
+        elif self.baseline is not None:
+            try:
+                text = self.baseline.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"migrations.baseline_schema: cannot read {self.baseline}: "
+                                 f"{exc}") from exc
+            where = LineMap(chunks=((1, migration_rel(ws.config, self.baseline), 1),))
+            ws.client.run_script(text, dbname, where)
+        if self.live is not None:
+            return 0
+        version = applied_migration_version(self.base) if self.base is not None else None
+        return apply_all_migrations(ws, dbname, version)
 
 
 def applied_migration_version(ws: Workspace) -> int | None:
@@ -11661,75 +11524,39 @@ class GeneratedMigration:
                 "suggestions": list(self.up.suggestions)}
 
 
-def ddl_model(ws: Workspace, session: Session) -> tuple[SchemaModel, dict[str, Any]]:
+def ddl_model(ws: Workspace, session: Session, privileges: bool = False
+              ) -> tuple[SchemaModel, dict[str, Any]]:
     """The schema the env's DDL builds: its schema-only template's model (§13 template_model:
     cached, or read in place); and the template's probe (clone_strategy's input)."""
     result, probe = ensure_template(ws, seeds=False, session=session)
-    return template_model(ws, session, result, probe)[0], probe
-
-
-@record(frozen=True)
-class FromSide:
-    """Where `migrate generate` starts: the migrations replayed on an empty database (or on a
-    schema copy of `base` with its applied ones recorded), or a live env's schema as is."""
-
-    base: Workspace | None = None
-    live: Workspace | None = None
-    baseline: Path | None = None   # a schema file the history starts from
-
-    def origin(self) -> str:
-        return f"env {self.base.env.name}'s schema" if self.base is not None else \
-            f"baseline {self.baseline.name}" if self.baseline is not None else \
-            "an empty database"
-
-    def describe(self, applied: int) -> str:
-        if self.live is not None:
-            return f"env {self.live.env.name} ({self.live.env.database})"
-        return f"migrations ({applied} applied to {self.origin()})"
-
-    def fill(self, ws: Workspace, dbname: str) -> int:
-        """Build the `from` schema in the scratch database `dbname`; return how many
-        migrations ran."""
-        source = self.live or self.base
-        if source is not None:
-            ws.client.run_script(dump_schema(source.client, source.env.database, False), dbname)
-        elif self.baseline is not None:
-            try:
-                text = self.baseline.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"migrations.baseline_schema: cannot read {self.baseline}: "
-                                 f"{exc}") from exc
-            where = LineMap(chunks=((1, migration_rel(ws.config, self.baseline), 1),))
-            ws.client.run_script(text, dbname, where)
-        if self.live is not None:
-            return 0
-        version = applied_migration_version(self.base) if self.base is not None else None
-        return apply_all_migrations(ws, dbname, version)
+    return template_model(ws, session, result, probe, privileges)[0], probe
 
 
 def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
                        renames: Sequence[Rename] = (), allow_destructive: bool = False,
-                       online: bool = False, write: bool = True) -> GeneratedMigration:
+                       online: bool = False, write: bool = True, privileges: bool = False
+                       ) -> GeneratedMigration:
     """Plan the migration from the `from` schema to the DDL's, prove it (and its down) on
     scratch copies, then write it. `online`: a second, no-transaction migration builds the
     new indexes of existing tables CONCURRENTLY and validates their new constraints.
+    `privileges`: owners and grants are planned (and proved) too.
     Raises CheckFailed (exit 3) listing what the plan cannot express or what stayed
     different, Refused (exit 4) for a destructive plan not allowed."""
     side = side or FromSide()
     scratch = scratch_workspace(ws)
     with admin_session(scratch) as session:
-        to_model, probe = ddl_model(scratch, session)
+        to_model, probe = ddl_model(scratch, session, privileges)
         with ScratchDatabase(scratch, session, "template0",
                              clone_strategy(ws.config, probe)) as from_db:
-            applied = side.fill(scratch, from_db)
-            from_model = read_database_model(scratch, from_db)
+            applied = side.fill(scratch, from_db, privileges)
+            from_model = read_database_model(scratch, from_db, privileges)
             source = side.describe(applied)
             stages = plan_stages(from_model, to_model, renames, online)
             up, down = _joined([u for u, _ in stages]), _joined([d for _, d in stages])
             if not up.statements and not up.unsupported:
                 return GeneratedMigration(up=up, down=down, source=source)
             check_plans(up, down, allow_destructive)
-            prove_plans(scratch, from_db, probe, stages, from_model, to_model)
+            prove_plans(scratch, from_db, probe, stages, from_model, to_model, privileges)
     paths: list[str] = []
     for index, (stage_up, stage_down) in enumerate(stages if write else []):
         label = name if index == 0 else f"{name}_concurrently"
@@ -11778,7 +11605,7 @@ def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> No
 
 def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any],
                 stages: Sequence[tuple[SchemaPlan, SchemaPlan]], from_model: SchemaModel,
-                to_model: SchemaModel) -> None:
+                to_model: SchemaModel, privileges: bool = False) -> None:
     """Apply every up to a copy of `from_db` and compare with `to_model`; apply the downs,
     last first, and compare with `from_model`. Any difference, or a statement PostgreSQL
     refuses, is a CheckFailed naming the objects. (A second admin session: scratch locks are
@@ -11789,7 +11616,7 @@ def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any],
         for plans, target, what in ((ups, to_model, "up"), (downs, from_model, "down")):
             for plan in plans:
                 _apply_plan(ws, proof, plan, what)
-            left = compare_models(target, read_database_model(ws, proof))
+            left = compare_models(target, read_database_model(ws, proof, privileges))
             if left:
                 raise CheckFailed(f"the planned {what} migration leaves {len(left)} "
                                   f"difference(s): {'; '.join(left[:20])}",
@@ -11913,21 +11740,23 @@ def guard_consistency(ws: Workspace, action: str) -> Consistency | None:
     return verdict
 
 
-def diff_sql(ws: Workspace, against: Workspace | None = None) -> SchemaPlan:
+def diff_sql(ws: Workspace, against: Workspace | None = None,
+             privileges: bool = False) -> SchemaPlan:
     """The plan that turns the env's database into its reference: the DDL's schema (its
-    template's catalog, §13 template_catalog), or another env's database. The same catalog
-    text plans nothing without being parsed (see compare_catalogs)."""
+    template's catalog, §13 template_catalog), or another env's database; owners and grants
+    too with `privileges`. The same catalog text plans nothing without being parsed (see
+    compare_catalogs)."""
     if against is not None:  # two servers' catalogs at once
         actual, expected = run_concurrently([
-            lambda: read_catalog_text(ws, ws.env.database),
-            lambda: read_catalog_text(against, against.env.database)])
+            lambda: read_catalog_text(ws, ws.env.database, privileges),
+            lambda: read_catalog_text(against, against.env.database, privileges)])
     else:
-        live = Background(lambda: read_catalog_text(ws, ws.env.database))
+        live = Background(lambda: read_catalog_text(ws, ws.env.database, privileges))
         scratch = scratch_workspace(ws)
         try:
             with admin_session(scratch) as session:
                 result, probe = ensure_template(scratch, seeds=False, session=session)
-                expected = template_catalog(scratch, session, result, probe)[0]
+                expected = template_catalog(scratch, session, result, probe, privileges)[0]
         finally:
             live.wait()
         actual = live.result()
@@ -13341,7 +13170,7 @@ def cmd_migrate_generate(app: App) -> int:
                     baseline=ws.config.migrations_baseline)
     renames = [parse_rename(text) for text in app.args.rename]
     result = generate_migration(ws, app.args.name, side, renames, app.args.allow_destructive,
-                                online=app.args.online)
+                                online=app.args.online, privileges=app.args.privileges)
     app.console.emit(result.as_json())
     for hint in result.up.suggestions:
         app.console.warn(f"a drop and an add look like a rename: {hint}")
@@ -13591,6 +13420,8 @@ def add_migration_commands(sub: Commands, common: argparse.ArgumentParser) -> No
                         "database")
     p.add_argument("--from-env", metavar="ENV",
                    help="start from ENV's live schema as it is (read-only)")
+    p.add_argument("--privileges", action="store_true",
+                   help="also plan owners and grants (ALTER … OWNER TO, GRANT, REVOKE)")
     p.set_defaults(handler=cmd_migrate_generate)
 
     p = msub.add_parser("status", parents=[common],
@@ -13948,7 +13779,8 @@ def _diff_sql(app: App, ws: Workspace, against: str) -> int:
     if against == ws.env.name:
         raise ConfigError(f"diff: --against {against} is the env itself",
                           hint="name another env, or 'ddl'")
-    plan = diff_sql(ws, None if against == "ddl" else app.workspace(against))
+    plan = diff_sql(ws, None if against == "ddl" else app.workspace(against),
+                    app.args.privileges)
     app.console.emit({"statements": [s.sql for s in plan.statements],
                       "destructive": [s.sql for s in plan.destructive],
                       "unsupported": list(plan.unsupported),
@@ -14012,7 +13844,7 @@ def add_drift_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="with --migrations: start from ENV's schema and applied migrations "
                         "instead of an empty database")
     p.add_argument("--privileges", action="store_true",
-                   help="also compare owners, grants and tablespaces")
+                   help="also compare owners and grants (with --sql: plan them)")
     p.add_argument("--sql", action="store_true",
                    help="print the statements that turn the env's database into the reference")
     p.set_defaults(handler=cmd_diff)

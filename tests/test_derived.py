@@ -356,6 +356,109 @@ def test_model_diff_reports_objects_with_column_level_detail() -> None:
     assert confiture.compare_model_objects(ddl, ddl) == []
 
 
+# ── owners and grants (--privileges) ───────────────────────────────────────────────────────
+
+def grants(target: str, owner: str, acl: Sequence[str], base: Sequence[str] = (),
+           what: str = "relation", code: str = "r", column: str | None = None) -> list[DbObject]:
+    """The owner and acl objects §11 reads for `target` ('table public.t'), hung off it."""
+    kind, _, qualified = target.partition(" ")
+    schema, _, name = qualified.rpartition(".")
+    row = {"relkind": code, "schema": schema, "name": name, "args": None, "column": column,
+           "kind": kind, "owner": owner, "acl": list(acl), "base": list(base), "what": what}
+    found = [obj for obj, _ in confiture._read_grants(row)]
+    return [confiture.evolve(o, depends=o.depends | {o.parent}) for o in found]
+
+
+TABLE_BASE = ["(owner)=INSERT", "(owner)=SELECT"]
+
+
+def test_privileges_of_a_new_table_come_after_it_owner_first() -> None:
+    new = model(table("t", columns=["id"]), column("t", "id"),
+                *grants("table public.t", "alice",
+                        [*TABLE_BASE, "bob=SELECT*", "PUBLIC=SELECT"], TABLE_BASE))
+    plan = plan_schema(model(), new)
+    assert sqls(plan)[1:] == [
+        "ALTER TABLE public.t OWNER TO alice",
+        "GRANT SELECT ON TABLE public.t TO PUBLIC",
+        "GRANT SELECT ON TABLE public.t TO bob WITH GRANT OPTION"]
+    assert sqls(plan)[0].startswith("CREATE TABLE public.t")
+    # and back: the table goes, its grants with it
+    assert sqls(plan_schema(new, model())) == ["DROP TABLE public.t"]
+
+
+def test_owner_change_carries_the_owners_entries_and_only_the_difference_is_granted() -> None:
+    old = model(table("t"), *grants("table public.t", "alice",
+                                    [*TABLE_BASE, "bob=SELECT*", "PUBLIC=SELECT"], TABLE_BASE))
+    new = model(table("t"), *grants("table public.t", "carol",
+                                    [*TABLE_BASE, "bob=SELECT", "carl=UPDATE"], TABLE_BASE))
+    assert sqls(plan_schema(old, new)) == [
+        "ALTER TABLE public.t OWNER TO carol",
+        "REVOKE SELECT ON TABLE public.t FROM PUBLIC",
+        "REVOKE GRANT OPTION FOR SELECT ON TABLE public.t FROM bob",
+        "GRANT UPDATE ON TABLE public.t TO carl"]
+    # an owner's own entries are granted to the owner by name
+    lost = model(table("t"), *grants("table public.t", "carol", ["(owner)=SELECT"], TABLE_BASE))
+    assert "GRANT INSERT ON TABLE public.t TO carol" in sqls(plan_schema(lost, new))
+    # the same owner and grants: nothing
+    assert sqls(plan_schema(new, new)) == []
+
+
+def test_column_grants_and_default_privileges() -> None:
+    t = [table("t", columns=["a", "b"]), column("t", "a"), column("t", "b")]
+    with_grant = model(*t, *grants("table public.t", "alice", ["bob=UPDATE"], what="column",
+                                   column="b"))
+    assert [o.key for o in with_grant.objects.values()][-1] == "acl column public.t.b"
+    assert sqls(plan_schema(model(*t), with_grant)) == ["GRANT UPDATE (b) ON TABLE public.t TO bob"]
+    assert sqls(plan_schema(with_grant, model(*t))) == [
+        "REVOKE UPDATE (b) ON TABLE public.t FROM bob"]
+    gone = model(table("t", columns=["a"]), column("t", "a"))
+    assert sqls(plan_schema(with_grant, gone)) == ["ALTER TABLE public.t DROP COLUMN b"]
+    # default privileges of a role: from PostgreSQL's default for it, and back to it
+    row = {"relkind": "f", "schema": "", "name": "", "args": None, "column": None,
+           "kind": "default", "owner": "alice", "acl": ["(owner)=EXECUTE"],
+           "base": ["(owner)=EXECUTE", "PUBLIC=EXECUTE"], "what": "default"}
+    [(defaults, _)] = confiture._read_grants(row)
+    assert defaults.key == "acl default privileges for role alice on functions"
+    assert sqls(plan_schema(model(), model(defaults))) == [
+        "ALTER DEFAULT PRIVILEGES FOR ROLE alice REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC"]
+    assert sqls(plan_schema(model(defaults), model())) == [
+        "ALTER DEFAULT PRIVILEGES FOR ROLE alice GRANT EXECUTE ON FUNCTIONS TO PUBLIC"]
+
+
+def test_model_diff_reports_owners_on_their_object_and_grants_apart() -> None:
+    ddl = model(table("t"), *grants("table public.t", "alice", TABLE_BASE, TABLE_BASE))
+    live = model(table("t"), *grants("table public.t", "bob", [*TABLE_BASE, "PUBLIC=SELECT"],
+                                     TABLE_BASE),
+                 table("u"), *grants("table public.u", "bob", TABLE_BASE, TABLE_BASE))
+    found = {d.label: d for d in confiture.compare_model_objects(ddl, live)}
+    assert sorted((d.change, label) for label, d in found.items()) == [
+        ("added", "table public.u"), ("changed", "acl on table public.t"),
+        ("changed", "table public.t")]
+    assert found["table public.t"].summary == ("owner alice → bob",)
+    assert "+ALTER TABLE public.t OWNER TO bob;" in found["table public.t"].diff
+    assert found["acl on table public.t"].summary == ("granted SELECT to PUBLIC",)
+    assert found["acl on table public.t"].as_json()["type"] == "ACL"
+    assert found["table public.u"].summary == ("with its grants",)
+    # an owner change alone is one difference, on the table
+    moved = model(table("t"), *grants("table public.t", "bob", TABLE_BASE, TABLE_BASE))
+    assert [d.label for d in confiture.compare_model_objects(ddl, moved)] == ["table public.t"]
+
+
+def test_owners_and_grants_are_read_only_when_asked() -> None:
+    assert "aclexplode" not in confiture.model_catalog_sql()
+    assert "aclexplode" in confiture.model_catalog_sql(privileges=True)
+    assert "pg_default_acl" in confiture.model_catalog_sql(privileges=True)
+
+
+def test_dependents_index_is_built_once() -> None:
+    m = model(table("t"), column("t", "a"), view("v", " SELECT a", ["column public.t.a"]),
+              view("w", " SELECT a", ["view public.v"]))
+    assert m.users is m.users
+    assert m.dependents("table public.t") == ["column public.t.a", "view public.v",
+                                              "view public.w"]
+    assert m.dependents("view public.w") == []
+
+
 def test_online_set_not_null_goes_through_a_validated_check() -> None:
     old = model(table("t"), column("t", "id"), column("t", "c"))
     new = model(table("t"), column("t", "id"), column("t", "c", notnull=True))
@@ -384,31 +487,33 @@ def test_widening_type_changes() -> None:
 
 # ── round trips on a real server: plan, apply, compare (both ways) ─────────────────────────
 
-def read_model(pg: Any, db: str) -> SchemaModel:
+def read_model(pg: Any, db: str, privileges: bool = False) -> SchemaModel:
     env = {**os.environ, **pg.env}
     with confiture.Session(confiture.find_pg_tools(env), confiture.ConnInfo(params=()), db,
                            env) as session:
-        return confiture.read_schema_model(session)
+        return confiture.read_schema_model(session, privileges=privileges)
 
 
 @pytest.fixture
 def roundtrip(pg: Any, project: Any) -> Iterator[Any]:
     """roundtrip(before_sql, after_sql): plan before → after and after → before, apply each
     to a copy, and return both plans once each leaves zero difference."""
-    def run(before: str, after: str) -> tuple[confiture.SchemaPlan, confiture.SchemaPlan]:
+    def run(before: str, after: str, privileges: bool = False
+            ) -> tuple[confiture.SchemaPlan, confiture.SchemaPlan]:
         names = [f"{project.name}_{x}" for x in ("before", "after", "work")]
         for name, text in zip(names, (before, after, before)):
             pg.drop_db(name)
             pg.create_db(name)
             if text.strip():
                 pg.query(text, db=name)
-        old, new = read_model(pg, names[0]), read_model(pg, names[1])
+        old, new = read_model(pg, names[0], privileges), read_model(pg, names[1], privileges)
         up, down = plan_schema(old, new), plan_schema(new, old)
         assert up.unsupported == () and down.unsupported == ()
         for plan, db, target in ((up, names[2], new), (down, names[1], old)):
             if plan.statements:
                 pg.query(plan.script(), db=db)
-            assert confiture.compare_models(target, read_model(pg, db)) == [], plan.script()
+            assert confiture.compare_models(target, read_model(pg, db, privileges)) == [], \
+                plan.script()
         return up, down
     yield run
 
@@ -529,6 +634,51 @@ def test_pagila_from_an_empty_database_and_back(roundtrip: Any) -> None:
     up, down = roundtrip("", text)
     assert len(up.statements) > 100
     assert {s.sql.split()[0] for s in down.statements} == {"DROP"}
+
+
+@pytest.fixture
+def roles(pg: Any, project: Any) -> Iterator[tuple[str, str]]:
+    """Two roles of this test's own (roles are the cluster's); dropped after the project's
+    databases, which hold their grants."""
+    names = (f"{project.name}_reader", f"{project.name}_owner")
+    for name in names:
+        pg.query(f"CREATE ROLE {name}")
+    yield names
+    pg.drop_dbs_with_prefix(project.name)
+    for name in names:
+        pg.query(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_owners_and_grants_round_trip_on_a_real_server(roundtrip: Any, roles: Any) -> None:
+    reader, owner = roles
+    before = ("CREATE SCHEMA app; CREATE TABLE t (a int, b int); CREATE SEQUENCE s;"
+              "CREATE VIEW v AS SELECT a FROM t; CREATE FUNCTION f() RETURNS int"
+              " LANGUAGE sql AS 'SELECT 1'; CREATE TYPE mood AS ENUM ('ok');"
+              "CREATE DOMAIN pos AS int CHECK (VALUE > 0); CREATE TABLE u (id serial);"
+              f"GRANT SELECT ON t TO {reader};")
+    after = before + (
+        f"ALTER TABLE t OWNER TO {owner}; GRANT UPDATE (b) ON t TO {reader};"
+        f"ALTER TABLE u OWNER TO {owner};"  # its serial's sequence follows
+        f"GRANT INSERT ON t TO {reader} WITH GRANT OPTION; GRANT USAGE ON SEQUENCE s TO {reader};"
+        f"GRANT SELECT ON v TO PUBLIC; REVOKE EXECUTE ON FUNCTION f() FROM PUBLIC;"
+        f"GRANT EXECUTE ON FUNCTION f() TO {reader}; REVOKE USAGE ON TYPE mood FROM PUBLIC;"
+        f"ALTER DOMAIN pos OWNER TO {owner}; ALTER SCHEMA app OWNER TO {owner};"
+        f"GRANT USAGE ON SCHEMA app TO {reader} WITH GRANT OPTION;"
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO {reader};"
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;")
+    up, down = roundtrip(before, after, privileges=True)
+    text = "\n".join(sqls(up))
+    assert f"ALTER TABLE public.t OWNER TO {owner}" in text
+    assert f"GRANT UPDATE (b) ON TABLE public.t TO {reader}" in text
+    assert "REVOKE EXECUTE ON FUNCTION public.f() FROM PUBLIC" in text
+    assert f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} REVOKE EXECUTE ON FUNCTIONS FROM " \
+        "PUBLIC" in text
+    assert not any("CREATE" in s or "DROP" in s for s in sqls(up) + sqls(down))
+    assert "ALTER SEQUENCE public.u_id_seq OWNER" not in text  # refused by PostgreSQL
+    # without --privileges the same two schemas are equal, and nothing is planned
+    assert roundtrip(before, after) == (confiture.SchemaPlan(()), confiture.SchemaPlan(()))
+    # from nothing (objects created, then owned and granted) and back
+    roundtrip("", after, privileges=True)
 
 
 # ── migrate generate and diff --sql, as users run them ─────────────────────────────────────
@@ -735,6 +885,45 @@ def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: 
     assert "ALTER TABLE public.widgets DROP COLUMN label;" in other.stdout
     wrong = cli("diff", "--sql", "--migrations", cwd=project.root)
     assert wrong.returncode == 2 and "migrate generate" in wrong.stderr
+
+
+def test_generate_and_diff_sql_plan_owners_and_grants_only_with_privileges(
+        pg: Any, project: Any, cli: Any, roles: Any) -> None:
+    reader, owner = roles
+    history(project)
+    project.write("db/schema/10_tables/20_grants.sql",
+                  f"GRANT SELECT ON widgets TO {reader};\nALTER TABLE widgets OWNER TO {owner};\n")
+    plain = cli("migrate", "generate", "grants", cwd=project.root)
+    assert plain.returncode == 0 and "nothing to generate" in plain.stdout, plain.stderr
+    result = cli("migrate", "generate", "grants", "--privileges", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    up = next((project.root / "db/migrations").glob("*_grants.up.sql")).read_text()
+    down = next((project.root / "db/migrations").glob("*_grants.down.sql")).read_text()
+    assert f"ALTER TABLE public.widgets OWNER TO {owner};" in up
+    assert f"GRANT SELECT ON TABLE public.widgets TO {reader};" in up
+    assert f"REVOKE SELECT ON TABLE public.widgets FROM {reader};" in down
+    db = project.db()
+    pg.create_db(db)
+    assert cli("migrate", "up", cwd=project.root).returncode == 0
+    assert pg.scalar("SELECT pg_get_userbyid(relowner) FROM pg_class "
+                     "WHERE oid = 'widgets'::regclass", db=db) == owner
+    assert pg.scalar("SELECT has_table_privilege(%s, 'widgets', 'SELECT')", db=db,
+                     params=(reader,)) is True
+    assert cli("diff", "--privileges", cwd=project.root).returncode == 0
+    # drifted grants: invisible without --privileges, planned with it
+    pg.query(f"REVOKE SELECT ON widgets FROM {reader}; GRANT DELETE ON widgets TO PUBLIC", db=db)
+    assert cli("diff", "--sql", cwd=project.root).returncode == 0
+    fix = cli("diff", "--sql", "--privileges", cwd=project.root)
+    assert fix.returncode == 3, fix.stdout + fix.stderr
+    assert f"GRANT SELECT ON TABLE public.widgets TO {reader};" in fix.stdout
+    assert "REVOKE DELETE ON TABLE public.widgets FROM PUBLIC;" in fix.stdout
+    pg.query(fix.stdout, db=db)
+    assert pg.scalar("SELECT has_table_privilege(%s, 'widgets', 'SELECT')", db=db,
+                     params=(reader,)) is True
+    assert pg.scalar("SELECT count(*) FROM aclexplode((SELECT relacl FROM pg_class "
+                     "WHERE oid = 'widgets'::regclass)) WHERE grantee = 0", db=db) == 0
+    assert cli("diff", "--privileges", cwd=project.root).returncode == 0
+    assert no_scratch_left(pg, project)
 
 
 # ── fidelity on a real history: every step of Lemmy's 233 migrations ───────────────────────

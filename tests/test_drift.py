@@ -1,5 +1,5 @@
-"""Schema drift (diff): the dump parser and comparison in-process, then `diff` against a real
-server with every object kind, privileges, tracking tables, another env, failures, and pagila.
+"""Schema drift (diff): `diff` against a real server with every object kind, owners and grants
+(--privileges), tracking tables, another env, failures, and pagila.
 psycopg makes the changes and checks the outcomes; confiture only reports."""
 from __future__ import annotations
 
@@ -30,137 +30,7 @@ CORPORA = next((p for p in (ROOT.parent / "shared" / "corpora",
                             ROOT.parent.parent / "shared" / "corpora") if p.is_dir()),
                ROOT.parent / "shared" / "corpora")
 
-DUMP = """\
---
--- PostgreSQL database dump
---
-
-\\restrict AbCdEf123
-
--- Dumped from database version 15.18 (Debian 15.18-0+deb12u1)
--- Dumped by pg_dump version 15.18 (Debian 15.18-0+deb12u1)
-
-SET statement_timeout = 0;
-SELECT pg_catalog.set_config('search_path', '', false);
-
---
--- Name: f(integer); Type: FUNCTION; Schema: public; Owner: alice
---
-
-CREATE FUNCTION public.f(a integer) RETURNS integer
-    LANGUAGE sql
-    AS $$ select a + 1 $$;
-
-
-SET default_tablespace = fast;
-
-SET default_table_access_method = heap;
-
---
--- Name: users; Type: TABLE; Schema: public; Owner: alice
---
-
-CREATE TABLE public.users (
-    id integer NOT NULL,
-    email text DEFAULT 'x'::text NOT NULL
-);
-
-
---
--- Name: confiture_migrations; Type: TABLE; Schema: public; Owner: alice
---
-
-CREATE TABLE public.confiture_migrations (
-    id integer NOT NULL,
-    version bigint
-);
-
-
---
--- Name: confiture_migrations_id_seq; Type: SEQUENCE; Schema: public; Owner: alice
---
-
-CREATE SEQUENCE public.confiture_migrations_id_seq
-    AS integer
-    START WITH 1;
-
-
---
--- Name: confiture_migrations_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: alice
---
-
-ALTER SEQUENCE public.confiture_migrations_id_seq OWNED BY public.confiture_migrations.id;
-
-
---
--- Name: confiture_migrations id; Type: DEFAULT; Schema: public; Owner: alice
---
-
-ALTER TABLE ONLY public.confiture_migrations ALTER COLUMN id SET DEFAULT nextval('public.confiture_migrations_id_seq'::regclass);
-
-
---
--- Name: cm_version; Type: INDEX; Schema: public; Owner: alice
---
-
-CREATE INDEX cm_version ON public.confiture_migrations USING btree (version);
-
-
---
--- Name: users users_m_fkey; Type: FK CONSTRAINT; Schema: public; Owner: alice
---
-
-ALTER TABLE ONLY public.users
-    ADD CONSTRAINT users_m_fkey FOREIGN KEY (id) REFERENCES public.confiture_migrations(id);
-
-
---
--- PostgreSQL database dump complete
---
-
-\\unrestrict AbCdEf123
-
-"""
-
-
-# ── pure: parsing, filtering, comparing ─────────────────────────────────────────────────────
-
-
-def test_parse_strips_noise_and_splits_by_header() -> None:
-    objects = confiture.parse_schema_dump(DUMP)
-    assert ("public", "f(integer)", "FUNCTION") in objects
-    assert objects["public", "f(integer)", "FUNCTION"].body == (
-        "CREATE FUNCTION public.f(a integer) RETURNS integer\n    LANGUAGE sql\n"
-        "    AS $$ select a + 1 $$;")
-    text = "\n".join(o.body for o in objects.values())
-    for noise in ("restrict", "Dumped", "statement_timeout", "set_config", "dump complete"):
-        assert noise not in text
-    # a non-default tablespace stays with the table it applies to, not with the function
-    assert objects["public", "users", "TABLE"].body.startswith("SET default_tablespace = fast;")
-    assert "alice" not in text  # owners only through OWNER TO statements (--privileges)
-
-
-def test_restrict_keys_and_versions_do_not_make_a_difference() -> None:
-    other = DUMP.replace("AbCdEf123", "ZZZ999").replace("15.18", "15.14")
-    other = other.replace("\n\n\n", "\n\n\n\n")
-    a, b = confiture.parse_schema_dump(DUMP), confiture.parse_schema_dump(other)
-    assert confiture.compare_schemas(a, b) == []
-
-
-def test_tracking_tables_and_everything_hanging_off_them_are_ignored() -> None:
-    objects = confiture.parse_schema_dump(DUMP)
-    kept = confiture.drop_tracking_objects(objects, frozenset({("public", "confiture_migrations")}))
-    assert sorted(k[1] for k in kept) == ["f(integer)", "users", "users users_m_fkey"]
-
-
-def test_tracking_schema_is_ignored_when_nothing_else_lives_there() -> None:
-    dump = ("--\n-- Name: ops; Type: SCHEMA; Schema: -; Owner: -\n--\n\nCREATE SCHEMA ops;\n\n"
-            "--\n-- Name: log; Type: TABLE; Schema: ops; Owner: -\n--\n\n"
-            "CREATE TABLE ops.log (\n    id integer\n);\n")
-    objects = confiture.parse_schema_dump(dump)
-    assert confiture.drop_tracking_objects(objects, frozenset({("ops", "log")})) == {}
-    kept = confiture.drop_tracking_objects(objects, frozenset({("ops", "other")}))
-    assert len(kept) == 2
+# ── pure ─────────────────────────────────────────────────────────────────────────────────────
 
 
 def test_tracking_tables_follow_the_configured_table(tmp_path: Path) -> None:
@@ -169,29 +39,6 @@ def test_tracking_tables_follow_the_configured_table(tmp_path: Path) -> None:
     assert confiture.tracking_tables(config) == {
         ("Ops", "log"), ("Ops", "log_log"), ("Ops", "confiture_deploys"),
         ("public", "confiture_deploys")}
-
-
-def test_table_summary_names_the_column_and_attribute() -> None:
-    old = ("CREATE TABLE public.t (\n    id integer NOT NULL,\n    a text DEFAULT 'x'::text,\n"
-           "    b integer,\n    CONSTRAINT c CHECK ((b > 0))\n);")
-    new = ("CREATE TABLE public.t (\n    id bigint NOT NULL,\n    a text DEFAULT 'y'::text,\n"
-           "    c text NOT NULL\n)\nPARTITION BY RANGE (id);")
-    assert confiture.summarize_table(old, new) == [
-        "column c added (text NOT NULL)",
-        "column id: type integer → bigint",
-        "column a: default 'x'::text → 'y'::text",
-        "column b missing (integer)",
-        "constraint c missing",
-        "table options differ (partitioning, inheritance or storage)",
-    ]
-
-
-def test_object_labels() -> None:
-    assert confiture.describe_object("DEFAULT", "public", "users id") == \
-        "default of column public.users.id"
-    assert confiture.describe_object("TRIGGER", "s", "t trg") == "trigger trg on s.t"
-    assert confiture.describe_object("COMMENT", "", "EXTENSION x") == "comment on extension x"
-    assert confiture.describe_object("INDEX", "public", "i") == "index public.i"
 
 
 # ── against a server ────────────────────────────────────────────────────────────────────────
@@ -411,11 +258,12 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Cluster, p
     assert code == 0 and third["cached"] is False, (code, third)
     kept = list((project.root / ".confiture" / "drift").glob("*.model.*.json"))
     assert len(kept) == 1, kept
-    # diff --privileges compares dumps (grants are not in the model): kept apart, likewise
+    # diff --privileges reads owners and grants too: that catalog is kept apart, likewise
     for cached in (False, True):
         code, report = diff_json(cli, project, "--privileges")
         assert code == 0 and report["cached"] is cached, (code, report)
-    assert len(list((project.root / ".confiture" / "drift").glob("*.privileges.*.sql"))) == 1
+    assert len(list((project.root / ".confiture" / "drift").glob("*.privileges.*.json"))) == 1
+    assert len(list((project.root / ".confiture" / "drift").glob("*.model.*.json"))) == 1
 
 
 def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Cluster, project: Project, cli: CliRunner) -> None:
@@ -432,14 +280,13 @@ def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Cluster, project: Pro
         assert code == 0 and report["cached"] is False, (len(damaged), code, report)
         assert kept.read_text() == whole  # kept again, whole
     code, first = diff_json(cli, project, "--privileges")
-    [kept] = (project.root / ".confiture" / "drift").glob("*.privileges.*.sql")
+    [kept] = (project.root / ".confiture" / "drift").glob("*.privileges.*.json")
     whole = kept.read_text()
-    cut = whole.rindex("-- PostgreSQL database dump complete")
-    for damaged in ("", whole[: len(whole) // 2], whole[:cut]):
+    for damaged in ("", whole[: len(whole) // 2]):
         kept.write_text(damaged)
         code, report = diff_json(cli, project, "--privileges")
         assert code == 0 and report["cached"] is False, (len(damaged), code, report)
-        assert "-- PostgreSQL database dump complete" in kept.read_text()  # kept again, whole
+        assert kept.read_text() == whole  # kept again, whole
 
 
 def _templates(pg: Cluster, project: Project) -> list[tuple[str, bool, bool]]:
@@ -554,6 +401,35 @@ def test_diff_migrations_failure_names_the_migration(pg: Cluster, project: Proje
     result = cli("diff", "--migrations", cwd=project.root)
     assert result.returncode == 1
     assert "20240101000000_bad.up.sql" in result.stderr and "Traceback" not in result.stderr
+    assert no_scratch_left(pg, project)
+
+
+def test_diff_migrations_starts_from_the_baseline_schema(pg: Cluster, project: Project,
+                                                         cli: CliRunner) -> None:
+    """A history that starts from an existing schema ([migrations] baseline_schema) is replayed
+    from it, as migrate generate and the guard do; without it the replay cannot start."""
+    widgets = "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    label text NOT NULL"
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql", widgets + ",\n    note text\n);\n")
+    failed = cli("diff", "--migrations", cwd=project.root)
+    assert failed.returncode == 1 and "20240102000000_note.up.sql" in failed.stderr
+    project.write("db/baseline.sql", widgets + "\n);\n")
+    project.config_path.write_text(project.config_path.read_text()
+                                   + '\n[migrations]\nbaseline_schema = "db/baseline.sql"\n')
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 0, report
+    assert "migrations (1 applied to baseline baseline.sql)" == report["actual"]
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  widgets + ",\n    note text,\n    size int\n);\n")
+    code, report = diff_json(cli, project, "--migrations")
+    assert code == 3
+    assert report["differences"][0]["summary"] == ["column size missing (integer)"]
+    # --base still starts from the env's own schema (which holds the baseline already)
+    pg.create_db(project.db())
+    pg.query(widgets + ");", db=project.db())
+    code, report = diff_json(cli, project, "--migrations", "--base", "local")
+    assert code == 3 and "applied to env local at no migration" in report["actual"], report
     assert no_scratch_left(pg, project)
 
 
