@@ -90,8 +90,7 @@ def _example(root: Path) -> Path:
     shutil.copytree(ROOT / "sql", root / "sql")
     text = (ROOT / "confiture.toml.example").read_text()
     text = text.replace('name = "shop"', 'name = "bdshop"') \
-        .replace("postgresql:///shop_", "postgresql:///bdshop_") \
-        .replace('# baseline_schema = "db/baseline.sql"', 'baseline_schema = "sql/baseline.sql"')
+        .replace("postgresql:///shop_", "postgresql:///bdshop_")
     (root / "confiture.toml").write_text(text)
     table = root / "sql/schema/20_tables/20_customers.sql"
     ddl = table.read_text()
