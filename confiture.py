@@ -11098,7 +11098,15 @@ class FromSide:
         if self.live is not None:
             return 0
         version = applied_migration_version(self.base) if self.base is not None else None
-        return apply_all_migrations(ws, dbname, version)
+        try:
+            return apply_all_migrations(ws, dbname, version)
+        except MigrationError as exc:
+            if self.base is None and self.baseline is None \
+                    and not isinstance(exc, MigrationLockTimeout):
+                exc.hint = ("the migrations do not replay from an empty database; if the history "
+                            "starts from an existing schema, set [migrations] baseline_schema "
+                            "to a file that creates it")
+            raise
 
 
 def applied_migration_version(ws: Workspace) -> int | None:

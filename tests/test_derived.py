@@ -844,6 +844,24 @@ def test_generate_names_a_column_order_it_cannot_reach_and_starts_from_the_basel
     assert no_scratch_left(pg, project)
 
 
+def test_generate_on_a_history_that_needs_a_baseline_says_how_to_set_it(
+        project: Any, cli: Any) -> None:
+    """Migrations that start from an existing schema do not replay from an empty database:
+    generate fails naming the migration and says to set [migrations] baseline_schema; nothing
+    is written."""
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/migrations/20240102000000_note.down.sql",
+                  "ALTER TABLE widgets DROP COLUMN note;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    note text\n);\n")
+    result = cli("migrate", "generate", "size", cwd=project.root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "20240102000000_note.up.sql" in result.stderr
+    assert "set [migrations] baseline_schema" in result.stderr
+    assert len(migration_files(project)) == 2
+
+
 def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
     history(project)
     db = project.db()
