@@ -6217,9 +6217,13 @@ def parse_units(units: Sequence[LintUnit], cache: ParseCache | None = None
 
 def referenced_names(parsed: Sequence[Sequence[Parsed]]) -> set[str]:
     """Every identifier the statements mention, bare: the catalog query looks only at these."""
-    return {bare_name(t.name) if t.word == '"' else t.name  # only a quoted name holds a '.'
-            for unit in parsed for p in unit for t in p.tokens
-            if t.word == '"' or t.word[:1].isalpha()}
+    return token_names((t.word, t.name) for unit in parsed for p in unit for t in p.tokens)
+
+
+def token_names(tokens: Iterable[tuple[str, str]]) -> set[str]:
+    """referenced_names of tokens given as (word, name) pairs."""
+    return {bare_name(name) if word == '"' else name  # only a quoted name holds a '.'
+            for word, name in tokens if word == '"' or word[:1].isalpha()}
 
 
 _NAME_OR_WORD = re.compile(r'"((?:[^"]|"")*)"|([^\W\d][\w$]*)')
@@ -6228,9 +6232,8 @@ _NAME_OR_WORD = re.compile(r'"((?:[^"]|"")*)"|([^\W\d][\w$]*)')
 def mentioned_names(units: Sequence[LintUnit]) -> set[str]:
     """Every word and quoted name in the units' text, comments and strings included: almost
     always a superset of referenced_names, found without parsing (a quote inside a string
-    can hide a quoted name: lint_on then asks again). Units from the parse cache give their
-    exact names."""
-    found = referenced_names([u.parsed for u in units if u.parsed is not None])
+    can hide a quoted name: answered_catalog then asks again)."""
+    found: set[str] = set()
     for unit in units:
         for stmt in unit.statements:
             found.update(bare_name(quoted.replace('""', '"')) if quoted else word.lower()
@@ -6295,7 +6298,7 @@ def lint_settings(config: Config, env: Env) -> LintSettings:
 
 def migration_unit(migration: Migration, root: Path, cache: ParseCache | None = None
                    ) -> LintUnit:
-    label = migration_rel_path(root, migration.up)
+    label = migration_rel_file(root, migration.up_file)
     if cache is not None and (parsed := cache.parsed(migration.checksum, label)) is not None:
         return LintUnit(label, (), migration.transactional, migration.checksum, parsed)
     statements, transactional = migration_statements(migration, "up", root)
@@ -6322,6 +6325,24 @@ class ParseCache:
                 self.entries = data["files"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
+
+    def holds(self, checksum: str) -> bool:
+        return checksum in self.entries
+
+    def names(self, checksums: Iterable[str]) -> set[str]:
+        """The referenced_names of the files held, read from their tokens as stored (not
+        rebuilt). A damaged entry gives none: its file is parsed again, and the names its
+        statements reference are asked again (answered_catalog)."""
+        found: set[str] = set()
+        for checksum in checksums:
+            try:
+                names = token_names(pair for _, _, flat in self.entries.get(checksum, ())
+                                    for pair in zip(flat[0::2], flat[1::2]))
+            except (TypeError, ValueError, AttributeError):
+                continue
+            if all(isinstance(name, str) for name in names):
+                found |= names
+        return found
 
     def parsed(self, checksum: str, label: str) -> tuple[Parsed, ...] | None:
         entry = self.entries.get(checksum)
@@ -6360,17 +6381,45 @@ def file_unit(path: Path, root: Path) -> LintUnit:
 
 
 def lint_on(session: Session, ws: Workspace, units: Sequence[LintUnit],
-            settings: LintSettings, cache: ParseCache | None = None) -> LintReport:
+            settings: LintSettings) -> LintReport:
     """Lint with the facts of the session's database. The catalog query goes out before the
     statements are parsed and is answered meanwhile (the parse is most of the lint's time)."""
     asked = mentioned_names(units)
     answer = request_catalog(session, asked)
+    parsed = parse_units(units)
+    catalog = answered_catalog(session, answer, asked, parsed)
+    return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
+                      sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
+
+
+def lint_pending(session: Session, ws: Workspace, pending: Sequence[Migration],
+                 settings: LintSettings) -> LintReport:
+    """lint_on for the env's pending migrations, through the parse cache. The names of the
+    files it holds are in it, so the catalog query goes out before their statements are
+    rebuilt (~8 ms for 200 files) and is answered meanwhile; the files it lacks are read
+    first, for their names."""
+    root = ws.config.root
+    cache = ParseCache(ws.config.state_dir / "cache" / "lint.json")
+    read = [None if cache.holds(m.checksum) else migration_unit(m, root) for m in pending]
+    asked = cache.names(m.checksum for m in pending) | mentioned_names(
+        [unit for unit in read if unit is not None])
+    answer = request_catalog(session, asked)
+    units = [unit or migration_unit(m, root, cache) for unit, m in zip(read, pending)]
     parsed = parse_units(units, cache)
+    catalog = answered_catalog(session, answer, asked, parsed)
+    cache.save()
+    return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
+                      sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
+
+
+def answered_catalog(session: Session, answer: Callable[[], CatalogFacts], asked: set[str],
+                     parsed: Sequence[Sequence[Parsed]]) -> CatalogFacts:
+    """The answer to a catalog query sent early for the names `asked`; when the statements
+    reference a name that was not asked, a second query for exactly theirs."""
     catalog = answer()
     if not (names := referenced_names(parsed)) <= asked:
         catalog = read_catalog(session, names)
-    return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),
-                      sum(len(u) for u in parsed), ws.env.name, catalog.server_version)
+    return catalog
 
 
 def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> LintReport:
@@ -6388,11 +6437,7 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
                     return lint_on(session, ws, units, settings)
                 # pending versions only: the checksums of the scan cache will do
                 pending = migration_status(ws, session, cached=True).pending
-                cache = ParseCache(config.state_dir / "cache" / "lint.json")
-                units = [migration_unit(m, config.root, cache) for m in pending]
-                report = lint_on(session, ws, units, settings, cache)
-                cache.save()
-                return report
+                return lint_pending(session, ws, pending, settings)
         except ConnectionFailed as exc:
             note = f"no facts from env {ws.env.name}: {exc.message}"
     units = [file_unit(f, config.root) for f in files] or [

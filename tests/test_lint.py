@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import CliRunner, Cluster, Project, unique_project_name, write_config
@@ -217,6 +218,28 @@ def test_catalog_query_sent_before_parsing_still_finds_hidden_quoted_names(
         report = confiture.lint_on(session, target, [unit], ALL_RULES)
     [finding] = [f for f in report.findings if f.rule == "create-index-not-concurrent"]
     assert finding.table == "public.Big T" and "~50 k rows" in finding.message
+
+
+def test_parse_cache_names_are_those_of_the_rebuilt_statements(tmp_path: Path) -> None:
+    """lint_pending asks the catalog for the names a cache entry holds before rebuilding its
+    statements: they are exactly referenced_names of the rebuilt statements. A damaged
+    entry gives none (its file is parsed again and answered_catalog asks again)."""
+    sql = ('ALTER TABLE app."Big T" ADD COLUMN note text; -- a "stray quote\n'
+           "CREATE INDEX big_note ON app.\"Big T\" (note);\nCOMMENT ON TABLE t IS 'x';\n")
+    unit = confiture.LintUnit("m.sql", tuple(confiture.split_sql(sql)), True, "c1")
+    path = tmp_path / "lint.json"
+    cache = confiture.ParseCache(path)
+    [parsed] = confiture.parse_units([unit], cache)
+    cache.save()
+    cache = confiture.ParseCache(path)
+    rebuilt = cache.parsed("c1", "m.sql")
+    assert rebuilt is not None and list(rebuilt) == parsed
+    names = confiture.referenced_names([parsed])
+    assert {"Big T", "note", "big_note", "t"} <= names and "app.Big T" not in names
+    assert cache.names(["c1", "not held"]) == names
+    for damaged in ([[1, [], [1, 2]]], [[1, [], ["ALTER", 7]]], [[1, "x"]], "x", 3):
+        cache.entries["c1"] = damaged
+        assert cache.names(["c1"]) == set()
 
 
 def test_statements_in_strings_comments_and_bodies_do_not_fire() -> None:
