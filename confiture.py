@@ -58,7 +58,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import hashlib
 import itertools
 import json
 import os
@@ -70,7 +69,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Self, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar, dataclass_transform
 
 _T = TypeVar("_T")
 
@@ -330,14 +329,22 @@ def _component_key(part: str) -> tuple[tuple[int, int | str], ...]:
     return natural_key(part)
 
 
+# hashlib is imported by the first hash, not at start: loading OpenSSL's is ~3 ms of every
+# run (python -X importtime), and runs whose caches are warm (status, migrate lint) hash nothing.
+if TYPE_CHECKING:
+    import hashlib
+
+
 def sha256(data: bytes = b"") -> hashlib._Hash:
     """A SHA-256 digest object (hashlib's, OpenSSL's implementation)."""
+    import hashlib
+
     return hashlib.sha256(data)
 
 
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of one input."""
-    return hashlib.sha256(data).hexdigest()
+    return sha256(data).hexdigest()
 
 
 def slugify(text: str, ascii_only: bool = False) -> str:
@@ -861,7 +868,7 @@ class SyncConfig:
     rules: tuple[tuple[str, Any], ...] = ()    # (pattern, rule value) in file order
     where: tuple[tuple[str, str], ...] = ()    # (table pattern, SQL condition)
     lock_timeout: float = 60.0
-    digest: str = ""                           # sha256 of [sync] without its key
+    written: str = "{}"          # [sync] without its key, as canonical JSON (hashed by §10)
 
 
 @record(frozen=True)
@@ -1255,7 +1262,7 @@ def _parse_sync(table: Mapping[str, Any], where: str) -> SyncConfig:
         exclude=_str_list(table.get("exclude", []), "sync.exclude"),
         rules=tuple(table.get("rules", {}).items()), where=tuple(conditions),
         lock_timeout=parse_duration(table.get("lock_timeout", "60s"), "sync.lock_timeout"),
-        digest=sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest())
+        written=json.dumps(public, sort_keys=True, default=str))
 
 
 def _checked_scratch_url(value: str | None, where: str) -> str | None:
@@ -7162,7 +7169,7 @@ def load_sync_settings(config: Config, environ: Mapping[str, str], source: str |
                      for t in (list(tables) or sync.tables)),
         exclude=tuple(parse_pattern(t, "sync.exclude", column=False) for t in sync.exclude),
         rules=rules, where=sync_filters_of(config), lock_timeout=sync.lock_timeout,
-        config_hash=sync.digest)
+        config_hash=sha256_bytes(sync.written.encode()))
 
 
 def sync_rules_of(config: Config) -> tuple[tuple[NamePattern, Rule], ...]:
