@@ -69,7 +69,15 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar, dataclass_transform
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    NamedTuple,
+    NoReturn,
+    Self,
+    TypeVar,
+    dataclass_transform,
+)
 
 _T = TypeVar("_T")
 
@@ -5150,8 +5158,7 @@ LINT_SMALL_BYTES = 1 << 20  # a blocking build or rewrite of a table this small 
 LINT_LEVELS = ("error", "warning")
 
 
-@record(frozen=True)
-class Token:
+class Token(NamedTuple):
     """One SQL token: `word` is what rules compare (an unquoted word upper-cased, '"' for a
     quoted identifier, "'" for any string, '0' for a number, else the character);
     `name` is the identifier as PostgreSQL folds it (unquoted lower-cased, quoted exact)."""
@@ -6423,10 +6430,9 @@ def answered_catalog(session: Session, answer: Callable[[], CatalogFacts], asked
                      parsed: Sequence[Sequence[Parsed]]) -> CatalogFacts:
     """The answer to a catalog query sent early for the names `asked`; when the statements
     reference a name that was not asked, a second query for exactly theirs."""
+    names = referenced_names(parsed)  # before the answer is read: it may still be on its way
     catalog = answer()
-    if not (names := referenced_names(parsed)) <= asked:
-        catalog = read_catalog(session, names)
-    return catalog
+    return catalog if names <= asked else read_catalog(session, names)
 
 
 def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> LintReport:
