@@ -221,8 +221,8 @@ def test_catalog_query_sent_before_parsing_still_finds_hidden_quoted_names(
 
 
 def test_parse_cache_names_are_those_of_the_rebuilt_statements(tmp_path: Path) -> None:
-    """lint_pending asks the catalog for the names a cache entry holds before rebuilding its
-    statements: they are exactly referenced_names of the rebuilt statements. A damaged
+    """lint_pending asks the catalog for the names the cache's entries hold before rebuilding
+    their statements: they are exactly referenced_names of the rebuilt statements. A damaged
     entry gives none (its file is parsed again and answered_catalog asks again)."""
     sql = ('ALTER TABLE app."Big T" ADD COLUMN note text; -- a "stray quote\n'
            "CREATE INDEX big_note ON app.\"Big T\" (note);\nCOMMENT ON TABLE t IS 'x';\n")
@@ -236,10 +236,11 @@ def test_parse_cache_names_are_those_of_the_rebuilt_statements(tmp_path: Path) -
     assert rebuilt is not None and list(rebuilt) == parsed
     names = confiture.referenced_names([parsed])
     assert {"Big T", "note", "big_note", "t"} <= names and "app.Big T" not in names
-    assert cache.names(["c1", "not held"]) == names
+    assert cache.names == names
+    good = json.loads(path.read_text())
     for damaged in ([[1, [], [1, 2]]], [[1, [], ["ALTER", 7]]], [[1, "x"]], "x", 3):
-        cache.entries["c1"] = damaged
-        assert cache.names(["c1"]) == set()
+        path.write_text(json.dumps({**good, "files": {**good["files"], "c2": damaged}}))
+        assert confiture.ParseCache(path).names == names
 
 
 def test_statements_in_strings_comments_and_bodies_do_not_fire() -> None:
