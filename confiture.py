@@ -532,6 +532,7 @@ class Console:
     stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
     stderr: Any = field(default=None, repr=False)
     emitted: bool = field(default=False, repr=False)  # a --json document went out already
+    warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def out(self) -> Any:
@@ -568,6 +569,12 @@ class Console:
 
     def warn(self, text: str) -> None:
         print(self._paint("33", "warning: ") + text, file=self.err)
+
+    def warn_once(self, text: str) -> None:
+        """A warning about the setup, true every time a run meets it: said once per run."""
+        if text not in self.warned:
+            self.warned.add(text)
+            self.warn(text)
 
     def error(self, text: str, hint: str | None = None) -> None:
         print(self._paint("31", "error: ") + text, file=self.err)
@@ -2934,7 +2941,7 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     if server.conn.server_identity(ws.client.environ) == \
             ws.env.conn.server_identity(ws.client.environ):
         host, port = server.conn.server_identity(ws.client.environ)
-        ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
+        ws.console.warn_once(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
                         f"{host}:{port}) is the env's own server: scratch databases will be "
                         "created on it; set [project] scratch_url to another server")
     env = evolve(ws.env, conn=server.conn,
