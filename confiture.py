@@ -2344,6 +2344,11 @@ _CONNECT_HINTS = {
 }
 
 
+def never_connected(text: str) -> bool:
+    """Does a client tool's stderr say that it never reached the server (libpq's words)?"""
+    return "connection to server" in text or "could not connect" in text
+
+
 def connection_failure(text: str, where: str) -> ConnectionFailed:
     """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
     text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
@@ -2555,7 +2560,7 @@ class Session:
         text = re.sub(r"^psql: (error: )?", "", text)
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
-        if "connection to server" in text or "could not connect" in text or not text:
+        if never_connected(text) or not text:
             raise connection_failure(text, where)
         raise PgError(f"lost the session to {where}: {text}")
 
@@ -10796,7 +10801,7 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
         text = mask_password_in(text, client.password)
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
-        if "connection to server" in text or "could not connect" in text:
+        if never_connected(text):
             raise connection_failure(text, where)
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")
