@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,38 @@ def test_session_reports_a_dead_server_at_first_use(pg: Cluster) -> None:
     session = confiture.Session(confiture.find_pg_tools(), conn, "postgres")  # does not wait
     with pytest.raises(confiture.ConnectionFailed, match="cannot connect"):
         session.value("SELECT 1")
+
+
+def test_session_quit_ends_the_connection_without_waiting_and_close_reaps_it(pg: Cluster) -> None:
+    """quit() sends psql its \\q and returns (migrate lint runs its rules meanwhile); no
+    statement may follow; close() then waits for psql, and the server's backend goes away."""
+    tools = confiture.find_pg_tools()
+    session = confiture.Session(tools, confiture.ConnInfo.parse(pg.url()), "postgres")
+    pid = session.value("SELECT pg_backend_pid()")
+    session.quit()
+    with pytest.raises(confiture.PgError, match="session is closed"):
+        session.value("SELECT 1")
+    session.close()
+    session.close()  # twice is fine
+    assert session.closed
+    deadline = time.monotonic() + 30  # the server ends the backend on its own time
+    while pg.query("SELECT 1 FROM pg_stat_activity WHERE pid = %s", params=(pid,)):
+        assert time.monotonic() < deadline, f"backend {pid} still there"
+        time.sleep(0.05)
+
+
+def test_runs_that_hash_nothing_do_not_load_hashlib(tmp_path: Path) -> None:
+    """hashlib (OpenSSL's, ~3 ms) is imported by the first hash: loading a configuration,
+    [sync] included, hashes nothing; the [sync] digest is made when sync needs it."""
+    (tmp_path / "confiture.toml").write_text(
+        '[project]\nname = "imp"\n[env.local]\nurl = "postgresql:///imp"\n'
+        '[sync]\nfrom = "local"\nto = "local"\nkey = "${K}"\n[sync.rules]\n"users.email" = "email"\n')
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import confiture; "
+            "confiture.load_config(confiture.Path('confiture.toml'), {}); "
+            "print('hashlib' in sys.modules)")
+    run = subprocess.run([sys.executable, "-S", "-c", code, str(CONFITURE.parent)], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False", run.stdout
 
 
 def test_cli_runs_without_dataclasses_typing_or_tomllib_imported(tmp_path: Path) -> None:
