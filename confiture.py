@@ -6343,15 +6343,13 @@ def migration_unit(migration: Migration, root: Path, cache: ParseCache | None = 
     return LintUnit(label, tuple(statements), transactional, migration.checksum)
 
 
-def _entry_names(entry: Any) -> set[str]:
-    """referenced_names of a ParseCache entry's statements. A damaged entry gives none: its
-    file is parsed again, and the names its statements reference asked again
-    (answered_catalog)."""
+def _entry_names(entry: Any) -> set[str] | None:
+    """referenced_names of a ParseCache entry's statements; None for a damaged entry."""
     try:
         names = token_names(pair for _, _, flat in entry for pair in zip(flat[0::2], flat[1::2]))
     except (TypeError, ValueError, AttributeError):
-        return set()
-    return names if all(isinstance(name, str) for name in names) else set()
+        return None
+    return names if all(isinstance(name, str) for name in names) else None
 
 
 class ParseCache:
@@ -6375,8 +6373,14 @@ class ParseCache:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         # The names for the catalog query, read from the tokens as stored (not rebuilt): of
-        # every file held, pending or not (a name too many costs the query nothing)
-        self.names: set[str] = set().union(*map(_entry_names, self.entries.values()))
+        # every file held, pending or not (a name too many costs the query nothing). A
+        # damaged entry is dropped: its file is parsed again.
+        self.names: set[str] = set()
+        for checksum, entry in list(self.entries.items()):
+            if (names := _entry_names(entry)) is None:
+                del self.entries[checksum]
+            else:
+                self.names |= names
 
     def holds(self, checksum: str) -> bool:
         return checksum in self.entries
@@ -6441,7 +6445,9 @@ def lint_pending(session: Session, ws: Workspace, pending: Sequence[Migration],
     answer = request_catalog(session, asked)
     units = [unit or migration_unit(m, root, cache) for unit, m in zip(read, pending)]
     parsed = parse_units(units, cache)
-    catalog = answered_catalog(session, answer, asked, parsed)
+    # a statement rebuilt from the cache references exactly the names asked for its entry
+    fresh = [p for unit, p in zip(units, parsed) if unit.parsed is None]
+    catalog = answered_catalog(session, answer, asked, fresh)
     session.quit()  # nothing more to ask: psql exits while the rules run
     cache.save()
     return LintReport(tuple(lint_units(units, parsed, catalog, settings)), len(units),

@@ -222,8 +222,8 @@ def test_catalog_query_sent_before_parsing_still_finds_hidden_quoted_names(
 
 def test_parse_cache_names_are_those_of_the_rebuilt_statements(tmp_path: Path) -> None:
     """lint_pending asks the catalog for the names the cache's entries hold before rebuilding
-    their statements: they are exactly referenced_names of the rebuilt statements. A damaged
-    entry gives none (its file is parsed again and answered_catalog asks again)."""
+    their statements: they are exactly referenced_names of the rebuilt statements (so those
+    are not checked again). A damaged entry is dropped: its file is parsed again."""
     sql = ('ALTER TABLE app."Big T" ADD COLUMN note text; -- a "stray quote\n'
            "CREATE INDEX big_note ON app.\"Big T\" (note);\nCOMMENT ON TABLE t IS 'x';\n")
     unit = confiture.LintUnit("m.sql", tuple(confiture.split_sql(sql)), True, "c1")
@@ -240,7 +240,8 @@ def test_parse_cache_names_are_those_of_the_rebuilt_statements(tmp_path: Path) -
     good = json.loads(path.read_text())
     for damaged in ([[1, [], [1, 2]]], [[1, [], ["ALTER", 7]]], [[1, "x"]], "x", 3):
         path.write_text(json.dumps({**good, "files": {**good["files"], "c2": damaged}}))
-        assert confiture.ParseCache(path).names == names
+        cache = confiture.ParseCache(path)
+        assert cache.names == names and not cache.holds("c2")  # its file is parsed again
 
 
 def test_statements_in_strings_comments_and_bodies_do_not_fire() -> None:
