@@ -5443,7 +5443,7 @@ class LintContext:
     def existing(self, name: str) -> bool:
         """Does the table hold data already? Not if this migration created it; not if the
         target's catalog lacks it (an earlier pending migration creates it)."""
-        if bare_name(name) in self.created or name in self.created:
+        if self.created and (bare_name(name) in self.created or name in self.created):
             return False
         return self.catalog is None or self.catalog.table(name) is not None
 
@@ -6293,7 +6293,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                           utc=catalog is not None and catalog.timezone.lower() in UTC_NAMES,
                           volatile=volatile)
         for p in statements:
-            allowed = {a.rule: a.reason for a in p.allowed}
+            allowed = {a.rule: a.reason for a in p.allowed} if p.allowed else {}
             verb = p.words[0] if p.words else ""
             if verb not in by_verb:
                 by_verb[verb] = [r for r in rules if not r.reads or verb in r.reads]
