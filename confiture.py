@@ -9903,14 +9903,35 @@ def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
     if key == rename.new or (rename.kind == "column" and key == "default " +
                              rename.new.split(" ", 1)[1]):
         name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
-    facts = obj.facts
-    if rename.kind == "column" and obj.kind == "table" and facts.get("columns") and \
-            rename.old.rsplit(".", 1)[0] == f"column {ident(obj)}":
-        before, after = rename.old.rsplit(".", 1)[1], rename.new.rsplit(".", 1)[1]
-        facts = {**facts, "columns": [after if c == before else c for c in facts["columns"]]}
+    facts = _renamed_facts(obj, rename)
     return evolve(obj, key=key, name=name, facts=facts,
                   parent=_renamed_key(obj.parent, rename.old, rename.new) if obj.parent else "",
                   depends=frozenset(_renamed_key(d, rename.old, rename.new) for d in obj.depends))
+
+
+def _renamed_facts(obj: DbObject, rename: Rename) -> Mapping[str, Any]:
+    """The facts that name the renamed table or column follow the rename, so that what
+    PostgreSQL carries along by itself (a table's column order, a sequence's OWNED BY, an
+    owner's and a grant's target) is not planned again."""
+    facts = obj.facts
+    old_name, new_name = ident_of(rename.old), ident_of(rename.new)
+    if rename.kind == "column" and obj.kind == "table" and facts.get("columns") and \
+            old_name.rsplit(".", 1)[0] == ident(obj):
+        before, after = old_name.rsplit(".", 1)[1], new_name.rsplit(".", 1)[1]
+        facts = {**facts, "columns": [after if c == before else c for c in facts["columns"]]}
+    owned = facts.get("owned_by") if obj.kind == "sequence" else None
+    if owned:
+        facts = {**facts, "owned_by": ident_of(_renamed_key(f"column {owned}", rename.old,
+                                                            rename.new))}
+    if obj.kind in HANGERS_ON:  # 'TABLE public.t' in an owner's or a grant's statement
+        for fact in ("alter", "on"):
+            word, _, name = str(facts.get(fact, "")).rpartition(" ")
+            if word:
+                target = ident_of(_renamed_key(f"table {name}", rename.old, rename.new))
+                facts = {**facts, fact: f"{word} {target}"}
+        if facts.get("columns") and obj.parent == rename.old:
+            facts = {**facts, "columns": f" ({new_name.rsplit('.', 1)[1]})"}
+    return facts
 
 
 def compare_models(expected: SchemaModel, actual: SchemaModel) -> list[str]:
@@ -11579,7 +11600,7 @@ def plan_stages(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename], o
                 ) -> list[tuple[SchemaPlan, SchemaPlan]]:
     """(up, down) of each migration to write: one, or for an online change a transactional
     one to online_stage() and a no-transaction one from there (empty ones left out)."""
-    back = [Rename(r.kind, r.new, r.old) for r in renames]
+    back = [Rename(r.kind, r.new, r.old) for r in reversed(renames)]
     if not online:
         return [(plan_schema(old, new, renames), plan_schema(new, old, back))]
     middle = online_stage(old, new)

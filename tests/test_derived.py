@@ -267,6 +267,33 @@ def test_rename_hints_are_checked() -> None:
     assert plan.unsupported == ("--rename: no table public.nothere in the migrated schema",)
 
 
+def test_a_rename_plans_only_the_rename_with_owners_grants_and_owned_sequences() -> None:
+    """What PostgreSQL carries along with a renamed table or column (its owner, its grants,
+    a sequence's OWNED BY) is not planned again, with --privileges or without."""
+    def side(tbl: str, col: str) -> SchemaModel:
+        owned = sequence("s", owned_by=f"public.{tbl}.{col}")
+        return model(table(tbl, columns=[col]), column(tbl, col), owned,
+                     *grants(f"table public.{tbl}", "alice", [*TABLE_BASE, "bob=SELECT"],
+                             TABLE_BASE),
+                     *grants(f"table public.{tbl}", "alice", ["bob=UPDATE"], what="column",
+                             column=col),
+                     *grants("sequence public.s", "alice", ["(owner)=USAGE"], code="S"))
+    renames = [confiture.parse_rename("table:t=u"), confiture.parse_rename("column:u.a=b")]
+    assert sqls(plan_schema(side("t", "a"), side("u", "b"), renames)) == [
+        "ALTER TABLE public.t RENAME TO u", "ALTER TABLE public.u RENAME COLUMN a TO b"]
+    # the way back renames in the reverse order (the column of the table's new name first)
+    [(_, down)] = confiture.plan_stages(side("t", "a"), side("u", "b"), renames, online=False)
+    assert sqls(down) == [
+        "ALTER TABLE public.u RENAME COLUMN b TO a", "ALTER TABLE public.u RENAME TO t"]
+    # an owner that changes with the rename is still planned, under the new name
+    moved = side("u", "b")
+    moved.objects["owner table public.u"] = confiture.evolve(
+        moved.objects["owner table public.u"],
+        facts={**moved.objects["owner table public.u"].facts, "owner": "carol"})
+    assert sqls(plan_schema(side("t", "a"), moved, renames))[2:] == [
+        "ALTER TABLE public.u OWNER TO carol"]
+
+
 def test_in_place_alterations_of_columns_tables_constraints_and_comments() -> None:
     old = model(table("t"), column("t", "a", "character varying(10)"), column("t", "b"),
                 constraint("t", "t_b_check", "CHECK ((b > 0)) NOT VALID"),
