@@ -8803,6 +8803,75 @@ SELECT pol.oid, quote_ident(n.nspname) AS schema, quote_ident(c.relname) AS tabl
 {_relations("'r', 'p'", excluded, "JOIN pg_policy pol ON pol.polrelid = c.oid")}"""
 
 
+def _option_list(column: str) -> str:
+    """A catalog OPTIONS array as [[name, value], …] (names quoted as needed), sorted by name:
+    their order means nothing to PostgreSQL."""
+    return (f"(SELECT json_agg(json_build_array(quote_ident(o.option_name), o.option_value) "
+            f"ORDER BY o.option_name) FROM pg_options_to_table({column}) o)")
+
+
+def _query_wrappers(excluded: str) -> str:
+    return f"""
+SELECT w.oid, quote_ident(w.fdwname) AS name, obj_description(w.oid, 'pg_foreign_data_wrapper') AS comment,
+  nullif(w.fdwhandler::regproc::text, '-') AS handler,
+  nullif(w.fdwvalidator::regproc::text, '-') AS validator, {_option_list('w.fdwoptions')} AS options
+FROM pg_foreign_data_wrapper w WHERE {_not_extension('pg_foreign_data_wrapper', 'w.oid')}"""
+
+
+def _query_servers(excluded: str) -> str:
+    """Servers, with the extension that brings their wrapper (postgres_fdw, file_fdw): the
+    model holds the extension, not its objects, and the server needs it first."""
+    return f"""
+SELECT s.oid, quote_ident(s.srvname) AS name, obj_description(s.oid, 'pg_foreign_server') AS comment,
+  quote_ident(w.fdwname) AS wrapper, s.srvtype AS type, s.srvversion AS version,
+  {_option_list('s.srvoptions')} AS options,
+  (SELECT quote_ident(x.extname) FROM pg_depend d JOIN pg_extension x ON x.oid = d.refobjid
+    WHERE d.classid = 'pg_foreign_data_wrapper'::regclass AND d.objid = w.oid
+      AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e') AS extension
+FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+WHERE {_not_extension('pg_foreign_server', 's.oid')}"""
+
+
+def _query_foreign_tables(excluded: str) -> str:
+    """Foreign tables with their columns (a foreign table holds no rows: it is one object,
+    altered in place where ALTER FOREIGN TABLE can, else created again)."""
+    collation = _QUALIFIED_COLLATION.format(coll="a.attcollation")
+    return f"""
+SELECT c.oid, c.reltype AS type_oid, quote_ident(n.nspname) AS schema,
+  quote_ident(c.relname) AS name, obj_description(c.oid, 'pg_class') AS comment,
+  quote_ident(s.srvname) AS server, {_option_list('ft.ftoptions')} AS options,
+  CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS bound,
+  (SELECT json_agg(quote_ident(pn.nspname) || '.' || quote_ident(p.relname) ORDER BY i.inhseqno)
+    FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+    JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid) AS parents,
+  (SELECT json_agg(json_build_object('name', quote_ident(a.attname),
+      'type', format_type(a.atttypid, a.atttypmod), 'notnull', a.attnotnull,
+      'local', a.attislocal, 'default_oid', d.oid,
+      'default', CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+      'expression', CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+      'collation', CASE WHEN a.attcollation <> t.typcollation THEN {collation} END,
+      'options', {_option_list('a.attfdwoptions')},
+      'comment', col_description(c.oid, a.attnum)) ORDER BY a.attnum)
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+  (SELECT json_agg(json_build_object('name', quote_ident(co.conname),
+      'def', pg_get_constraintdef(co.oid), 'oid', co.oid) ORDER BY co.conname)
+    FROM pg_constraint co WHERE co.conrelid = c.oid AND co.contype = 'c' AND co.conislocal)
+    AS checks
+{_relations("'f'", excluded, "JOIN pg_foreign_table ft ON ft.ftrelid = c.oid "
+            "JOIN pg_foreign_server s ON s.oid = ft.ftserver")}"""
+
+
+def _query_event_triggers(excluded: str) -> str:
+    """Event triggers (reading them needs no privilege; creating them needs a superuser)."""
+    return f"""
+SELECT e.oid, quote_ident(e.evtname) AS name, obj_description(e.oid, 'pg_event_trigger') AS comment,
+  e.evtevent AS event, (SELECT json_agg(tag ORDER BY tag) FROM unnest(e.evttags) tag) AS tags,
+  e.evtfoid::regproc::text AS function, e.evtenabled AS enabled
+FROM pg_event_trigger e WHERE {_not_extension('pg_event_trigger', 'e.oid')}"""
+
+
 # Kinds the model knows by name only: a difference in them is reported, never planned.
 # Over 60 lines: one query, a UNION ALL branch per kind; there is no logic to split.
 def _query_others(excluded: str) -> str:
@@ -8831,11 +8900,6 @@ SELECT p.oid, 'aggregate', quote_ident(n.nspname),
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
   LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
 WHERE p.prokind IN ('a', 'w') AND {_user_ns()} AND {_not_extension('pg_proc', 'p.oid')}
-UNION ALL
-SELECT c.oid, 'foreign table', quote_ident(n.nspname), quote_ident(c.relname), NULL, NULL {_relations("'f'", excluded)}
-UNION ALL
-SELECT e.oid, 'event trigger', '', quote_ident(e.evtname), NULL, NULL FROM pg_event_trigger e
-WHERE {_not_extension('pg_event_trigger', 'e.oid')}
 UNION ALL
 SELECT co.oid, 'collation', quote_ident(n.nspname), quote_ident(co.collname),
   (to_jsonb(co) - 'oid' - 'collname' - 'collnamespace' - 'collowner' - 'collversion')::text, NULL
@@ -8867,15 +8931,7 @@ FROM pg_ts_dict t JOIN pg_namespace n ON n.oid = t.dictnamespace
 WHERE {_user_ns()} AND {_not_extension('pg_ts_dict', 't.oid')}
 UNION ALL
 SELECT p.oid, 'publication', '', quote_ident(p.pubname),
-  (to_jsonb(p) - 'oid' - 'pubname' - 'pubowner')::text, NULL FROM pg_publication p
-UNION ALL
-SELECT w.oid, 'foreign-data wrapper', '', quote_ident(w.fdwname), NULL, NULL
-FROM pg_foreign_data_wrapper w WHERE {_not_extension('pg_foreign_data_wrapper', 'w.oid')}
-UNION ALL
-SELECT s.oid, 'server', '', quote_ident(s.srvname),
-  concat_ws(' ', s.srvtype, s.srvversion, (SELECT fdwname FROM pg_foreign_data_wrapper
-    WHERE oid = s.srvfdw)), NULL
-FROM pg_foreign_server s WHERE {_not_extension('pg_foreign_server', 's.oid')}"""
+  (to_jsonb(p) - 'oid' - 'pubname' - 'pubowner')::text, NULL FROM pg_publication p"""
 
 
 # ── owners and grants (read only with --privileges) ──────────────────────────────────────
@@ -9202,13 +9258,45 @@ def ident_of(key: str) -> str:
     return key.split(" ", 1)[1]
 
 
+def _read_wrapper(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("handler", "validator", "options")}
+    obj = _row_object("wrapper", {**row, "schema": ""}, row["name"], facts)
+    return [(obj, [("pg_foreign_data_wrapper", row["oid"], 0)])]
+
+
+def _read_server(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("wrapper", "type", "version", "options")}
+    obj = _row_object("server", {**row, "schema": ""}, row["name"], facts)
+    if row["extension"]:  # its wrapper is the extension's (not in the model)
+        obj = evolve(obj, depends=frozenset({f"extension {row['extension']}"}))
+    return [(obj, [("pg_foreign_server", row["oid"], 0)])]
+
+
+def _read_foreign_table(row: Mapping[str, Any]) -> Read:
+    """A foreign table, its columns (their defaults and checks are its own: their oids name
+    it, so what they use comes before it) and its row type."""
+    columns = [{k: v for k, v in c.items() if k != "default_oid"} for c in row["columns"] or []]
+    checks = [{"name": c["name"], "def": c["def"]} for c in row["checks"] or []]
+    facts = {"server": row["server"], "options": row["options"], "bound": row["bound"],
+             "parents": row["parents"], "columns": columns, "checks": checks}
+    obj = _row_object("foreign_table", row, qname(row["schema"], row["name"]), facts)
+    oids = [("pg_class", row["oid"], 0), ("pg_type", row["type_oid"], 0)]
+    oids += [("pg_attrdef", c["default_oid"], 0) for c in row["columns"] or []
+             if c["default_oid"]]
+    oids += [("pg_constraint", c["oid"], 0) for c in row["checks"] or []]
+    return [(obj, oids)]
+
+
+def _read_event_trigger(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("event", "tags", "function", "enabled")}
+    obj = _row_object("event_trigger", {**row, "schema": ""}, row["name"], facts)
+    return [(obj, [("pg_event_trigger", row["oid"], 0)])]
+
+
 _OTHER_CATALOGS = {"rule": "pg_rewrite", "statistics": "pg_statistic_ext", "aggregate": "pg_proc",
-                   "foreign table": "pg_class", "event trigger": "pg_event_trigger",
                    "collation": "pg_collation", "operator": "pg_operator", "cast": "pg_cast",
                    "text search configuration": "pg_ts_config",
-                   "text search dictionary": "pg_ts_dict", "publication": "pg_publication",
-                   "foreign-data wrapper": "pg_foreign_data_wrapper",
-                   "server": "pg_foreign_server"}
+                   "text search dictionary": "pg_ts_dict", "publication": "pg_publication"}
 
 
 def _read_other(row: Mapping[str, Any]) -> Read:
@@ -9243,6 +9331,10 @@ CATALOG_KINDS: dict[str, CatalogKind] = {
     "view": CatalogKind(_query_views, _read_view),
     "trigger": CatalogKind(_query_triggers, _read_trigger),
     "policy": CatalogKind(_query_policies, _read_policy),
+    "wrapper": CatalogKind(_query_wrappers, _read_wrapper),
+    "server": CatalogKind(_query_servers, _read_server),
+    "foreign_table": CatalogKind(_query_foreign_tables, _read_foreign_table),
+    "event_trigger": CatalogKind(_query_event_triggers, _read_event_trigger),
     "other": CatalogKind(_query_others, _read_other),
     "grants": CatalogKind(_query_grants, _read_grants, privileges=True),
 }
@@ -9769,6 +9861,175 @@ def _alter_acl(old: DbObject, new: DbObject) -> Alteration | None:
                                             new.facts["acl"] or [])))
 
 
+# ── foreign data: wrappers, servers, foreign tables ──────────────────────────────────────
+# Options are [name, value] pairs (§11 _option_list). A foreign table holds no rows (they
+# live on the other side), so creating one again loses nothing: it is never destructive.
+
+def _options_clause(options: Sequence[Sequence[str]] | None) -> str:
+    pairs = ", ".join(f"{name} {quote_literal(value)}" for name, value in options or [])
+    return f" OPTIONS ({pairs})" if pairs else ""
+
+
+def _options_change(before: Sequence[Sequence[str]] | None,
+                    after: Sequence[Sequence[str]] | None) -> str:
+    """' OPTIONS (ADD …, SET …, DROP …)' that takes one option list to the other ('' if equal)."""
+    old = {name: value for name, value in before or []}
+    new = {name: value for name, value in after or []}
+    actions = [f"DROP {name}" for name in old if name not in new]
+    actions += [f"{'SET' if name in old else 'ADD'} {name} {quote_literal(value)}"
+                for name, value in new.items() if old.get(name) != value]
+    return f" OPTIONS ({', '.join(actions)})" if actions else ""
+
+
+def _create_wrapper(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    return [(f"CREATE FOREIGN DATA WRAPPER {ident(obj)}"
+            f"{_wrapper_functions(f)}{_options_clause(f['options'])}")]
+
+
+def _wrapper_functions(facts: Mapping[str, Any]) -> str:
+    return "".join(f" {word} {facts[key]}" if facts[key] else f" NO {word}"
+                   for key, word in (("handler", "HANDLER"), ("validator", "VALIDATOR")))
+
+
+def _alter_wrapper(old: DbObject, new: DbObject) -> Alteration | None:
+    functions = _wrapper_functions(new.facts) if any(
+        old.facts[k] != new.facts[k] for k in ("handler", "validator")) else ""
+    change = functions + _options_change(old.facts["options"], new.facts["options"])
+    return Alteration((f"ALTER FOREIGN DATA WRAPPER {ident(new)}{change}",) if change else ())
+
+
+def _create_server(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    kind = f" TYPE {quote_literal(f['type'])}" if f["type"] is not None else ""
+    version = f" VERSION {quote_literal(f['version'])}" if f["version"] is not None else ""
+    return [(f"CREATE SERVER {ident(obj)}{kind}{version} FOREIGN DATA WRAPPER {f['wrapper']}"
+            f"{_options_clause(f['options'])}")]
+
+
+def _alter_server(old: DbObject, new: DbObject) -> Alteration | None:
+    """Version and options change in place; another wrapper or type needs a new server."""
+    o, n = old.facts, new.facts
+    if o["wrapper"] != n["wrapper"] or o["type"] != n["type"]:
+        return None
+    change = "" if o["version"] == n["version"] else \
+        f" VERSION {quote_literal(n['version']) if n['version'] is not None else 'NULL'}"
+    change += _options_change(o["options"], n["options"])
+    return Alteration((f"ALTER SERVER {ident(new)}{change}",) if change else ())
+
+
+def _foreign_column(column: Mapping[str, Any]) -> str:
+    text = f"{column['name']} {column['type']}{_options_clause(column['options'])}"
+    text += f" COLLATE {column['collation']}" if column["collation"] else ""
+    if column["expression"] is not None:
+        text += f" GENERATED ALWAYS AS ({column['expression']}) STORED"
+    text += f" DEFAULT {column['default']}" if column["default"] is not None else ""
+    return text + (" NOT NULL" if column["notnull"] else "")
+
+
+def _create_foreign_table(obj: DbObject, model: SchemaModel) -> list[str]:
+    f, name = obj.facts, ident(obj)
+    if f["bound"] is not None:
+        text = f"CREATE FOREIGN TABLE {name} PARTITION OF {f['parents'][0]} {f['bound']}"
+    else:
+        parts = [_foreign_column(c) for c in f["columns"] if c["local"]]
+        parts += [f"CONSTRAINT {c['name']} {c['def']}" for c in f["checks"]]
+        text = f"CREATE FOREIGN TABLE {name} (\n    " + ",\n    ".join(parts) + "\n)" \
+            if parts else f"CREATE FOREIGN TABLE {name} ()"
+        text += f" INHERITS ({', '.join(f['parents'])})" if f["parents"] else ""
+    out = [f"{text} SERVER {f['server']}{_options_clause(f['options'])}"]
+    if f["bound"] is not None:  # a partition's own checks
+        out += [f"ALTER FOREIGN TABLE {name} ADD CONSTRAINT {c['name']} {c['def']}"
+                for c in f["checks"]]
+    return out + _foreign_column_comments(obj, {})
+
+
+def _foreign_column_comments(new: DbObject, before: Mapping[str, Any]) -> list[str]:
+    """COMMENT ON COLUMN for each column whose comment is not what `before` (name → column)
+    has."""
+    out = []
+    for column in new.facts["columns"]:
+        if column["comment"] != (before.get(column["name"]) or {}).get("comment"):
+            text = quote_literal(column["comment"]) if column["comment"] is not None else "NULL"
+            out.append(f"COMMENT ON COLUMN {ident(new)}.{column['name']} IS {text}")
+    return out
+
+
+def _alter_foreign_table(old: DbObject, new: DbObject) -> Alteration | None:
+    """ALTER FOREIGN TABLE where it can: columns added at the end, dropped, retyped, their
+    defaults, NOT NULL and options; checks; the table's options. Another server, partition
+    or parent, a generated expression or a column order ADD COLUMN cannot reach: created
+    again (and what is over it, views, with it)."""
+    o, n = old.facts, new.facts
+    if any(o[k] != n[k] for k in ("server", "bound", "parents")):
+        return None
+    before = {c["name"]: c for c in o["columns"]}
+    after = {c["name"]: c for c in n["columns"]}
+    kept = [c for c in before if c in after]
+    if kept + [c for c in after if c not in before] != list(after) or \
+            any(before[c]["expression"] != after[c]["expression"] or
+                before[c]["local"] != after[c]["local"] for c in kept):
+        return None
+    actions = [f"DROP COLUMN {c}" for c in before if c not in after]
+    retyped = bool(actions)
+    for name, column in after.items():
+        if name not in before:
+            actions.append(f"ADD COLUMN {_foreign_column(column)}")
+            continue
+        actions += _foreign_column_changes(before[name], column)
+        retyped = retyped or (before[name]["type"], before[name]["collation"]) != \
+            (column["type"], column["collation"])
+    old_checks = {c["name"]: c["def"] for c in o["checks"]}
+    new_checks = {c["name"]: c["def"] for c in n["checks"]}
+    actions += [f"DROP CONSTRAINT {c}" for c, d in old_checks.items() if new_checks.get(c) != d]
+    actions += [f"ADD CONSTRAINT {c} {d}" for c, d in new_checks.items() if old_checks.get(c) != d]
+    out = [f"ALTER FOREIGN TABLE {ident(new)} {', '.join(actions)}"] if actions else []
+    options = _options_change(o["options"], n["options"])
+    out += [f"ALTER FOREIGN TABLE {ident(new)}{options}"] if options else []
+    # a view over a column that goes or changes type must go first (PostgreSQL refuses)
+    return Alteration(tuple(out + _foreign_column_comments(new, before)),
+                      disturbs=frozenset({"view"}) if retyped else frozenset())
+
+
+def _foreign_column_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    head = f"ALTER COLUMN {new['name']}"
+    out = []
+    if (old["type"], old["collation"]) != (new["type"], new["collation"]):
+        collate = f" COLLATE {new['collation']}" if new["collation"] else ""
+        out.append(f"{head} TYPE {new['type']}{collate}")
+    if old["default"] != new["default"]:
+        out.append(f"{head} SET DEFAULT {new['default']}" if new["default"] is not None
+                   else f"{head} DROP DEFAULT")
+    if old["notnull"] != new["notnull"]:
+        out.append(f"{head} {'SET' if new['notnull'] else 'DROP'} NOT NULL")
+    options = _options_change(old["options"], new["options"])
+    return out + ([f"{head}{options}"] if options else [])
+
+
+# ── event triggers (created last, dropped first: they fire on the plan's own DDL) ─────────
+
+_EVENT_TRIGGER_STATE = {"O": "ENABLE", "D": "DISABLE", "R": "ENABLE REPLICA",
+                        "A": "ENABLE ALWAYS"}
+
+
+def _create_event_trigger(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    when = f" WHEN TAG IN ({_literal_list(f['tags'])})" if f["tags"] else ""
+    out = [(f"CREATE EVENT TRIGGER {ident(obj)} ON {f['event']}{when} "
+           f"EXECUTE FUNCTION {f['function']}()")]
+    if f["enabled"] != "O":
+        out.append(f"ALTER EVENT TRIGGER {ident(obj)} {_EVENT_TRIGGER_STATE[f['enabled']]}")
+    return out
+
+
+def _alter_event_trigger(old: DbObject, new: DbObject) -> Alteration | None:
+    """Only the enabled state changes in place (ALTER EVENT TRIGGER has no other form)."""
+    if any(old.facts[k] != new.facts[k] for k in ("event", "tags", "function")):
+        return None
+    return Alteration(((f"ALTER EVENT TRIGGER {ident(new)} "
+                       f"{_EVENT_TRIGGER_STATE[new.facts['enabled']]}"),))
+
+
 def _cannot_alter(old: DbObject, new: DbObject) -> Alteration | None:
     return None
 
@@ -9790,6 +10051,7 @@ class ObjectKind:
     comment_on: Callable[[DbObject], str] | None
     keeps_data: bool = False
     late: Callable[[DbObject | None, DbObject], list[str]] | None = None
+    last: bool = False  # created after every other object and dropped before (event triggers)
 
 
 OBJECT_KINDS: dict[str, ObjectKind] = {
@@ -9816,6 +10078,16 @@ OBJECT_KINDS: dict[str, ObjectKind] = {
     "trigger": ObjectKind(11, _create_trigger, _drop_trigger, _alter_trigger,
                           _comment_word("TRIGGER")),
     "policy": ObjectKind(12, _create_policy, _drop_policy, _cannot_alter, _comment_word("POLICY")),
+    "wrapper": ObjectKind(13, _create_wrapper, lambda o: [f"DROP FOREIGN DATA WRAPPER {ident(o)}"],
+                          _alter_wrapper, _comment_word("FOREIGN DATA WRAPPER")),
+    "server": ObjectKind(13, _create_server, lambda o: [f"DROP SERVER {ident(o)}"],
+                         _alter_server, _comment_word("SERVER")),
+    "foreign_table": ObjectKind(13, _create_foreign_table,
+                                lambda o: [f"DROP FOREIGN TABLE {ident(o)}"],
+                                _alter_foreign_table, _comment_word("FOREIGN TABLE")),
+    "event_trigger": ObjectKind(16, _create_event_trigger,
+                                lambda o: [f"DROP EVENT TRIGGER {ident(o)}"],
+                                _alter_event_trigger, _comment_word("EVENT TRIGGER"), last=True),
     "other": ObjectKind(13, _create_other, _drop_other, _cannot_alter, None),
     # with --privileges only (§11 _read_grants): set once the object exists, in place after
     "owner": ObjectKind(14, create_owner, lambda o: [], _alter_owner, None),
@@ -10160,7 +10432,25 @@ class _Planner:
             owner = b[key].facts.get("owned_by") if b[key].kind == "sequence" else None
             if owner and ("alter", f"column {owner}") in actions:
                 link(("create", key), ("alter", f"column {owner}"))
+        self._link_lasts(actions, link)
         return after
+
+    def _link_lasts(self, actions: Mapping[tuple[str, str], object],
+                    link: Callable[[tuple[str, str], tuple[str, str]], None]) -> None:
+        """Kinds created last and dropped first (ObjectKind.last): an event trigger would
+        fire on the plan's other statements."""
+        def is_last(node: tuple[str, str]) -> bool:
+            model = self.old if node[0] == "drop" else self.new
+            return OBJECT_KINDS[model.objects[node[1]].kind].last
+
+        lasts = [node for node in actions if is_last(node)]
+        for node in actions if lasts else ():
+            for last in lasts:
+                if node not in lasts and (node[0] == "drop") == (last[0] == "drop"):
+                    if node[0] == "drop":
+                        link(node, last)
+                    else:
+                        link(last, node)
 
 
 _PHASE = {"drop": 0, "alter": 1, "create": 1}
@@ -10592,7 +10882,8 @@ def diff_unit(obj: DbObject) -> str:
 
 _DIFF_TYPES = {"schema": "SCHEMA", "extension": "EXTENSION", "sequence": "SEQUENCE",
                "table": "TABLE", "index": "INDEX", "trigger": "TRIGGER", "policy": "POLICY",
-               "acl": "ACL"}
+               "acl": "ACL", "wrapper": "FOREIGN DATA WRAPPER", "server": "SERVER",
+               "foreign_table": "FOREIGN TABLE", "event_trigger": "EVENT TRIGGER"}
 
 
 def diff_type(obj: DbObject) -> str:
