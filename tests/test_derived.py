@@ -383,6 +383,122 @@ def test_model_diff_reports_objects_with_column_level_detail() -> None:
     assert confiture.compare_model_objects(ddl, ddl) == []
 
 
+# ── foreign data and event triggers ─────────────────────────────────────────────────────────
+
+def server(name: str, wrapper: str = "file_fdw", extension: str | None = "file_fdw",
+           **facts: Any) -> DbObject:
+    base = {"wrapper": wrapper, "type": None, "version": None, "options": None}
+    return DbObject(kind="server", key=f"server {name}", schema="", name=name, parent="",
+                    facts={**base, **facts},
+                    depends=frozenset([f"extension {extension}"] if extension else []))
+
+
+def foreign_column(name: str, type_: str = "integer", **facts: Any) -> dict[str, Any]:
+    base = {"name": name, "type": type_, "notnull": False, "local": True, "default": None,
+            "expression": None, "collation": None, "options": None, "comment": None}
+    return {**base, **facts}
+
+
+def foreign_table(name: str, *columns: dict[str, Any], srv: str = "files",
+                  **facts: Any) -> DbObject:
+    base = {"server": srv, "options": [["filename", "/dev/null"]], "bound": None,
+            "parents": None, "columns": list(columns), "checks": []}
+    return DbObject(kind="foreign_table", key=f"foreign_table public.{name}", schema="public",
+                    name=name, parent="", facts={**base, **facts},
+                    depends=frozenset([f"server {srv}"]))
+
+
+def event_trigger(name: str, function_: str = "public.guard", tags: Sequence[str] = (),
+                  enabled: str = "O") -> DbObject:
+    facts = {"event": "ddl_command_end", "tags": list(tags) or None,
+             "function": function_, "enabled": enabled}
+    return DbObject(kind="event_trigger", key=f"event_trigger {name}", schema="", name=name,
+                    parent="", facts=facts, depends=frozenset([f"function {function_}()"]))
+
+
+FDW_EXTENSION = DbObject(kind="extension", key="extension file_fdw", schema="", name="file_fdw",
+                         parent="", facts={"schema": "public"})
+
+
+def test_foreign_table_created_after_its_server_and_altered_in_place() -> None:
+    ft = foreign_table("ft", foreign_column("a"), foreign_column("b", "text"))
+    over = view("v", " SELECT a FROM public.ft", ["foreign_table public.ft"])
+    old = model(FDW_EXTENSION, server("files"), ft, over)
+    assert [s.split(" (")[0].split(" AS")[0] for s in sqls(plan_schema(model(), old))] == [
+        "CREATE EXTENSION IF NOT EXISTS file_fdw WITH SCHEMA public",
+        "CREATE SERVER files FOREIGN DATA WRAPPER file_fdw", "CREATE FOREIGN TABLE public.ft",
+        "CREATE VIEW public.v"]
+    # a column added at the end, another's default and options: in place, the view kept
+    grown = foreign_table("ft", foreign_column("a"),
+                          foreign_column("b", "text", default="'x'::text",
+                                         options=[["force_not_null", "true"]]),
+                          foreign_column("c", "date", notnull=True, comment="when"),
+                          options=[["filename", "/tmp/x"], ["format", "csv"]])
+    plan = plan_schema(old, model(FDW_EXTENSION, server("files"), grown, over))
+    assert sqls(plan) == [
+        "ALTER FOREIGN TABLE public.ft ALTER COLUMN b SET DEFAULT 'x'::text, ALTER COLUMN b "
+        "OPTIONS (ADD force_not_null 'true'), ADD COLUMN c date NOT NULL",
+        "ALTER FOREIGN TABLE public.ft OPTIONS (SET filename '/tmp/x', ADD format 'csv')",
+        "COMMENT ON COLUMN public.ft.c IS 'when'"]
+    # a type change: the view over it goes first and comes back after
+    retyped = foreign_table("ft", foreign_column("a", "bigint"), foreign_column("b", "text"))
+    plan = plan_schema(old, model(FDW_EXTENSION, server("files"), retyped, over))
+    assert [s.split(" AS")[0] for s in sqls(plan)] == [
+        "DROP VIEW public.v", "ALTER FOREIGN TABLE public.ft ALTER COLUMN a TYPE bigint",
+        "CREATE VIEW public.v"]
+    assert plan.destructive == []
+
+
+def test_foreign_table_created_again_where_alter_cannot_and_never_destructive() -> None:
+    ft = foreign_table("ft", foreign_column("a"), foreign_column("b"))
+    over = view("v", " SELECT a FROM public.ft", ["foreign_table public.ft"])
+    old = model(FDW_EXTENSION, server("files"), server("more"), ft, over)
+    for changed in (foreign_table("ft", foreign_column("a"), foreign_column("b"), srv="more"),
+                    foreign_table("ft", foreign_column("b"), foreign_column("a"))):  # order
+        plan = plan_schema(old, model(FDW_EXTENSION, server("files"), server("more"), changed,
+                                      over))
+        assert [s.split(" (")[0].split(" AS")[0] for s in sqls(plan)] == [
+            "DROP VIEW public.v", "DROP FOREIGN TABLE public.ft",
+            "CREATE FOREIGN TABLE public.ft", "CREATE VIEW public.v"]
+        assert plan.destructive == [] and plan.unsupported == ()
+    # a server of another type is created again, with its foreign tables
+    typed = server("files", type="csv")
+    plan = plan_schema(old, model(FDW_EXTENSION, typed, server("more"), ft, over))
+    assert [s.split(" (")[0].split(" AS")[0] for s in sqls(plan)][:4] == [
+        "DROP VIEW public.v", "DROP FOREIGN TABLE public.ft", "DROP SERVER files",
+        "CREATE SERVER files TYPE 'csv' FOREIGN DATA WRAPPER file_fdw"]
+    # options and version in place
+    tuned = server("files", version="2", options=[["k", "v"]])
+    assert sqls(plan_schema(old, model(FDW_EXTENSION, tuned, server("more"), ft, over))) == [
+        "ALTER SERVER files VERSION '2' OPTIONS (ADD k 'v')"]
+
+
+def test_event_triggers_are_created_last_dropped_first_and_enabled_in_place() -> None:
+    guard = function("guard()", "RETURNS event_trigger LANGUAGE plpgsql AS $$BEGIN END$$",
+                     result="event_trigger")
+    trig = event_trigger("audit", tags=["CREATE TABLE"])
+    tables = [table("zz", columns=["a"]), column("zz", "a"),
+              sequence("zz_seq"), view("zz_v", " SELECT 1", ["table public.zz"])]
+    new = model(guard, trig, *tables)
+    plan = plan_schema(model(), new)
+    assert sqls(plan)[-1] == ("CREATE EVENT TRIGGER audit ON ddl_command_end WHEN TAG IN "
+                              "('CREATE TABLE') EXECUTE FUNCTION public.guard()")
+    assert sqls(plan_schema(new, model()))[0] == "DROP EVENT TRIGGER audit"
+    disabled = model(guard, event_trigger("audit", tags=["CREATE TABLE"], enabled="D"), *tables)
+    assert sqls(plan_schema(new, disabled)) == ["ALTER EVENT TRIGGER audit DISABLE"]
+    assert sqls(plan_schema(model(), disabled))[-1] == "ALTER EVENT TRIGGER audit DISABLE"
+    retagged = model(guard, event_trigger("audit", tags=["DROP TABLE"], enabled="R"), *tables)
+    assert sqls(plan_schema(new, retagged)) == [
+        "DROP EVENT TRIGGER audit",
+        "CREATE EVENT TRIGGER audit ON ddl_command_end WHEN TAG IN ('DROP TABLE') "
+        "EXECUTE FUNCTION public.guard()", "ALTER EVENT TRIGGER audit ENABLE REPLICA"]
+    # a comment is planned on its own; the diff names the kind as pg_dump does
+    commented = model(guard, confiture.evolve(trig, comment="audits"), *tables)
+    assert sqls(plan_schema(new, commented)) == ["COMMENT ON EVENT TRIGGER audit IS 'audits'"]
+    [found] = confiture.compare_model_objects(new, commented)
+    assert (found.label, found.as_json()["type"]) == ("event trigger audit", "EVENT TRIGGER")
+
+
 # ── owners and grants (--privileges) ───────────────────────────────────────────────────────
 
 def grants(target: str, owner: str, acl: Sequence[str], base: Sequence[str] = (),
