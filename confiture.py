@@ -11220,19 +11220,68 @@ def read_drift_cache(path: Path) -> str | None:
     return body if body and sha256_bytes(body.encode()) == digest else None
 
 
-def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> None:
-    """Keep the catalog, its sha256 last; drop this env's older ones of the same variant.
-    Best effort: a cache that cannot be written only costs time."""
+def write_drift_cache(path: Path, text: str, config: Config) -> None:
+    """Keep the catalog, its sha256 last, and clean the folder (prune_drift_cache: after a
+    catalog read, never on the path of a kept one). Best effort: a cache that cannot be
+    written only costs time."""
     data = text.encode("utf-8")
     data += f"\n{sha256_bytes(data)}\n".encode()
     try:
         write_atomic(path, data)
     except InputError:
         return
-    variant = path.name.split(".")[-3]
-    for old in path.parent.glob(f"{template_prefix(project, env_name)}*.{variant}.*{path.suffix}"):
-        if old != path:
-            old.unlink(missing_ok=True)
+    prune_drift_cache(config, keep=path)
+
+
+# <template>.<variant>.<key>.json (drift_cache_path); write_atomic's .<name>.<pid>.tmp
+_DRIFT_CACHE_NAME = re.compile(r"^(.+_[0-9a-f]{12})\.(model|privileges)\.[0-9a-f]{16}\.json$")
+_DRIFT_CACHE_TEMP = re.compile(r"^\..*\.(\d+)\.tmp$")
+
+
+def template_env(config: Config, template: str) -> str | None:
+    """The configured env a template name (template_name) is of; None for none of them (an
+    env since removed or renamed, another project name)."""
+    for env in config.envs:
+        rest = template.removeprefix(template_prefix(config.project, env))
+        if rest != template and re.fullmatch(r"[0-9a-f]{12}", rest):
+            return env
+    return None
+
+
+def prune_drift_cache(config: Config, keep: Path | None = None,
+                      dropped: Sequence[str] = ()) -> list[Path]:
+    """Remove the kept catalogs nothing reads again: those of a template in `dropped`, of no
+    configured env, in a name this version does not write, and, when `keep` (the file just
+    written) is given, its env's older ones of the same variant (another template or an older
+    key); and the temporary files of writers that died. A file being written is never
+    touched: it has its temporary name until complete, with the pid of a live process.
+    One listing of a folder of a few files per env."""
+    folder = config.state_dir / "drift"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    kept = _DRIFT_CACHE_NAME.match(keep.name) if keep is not None else None
+    kept_env = template_env(config, kept.group(1)) if kept else None
+    removed = []
+    for name in names:
+        temp = _DRIFT_CACHE_TEMP.match(name)
+        found = _DRIFT_CACHE_NAME.match(name)
+        env = template_env(config, found.group(1)) if found else None
+        if temp:
+            doomed = not pid_alive(temp.group(1))
+        elif found is None or env is None or found.group(1) in dropped:
+            doomed = True
+        else:
+            doomed = kept is not None and name != kept.group(0) and env == kept_env and \
+                found.group(2) == kept.group(2)
+        if doomed:
+            try:
+                (folder / name).unlink()
+                removed.append(folder / name)
+            except OSError:
+                pass  # gone already, or not ours to remove: it only costs space
+    return removed
 
 
 def template_model(ws: Workspace, session: Session, result: TemplateResult,
@@ -11262,7 +11311,7 @@ def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
         with ScratchDatabase(ws, session, result.name,
                              clone_strategy(ws.config, probe)) as scratch:
             text = read_catalog_text(ws, scratch, privileges)
-    write_drift_cache(cache, text, ws.env.name, ws.config.project)
+    write_drift_cache(cache, text, ws.config)
     return text, False
 
 
@@ -13354,6 +13403,8 @@ def cmd_templates(app: App) -> int:
             dropped = prune_templates(ws, session, keep)
             for name in dropped:
                 app.console.result(f"dropped {name}")
+            for path in prune_drift_cache(ws.config, dropped=dropped):
+                app.console.debug(f"removed {path}")
             app.console.emit({"dropped": dropped})
             return EXIT_OK
         infos = list_templates(session, ws.config.project)
