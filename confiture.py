@@ -532,6 +532,7 @@ class Console:
     stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
     stderr: Any = field(default=None, repr=False)
     emitted: bool = field(default=False, repr=False)  # a --json document went out already
+    warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def out(self) -> Any:
@@ -568,6 +569,12 @@ class Console:
 
     def warn(self, text: str) -> None:
         print(self._paint("33", "warning: ") + text, file=self.err)
+
+    def warn_once(self, text: str) -> None:
+        """A warning about the setup, true every time a run meets it: said once per run."""
+        if text not in self.warned:
+            self.warned.add(text)
+            self.warn(text)
 
     def error(self, text: str, hint: str | None = None) -> None:
         print(self._paint("31", "error: ") + text, file=self.err)
@@ -2337,6 +2344,11 @@ _CONNECT_HINTS = {
 }
 
 
+def never_connected(text: str) -> bool:
+    """Does a client tool's stderr say that it never reached the server (libpq's words)?"""
+    return "connection to server" in text or "could not connect" in text
+
+
 def connection_failure(text: str, where: str) -> ConnectionFailed:
     """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
     text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
@@ -2548,7 +2560,7 @@ class Session:
         text = re.sub(r"^psql: (error: )?", "", text)
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
-        if "connection to server" in text or "could not connect" in text or not text:
+        if never_connected(text) or not text:
             raise connection_failure(text, where)
         raise PgError(f"lost the session to {where}: {text}")
 
@@ -2934,7 +2946,7 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     if server.conn.server_identity(ws.client.environ) == \
             ws.env.conn.server_identity(ws.client.environ):
         host, port = server.conn.server_identity(ws.client.environ)
-        ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
+        ws.console.warn_once(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
                         f"{host}:{port}) is the env's own server: scratch databases will be "
                         "created on it; set [project] scratch_url to another server")
     env = evolve(ws.env, conn=server.conn,
@@ -11101,7 +11113,7 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
         text = mask_password_in(text, client.password)
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
-        if "connection to server" in text or "could not connect" in text:
+        if never_connected(text):
             raise connection_failure(text, where)
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")

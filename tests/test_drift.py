@@ -656,3 +656,14 @@ def test_a_scratch_server_that_is_the_protected_envs_own_is_warned_about(
     assert result.returncode in (0, 3), result.stdout + result.stderr
     assert "warning: the scratch server of protected env 'prod' (env.local" in result.stderr
     assert "is the env's own server" in result.stderr and "scratch_url" in result.stderr
+
+
+def test_the_scratch_server_warning_is_said_once_per_run(pg: Cluster, project: Project,
+                                                          cli: CliRunner) -> None:
+    """status --drift reaches prod's scratch server twice (the DDL's template, then the
+    comparison): the warning about where its scratch databases go is said once."""
+    pg.create_db(project.db("prod"))
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
+    result = cli("--env", "prod", "status", "--drift", cwd=project.root)
+    assert result.returncode in (0, 3), result.stdout + result.stderr
+    assert result.stderr.count("is the env's own server") == 1, result.stderr
