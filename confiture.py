@@ -8978,7 +8978,7 @@ _DEFAULT_ACLDEFAULT = ("CASE WHEN d.defaclnamespace = 0 THEN acldefault((CASE d.
 
 def _query_grants(excluded: str) -> str:
     relation = ("CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' "
-                "WHEN 'm' THEN 'view' ELSE 'table' END")
+                "WHEN 'm' THEN 'view' WHEN 'f' THEN 'foreign_table' ELSE 'table' END")
     return f"""
 SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.relname) AS name,
   NULL AS args, NULL AS column, {relation} AS kind, EXISTS (SELECT 1 FROM pg_depend d
@@ -8986,7 +8986,7 @@ SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.rel
       AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS linked,
   {_acl_columns('relation', 'c.relowner', 'c.relacl',
                 _RELATION_ACLDEFAULT)}
-{_relations("'r', 'p', 'v', 'm', 'S'", excluded)}
+{_relations("'r', 'p', 'v', 'm', 'S', 'f'", excluded)}
 UNION ALL
 SELECT c.relkind, quote_ident(n.nspname), quote_ident(c.relname), NULL, quote_ident(a.attname),
   'column', false, {_acl_columns('column', 'c.relowner', 'a.attacl', None)}
@@ -9009,7 +9009,15 @@ FROM pg_namespace n WHERE {_user_ns()}
 UNION ALL
 SELECT d.defaclobjtype, coalesce(quote_ident(n.nspname), ''), '', NULL, NULL, 'default', false,
   {_acl_columns('default', 'd.defaclrole', 'd.defaclacl', _DEFAULT_ACLDEFAULT)}
-FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace"""
+FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+UNION ALL
+SELECT 's', '', quote_ident(s.srvname), NULL, NULL, 'server', false,
+  {_acl_columns('server', 's.srvowner', 's.srvacl', "acldefault('S', s.srvowner)")}
+FROM pg_foreign_server s
+UNION ALL
+SELECT 'w', '', quote_ident(w.fdwname), NULL, NULL, 'wrapper', false,
+  {_acl_columns('wrapper', 'w.fdwowner', 'w.fdwacl', "acldefault('F', w.fdwowner)")}
+FROM pg_foreign_data_wrapper w"""
 
 
 _DEPENDS_SQL = """
@@ -9218,7 +9226,7 @@ def _read_policy(row: Mapping[str, Any]) -> Read:
 _DEFAULT_ACL_OBJECTS = {"r": "TABLES", "S": "SEQUENCES", "f": "FUNCTIONS", "T": "TYPES",
                         "n": "SCHEMAS"}
 _RELATION_WORDS = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
-                   "S": "SEQUENCE"}
+                   "S": "SEQUENCE", "f": "FOREIGN TABLE"}
 
 
 def _read_grants(row: Mapping[str, Any]) -> Read:
@@ -9245,8 +9253,10 @@ def _read_grants(row: Mapping[str, Any]) -> Read:
         target += f"({row['args']})"
     word = {"relation": _RELATION_WORDS.get(code, "TABLE"),
             "function": "PROCEDURE" if code == "p" else "FUNCTION",
-            "type": "DOMAIN" if code == "d" else "TYPE"}.get(row["what"], "SCHEMA")
-    grant_word = ("SEQUENCE" if code == "S" else "TABLE") if row["what"] == "relation" else word
+            "type": "DOMAIN" if code == "d" else "TYPE", "server": "SERVER",
+            "wrapper": "FOREIGN DATA WRAPPER"}.get(row["what"], "SCHEMA")
+    grant_word = ("SEQUENCE" if code == "S" else "TABLE") if row["what"] == "relation" else \
+        "FOREIGN SERVER" if row["what"] == "server" else word
     on = f"{grant_word} {ident_of(target)}"
     if row["what"] == "column":
         target = f"column {qname(schema, name)}.{row['column']}"

@@ -1021,6 +1021,27 @@ def test_owners_and_grants_round_trip_on_a_real_server(roundtrip: Any, roles: An
     roundtrip("", after, privileges=True)
 
 
+def test_owners_and_grants_of_foreign_data_round_trip(roundtrip: Any, roles: Any) -> None:
+    """Servers, foreign-data wrappers and foreign tables have owners and grants too: a foreign
+    table created again (another server) gets them back."""
+    reader, owner = roles
+    before = ("CREATE EXTENSION IF NOT EXISTS file_fdw; CREATE FOREIGN DATA WRAPPER dummy;"
+              "CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;"
+              "CREATE SERVER more FOREIGN DATA WRAPPER file_fdw;"
+              "CREATE FOREIGN TABLE ft (a int) SERVER files OPTIONS (filename '/dev/null');")
+    after = before.replace("SERVER files OPTIONS", "SERVER more OPTIONS") + (
+        f"ALTER FOREIGN TABLE ft OWNER TO {owner}; GRANT SELECT ON ft TO {reader};"
+        f"ALTER SERVER more OWNER TO {owner}; GRANT USAGE ON FOREIGN SERVER files TO {reader};"
+        f"GRANT USAGE ON FOREIGN DATA WRAPPER dummy TO {reader} WITH GRANT OPTION;")
+    up, _ = roundtrip(before, after, privileges=True)
+    text = "\n".join(sqls(up))
+    assert f"ALTER FOREIGN TABLE public.ft OWNER TO {owner}" in text
+    assert f"GRANT SELECT ON TABLE public.ft TO {reader}" in text
+    assert f"GRANT USAGE ON FOREIGN SERVER files TO {reader}" in text
+    assert f"GRANT USAGE ON FOREIGN DATA WRAPPER dummy TO {reader} WITH GRANT OPTION" in text
+    roundtrip("", after, privileges=True)
+
+
 # ── migrate generate and diff --sql, as users run them ─────────────────────────────────────
 
 def no_scratch_left(pg: Any, project: Any) -> bool:
