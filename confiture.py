@@ -10169,26 +10169,81 @@ def _renamed_key(key: str, old: str, new: str) -> str:
     return key
 
 
-def apply_renames(model: SchemaModel, renames: Sequence[Rename]
+def _key_name(key: str) -> str:
+    """The object's own name in a key: 'u_pkey' of 'constraint u_pkey on public.u', 'b' of
+    'column public.t.b'."""
+    name = key.split(" ", 1)[1]
+    return name.split(" on ", 1)[0] if " on " in name else name.rsplit(".", 1)[-1]
+
+
+# How an object named after its table is renamed with it (_implied_renames).
+_RENAME_SQL: dict[str, Callable[[DbObject, str], str]] = {
+    "table": lambda obj, name: f"ALTER TABLE {ident(obj)} RENAME TO {name}",
+    "column": lambda obj, name: f"ALTER TABLE {_table_of(obj)} RENAME COLUMN {obj.name} TO {name}",
+    "sequence": lambda obj, name: f"ALTER SEQUENCE {ident(obj)} RENAME TO {name}",
+    "index": lambda obj, name: f"ALTER INDEX {ident(obj)} RENAME TO {name}",
+    "constraint": lambda obj, name: (f"ALTER TABLE {_table_of(obj)} RENAME CONSTRAINT "
+                                     f"{obj.name} TO {name}"),
+}
+
+
+def apply_renames(model: SchemaModel, renames: Sequence[Rename],
+                  target: SchemaModel | None = None
                   ) -> tuple[list[PlannedStatement], SchemaModel, list[str]]:
-    """RENAME statements, the `from` model as it is after them, and hints that name nothing."""
+    """RENAME statements, the `from` model as it is after them, and hints that name nothing.
+    A renamed table's sequences, indexes and constraints named after it are renamed with it
+    when `target` has them under the new name (_implied_renames)."""
     statements, problems = [], []
     objects = dict(model.objects)
-    for rename in renames:
+    todo = list(renames)
+    while todo:
+        rename = todo.pop(0)
         obj = objects.get(rename.old)
         if obj is None:
             problems.append(f"--rename: no {rename.old} in the migrated schema")
             continue
-        new_name = rename.new.rsplit(".", 1)[-1] if rename.kind == "column" else \
-            rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
-        if rename.kind == "table":
-            sql = f"ALTER TABLE {ident(obj)} RENAME TO {new_name}"
-        else:
-            sql = f"ALTER TABLE {_table_of(obj)} RENAME COLUMN {obj.name} TO {new_name}"
+        sql = _RENAME_SQL[rename.kind](obj, _key_name(rename.new))
         statements.append(PlannedStatement(sql=sql, key=rename.new))
         objects = {_renamed_key(k, rename.old, rename.new): _rename_object(o, rename)
                    for k, o in objects.items()}
+        if rename.kind == "table" and target is not None:
+            todo[:0] = _implied_renames(objects, target, rename)
     return statements, SchemaModel(objects=objects), problems
+
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def _implied_renames(objects: Mapping[str, DbObject], target: SchemaModel, rename: Rename
+                     ) -> list[Rename]:
+    """The renamed table's sequences (serial), indexes and constraints that PostgreSQL named
+    after it (t_id_seq, t_pkey, t_a_idx, t_a_fkey) and that `target`, built from DDL naming
+    the new table, has under the new table's name: renamed rather than dropped and created
+    again (a sequence created again would start over; a key, rebuild its index)."""
+    old_table, new_table = _key_name(rename.old), _key_name(rename.new)
+    if not (_PLAIN_NAME.fullmatch(old_table) and _PLAIN_NAME.fullmatch(new_table)):
+        return []
+    table = ident_of(rename.new)
+    found = []
+    for key, obj in sorted(objects.items()):
+        owned = obj.facts.get("owned_by") if obj.kind == "sequence" else None
+        mine = obj.parent == rename.new or str(owned or "").startswith(table + ".")
+        if obj.kind not in _RENAME_SQL or key in target.objects or not mine or \
+                not obj.name.startswith(old_table + "_"):
+            continue
+        name = new_table + obj.name[len(old_table):]
+        new_key = key.replace(f" {obj.name} on ", f" {name} on ", 1) \
+            if obj.kind == "constraint" else f"{obj.kind} {qname(obj.schema, name)}"
+        counterpart = target.objects.get(new_key)
+        if _PLAIN_NAME.fullmatch(name) and counterpart is not None and \
+                counterpart.kind == obj.kind and counterpart.parent == obj.parent:
+            found.append(Rename(obj.kind, key, new_key))
+    return found
+
+
+def _swap_name(text: str, old: str, new: str) -> str:
+    """`old` (a qualified name) replaced by `new` where it stands as a whole name."""
+    return re.sub(r'(?<![\w"$.])' + re.escape(old) + r'(?![\w"$])', new, text)
 
 
 def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
@@ -10196,7 +10251,7 @@ def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
     name = obj.name
     if key == rename.new or (rename.kind == "column" and key == "default " +
                              rename.new.split(" ", 1)[1]):
-        name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
+        name = _key_name(rename.new)
     facts = _renamed_facts(obj, rename)
     return evolve(obj, key=key, name=name, facts=facts,
                   parent=_renamed_key(obj.parent, rename.old, rename.new) if obj.parent else "",
@@ -10217,6 +10272,14 @@ def _renamed_facts(obj: DbObject, rename: Rename) -> Mapping[str, Any]:
     if owned:
         facts = {**facts, "owned_by": ident_of(_renamed_key(f"column {owned}", rename.old,
                                                             rename.new))}
+    if rename.kind == "table" and obj.kind in ("index", "constraint", "trigger"):
+        facts = {**facts, "def": _swap_name(facts["def"], old_name, new_name)}
+    if rename.kind == "index" and obj.key == rename.old:  # its def names it
+        facts = {**facts, "def": _swap_name(facts["def"], _key_name(rename.old),
+                                            _key_name(rename.new))}
+    if rename.kind == "sequence" and obj.kind == "default":  # nextval('public.s'::regclass)
+        facts = {**facts, "expr": facts["expr"].replace(f"'{old_name}'::regclass",
+                                                        f"'{new_name}'::regclass")}
     if obj.kind in HANGERS_ON:  # 'TABLE public.t' in an owner's or a grant's statement
         for fact in ("alter", "on"):
             word, _, name = str(facts.get(fact, "")).rpartition(" ")
@@ -10514,7 +10577,7 @@ def _order(actions: Mapping[tuple[str, str], list[PlannedStatement]],
 
 def plan_schema(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename] = ()) -> SchemaPlan:
     """The statements that turn `old` into `new`, in an order PostgreSQL accepts."""
-    renaming, old, problems = apply_renames(old, renames)
+    renaming, old, problems = apply_renames(old, renames, new)
     planner = _Planner(old=old, new=new, problems=problems)
     planner.classify()
     actions = planner.actions()

@@ -1042,6 +1042,43 @@ def test_owners_and_grants_of_foreign_data_round_trip(roundtrip: Any, roles: Any
     roundtrip("", after, privileges=True)
 
 
+def test_a_renamed_table_keeps_its_sequence_keys_and_indexes_on_a_real_server(
+        pg: Any, project: Any, roles: Any) -> None:
+    """--rename table:t=u with --privileges: what PostgreSQL named after the table (its serial's
+    sequence, keys, checks, indexes) is renamed with it, not created again (a new sequence
+    would start over and hand out ids already used); its owner and grants are not set again.
+    Applied to a copy, then back: zero difference both ways, the sequence's value kept."""
+    reader, owner = roles
+    before = ("CREATE TABLE t (id serial PRIMARY KEY, a int UNIQUE CHECK (a > 0),"
+              " p int REFERENCES t); CREATE INDEX t_a_idx ON t (a); CREATE INDEX keep_me ON t (p);"
+              f"CREATE TABLE other (x int REFERENCES t); ALTER TABLE t OWNER TO {owner};"
+              f"GRANT SELECT ON t TO {reader}; GRANT USAGE ON SEQUENCE t_id_seq TO {reader};")
+    after = before.replace(" t ", " u ").replace(" t;", " u;").replace(
+        "REFERENCES t", "REFERENCES u").replace("t_a_idx", "u_a_idx").replace("t_id_seq", "u_id_seq")
+    names = [f"{project.name}_{x}" for x in ("before", "after", "work")]
+    for name, text in zip(names, (before, after, before)):
+        pg.create_db(name)
+        pg.query(text, db=name)
+    pg.query("SELECT setval('t_id_seq', 42)", db=names[2])
+    old, new = read_model(pg, names[0], True), read_model(pg, names[1], True)
+    renames = [confiture.parse_rename("table:t=u")]
+    [(up, down)] = confiture.plan_stages(old, new, renames, online=False)
+    assert sqls(up) == [
+        "ALTER TABLE public.t RENAME TO u",
+        "ALTER TABLE public.u RENAME CONSTRAINT t_a_check TO u_a_check",
+        "ALTER TABLE public.u RENAME CONSTRAINT t_a_key TO u_a_key",
+        "ALTER TABLE public.u RENAME CONSTRAINT t_p_fkey TO u_p_fkey",
+        "ALTER TABLE public.u RENAME CONSTRAINT t_pkey TO u_pkey",
+        "ALTER INDEX public.t_a_idx RENAME TO u_a_idx",
+        "ALTER SEQUENCE public.t_id_seq RENAME TO u_id_seq"]
+    assert not up.destructive and not down.destructive
+    pg.query(up.script(), db=names[2])
+    assert confiture.compare_models(new, read_model(pg, names[2], True)) == []
+    assert pg.scalar("SELECT nextval('u_id_seq')", db=names[2]) == 43
+    pg.query(down.script(), db=names[2])
+    assert confiture.compare_models(old, read_model(pg, names[2], True)) == []
+
+
 # ── migrate generate and diff --sql, as users run them ─────────────────────────────────────
 
 def no_scratch_left(pg: Any, project: Any) -> bool:
