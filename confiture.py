@@ -8988,9 +8988,10 @@ def model_catalog_sql(excluded: frozenset[tuple[str, str]] = frozenset(),
 def catalog_json(session: Session, excluded: frozenset[tuple[str, str]] = frozenset(),
                  privileges: bool = False) -> str:
     """The model_catalog_sql() rows of the session's database as JSON text, read with an empty
-    search_path so that every name in a definition is schema-qualified."""
-    session.execute("SELECT set_config('search_path', '', false)")
-    return "\n".join(session.execute(model_catalog_sql(excluded, privileges)))
+    search_path (set in the same round trip) so that every name in a definition is
+    schema-qualified."""
+    return "\n".join(session.execute(f"SET search_path = ''; "
+                                      f"{model_catalog_sql(excluded, privileges)}"))
 
 
 def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
