@@ -601,6 +601,46 @@ ROUND_TRIPS = {
 }
 
 
+def test_every_kind_of_object_is_read_with_its_comment(pg: Any, project: Any) -> None:
+    """Comments are read by the catalog query itself (not obj_description()): one on each kind
+    of object the model holds, and none where there is none."""
+    db = f"{project.name}_comments"
+    pg.drop_db(db)
+    pg.create_db(db)
+    pg.query("CREATE SCHEMA app; CREATE EXTENSION IF NOT EXISTS btree_gist;"
+             "CREATE TYPE mood AS ENUM ('ok'); CREATE DOMAIN pos AS int CHECK (VALUE > 0);"
+             "CREATE SEQUENCE s; CREATE TABLE t (id int CONSTRAINT t_pk PRIMARY KEY,"
+             " n int CONSTRAINT n_positive CHECK (n > 0), bare int);"
+             "CREATE INDEX t_n ON t (n); CREATE VIEW v AS SELECT id FROM t;"
+             "CREATE MATERIALIZED VIEW m AS SELECT id FROM t;"
+             "CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
+             "CREATE TRIGGER t_f BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();"
+             "CREATE POLICY mine ON t USING (true);"
+             "COMMENT ON SCHEMA app IS 'schema'; COMMENT ON EXTENSION btree_gist IS 'extension';"
+             "COMMENT ON TYPE mood IS 'enum'; COMMENT ON DOMAIN pos IS 'domain';"
+             "COMMENT ON SEQUENCE s IS 'sequence'; COMMENT ON TABLE t IS 'table';"
+             "COMMENT ON COLUMN t.n IS 'column'; COMMENT ON CONSTRAINT t_pk ON t IS 'pk';"
+             "COMMENT ON CONSTRAINT n_positive ON t IS 'check'; COMMENT ON INDEX t_n IS 'index';"
+             "COMMENT ON VIEW v IS 'view'; COMMENT ON MATERIALIZED VIEW m IS 'matview';"
+             "COMMENT ON FUNCTION f() IS 'function'; COMMENT ON TRIGGER t_f ON t IS 'trigger';"
+             "COMMENT ON POLICY mine ON t IS 'policy';", db=db)
+    objects = read_model(pg, db).objects
+    comments = {key: objects[key].comment for key in (
+        "schema app", "extension btree_gist", "type public.mood", "type public.pos",
+        "sequence public.s", "table public.t", "column public.t.n", "column public.t.bare",
+        "constraint t_pk on public.t", "constraint n_positive on public.t",
+        "index public.t_n", "view public.v", "view public.m", "function public.f()",
+        "trigger t_f on public.t", "policy mine on public.t")}
+    assert comments == {
+        "schema app": "schema", "extension btree_gist": "extension", "type public.mood": "enum",
+        "type public.pos": "domain", "sequence public.s": "sequence", "table public.t": "table",
+        "column public.t.n": "column", "column public.t.bare": None,
+        "constraint t_pk on public.t": "pk", "constraint n_positive on public.t": "check",
+        "index public.t_n": "index", "view public.v": "view", "view public.m": "matview",
+        "function public.f()": "function", "trigger t_f on public.t": "trigger",
+        "policy mine on public.t": "policy"}
+
+
 @pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
 def test_round_trip_on_a_real_server(roundtrip: Any, case: str) -> None:
     before, after = ROUND_TRIPS[case]
