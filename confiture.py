@@ -2648,19 +2648,25 @@ class Session:
         read (psql runs them in order). Their output lines, in order. Every answer is read
         before a failure is raised (the session stays in step); as stderr cannot be told
         apart between answers read ahead, the error carries all of it."""
+        return list(self.stream(statements))
+
+    def stream(self, statements: Sequence[str]) -> Iterator[list[str]]:
+        """pipeline(), each answer handed out as it arrives, so that the caller works on one
+        while the server runs the next. From a failed statement on, no answer is handed out;
+        the failure is raised once every answer was read."""
         for sql in statements:
             self.submit(sql.strip().removesuffix(";") + ";")
-        answers, stderr, failure = [], [], None
+        stderr, failure = [], None
         for left in range(len(statements) - 1, -1, -1):
             lines, sqlstate, failed, err = self._read_frame(None, ahead=left > 0)
-            answers.append(lines)
             stderr.append(err)
             if failed and failure is None:
                 failure = sqlstate
+            if failure is None:
+                yield lines
         self.last_stderr = "".join(stderr)
         if failure is not None:
             raise self._sql_error(self.last_stderr, failure)
-        return answers
 
     def query(self, sql: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """Rows of a SELECT as dicts (through json_agg: safe for any value)."""
@@ -8974,47 +8980,92 @@ def _excluded_tables(excluded: frozenset[tuple[str, str]]) -> str:
 def read_schema_model(session: Session, excluded: frozenset[tuple[str, str]] = frozenset(),
                       privileges: bool = False) -> SchemaModel:
     """The schema of the session's database (see catalog_json)."""
-    return model_from_catalog(json.loads(catalog_json(session, excluded, privileges)))
+    return model_from_catalog(catalog_rows(catalog_json(session, excluded, privileges)))
+
+
+# The kinds read by the catalog's second statement: the first one's answer (tables and
+# columns: most of the JSON and of the records) is parsed while the server works on these
+# (~8 ms of a 200-table diff --sql's ~14 ms of parsing after the last catalog arrived).
+_SECOND_HALF = frozenset({"constraint", "index", "view", "trigger", "policy", "other",
+                          "grants", "depends"})
+
+
+def model_catalog_statements(excluded: frozenset[tuple[str, str]] = frozenset(),
+                             privileges: bool = False) -> list[str]:
+    """The two statements that return every kind's rows, each as one JSON object (owners and
+    grants only with `privileges`)."""
+    where = _excluded_tables(excluded)
+    parts = {name: f"(SELECT coalesce(json_agg(q), '[]') FROM ({kind.query(where)}) q)"
+             for name, kind in CATALOG_KINDS.items() if privileges or not kind.privileges}
+    parts["depends"] = f"({_DEPENDS_SQL})"
+    halves = [[f"'{name}', {sql}" for name, sql in parts.items()
+               if (name in _SECOND_HALF) == second] for second in (False, True)]
+    # pg_depend's extension members found once, not by ~20 scans of it (one a kind): ~3 ms
+    # less backend CPU for 200 tables
+    return ["WITH extension_owned AS MATERIALIZED (SELECT classid, objid FROM pg_depend "
+            f"WHERE deptype = 'e') SELECT json_build_object({', '.join(half)})"
+            for half in halves]
 
 
 def model_catalog_sql(excluded: frozenset[tuple[str, str]] = frozenset(),
                       privileges: bool = False) -> str:
-    """The one statement that returns every kind's rows as one JSON object (owners and
-    grants only with `privileges`)."""
-    where = _excluded_tables(excluded)
-    parts = [f"'{name}', (SELECT coalesce(json_agg(q), '[]') FROM ({kind.query(where)}) q)"
-             for name, kind in CATALOG_KINDS.items() if privileges or not kind.privileges]
-    parts.append(f"'depends', ({_DEPENDS_SQL})")
-    # pg_depend's extension members found once, not by ~20 scans of it (one a kind): ~3 ms
-    # less backend CPU for 200 tables
-    return ("WITH extension_owned AS MATERIALIZED (SELECT classid, objid FROM pg_depend "
-            f"WHERE deptype = 'e') SELECT json_build_object({', '.join(parts)})")
+    """The catalog's statements as one text (what a kept catalog is keyed by)."""
+    return ";\n".join(model_catalog_statements(excluded, privileges))
 
 
 def catalog_json(session: Session, excluded: frozenset[tuple[str, str]] = frozenset(),
-                 privileges: bool = False) -> str:
-    """The model_catalog_sql() rows of the session's database as JSON text, read with an empty
-    search_path (set in the same round trip) so that every name in a definition is
-    schema-qualified."""
-    return "\n".join(session.execute(f"SET search_path = ''; "
-                                      f"{model_catalog_sql(excluded, privileges)}"))
+                 privileges: bool = False, on_part: Callable[[str], None] | None = None
+                 ) -> str:
+    """The model_catalog_statements() rows of the session's database as JSON text (an array
+    of their answers), read with an empty search_path (set in the same round trip) so that
+    every name in a definition is schema-qualified. Each answer is handed to `on_part` as it
+    arrives, before the next one is read."""
+    statements = model_catalog_statements(excluded, privileges)
+    statements[0] = f"SET search_path = ''; {statements[0]}"
+    parts = []
+    for lines in session.stream(statements):
+        parts.append("\n".join(lines))
+        if on_part is not None:
+            on_part(parts[-1])
+    return "[" + ",\n".join(parts) + "]"
+
+
+def catalog_rows(text: str) -> dict[str, Any]:
+    """catalog_json()'s text as one mapping: kind → rows."""
+    rows: dict[str, Any] = {}
+    for part in json.loads(text):
+        rows.update(part)
+    return rows
 
 
 def model_from_catalog(rows: Mapping[str, Any]) -> SchemaModel:
     """Pure: the catalog's JSON rows → objects, with pg_depend turned into keys."""
     objects: dict[str, DbObject] = {}
     by_oid: dict[tuple[str, int, int], str] = {}
+    read_catalog_objects(rows, objects, by_oid)
+    return link_catalog_objects(objects, by_oid, rows.get("depends", []))
+
+
+def read_catalog_objects(rows: Mapping[str, Any], objects: dict[str, DbObject],
+                         by_oid: dict[tuple[str, int, int], str]) -> None:
+    """Pure: the objects of the kinds in `rows`, added to `objects`, and the catalog oids
+    that name them to `by_oid` (model_from_catalog, in steps)."""
     for name, kind in CATALOG_KINDS.items():
         for row in rows.get(name, []):
             for obj, oids in kind.read(row):
                 objects[obj.key] = obj
                 for oid in oids:
                     by_oid.setdefault(oid, obj.key)
+
+
+def link_catalog_objects(objects: dict[str, DbObject], by_oid: dict[tuple[str, int, int], str],
+                         dependencies: Sequence[Sequence[Any]]) -> SchemaModel:
+    """Pure: the model of the objects read, with pg_depend's rows turned into keys."""
     for key in [k for k, o in objects.items() if o.kind in HANGERS_ON and o.parent
                 and o.parent not in objects]:
         del objects[key]  # an owner or grants of something the model does not hold
     depends: dict[str, set[str]] = {}
-    for catalog, oid, sub, ref_catalog, ref_oid, ref_sub in rows.get("depends", []):
+    for catalog, oid, sub, ref_catalog, ref_oid, ref_sub in dependencies:
         source = by_oid.get((catalog, oid, sub)) or by_oid.get((catalog, oid, 0))
         target = by_oid.get((ref_catalog, ref_oid, ref_sub)) or by_oid.get((ref_catalog, ref_oid, 0))
         if source and target and source != target and not _owned_sequence(objects, source, target):
@@ -10780,25 +10831,28 @@ def compare_model_objects(expected: SchemaModel, actual: SchemaModel,
 # ── schema models: run (thin) ─────────────────────────────────────────────────────────
 
 
-def read_catalog_text(ws: Workspace, dbname: str, privileges: bool = False) -> str:
+def read_catalog_text(ws: Workspace, dbname: str, privileges: bool = False,
+                      on_part: Callable[[str], None] | None = None) -> str:
     """The catalog's JSON of one database of the workspace's server (§11), confiture's own
     tables left out (owners and grants only with `privileges`): what a model is made of, and
-    what the drift cache keeps."""
+    what the drift cache keeps. `on_part`: see catalog_json."""
     with ws.client.session(dbname) as session:
-        return catalog_json(session, tracking_tables(ws.config), privileges)
+        return catalog_json(session, tracking_tables(ws.config), privileges, on_part)
 
 
 def model_of(ws: Workspace, text: str) -> SchemaModel:
-    return drop_tracking_leftovers(model_from_catalog(json.loads(text)), tracking_tables(ws.config))
+    return drop_tracking_leftovers(model_from_catalog(catalog_rows(text)),
+                                   tracking_tables(ws.config))
 
 
 class CatalogPair:
     """Two catalogs read at once by two threads (side 0 the reference, side 1 the checked
-    database), each side's model built by the thread that read it: the side that arrives
-    first is parsed while the other is still being read (~20 ms of model building a side
-    for 200 tables, hidden behind the other's query). The side that arrives last is not
-    parsed when its text equals the other's: the same text (a database cloned from its
-    template and not changed since: same oids, same rows) has no differences."""
+    database), each side's model built by the thread that reads it, part by part as
+    catalog_json's answers arrive: tables and columns are parsed while the server is still
+    at work on the rest, and the side that arrives first while the other is still read.
+    Not parsed: a part that the other side already has, the same, at the same place (a
+    database cloned from its template and unchanged: same oids, same rows), unless the
+    whole texts turn out to differ. The same texts have no differences."""
 
     def __init__(self, ws: Workspace) -> None:
         import threading
@@ -10806,26 +10860,66 @@ class CatalogPair:
         self._ws = ws
         self._lock = threading.Lock()
         self.texts: list[str | None] = [None, None]
+        self._parts: list[list[str]] = [[], []]
+        self._parsed = [0, 0]  # parts read into objects, in order
+        self._objects: list[dict[str, DbObject]] = [{}, {}]
+        self._by_oid: list[dict[tuple[str, int, int], str]] = [{}, {}]
+        self._depends: list[list[Any]] = [[], []]
         self._models: list[SchemaModel | None] = [None, None]
 
+    def read(self, side: int, ws: Workspace, dbname: str, privileges: bool) -> str:
+        """Read one side from a database of `ws`'s server (in the calling thread)."""
+        return self.arrived(side, read_catalog_text(ws, dbname, privileges, self.reader(side)))
+
+    def reader(self, side: int) -> Callable[[str], None]:
+        """catalog_json's `on_part` for one side."""
+        return lambda part: self._arrived_part(side, part)
+
+    def _arrived_part(self, side: int, part: str) -> None:
+        with self._lock:
+            self._parts[side].append(part)
+            mine = "[" + ",\n".join(self._parts[side])
+            other = self.texts[1 - side] or "[" + ",\n".join(self._parts[1 - side])
+        # JSON objects end where they balance: the other side holds this very part at this
+        # place when its text so far starts with ours
+        if not other.startswith(mine):
+            self._parse_parts(side)  # with any earlier part skipped: the texts differ
+
+    def _parse_parts(self, side: int) -> None:
+        for part in self._parts[side][self._parsed[side]:]:
+            rows = json.loads(part)
+            read_catalog_objects(rows, self._objects[side], self._by_oid[side])
+            self._depends[side] += rows.get("depends", [])
+            self._parsed[side] += 1
+
     def arrived(self, side: int, text: str) -> str:
-        """Keep one side's text (called by the thread that read it) and build its model,
-        unless the other side arrived first with the same text."""
+        """Keep one side's whole text (called by the thread that read it, or with a kept
+        catalog) and finish its model, unless the other side arrived first with the same
+        text."""
         with self._lock:
             self.texts[side] = text
             other = self.texts[1 - side]
         if other != text:
-            self._models[side] = model_of(self._ws, text)
+            self._models[side] = self._finish(side)
         return text
+
+    def _finish(self, side: int) -> SchemaModel:
+        text = self.texts[side]
+        assert text is not None
+        if not self._parts[side]:  # a kept catalog: read whole, not in parts
+            return model_of(self._ws, text)
+        self._parse_parts(side)
+        model = link_catalog_objects(self._objects[side], self._by_oid[side],
+                                     self._depends[side])
+        return drop_tracking_leftovers(model, tracking_tables(self._ws.config))
 
     @property
     def same(self) -> bool:
         return self.texts[0] == self.texts[1]
 
     def model(self, side: int) -> SchemaModel:
-        built, text = self._models[side], self.texts[side]
-        assert text is not None, "model() before both sides arrived"
-        return built if built is not None else model_of(self._ws, text)
+        built = self._models[side]
+        return built if built is not None else self._finish(side)
 
 
 def read_database_model(ws: Workspace, dbname: str, privileges: bool = False) -> SchemaModel:
@@ -10985,10 +11079,12 @@ def template_model(ws: Workspace, session: Session, result: TemplateResult,
 
 
 def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
-                     probe: Mapping[str, Any], privileges: bool = False) -> tuple[str, bool]:
+                     probe: Mapping[str, Any], privileges: bool = False,
+                     on_part: Callable[[str], None] | None = None) -> tuple[str, bool]:
     """(catalog JSON of a template, from cache?): kept (drift_cache_path, variant 'model', or
     'privileges' with owners and grants); the first time it is read in place (_in_template),
-    or from a scratch clone by a role that does not own the template."""
+    or from a scratch clone by a role that does not own the template (`on_part`: see
+    catalog_json; a kept catalog comes whole)."""
     cache = drift_cache_path(ws, result.name, probe, "privileges" if privileges else "model")
     text = read_drift_cache(cache)
     if text is not None:
@@ -10996,13 +11092,13 @@ def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
     drop_stale_scratch(ws, session)
     try:
         text = _in_template(ws, session, result.name,
-                            lambda: read_catalog_text(ws, result.name, privileges))
+                            lambda: read_catalog_text(ws, result.name, privileges, on_part))
     except SqlError as exc:
         if exc.sqlstate != "42501":  # insufficient_privilege: not the template's owner
             raise
         with ScratchDatabase(ws, session, result.name,
                              clone_strategy(ws.config, probe)) as scratch:
-            text = read_catalog_text(ws, scratch, privileges)
+            text = read_catalog_text(ws, scratch, privileges, on_part)
     write_drift_cache(cache, text, ws.env.name, ws.config.project)
     return text, False
 
@@ -11035,12 +11131,12 @@ def diff_against_ddl(ws: Workspace, privileges: bool = False) -> DriftReport:
     pair = CatalogPair(ws)
     with admin_session(scratch) as session:
         require_database(ws, session if scratch is ws else None)
-        live = Background(lambda: pair.arrived(1, read_catalog_text(ws, ws.env.database,
-                                                                    privileges)))
+        live = Background(lambda: pair.read(1, ws, ws.env.database, privileges))
         try:
             result, probe = ensure_template(scratch, seeds=template_seeds(ws.env),
                                             session=session, cached=True)
-            expected, cached = template_catalog(scratch, session, result, probe, privileges)
+            expected, cached = template_catalog(scratch, session, result, probe, privileges,
+                                                pair.reader(0))
             pair.arrived(0, expected)
         finally:
             live.wait()
@@ -11065,9 +11161,8 @@ def diff_against_env(ws: Workspace, other: Workspace, privileges: bool = False) 
     once, compared as models (owners and grants too with `privileges`)."""
     started = time.monotonic()
     pair = CatalogPair(ws)
-    run_concurrently([
-        lambda: pair.arrived(1, read_catalog_text(ws, ws.env.database, privileges)),
-        lambda: pair.arrived(0, read_catalog_text(other, other.env.database, privileges))])
+    run_concurrently([lambda: pair.read(1, ws, ws.env.database, privileges),
+                      lambda: pair.read(0, other, other.env.database, privileges)])
     label = f"{ws.env.database} (env {ws.env.name})"
     reference = f"{other.env.database} (env {other.env.name})"
     return DriftReport(label, reference, f"env {other.env.name}",
@@ -11812,19 +11907,16 @@ def diff_sql(ws: Workspace, against: Workspace | None = None,
     compare_catalogs)."""
     pair = CatalogPair(ws)
     if against is not None:  # two servers' catalogs at once
-        run_concurrently([
-            lambda: pair.arrived(1, read_catalog_text(ws, ws.env.database, privileges)),
-            lambda: pair.arrived(0, read_catalog_text(against, against.env.database,
-                                                      privileges))])
+        run_concurrently([lambda: pair.read(1, ws, ws.env.database, privileges),
+                          lambda: pair.read(0, against, against.env.database, privileges)])
     else:
-        live = Background(lambda: pair.arrived(1, read_catalog_text(ws, ws.env.database,
-                                                                    privileges)))
+        live = Background(lambda: pair.read(1, ws, ws.env.database, privileges))
         scratch = scratch_workspace(ws)
         try:
             with admin_session(scratch) as session:
                 result, probe = ensure_template(scratch, seeds=False, session=session)
                 pair.arrived(0, template_catalog(scratch, session, result, probe,
-                                                 privileges)[0])
+                                                 privileges, pair.reader(0))[0])
         finally:
             live.wait()
         live.result()
