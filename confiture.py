@@ -532,6 +532,7 @@ class Console:
     stdout: Any = field(default=None, repr=False)  # None: sys.stdout at the time of writing
     stderr: Any = field(default=None, repr=False)
     emitted: bool = field(default=False, repr=False)  # a --json document went out already
+    warned: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def out(self) -> Any:
@@ -568,6 +569,12 @@ class Console:
 
     def warn(self, text: str) -> None:
         print(self._paint("33", "warning: ") + text, file=self.err)
+
+    def warn_once(self, text: str) -> None:
+        """A warning about the setup, true every time a run meets it: said once per run."""
+        if text not in self.warned:
+            self.warned.add(text)
+            self.warn(text)
 
     def error(self, text: str, hint: str | None = None) -> None:
         print(self._paint("31", "error: ") + text, file=self.err)
@@ -2337,6 +2344,11 @@ _CONNECT_HINTS = {
 }
 
 
+def never_connected(text: str) -> bool:
+    """Does a client tool's stderr say that it never reached the server (libpq's words)?"""
+    return "connection to server" in text or "could not connect" in text
+
+
 def connection_failure(text: str, where: str) -> ConnectionFailed:
     """The error for libpq's message TEXT about a connection to WHERE (already masked)."""
     text = re.sub(r"^(psql|pg_dump|pg_restore): (error: )?", "", text.strip())
@@ -2548,7 +2560,7 @@ class Session:
         text = re.sub(r"^psql: (error: )?", "", text)
         where = f"{self.conn.display()}" if self.dbname is None else \
             self.conn.with_params(dbname=self.dbname).display()
-        if "connection to server" in text or "could not connect" in text or not text:
+        if never_connected(text) or not text:
             raise connection_failure(text, where)
         raise PgError(f"lost the session to {where}: {text}")
 
@@ -2940,7 +2952,7 @@ def scratch_workspace(ws: Workspace) -> Workspace:
     if server.conn.server_identity(ws.client.environ) == \
             ws.env.conn.server_identity(ws.client.environ):
         host, port = server.conn.server_identity(ws.client.environ)
-        ws.console.warn(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
+        ws.console.warn_once(f"the scratch server of protected env {ws.env.name!r} ({server.origin}, "
                         f"{host}:{port}) is the env's own server: scratch databases will be "
                         "created on it; set [project] scratch_url to another server")
     env = evolve(ws.env, conn=server.conn,
@@ -8635,7 +8647,7 @@ def _user_ns(alias: str = "n") -> str:
 
 def _not_extension(catalog: str, oid: str) -> str:
     """Objects an extension owns are the extension's business, never ours (extension_owned:
-    see model_catalog_sql)."""
+    see model_catalog_statements)."""
     return (f"NOT EXISTS (SELECT 1 FROM extension_owned xd WHERE xd.classid = "
             f"'{catalog}'::regclass AND xd.objid = {oid})")
 
@@ -8821,6 +8833,78 @@ SELECT pol.oid, quote_ident(n.nspname) AS schema, quote_ident(c.relname) AS tabl
 {_relations("'r', 'p'", excluded, "JOIN pg_policy pol ON pol.polrelid = c.oid")}"""
 
 
+def _option_list(column: str) -> str:
+    """A catalog OPTIONS array as [[name, value], …] (names quoted as needed), sorted by name:
+    their order means nothing to PostgreSQL."""
+    return (f"(SELECT json_agg(json_build_array(quote_ident(o.option_name), o.option_value) "
+            f"ORDER BY o.option_name) FROM pg_options_to_table({column}) o)")
+
+
+def _query_wrappers(excluded: str) -> str:
+    return f"""
+SELECT w.oid, quote_ident(w.fdwname) AS name,
+  {_comment('w.oid', 'pg_foreign_data_wrapper')} AS comment,
+  nullif(w.fdwhandler::regproc::text, '-') AS handler,
+  nullif(w.fdwvalidator::regproc::text, '-') AS validator, {_option_list('w.fdwoptions')} AS options
+FROM pg_foreign_data_wrapper w WHERE {_not_extension('pg_foreign_data_wrapper', 'w.oid')}"""
+
+
+def _query_servers(excluded: str) -> str:
+    """Servers, with the extension that brings their wrapper (postgres_fdw, file_fdw): the
+    model holds the extension, not its objects, and the server needs it first."""
+    return f"""
+SELECT s.oid, quote_ident(s.srvname) AS name,
+  {_comment('s.oid', 'pg_foreign_server')} AS comment,
+  quote_ident(w.fdwname) AS wrapper, s.srvtype AS type, s.srvversion AS version,
+  {_option_list('s.srvoptions')} AS options,
+  (SELECT quote_ident(x.extname) FROM pg_depend d JOIN pg_extension x ON x.oid = d.refobjid
+    WHERE d.classid = 'pg_foreign_data_wrapper'::regclass AND d.objid = w.oid
+      AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e') AS extension
+FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+WHERE {_not_extension('pg_foreign_server', 's.oid')}"""
+
+
+def _query_foreign_tables(excluded: str) -> str:
+    """Foreign tables with their columns (a foreign table holds no rows: it is one object,
+    altered in place where ALTER FOREIGN TABLE can, else created again)."""
+    collation = _QUALIFIED_COLLATION.format(coll="a.attcollation")
+    return f"""
+SELECT c.oid, c.reltype AS type_oid, quote_ident(n.nspname) AS schema,
+  quote_ident(c.relname) AS name, {_comment('c.oid', 'pg_class')} AS comment,
+  quote_ident(s.srvname) AS server, {_option_list('ft.ftoptions')} AS options,
+  CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, c.oid) END AS bound,
+  (SELECT json_agg(quote_ident(pn.nspname) || '.' || quote_ident(p.relname) ORDER BY i.inhseqno)
+    FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+    JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid) AS parents,
+  (SELECT json_agg(json_build_object('name', quote_ident(a.attname),
+      'type', format_type(a.atttypid, a.atttypmod), 'notnull', a.attnotnull,
+      'local', a.attislocal, 'default_oid', d.oid,
+      'default', CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+      'expression', CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END,
+      'collation', CASE WHEN a.attcollation <> t.typcollation THEN {collation} END,
+      'options', {_option_list('a.attfdwoptions')},
+      'comment', {_comment('c.oid', 'pg_class', 'a.attnum')}) ORDER BY a.attnum)
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+  (SELECT json_agg(json_build_object('name', quote_ident(co.conname),
+      'def', pg_get_constraintdef(co.oid), 'oid', co.oid) ORDER BY co.conname)
+    FROM pg_constraint co WHERE co.conrelid = c.oid AND co.contype = 'c' AND co.conislocal)
+    AS checks
+{_relations("'f'", excluded, "JOIN pg_foreign_table ft ON ft.ftrelid = c.oid "
+            "JOIN pg_foreign_server s ON s.oid = ft.ftserver")}"""
+
+
+def _query_event_triggers(excluded: str) -> str:
+    """Event triggers (reading them needs no privilege; creating them needs a superuser)."""
+    return f"""
+SELECT e.oid, quote_ident(e.evtname) AS name,
+  {_comment('e.oid', 'pg_event_trigger')} AS comment,
+  e.evtevent AS event, (SELECT json_agg(tag ORDER BY tag) FROM unnest(e.evttags) tag) AS tags,
+  e.evtfoid::regproc::text AS function, e.evtenabled AS enabled
+FROM pg_event_trigger e WHERE {_not_extension('pg_event_trigger', 'e.oid')}"""
+
+
 # Kinds the model knows by name only: a difference in them is reported, never planned.
 # Over 60 lines: one query, a UNION ALL branch per kind; there is no logic to split.
 def _query_others(excluded: str) -> str:
@@ -8849,11 +8933,6 @@ SELECT p.oid, 'aggregate', quote_ident(n.nspname),
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
   LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
 WHERE p.prokind IN ('a', 'w') AND {_user_ns()} AND {_not_extension('pg_proc', 'p.oid')}
-UNION ALL
-SELECT c.oid, 'foreign table', quote_ident(n.nspname), quote_ident(c.relname), NULL, NULL {_relations("'f'", excluded)}
-UNION ALL
-SELECT e.oid, 'event trigger', '', quote_ident(e.evtname), NULL, NULL FROM pg_event_trigger e
-WHERE {_not_extension('pg_event_trigger', 'e.oid')}
 UNION ALL
 SELECT co.oid, 'collation', quote_ident(n.nspname), quote_ident(co.collname),
   (to_jsonb(co) - 'oid' - 'collname' - 'collnamespace' - 'collowner' - 'collversion')::text, NULL
@@ -8885,15 +8964,7 @@ FROM pg_ts_dict t JOIN pg_namespace n ON n.oid = t.dictnamespace
 WHERE {_user_ns()} AND {_not_extension('pg_ts_dict', 't.oid')}
 UNION ALL
 SELECT p.oid, 'publication', '', quote_ident(p.pubname),
-  (to_jsonb(p) - 'oid' - 'pubname' - 'pubowner')::text, NULL FROM pg_publication p
-UNION ALL
-SELECT w.oid, 'foreign-data wrapper', '', quote_ident(w.fdwname), NULL, NULL
-FROM pg_foreign_data_wrapper w WHERE {_not_extension('pg_foreign_data_wrapper', 'w.oid')}
-UNION ALL
-SELECT s.oid, 'server', '', quote_ident(s.srvname),
-  concat_ws(' ', s.srvtype, s.srvversion, (SELECT fdwname FROM pg_foreign_data_wrapper
-    WHERE oid = s.srvfdw)), NULL
-FROM pg_foreign_server s WHERE {_not_extension('pg_foreign_server', 's.oid')}"""
+  (to_jsonb(p) - 'oid' - 'pubname' - 'pubowner')::text, NULL FROM pg_publication p"""
 
 
 # ── owners and grants (read only with --privileges) ──────────────────────────────────────
@@ -8928,7 +8999,7 @@ _DEFAULT_ACLDEFAULT = ("CASE WHEN d.defaclnamespace = 0 THEN acldefault((CASE d.
 
 def _query_grants(excluded: str) -> str:
     relation = ("CASE c.relkind WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' "
-                "WHEN 'm' THEN 'view' ELSE 'table' END")
+                "WHEN 'm' THEN 'view' WHEN 'f' THEN 'foreign_table' ELSE 'table' END")
     return f"""
 SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.relname) AS name,
   NULL AS args, NULL AS column, {relation} AS kind, EXISTS (SELECT 1 FROM pg_depend d
@@ -8936,7 +9007,7 @@ SELECT c.relkind AS relkind, quote_ident(n.nspname) AS schema, quote_ident(c.rel
       AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')) AS linked,
   {_acl_columns('relation', 'c.relowner', 'c.relacl',
                 _RELATION_ACLDEFAULT)}
-{_relations("'r', 'p', 'v', 'm', 'S'", excluded)}
+{_relations("'r', 'p', 'v', 'm', 'S', 'f'", excluded)}
 UNION ALL
 SELECT c.relkind, quote_ident(n.nspname), quote_ident(c.relname), NULL, quote_ident(a.attname),
   'column', false, {_acl_columns('column', 'c.relowner', 'a.attacl', None)}
@@ -8959,7 +9030,15 @@ FROM pg_namespace n WHERE {_user_ns()}
 UNION ALL
 SELECT d.defaclobjtype, coalesce(quote_ident(n.nspname), ''), '', NULL, NULL, 'default', false,
   {_acl_columns('default', 'd.defaclrole', 'd.defaclacl', _DEFAULT_ACLDEFAULT)}
-FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace"""
+FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+UNION ALL
+SELECT 's', '', quote_ident(s.srvname), NULL, NULL, 'server', false,
+  {_acl_columns('server', 's.srvowner', 's.srvacl', "acldefault('S', s.srvowner)")}
+FROM pg_foreign_server s
+UNION ALL
+SELECT 'w', '', quote_ident(w.fdwname), NULL, NULL, 'wrapper', false,
+  {_acl_columns('wrapper', 'w.fdwowner', 'w.fdwacl', "acldefault('F', w.fdwowner)")}
+FROM pg_foreign_data_wrapper w"""
 
 
 # One array a dependency, [catalog, oid, subid, its catalog, oid, subid]: a third less JSON
@@ -8983,11 +9062,11 @@ def read_schema_model(session: Session, excluded: frozenset[tuple[str, str]] = f
     return model_from_catalog(catalog_rows(catalog_json(session, excluded, privileges)))
 
 
-# The kinds read by the catalog's second statement: the first one's answer (tables and
-# columns: most of the JSON and of the records) is parsed while the server works on these
-# (~8 ms of a 200-table diff --sql's ~14 ms of parsing after the last catalog arrived).
-_SECOND_HALF = frozenset({"constraint", "index", "view", "trigger", "policy", "other",
-                          "grants", "depends"})
+# The catalog's second statement reads the kinds from this one on (CATALOG_KINDS' order) and
+# the dependencies: the first one's answer (tables and columns: most of the JSON and of the
+# records) is parsed while the server works on these (~8 ms of a 200-table diff --sql's ~14 ms
+# of parsing after the last catalog arrived).
+_SECOND_STATEMENT_FROM = "constraint"
 
 
 def model_catalog_statements(excluded: frozenset[tuple[str, str]] = frozenset(),
@@ -8998,8 +9077,9 @@ def model_catalog_statements(excluded: frozenset[tuple[str, str]] = frozenset(),
     parts = {name: f"(SELECT coalesce(json_agg(q), '[]') FROM ({kind.query(where)}) q)"
              for name, kind in CATALOG_KINDS.items() if privileges or not kind.privileges}
     parts["depends"] = f"({_DEPENDS_SQL})"
-    halves = [[f"'{name}', {sql}" for name, sql in parts.items()
-               if (name in _SECOND_HALF) == second] for second in (False, True)]
+    fields = [f"'{name}', {sql}" for name, sql in parts.items()]
+    split = list(parts).index(_SECOND_STATEMENT_FROM)
+    halves = [fields[:split], fields[split:]]
     # pg_depend's extension members found once, not by ~20 scans of it (one a kind): ~3 ms
     # less backend CPU for 200 tables
     return ["WITH extension_owned AS MATERIALIZED (SELECT classid, objid FROM pg_depend "
@@ -9218,7 +9298,7 @@ def _read_policy(row: Mapping[str, Any]) -> Read:
 _DEFAULT_ACL_OBJECTS = {"r": "TABLES", "S": "SEQUENCES", "f": "FUNCTIONS", "T": "TYPES",
                         "n": "SCHEMAS"}
 _RELATION_WORDS = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
-                   "S": "SEQUENCE"}
+                   "S": "SEQUENCE", "f": "FOREIGN TABLE"}
 
 
 def _read_grants(row: Mapping[str, Any]) -> Read:
@@ -9245,8 +9325,10 @@ def _read_grants(row: Mapping[str, Any]) -> Read:
         target += f"({row['args']})"
     word = {"relation": _RELATION_WORDS.get(code, "TABLE"),
             "function": "PROCEDURE" if code == "p" else "FUNCTION",
-            "type": "DOMAIN" if code == "d" else "TYPE"}.get(row["what"], "SCHEMA")
-    grant_word = ("SEQUENCE" if code == "S" else "TABLE") if row["what"] == "relation" else word
+            "type": "DOMAIN" if code == "d" else "TYPE", "server": "SERVER",
+            "wrapper": "FOREIGN DATA WRAPPER"}.get(row["what"], "SCHEMA")
+    grant_word = ("SEQUENCE" if code == "S" else "TABLE") if row["what"] == "relation" else \
+        "FOREIGN SERVER" if row["what"] == "server" else word
     on = f"{grant_word} {ident_of(target)}"
     if row["what"] == "column":
         target = f"column {qname(schema, name)}.{row['column']}"
@@ -9270,13 +9352,45 @@ def ident_of(key: str) -> str:
     return key.split(" ", 1)[1]
 
 
+def _read_wrapper(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("handler", "validator", "options")}
+    obj = _row_object("wrapper", {**row, "schema": ""}, row["name"], facts)
+    return [(obj, [("pg_foreign_data_wrapper", row["oid"], 0)])]
+
+
+def _read_server(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("wrapper", "type", "version", "options")}
+    obj = _row_object("server", {**row, "schema": ""}, row["name"], facts)
+    if row["extension"]:  # its wrapper is the extension's (not in the model)
+        obj = evolve(obj, depends=frozenset({f"extension {row['extension']}"}))
+    return [(obj, [("pg_foreign_server", row["oid"], 0)])]
+
+
+def _read_foreign_table(row: Mapping[str, Any]) -> Read:
+    """A foreign table, its columns (their defaults and checks are its own: their oids name
+    it, so what they use comes before it) and its row type."""
+    columns = [{k: v for k, v in c.items() if k != "default_oid"} for c in row["columns"] or []]
+    checks = [{"name": c["name"], "def": c["def"]} for c in row["checks"] or []]
+    facts = {"server": row["server"], "options": row["options"], "bound": row["bound"],
+             "parents": row["parents"], "columns": columns, "checks": checks}
+    obj = _row_object("foreign_table", row, qname(row["schema"], row["name"]), facts)
+    oids = [("pg_class", row["oid"], 0), ("pg_type", row["type_oid"], 0)]
+    oids += [("pg_attrdef", c["default_oid"], 0) for c in row["columns"] or []
+             if c["default_oid"]]
+    oids += [("pg_constraint", c["oid"], 0) for c in row["checks"] or []]
+    return [(obj, oids)]
+
+
+def _read_event_trigger(row: Mapping[str, Any]) -> Read:
+    facts = {k: row[k] for k in ("event", "tags", "function", "enabled")}
+    obj = _row_object("event_trigger", {**row, "schema": ""}, row["name"], facts)
+    return [(obj, [("pg_event_trigger", row["oid"], 0)])]
+
+
 _OTHER_CATALOGS = {"rule": "pg_rewrite", "statistics": "pg_statistic_ext", "aggregate": "pg_proc",
-                   "foreign table": "pg_class", "event trigger": "pg_event_trigger",
                    "collation": "pg_collation", "operator": "pg_operator", "cast": "pg_cast",
                    "text search configuration": "pg_ts_config",
-                   "text search dictionary": "pg_ts_dict", "publication": "pg_publication",
-                   "foreign-data wrapper": "pg_foreign_data_wrapper",
-                   "server": "pg_foreign_server"}
+                   "text search dictionary": "pg_ts_dict", "publication": "pg_publication"}
 
 
 def _read_other(row: Mapping[str, Any]) -> Read:
@@ -9311,6 +9425,10 @@ CATALOG_KINDS: dict[str, CatalogKind] = {
     "view": CatalogKind(_query_views, _read_view),
     "trigger": CatalogKind(_query_triggers, _read_trigger),
     "policy": CatalogKind(_query_policies, _read_policy),
+    "wrapper": CatalogKind(_query_wrappers, _read_wrapper),
+    "server": CatalogKind(_query_servers, _read_server),
+    "foreign_table": CatalogKind(_query_foreign_tables, _read_foreign_table),
+    "event_trigger": CatalogKind(_query_event_triggers, _read_event_trigger),
     "other": CatalogKind(_query_others, _read_other),
     "grants": CatalogKind(_query_grants, _read_grants, privileges=True),
 }
@@ -9837,6 +9955,175 @@ def _alter_acl(old: DbObject, new: DbObject) -> Alteration | None:
                                             new.facts["acl"] or [])))
 
 
+# ── foreign data: wrappers, servers, foreign tables ──────────────────────────────────────
+# Options are [name, value] pairs (§11 _option_list). A foreign table holds no rows (they
+# live on the other side), so creating one again loses nothing: it is never destructive.
+
+def _options_clause(options: Sequence[Sequence[str]] | None) -> str:
+    pairs = ", ".join(f"{name} {quote_literal(value)}" for name, value in options or [])
+    return f" OPTIONS ({pairs})" if pairs else ""
+
+
+def _options_change(before: Sequence[Sequence[str]] | None,
+                    after: Sequence[Sequence[str]] | None) -> str:
+    """' OPTIONS (ADD …, SET …, DROP …)' that takes one option list to the other ('' if equal)."""
+    old = {name: value for name, value in before or []}
+    new = {name: value for name, value in after or []}
+    actions = [f"DROP {name}" for name in old if name not in new]
+    actions += [f"{'SET' if name in old else 'ADD'} {name} {quote_literal(value)}"
+                for name, value in new.items() if old.get(name) != value]
+    return f" OPTIONS ({', '.join(actions)})" if actions else ""
+
+
+def _create_wrapper(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    return [(f"CREATE FOREIGN DATA WRAPPER {ident(obj)}"
+            f"{_wrapper_functions(f)}{_options_clause(f['options'])}")]
+
+
+def _wrapper_functions(facts: Mapping[str, Any]) -> str:
+    return "".join(f" {word} {facts[key]}" if facts[key] else f" NO {word}"
+                   for key, word in (("handler", "HANDLER"), ("validator", "VALIDATOR")))
+
+
+def _alter_wrapper(old: DbObject, new: DbObject) -> Alteration | None:
+    functions = _wrapper_functions(new.facts) if any(
+        old.facts[k] != new.facts[k] for k in ("handler", "validator")) else ""
+    change = functions + _options_change(old.facts["options"], new.facts["options"])
+    return Alteration((f"ALTER FOREIGN DATA WRAPPER {ident(new)}{change}",) if change else ())
+
+
+def _create_server(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    kind = f" TYPE {quote_literal(f['type'])}" if f["type"] is not None else ""
+    version = f" VERSION {quote_literal(f['version'])}" if f["version"] is not None else ""
+    return [(f"CREATE SERVER {ident(obj)}{kind}{version} FOREIGN DATA WRAPPER {f['wrapper']}"
+            f"{_options_clause(f['options'])}")]
+
+
+def _alter_server(old: DbObject, new: DbObject) -> Alteration | None:
+    """Version and options change in place; another wrapper or type needs a new server."""
+    o, n = old.facts, new.facts
+    if o["wrapper"] != n["wrapper"] or o["type"] != n["type"]:
+        return None
+    change = "" if o["version"] == n["version"] else \
+        f" VERSION {quote_literal(n['version']) if n['version'] is not None else 'NULL'}"
+    change += _options_change(o["options"], n["options"])
+    return Alteration((f"ALTER SERVER {ident(new)}{change}",) if change else ())
+
+
+def _foreign_column(column: Mapping[str, Any]) -> str:
+    text = f"{column['name']} {column['type']}{_options_clause(column['options'])}"
+    text += f" COLLATE {column['collation']}" if column["collation"] else ""
+    if column["expression"] is not None:
+        text += f" GENERATED ALWAYS AS ({column['expression']}) STORED"
+    text += f" DEFAULT {column['default']}" if column["default"] is not None else ""
+    return text + (" NOT NULL" if column["notnull"] else "")
+
+
+def _create_foreign_table(obj: DbObject, model: SchemaModel) -> list[str]:
+    f, name = obj.facts, ident(obj)
+    if f["bound"] is not None:
+        text = f"CREATE FOREIGN TABLE {name} PARTITION OF {f['parents'][0]} {f['bound']}"
+    else:
+        parts = [_foreign_column(c) for c in f["columns"] if c["local"]]
+        parts += [f"CONSTRAINT {c['name']} {c['def']}" for c in f["checks"]]
+        text = f"CREATE FOREIGN TABLE {name} (\n    " + ",\n    ".join(parts) + "\n)" \
+            if parts else f"CREATE FOREIGN TABLE {name} ()"
+        text += f" INHERITS ({', '.join(f['parents'])})" if f["parents"] else ""
+    out = [f"{text} SERVER {f['server']}{_options_clause(f['options'])}"]
+    if f["bound"] is not None:  # a partition's own checks
+        out += [f"ALTER FOREIGN TABLE {name} ADD CONSTRAINT {c['name']} {c['def']}"
+                for c in f["checks"]]
+    return out + _foreign_column_comments(obj, {})
+
+
+def _foreign_column_comments(new: DbObject, before: Mapping[str, Any]) -> list[str]:
+    """COMMENT ON COLUMN for each column whose comment is not what `before` (name → column)
+    has."""
+    out = []
+    for column in new.facts["columns"]:
+        if column["comment"] != (before.get(column["name"]) or {}).get("comment"):
+            text = quote_literal(column["comment"]) if column["comment"] is not None else "NULL"
+            out.append(f"COMMENT ON COLUMN {ident(new)}.{column['name']} IS {text}")
+    return out
+
+
+def _alter_foreign_table(old: DbObject, new: DbObject) -> Alteration | None:
+    """ALTER FOREIGN TABLE where it can: columns added at the end, dropped, retyped, their
+    defaults, NOT NULL and options; checks; the table's options. Another server, partition
+    or parent, a generated expression or a column order ADD COLUMN cannot reach: created
+    again (and what is over it, views, with it)."""
+    o, n = old.facts, new.facts
+    if any(o[k] != n[k] for k in ("server", "bound", "parents")):
+        return None
+    before = {c["name"]: c for c in o["columns"]}
+    after = {c["name"]: c for c in n["columns"]}
+    kept = [c for c in before if c in after]
+    if kept + [c for c in after if c not in before] != list(after) or \
+            any(before[c]["expression"] != after[c]["expression"] or
+                before[c]["local"] != after[c]["local"] for c in kept):
+        return None
+    actions = [f"DROP COLUMN {c}" for c in before if c not in after]
+    retyped = bool(actions)
+    for name, column in after.items():
+        if name not in before:
+            actions.append(f"ADD COLUMN {_foreign_column(column)}")
+            continue
+        actions += _foreign_column_changes(before[name], column)
+        retyped = retyped or (before[name]["type"], before[name]["collation"]) != \
+            (column["type"], column["collation"])
+    old_checks = {c["name"]: c["def"] for c in o["checks"]}
+    new_checks = {c["name"]: c["def"] for c in n["checks"]}
+    actions += [f"DROP CONSTRAINT {c}" for c, d in old_checks.items() if new_checks.get(c) != d]
+    actions += [f"ADD CONSTRAINT {c} {d}" for c, d in new_checks.items() if old_checks.get(c) != d]
+    out = [f"ALTER FOREIGN TABLE {ident(new)} {', '.join(actions)}"] if actions else []
+    options = _options_change(o["options"], n["options"])
+    out += [f"ALTER FOREIGN TABLE {ident(new)}{options}"] if options else []
+    # a view over a column that goes or changes type must go first (PostgreSQL refuses)
+    return Alteration(tuple(out + _foreign_column_comments(new, before)),
+                      disturbs=frozenset({"view"}) if retyped else frozenset())
+
+
+def _foreign_column_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    head = f"ALTER COLUMN {new['name']}"
+    out = []
+    if (old["type"], old["collation"]) != (new["type"], new["collation"]):
+        collate = f" COLLATE {new['collation']}" if new["collation"] else ""
+        out.append(f"{head} TYPE {new['type']}{collate}")
+    if old["default"] != new["default"]:
+        out.append(f"{head} SET DEFAULT {new['default']}" if new["default"] is not None
+                   else f"{head} DROP DEFAULT")
+    if old["notnull"] != new["notnull"]:
+        out.append(f"{head} {'SET' if new['notnull'] else 'DROP'} NOT NULL")
+    options = _options_change(old["options"], new["options"])
+    return out + ([f"{head}{options}"] if options else [])
+
+
+# ── event triggers (created last, dropped first: they fire on the plan's own DDL) ─────────
+
+_EVENT_TRIGGER_STATE = {"O": "ENABLE", "D": "DISABLE", "R": "ENABLE REPLICA",
+                        "A": "ENABLE ALWAYS"}
+
+
+def _create_event_trigger(obj: DbObject, model: SchemaModel) -> list[str]:
+    f = obj.facts
+    when = f" WHEN TAG IN ({_literal_list(f['tags'])})" if f["tags"] else ""
+    out = [(f"CREATE EVENT TRIGGER {ident(obj)} ON {f['event']}{when} "
+           f"EXECUTE FUNCTION {f['function']}()")]
+    if f["enabled"] != "O":
+        out.append(f"ALTER EVENT TRIGGER {ident(obj)} {_EVENT_TRIGGER_STATE[f['enabled']]}")
+    return out
+
+
+def _alter_event_trigger(old: DbObject, new: DbObject) -> Alteration | None:
+    """Only the enabled state changes in place (ALTER EVENT TRIGGER has no other form)."""
+    if any(old.facts[k] != new.facts[k] for k in ("event", "tags", "function")):
+        return None
+    return Alteration(((f"ALTER EVENT TRIGGER {ident(new)} "
+                       f"{_EVENT_TRIGGER_STATE[new.facts['enabled']]}"),))
+
+
 def _cannot_alter(old: DbObject, new: DbObject) -> Alteration | None:
     return None
 
@@ -9858,6 +10145,7 @@ class ObjectKind:
     comment_on: Callable[[DbObject], str] | None
     keeps_data: bool = False
     late: Callable[[DbObject | None, DbObject], list[str]] | None = None
+    last: bool = False  # created after every other object and dropped before (event triggers)
 
 
 OBJECT_KINDS: dict[str, ObjectKind] = {
@@ -9884,6 +10172,16 @@ OBJECT_KINDS: dict[str, ObjectKind] = {
     "trigger": ObjectKind(11, _create_trigger, _drop_trigger, _alter_trigger,
                           _comment_word("TRIGGER")),
     "policy": ObjectKind(12, _create_policy, _drop_policy, _cannot_alter, _comment_word("POLICY")),
+    "wrapper": ObjectKind(13, _create_wrapper, lambda o: [f"DROP FOREIGN DATA WRAPPER {ident(o)}"],
+                          _alter_wrapper, _comment_word("FOREIGN DATA WRAPPER")),
+    "server": ObjectKind(13, _create_server, lambda o: [f"DROP SERVER {ident(o)}"],
+                         _alter_server, _comment_word("SERVER")),
+    "foreign_table": ObjectKind(13, _create_foreign_table,
+                                lambda o: [f"DROP FOREIGN TABLE {ident(o)}"],
+                                _alter_foreign_table, _comment_word("FOREIGN TABLE")),
+    "event_trigger": ObjectKind(16, _create_event_trigger,
+                                lambda o: [f"DROP EVENT TRIGGER {ident(o)}"],
+                                _alter_event_trigger, _comment_word("EVENT TRIGGER"), last=True),
     "other": ObjectKind(13, _create_other, _drop_other, _cannot_alter, None),
     # with --privileges only (§11 _read_grants): set once the object exists, in place after
     "owner": ObjectKind(14, create_owner, lambda o: [], _alter_owner, None),
@@ -9943,26 +10241,81 @@ def _renamed_key(key: str, old: str, new: str) -> str:
     return key
 
 
-def apply_renames(model: SchemaModel, renames: Sequence[Rename]
+def _key_name(key: str) -> str:
+    """The object's own name in a key: 'u_pkey' of 'constraint u_pkey on public.u', 'b' of
+    'column public.t.b'."""
+    name = key.split(" ", 1)[1]
+    return name.split(" on ", 1)[0] if " on " in name else name.rsplit(".", 1)[-1]
+
+
+# How an object named after its table is renamed with it (_implied_renames).
+_RENAME_SQL: dict[str, Callable[[DbObject, str], str]] = {
+    "table": lambda obj, name: f"ALTER TABLE {ident(obj)} RENAME TO {name}",
+    "column": lambda obj, name: f"ALTER TABLE {_table_of(obj)} RENAME COLUMN {obj.name} TO {name}",
+    "sequence": lambda obj, name: f"ALTER SEQUENCE {ident(obj)} RENAME TO {name}",
+    "index": lambda obj, name: f"ALTER INDEX {ident(obj)} RENAME TO {name}",
+    "constraint": lambda obj, name: (f"ALTER TABLE {_table_of(obj)} RENAME CONSTRAINT "
+                                     f"{obj.name} TO {name}"),
+}
+
+
+def apply_renames(model: SchemaModel, renames: Sequence[Rename],
+                  target: SchemaModel | None = None
                   ) -> tuple[list[PlannedStatement], SchemaModel, list[str]]:
-    """RENAME statements, the `from` model as it is after them, and hints that name nothing."""
+    """RENAME statements, the `from` model as it is after them, and hints that name nothing.
+    A renamed table's sequences, indexes and constraints named after it are renamed with it
+    when `target` has them under the new name (_implied_renames)."""
     statements, problems = [], []
     objects = dict(model.objects)
-    for rename in renames:
+    todo = list(renames)
+    while todo:
+        rename = todo.pop(0)
         obj = objects.get(rename.old)
         if obj is None:
             problems.append(f"--rename: no {rename.old} in the migrated schema")
             continue
-        new_name = rename.new.rsplit(".", 1)[-1] if rename.kind == "column" else \
-            rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
-        if rename.kind == "table":
-            sql = f"ALTER TABLE {ident(obj)} RENAME TO {new_name}"
-        else:
-            sql = f"ALTER TABLE {_table_of(obj)} RENAME COLUMN {obj.name} TO {new_name}"
+        sql = _RENAME_SQL[rename.kind](obj, _key_name(rename.new))
         statements.append(PlannedStatement(sql=sql, key=rename.new))
         objects = {_renamed_key(k, rename.old, rename.new): _rename_object(o, rename)
                    for k, o in objects.items()}
+        if rename.kind == "table" and target is not None:
+            todo[:0] = _implied_renames(objects, target, rename)
     return statements, SchemaModel(objects=objects), problems
+
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def _implied_renames(objects: Mapping[str, DbObject], target: SchemaModel, rename: Rename
+                     ) -> list[Rename]:
+    """The renamed table's sequences (serial), indexes and constraints that PostgreSQL named
+    after it (t_id_seq, t_pkey, t_a_idx, t_a_fkey) and that `target`, built from DDL naming
+    the new table, has under the new table's name: renamed rather than dropped and created
+    again (a sequence created again would start over; a key, rebuild its index)."""
+    old_table, new_table = _key_name(rename.old), _key_name(rename.new)
+    if not (_PLAIN_NAME.fullmatch(old_table) and _PLAIN_NAME.fullmatch(new_table)):
+        return []
+    table = ident_of(rename.new)
+    found = []
+    for key, obj in sorted(objects.items()):
+        owned = obj.facts.get("owned_by") if obj.kind == "sequence" else None
+        mine = obj.parent == rename.new or str(owned or "").startswith(table + ".")
+        if obj.kind not in _RENAME_SQL or key in target.objects or not mine or \
+                not obj.name.startswith(old_table + "_"):
+            continue
+        name = new_table + obj.name[len(old_table):]
+        new_key = key.replace(f" {obj.name} on ", f" {name} on ", 1) \
+            if obj.kind == "constraint" else f"{obj.kind} {qname(obj.schema, name)}"
+        counterpart = target.objects.get(new_key)
+        if _PLAIN_NAME.fullmatch(name) and counterpart is not None and \
+                counterpart.kind == obj.kind and counterpart.parent == obj.parent:
+            found.append(Rename(obj.kind, key, new_key))
+    return found
+
+
+def _swap_name(text: str, old: str, new: str) -> str:
+    """`old` (a qualified name) replaced by `new` where it stands as a whole name."""
+    return re.sub(r'(?<![\w"$.])' + re.escape(old) + r'(?![\w"$])', new, text)
 
 
 def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
@@ -9970,15 +10323,44 @@ def _rename_object(obj: DbObject, rename: Rename) -> DbObject:
     name = obj.name
     if key == rename.new or (rename.kind == "column" and key == "default " +
                              rename.new.split(" ", 1)[1]):
-        name = rename.new.split(" ", 1)[1].rsplit(".", 1)[-1]
-    facts = obj.facts
-    if rename.kind == "column" and obj.kind == "table" and facts.get("columns") and \
-            rename.old.rsplit(".", 1)[0] == f"column {ident(obj)}":
-        before, after = rename.old.rsplit(".", 1)[1], rename.new.rsplit(".", 1)[1]
-        facts = {**facts, "columns": [after if c == before else c for c in facts["columns"]]}
+        name = _key_name(rename.new)
+    facts = _renamed_facts(obj, rename)
     return evolve(obj, key=key, name=name, facts=facts,
                   parent=_renamed_key(obj.parent, rename.old, rename.new) if obj.parent else "",
                   depends=frozenset(_renamed_key(d, rename.old, rename.new) for d in obj.depends))
+
+
+def _renamed_facts(obj: DbObject, rename: Rename) -> Mapping[str, Any]:
+    """The facts that name the renamed table or column follow the rename, so that what
+    PostgreSQL carries along by itself (a table's column order, a sequence's OWNED BY, an
+    owner's and a grant's target) is not planned again."""
+    facts = obj.facts
+    old_name, new_name = ident_of(rename.old), ident_of(rename.new)
+    if rename.kind == "column" and obj.kind == "table" and facts.get("columns") and \
+            old_name.rsplit(".", 1)[0] == ident(obj):
+        before, after = old_name.rsplit(".", 1)[1], new_name.rsplit(".", 1)[1]
+        facts = {**facts, "columns": [after if c == before else c for c in facts["columns"]]}
+    owned = facts.get("owned_by") if obj.kind == "sequence" else None
+    if owned:
+        facts = {**facts, "owned_by": ident_of(_renamed_key(f"column {owned}", rename.old,
+                                                            rename.new))}
+    if rename.kind == "table" and obj.kind in ("index", "constraint", "trigger"):
+        facts = {**facts, "def": _swap_name(facts["def"], old_name, new_name)}
+    if rename.kind == "index" and obj.key == rename.old:  # its def names it
+        facts = {**facts, "def": _swap_name(facts["def"], _key_name(rename.old),
+                                            _key_name(rename.new))}
+    if rename.kind == "sequence" and obj.kind == "default":  # nextval('public.s'::regclass)
+        facts = {**facts, "expr": facts["expr"].replace(f"'{old_name}'::regclass",
+                                                        f"'{new_name}'::regclass")}
+    if obj.kind in HANGERS_ON:  # 'TABLE public.t' in an owner's or a grant's statement
+        for fact in ("alter", "on"):
+            word, _, name = str(facts.get(fact, "")).rpartition(" ")
+            if word:
+                target = ident_of(_renamed_key(f"table {name}", rename.old, rename.new))
+                facts = {**facts, fact: f"{word} {target}"}
+        if facts.get("columns") and obj.parent == rename.old:
+            facts = {**facts, "columns": f" ({new_name.rsplit('.', 1)[1]})"}
+    return facts
 
 
 def compare_models(expected: SchemaModel, actual: SchemaModel) -> list[str]:
@@ -10207,7 +10589,25 @@ class _Planner:
             owner = b[key].facts.get("owned_by") if b[key].kind == "sequence" else None
             if owner and ("alter", f"column {owner}") in actions:
                 link(("create", key), ("alter", f"column {owner}"))
+        self._link_lasts(actions, link)
         return after
+
+    def _link_lasts(self, actions: Mapping[tuple[str, str], object],
+                    link: Callable[[tuple[str, str], tuple[str, str]], None]) -> None:
+        """Kinds created last and dropped first (ObjectKind.last): an event trigger would
+        fire on the plan's other statements."""
+        def is_last(node: tuple[str, str]) -> bool:
+            model = self.old if node[0] == "drop" else self.new
+            return OBJECT_KINDS[model.objects[node[1]].kind].last
+
+        lasts = [node for node in actions if is_last(node)]
+        for node in actions if lasts else ():
+            for last in lasts:
+                if node not in lasts and (node[0] == "drop") == (last[0] == "drop"):
+                    if node[0] == "drop":
+                        link(node, last)
+                    else:
+                        link(last, node)
 
 
 _PHASE = {"drop": 0, "alter": 1, "create": 1}
@@ -10249,7 +10649,7 @@ def _order(actions: Mapping[tuple[str, str], list[PlannedStatement]],
 
 def plan_schema(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename] = ()) -> SchemaPlan:
     """The statements that turn `old` into `new`, in an order PostgreSQL accepts."""
-    renaming, old, problems = apply_renames(old, renames)
+    renaming, old, problems = apply_renames(old, renames, new)
     planner = _Planner(old=old, new=new, problems=problems)
     planner.classify()
     actions = planner.actions()
@@ -10639,7 +11039,8 @@ def diff_unit(obj: DbObject) -> str:
 
 _DIFF_TYPES = {"schema": "SCHEMA", "extension": "EXTENSION", "sequence": "SEQUENCE",
                "table": "TABLE", "index": "INDEX", "trigger": "TRIGGER", "policy": "POLICY",
-               "acl": "ACL"}
+               "acl": "ACL", "wrapper": "FOREIGN DATA WRAPPER", "server": "SERVER",
+               "foreign_table": "FOREIGN TABLE", "event_trigger": "EVENT TRIGGER"}
 
 
 def diff_type(obj: DbObject) -> str:
@@ -10936,7 +11337,7 @@ def dump_schema(client: Client, dbname: str, privileges: bool) -> str:
         text = mask_password_in(text, client.password)
         text = re.sub(r"^pg_dump: (error: )?", "", text)
         where = client.conn.with_params(dbname=dbname).display(client.environ)
-        if "connection to server" in text or "could not connect" in text:
+        if never_connected(text):
             raise connection_failure(text, where)
         raise PgError(f"pg_dump of {dbname} failed: {text}")
     return proc.stdout.decode("utf-8", "replace")
@@ -11055,19 +11456,68 @@ def read_drift_cache(path: Path) -> str | None:
     return body if body and sha256_bytes(body.encode()) == digest else None
 
 
-def write_drift_cache(path: Path, text: str, env_name: str, project: str) -> None:
-    """Keep the catalog, its sha256 last; drop this env's older ones of the same variant.
-    Best effort: a cache that cannot be written only costs time."""
+def write_drift_cache(path: Path, text: str, config: Config) -> None:
+    """Keep the catalog, its sha256 last, and clean the folder (prune_drift_cache: after a
+    catalog read, never on the path of a kept one). Best effort: a cache that cannot be
+    written only costs time."""
     data = text.encode("utf-8")
     data += f"\n{sha256_bytes(data)}\n".encode()
     try:
         write_atomic(path, data)
     except InputError:
         return
-    variant = path.name.split(".")[-3]
-    for old in path.parent.glob(f"{template_prefix(project, env_name)}*.{variant}.*{path.suffix}"):
-        if old != path:
-            old.unlink(missing_ok=True)
+    prune_drift_cache(config, keep=path)
+
+
+# <template>.<variant>.<key>.json (drift_cache_path); write_atomic's .<name>.<pid>.tmp
+_DRIFT_CACHE_NAME = re.compile(r"^(.+_[0-9a-f]{12})\.(model|privileges)\.[0-9a-f]{16}\.json$")
+_DRIFT_CACHE_TEMP = re.compile(r"^\..*\.(\d+)\.tmp$")
+
+
+def template_env(config: Config, template: str) -> str | None:
+    """The configured env a template name (template_name) is of; None for none of them (an
+    env since removed or renamed, another project name)."""
+    for env in config.envs:
+        rest = template.removeprefix(template_prefix(config.project, env))
+        if rest != template and re.fullmatch(r"[0-9a-f]{12}", rest):
+            return env
+    return None
+
+
+def prune_drift_cache(config: Config, keep: Path | None = None,
+                      dropped: Sequence[str] = ()) -> list[Path]:
+    """Remove the kept catalogs nothing reads again: those of a template in `dropped`, of no
+    configured env, in a name this version does not write, and, when `keep` (the file just
+    written) is given, its env's older ones of the same variant (another template or an older
+    key); and the temporary files of writers that died. A file being written is never
+    touched: it has its temporary name until complete, with the pid of a live process.
+    One listing of a folder of a few files per env."""
+    folder = config.state_dir / "drift"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    kept = _DRIFT_CACHE_NAME.match(keep.name) if keep is not None else None
+    kept_env = template_env(config, kept.group(1)) if kept else None
+    removed = []
+    for name in names:
+        temp = _DRIFT_CACHE_TEMP.match(name)
+        found = _DRIFT_CACHE_NAME.match(name)
+        env = template_env(config, found.group(1)) if found else None
+        if temp:
+            doomed = not pid_alive(temp.group(1))
+        elif found is None or env is None or found.group(1) in dropped:
+            doomed = True
+        else:
+            doomed = kept is not None and name != kept.group(0) and env == kept_env and \
+                found.group(2) == kept.group(2)
+        if doomed:
+            try:
+                (folder / name).unlink()
+                removed.append(folder / name)
+            except OSError:
+                pass  # gone already, or not ours to remove: it only costs space
+    return removed
 
 
 def template_model(ws: Workspace, session: Session, result: TemplateResult,
@@ -11099,7 +11549,7 @@ def template_catalog(ws: Workspace, session: Session, result: TemplateResult,
         with ScratchDatabase(ws, session, result.name,
                              clone_strategy(ws.config, probe)) as scratch:
             text = read_catalog_text(ws, scratch, privileges, on_part)
-    write_drift_cache(cache, text, ws.env.name, ws.config.project)
+    write_drift_cache(cache, text, ws.config)
     return text, False
 
 
@@ -11730,7 +12180,7 @@ def plan_stages(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename], o
                 ) -> list[tuple[SchemaPlan, SchemaPlan]]:
     """(up, down) of each migration to write: one, or for an online change a transactional
     one to online_stage() and a no-transaction one from there (empty ones left out)."""
-    back = [Rename(r.kind, r.new, r.old) for r in renames]
+    back = [Rename(r.kind, r.new, r.old) for r in reversed(renames)]
     if not online:
         return [(plan_schema(old, new, renames), plan_schema(new, old, back))]
     middle = online_stage(old, new)
@@ -13194,6 +13644,8 @@ def cmd_templates(app: App) -> int:
             dropped = prune_templates(ws, session, keep)
             for name in dropped:
                 app.console.result(f"dropped {name}")
+            for path in prune_drift_cache(ws.config, dropped=dropped):
+                app.console.debug(f"removed {path}")
             app.console.emit({"dropped": dropped})
             return EXIT_OK
         infos = list_templates(session, ws.config.project)

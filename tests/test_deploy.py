@@ -22,6 +22,8 @@ from helpers import (
 from psycopg import sql
 from test_backup import checksums, db_oid, schema_dump, side_databases
 
+import confiture
+
 LOCK_CLASS = 1668247142  # confiture's advisory lock class ('conf')
 FIRST = (1, "build")  # the first deploy restores a template that recorded its migrations
 
@@ -266,30 +268,23 @@ def test_remote_deploy_never_shows_the_password(pg_remote: Cluster, project: Pro
         project.config_path.write_text(project.config_path.read_text()
                                        + f'\n[env.remote]\nurl = "{url}"\n')
         migration(project, "001_a", "SELECT 1;\n")
-        seen: list[str] = []
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                for proc in Path("/proc").glob("[0-9]*"):
-                    try:
-                        seen.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-                    except OSError:
-                        pass
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            first = cli("deploy", "--env", "remote", cwd=project.root,
-                        env={"PGHOST": None, "PGPORT": None, "PGUSER": None})
-            migration(project, "002_slow", "SELECT pg_sleep(0.5);\n")
-            migration(project, "003_bad", "SELECT 1 / 0;\n", no_transaction=True)
-            second = cli("deploy", "--env", "remote", cwd=project.root,
-                         env={"PGHOST": None, "PGPORT": None, "PGUSER": None})
-        finally:
-            stop.set()
-            watcher.join()
+        # every psql/pg_dump/pg_restore the tool starts goes through a wrapper that logs its
+        # command line (all of them, not a sample of /proc), then runs the real tool
+        log, wrappers = project.root / "argv.log", project.root / "pgbin"
+        real = confiture.find_pg_tools().bindir
+        wrappers.mkdir()
+        for tool in ("psql", "pg_dump", "pg_restore"):
+            wrapper = wrappers / tool
+            wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "{log}"\n'
+                               f'exec "{real}/{tool}" "$@"\n')
+            wrapper.chmod(0o755)
+        env: dict[str, str | None] = {"PGHOST": None, "PGPORT": None, "PGUSER": None,
+                                      "CONFITURE_PGBIN": str(wrappers)}
+        first = cli("deploy", "--env", "remote", cwd=project.root, env=env)
+        migration(project, "002_slow", "SELECT pg_sleep(0.5);\n")
+        migration(project, "003_bad", "SELECT 1 / 0;\n", no_transaction=True)
+        second = cli("deploy", "--env", "remote", cwd=project.root, env=env)
+        seen = log.read_text().splitlines()
         assert first.returncode == 0, first.stderr
         assert second.returncode == 1 and "restoring" in second.stderr  # backup, pg_restore, swap
         for out in (first.stdout, first.stderr, second.stdout, second.stderr):
@@ -428,8 +423,6 @@ def test_the_guard_refuses_no_backup_before_reaching_the_server(tmp_path: Path) 
     """The cheapest precondition first: --no-backup on a protected env is refused before
     anything connects (the env's server does not even exist)."""
     import io
-
-    import confiture
 
     (tmp_path / "db/schema").mkdir(parents=True)
     (tmp_path / "confiture.toml").write_text(

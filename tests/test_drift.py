@@ -4,6 +4,7 @@ psycopg makes the changes and checks the outcomes; confiture only reports."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -264,6 +265,50 @@ def test_template_dump_is_cached_and_scratch_databases_never_stay(pg: Cluster, p
         assert code == 0 and report["cached"] is cached, (code, report)
     assert len(list((project.root / ".confiture" / "drift").glob("*.privileges.*.json"))) == 1
     assert len(list((project.root / ".confiture" / "drift").glob("*.model.*.json"))) == 1
+
+
+def test_kept_catalogs_nothing_reads_again_are_removed(pg: Cluster, project: Project,
+                                                       cli: CliRunner) -> None:
+    """.confiture/drift holds a few files per env: a new catalog written removes its env's
+    older ones, those of envs no longer configured (or of another project name) and the
+    temporary files of dead writers; `templates prune` removes those of the templates it
+    drops. A diff that uses a kept catalog touches nothing; a file being written (a live
+    writer's temporary file) is never removed."""
+    assert cli("reset", cwd=project.root).returncode == 0
+    assert diff_json(cli, project)[0] == 0
+    assert diff_json(cli, project, "--privileges")[0] == 0
+    folder = project.root / ".confiture" / "drift"
+    [model_file] = folder.glob("*.model.*.json")
+    [privileges_file] = folder.glob("*.privileges.*.json")
+    key = "0123456789abcdef"
+    planted = {
+        "gone env": f"{project.name}_tpl_gone_0123456789ab.model.{key}.json",
+        "older template": f"{project.name}_tpl_local_0123456789ab.model.{key}.json",
+        "other project": f"renamed_tpl_local_0123456789ab.privileges.{key}.json",
+        "old name": "catalog.json",
+        "dead writer": f".{model_file.name}.999999999.tmp",
+    }
+    alive = folder / f".{model_file.name}.{os.getpid()}.tmp"  # this process: alive
+    for name in [*planted.values(), alive.name]:
+        (folder / name).write_text("{}\n")
+    code, report = diff_json(cli, project)
+    assert code == 0 and report["cached"] is True, report
+    assert all((folder / name).exists() for name in planted.values())  # not on a kept path
+    model_file.unlink()  # the next diff reads the catalog again and writes it
+    code, report = diff_json(cli, project)
+    assert code == 0 and report["cached"] is False, report
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [model_file.name, privileges_file.name, alive.name])
+    # templates prune: the catalogs of what it drops (and of envs no longer configured)
+    (folder / planted["gone env"]).write_text("{}\n")
+    project.write("db/schema/10_tables/20_more.sql", "CREATE TABLE more (id int);\n")
+    assert cli("template", cwd=project.root).returncode == 0  # a second template for local
+    pruned = cli("templates", "prune", "--keep", "1", cwd=project.root)
+    assert pruned.returncode == 0, pruned.stderr
+    [dropped] = [line.split()[1] for line in pruned.stdout.splitlines()
+                 if line.startswith("dropped ")]
+    assert model_file.name.startswith(dropped + ".")
+    assert sorted(p.name for p in folder.iterdir()) == [alive.name]
 
 
 def test_a_kept_template_dump_cut_short_is_not_trusted(pg: Cluster, project: Project, cli: CliRunner) -> None:
@@ -611,3 +656,14 @@ def test_a_scratch_server_that_is_the_protected_envs_own_is_warned_about(
     assert result.returncode in (0, 3), result.stdout + result.stderr
     assert "warning: the scratch server of protected env 'prod' (env.local" in result.stderr
     assert "is the env's own server" in result.stderr and "scratch_url" in result.stderr
+
+
+def test_the_scratch_server_warning_is_said_once_per_run(pg: Cluster, project: Project,
+                                                          cli: CliRunner) -> None:
+    """status --drift reaches prod's scratch server twice (the DDL's template, then the
+    comparison): the warning about where its scratch databases go is said once."""
+    pg.create_db(project.db("prod"))
+    pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
+    result = cli("--env", "prod", "status", "--drift", cwd=project.root)
+    assert result.returncode in (0, 3), result.stdout + result.stderr
+    assert result.stderr.count("is the env's own server") == 1, result.stderr
