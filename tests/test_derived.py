@@ -956,6 +956,13 @@ def test_every_kind_of_object_is_read_with_its_comment(pg: Any, project: Any) ->
              "CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
              "CREATE TRIGGER t_f BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();"
              "CREATE POLICY mine ON t USING (true);"
+             "CREATE FOREIGN DATA WRAPPER w; CREATE SERVER srv FOREIGN DATA WRAPPER w;"
+             "CREATE FOREIGN TABLE ft (c int) SERVER srv;"
+             "CREATE FUNCTION on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$BEGIN END$$;"
+             "CREATE EVENT TRIGGER on_ddl ON ddl_command_start EXECUTE FUNCTION on_ddl();"
+             "COMMENT ON FOREIGN DATA WRAPPER w IS 'wrapper'; COMMENT ON SERVER srv IS 'server';"
+             "COMMENT ON FOREIGN TABLE ft IS 'foreign table'; COMMENT ON COLUMN ft.c IS 'its c';"
+             "COMMENT ON EVENT TRIGGER on_ddl IS 'event trigger';"
              "COMMENT ON SCHEMA app IS 'schema'; COMMENT ON EXTENSION btree_gist IS 'extension';"
              "COMMENT ON TYPE mood IS 'enum'; COMMENT ON DOMAIN pos IS 'domain';"
              "COMMENT ON SEQUENCE s IS 'sequence'; COMMENT ON TABLE t IS 'table';"
@@ -970,7 +977,8 @@ def test_every_kind_of_object_is_read_with_its_comment(pg: Any, project: Any) ->
         "sequence public.s", "table public.t", "column public.t.n", "column public.t.bare",
         "constraint t_pk on public.t", "constraint n_positive on public.t",
         "index public.t_n", "view public.v", "view public.m", "function public.f()",
-        "trigger t_f on public.t", "policy mine on public.t")}
+        "trigger t_f on public.t", "policy mine on public.t", "wrapper w", "server srv",
+        "foreign_table public.ft", "event_trigger on_ddl")}
     assert comments == {
         "schema app": "schema", "extension btree_gist": "extension", "type public.mood": "enum",
         "type public.pos": "domain", "sequence public.s": "sequence", "table public.t": "table",
@@ -978,7 +986,10 @@ def test_every_kind_of_object_is_read_with_its_comment(pg: Any, project: Any) ->
         "constraint t_pk on public.t": "pk", "constraint n_positive on public.t": "check",
         "index public.t_n": "index", "view public.v": "view", "view public.m": "matview",
         "function public.f()": "function", "trigger t_f on public.t": "trigger",
-        "policy mine on public.t": "policy"}
+        "policy mine on public.t": "policy", "wrapper w": "wrapper", "server srv": "server",
+        "foreign_table public.ft": "foreign table", "event_trigger on_ddl": "event trigger"}
+    assert [c["comment"] for c in objects["foreign_table public.ft"].facts["columns"]] == \
+        ["its c"]
 
 
 @pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
