@@ -11498,8 +11498,11 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
 
 def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
     """Apply every pending migration (§8) to `dbname`, a scratch database, after recording
-    those up to `base_version` as applied; return how many ran."""
-    scratch = evolve(ws, env=evolve(ws.env, database=dbname))
+    those up to `base_version` as applied; return how many ran. Each one's 'applied' line is
+    shown only with -v: said of a scratch copy before a deploy, it reads as if the env's
+    database had them already (and a long history buries the run's own output)."""
+    console = evolve(ws.console, quiet=ws.console.quiet or not ws.console.verbose)
+    scratch = evolve(ws, env=evolve(ws.env, database=dbname), console=console)
     with open_migration_session(scratch) as session:
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)

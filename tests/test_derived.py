@@ -1136,6 +1136,30 @@ def test_generate_writes_a_proved_pair_that_migrate_up_applies(pg: Any, project:
     assert "nothing to generate" in again.stdout
 
 
+def test_scratch_replays_do_not_report_migrations_as_applied(pg: Any, project: Any,
+                                                            cli: Any) -> None:
+    """diff --migrations and migrate generate replay the history on a scratch database: its
+    'applied …' lines (one per migration) read as if the env's database had them, so they
+    appear only with -v."""
+    history(project)
+    db = project.db()
+    pg.create_db(db)
+    project.write("db/schema/10_tables/10_widgets.sql", WIDGETS_V1)
+    check = cli("diff", "--migrations", cwd=project.root)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "applied 20240101000000_widgets" not in check.stdout + check.stderr
+    assert "(1 applied to" in check.stdout + check.stderr
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    note text\n"))
+    result = cli("migrate", "generate", "note", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert "applied 20240101000000_widgets" not in result.stdout + result.stderr
+    verbose = cli("-v", "diff", "--migrations", cwd=project.root)
+    assert "applied 20240101000000_widgets" in verbose.stderr
+    # the env's own database was never touched
+    assert pg.scalar("SELECT to_regclass('widgets') IS NULL", db=db)
+
+
 def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, project: Any,
                                                                  cli: Any) -> None:
     history(project)
