@@ -12049,15 +12049,18 @@ def _joined(plans: Sequence[SchemaPlan]) -> SchemaPlan:
 def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> None:
     """Refuse plans that cannot be expressed or that lose data without permission."""
     missing = sorted(set(up.unsupported) | {f"{p} (down)" for p in down.unsupported})
-    if missing:
+    if missing:  # a renamed column is a drop+add whose add lands last: say the rename first
         raise CheckFailed("the plan cannot express: " + "; ".join(missing),
-                          hint="write this migration by hand (migrate new)")
+                          hint=_rename_hint(up, "write this migration by hand (migrate new)"))
     if up.destructive and not allow_destructive:
         shown = "; ".join(s.sql.split("\n")[0] for s in up.destructive[:5])
-        hint = "if the data may go, add --allow-destructive"
-        if up.suggestions:
-            hint = f"a rename? try {' '.join(up.suggestions)}; else {hint}"
-        raise Refused(f"the migration would destroy data: {shown}", hint=hint)
+        raise Refused(f"the migration would destroy data: {shown}",
+                      hint=_rename_hint(up, "if the data may go, add --allow-destructive"))
+
+
+def _rename_hint(up: SchemaPlan, otherwise: str) -> str:
+    return f"a rename? try {' '.join(up.suggestions)}; else {otherwise}" if up.suggestions \
+        else otherwise
 
 
 def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any],
@@ -14248,6 +14251,9 @@ def _diff_sql(app: App, ws: Workspace, against: str) -> int:
         app.console.result(line)
     for problem in plan.unsupported:
         app.console.warn(f"not expressed: {problem}")
+    for hint in plan.suggestions:
+        app.console.warn(f"a drop and an add look like a rename: migrate generate NAME {hint} "
+                         "plans ALTER … RENAME instead")
     if not plan.statements and not plan.unsupported:
         app.console.info("-- no differences")
     return EXIT_CHECK if plan.statements or plan.unsupported else EXIT_OK

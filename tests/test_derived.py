@@ -1188,6 +1188,35 @@ def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, projec
     assert no_scratch_left(pg, project)
 
 
+def test_a_renamed_middle_column_is_suggested_as_a_rename(pg: Any, project: Any,
+                                                         cli: Any) -> None:
+    """A column renamed in the DDL but not last: the drop+add cannot keep the column order,
+    so generate refuses (exit 3) — and says the rename that would work; diff --sql too."""
+    history(project)
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL,\n"
+                  "    note text\n);\n")
+    refused = cli("migrate", "generate", "retitle", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "column order" in refused.stderr
+    assert "a rename? try --rename column:public.widgets.label=title" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(migration_files(project)) == 3
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "ALTER TABLE widgets ADD COLUMN note text;", db=db)
+    sql = cli("diff", "--sql", cwd=project.root)
+    assert sql.returncode == 3, sql.stderr
+    assert "DROP COLUMN label" in sql.stdout
+    assert "--rename column:public.widgets.label=title" in sql.stderr
+    renamed = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=title",
+                  cwd=project.root)
+    assert renamed.returncode == 0, renamed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "RENAME COLUMN label TO title" in up and "DROP" not in up
+
+
 def test_generate_writes_nothing_when_the_proof_fails(pg: Any, project: Any, cli: Any) -> None:
     history(project)
     # a conversion no plan can know: integer codes become an enum's labels
