@@ -5562,12 +5562,19 @@ def index_target(p: Parsed) -> str | None:
 
 
 def _not_null_check(action: Action) -> str | None:
-    """The column of a `CHECK (col IS NOT NULL)` constraint."""
+    """The column of a `CHECK (col IS NOT NULL)` constraint, in as many parentheses as
+    pg_get_constraintdef (and so migrate generate) writes: `CHECK ((col IS NOT NULL))`."""
     w = action.words
     at = _index_of(w, ("CHECK", "("))
-    if at < 0 or tuple(w[at + 3:at + 7]) != ("IS", "NOT", "NULL", ")"):
+    if at < 0:
         return None
-    return action.tokens[at + 2].name
+    depth = 1
+    while at + depth + 1 < len(w) and w[at + depth + 1] == "(":
+        depth += 1
+    column = at + depth + 1
+    if tuple(w[column + 1:column + 4 + depth]) != ("IS", "NOT", "NULL") + (")",) * depth:
+        return None
+    return action.tokens[column].name
 
 
 def _timezone_set(p: Parsed) -> str | None:
@@ -6257,12 +6264,16 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
     by_verb: dict[str, list[LintRule]] = {}   # a statement meets only the rules that read it
     findings: list[Finding] = []
     volatile = catalog.volatile if catalog else frozenset()  # grows with CREATE FUNCTION
+    # NOT NULL checks carry over to the migrations after: `migrate generate --online` adds one
+    # NOT VALID in its first migration and validates it before SET NOT NULL in the second
+    checks: Mapping[str, str] = {}
+    proven: frozenset[str] = frozenset()
     for unit, statements in zip(units, parsed):
         ctx = LintContext(catalog=catalog, transactional=unit.transactional,
                           tool_lock_timeout=settings.tool_lock_timeout,
                           has_ddl=any(is_ddl(p.words) for p in statements),
                           utc=catalog is not None and catalog.timezone.lower() in UTC_NAMES,
-                          volatile=volatile)
+                          volatile=volatile, not_null_checks=checks, proven_not_null=proven)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
             verb = p.words[0] if p.words else ""
@@ -6276,7 +6287,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                                             facts.name if facts else hit.table,
                                             allowed.get(rule.id)))
             ctx = advance_context(ctx, p)
-        volatile = ctx.volatile
+        volatile, checks, proven = ctx.volatile, ctx.not_null_checks, ctx.proven_not_null
     return findings
 
 

@@ -288,6 +288,34 @@ def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: 
     assert "0 error(s)" in clean.stdout and "1 file(s)" in clean.stdout
 
 
+def test_set_not_null_through_a_check_validated_in_a_later_migration(
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
+    """What `migrate generate --online` writes: the first migration adds
+    CHECK ((col IS NOT NULL)) NOT VALID (pg_get_constraintdef's parentheses), the second
+    validates it and then sets NOT NULL, which skips the scan: no set-not-null finding. The
+    same SET NOT NULL without the validation is still an error."""
+    db = project.db()
+    pg.create_db(db)
+    with pg.connect(db) as conn:
+        conn.execute(TARGET_SQL)
+    add_migration(project, "001_check", "SET lock_timeout = '1s';\nALTER TABLE public.events "
+                  "ADD CONSTRAINT events_u_not_null CHECK ((u IS NOT NULL)) NOT VALID;\n")
+    add_migration(project, "002_concurrently",
+                  "-- confiture:no-transaction\nSET lock_timeout = '1s';\n"
+                  "ALTER TABLE public.events VALIDATE CONSTRAINT events_u_not_null;\n"
+                  "ALTER TABLE public.events ALTER COLUMN u SET NOT NULL;\n"
+                  "ALTER TABLE public.events DROP CONSTRAINT events_u_not_null;\n")
+    result = cli("migrate", "lint", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "set-not-null" not in {f["rule"] for f in json.loads(result.stdout)["findings"]}
+    add_migration(project, "003_unproven", "SET lock_timeout = '1s';\n"
+                  "ALTER TABLE public.events ALTER COLUMN q SET NOT NULL;\n")
+    unproven = cli("migrate", "lint", "--json", cwd=project.root)
+    assert unproven.returncode == 3, unproven.stdout + unproven.stderr
+    [finding] = json.loads(unproven.stdout)["findings"]
+    assert finding["rule"] == "set-not-null" and finding["file"].endswith("003_unproven.up.sql")
+
+
 @pytest.mark.parametrize("key", ["lint_enable", "lint_disable"])
 def test_unknown_rule_id_in_config_fails_when_the_config_loads(project: Project, cli: CliRunner,
                                                                 key: str) -> None:
