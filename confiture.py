@@ -13116,11 +13116,17 @@ class App:
         project and env when pasted."""
         import shlex
 
-        options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in (
-            ("--config", self.args.config), ("--env", self.args.env)) if value)
-        if not options:
+        given = [(flag, value) for flag, value in (
+            ("--config", self.args.config), ("--env", self.args.env)) if value]
+        if not given:
             return text
-        return re.sub(r"\bconfiture\.py(?= [a-z])", lambda _: "confiture.py" + options, text)
+
+        def repeat(match: re.Match[str]) -> str:  # a flag the command names already is kept
+            options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in given
+                              if not re.search(rf"(?<!\S){flag}\b", match.group(1)))
+            return "confiture.py" + options + match.group(1)
+
+        return re.sub(r"\bconfiture\.py((?= [a-z])[^'`\n;]*)", repeat, text)
 
 
 def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | None:

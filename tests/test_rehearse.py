@@ -80,6 +80,8 @@ def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, projec
                                         "DEFAULT 'red';\n")
     refused = cli("deploy", "--env", "prod", "--rehearse", cwd=project.root)
     assert refused.returncode == 4 and "no backup to rehearse on" in refused.stderr
+    # the hint names the command to paste, its --env once
+    assert "take one with 'confiture.py backup --env prod'" in refused.stderr
     assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
     before = databases(pg, project)
     result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)
