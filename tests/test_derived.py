@@ -1399,6 +1399,9 @@ def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: 
     assert result.returncode == 3, result.stderr
     assert "ALTER TABLE public.widgets ALTER COLUMN id TYPE bigint;" in result.stdout
     assert "DROP VIEW public.named;" in result.stdout
+    # what loses data is marked, as in a generated migration
+    assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN junk;" in \
+        result.stdout
     pg.query(result.stdout, db=db)
     clean = cli("diff", "--sql", cwd=project.root)
     assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
