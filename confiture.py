@@ -9429,6 +9429,11 @@ class Alteration:
     statements: tuple[str, ...]
     disturbs: frozenset[str] = frozenset()
     destructive: bool = False
+    lossy: frozenset[str] = frozenset()  # of a destructive one, the statements that lose data
+                                         # (empty: all of them)
+
+    def loses(self, statement: str) -> bool:
+        return self.destructive and (not self.lossy or statement in self.lossy)
 
 
 _NO_CHANGE = Alteration(statements=())
@@ -10350,12 +10355,15 @@ class _Planner:
         aside = f"{ident(old)}__old".replace('"__old', '__old"')
         out = [f"ALTER TYPE {ident(old)} RENAME TO {aside.rsplit('.', 1)[-1]}",
                *_create_type(new, self.new)]
+        conversions = []  # what a removed label makes fail: the rest renames and creates
         for column in sorted(k for k, o in a.items() if o.kind == "column" and old.key in o.depends
                              and k in b):
             target = b[column].facts["type"]
             via = "text[]" if target.endswith("[]") else "text"
-            out.append(f"ALTER TABLE {_table_of(b[column])} ALTER COLUMN {b[column].name} TYPE "
-                       f"{target} USING {b[column].name}::{via}::{target}")
+            conversions.append(f"ALTER TABLE {_table_of(b[column])} ALTER COLUMN "
+                               f"{b[column].name} TYPE {target} USING "
+                               f"{b[column].name}::{via}::{target}")
+            out.append(conversions[-1])
             self.alters.setdefault(column, Alteration((), disturbs=_DISTURBED_KINDS))
             self.swaps.setdefault(new.key, []).append(column)
         out.append(f"DROP TYPE {aside}")
@@ -10364,7 +10372,8 @@ class _Planner:
                 create = OBJECT_KINDS[b[hanger].kind].create(b[hanger], self.new) or []
                 self.alters[hanger] = Alteration(tuple(create))
         removed = set(old.facts["labels"] or []) - set(new.facts["labels"] or [])
-        return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed))
+        return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed),
+                          lossy=frozenset(conversions or out))
 
     def _release_sequences(self) -> None:
         """A sequence that stays while the column owning it goes would go with it: its
@@ -10453,7 +10462,7 @@ class _Planner:
                 self._comments(None, obj, created)
         for key, alteration in sorted(self.alters.items()):
             obj = self.new.objects[key]
-            out[("alter", key)] = [PlannedStatement(s, key, destructive=alteration.destructive)
+            out[("alter", key)] = [PlannedStatement(s, key, destructive=alteration.loses(s))
                                    for s in alteration.statements] + \
                 self._comments(self.old.objects[key], obj, created)
         return out
