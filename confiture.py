@@ -10216,7 +10216,10 @@ def apply_renames(model: SchemaModel, renames: Sequence[Rename],
         rename = todo.pop(0)
         obj = objects.get(rename.old)
         if obj is None:
-            problems.append(f"--rename: no {rename.old} in the migrated schema")
+            kind = rename.old.split(" ", 1)[0] + " "
+            close = suggest(rename.old, [k for k in objects if k.startswith(kind)])
+            problems.append(f"--rename: no {rename.old} in the migrated schema"
+                            + (f" ({close})" if close else ""))
             continue
         sql = _RENAME_SQL[rename.kind](obj, _key_name(rename.new))
         statements.append(PlannedStatement(sql=sql, key=rename.new))
@@ -12030,6 +12033,7 @@ def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
             source = side.describe(applied)
             stages = plan_stages(from_model, to_model, renames, online)
             up, down = _joined([u for u, _ in stages]), _joined([d for _, d in stages])
+            check_renames(up, down)
             if not up.statements and not up.unsupported:
                 return GeneratedMigration(up=up, down=down, source=source)
             check_plans(up, down, allow_destructive)
@@ -12064,6 +12068,18 @@ def _joined(plans: Sequence[SchemaPlan]) -> SchemaPlan:
     return SchemaPlan(statements=tuple(s for p in plans for s in p.statements),
                       unsupported=tuple(u for p in plans for u in p.unsupported),
                       suggestions=tuple(dict.fromkeys(x for p in plans for x in p.suggestions)))
+
+
+def check_renames(up: SchemaPlan, down: SchemaPlan) -> None:
+    """A --rename that names nothing is a mistake in the command (exit 2), not something
+    the plan cannot express: its old name must be in the migrations' schema, its new one in
+    the DDL's (the down plan renames back from there)."""
+    wrong = [p for p in up.unsupported if p.startswith("--rename:")] + [
+        p.replace("the migrated schema", "the DDL's schema") for p in down.unsupported
+        if p.startswith("--rename:")]
+    if wrong:
+        raise ConfigError("; ".join(wrong), hint="--rename column:TABLE.OLD=NEW or "
+                          "table:OLD=NEW: OLD as the migrations leave it, NEW as the DDL has it")
 
 
 def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> None:

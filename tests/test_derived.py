@@ -1220,6 +1220,26 @@ def test_a_renamed_middle_column_is_suggested_as_a_rename(pg: Any, project: Any,
     assert "RENAME COLUMN label TO title" in up and "DROP" not in up
 
 
+def test_a_rename_that_names_nothing_is_a_usage_error(pg: Any, project: Any, cli: Any) -> None:
+    """A mistyped --rename is the command's mistake (exit 2, the close name suggested), not
+    something the plan 'cannot express' (exit 3, 'write this migration by hand')."""
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL\n);\n")
+    typo = cli("migrate", "generate", "retitle", "--rename", "column:widgets.lable=title",
+               cwd=project.root)
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "no column public.widgets.lable in the migrated schema (did you mean " \
+        "'column public.widgets.label'?)" in typo.stderr
+    assert "by hand" not in typo.stderr and "Traceback" not in typo.stderr
+    wrong_new = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=titel",
+                    cwd=project.root)
+    assert wrong_new.returncode == 2, wrong_new.stdout + wrong_new.stderr
+    assert "no column public.widgets.titel in the DDL's schema" in wrong_new.stderr
+    assert len(migration_files(project)) == 2
+    assert no_scratch_left(pg, project)
+
+
 def test_generate_writes_nothing_when_the_proof_fails(pg: Any, project: Any, cli: Any) -> None:
     history(project)
     # a conversion no plan can know: integer codes become an enum's labels
