@@ -11573,7 +11573,9 @@ class FromSide:
         try:
             return apply_all_migrations(ws, dbname, version)
         except MigrationError as exc:
-            if self.base is None and self.baseline is None \
+            # only a history whose first migration fails may start from an existing schema;
+            # a later one that fails is a broken migration, whose own error says enough
+            if self.base is None and self.baseline is None and not exc.done \
                     and not isinstance(exc, MigrationLockTimeout):
                 exc.hint = ("the migrations do not replay from an empty database; if the history "
                             "starts from an existing schema, set [migrations] baseline_schema "
@@ -12209,11 +12211,13 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
             except (PgError, InputError) as exc:
                 if not first:
                     raise
+                later = isinstance(exc, MigrationError) and bool(exc.done)  # the first replayed
                 raise CheckFailed(
                     f"env {ws.env.name}: a first deploy records every migration as applied, "
                     f"but they do not replay from {side.origin()}: "
                     f"{exc.message}",
-                    hint="if the history starts from an existing schema, set [migrations] "
+                    hint="fix that migration (diff --migrations replays them)" if later else
+                         "if the history starts from an existing schema, set [migrations] "
                          'baseline_schema = "db/baseline.sql" to that schema') from exc
             left = compare_models(expected, read_database_model(scratch, dbname))
     verdict = Consistency(differences=tuple(left), start=side.describe(applied))

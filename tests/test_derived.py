@@ -1393,6 +1393,15 @@ def test_generate_on_a_history_that_needs_a_baseline_says_how_to_set_it(
     assert "20240102000000_note.up.sql" in result.stderr
     assert "set [migrations] baseline_schema" in result.stderr
     assert len(migration_files(project)) == 2
+    # a history that replays but for a later, broken migration: no baseline advice
+    project.write("db/migrations/20240101000000_widgets.up.sql", WIDGETS_V1)
+    project.write("db/migrations/20240103000000_typo.up.sql",
+                  "ALTER TABLE widgetz ADD COLUMN size int;\n")
+    broken = cli("migrate", "generate", "size", cwd=project.root)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert '20240103000000_typo.up.sql:1: relation "widgetz" does not exist' in broken.stderr
+    assert "applied before it: 2 migration(s)" in broken.stderr
+    assert "baseline_schema" not in broken.stderr
 
 
 def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
@@ -1657,6 +1666,22 @@ def test_guard_on_a_first_deploy_needs_a_replayable_history(pg: Any, project: An
     unchecked = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert unchecked.returncode == 0, unchecked.stderr
     assert "consistent with the DDL" not in unchecked.stderr
+
+
+def test_guard_on_a_first_deploy_names_a_broken_later_migration(pg: Any, project: Any,
+                                                                cli: Any) -> None:
+    """A history that replays but for a later migration: the deploy is refused naming it, and
+    the advice is to fix it, not to set a baseline (the history does start empty)."""
+    history(project)
+    project.write("db/migrations/20240102000000_typo.up.sql",
+                  "ALTER TABLE widgetz ADD COLUMN color text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    color text\n"))
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert '20240102000000_typo.up.sql:1: relation "widgetz" does not exist' in refused.stderr
+    assert "fix that migration" in refused.stderr and "baseline_schema" not in refused.stderr
+    assert not pg.db_exists(project.db("prod"))
 
 
 def test_interrupted_generate_drops_every_scratch_database(pg: Any, project: Any) -> None:
