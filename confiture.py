@@ -13030,7 +13030,11 @@ def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
         item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
                                   strip_comments(stmt.text).strip().split("\n")[0][:120])
         done.append(item)
-        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+        try:
+            starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+        except SqlError as exc:  # said as `migrate up` says it: the file and line
+            raise SqlError(exc.server_message, exc.sqlstate, f"{rel}:{item.line}",
+                           exc.hint) from exc
     if transactional:
         session.execute("COMMIT")
         committed = time.monotonic()
@@ -13097,7 +13101,7 @@ def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
                 try:
                     done.extend(rehearse_migration(ws, session, sampler, migration))
                 except SqlError as exc:
-                    return done, f"{migration.label}: {exc.message}"
+                    return done, exc.message
     return done, None
 
 

@@ -64,6 +64,8 @@ def test_rehearsal_of_a_failing_migration_reports_it_and_cleans_up(
     result = cli("migrate", "up", "--rehearse", cwd=project.root)
     assert result.returncode == 1
     assert "001_bad" in result.stderr and "nowhere" in result.stderr
+    # named as `migrate up` names it: the file and the line of the failing statement
+    assert 'db/migrations/001_bad.up.sql:2: relation "nowhere" does not exist' in result.stderr
     assert databases(pg, project) == before
     assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
                      "'widgets' AND column_name = 'c'", db=db) == 0
