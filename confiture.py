@@ -12666,7 +12666,8 @@ PRECONDITIONS = (
     Precondition("history", lambda r: r.writes_migrations, _check_history, (CheckFailed,),
                  "restore the changed files, or accept them with 'confiture.py migrate repair'"),
     Precondition("lint", lambda r: r.writes_migrations, _check_lint, (Refused,),
-                 "'-- confiture:allow RULE reason' on the statement, or [lint] disable"),
+                 "'-- confiture:allow RULE reason' on the statement, or [migrations] "
+                 'lint_disable = ["RULE"]'),
     Precondition("confirmation", lambda r: r.env.protected, _check_confirmation, (Refused,),
                  "--yes, and on a terminal the env's name typed back"),
     Precondition("consistency", lambda r: r.writes_migrations, _check_consistency,

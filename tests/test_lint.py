@@ -355,6 +355,9 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
     assert refused.returncode == 4, refused.stderr
     assert "drop-table" in refused.stderr and "001_drop.up.sql:1" in refused.stderr
     assert "confiture:allow" in refused.stderr
+    # the override names the real key (it said '[lint] disable', which the config refuses)
+    assert '[migrations] lint_disable = ["RULE"]' in refused.stderr
+    assert "[lint]" not in refused.stderr
     assert pg.scalar("SELECT count(*) FROM widgets", db=db) == 30000
     up = cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root)
     assert up.returncode == 4 and "drop-table" in up.stderr
