@@ -344,6 +344,33 @@ def test_lint_files_without_a_reachable_target(project: Project, cli: CliRunner)
     assert rules.returncode == 0 and "prefer-timestamptz" in rules.stdout and "(off)" in rules.stdout
 
 
+def test_lint_of_files_applied_on_the_target_uses_no_facts(pg: Cluster, project: Project,
+                                                           cli: CliRunner) -> None:
+    """Files already applied on the target (linting a whole history): its catalog holds
+    what they made, so its facts would mislead (Lemmy: 'changes x from enum_t to enum_t', an
+    index the statement itself creates offered as USING INDEX). They are linted without
+    facts, and the note says why; pending files named alone still get the facts."""
+    db = project.db()
+    pg.create_db(db)
+    with pg.connect(db) as conn:
+        conn.execute(TARGET_SQL)
+    add_migration(project, "001_unique", "SET lock_timeout = '1s';\n"
+                  "ALTER TABLE events ADD CONSTRAINT events_a_uniq UNIQUE (a);\n")
+    add_migration(project, "002_index", "CREATE INDEX events_x ON events (x);\n")
+    assert cli("migrate", "baseline", "--to", "1", cwd=project.root).returncode == 0
+    history = cli("migrate", "lint", "--json", "db/migrations/001_unique.up.sql",
+                  "db/migrations/002_index.up.sql", cwd=project.root)
+    report = json.loads(history.stdout)
+    assert report["target"] is None, report
+    assert "1 of the files are applied there already" in report["note"]
+    assert not [f for f in report["findings"] if "USING INDEX events_a_uniq" in f["message"]]
+    text = cli("migrate", "lint", "db/migrations/001_unique.up.sql", cwd=project.root)
+    assert "applied there already" in text.stderr
+    pending = cli("migrate", "lint", "--json", "db/migrations/002_index.up.sql",
+                  cwd=project.root)
+    assert json.loads(pending.stdout)["target"] == "local"
+
+
 def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Project,
                                                         cli: CliRunner) -> None:
     first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
