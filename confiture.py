@@ -13190,9 +13190,32 @@ def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | 
     repeats the run's options."""
     if reason == SERVER_DOWN and app is not None:
         root = app._config.root if app._config is not None else app.cwd
-        if (root / "bin" / "pg-dev").is_file():
+        running = dev_cluster(root)
+        if running is not None:  # up, but this run was not pointed at it
+            hint = (f"{hint} (the project's dev cluster runs at {running[0]}, port "
+                    f"{running[1]}: bin/confiture uses it, or export PGHOST={running[0]} "
+                    f"PGPORT={running[1]} PGUSER=postgres)")
+        elif (root / "bin" / "pg-dev").is_file():
             hint = f"{hint} (the project's dev server: bin/pg-dev start)"
     return hint if app is None or hint is None else app.with_options(hint)
+
+
+def dev_cluster(root: Path) -> tuple[str, str] | None:
+    """The socket folder and port of the project's bin/pg-dev cluster when it is listening,
+    found as bin/confiture finds it (.confiture/pg/dev: `location`, `settings`)."""
+    state = root / ".confiture" / "pg" / "dev"
+    home, port = str(state), "5432"
+    try:
+        home = (state / "location").read_text(encoding="utf-8").split("\n")[0].strip() or home
+    except OSError:
+        pass
+    try:
+        for line in (state / "settings").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition("=")
+            port = value.strip() if key.strip() == "port" else port
+    except OSError:
+        pass
+    return (home, port) if (Path(home) / f".s.PGSQL.{port}").is_socket() else None
 
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
