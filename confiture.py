@@ -13931,11 +13931,13 @@ def _report_rehearsal(app: App, result: Rehearsal) -> int:
     out(f"rehearsal of env {result.env} on {result.source} (scratch server "
         f"{result.server}): {len(result.statements)} statement(s) in "
         f"{format_seconds(result.seconds)}")
+    width = max((len(f"{s.file}:{s.line}") for s in result.statements), default=0)
     for s in result.statements:
         lock = f"{lock_label(s.lock)} on {s.relation}, held {format_seconds(s.held)}" \
             if s.lock else "no table lock"
         rewrote = "".join(f"; rewrote {t} ({format_count(n)} rows)" for t, n in s.rewritten)
-        out(f"  {s.file}:{s.line}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
+        where = f"{s.file}:{s.line}"  # padded: the durations stand in one column
+        out(f"  {where:<{width}}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
             f"      {s.text}")
     app.console.info("timings come from the scratch server: on another machine they are "
                      "indicative; the locks taken are not")

@@ -29,7 +29,7 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     pg.create_db(db)
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
     pg.query("INSERT INTO widgets SELECT i, 'w' || i FROM generate_series(1, 20000) i", db=db)
-    add_migration(project, "001_numeric", "CREATE TABLE side (id int);\n"
+    add_migration(project, "001_numeric", "CREATE TABLE side (id int);\n" + "\n" * 8 +
                                           "ALTER TABLE widgets ALTER COLUMN id TYPE numeric;\n")
     before = databases(pg, project)
     result = cli("migrate", "up", "--rehearse", "--json", cwd=project.root)
@@ -37,7 +37,7 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     report = json.loads(result.stdout)
     assert report["failed"] is None and report["source"] == f"a copy of {db}"
     create, alter = report["statements"]
-    assert alter["file"] == "db/migrations/001_numeric.up.sql" and alter["line"] == 2
+    assert alter["file"] == "db/migrations/001_numeric.up.sql" and alter["line"] == 10
     assert alter["lock"] == "ACCESS EXCLUSIVE" and alter["relation"] == "widgets"
     assert alter["rewritten"] == [{"table": "widgets", "rows": 20000}]
     assert alter["ms"] > 0 and alter["held_ms"] >= alter["ms"]
@@ -50,6 +50,10 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     assert text.returncode == 0, text.stderr
     assert "ACCESS EXCLUSIVE on widgets, held" in text.stdout
     assert "rewrote widgets (~20 k rows)" in text.stdout
+    # lines 1 and 10 of one file: their durations stand in one column
+    rows = [line for line in text.stdout.splitlines() if line.startswith("  db/")]
+    assert len(rows) == 2 and len({line.index(" ms ") if " ms " in line else line.index(" s ")
+                                   for line in rows}) == 1, rows
     assert "indicative" in text.stderr
 
 
