@@ -3506,8 +3506,13 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
         record_built_migrations(ws, tmp)
-    except BaseException:
+    except BaseException as exc:
         drop_database(session, tmp, force=True)
+        if isinstance(exc, SqlError) and exc.hint is None and \
+                exc.location.rpartition(":")[0] in {f.rel for f in build.files
+                                                    if f.kind == "seed"}:
+            exc.hint = (f"a seed file of env {ws.env.name} no longer fits the schema the DDL "
+                        "builds (a renamed or dropped column, say): update it")
         raise
     size = int(session.value(f"SELECT pg_database_size({quote_literal(tmp)})"))
     meta = {"mark": TEMPLATE_MARK, "env": ws.env.name, "hash": fileset.hash,
