@@ -1351,7 +1351,7 @@ def scratch_server(config: Config, env_name: str,
     spec = config.envs[env_name]
     if not spec.protected:
         env = resolve_env(config, env_name, environ)
-        return ScratchServer(env.conn, env.maintenance_db, f"env.{env_name}")
+        return ScratchServer(env.conn, env.maintenance_db, f"env {env_name!r}'s own server")
     if config.scratch_url is not None:
         key = "project.scratch_url"
         conn = ConnInfo.parse(expand_vars(config.scratch_url, key, environ), key)
@@ -1368,7 +1368,7 @@ def scratch_server(config: Config, env_name: str,
         raise Refused(f"env {env_name!r} is protected and the scratch server (the server of "
                       f"default env {default.name!r}) is not usable: {exc.message}",
                       hint=hint) from None
-    return ScratchServer(env.conn, env.maintenance_db, f"env.{default.name}")
+    return ScratchServer(env.conn, env.maintenance_db, f"the server of default env {default.name!r}")
 
 
 def confirm_protected(env: Env, action: str, yes: bool, console: Console,
