@@ -11583,8 +11583,11 @@ class FromSide:
             try:
                 text = self.baseline.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"migrations.baseline_schema: cannot read {self.baseline}: "
-                                 f"{exc}") from exc
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise InputError(f"migrations.baseline_schema: cannot read "
+                                 f"{migration_rel(ws.config, self.baseline)}: {why}",
+                                 hint="point it at a SQL file that creates the schema the "
+                                      "first migration starts from") from exc
             where = LineMap(chunks=((1, migration_rel(ws.config, self.baseline), 1),))
             ws.client.run_script(text, dbname, where)
         if self.live is not None:

@@ -1372,6 +1372,13 @@ def test_generate_names_a_column_order_it_cannot_reach_and_starts_from_the_basel
     result = cli("migrate", "generate", "size", cwd=project.root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "applied to baseline baseline.sql" in result.stdout + result.stderr
+    # a baseline that is not there: named as configured, with what it should be (exit 2)
+    (project.root / "db/baseline.sql").rename(project.root / "db/moved.sql")
+    missing = cli("diff", "--migrations", cwd=project.root)
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "migrations.baseline_schema: cannot read db/baseline.sql: No such file or " \
+        "directory\nhint: point it at a SQL file" in missing.stderr
+    (project.root / "db/moved.sql").rename(project.root / "db/baseline.sql")
     up = next((project.root / "db/migrations").glob("*_size.up.sql")).read_text()
     assert "ALTER TABLE public.widgets ADD COLUMN size integer;" in up
     assert no_scratch_left(pg, project)
