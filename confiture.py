@@ -1351,7 +1351,7 @@ def scratch_server(config: Config, env_name: str,
     spec = config.envs[env_name]
     if not spec.protected:
         env = resolve_env(config, env_name, environ)
-        return ScratchServer(env.conn, env.maintenance_db, f"env.{env_name}")
+        return ScratchServer(env.conn, env.maintenance_db, f"env {env_name!r}'s own server")
     if config.scratch_url is not None:
         key = "project.scratch_url"
         conn = ConnInfo.parse(expand_vars(config.scratch_url, key, environ), key)
@@ -1368,7 +1368,7 @@ def scratch_server(config: Config, env_name: str,
         raise Refused(f"env {env_name!r} is protected and the scratch server (the server of "
                       f"default env {default.name!r}) is not usable: {exc.message}",
                       hint=hint) from None
-    return ScratchServer(env.conn, env.maintenance_db, f"env.{default.name}")
+    return ScratchServer(env.conn, env.maintenance_db, f"the server of default env {default.name!r}")
 
 
 def confirm_protected(env: Env, action: str, yes: bool, console: Console,
@@ -3512,8 +3512,13 @@ def _build_template(ws: Workspace, session: Session, name: str, fileset: FileSet
     try:
         ws.client.run_script(build.script, tmp, build.line_map)
         record_built_migrations(ws, tmp)
-    except BaseException:
+    except BaseException as exc:
         drop_database(session, tmp, force=True)
+        if isinstance(exc, SqlError) and exc.hint is None and \
+                exc.location.rpartition(":")[0] in {f.rel for f in build.files
+                                                    if f.kind == "seed"}:
+            exc.hint = (f"a seed file of env {ws.env.name} no longer fits the schema the DDL "
+                        "builds (a renamed or dropped column, say): update it")
         raise
     size = int(session.value(f"SELECT pg_database_size({quote_literal(tmp)})"))
     meta = {"mark": TEMPLATE_MARK, "env": ws.env.name, "hash": fileset.hash,
@@ -5568,12 +5573,19 @@ def index_target(p: Parsed) -> str | None:
 
 
 def _not_null_check(action: Action) -> str | None:
-    """The column of a `CHECK (col IS NOT NULL)` constraint."""
+    """The column of a `CHECK (col IS NOT NULL)` constraint, in as many parentheses as
+    pg_get_constraintdef (and so migrate generate) writes: `CHECK ((col IS NOT NULL))`."""
     w = action.words
     at = _index_of(w, ("CHECK", "("))
-    if at < 0 or tuple(w[at + 3:at + 7]) != ("IS", "NOT", "NULL", ")"):
+    if at < 0:
         return None
-    return action.tokens[at + 2].name
+    depth = 1
+    while at + depth + 1 < len(w) and w[at + depth + 1] == "(":
+        depth += 1
+    column = at + depth + 1
+    if tuple(w[column + 1:column + 4 + depth]) != ("IS", "NOT", "NULL") + (")",) * depth:
+        return None
+    return action.tokens[column].name
 
 
 def _timezone_set(p: Parsed) -> str | None:
@@ -6263,12 +6275,16 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
     by_verb: dict[str, list[LintRule]] = {}   # a statement meets only the rules that read it
     findings: list[Finding] = []
     volatile = catalog.volatile if catalog else frozenset()  # grows with CREATE FUNCTION
+    # NOT NULL checks carry over to the migrations after: `migrate generate --online` adds one
+    # NOT VALID in its first migration and validates it before SET NOT NULL in the second
+    checks: Mapping[str, str] = {}
+    proven: frozenset[str] = frozenset()
     for unit, statements in zip(units, parsed):
         ctx = LintContext(catalog=catalog, transactional=unit.transactional,
                           tool_lock_timeout=settings.tool_lock_timeout,
                           has_ddl=any(is_ddl(p.words) for p in statements),
                           utc=catalog is not None and catalog.timezone.lower() in UTC_NAMES,
-                          volatile=volatile)
+                          volatile=volatile, not_null_checks=checks, proven_not_null=proven)
         for p in statements:
             allowed = {a.rule: a.reason for a in p.allowed}
             verb = p.words[0] if p.words else ""
@@ -6282,7 +6298,7 @@ def lint_units(units: Sequence[LintUnit], parsed: Sequence[Sequence[Parsed]],
                                             facts.name if facts else hit.table,
                                             allowed.get(rule.id)))
             ctx = advance_context(ctx, p)
-        volatile = ctx.volatile
+        volatile, checks, proven = ctx.volatile, ctx.not_null_checks, ctx.proven_not_null
     return findings
 
 
@@ -6401,16 +6417,22 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
     if reach:
         try:
             with open_migration_session(ws) as session:  # psql connects while files are read
-                if files:
+                if not files:
+                    # pending versions only: the checksums of the scan cache will do
+                    pending = migration_status(ws, session, cached=True).pending
+                    cache = ParseCache(config.state_dir / "cache" / "lint.json")
+                    units = [migration_unit(m, config.root, cache) for m in pending]
+                    report = lint_on(session, ws, units, settings, cache)
+                    cache.save()
+                    return report
+                applied = applied_among(ws, session, files)
+                if not applied:
                     units = [file_unit(f, config.root) for f in files]
                     return lint_on(session, ws, units, settings)
-                # pending versions only: the checksums of the scan cache will do
-                pending = migration_status(ws, session, cached=True).pending
-                cache = ParseCache(config.state_dir / "cache" / "lint.json")
-                units = [migration_unit(m, config.root, cache) for m in pending]
-                report = lint_on(session, ws, units, settings, cache)
-                cache.save()
-                return report
+                # its catalog holds what they made: a type change would read 'from the new
+                # type', an index they create 'exists already' (seen linting Lemmy's history)
+                note = (f"no facts from env {ws.env.name}: {applied} of the files are applied "
+                        "there already, and its catalog shows the schema after them")
         except ConnectionFailed as exc:
             note = f"no facts from env {ws.env.name}: {exc.message}"
     units = [file_unit(f, config.root) for f in files] or [
@@ -6418,6 +6440,15 @@ def lint_env(ws: Workspace, files: Sequence[Path] = (), reach: bool = True) -> L
     parsed = parse_units(units)
     return LintReport(tuple(lint_units(units, parsed, None, settings)), len(units),
                       sum(len(u) for u in parsed), None, None, note)
+
+
+def applied_among(ws: Workspace, session: Session, files: Sequence[Path]) -> int:
+    """How many of `files` are up files of migrations applied on the env's database."""
+    status = migration_status(ws, session, cached=True)
+    applied = {row.version for row in status.applied}
+    named = {Path(f).resolve() for f in files}
+    return sum(1 for m in status.files.migrations
+               if m.version in applied and m.up.resolve() in named)
 
 
 _EMPTY_DATABASE_SQL = ("SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON "
@@ -9490,6 +9521,11 @@ class Alteration:
     statements: tuple[str, ...]
     disturbs: frozenset[str] = frozenset()
     destructive: bool = False
+    lossy: frozenset[str] = frozenset()  # of a destructive one, the statements that lose data
+                                         # (empty: all of them)
+
+    def loses(self, statement: str) -> bool:
+        return self.destructive and (not self.lossy or statement in self.lossy)
 
 
 _NO_CHANGE = Alteration(statements=())
@@ -10272,7 +10308,10 @@ def apply_renames(model: SchemaModel, renames: Sequence[Rename],
         rename = todo.pop(0)
         obj = objects.get(rename.old)
         if obj is None:
-            problems.append(f"--rename: no {rename.old} in the migrated schema")
+            kind = rename.old.split(" ", 1)[0] + " "
+            close = suggest(rename.old, [k for k in objects if k.startswith(kind)])
+            problems.append(f"--rename: no {rename.old} in the migrated schema"
+                            + (f" ({close})" if close else ""))
             continue
         sql = _RENAME_SQL[rename.kind](obj, _key_name(rename.new))
         statements.append(PlannedStatement(sql=sql, key=rename.new))
@@ -10411,12 +10450,15 @@ class _Planner:
         aside = f"{ident(old)}__old".replace('"__old', '__old"')
         out = [f"ALTER TYPE {ident(old)} RENAME TO {aside.rsplit('.', 1)[-1]}",
                *_create_type(new, self.new)]
+        conversions = []  # what a removed label makes fail: the rest renames and creates
         for column in sorted(k for k, o in a.items() if o.kind == "column" and old.key in o.depends
                              and k in b):
             target = b[column].facts["type"]
             via = "text[]" if target.endswith("[]") else "text"
-            out.append(f"ALTER TABLE {_table_of(b[column])} ALTER COLUMN {b[column].name} TYPE "
-                       f"{target} USING {b[column].name}::{via}::{target}")
+            conversions.append(f"ALTER TABLE {_table_of(b[column])} ALTER COLUMN "
+                               f"{b[column].name} TYPE {target} USING "
+                               f"{b[column].name}::{via}::{target}")
+            out.append(conversions[-1])
             self.alters.setdefault(column, Alteration((), disturbs=_DISTURBED_KINDS))
             self.swaps.setdefault(new.key, []).append(column)
         out.append(f"DROP TYPE {aside}")
@@ -10425,7 +10467,8 @@ class _Planner:
                 create = OBJECT_KINDS[b[hanger].kind].create(b[hanger], self.new) or []
                 self.alters[hanger] = Alteration(tuple(create))
         removed = set(old.facts["labels"] or []) - set(new.facts["labels"] or [])
-        return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed))
+        return Alteration(tuple(out), disturbs=_SWAP_DISTURBED, destructive=bool(removed),
+                          lossy=frozenset(conversions or out))
 
     def _release_sequences(self) -> None:
         """A sequence that stays while the column owning it goes would go with it: its
@@ -10514,7 +10557,7 @@ class _Planner:
                 self._comments(None, obj, created)
         for key, alteration in sorted(self.alters.items()):
             obj = self.new.objects[key]
-            out[("alter", key)] = [PlannedStatement(s, key, destructive=alteration.destructive)
+            out[("alter", key)] = [PlannedStatement(s, key, destructive=alteration.loses(s))
                                    for s in alteration.statements] + \
                 self._comments(self.old.objects[key], obj, created)
         return out
@@ -11659,8 +11702,11 @@ def diff_migrations(ws: Workspace, privileges: bool = False,
 
 def apply_all_migrations(ws: Workspace, dbname: str, base_version: int | None = None) -> int:
     """Apply every pending migration (§8) to `dbname`, a scratch database, after recording
-    those up to `base_version` as applied; return how many ran."""
-    scratch = evolve(ws, env=evolve(ws.env, database=dbname))
+    those up to `base_version` as applied; return how many ran. Each one's 'applied' line is
+    shown only with -v: said of a scratch copy before a deploy, it reads as if the env's
+    database had them already (and a long history buries the run's own output)."""
+    console = evolve(ws.console, quiet=ws.console.quiet or not ws.console.verbose)
+    scratch = evolve(ws, env=evolve(ws.env, database=dbname), console=console)
     with open_migration_session(scratch) as session:
         if base_version is not None:
             baseline_migrations(scratch, base_version, session=session)
@@ -11698,8 +11744,11 @@ class FromSide:
             try:
                 text = self.baseline.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(f"migrations.baseline_schema: cannot read {self.baseline}: "
-                                 f"{exc}") from exc
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise InputError(f"migrations.baseline_schema: cannot read "
+                                 f"{migration_rel(ws.config, self.baseline)}: {why}",
+                                 hint="point it at a SQL file that creates the schema the "
+                                      "first migration starts from") from exc
             where = LineMap(chunks=((1, migration_rel(ws.config, self.baseline), 1),))
             ws.client.run_script(text, dbname, where)
         if self.live is not None:
@@ -11708,7 +11757,9 @@ class FromSide:
         try:
             return apply_all_migrations(ws, dbname, version)
         except MigrationError as exc:
-            if self.base is None and self.baseline is None \
+            # only a history whose first migration fails may start from an existing schema;
+            # a later one that fails is a broken migration, whose own error says enough
+            if self.base is None and self.baseline is None and not exc.done \
                     and not isinstance(exc, MigrationLockTimeout):
                 exc.hint = ("the migrations do not replay from an empty database; if the history "
                             "starts from an existing schema, set [migrations] baseline_schema "
@@ -12168,6 +12219,7 @@ def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
             source = side.describe(applied)
             stages = plan_stages(from_model, to_model, renames, online)
             up, down = _joined([u for u, _ in stages]), _joined([d for _, d in stages])
+            check_renames(up, down)
             if not up.statements and not up.unsupported:
                 return GeneratedMigration(up=up, down=down, source=source)
             check_plans(up, down, allow_destructive)
@@ -12204,18 +12256,33 @@ def _joined(plans: Sequence[SchemaPlan]) -> SchemaPlan:
                       suggestions=tuple(dict.fromkeys(x for p in plans for x in p.suggestions)))
 
 
+def check_renames(up: SchemaPlan, down: SchemaPlan) -> None:
+    """A --rename that names nothing is a mistake in the command (exit 2), not something
+    the plan cannot express: its old name must be in the migrations' schema, its new one in
+    the DDL's (the down plan renames back from there)."""
+    wrong = [p for p in up.unsupported if p.startswith("--rename:")] + [
+        p.replace("the migrated schema", "the DDL's schema") for p in down.unsupported
+        if p.startswith("--rename:")]
+    if wrong:
+        raise ConfigError("; ".join(wrong), hint="--rename column:TABLE.OLD=NEW or "
+                          "table:OLD=NEW: OLD as the migrations leave it, NEW as the DDL has it")
+
+
 def check_plans(up: SchemaPlan, down: SchemaPlan, allow_destructive: bool) -> None:
     """Refuse plans that cannot be expressed or that lose data without permission."""
     missing = sorted(set(up.unsupported) | {f"{p} (down)" for p in down.unsupported})
-    if missing:
+    if missing:  # a renamed column is a drop+add whose add lands last: say the rename first
         raise CheckFailed("the plan cannot express: " + "; ".join(missing),
-                          hint="write this migration by hand (migrate new)")
+                          hint=_rename_hint(up, "write this migration by hand (migrate new)"))
     if up.destructive and not allow_destructive:
         shown = "; ".join(s.sql.split("\n")[0] for s in up.destructive[:5])
-        hint = "if the data may go, add --allow-destructive"
-        if up.suggestions:
-            hint = f"a rename? try {' '.join(up.suggestions)}; else {hint}"
-        raise Refused(f"the migration would destroy data: {shown}", hint=hint)
+        raise Refused(f"the migration would destroy data: {shown}",
+                      hint=_rename_hint(up, "if the data may go, add --allow-destructive"))
+
+
+def _rename_hint(up: SchemaPlan, otherwise: str) -> str:
+    return f"a rename? try {' '.join(up.suggestions)}; else {otherwise}" if up.suggestions \
+        else otherwise
 
 
 def prove_plans(ws: Workspace, from_db: str, probe: Mapping[str, Any],
@@ -12253,13 +12320,19 @@ def migration_text(plan: SchemaPlan, what: str) -> str:
         s.transactional for s in plan.statements) else []
     lines += [f"-- generated by confiture migrate generate: {what}",
              "-- proved on scratch copies: applying it reproduces the target schema exactly"]
-    if plan.script().startswith("SET check_function_bodies"):
-        lines.append("SET check_function_bodies = false;")
+    return "\n".join(lines + plan_lines(plan)) + "\n"
+
+
+def plan_lines(plan: SchemaPlan) -> list[str]:
+    """The plan's script as a reviewer reads it (a migration file, diff --sql): each statement
+    that loses data preceded by `-- destructive: data is lost`."""
+    lines = ["SET check_function_bodies = false;"] if plan.script().startswith(
+        "SET check_function_bodies") else []
     for statement in plan.statements:
         if statement.destructive:
             lines.append("-- destructive: data is lost")
         lines.append(statement.sql.rstrip().rstrip(";") + ";")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ── the guard: a protected env is written only when the result equals the DDL's schema ───
@@ -12322,11 +12395,13 @@ def check_consistency(ws: Workspace, deploying: bool = True) -> Consistency:
             except (PgError, InputError) as exc:
                 if not first:
                     raise
+                later = isinstance(exc, MigrationError) and bool(exc.done)  # the first replayed
                 raise CheckFailed(
                     f"env {ws.env.name}: a first deploy records every migration as applied, "
                     f"but they do not replay from {side.origin()}: "
                     f"{exc.message}",
-                    hint="if the history starts from an existing schema, set [migrations] "
+                    hint="fix that migration (diff --migrations replays them)" if later else
+                         "if the history starts from an existing schema, set [migrations] "
                          'baseline_schema = "db/baseline.sql" to that schema') from exc
             left = compare_models(expected, read_database_model(scratch, dbname))
     verdict = Consistency(differences=tuple(left), start=side.describe(applied))
@@ -12776,7 +12851,8 @@ PRECONDITIONS = (
     Precondition("history", lambda r: r.writes_migrations, _check_history, (CheckFailed,),
                  "restore the changed files, or accept them with 'confiture.py migrate repair'"),
     Precondition("lint", lambda r: r.writes_migrations, _check_lint, (Refused,),
-                 "'-- confiture:allow RULE reason' on the statement, or [lint] disable"),
+                 "'-- confiture:allow RULE reason' on the statement, or [migrations] "
+                 'lint_disable = ["RULE"]'),
     Precondition("confirmation", lambda r: r.env.protected, _check_confirmation, (Refused,),
                  "--yes, and on a terminal the env's name typed back"),
     Precondition("consistency", lambda r: r.writes_migrations, _check_consistency,
@@ -13140,7 +13216,11 @@ def rehearse_migration(ws: Workspace, session: Session, sampler: LockSampler,
         item = RehearsedStatement(migration.label, rel, first_word_line(stmt),
                                   strip_comments(stmt.text).strip().split("\n")[0][:120])
         done.append(item)
-        starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+        try:
+            starts.append(rehearse_statement(session, sampler, item, stmt, transactional))
+        except SqlError as exc:  # said as `migrate up` says it: the file and line
+            raise SqlError(exc.server_message, exc.sqlstate, f"{rel}:{item.line}",
+                           exc.hint) from exc
     if transactional:
         session.execute("COMMIT")
         committed = time.monotonic()
@@ -13207,7 +13287,7 @@ def _rehearse_on(ws: Workspace, scratch: str, pending: Sequence[Migration]
                 try:
                     done.extend(rehearse_migration(ws, session, sampler, migration))
                 except SqlError as exc:
-                    return done, f"{migration.label}: {exc.message}"
+                    return done, exc.message
     return done, None
 
 
@@ -13261,11 +13341,17 @@ class App:
         project and env when pasted."""
         import shlex
 
-        options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in (
-            ("--config", self.args.config), ("--env", self.args.env)) if value)
-        if not options:
+        given = [(flag, value) for flag, value in (
+            ("--config", self.args.config), ("--env", self.args.env)) if value]
+        if not given:
             return text
-        return re.sub(r"\bconfiture\.py(?= [a-z])", lambda _: "confiture.py" + options, text)
+
+        def repeat(match: re.Match[str]) -> str:  # a flag the command names already is kept
+            options = "".join(f" {flag} {shlex.quote(value)}" for flag, value in given
+                              if not re.search(rf"(?<!\S){flag}\b", match.group(1)))
+            return "confiture.py" + options + match.group(1)
+
+        return re.sub(r"\bconfiture\.py((?= [a-z])[^'`\n;]*)", repeat, text)
 
 
 def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | None:
@@ -13274,9 +13360,32 @@ def finish_hint(hint: str | None, reason: str | None, app: App | None) -> str | 
     repeats the run's options."""
     if reason == SERVER_DOWN and app is not None:
         root = app._config.root if app._config is not None else app.cwd
-        if (root / "bin" / "pg-dev").is_file():
+        running = dev_cluster(root)
+        if running is not None:  # up, but this run was not pointed at it
+            hint = (f"{hint} (the project's dev cluster runs at {running[0]}, port "
+                    f"{running[1]}: bin/confiture uses it, or export PGHOST={running[0]} "
+                    f"PGPORT={running[1]} PGUSER=postgres)")
+        elif (root / "bin" / "pg-dev").is_file():
             hint = f"{hint} (the project's dev server: bin/pg-dev start)"
     return hint if app is None or hint is None else app.with_options(hint)
+
+
+def dev_cluster(root: Path) -> tuple[str, str] | None:
+    """The socket folder and port of the project's bin/pg-dev cluster when it is listening,
+    found as bin/confiture finds it (.confiture/pg/dev: `location`, `settings`)."""
+    state = root / ".confiture" / "pg" / "dev"
+    home, port = str(state), "5432"
+    try:
+        home = (state / "location").read_text(encoding="utf-8").split("\n")[0].strip() or home
+    except OSError:
+        pass
+    try:
+        for line in (state / "settings").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition("=")
+            port = value.strip() if key.strip() == "port" else port
+    except OSError:
+        pass
+    return (home, port) if (Path(home) / f".s.PGSQL.{port}").is_socket() else None
 
 
 def workspace_for(config: str | Path | None = None, env: str | None = None,
@@ -13992,11 +14101,13 @@ def _report_rehearsal(app: App, result: Rehearsal) -> int:
     out(f"rehearsal of env {result.env} on {result.source} (scratch server "
         f"{result.server}): {len(result.statements)} statement(s) in "
         f"{format_seconds(result.seconds)}")
+    width = max((len(f"{s.file}:{s.line}") for s in result.statements), default=0)
     for s in result.statements:
         lock = f"{lock_label(s.lock)} on {s.relation}, held {format_seconds(s.held)}" \
             if s.lock else "no table lock"
         rewrote = "".join(f"; rewrote {t} ({format_count(n)} rows)" for t, n in s.rewritten)
-        out(f"  {s.file}:{s.line}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
+        where = f"{s.file}:{s.line}"  # padded: the durations stand in one column
+        out(f"  {where:<{width}}  {format_seconds(s.seconds):>9}  {lock}{rewrote}\n"
             f"      {s.text}")
     app.console.info("timings come from the scratch server: on another machine they are "
                      "indicative; the locks taken are not")
@@ -14403,10 +14514,14 @@ def _diff_sql(app: App, ws: Workspace, against: str) -> int:
                       "destructive": [s.sql for s in plan.destructive],
                       "unsupported": list(plan.unsupported),
                       "suggestions": list(plan.suggestions)})
-    for line in plan.script().splitlines():
-        app.console.result(line)
+    for text in plan_lines(plan):
+        for line in text.splitlines():
+            app.console.result(line)
     for problem in plan.unsupported:
         app.console.warn(f"not expressed: {problem}")
+    for hint in plan.suggestions:
+        app.console.warn(f"a drop and an add look like a rename: migrate generate NAME {hint} "
+                         "plans ALTER … RENAME instead")
     if not plan.statements and not plan.unsupported:
         app.console.info("-- no differences")
     return EXIT_CHECK if plan.statements or plan.unsupported else EXIT_OK
