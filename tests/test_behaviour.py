@@ -9,7 +9,9 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +159,23 @@ def test_server_down_mentions_pg_dev_only_where_the_project_has_it(
     project.write("bin/pg-dev", "#!/bin/sh\n")
     result = cli("template", cwd=project.root)
     assert result.returncode == 1 and "bin/pg-dev start" in result.stderr
+    # the dev cluster runs, but the run was not pointed at it (python3 -m confiture, not
+    # bin/confiture): 'start it' would be wrong; the hint says where it listens
+    home = tempfile.mkdtemp(prefix="pgdev-", dir="/tmp")  # a socket path must be short
+    project.write(".confiture/pg/dev/location", home + "\n")
+    project.write(".confiture/pg/dev/settings", "port=5433\nlisten=\n")
+    listening = socket.socket(socket.AF_UNIX)
+    try:
+        listening.bind(f"{home}/.s.PGSQL.5433")
+        running = cli("template", cwd=project.root)
+        assert running.returncode == 1
+        assert f"the project's dev cluster runs at {home}, port 5433" in running.stderr
+        assert f"export PGHOST={home} PGPORT=5433" in running.stderr
+        assert "bin/pg-dev start" not in running.stderr
+    finally:
+        listening.close()
+        os.unlink(f"{home}/.s.PGSQL.5433")
+        os.rmdir(home)
 
 
 # ── 11.18 hints repeat the --config and --env in effect; never-built is not "changed" ────────

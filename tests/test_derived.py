@@ -236,7 +236,10 @@ def test_enum_labels_added_in_place_or_swapped_when_removed() -> None:
         "ALTER TABLE public.t ALTER COLUMN m TYPE public.mood USING m::text::public.mood",
         "DROP TYPE public.mood__old",
         "ALTER TABLE public.t ALTER COLUMN m SET DEFAULT 'sad'::public.mood"]
-    assert swap.destructive  # rows holding 'ok' cannot convert
+    # rows holding 'ok' cannot convert: the conversion is what loses data, not the rename,
+    # the new type or the drop of the old one
+    assert [s.sql for s in swap.destructive] == [
+        "ALTER TABLE public.t ALTER COLUMN m TYPE public.mood USING m::text::public.mood"]
 
 
 def test_drops_are_destructive_and_look_alike_pairs_are_suggested_as_renames() -> None:
@@ -941,6 +944,57 @@ ROUND_TRIPS = {
 }
 
 
+def test_every_kind_of_object_is_read_with_its_comment(pg: Any, project: Any) -> None:
+    """Comments are read by the catalog query itself (not obj_description()): one on each kind
+    of object the model holds, and none where there is none."""
+    db = f"{project.name}_comments"
+    pg.drop_db(db)
+    pg.create_db(db)
+    pg.query("CREATE SCHEMA app; CREATE EXTENSION IF NOT EXISTS btree_gist;"
+             "CREATE TYPE mood AS ENUM ('ok'); CREATE DOMAIN pos AS int CHECK (VALUE > 0);"
+             "CREATE SEQUENCE s; CREATE TABLE t (id int CONSTRAINT t_pk PRIMARY KEY,"
+             " n int CONSTRAINT n_positive CHECK (n > 0), bare int);"
+             "CREATE INDEX t_n ON t (n); CREATE VIEW v AS SELECT id FROM t;"
+             "CREATE MATERIALIZED VIEW m AS SELECT id FROM t;"
+             "CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
+             "CREATE TRIGGER t_f BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();"
+             "CREATE POLICY mine ON t USING (true);"
+             "CREATE FOREIGN DATA WRAPPER w; CREATE SERVER srv FOREIGN DATA WRAPPER w;"
+             "CREATE FOREIGN TABLE ft (c int) SERVER srv;"
+             "CREATE FUNCTION on_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$BEGIN END$$;"
+             "CREATE EVENT TRIGGER on_ddl ON ddl_command_start EXECUTE FUNCTION on_ddl();"
+             "COMMENT ON FOREIGN DATA WRAPPER w IS 'wrapper'; COMMENT ON SERVER srv IS 'server';"
+             "COMMENT ON FOREIGN TABLE ft IS 'foreign table'; COMMENT ON COLUMN ft.c IS 'its c';"
+             "COMMENT ON EVENT TRIGGER on_ddl IS 'event trigger';"
+             "COMMENT ON SCHEMA app IS 'schema'; COMMENT ON EXTENSION btree_gist IS 'extension';"
+             "COMMENT ON TYPE mood IS 'enum'; COMMENT ON DOMAIN pos IS 'domain';"
+             "COMMENT ON SEQUENCE s IS 'sequence'; COMMENT ON TABLE t IS 'table';"
+             "COMMENT ON COLUMN t.n IS 'column'; COMMENT ON CONSTRAINT t_pk ON t IS 'pk';"
+             "COMMENT ON CONSTRAINT n_positive ON t IS 'check'; COMMENT ON INDEX t_n IS 'index';"
+             "COMMENT ON VIEW v IS 'view'; COMMENT ON MATERIALIZED VIEW m IS 'matview';"
+             "COMMENT ON FUNCTION f() IS 'function'; COMMENT ON TRIGGER t_f ON t IS 'trigger';"
+             "COMMENT ON POLICY mine ON t IS 'policy';", db=db)
+    objects = read_model(pg, db).objects
+    comments = {key: objects[key].comment for key in (
+        "schema app", "extension btree_gist", "type public.mood", "type public.pos",
+        "sequence public.s", "table public.t", "column public.t.n", "column public.t.bare",
+        "constraint t_pk on public.t", "constraint n_positive on public.t",
+        "index public.t_n", "view public.v", "view public.m", "function public.f()",
+        "trigger t_f on public.t", "policy mine on public.t", "wrapper w", "server srv",
+        "foreign_table public.ft", "event_trigger on_ddl")}
+    assert comments == {
+        "schema app": "schema", "extension btree_gist": "extension", "type public.mood": "enum",
+        "type public.pos": "domain", "sequence public.s": "sequence", "table public.t": "table",
+        "column public.t.n": "column", "column public.t.bare": None,
+        "constraint t_pk on public.t": "pk", "constraint n_positive on public.t": "check",
+        "index public.t_n": "index", "view public.v": "view", "view public.m": "matview",
+        "function public.f()": "function", "trigger t_f on public.t": "trigger",
+        "policy mine on public.t": "policy", "wrapper w": "wrapper", "server srv": "server",
+        "foreign_table public.ft": "foreign table", "event_trigger on_ddl": "event trigger"}
+    assert [c["comment"] for c in objects["foreign_table public.ft"].facts["columns"]] == \
+        ["its c"]
+
+
 @pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
 def test_round_trip_on_a_real_server(roundtrip: Any, case: str) -> None:
     before, after = ROUND_TRIPS[case]
@@ -1136,6 +1190,30 @@ def test_generate_writes_a_proved_pair_that_migrate_up_applies(pg: Any, project:
     assert "nothing to generate" in again.stdout
 
 
+def test_scratch_replays_do_not_report_migrations_as_applied(pg: Any, project: Any,
+                                                            cli: Any) -> None:
+    """diff --migrations and migrate generate replay the history on a scratch database: its
+    'applied …' lines (one per migration) read as if the env's database had them, so they
+    appear only with -v."""
+    history(project)
+    db = project.db()
+    pg.create_db(db)
+    project.write("db/schema/10_tables/10_widgets.sql", WIDGETS_V1)
+    check = cli("diff", "--migrations", cwd=project.root)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "applied 20240101000000_widgets" not in check.stdout + check.stderr
+    assert "(1 applied to" in check.stdout + check.stderr
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    note text\n"))
+    result = cli("migrate", "generate", "note", cwd=project.root)
+    assert result.returncode == 0, result.stderr
+    assert "applied 20240101000000_widgets" not in result.stdout + result.stderr
+    verbose = cli("-v", "diff", "--migrations", cwd=project.root)
+    assert "applied 20240101000000_widgets" in verbose.stderr
+    # the env's own database was never touched
+    assert pg.scalar("SELECT to_regclass('widgets') IS NULL", db=db)
+
+
 def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, project: Any,
                                                                  cli: Any) -> None:
     history(project)
@@ -1161,6 +1239,55 @@ def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, projec
     assert allowed.returncode == 0, allowed.stderr
     up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
     assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN label;" in up
+    assert no_scratch_left(pg, project)
+
+
+def test_a_renamed_middle_column_is_suggested_as_a_rename(pg: Any, project: Any,
+                                                         cli: Any) -> None:
+    """A column renamed in the DDL but not last: the drop+add cannot keep the column order,
+    so generate refuses (exit 3) — and says the rename that would work; diff --sql too."""
+    history(project)
+    project.write("db/migrations/20240102000000_note.up.sql",
+                  "ALTER TABLE widgets ADD COLUMN note text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL,\n"
+                  "    note text\n);\n")
+    refused = cli("migrate", "generate", "retitle", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "column order" in refused.stderr
+    assert "a rename? try --rename column:public.widgets.label=title" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(migration_files(project)) == 3
+    db = project.db()
+    pg.create_db(db)
+    pg.query(WIDGETS_V1 + "ALTER TABLE widgets ADD COLUMN note text;", db=db)
+    sql = cli("diff", "--sql", cwd=project.root)
+    assert sql.returncode == 3, sql.stderr
+    assert "DROP COLUMN label" in sql.stdout
+    assert "--rename column:public.widgets.label=title" in sql.stderr
+    renamed = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=title",
+                  cwd=project.root)
+    assert renamed.returncode == 0, renamed.stderr
+    up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
+    assert "RENAME COLUMN label TO title" in up and "DROP" not in up
+
+
+def test_a_rename_that_names_nothing_is_a_usage_error(pg: Any, project: Any, cli: Any) -> None:
+    """A mistyped --rename is the command's mistake (exit 2, the close name suggested), not
+    something the plan 'cannot express' (exit 3, 'write this migration by hand')."""
+    history(project)
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  "CREATE TABLE widgets (\n    id bigint PRIMARY KEY,\n    title text NOT NULL\n);\n")
+    typo = cli("migrate", "generate", "retitle", "--rename", "column:widgets.lable=title",
+               cwd=project.root)
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "no column public.widgets.lable in the migrated schema (did you mean " \
+        "'column public.widgets.label'?)" in typo.stderr
+    assert "by hand" not in typo.stderr and "Traceback" not in typo.stderr
+    wrong_new = cli("migrate", "generate", "retitle", "--rename", "column:widgets.label=titel",
+                    cwd=project.root)
+    assert wrong_new.returncode == 2, wrong_new.stdout + wrong_new.stderr
+    assert "no column public.widgets.titel in the DDL's schema" in wrong_new.stderr
+    assert len(migration_files(project)) == 2
     assert no_scratch_left(pg, project)
 
 
@@ -1296,6 +1423,13 @@ def test_generate_names_a_column_order_it_cannot_reach_and_starts_from_the_basel
     result = cli("migrate", "generate", "size", cwd=project.root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "applied to baseline baseline.sql" in result.stdout + result.stderr
+    # a baseline that is not there: named as configured, with what it should be (exit 2)
+    (project.root / "db/baseline.sql").rename(project.root / "db/moved.sql")
+    missing = cli("diff", "--migrations", cwd=project.root)
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "migrations.baseline_schema: cannot read db/baseline.sql: No such file or " \
+        "directory\nhint: point it at a SQL file" in missing.stderr
+    (project.root / "db/moved.sql").rename(project.root / "db/baseline.sql")
     up = next((project.root / "db/migrations").glob("*_size.up.sql")).read_text()
     assert "ALTER TABLE public.widgets ADD COLUMN size integer;" in up
     assert no_scratch_left(pg, project)
@@ -1317,6 +1451,15 @@ def test_generate_on_a_history_that_needs_a_baseline_says_how_to_set_it(
     assert "20240102000000_note.up.sql" in result.stderr
     assert "set [migrations] baseline_schema" in result.stderr
     assert len(migration_files(project)) == 2
+    # a history that replays but for a later, broken migration: no baseline advice
+    project.write("db/migrations/20240101000000_widgets.up.sql", WIDGETS_V1)
+    project.write("db/migrations/20240103000000_typo.up.sql",
+                  "ALTER TABLE widgetz ADD COLUMN size int;\n")
+    broken = cli("migrate", "generate", "size", cwd=project.root)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert '20240103000000_typo.up.sql:1: relation "widgetz" does not exist' in broken.stderr
+    assert "applied before it: 2 migration(s)" in broken.stderr
+    assert "baseline_schema" not in broken.stderr
 
 
 def test_generate_from_a_live_env_and_from_a_base(pg: Any, project: Any, cli: Any) -> None:
@@ -1346,6 +1489,9 @@ def test_diff_sql_prints_what_turns_the_database_into_the_ddl(pg: Any, project: 
     assert result.returncode == 3, result.stderr
     assert "ALTER TABLE public.widgets ALTER COLUMN id TYPE bigint;" in result.stdout
     assert "DROP VIEW public.named;" in result.stdout
+    # what loses data is marked, as in a generated migration
+    assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN junk;" in \
+        result.stdout
     pg.query(result.stdout, db=db)
     clean = cli("diff", "--sql", cwd=project.root)
     assert clean.returncode == 0 and clean.stdout == "", clean.stdout + clean.stderr
@@ -1578,6 +1724,22 @@ def test_guard_on_a_first_deploy_needs_a_replayable_history(pg: Any, project: An
     unchecked = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
     assert unchecked.returncode == 0, unchecked.stderr
     assert "consistent with the DDL" not in unchecked.stderr
+
+
+def test_guard_on_a_first_deploy_names_a_broken_later_migration(pg: Any, project: Any,
+                                                                cli: Any) -> None:
+    """A history that replays but for a later migration: the deploy is refused naming it, and
+    the advice is to fix it, not to set a baseline (the history does start empty)."""
+    history(project)
+    project.write("db/migrations/20240102000000_typo.up.sql",
+                  "ALTER TABLE widgetz ADD COLUMN color text;\n")
+    project.write("db/schema/10_tables/10_widgets.sql",
+                  WIDGETS_V1.replace("NOT NULL\n", "NOT NULL,\n    color text\n"))
+    refused = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert '20240102000000_typo.up.sql:1: relation "widgetz" does not exist' in refused.stderr
+    assert "fix that migration" in refused.stderr and "baseline_schema" not in refused.stderr
+    assert not pg.db_exists(project.db("prod"))
 
 
 def test_interrupted_generate_drops_every_scratch_database(pg: Any, project: Any) -> None:

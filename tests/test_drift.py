@@ -654,7 +654,8 @@ def test_a_scratch_server_that_is_the_protected_envs_own_is_warned_about(
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text NOT NULL)", db=project.db("prod"))
     result = cli("--env", "prod", "diff", cwd=project.root)
     assert result.returncode in (0, 3), result.stdout + result.stderr
-    assert "warning: the scratch server of protected env 'prod' (env.local" in result.stderr
+    assert "warning: the scratch server of protected env 'prod' (the server of default env " \
+        "'local', " in result.stderr
     assert "is the env's own server" in result.stderr and "scratch_url" in result.stderr
 
 

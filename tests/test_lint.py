@@ -313,6 +313,34 @@ def test_lint_command_json_exit_3_and_sizes(pg: Cluster, project: Project, cli: 
     assert "0 error(s)" in clean.stdout and "1 file(s)" in clean.stdout
 
 
+def test_set_not_null_through_a_check_validated_in_a_later_migration(
+        pg: Cluster, project: Project, cli: CliRunner) -> None:
+    """What `migrate generate --online` writes: the first migration adds
+    CHECK ((col IS NOT NULL)) NOT VALID (pg_get_constraintdef's parentheses), the second
+    validates it and then sets NOT NULL, which skips the scan: no set-not-null finding. The
+    same SET NOT NULL without the validation is still an error."""
+    db = project.db()
+    pg.create_db(db)
+    with pg.connect(db) as conn:
+        conn.execute(TARGET_SQL)
+    add_migration(project, "001_check", "SET lock_timeout = '1s';\nALTER TABLE public.events "
+                  "ADD CONSTRAINT events_u_not_null CHECK ((u IS NOT NULL)) NOT VALID;\n")
+    add_migration(project, "002_concurrently",
+                  "-- confiture:no-transaction\nSET lock_timeout = '1s';\n"
+                  "ALTER TABLE public.events VALIDATE CONSTRAINT events_u_not_null;\n"
+                  "ALTER TABLE public.events ALTER COLUMN u SET NOT NULL;\n"
+                  "ALTER TABLE public.events DROP CONSTRAINT events_u_not_null;\n")
+    result = cli("migrate", "lint", "--json", cwd=project.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "set-not-null" not in {f["rule"] for f in json.loads(result.stdout)["findings"]}
+    add_migration(project, "003_unproven", "SET lock_timeout = '1s';\n"
+                  "ALTER TABLE public.events ALTER COLUMN q SET NOT NULL;\n")
+    unproven = cli("migrate", "lint", "--json", cwd=project.root)
+    assert unproven.returncode == 3, unproven.stdout + unproven.stderr
+    [finding] = json.loads(unproven.stdout)["findings"]
+    assert finding["rule"] == "set-not-null" and finding["file"].endswith("003_unproven.up.sql")
+
+
 @pytest.mark.parametrize("key", ["lint_enable", "lint_disable"])
 def test_unknown_rule_id_in_config_fails_when_the_config_loads(project: Project, cli: CliRunner,
                                                                 key: str) -> None:
@@ -341,6 +369,33 @@ def test_lint_files_without_a_reachable_target(project: Project, cli: CliRunner)
     assert rules.returncode == 0 and "prefer-timestamptz" in rules.stdout and "(off)" in rules.stdout
 
 
+def test_lint_of_files_applied_on_the_target_uses_no_facts(pg: Cluster, project: Project,
+                                                           cli: CliRunner) -> None:
+    """Files already applied on the target (linting a whole history): its catalog holds
+    what they made, so its facts would mislead (Lemmy: 'changes x from enum_t to enum_t', an
+    index the statement itself creates offered as USING INDEX). They are linted without
+    facts, and the note says why; pending files named alone still get the facts."""
+    db = project.db()
+    pg.create_db(db)
+    with pg.connect(db) as conn:
+        conn.execute(TARGET_SQL)
+    add_migration(project, "001_unique", "SET lock_timeout = '1s';\n"
+                  "ALTER TABLE events ADD CONSTRAINT events_a_uniq UNIQUE (a);\n")
+    add_migration(project, "002_index", "CREATE INDEX events_x ON events (x);\n")
+    assert cli("migrate", "baseline", "--to", "1", cwd=project.root).returncode == 0
+    history = cli("migrate", "lint", "--json", "db/migrations/001_unique.up.sql",
+                  "db/migrations/002_index.up.sql", cwd=project.root)
+    report = json.loads(history.stdout)
+    assert report["target"] is None, report
+    assert "1 of the files are applied there already" in report["note"]
+    assert not [f for f in report["findings"] if "USING INDEX events_a_uniq" in f["message"]]
+    text = cli("migrate", "lint", "db/migrations/001_unique.up.sql", cwd=project.root)
+    assert "applied there already" in text.stderr
+    pending = cli("migrate", "lint", "--json", "db/migrations/002_index.up.sql",
+                  cwd=project.root)
+    assert json.loads(pending.stdout)["target"] == "local"
+
+
 def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Project,
                                                         cli: CliRunner) -> None:
     first = cli("deploy", "--env", "prod", "--yes", cwd=project.root)
@@ -352,6 +407,9 @@ def test_protected_deploy_refused_on_error_then_allowed(pg: Cluster, project: Pr
     assert refused.returncode == 4, refused.stderr
     assert "drop-table" in refused.stderr and "001_drop.up.sql:1" in refused.stderr
     assert "confiture:allow" in refused.stderr
+    # the override names the real key (it said '[lint] disable', which the config refuses)
+    assert '[migrations] lint_disable = ["RULE"]' in refused.stderr
+    assert "[lint]" not in refused.stderr
     assert pg.scalar("SELECT count(*) FROM widgets", db=db) == 30000
     up = cli("migrate", "up", "--env", "prod", "--yes", cwd=project.root)
     assert up.returncode == 4 and "drop-table" in up.stderr

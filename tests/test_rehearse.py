@@ -29,7 +29,7 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     pg.create_db(db)
     pg.query("CREATE TABLE widgets (id bigint PRIMARY KEY, label text)", db=db)
     pg.query("INSERT INTO widgets SELECT i, 'w' || i FROM generate_series(1, 20000) i", db=db)
-    add_migration(project, "001_numeric", "CREATE TABLE side (id int);\n"
+    add_migration(project, "001_numeric", "CREATE TABLE side (id int);\n" + "\n" * 8 +
                                           "ALTER TABLE widgets ALTER COLUMN id TYPE numeric;\n")
     before = databases(pg, project)
     result = cli("migrate", "up", "--rehearse", "--json", cwd=project.root)
@@ -37,7 +37,7 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     report = json.loads(result.stdout)
     assert report["failed"] is None and report["source"] == f"a copy of {db}"
     create, alter = report["statements"]
-    assert alter["file"] == "db/migrations/001_numeric.up.sql" and alter["line"] == 2
+    assert alter["file"] == "db/migrations/001_numeric.up.sql" and alter["line"] == 10
     assert alter["lock"] == "ACCESS EXCLUSIVE" and alter["relation"] == "widgets"
     assert alter["rewritten"] == [{"table": "widgets", "rows": 20000}]
     assert alter["ms"] > 0 and alter["held_ms"] >= alter["ms"]
@@ -50,6 +50,10 @@ def test_rehearsal_names_the_rewritten_table_and_its_lock(pg: Cluster, project: 
     assert text.returncode == 0, text.stderr
     assert "ACCESS EXCLUSIVE on widgets, held" in text.stdout
     assert "rewrote widgets (~20 k rows)" in text.stdout
+    # lines 1 and 10 of one file: their durations stand in one column
+    rows = [line for line in text.stdout.splitlines() if line.startswith("  db/")]
+    assert len(rows) == 2 and len({line.index(" ms ") if " ms " in line else line.index(" s ")
+                                   for line in rows}) == 1, rows
     assert "indicative" in text.stderr
 
 
@@ -64,6 +68,8 @@ def test_rehearsal_of_a_failing_migration_reports_it_and_cleans_up(
     result = cli("migrate", "up", "--rehearse", cwd=project.root)
     assert result.returncode == 1
     assert "001_bad" in result.stderr and "nowhere" in result.stderr
+    # named as `migrate up` names it: the file and the line of the failing statement
+    assert 'db/migrations/001_bad.up.sql:2: relation "nowhere" does not exist' in result.stderr
     assert databases(pg, project) == before
     assert pg.scalar("SELECT count(*) FROM information_schema.columns WHERE table_name = "
                      "'widgets' AND column_name = 'c'", db=db) == 0
@@ -80,6 +86,8 @@ def test_protected_rehearsal_uses_the_newest_verified_backup(pg: Cluster, projec
                                         "DEFAULT 'red';\n")
     refused = cli("deploy", "--env", "prod", "--rehearse", cwd=project.root)
     assert refused.returncode == 4 and "no backup to rehearse on" in refused.stderr
+    # the hint names the command to paste, its --env once
+    assert "take one with 'confiture.py backup --env prod'" in refused.stderr
     assert cli("backup", "--env", "prod", cwd=project.root).returncode == 0
     before = databases(pg, project)
     result = cli("deploy", "--env", "prod", "--rehearse", "--json", cwd=project.root)

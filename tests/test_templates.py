@@ -82,6 +82,28 @@ def test_search_path_emptied_by_one_file_does_not_break_the_next(pg: Cluster, pr
     assert result.returncode == 0, result.stderr
 
 
+def test_a_seed_that_no_longer_fits_the_ddl_says_so(pg: Cluster, project: Project,
+                                                    cli: CliRunner) -> None:
+    """A column renamed in the DDL and not in a COPY seed (pagila's customer.email): the
+    build names the seed's file and line and says the seed needs updating; no template is
+    left behind. A failing schema file gets no such hint."""
+    project.write("db/schema/10_tables/50_items.sql",
+                  "CREATE TABLE items (id int PRIMARY KEY, title text NOT NULL);\n")
+    project.write("db/seeds/dev/10_items.sql",
+                  "COPY items (id, label) FROM stdin;\n1\tone\n\\.\n")
+    result = cli("reset", cwd=project.root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'db/seeds/dev/10_items.sql:1: column "label" of relation "items" does not exist' \
+        in result.stderr
+    assert "a seed file of env local no longer fits the schema the DDL builds" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert templates_of(pg, project) == []
+    project.write("db/schema/10_tables/60_broken.sql", "CREATE TABLE broken (id int,, x int);\n")
+    broken = cli("reset", cwd=project.root)
+    assert broken.returncode == 1 and "60_broken.sql:1" in broken.stderr
+    assert "seed file" not in broken.stderr
+
+
 def test_clone_copies_schema_and_seeds(pg: Cluster, project: Project, cli: CliRunner) -> None:
     project.write("db/schema/10_tables/50_items.sql",
                   "CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL);\n")
