@@ -6365,19 +6365,13 @@ def migration_unit(migration: Migration, root: Path, cache: ParseCache | None = 
     return LintUnit(label, tuple(statements), transactional, migration.checksum)
 
 
-CachedStatement = tuple[int, tuple[Allowance, ...], tuple[Token, ...]]  # line, allowed, tokens
-
-
-def _read_entry(entry: Any) -> tuple[list[CachedStatement], set[str]] | None:
-    """A ParseCache entry's statements as tokens (without their file's label: ParseCache.parsed
-    makes them Parsed) and the names they reference; None for a damaged entry."""
+def _entry_names(entry: Any) -> set[str] | None:
+    """referenced_names of a ParseCache entry's statements; None for a damaged entry."""
     try:
-        statements = [(line, tuple(Allowance(*a) for a in allowed),
-                       tuple(map(Token, flat[0::2], flat[1::2]))) for line, allowed, flat in entry]
         names = token_names(pair for _, _, flat in entry for pair in zip(flat[0::2], flat[1::2]))
     except (TypeError, ValueError, AttributeError):
         return None
-    return (statements, names) if all(isinstance(name, str) for name in names) else None
+    return names if all(isinstance(name, str) for name in names) else None
 
 
 class ParseCache:
@@ -6400,29 +6394,30 @@ class ParseCache:
                 self.entries = data["files"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        # Read here, while psql connects (lint_env): every file's tokens, and the names they
-        # reference for the catalog query (of every file held, pending or not: a name too
-        # many costs the query nothing). A damaged entry is left out: its file is parsed again.
-        self.statements: dict[str, list[CachedStatement]] = {}
+        # The names for the catalog query, read from the tokens as stored (not rebuilt): of
+        # every file held, pending or not (a name too many costs the query nothing). A
+        # damaged entry is dropped: its file is parsed again.
         self.names: set[str] = set()
-        for checksum, entry in self.entries.items():
-            if (read := _read_entry(entry)) is not None:
-                self.statements[checksum] = read[0]
-                self.names |= read[1]
+        for checksum, entry in list(self.entries.items()):
+            if (names := _entry_names(entry)) is None:
+                del self.entries[checksum]
+            else:
+                self.names |= names
 
     def holds(self, checksum: str) -> bool:
-        return checksum in self.statements
+        return checksum in self.entries
 
     def parsed(self, checksum: str, label: str) -> tuple[Parsed, ...] | None:
-        statements = self.statements.get(checksum)
-        if statements is None:
+        entry = self.entries.get(checksum)
+        if entry is None:
             return None
         try:
-            parsed = tuple(parsed_statement(label, tokens, allowed, line)
-                           for line, allowed, tokens in statements)
+            parsed = tuple(parsed_statement(label, tuple(map(Token, flat[0::2], flat[1::2])),
+                                            tuple(Allowance(*a) for a in allowed), line)
+                           for line, allowed, flat in entry)
         except (TypeError, ValueError, AttributeError):
             return None  # a damaged entry: the file is parsed again
-        self.used[checksum] = self.entries[checksum]
+        self.used[checksum] = entry
         return parsed
 
     def keep(self, unit: LintUnit, parsed: Sequence[Parsed]) -> None:
