@@ -5573,7 +5573,21 @@ def locked_table(p: Parsed, ctx: LintContext) -> str | None:
     elif w[:2] == ("DROP", "INDEX") and "CONCURRENTLY" not in w[:3] and ctx.catalog:
         names = listed_names(p)
         name = ctx.catalog.index_table(names[0]) if names else None
+    elif p.created is not None and w[:1] == ("CREATE",):
+        name = next((n for n in tables_named_by_create(p) if ctx.existing(n)), None)
     return name if name and ctx.existing(name) else None
+
+
+def tables_named_by_create(p: Parsed) -> list[str]:
+    """The other tables a CREATE TABLE locks (seen in pg_locks): the parent of PARTITION OF
+    (ACCESS EXCLUSIVE) and each table it REFERENCES (SHARE ROW EXCLUSIVE: writes wait). Both
+    queue behind a long transaction like an ALTER TABLE."""
+    w = p.words
+    starts = [i + 1 for i, word in enumerate(w)
+              if word == "REFERENCES" or (word == "OF" and w[i - 1] == "PARTITION")]
+    itself = {p.created, bare_name(p.created or "")}  # a self-reference locks nothing else
+    return [name for i in starts if (name := _name_at(p.tokens, i)[0]) is not None
+            and name not in itself and bare_name(name) != p.created]
 
 
 def listed_names(p: Parsed) -> list[str]:

@@ -180,6 +180,26 @@ def test_target_facts_decide_what_no_file_can(facts: confiture.CatalogFacts) -> 
     assert "USING INDEX events_a_uniq" in unique.message
 
 
+def test_create_table_locks_the_tables_it_names(facts: confiture.CatalogFacts) -> None:
+    """CREATE TABLE … PARTITION OF takes ACCESS EXCLUSIVE on its parent and a REFERENCES
+    clause SHARE ROW EXCLUSIVE on the referenced table (both seen in pg_locks): they wait in
+    the lock queue like an ALTER TABLE, so they need a lock_timeout. A table that references
+    only itself or tables of the same migration locks nothing that exists."""
+    fires = {"CREATE TABLE events_2 PARTITION OF events FOR VALUES IN (2);": "events",
+             "CREATE TABLE visits (id int PRIMARY KEY, u int REFERENCES users (id));": "users",
+             "CREATE TABLE visits (id int, u int, FOREIGN KEY (u) REFERENCES public.users);":
+             "users"}
+    quiet = ["CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree (id));",
+             "CREATE TABLE a (id int PRIMARY KEY);\nCREATE TABLE b (a int REFERENCES a (id));",
+             "SET lock_timeout = '2s';\n" + next(iter(fires))]
+    for catalog in (None, facts):
+        for sql, table in fires.items():
+            [finding] = [f for f in lint(sql, catalog) if f.rule == "missing-lock-timeout"]
+            assert table in (finding.table or ""), (sql, finding)
+        for sql in quiet:
+            assert "missing-lock-timeout" not in rules_of(lint(sql, catalog)), sql
+
+
 def test_a_small_table_makes_blocking_builds_warnings(facts: confiture.CatalogFacts) -> None:
     small = confiture.evolve(facts, tables={
         **facts.tables, "public.events": confiture.evolve(facts.tables["public.events"],
