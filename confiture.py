@@ -12272,13 +12272,15 @@ class GeneratedMigration:
     down: SchemaPlan
     source: str                    # where the `from` schema came from
     paths: tuple[str, ...] = ()
+    lint_errors: tuple[Finding, ...] = ()  # of the up files written (see lint_errors_of)
 
     def as_json(self) -> dict[str, Any]:
         return {"created": list(self.paths), "from": self.source,
                 "up": [s.sql for s in self.up.statements],
                 "down": [s.sql for s in self.down.statements],
                 "destructive": [s.sql for s in self.up.destructive],
-                "suggestions": list(self.up.suggestions)}
+                "suggestions": list(self.up.suggestions),
+                "lint_errors": [f.as_json() for f in self.lint_errors]}
 
 
 def ddl_model(ws: Workspace, session: Session, privileges: bool = False
@@ -12316,13 +12318,24 @@ def generate_migration(ws: Workspace, name: str, side: FromSide | None = None,
             check_plans(up, down, allow_destructive)
             prove_plans(scratch, from_db, probe, stages, from_model, to_model, privileges)
     paths: list[str] = []
+    ups: list[Path] = []
     for index, (stage_up, stage_down) in enumerate(stages if write else []):
         label = name if index == 0 else f"{name}_concurrently"
         created = new_migration(ws.config, label, bodies=(
             migration_text(stage_up, f"{source} → DDL"),
             migration_text(stage_down, f"DDL → {source}")))
         paths += [migration_rel(ws.config, p) for p in created]
-    return GeneratedMigration(up=up, down=down, source=source, paths=tuple(paths))
+        ups.append(created[0])
+    return GeneratedMigration(up=up, down=down, source=source, paths=tuple(paths),
+                              lint_errors=tuple(lint_errors_of(ws, ups)))
+
+
+def lint_errors_of(ws: Workspace, ups: Sequence[Path]) -> list[Finding]:
+    """The lint's error findings (§8b, without a target's facts) on up files just written:
+    said at once, since deploy and migrate up on a protected env refuse them (there with
+    the env's table sizes) until each statement carries its allow comment."""
+    units = [file_unit(path, ws.config.root) for path in ups]
+    return list(lint_report(units, None, lint_settings(ws.config, ws.env)).errors)
 
 
 def plan_stages(old: SchemaModel, new: SchemaModel, renames: Sequence[Rename], online: bool
@@ -14000,6 +14013,13 @@ def cmd_migrate_generate(app: App) -> int:
     app.console.info(f"{len(result.up.statements)} statement(s) up, "
                      f"{len(result.down.statements)} down; proved on scratch copies of "
                      f"{result.source}")
+    for finding in result.lint_errors:
+        app.console.warn(f"{finding.file}:{finding.line}: {finding.rule}: {finding.message}")
+    if result.lint_errors:
+        app.console.warn(
+            "deploy and migrate up on a protected env refuse these lint errors (judged there "
+            "with its table sizes): plan with --online where it applies, or, once the change "
+            "is safe, put '-- confiture:allow RULE reason' above the statement")
     return EXIT_OK
 
 

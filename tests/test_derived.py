@@ -6,6 +6,7 @@ model, apply each plan to a copy and check zero difference both ways. The CLI te
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1239,6 +1240,10 @@ def test_generate_refuses_destructive_plans_and_suggests_renames(pg: Any, projec
     assert allowed.returncode == 0, allowed.stderr
     up = next((project.root / "db/migrations").glob("*_retitle.up.sql")).read_text()
     assert "-- destructive: data is lost\nALTER TABLE public.widgets DROP COLUMN label;" in up
+    # said now, not at the deploy that would refuse it
+    assert re.search(r"warning: db/migrations/\d+_retitle\.up\.sql:\d+: drop-column: ",
+                     allowed.stderr), allowed.stderr
+    assert "'-- confiture:allow RULE reason'" in allowed.stderr
     assert no_scratch_left(pg, project)
 
 
@@ -1624,6 +1629,7 @@ def test_generate_online_builds_indexes_concurrently_in_a_second_migration(
                   "CREATE INDEX tags_widget ON tags (widget_id);\n")
     result = cli("migrate", "generate", "label index", "--online", cwd=project.root)
     assert result.returncode == 0, result.stderr
+    assert "confiture:allow" not in result.stderr  # the online plan passes the lint
     folder = project.root / "db/migrations"
     first = next(folder.glob("*_label_index.up.sql")).read_text()
     second = next(folder.glob("*_label_index_concurrently.up.sql")).read_text()
